@@ -1,0 +1,226 @@
+//! The message relay between connections: publish a payload on a channel,
+//! and subscribe one connection to a channel.
+//!
+//! Two implementations share the [`Broker`] trait:
+//!
+//! * [`redis::RedisBroker`] — the real thing. Every connection gets its own Redis
+//!   `SUBSCRIBE` connection (so instances sharing a Redis see each other's
+//!   messages), while publishing goes through a small shared pool of
+//!   connections that pipelines whatever is queued.
+//! * [`memory::MemoryBroker`] — an in-process stand-in, so threadchat runs on a
+//!   machine without Redis. A single instance only.
+//!
+//! The shape is the same in both: a connection's *subscriber thread* calls
+//! [`Subscription::run`], which blocks (on a Redis socket, or on a crossbeam
+//! receiver) and hands each [`Event`] to a closure. To end that blocking call
+//! from another thread, keep the subscription's [`Canceller`]: `cancel()` wakes
+//! the subscriber thread wherever it is blocked, and `run` returns `Ok(())`.
+
+pub mod memory;
+pub mod redis;
+
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::config::{BrokerChoice, DEFAULT_REDIS_URL};
+use crate::protocol::ConnId;
+
+/// A message relay. Shared by every connection through an `Arc<dyn Broker>`.
+pub trait Broker: Send + Sync {
+    /// Publishes `payload` on `channel` and blocks until the relay has accepted
+    /// it (for Redis: until `PUBLISH` has been answered). Messages published by
+    /// one thread arrive in the order that thread published them.
+    fn publish(&self, channel: &str, payload: Vec<u8>) -> Result<(), BrokerError>;
+
+    /// Prepares a subscription of connection `conn` to `channel`. Nothing
+    /// blocks yet: the subscriber thread starts it with [`Subscription::run`].
+    fn subscribe(&self, channel: &str, conn: &ConnId) -> Result<Subscription, BrokerError>;
+
+    /// A short description for the start-up log, e.g. `Redis at redis://…`.
+    fn describe(&self) -> String;
+}
+
+/// What a running subscription hands to its closure.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// The subscription is active: from now on, every message published on the
+    /// channel is delivered.
+    Subscribed,
+    /// A payload published on the channel (possibly by this very connection).
+    Message(&'a [u8]),
+}
+
+/// What a subscriber's closure tells [`Subscription::run`]: keep going, or stop.
+pub type Flow = ControlFlow<()>;
+
+/// Why the relay failed. `Clone`, because one failed pipeline answers many
+/// waiting publishers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    /// Could not connect; the relay is unreachable.
+    #[error("cannot reach Redis at {url}: {reason}")]
+    Connect {
+        /// Where we tried.
+        url: String,
+        /// What the OS or Redis said.
+        reason: String,
+    },
+    /// An established connection failed or Redis answered with an error.
+    #[error("Redis failed: {0}")]
+    Redis(String),
+    /// The subscriber could not keep up and was dropped by the relay.
+    #[error("fell too far behind the room")]
+    Lagged,
+    /// The relay is shutting down.
+    #[error("the relay is shutting down")]
+    Closed,
+}
+
+/// One connection's subscription, ready to run on its subscriber thread.
+pub struct Subscription {
+    listener: Box<dyn Listen>,
+    canceller: Canceller,
+}
+
+/// The broker-specific half of a [`Subscription`]: the blocking loop.
+pub(crate) trait Listen: Send {
+    /// Runs until cancelled (`Ok`), until `on_event` breaks (`Ok`), or until
+    /// the relay fails (`Err`).
+    fn listen(
+        self: Box<Self>,
+        stop: &StopSignal,
+        on_event: &mut dyn FnMut(Event<'_>) -> Flow,
+    ) -> Result<(), BrokerError>;
+}
+
+impl Subscription {
+    pub(crate) fn new(listener: Box<dyn Listen>, canceller: Canceller) -> Subscription {
+        Subscription {
+            listener,
+            canceller,
+        }
+    }
+
+    /// A handle that ends [`run`](Self::run) from any thread.
+    pub fn canceller(&self) -> Canceller {
+        self.canceller.clone()
+    }
+
+    /// Blocks the calling thread, handing every event to `on_event`.
+    ///
+    /// The first event is always [`Event::Subscribed`]. Returns `Ok(())` once
+    /// cancelled or once `on_event` returns `ControlFlow::Break`, and `Err` when
+    /// the relay fails.
+    pub fn run(self, mut on_event: impl FnMut(Event<'_>) -> Flow) -> Result<(), BrokerError> {
+        let stop = self.canceller.signal();
+        self.listener.listen(&stop, &mut on_event)
+    }
+}
+
+/// Ends a running [`Subscription`] from another thread. Cheap to clone;
+/// cancelling twice is harmless.
+#[derive(Clone)]
+pub struct Canceller {
+    inner: Arc<CancelState>,
+}
+
+struct CancelState {
+    /// Set first, so a subscriber can check it without blocking.
+    cancelled: AtomicBool,
+    /// Dropped on cancel: every receiver of the paired channel wakes up with
+    /// "disconnected". This is how blocking waits on crossbeam channels
+    /// (in-process delivery, back-off sleeps) are interrupted.
+    stop_tx: Mutex<Option<Sender<()>>>,
+    stop_rx: Receiver<()>,
+    /// Broker-specific extra wake-up, for blocking calls that are not channel
+    /// receives (a Redis socket read). Runs once, after `cancelled` is set.
+    wake: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Canceller {
+    /// A canceller whose `cancel` also runs `wake`.
+    pub(crate) fn new(wake: impl Fn() + Send + Sync + 'static) -> Canceller {
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
+        Canceller {
+            inner: Arc::new(CancelState {
+                cancelled: AtomicBool::new(false),
+                stop_tx: Mutex::new(Some(stop_tx)),
+                stop_rx,
+                wake: Box::new(wake),
+            }),
+        }
+    }
+
+    /// Stops the subscription. Returns at once; the subscriber thread wakes
+    /// up shortly after.
+    pub fn cancel(&self) {
+        if self.inner.cancelled.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.inner
+            .stop_tx
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        (self.inner.wake)();
+    }
+
+    /// True once [`cancel`](Self::cancel) has been called.
+    pub fn is_cancelled(&self) -> bool {
+        self.inner.cancelled.load(Ordering::SeqCst)
+    }
+
+    fn signal(&self) -> StopSignal {
+        StopSignal {
+            canceller: self.clone(),
+        }
+    }
+}
+
+/// The subscriber thread's view of its [`Canceller`].
+pub(crate) struct StopSignal {
+    canceller: Canceller,
+}
+
+impl StopSignal {
+    /// True once cancelled.
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.canceller.is_cancelled()
+    }
+
+    /// A receiver that becomes ready ("disconnected") on cancel; for `select!`.
+    pub(crate) fn receiver(&self) -> &Receiver<()> {
+        &self.canceller.inner.stop_rx
+    }
+}
+
+/// Builds the broker the configuration asks for.
+///
+/// With [`BrokerChoice::Auto`], Redis on localhost is used if it answers;
+/// otherwise the in-process broker, with one log line saying so.
+pub fn connect(choice: &BrokerChoice) -> Result<Arc<dyn Broker>, BrokerError> {
+    match choice {
+        BrokerChoice::Redis(url) => Ok(Arc::new(redis::RedisBroker::connect(
+            url,
+            Duration::from_secs(3),
+        )?)),
+        BrokerChoice::InProcess => Ok(Arc::new(memory::MemoryBroker::new())),
+        BrokerChoice::Auto => {
+            match redis::RedisBroker::connect(DEFAULT_REDIS_URL, Duration::from_millis(500)) {
+                Ok(broker) => Ok(Arc::new(broker)),
+                Err(_) => {
+                    log::info!(
+                        "no Redis answered at localhost:6379, so messages are relayed \
+                         in-process: this instance cannot share a room with others. \
+                         Start redis-server, or pass --redis HOST[:PORT], to relay through Redis"
+                    );
+                    Ok(Arc::new(memory::MemoryBroker::new()))
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! Command-line options, and the validated [`Config`] the rest of the program
+//! trusts.
+//!
+//! Parsing happens in two steps, as in ripgrep: clap turns the command line
+//! (with `THREADCHAT_*` environment variables as fallbacks) into raw [`Args`];
+//! [`Config::from_args`] then checks every value and fills in computed defaults,
+//! so no other module ever sees an unchecked option. Errors are a
+//! [`ConfigError`] whose text is one line a person can act on.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// The command line, exactly as clap parses it.
+#[derive(Debug, Parser)]
+#[command(
+    name = "threadchat",
+    version,
+    about = "A WebSocket chat server that relays every message through Redis pub/sub, \
+             built with plain threads and blocking I/O.",
+    after_help = "Chat with: websocat ws://127.0.0.1:8000/chat/alice\n\
+                  Every option can also be set through the environment variable shown."
+)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "THREADCHAT_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+
+    /// Port to listen on (0 picks a free port and logs it).
+    #[arg(long, env = "THREADCHAT_PORT", default_value_t = 8000)]
+    pub port: u16,
+
+    /// Redis to relay through: a host ("localhost"), host:port
+    /// ("10.0.0.5:6380"), or a URL ("redis://:secret@host:6379/2").
+    /// Without it, Redis on localhost:6379 is used if it answers; otherwise
+    /// messages are relayed in-process (a single instance only).
+    #[arg(long, env = "THREADCHAT_REDIS", value_name = "HOST[:PORT]|URL")]
+    pub redis: Option<String>,
+
+    /// Relay messages in-process even if a Redis is reachable (a single
+    /// instance only; handy for trying threadchat without Redis).
+    #[arg(long, conflicts_with = "redis")]
+    pub in_process: bool,
+
+    /// How much to log.
+    #[arg(long, env = "THREADCHAT_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
+
+    /// Also append the log to this file.
+    #[arg(long, env = "THREADCHAT_LOG_FILE", value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+
+    /// Most simultaneous chat connections; past it, new clients get HTTP 503.
+    /// The default is computed from the kernel's limits (vm.max_map_count and
+    /// the open-file limit) so the process can never hit them.
+    #[arg(long, env = "THREADCHAT_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Largest chat message a client may send, in bytes; a bigger one closes
+    /// that client's connection with code 1009.
+    #[arg(long, env = "THREADCHAT_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024, value_name = "BYTES")]
+    pub max_message_size: usize,
+}
+
+/// Log verbosity, as accepted by `--log-level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    /// Only errors.
+    Error,
+    /// Errors and warnings.
+    Warn,
+    /// Joins, leaves, start-up and shutdown (the default).
+    Info,
+    /// Also per-connection details.
+    Debug,
+    /// Everything, including per-message tracing.
+    Trace,
+}
+
+impl From<LogLevel> for log::LevelFilter {
+    fn from(level: LogLevel) -> Self {
+        match level {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+/// Where messages are relayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerChoice {
+    /// The Redis at this URL; failing to reach it at start is an error.
+    Redis(String),
+    /// Redis on localhost:6379 if it answers, otherwise in-process.
+    Auto,
+    /// In-process, by request.
+    InProcess,
+}
+
+/// The URL tried when no `--redis` is given.
+pub const DEFAULT_REDIS_URL: &str = "redis://localhost:6379";
+
+/// Limits and timeouts that protect one connection from another.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most simultaneous chat connections.
+    pub max_connections: usize,
+    /// Largest client message (and frame), in bytes.
+    pub max_message_size: usize,
+    /// Longest a client may take to send its HTTP request head.
+    pub handshake_timeout: Duration,
+    /// Longest one write to a client may block before the client is dropped.
+    pub write_timeout: Duration,
+    /// After the server sends a close frame, how long it waits for the reply.
+    pub close_grace: Duration,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Host (name or address) to listen on.
+    pub host: String,
+    /// Port to listen on; 0 lets the OS pick.
+    pub port: u16,
+    /// Where messages are relayed.
+    pub broker: BrokerChoice,
+    /// Log verbosity.
+    pub log_level: log::LevelFilter,
+    /// Optional log file (appended to).
+    pub log_file: Option<PathBuf>,
+    /// Per-connection limits.
+    pub limits: Limits,
+}
+
+/// An option value that cannot be used. The text is the whole error message.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--redis` is not a host, host:port or supported URL.
+    #[error("invalid --redis {value:?}: {reason}")]
+    Redis {
+        /// What was given.
+        value: String,
+        /// Why it is not usable.
+        reason: String,
+    },
+    /// A numeric option out of its range.
+    #[error("invalid {option} {value}: {reason}")]
+    Range {
+        /// The option's name, e.g. `--max-connections`.
+        option: &'static str,
+        /// What was given.
+        value: usize,
+        /// The allowed range.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Validates raw arguments into a configuration.
+    pub fn from_args(args: Args) -> Result<Config, ConfigError> {
+        let broker = match (&args.redis, args.in_process) {
+            (_, true) => BrokerChoice::InProcess,
+            (Some(value), false) => BrokerChoice::Redis(redis_url(value)?),
+            (None, false) => BrokerChoice::Auto,
+        };
+
+        let ceiling = connection_ceiling();
+        let max_connections = match args.max_connections {
+            None => ceiling,
+            Some(0) => {
+                return Err(ConfigError::Range {
+                    option: "--max-connections",
+                    value: 0,
+                    reason: "must be at least 1".into(),
+                });
+            }
+            Some(n) if n > ceiling => {
+                return Err(ConfigError::Range {
+                    option: "--max-connections",
+                    value: n,
+                    reason: format!(
+                        "this machine's limits allow at most {ceiling} \
+                         (raise vm.max_map_count and the open-file limit; see the README)"
+                    ),
+                });
+            }
+            Some(n) => n,
+        };
+
+        if !(16..=16 * 1024 * 1024).contains(&args.max_message_size) {
+            return Err(ConfigError::Range {
+                option: "--max-message-size",
+                value: args.max_message_size,
+                reason: "must be between 16 bytes and 16 MiB".into(),
+            });
+        }
+
+        Ok(Config {
+            host: args.host,
+            port: args.port,
+            broker,
+            log_level: args.log_level.into(),
+            log_file: args.log_file,
+            limits: Limits {
+                max_connections,
+                max_message_size: args.max_message_size,
+                handshake_timeout: Duration::from_secs(10),
+                write_timeout: Duration::from_secs(10),
+                close_grace: Duration::from_secs(2),
+            },
+        })
+    }
+}
+
+/// Turns what the user gave `--redis` into a Redis URL, as the original app
+/// did (`redis://{host}`), while also accepting full URLs.
+fn redis_url(value: &str) -> Result<String, ConfigError> {
+    let fail = |reason: &str| ConfigError::Redis {
+        value: value.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(fail("empty"));
+    }
+    let url = if let Some((scheme, _)) = value.split_once("://") {
+        match scheme {
+            "redis" | "redis+unix" | "unix" => value.to_owned(),
+            "rediss" => return Err(fail("TLS (rediss://) is not built into threadchat")),
+            _ => return Err(fail("expected a host, host:port, or a redis:// URL")),
+        }
+    } else {
+        format!("redis://{value}")
+    };
+    redis::Client::open(url.as_str()).map_err(|e| fail(&e.to_string()))?;
+    Ok(url)
+}
+
+/// Threads each chat connection uses (its reader and its subscriber).
+pub const THREADS_PER_CONNECTION: usize = 2;
+/// Memory maps one thread costs on Linux (its stack, guard page and glibc's
+/// bookkeeping); measured, see docs/ARCHITECTURE.md.
+const MAPS_PER_THREAD: usize = 4;
+/// File descriptors one connection holds: its socket and, with per-client
+/// Redis subscriptions, its subscriber's Redis connection.
+const FDS_PER_CONNECTION: usize = 2;
+
+/// The most connections this process can hold without hitting the kernel's
+/// memory-map limit (past which a Rust process aborts when spawning a thread)
+/// or its open-file limit (past which `accept` fails).
+pub fn connection_ceiling() -> usize {
+    let max_maps = read_number("/proc/sys/vm/max_map_count").unwrap_or(65_530);
+    let max_files = open_file_limit().unwrap_or(1024);
+    // Leave room for everything else the process maps or opens.
+    let by_maps = max_maps.saturating_sub(2_000) / (THREADS_PER_CONNECTION * MAPS_PER_THREAD);
+    let by_files = max_files.saturating_sub(100) / FDS_PER_CONNECTION;
+    by_maps.min(by_files).max(1)
+}
+
+fn read_number(path: &str) -> Option<usize> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The soft open-file limit, read from `/proc/self/limits` (no libc needed).
+fn open_file_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_targets_like_the_original_and_urls() {
+        assert_eq!(redis_url("localhost").unwrap(), "redis://localhost");
+        assert_eq!(redis_url("10.1.2.3:6380").unwrap(), "redis://10.1.2.3:6380");
+        assert_eq!(redis_url("redis://:pw@h:1/2").unwrap(), "redis://:pw@h:1/2");
+        assert!(redis_url("").is_err());
+        assert!(redis_url("http://x").is_err());
+        assert!(redis_url("rediss://x").is_err());
+        assert!(redis_url("host:notaport").is_err());
+    }
+
+    #[test]
+    fn ceiling_is_positive() {
+        assert!(connection_ceiling() >= 1);
+    }
+}

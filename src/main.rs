@@ -1,0 +1,108 @@
+//! The `threadchat` binary: parse options, set up logging and signals, pick a
+//! broker, serve. The only place that formats an error chain for a person.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::thread;
+
+use anyhow::Context as _;
+use clap::Parser;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use simplelog::{
+    ColorChoice, CombinedLogger, ConfigBuilder, SharedLogger, TermLogger, TerminalMode, WriteLogger,
+};
+
+use threadchat::config::{Args, Config};
+use threadchat::server::{Server, ShutdownHandle};
+use threadchat::{THREAD_STACK_SIZE, broker};
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes.
+            eprintln!("threadchat: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let config = Config::from_args(args)?;
+    init_logging(&config)?;
+
+    let broker = broker::connect(&config.broker)?;
+    let server = Server::bind(&config, Arc::clone(&broker))?;
+    log::info!(
+        "threadchat listening on ws://{}/chat/{{nickname}} (relay: {}, max {} connections)",
+        server.local_addr(),
+        broker.describe(),
+        config.limits.max_connections
+    );
+    drop(broker);
+
+    let shutdown = server.shutdown_handle();
+    let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
+    let signal_handle = signals.handle();
+    let signal_thread = thread::Builder::new()
+        .name("tc-signals".into())
+        .stack_size(THREAD_STACK_SIZE)
+        .spawn(move || watch_signals(&mut signals, &shutdown))
+        .context("cannot start the signal thread")?;
+
+    server.run();
+
+    // Ends `watch_signals`' loop, so the thread can be joined.
+    signal_handle.close();
+    let _ = signal_thread.join();
+    Ok(())
+}
+
+/// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.
+fn watch_signals(signals: &mut Signals, shutdown: &ShutdownHandle) {
+    for signal in signals.forever() {
+        if shutdown.is_requested() {
+            log::warn!("second signal: exiting now");
+            std::process::exit(130);
+        }
+        let name = if signal == SIGINT {
+            "SIGINT"
+        } else {
+            "SIGTERM"
+        };
+        log::info!("{name} received: shutting down (send it again to exit at once)");
+        shutdown.shutdown();
+    }
+}
+
+fn init_logging(config: &Config) -> anyhow::Result<()> {
+    let log_config = ConfigBuilder::new()
+        .set_thread_level(log::LevelFilter::Off)
+        .set_target_level(log::LevelFilter::Off)
+        .add_filter_ignore_str("tungstenite")
+        .add_filter_ignore_str("redis")
+        .build();
+    let mut loggers: Vec<Box<dyn SharedLogger>> = vec![TermLogger::new(
+        config.log_level,
+        log_config.clone(),
+        TerminalMode::Stderr,
+        if std::io::stderr().is_terminal() {
+            ColorChoice::Auto
+        } else {
+            ColorChoice::Never
+        },
+    )];
+    if let Some(path) = &config.log_file {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open log file {}", path.display()))?;
+        loggers.push(WriteLogger::new(config.log_level, log_config, file));
+    }
+    CombinedLogger::init(loggers).context("cannot set up logging")?;
+    Ok(())
+}

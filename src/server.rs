@@ -1,0 +1,268 @@
+//! The accept loop: one blocking `TcpListener::accept`, a thread per
+//! connection, and an orderly shutdown.
+//!
+//! Startup is split so tests can bind port 0 and ask which port they got
+//! (zero2prod's pattern): [`Server::bind`] binds, [`Server::local_addr`] tells,
+//! [`Server::run`] serves until [`ShutdownHandle::shutdown`] is called.
+//!
+//! **Bounds.** At most `max_connections` connections exist at once, counting
+//! those still in their HTTP handshake. Past it, the accept loop itself writes
+//! `503 Service Unavailable` and closes: no thread is spent on the refused.
+//!
+//! **Thread lifecycle.** Every connection thread is named and its `JoinHandle`
+//! kept. A finishing connection sends its number on the `done` channel; the
+//! accept loop joins it the next time it wakes. At shutdown the loop stops
+//! accepting, asks every connection to close (1001), waits a grace period,
+//! cuts the sockets of any that have not finished, and joins them all.
+//!
+//! **Waking `accept`.** A thread blocked in `accept()` cannot be interrupted
+//! portably. [`ShutdownHandle::shutdown`] sets a flag and connects to the
+//! listener itself; the loop wakes, sees the flag and leaves (tiny-http's trick).
+
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::http;
+use crate::session::{self, Conn, Context, JunkLog};
+
+/// A bound, not yet running, chat server.
+pub struct Server {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    ctx: Arc<Context>,
+    shutdown: ShutdownHandle,
+    /// Random per process: makes connection ids unique across instances.
+    instance: u64,
+}
+
+/// Stops a running [`Server`] from any thread. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ShutdownHandle {
+    requested: Arc<AtomicBool>,
+    /// Where to connect to wake the accept loop.
+    wake_addr: SocketAddr,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The address could not be bound (in use, not local, no permission…).
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// What we tried to bind.
+        addr: String,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+impl Server {
+    /// Binds the listening socket described by `config`.
+    pub fn bind(config: &Config, broker: Arc<dyn Broker>) -> Result<Server, ServerError> {
+        let addr = format!("{}:{}", config.host, config.port);
+        let bind_err = |source| ServerError::Bind {
+            addr: addr.clone(),
+            source,
+        };
+        let addrs: Vec<SocketAddr> = addr.to_socket_addrs().map_err(bind_err)?.collect();
+        let listener = TcpListener::bind(&addrs[..]).map_err(bind_err)?;
+        let local_addr = listener.local_addr().map_err(bind_err)?;
+        let wake_addr = match local_addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => {
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), local_addr.port())
+            }
+            IpAddr::V6(ip) if ip.is_unspecified() => {
+                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), local_addr.port())
+            }
+            _ => local_addr,
+        };
+        Ok(Server {
+            listener,
+            local_addr,
+            ctx: Arc::new(Context {
+                broker,
+                limits: config.limits.clone(),
+                junk: JunkLog::default(),
+            }),
+            shutdown: ShutdownHandle {
+                requested: Arc::new(AtomicBool::new(false)),
+                wake_addr,
+            },
+            instance: RandomState::new().hash_one(std::process::id()),
+        })
+    }
+
+    /// The address actually bound (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A handle that stops [`run`](Self::run).
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
+    }
+
+    /// Accepts and serves connections until shut down; returns once every
+    /// connection thread has been joined.
+    pub fn run(self) {
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let mut registry = Registry {
+            active: HashMap::new(),
+            done_rx,
+        };
+        let max = self.ctx.limits.max_connections;
+        let mut next_seq: u64 = 0;
+        let mut backoff = Duration::from_millis(10);
+
+        loop {
+            let accepted = self.listener.accept();
+            if self.shutdown.requested.load(Ordering::SeqCst) {
+                break;
+            }
+            registry.reap();
+            let (stream, peer) = match accepted {
+                Ok(pair) => {
+                    backoff = Duration::from_millis(10);
+                    pair
+                }
+                Err(e) => {
+                    // Usually out of file descriptors: wait for some to be
+                    // released rather than spin (mini-redis does the same).
+                    log::error!("accept failed: {e}; retrying in {backoff:?}");
+                    thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            if registry.active.len() >= max {
+                log::warn!("refused {peer}: {max} connections already open (--max-connections)");
+                http::refuse_full(&stream);
+                continue;
+            }
+            next_seq += 1;
+            let conn = Arc::new(Conn::new(self.instance, next_seq, peer, Arc::new(stream)));
+            match spawn_connection(Arc::clone(&conn), Arc::clone(&self.ctx), done_tx.clone()) {
+                Ok(handle) => {
+                    registry.active.insert(conn.seq, (conn, handle));
+                }
+                Err(e) => {
+                    log::error!("refused {peer}: cannot start a thread: {e}");
+                    conn.force_close();
+                }
+            }
+        }
+
+        registry.close_all(self.ctx.limits.close_grace + Duration::from_secs(1));
+        log::info!("stopped");
+    }
+}
+
+impl ShutdownHandle {
+    /// Asks the server to stop. Returns at once; [`Server::run`] returns when
+    /// every connection is closed.
+    pub fn shutdown(&self) {
+        if !self.requested.swap(true, Ordering::SeqCst) {
+            // Wake the accept loop. If this fails, the loop is not blocked in
+            // accept (it will see the flag on its next turn anyway).
+            let _ = TcpStream::connect_timeout(&self.wake_addr, Duration::from_secs(1));
+        }
+    }
+
+    /// True once shutdown was requested.
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+}
+
+/// The live connections, owned by the accept loop.
+struct Registry {
+    active: HashMap<u64, (Arc<Conn>, JoinHandle<()>)>,
+    /// Numbers of connection threads that have finished.
+    done_rx: Receiver<u64>,
+}
+
+impl Registry {
+    /// Joins every connection thread that has reported done.
+    fn reap(&mut self) {
+        while let Ok(seq) = self.done_rx.try_recv() {
+            self.join(seq);
+        }
+    }
+
+    fn join(&mut self, seq: u64) {
+        if let Some((_, handle)) = self.active.remove(&seq) {
+            // Panics are caught inside the thread; nothing to report here.
+            let _ = handle.join();
+        }
+    }
+
+    /// Closes every connection: politely first, by force after `grace`.
+    fn close_all(mut self, grace: Duration) {
+        self.reap();
+        if !self.active.is_empty() {
+            log::info!("shutting down: closing {} connection(s)", self.active.len());
+        }
+        for (conn, _) in self.active.values() {
+            conn.stop_for_shutdown();
+        }
+        let deadline = Instant::now() + grace;
+        while !self.active.is_empty() {
+            match self.done_rx.recv_deadline(deadline) {
+                Ok(seq) => self.join(seq),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        for (conn, _) in self.active.values() {
+            conn.force_close();
+        }
+        let seqs: Vec<u64> = self.active.keys().copied().collect();
+        for seq in seqs {
+            self.join(seq);
+        }
+    }
+}
+
+/// Starts a connection's thread. It reports its number on `done` when it
+/// ends, however it ends.
+fn spawn_connection(
+    conn: Arc<Conn>,
+    ctx: Arc<Context>,
+    done: Sender<u64>,
+) -> io::Result<JoinHandle<()>> {
+    thread::Builder::new()
+        .name(format!("tc-conn-{}", conn.seq))
+        .stack_size(crate::THREAD_STACK_SIZE)
+        .spawn(move || {
+            // The one place this thread's errors are logged.
+            match panic::catch_unwind(AssertUnwindSafe(|| session::run(&conn, &ctx))) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if e.is_disconnect() => log::debug!("{}: {e}", conn.peer),
+                Ok(Err(e)) => log::error!("{} ({}): {e}", conn.peer, conn.id),
+                Err(_) => {
+                    log::error!(
+                        "{} ({}): connection thread panicked; closed it",
+                        conn.peer,
+                        conn.id
+                    );
+                    conn.force_close();
+                }
+            }
+            // However the session ended, the client sees the socket close now
+            // (the accept loop drops its handle only when it next wakes).
+            conn.force_close();
+            let _ = done.send(conn.seq);
+        })
+}

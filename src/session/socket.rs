@@ -1,0 +1,131 @@
+//! One client socket, used by two threads without ever corrupting a frame.
+//!
+//! A blocking tungstenite `WebSocket` cannot simply be split into a read half
+//! and a write half (tungstenite-rs issues #311 and #323): `read()` itself
+//! *writes* — it answers pings with pongs and closes with close replies. Two
+//! full `WebSocket`s on `try_clone()`d streams therefore have two writers, and
+//! a pong written by the reader can land in the middle of a data frame being
+//! written by the other thread.
+//!
+//! The rule here: **exactly one writer.**
+//!
+//! * [`Writer`] owns the only `WebSocket` that writes to the socket, behind a
+//!   `Mutex`. Whoever holds the lock writes whole frames. The socket has a
+//!   write timeout, so a client that stops reading cannot hold the lock for
+//!   longer than that.
+//! * [`Reader`] is a second `WebSocket` over [`ReadHalf`], whose `Write` goes
+//!   nowhere. Its automatic pongs and close replies are discarded; the reader
+//!   thread sends them itself, through the [`Writer`].
+//!
+//! Both halves share one file descriptor (an `Arc<TcpStream>`: `&TcpStream` is
+//! `Read + Write`), so a connection costs one descriptor, and anyone holding
+//! the `Arc` can `shutdown()` the socket to wake a blocked read.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tungstenite::{Error, Message, WebSocket};
+
+/// The client's TCP socket, shared by the reader, the writer and the server.
+#[derive(Debug, Clone)]
+pub struct SharedStream(pub Arc<TcpStream>);
+
+impl Read for SharedStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self.0).read(buf)
+    }
+}
+
+impl Write for SharedStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self.0).write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        (&*self.0).flush()
+    }
+}
+
+/// The reading side of the socket. Writes are discarded: see the module doc.
+#[derive(Debug)]
+pub struct ReadHalf(SharedStream);
+
+impl Read for ReadHalf {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for ReadHalf {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The reader thread's WebSocket.
+pub type Reader = WebSocket<ReadHalf>;
+
+/// The one writer of a client socket.
+#[derive(Debug)]
+pub struct Writer {
+    ws: Mutex<WebSocket<SharedStream>>,
+}
+
+/// Bytes the reader's buffer starts with. A chat line fits; tungstenite grows
+/// the buffer for a bigger message (up to the message limit). The default,
+/// 128 KiB, is zero-filled on first read: 128 KiB resident per idle client.
+const READ_BUFFER: usize = 4 * 1024;
+
+/// Splits an upgraded socket into its one writer and its reader.
+///
+/// `leftover` holds bytes read past the HTTP request head; `max_message` is
+/// the largest message (and frame) the client may send.
+pub fn split(stream: Arc<TcpStream>, leftover: Vec<u8>, max_message: usize) -> (Writer, Reader) {
+    let shared = SharedStream(stream);
+    let read_config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message));
+    let reader = WebSocket::from_partially_read(
+        ReadHalf(shared.clone()),
+        leftover,
+        Role::Server,
+        Some(read_config),
+    );
+    // The writer never reads, so it needs no real read buffer. Each send is
+    // flushed at once, so the write buffer never holds more than one frame.
+    let write_config = WebSocketConfig::default()
+        .read_buffer_size(64)
+        .write_buffer_size(0);
+    let writer = WebSocket::from_raw_socket(shared, Role::Server, Some(write_config));
+    (
+        Writer {
+            ws: Mutex::new(writer),
+        },
+        reader,
+    )
+}
+
+impl Writer {
+    /// Sends one message and flushes it.
+    ///
+    /// An error means the connection is unusable: the client went away, or it
+    /// did not read for longer than the write timeout.
+    pub fn send(&self, message: Message) -> Result<(), Error> {
+        let mut ws = self.ws.lock().map_err(|_| Error::AlreadyClosed)?;
+        ws.send(message)
+    }
+
+    /// Sends a close frame (once; later calls do nothing).
+    pub fn close(&self, frame: Option<CloseFrame>) -> Result<(), Error> {
+        let mut ws = self.ws.lock().map_err(|_| Error::AlreadyClosed)?;
+        match ws.close(frame) {
+            Err(Error::AlreadyClosed | Error::ConnectionClosed) => Ok(()),
+            other => other,
+        }
+    }
+}

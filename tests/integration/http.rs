@@ -1,0 +1,95 @@
+//! Plain HTTP requests get plain HTTP answers; bad requests affect only
+//! their own connection.
+
+use crate::support::{Server, eventually};
+
+#[test]
+fn the_root_explains_how_to_chat() {
+    let server = Server::in_process();
+    let (status, body) = server.get("/");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(body.contains("websocat ws://"), "{body}");
+}
+
+#[test]
+fn unknown_paths_are_404() {
+    let server = Server::in_process();
+    for path in ["/nope", "/chat", "/chat/a/b", "/chatx/a"] {
+        assert_eq!(server.get(path).0, "HTTP/1.1 404 Not Found", "{path}");
+    }
+}
+
+#[test]
+fn a_plain_get_of_a_chat_url_is_told_to_upgrade() {
+    let server = Server::in_process();
+    let (status, body) = server.get("/chat/alice");
+    assert_eq!(status, "HTTP/1.1 426 Upgrade Required");
+    assert!(body.contains("WebSocket"));
+}
+
+#[test]
+fn invalid_nicknames_get_400_with_a_reason() {
+    let server = Server::in_process();
+    let cases = [
+        ("/chat/", "empty"),
+        ("/chat/%20alice", "white space"),
+        ("/chat/a%0Ab", "control character"),
+        ("/chat/%FF", "UTF-8"),
+        ("/chat/%zz", "percent-escape"),
+        (&*format!("/chat/{}", "x".repeat(33)), "longer than 32"),
+    ];
+    for (path, reason) in cases {
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        let (status, body) = server.http(&request);
+        assert_eq!(status, "HTTP/1.1 400 Bad Request", "{path}");
+        assert!(body.contains(reason), "{path}: {body}");
+    }
+}
+
+#[test]
+fn a_broken_upgrade_request_gets_400() {
+    let server = Server::in_process();
+    let (status, body) =
+        server.http("GET /chat/alice HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 400 Bad Request");
+    assert!(body.contains("WebSocket upgrade"), "{body}");
+}
+
+#[test]
+fn other_methods_get_405() {
+    let server = Server::in_process();
+    let (status, _) = server.http("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 405 Method Not Allowed");
+}
+
+#[test]
+fn malformed_and_oversized_heads_are_refused() {
+    let server = Server::in_process();
+    assert_eq!(server.http("HELLO\r\n\r\n").0, "HTTP/1.1 400 Bad Request");
+    let huge = format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(10_000));
+    assert_eq!(
+        server.http(&huge).0,
+        "HTTP/1.1 431 Request Header Fields Too Large"
+    );
+    // The server is unharmed.
+    let mut alice = server.client("alice");
+    let mut bob = server.client("bob");
+    alice.send("fine");
+    assert_eq!(bob.recv_chat().1, "fine");
+}
+
+#[test]
+fn past_the_connection_cap_new_clients_get_503() {
+    let server = Server::start(&["--in-process", "--max-connections", "2"]);
+    let _a = server.client("a");
+    let _b = server.client("b");
+    let (status, body) = server.get("/");
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
+    assert!(body.contains("full"));
+    drop(_a);
+    // Once a connection leaves, there is room again.
+    eventually("a free slot", || server.get("/").0 == "HTTP/1.1 200 OK");
+}

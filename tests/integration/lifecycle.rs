@@ -1,0 +1,116 @@
+//! Joining and leaving: log lines, and every thread and Redis connection a
+//! client used is released when it goes, however it goes.
+
+use std::time::Duration;
+
+use crate::support::{Closed, Redis, Server, eventually};
+
+/// Connects `n` clients, lets them chat, then ends them with `leave`, and
+/// checks that threads and Redis connections return to their baselines.
+fn leaving_releases_everything(leave: fn(crate::support::Client)) {
+    let redis = Redis::start();
+    let server = Server::with_redis(&redis);
+    // One throwaway connection first: let lazily started things (publisher
+    // connections) settle into the baseline.
+    let mut warm = server.client("warm");
+    warm.send("warming up");
+    warm.close();
+    server.wait_for_log("warm left");
+    eventually("warm's threads gone", || {
+        server.thread_count() == base_threads(&server)
+    });
+    let threads = server.thread_count();
+    let redis_clients = redis.client_count();
+
+    let mut clients: Vec<_> = (0..5).map(|i| server.client(&format!("u{i}"))).collect();
+    clients[0].send("hello");
+    for c in &mut clients[1..] {
+        c.recv_chat();
+    }
+    assert_eq!(
+        server.thread_count(),
+        threads + 2 * 5,
+        "two threads per client"
+    );
+    assert_eq!(
+        redis.client_count(),
+        redis_clients + 5,
+        "one subscription each"
+    );
+
+    for c in clients {
+        leave(c);
+    }
+    eventually("threads back to baseline", || {
+        server.thread_count() == threads
+    });
+    eventually("Redis connections back to baseline", || {
+        redis.client_count() == redis_clients
+    });
+    eventually("nobody subscribed", || {
+        redis.subscribers("global_room") == 0
+    });
+}
+
+/// Threads of an idle server with no clients: main, signals, 2 publishers.
+fn base_threads(_server: &Server) -> usize {
+    4
+}
+
+#[test]
+fn a_clean_close_releases_threads_and_redis_connections() {
+    leaving_releases_everything(|c| c.close());
+}
+
+#[test]
+fn a_dropped_connection_releases_threads_and_redis_connections() {
+    leaving_releases_everything(|c| c.drop_abruptly());
+}
+
+#[test]
+fn joins_and_leaves_are_logged_with_the_reason() {
+    let server = Server::in_process();
+    let alice = server.client("alice");
+    let joined = server.wait_for_log("alice joined from 127.0.0.1:");
+    assert!(joined.contains("[INFO]"), "{joined}");
+    alice.close();
+    let left = server.wait_for_log("alice left");
+    assert!(left.contains("closed by the client (1000)"), "{left}");
+
+    let bob = server.client("bob");
+    bob.drop_abruptly();
+    let left = server.wait_for_log("bob left");
+    assert!(left.contains("connection lost"), "{left}");
+}
+
+#[test]
+fn nothing_is_logged_per_message_at_info() {
+    let server = Server::start(&["--in-process", "--log-level", "info"]);
+    let mut alice = server.client("alice");
+    let mut bob = server.client("bob");
+    for i in 0..20 {
+        alice.send(&format!("secret {i}"));
+        bob.recv_chat();
+    }
+    assert_eq!(server.log_count("secret"), 0);
+}
+
+/// SIGTERM: every client gets close 1001, and the process exits 0.
+#[test]
+fn sigterm_closes_every_client_with_1001_and_exits_0() {
+    let redis = Redis::start();
+    let mut server = Server::with_redis(&redis);
+    let mut clients: Vec<_> = (0..5).map(|i| server.client(&format!("u{i}"))).collect();
+    // One half-open connection that never finishes its HTTP request.
+    let _lurker = std::net::TcpStream::connect(server.addr).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    server.signal("TERM");
+    for c in &mut clients {
+        assert_eq!(
+            c.recv_close(),
+            Closed::Frame(1001, "server shutting down".into())
+        );
+    }
+    assert_eq!(server.wait_exit(), Some(0));
+    eventually("Redis connections released", || redis.client_count() == 0);
+}

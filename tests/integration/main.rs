@@ -1,0 +1,11 @@
+//! threadchat's integration tests: one binary, real processes.
+//!
+//! Each test starts its own `redis-server` on a free port (never 6379) and its
+//! own `threadchat` on port 0, then talks to it as a user would.
+
+mod chat;
+mod http;
+mod lifecycle;
+mod redis_wire;
+mod startup;
+mod support;

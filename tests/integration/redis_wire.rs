@@ -1,0 +1,109 @@
+//! What travels over Redis: interoperability with the original Python app,
+//! junk on the channel, and several instances sharing one Redis.
+
+use std::time::Duration;
+
+use crate::support::{Redis, Server, eventually};
+
+/// The original app PUBLISHes the raw text its clients send, e.g.
+/// `{"nickname": "py", "message": "hi"}`; threadchat clients receive it.
+#[test]
+fn messages_published_by_the_original_app_arrive() {
+    let redis = Redis::start();
+    let server = Server::with_redis(&redis);
+    let mut alice = server.client("alice");
+    redis.publish(
+        "global_room",
+        r#"{"nickname": "py", "message": "from python"}"#,
+    );
+    assert_eq!(alice.recv_chat(), ("py".into(), "from python".into()));
+}
+
+/// The original app's reader does `json.loads(data)` and reads
+/// `data["nickname"]`, then forwards the text; both fields must be strings.
+#[test]
+fn what_threadchat_publishes_is_what_the_original_reads() {
+    let redis = Redis::start();
+    let server = Server::with_redis(&redis);
+    let mut alice = server.client("alice");
+
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut con = client.get_connection().unwrap();
+    let mut pubsub = con.as_pubsub();
+    pubsub.subscribe("global_room").unwrap();
+    pubsub
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+
+    alice.send("hello python");
+    let payload: String = pubsub.get_message().unwrap().get_payload().unwrap();
+    let data: serde_json::Value = serde_json::from_str(&payload).unwrap();
+    assert_eq!(data["nickname"], "alice");
+    assert_eq!(data["message"], "hello python");
+    assert!(
+        data["conn"].is_string(),
+        "carries the sender's connection id"
+    );
+    assert!(data["ts"].is_u64(), "carries a timestamp");
+}
+
+/// Payloads that are not chat messages are skipped with one warning (not one
+/// per connection) and nobody is disconnected.
+#[test]
+fn junk_on_the_channel_is_skipped_and_hurts_no_one() {
+    let redis = Redis::start();
+    let server = Server::with_redis(&redis);
+    let mut alice = server.client("alice");
+    let mut bob = server.client("bob");
+    for junk in ["junk", "{}", r#"{"nickname": 5, "message": "x"}"#, "[]", ""] {
+        redis.publish("global_room", junk);
+    }
+    bob.send("after the junk");
+    assert_eq!(alice.recv_chat(), ("bob".into(), "after the junk".into()));
+    alice.send("me too");
+    assert_eq!(bob.recv_chat(), ("alice".into(), "me too".into()));
+    server.wait_for_log("skipped a payload on global_room");
+    assert_eq!(
+        server.log_count("\"junk\""),
+        1,
+        "one warning per junk payload, not one per connection"
+    );
+}
+
+/// Two instances on one Redis are one room.
+#[test]
+fn two_instances_on_one_redis_share_the_room() {
+    let redis = Redis::start();
+    let east = Server::with_redis(&redis);
+    let west = Server::with_redis(&redis);
+    let mut alice = east.client("alice");
+    let mut bob = west.client("bob");
+    let mut carol = west.client("carol");
+    alice.send("hi from east");
+    assert_eq!(bob.recv_chat(), ("alice".into(), "hi from east".into()));
+    assert_eq!(carol.recv_chat(), ("alice".into(), "hi from east".into()));
+    bob.send("hi from west");
+    assert_eq!(alice.recv_chat(), ("bob".into(), "hi from west".into()));
+    assert_eq!(carol.recv_chat(), ("bob".into(), "hi from west".into()));
+}
+
+/// Publishing shares a small pool of connections: clients cost one Redis
+/// connection each (their subscription), not two.
+#[test]
+fn publishing_does_not_cost_a_connection_per_client() {
+    let redis = Redis::start();
+    let server = Server::with_redis(&redis);
+    let baseline = redis.client_count();
+    let clients: Vec<_> = (0..10).map(|i| server.client(&format!("c{i}"))).collect();
+    let mut clients = clients.into_iter();
+    let mut first = clients.next().unwrap();
+    first.send("hello");
+    let mut rest: Vec<_> = clients.collect();
+    for c in &mut rest {
+        c.recv_chat();
+    }
+    eventually("10 subscriptions", || {
+        redis.subscribers("global_room") == 10
+    });
+    assert!(redis.client_count() <= baseline + 10 + 2);
+}

@@ -1,0 +1,114 @@
+//! Start-up errors: one clear line and a non-zero exit.
+
+use std::net::TcpListener;
+use std::process::{Command, Output};
+
+use crate::support::{Server, free_port};
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_threadchat"))
+        .args(args)
+        .env_remove("THREADCHAT_REDIS")
+        .output()
+        .unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn an_unreachable_redis_is_one_clear_error() {
+    let port = free_port().to_string();
+    let output = run(&["--port", "0", "--redis", &format!("127.0.0.1:{port}")]);
+    assert!(!output.status.success());
+    let err = stderr(&output);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cannot reach Redis at redis://127.0.0.1:"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_port_in_use_is_one_clear_error() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let output = run(&["--host", "127.0.0.1", "--port", &port, "--in-process"]);
+    assert!(!output.status.success());
+    let err = stderr(&output);
+    assert!(err.contains("cannot listen on 127.0.0.1:"), "{err}");
+    assert!(err.contains("in use"), "{err}");
+}
+
+#[test]
+fn bad_option_values_are_refused() {
+    for args in [
+        &["--port", "99999"][..],
+        &["--port", "http"],
+        &["--redis", "http://example"],
+        &["--redis", "rediss://secure:6379"],
+        &["--max-connections", "0"],
+        &["--log-level", "loud"],
+        &["--redis", "localhost", "--in-process"],
+    ] {
+        let output = run(args);
+        assert!(!output.status.success(), "{args:?}");
+        assert!(!stderr(&output).is_empty(), "{args:?}");
+    }
+}
+
+#[test]
+fn help_explains_every_option() {
+    let output = run(&["--help"]);
+    let help = String::from_utf8_lossy(&output.stdout);
+    for option in [
+        "--host",
+        "--port",
+        "--redis",
+        "--log-level",
+        "--log-file",
+        "--max-connections",
+        "--in-process",
+    ] {
+        assert!(help.contains(option), "{option} in --help");
+    }
+    assert!(
+        help.contains("THREADCHAT_REDIS"),
+        "environment fallbacks are shown"
+    );
+}
+
+/// Without --redis: Redis on localhost:6379 if it answers, otherwise the
+/// in-process broker, with one line saying so.
+#[test]
+fn without_redis_it_falls_back_to_in_process_or_uses_localhost() {
+    let local_redis = std::net::TcpStream::connect("127.0.0.1:6379").is_ok();
+    let server = Server::start(&[]);
+    let line = server.wait_for_log("listening on");
+    if local_redis {
+        assert!(line.contains("Redis at redis://localhost:6379"), "{line}");
+    } else {
+        let note = server.wait_for_log("no Redis answered at localhost:6379");
+        assert!(note.contains("--redis"), "{note}");
+        assert!(line.contains("in-process"), "{line}");
+        let mut a = server.client("a");
+        let mut b = server.client("b");
+        a.send("works without Redis");
+        assert_eq!(b.recv_chat().1, "works without Redis");
+    }
+}
+
+#[test]
+fn the_log_file_gets_the_log_too() {
+    let dir = std::env::temp_dir().join(format!("threadchat-log-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("chat.log");
+    let server = Server::start(&["--in-process", "--log-file", path.to_str().unwrap()]);
+    let alice = server.client("alice");
+    alice.close();
+    server.wait_for_log("alice left");
+    let log = std::fs::read_to_string(&path).unwrap();
+    assert!(log.contains("alice joined"), "{log}");
+    let _ = std::fs::remove_dir_all(dir);
+}

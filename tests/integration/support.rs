@@ -1,0 +1,411 @@
+//! Test helpers: a real `redis-server` on a free port, the real `threadchat`
+//! binary on port 0, and a blocking WebSocket client.
+//!
+//! Everything started here is killed when its handle is dropped, so a failing
+//! test leaves nothing behind.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, WebSocket};
+
+/// How long any single expected event may take before a test fails. Generous:
+/// these are correctness tests, not timing tests.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A `redis-server` owned by one test, on a free port, with no persistence.
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Redis::start_on(free_port())
+    }
+
+    /// Starts (or restarts) Redis on a given port.
+    pub fn start_on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "redis-server not found: the tests start their own Redis. \
+                 Install it (e.g. `apt-get install redis-server`)",
+            );
+        let redis = Redis { child, port };
+        let deadline = Instant::now() + PATIENCE;
+        while redis.connection().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on port {port}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn connection(&self) -> Option<redis::Connection> {
+        let client = redis::Client::open(self.url()).ok()?;
+        let mut con = client
+            .get_connection_with_timeout(Duration::from_secs(1))
+            .ok()?;
+        redis::cmd("PING").query::<String>(&mut con).ok()?;
+        Some(con)
+    }
+
+    /// PUBLISH straight into Redis, as another program (or the Python
+    /// original) would.
+    pub fn publish(&self, channel: &str, payload: &str) {
+        let mut con = self.connection().expect("redis is up");
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(payload)
+            .query::<i64>(&mut con)
+            .unwrap();
+    }
+
+    /// Connected clients, not counting the one asking.
+    pub fn client_count(&self) -> usize {
+        let mut con = self.connection().expect("redis is up");
+        let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut con).unwrap();
+        list.lines().count() - 1
+    }
+
+    /// Subscribers of a channel (PUBSUB NUMSUB).
+    pub fn subscribers(&self, channel: &str) -> usize {
+        let mut con = self.connection().expect("redis is up");
+        let (_, n): (String, usize) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query(&mut con)
+            .unwrap();
+        n
+    }
+
+    /// Kills this Redis (SIGKILL), as a crash would.
+    pub fn kill(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `check` holds, or fails the test with `what`.
+pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// The log a running server has written so far, and a way to wait on it.
+#[derive(Default)]
+struct LogBook {
+    lines: Mutex<Vec<String>>,
+    grew: Condvar,
+}
+
+/// A running `threadchat` process.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    log: Arc<LogBook>,
+}
+
+impl Server {
+    /// Starts threadchat relaying through `redis`.
+    pub fn with_redis(redis: &Redis) -> Server {
+        Server::start(&["--redis", &redis.url()])
+    }
+
+    /// Starts threadchat with the in-process broker.
+    pub fn in_process() -> Server {
+        Server::start(&["--in-process"])
+    }
+
+    /// Starts the binary on 127.0.0.1, port 0, with extra arguments, and
+    /// waits until it says where it listens.
+    pub fn start(args: &[&str]) -> Server {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_threadchat"));
+        command.args(["--host", "127.0.0.1", "--port", "0"]);
+        if !args.contains(&"--log-level") {
+            command.args(["--log-level", "debug"]);
+        }
+        let mut child = command
+            .args(args)
+            .env_remove("THREADCHAT_REDIS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the threadchat binary runs");
+        let log = Arc::new(LogBook::default());
+        let stderr = child.stderr.take().unwrap();
+        let book = Arc::clone(&log);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[threadchat] {line}");
+                book.lines.lock().unwrap().push(line);
+                book.grew.notify_all();
+            }
+        });
+        let mut server = Server {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            log,
+        };
+        let line = server.wait_for_log("listening on ws://");
+        let addr = line
+            .split("ws://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .expect("the listening line names the address");
+        server.addr = addr.parse().expect("a socket address");
+        server
+    }
+
+    /// Waits for a log line containing `needle` and returns it.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        self.wait_for_log_count(needle, 1)
+    }
+
+    /// Waits until `count` log lines contain `needle`; returns the last.
+    pub fn wait_for_log_count(&self, needle: &str, count: usize) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        let mut lines = self.log.lines.lock().unwrap();
+        loop {
+            let found: Vec<&String> = lines.iter().filter(|l| l.contains(needle)).collect();
+            if found.len() >= count {
+                return found[count - 1].clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no log line with {needle:?} (x{count}); log so far:\n{}",
+                lines.join("\n")
+            );
+            lines = self.log.grew.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    /// How many log lines contain `needle` so far.
+    pub fn log_count(&self, needle: &str) -> usize {
+        let lines = self.log.lines.lock().unwrap();
+        lines.iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Threads the server process has right now.
+    pub fn thread_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Sends a signal (by number) to the server process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "threadchat did not exit");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A chat client named `nickname` (given raw, as it appears in the URL).
+    pub fn client(&self, nickname: &str) -> Client {
+        Client::connect(self.addr, nickname)
+    }
+
+    /// Sends raw bytes as an HTTP request; returns the status line and body.
+    pub fn http(&self, request: &str) -> (String, String) {
+        let mut stream = TcpStream::connect(self.addr).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        let status = response.lines().next().unwrap_or_default().to_owned();
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// `GET path` and return the status line and body.
+    pub fn get(&self, path: &str) -> (String, String) {
+        self.http(&format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a client observed instead of a message.
+#[derive(Debug, PartialEq)]
+pub enum Closed {
+    /// A close frame with this code (and reason).
+    Frame(u16, String),
+    /// The TCP connection ended without a close frame.
+    Dropped,
+}
+
+/// A blocking WebSocket chat client.
+pub struct Client {
+    pub ws: WebSocket<TcpStream>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr, nickname: &str) -> Client {
+        Client::try_connect(addr, nickname).unwrap_or_else(|e| panic!("connect as {nickname}: {e}"))
+    }
+
+    pub fn try_connect(addr: SocketAddr, nickname: &str) -> Result<Client, tungstenite::Error> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(PATIENCE))?;
+        let url = format!("ws://{addr}/chat/{nickname}");
+        let (ws, _) = tungstenite::client(url, stream).map_err(|e| match e {
+            tungstenite::HandshakeError::Failure(e) => e,
+            tungstenite::HandshakeError::Interrupted(_) => unreachable!("blocking"),
+        })?;
+        Ok(Client { ws })
+    }
+
+    pub fn send(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).unwrap();
+    }
+
+    pub fn send_message(&mut self, message: Message) {
+        self.ws.send(message).unwrap();
+    }
+
+    /// The next data frame, parsed as JSON (control frames are skipped).
+    pub fn recv(&mut self) -> Value {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(text)) => {
+                    return serde_json::from_str(text.as_str())
+                        .unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+                }
+                Ok(Message::Binary(b)) => panic!("unexpected binary frame {b:?}"),
+                Ok(Message::Close(frame)) => {
+                    panic!("closed while waiting for a message: {frame:?}")
+                }
+                Ok(_) => continue,
+                Err(e) => panic!("error while waiting for a message: {e}"),
+            }
+        }
+    }
+
+    /// The next chat message as (nickname, message).
+    pub fn recv_chat(&mut self) -> (String, String) {
+        let frame = self.recv();
+        assert_eq!(frame["type"], "chat", "expected a chat frame, got {frame}");
+        (
+            frame["nickname"].as_str().unwrap().to_owned(),
+            frame["message"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// Asserts that no data frame arrives within `quiet`.
+    pub fn expect_nothing(&mut self, quiet: Duration) {
+        self.ws.get_ref().set_read_timeout(Some(quiet)).unwrap();
+        let result = self.ws.read();
+        self.ws.get_ref().set_read_timeout(Some(PATIENCE)).unwrap();
+        match result {
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            other => panic!("expected silence, got {other:?}"),
+        }
+    }
+
+    /// Reads until the server closes; returns how.
+    pub fn recv_close(&mut self) -> Closed {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Close(Some(CloseFrame { code, reason }))) => {
+                    return Closed::Frame(u16::from(code), reason.as_str().to_owned());
+                }
+                Ok(Message::Close(None)) => return Closed::Frame(1005, String::new()),
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    panic!("the server did not close the connection")
+                }
+                Err(_) => return Closed::Dropped,
+            }
+        }
+    }
+
+    /// A clean close from the client side.
+    pub fn close(mut self) {
+        let _ = self.ws.close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        }));
+        // Wait for the server's close reply (or the connection's end).
+        while self.ws.read().is_ok() {}
+    }
+
+    /// Drops the TCP connection without any close frame.
+    pub fn drop_abruptly(self) {
+        let stream = self.ws.into_inner();
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
+}
