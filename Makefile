@@ -4,11 +4,13 @@
 #   make run ARGS="--port 9000" pass options through (see: make run ARGS=--help)
 #   make test                   all tests; they start their own redis-server
 #   make lint                   formatting check and clippy, warnings are errors
+#   make interop                chat between threadchat and the Python original
+#                               (installs FastAPI, uvicorn, redis in a venv)
 
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: run build test lint fmt require-redis
+.PHONY: run build test lint fmt interop require-redis
 
 run:
 	$(CARGO) run --release --bin threadchat -- $(ARGS)
@@ -25,6 +27,13 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+INTEROP_VENV := target/interop-venv
+interop: require-redis
+	test -x $(INTEROP_VENV)/bin/python || python3 -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/pip install -q -r tests/interop/requirements.txt
+	ORIGINAL_APP_PYTHON=$(CURDIR)/$(INTEROP_VENV)/bin/python \
+	  $(CARGO) test --test integration interop -- --ignored
 
 require-redis:
 	@command -v redis-server >/dev/null 2>&1 || { \

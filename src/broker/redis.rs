@@ -260,15 +260,35 @@ impl Listen for RedisListener {
         stop: &StopSignal,
         on_event: &mut dyn FnMut(Event<'_>) -> Flow,
     ) -> Result<(), BrokerError> {
-        let lost = |e: redis::RedisError| BrokerError::Redis(e.to_string());
         let mut con = self
             .client
             .get_connection_with_timeout(CONNECT_TIMEOUT)
+            .and_then(|con| {
+                con.set_write_timeout(Some(IO_TIMEOUT))?;
+                Ok(con)
+            })
             .map_err(|e| BrokerError::Connect {
                 url: redact(&self.url),
                 reason: e.to_string(),
             })?;
         let mut pubsub = con.as_pubsub();
+        let result = self.receive(&mut pubsub, stop, on_event);
+        // Dropping a PubSub sends UNSUBSCRIBE and waits for the answer: never
+        // wait long for a Redis that has stopped answering.
+        let _ = pubsub.set_read_timeout(Some(Duration::from_secs(1)));
+        result
+    }
+}
+
+impl RedisListener {
+    /// Subscribes, then hands events to `on_event` until stopped.
+    fn receive(
+        &self,
+        pubsub: &mut redis::PubSub<'_>,
+        stop: &StopSignal,
+        on_event: &mut dyn FnMut(Event<'_>) -> Flow,
+    ) -> Result<(), BrokerError> {
+        let lost = |e: redis::RedisError| BrokerError::Redis(e.to_string());
         pubsub
             .subscribe(&[&self.channel, &self.wake_channel])
             .map_err(lost)?;
@@ -278,10 +298,12 @@ impl Listen for RedisListener {
         }
         loop {
             let msg = pubsub.get_message().map_err(lost)?;
+            // Checked on every message, not only on wake-ups: a wake-up that
+            // could not be queued must not leave this thread running forever.
+            if stop.is_stopped() {
+                return Ok(());
+            }
             if msg.get_channel_name() == self.wake_channel {
-                if stop.is_stopped() {
-                    return Ok(());
-                }
                 continue;
             }
             if on_event(Event::Message(msg.get_payload_bytes())).is_break() {

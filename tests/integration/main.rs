@@ -5,6 +5,7 @@
 
 mod chat;
 mod http;
+mod interop;
 mod lifecycle;
 mod redis_wire;
 mod startup;
