@@ -61,6 +61,81 @@ pub struct Args {
     /// that client's connection with code 1009.
     #[arg(long, env = "THREADCHAT_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024, value_name = "BYTES")]
     pub max_message_size: usize,
+
+    /// Messages per second a client may send, on average (0: no limit).
+    /// Excess messages are refused with an error notice; a client that keeps
+    /// flooding is closed with code 1008.
+    #[arg(
+        long,
+        env = "THREADCHAT_RATE_LIMIT",
+        default_value_t = 20.0,
+        value_name = "PER_SECOND"
+    )]
+    pub rate_limit: f64,
+
+    /// Messages a client may send in a burst above --rate-limit.
+    #[arg(
+        long,
+        env = "THREADCHAT_RATE_BURST",
+        default_value_t = 40,
+        value_name = "MESSAGES"
+    )]
+    pub rate_burst: u32,
+
+    /// Seconds a write to a client may block (its buffers full because it
+    /// stopped reading) before the client is closed with code 1008.
+    #[arg(
+        long,
+        env = "THREADCHAT_WRITE_TIMEOUT",
+        default_value_t = 10.0,
+        value_name = "SECONDS"
+    )]
+    pub write_timeout: f64,
+
+    /// Seconds of silence from a client before the server pings it.
+    #[arg(
+        long,
+        env = "THREADCHAT_PING_INTERVAL",
+        default_value_t = 30.0,
+        value_name = "SECONDS"
+    )]
+    pub ping_interval: f64,
+
+    /// Seconds of silence (no frame, not even a pong) after which a client is
+    /// closed with code 1008.
+    #[arg(
+        long,
+        env = "THREADCHAT_IDLE_TIMEOUT",
+        default_value_t = 60.0,
+        value_name = "SECONDS"
+    )]
+    pub idle_timeout: f64,
+
+    /// Seconds a client may take to send its HTTP request head (then 408).
+    #[arg(
+        long,
+        env = "THREADCHAT_HANDSHAKE_TIMEOUT",
+        default_value_t = 10.0,
+        value_name = "SECONDS"
+    )]
+    pub handshake_timeout: f64,
+
+    /// A browser origin allowed to open chat connections, e.g.
+    /// "https://chat.example.com" (repeatable; "*" allows any). Same-origin
+    /// pages and clients that send no Origin (websocat, scripts) are always
+    /// allowed.
+    #[arg(
+        long = "allow-origin",
+        env = "THREADCHAT_ALLOW_ORIGIN",
+        value_name = "ORIGIN",
+        value_delimiter = ','
+    )]
+    pub allow_origins: Vec<String>,
+
+    /// Serve a WebSocket echo endpoint at /echo, for the Autobahn conformance
+    /// suite. Off by default: it is not part of the chat.
+    #[arg(long)]
+    pub echo_endpoint: bool,
 }
 
 /// Log verbosity, as accepted by `--log-level`.
@@ -104,7 +179,7 @@ pub enum BrokerChoice {
 /// The URL tried when no `--redis` is given.
 pub const DEFAULT_REDIS_URL: &str = "redis://localhost:6379";
 
-/// Limits and timeouts that protect one connection from another.
+/// Limits, timeouts and policies that protect one connection from another.
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Most simultaneous chat connections.
@@ -117,6 +192,18 @@ pub struct Limits {
     pub write_timeout: Duration,
     /// After the server sends a close frame, how long it waits for the reply.
     pub close_grace: Duration,
+    /// Average messages per second a client may send; `None`: unlimited.
+    pub rate_limit: Option<f64>,
+    /// Burst allowance above the rate.
+    pub rate_burst: u32,
+    /// Silence after which a client is pinged.
+    pub ping_interval: Duration,
+    /// Silence after which a client is closed.
+    pub idle_timeout: Duration,
+    /// Browser origins allowed besides the server's own (`*`: any).
+    pub allowed_origins: Vec<String>,
+    /// Whether `/echo` is served (conformance testing only).
+    pub echo_endpoint: bool,
 }
 
 /// The validated configuration.
@@ -147,6 +234,20 @@ pub enum ConfigError {
         /// Why it is not usable.
         reason: String,
     },
+    /// A duration option out of its range.
+    #[error(
+        "invalid {option} {value}: seconds between 0.01 and 86400 \
+         (and --idle-timeout at least --ping-interval)"
+    )]
+    Seconds {
+        /// The option's name.
+        option: &'static str,
+        /// What was given.
+        value: f64,
+    },
+    /// A negative or non-finite `--rate-limit`.
+    #[error("invalid --rate-limit {0}: messages per second, 0 for no limit")]
+    Rate(f64),
     /// A numeric option out of its range.
     #[error("invalid {option} {value}: {reason}")]
     Range {
@@ -199,6 +300,27 @@ impl Config {
             });
         }
 
+        let seconds = |option: &'static str, value: f64| {
+            if value.is_finite() && (0.01..=86_400.0).contains(&value) {
+                Ok(Duration::from_secs_f64(value))
+            } else {
+                Err(ConfigError::Seconds { option, value })
+            }
+        };
+        let ping_interval = seconds("--ping-interval", args.ping_interval)?;
+        let idle_timeout = seconds("--idle-timeout", args.idle_timeout)?;
+        if idle_timeout < ping_interval {
+            return Err(ConfigError::Seconds {
+                option: "--idle-timeout",
+                value: args.idle_timeout,
+            });
+        }
+        let rate_limit = match args.rate_limit {
+            0.0 => None,
+            r if r.is_finite() && r > 0.0 => Some(r),
+            r => return Err(ConfigError::Rate(r)),
+        };
+
         Ok(Config {
             host: args.host,
             port: args.port,
@@ -208,9 +330,20 @@ impl Config {
             limits: Limits {
                 max_connections,
                 max_message_size: args.max_message_size,
-                handshake_timeout: Duration::from_secs(10),
-                write_timeout: Duration::from_secs(10),
+                handshake_timeout: seconds("--handshake-timeout", args.handshake_timeout)?,
+                write_timeout: seconds("--write-timeout", args.write_timeout)?,
                 close_grace: Duration::from_secs(2),
+                rate_limit,
+                rate_burst: args.rate_burst.max(1),
+                ping_interval,
+                idle_timeout,
+                allowed_origins: args
+                    .allow_origins
+                    .iter()
+                    .map(|o| o.trim().trim_end_matches('/').to_owned())
+                    .filter(|o| !o.is_empty())
+                    .collect(),
+                echo_endpoint: args.echo_endpoint,
             },
         })
     }

@@ -16,6 +16,7 @@ use tungstenite::handshake::server::{create_response, write_response};
 use tungstenite::http::{self, StatusCode};
 
 use crate::config::Limits;
+use crate::metrics::Metrics;
 use crate::protocol::Nickname;
 
 /// Longest request head accepted, in bytes; a longer one gets 431.
@@ -32,8 +33,8 @@ pub enum Outcome {
     /// client sent after the head (the start of its first WebSocket frame, if
     /// it did not wait for the answer).
     Upgrade {
-        /// The connection's validated nickname.
-        nickname: Nickname,
+        /// What the client connects to.
+        target: Target,
         /// The `101 Switching Protocols` answer to send.
         response: http::Response<()>,
         /// Bytes read past the request head.
@@ -44,6 +45,15 @@ pub enum Outcome {
     /// The client went away (or sent nothing in time) before a request head
     /// could be read; nothing, or a 408, was sent.
     Abandoned,
+}
+
+/// What an upgraded connection is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The chat room, as this nickname.
+    Chat(Nickname),
+    /// The echo endpoint (`--echo-endpoint`, for conformance testing).
+    Echo,
 }
 
 /// A parsed request head: only what routing and the handshake need.
@@ -86,7 +96,7 @@ enum HeadError {
 
 /// Reads one HTTP request on a fresh connection and answers it, unless it is
 /// a valid WebSocket upgrade (see [`Outcome::Upgrade`]).
-pub fn serve(stream: &TcpStream, limits: &Limits) -> io::Result<Outcome> {
+pub fn serve(stream: &TcpStream, limits: &Limits, metrics: &Metrics) -> io::Result<Outcome> {
     let (head, leftover) = match read_head(stream, limits) {
         Ok(parsed) => parsed,
         Err(HeadError::Closed) => return Ok(Outcome::Abandoned),
@@ -124,27 +134,29 @@ pub fn serve(stream: &TcpStream, limits: &Limits) -> io::Result<Outcome> {
         );
     }
     let path = head.path();
-    if path == "/" {
-        return answer(stream, StatusCode::OK, INDEX_TEXT);
-    }
-    let Some(segment) = path.strip_prefix("/chat/") else {
-        return answer(
-            stream,
-            StatusCode::NOT_FOUND,
-            "not found; chat at /chat/{nickname}",
-        );
+    let target = match path {
+        "/" => return answer(stream, StatusCode::OK, INDEX_TEXT),
+        "/metrics" => {
+            return answer_with(stream, StatusCode::OK, PROMETHEUS_TEXT, &metrics.render());
+        }
+        "/echo" if limits.echo_endpoint => Target::Echo,
+        _ => {
+            let Some(segment) = path.strip_prefix("/chat/").filter(|s| !s.contains('/')) else {
+                return answer(
+                    stream,
+                    StatusCode::NOT_FOUND,
+                    "not found; chat at /chat/{nickname}",
+                );
+            };
+            match Nickname::from_path_segment(segment) {
+                Ok(nickname) => Target::Chat(nickname),
+                Err(e) => return answer(stream, StatusCode::BAD_REQUEST, &e.to_string()),
+            }
+        }
     };
-    if segment.contains('/') {
-        return answer(
-            stream,
-            StatusCode::NOT_FOUND,
-            "not found; chat at /chat/{nickname}",
-        );
+    if let Err(reason) = check_origin(&head, &limits.allowed_origins) {
+        return answer(stream, StatusCode::FORBIDDEN, &reason);
     }
-    let nickname = match Nickname::from_path_segment(segment) {
-        Ok(nickname) => nickname,
-        Err(e) => return answer(stream, StatusCode::BAD_REQUEST, &e.to_string()),
-    };
     if head.header("Upgrade").is_none() {
         return answer(
             stream,
@@ -158,7 +170,7 @@ pub fn serve(stream: &TcpStream, limits: &Limits) -> io::Result<Outcome> {
         Err(reason) => return answer(stream, StatusCode::BAD_REQUEST, &reason),
     };
     Ok(Outcome::Upgrade {
-        nickname,
+        target,
         response,
         leftover,
     })
@@ -239,6 +251,33 @@ fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, Vec<u8>)>, HeadError> {
     Ok(Some((head, buf[len..].to_vec())))
 }
 
+/// The browser-origin policy. Browsers send `Origin` with every WebSocket
+/// request, and any page on the web can open one to any server: without this
+/// check, a malicious page could chat in the user's name. Allowed: requests
+/// without `Origin` (websocat, scripts, servers), pages served by this server
+/// itself (the origin's host is the request's `Host`), and `--allow-origin`.
+fn check_origin(head: &RequestHead, allowed: &[String]) -> Result<(), String> {
+    let Some(origin) = head.header("Origin") else {
+        return Ok(());
+    };
+    let origin = String::from_utf8_lossy(origin);
+    let origin = origin.trim().trim_end_matches('/');
+    if allowed
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+    {
+        return Ok(());
+    }
+    let origin_host = origin.split_once("://").map(|(_, host)| host);
+    let host = head.header("Host").map(String::from_utf8_lossy);
+    match (origin_host, host) {
+        (Some(origin_host), Some(host)) if origin_host.eq_ignore_ascii_case(host.trim()) => Ok(()),
+        _ => Err(format!(
+            "origin {origin} is not allowed (start the server with --allow-origin {origin})"
+        )),
+    }
+}
+
 /// Lets tungstenite check the upgrade headers and compute
 /// `Sec-WebSocket-Accept`; its error becomes the 400's reason.
 fn websocket_response(head: &RequestHead) -> Result<http::Response<()>, String> {
@@ -259,6 +298,20 @@ fn answer(stream: &TcpStream, status: StatusCode, body: &str) -> io::Result<Outc
     respond(stream, status, body)?;
     Ok(Outcome::Answered(status))
 }
+
+fn answer_with(
+    stream: &TcpStream,
+    status: StatusCode,
+    content_type: &str,
+    body: &str,
+) -> io::Result<Outcome> {
+    write_response_with(stream, status, content_type, body)?;
+    linger_close(stream);
+    Ok(Outcome::Answered(status))
+}
+
+const PLAIN_TEXT: &str = "text/plain; charset=utf-8";
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Writes a complete plain-text response, then closes our side.
 fn respond(stream: &TcpStream, status: StatusCode, body: &str) -> io::Result<()> {
@@ -288,6 +341,15 @@ fn linger_close(stream: &TcpStream) {
 }
 
 fn write_plain(stream: &TcpStream, status: StatusCode, body: &str) -> io::Result<()> {
+    write_response_with(stream, status, PLAIN_TEXT, &format!("{body}\n"))
+}
+
+fn write_response_with(
+    stream: &TcpStream,
+    status: StatusCode,
+    content_type: &str,
+    body: &str,
+) -> io::Result<()> {
     let mut extra = String::new();
     if status == StatusCode::UPGRADE_REQUIRED {
         extra.push_str("Upgrade: websocket\r\nConnection: Upgrade, close\r\n");
@@ -297,9 +359,8 @@ fn write_plain(stream: &TcpStream, status: StatusCode, body: &str) -> io::Result
     if status == StatusCode::METHOD_NOT_ALLOWED {
         extra.push_str("Allow: GET\r\n");
     }
-    let body = format!("{body}\n");
     let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n\
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n\
          Content-Length: {}\r\n{extra}\r\n{body}",
         body.len()
     );
@@ -374,6 +435,39 @@ mod tests {
         assert_eq!(head.path(), "/chat/a");
         assert_eq!(head.header("upgrade"), Some(&b"websocket"[..]));
         assert_eq!(rest, b"\x81\x80");
+    }
+
+    fn head_with(headers: &[(&str, &str)]) -> RequestHead {
+        RequestHead {
+            method: "GET".into(),
+            target: "/chat/a".into(),
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn origin_policy() {
+        let none: Vec<String> = vec![];
+        assert!(check_origin(&head_with(&[("Host", "h:1")]), &none).is_ok());
+        let same = head_with(&[
+            ("Host", "chat.example:8000"),
+            ("Origin", "http://chat.example:8000"),
+        ]);
+        assert!(check_origin(&same, &none).is_ok());
+        let other = head_with(&[
+            ("Host", "chat.example:8000"),
+            ("Origin", "https://evil.example"),
+        ]);
+        assert!(
+            check_origin(&other, &none)
+                .unwrap_err()
+                .contains("--allow-origin")
+        );
+        assert!(check_origin(&other, &["https://evil.example".into()]).is_ok());
+        assert!(check_origin(&other, &["*".into()]).is_ok());
     }
 
     #[test]

@@ -37,6 +37,7 @@
 //! * [`session`] — one connection's two threads; [`session::socket`] the one-writer split.
 //! * [`protocol`] — nicknames, connection ids, client and server frames, the Redis payload.
 //! * [`broker`] — the relay: [`broker::redis`] and the in-process [`broker::memory`].
+//! * [`metrics`] — counters, served at `/metrics`.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -44,6 +45,7 @@
 pub mod broker;
 pub mod config;
 pub mod http;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod session;

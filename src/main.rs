@@ -15,6 +15,7 @@ use simplelog::{
 };
 
 use threadchat::config::{Args, Config};
+use threadchat::metrics::Metrics;
 use threadchat::server::{Server, ShutdownHandle};
 use threadchat::{THREAD_STACK_SIZE, broker};
 
@@ -34,8 +35,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     let config = Config::from_args(args)?;
     init_logging(&config)?;
 
-    let broker = broker::connect(&config.broker)?;
-    let server = Server::bind(&config, Arc::clone(&broker))?;
+    let metrics = Arc::new(Metrics::default());
+    let broker = broker::connect(&config.broker, &metrics)?;
+    let server = Server::bind(&config, Arc::clone(&broker), metrics)?;
     log::info!(
         "threadchat listening on ws://{}/chat/{{nickname}} (relay: {}, max {} connections)",
         server.local_addr(),

@@ -263,6 +263,14 @@ pub enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         ts: Option<u64>,
     },
+    /// News from the server about the room or the connection (e.g. the relay
+    /// was lost and restored).
+    Notice {
+        /// Always `"server"`.
+        nickname: &'a str,
+        /// The news, for a person.
+        message: &'a str,
+    },
     /// Something went wrong with what this client did (the connection stays open).
     Error {
         /// Always `"server"`.
@@ -272,7 +280,26 @@ pub enum ServerFrame<'a> {
     },
 }
 
-impl ServerFrame<'_> {
+/// The nickname that server notices and errors carry.
+pub const SERVER_NICKNAME: &str = "server";
+
+impl<'a> ServerFrame<'a> {
+    /// A notice from the server.
+    pub fn notice(message: &'a str) -> ServerFrame<'a> {
+        ServerFrame::Notice {
+            nickname: SERVER_NICKNAME,
+            message,
+        }
+    }
+
+    /// An error about what the client did.
+    pub fn error(message: &'a str) -> ServerFrame<'a> {
+        ServerFrame::Error {
+            nickname: SERVER_NICKNAME,
+            message,
+        }
+    }
+
     /// The frame as JSON text.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("a frame of strings and integers always serializes")
@@ -403,10 +430,7 @@ mod tests {
             json,
             serde_json::json!({"type": "chat", "nickname": "bob", "message": "<b>hi</b>", "ts": 5})
         );
-        let err = ServerFrame::Error {
-            nickname: "server",
-            message: "nope",
-        };
+        let err = ServerFrame::error("nope");
         let json: serde_json::Value = serde_json::from_str(&err.to_json()).unwrap();
         assert_eq!(json["type"], "error");
         assert_eq!(json["nickname"], "server");

@@ -35,6 +35,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::http;
+use crate::metrics::Metrics;
 use crate::session::{self, Conn, Context, JunkLog};
 
 /// A bound, not yet running, chat server.
@@ -70,7 +71,11 @@ pub enum ServerError {
 
 impl Server {
     /// Binds the listening socket described by `config`.
-    pub fn bind(config: &Config, broker: Arc<dyn Broker>) -> Result<Server, ServerError> {
+    pub fn bind(
+        config: &Config,
+        broker: Arc<dyn Broker>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Server, ServerError> {
         let addr = format!("{}:{}", config.host, config.port);
         let bind_err = |source| ServerError::Bind {
             addr: addr.clone(),
@@ -94,7 +99,9 @@ impl Server {
             ctx: Arc::new(Context {
                 broker,
                 limits: config.limits.clone(),
+                metrics,
                 junk: JunkLog::default(),
+                panic_trigger: test_panic_trigger(),
             }),
             shutdown: ShutdownHandle {
                 requested: Arc::new(AtomicBool::new(false)),
@@ -265,4 +272,14 @@ fn spawn_connection(
             conn.force_close();
             let _ = done.send(conn.seq);
         })
+}
+
+/// Debug builds only: the chat text that makes a reader thread panic, from
+/// `THREADCHAT_TEST_PANIC` (tests check that a panic stays in its connection).
+fn test_panic_trigger() -> Option<String> {
+    if cfg!(debug_assertions) {
+        std::env::var("THREADCHAT_TEST_PANIC").ok()
+    } else {
+        None
+    }
 }

@@ -178,6 +178,7 @@ mod tests {
                 match event {
                     Event::Subscribed => ready_tx.send(()).unwrap(),
                     Event::Message(p) => got_tx.send(p.to_vec()).unwrap(),
+                    Event::Lost(e) => panic!("the in-process broker never loses: {e}"),
                 }
                 ControlFlow::Continue(())
             })

@@ -27,6 +27,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::config::{BrokerChoice, DEFAULT_REDIS_URL};
+use crate::metrics::Metrics;
 use crate::protocol::ConnId;
 
 /// A message relay. Shared by every connection through an `Arc<dyn Broker>`.
@@ -48,8 +49,13 @@ pub trait Broker: Send + Sync {
 #[derive(Debug)]
 pub enum Event<'a> {
     /// The subscription is active: from now on, every message published on the
-    /// channel is delivered.
+    /// channel is delivered. Comes first, and again after each [`Event::Lost`]
+    /// once the subscription is restored.
     Subscribed,
+    /// The subscription was lost (the relay went away or dropped us). The
+    /// broker keeps trying to restore it; messages published meanwhile are
+    /// missed. Only after a first [`Event::Subscribed`].
+    Lost(&'a BrokerError),
     /// A payload published on the channel (possibly by this very connection).
     Message(&'a [u8]),
 }
@@ -114,7 +120,10 @@ impl Subscription {
     ///
     /// The first event is always [`Event::Subscribed`]. Returns `Ok(())` once
     /// cancelled or once `on_event` returns `ControlFlow::Break`, and `Err` when
-    /// the relay fails.
+    /// the subscription cannot be made at all (or, for the in-process broker,
+    /// when the subscriber fell too far behind). A subscription that is lost
+    /// later is restored by the broker, with [`Event::Lost`] and
+    /// [`Event::Subscribed`] telling the closure.
     pub fn run(self, mut on_event: impl FnMut(Event<'_>) -> Flow) -> Result<(), BrokerError> {
         let stop = self.canceller.signal();
         self.listener.listen(&stop, &mut on_event)
@@ -196,21 +205,84 @@ impl StopSignal {
     pub(crate) fn receiver(&self) -> &Receiver<()> {
         &self.canceller.inner.stop_rx
     }
+
+    /// Sleeps for `duration` unless cancelled first. Returns true if cancelled.
+    pub(crate) fn sleep(&self, duration: Duration) -> bool {
+        match self.receiver().recv_timeout(duration) {
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => self.is_stopped(),
+            _ => true,
+        }
+    }
+}
+
+/// Capped exponential back-off with jitter, for reconnecting.
+///
+/// Each delay is drawn from the upper half of an exponentially growing window
+/// (100 ms, 200 ms, … up to the cap): thousands of subscribers that lost Redis
+/// at the same instant spread their reconnects out instead of stampeding it,
+/// and none retries sooner than half the window.
+#[derive(Debug)]
+pub struct Backoff {
+    attempt: u32,
+    cap: Duration,
+}
+
+impl Backoff {
+    /// The first window.
+    pub const BASE: Duration = Duration::from_millis(100);
+
+    /// A back-off whose window grows up to `cap`.
+    pub fn new(cap: Duration) -> Backoff {
+        Backoff { attempt: 0, cap }
+    }
+
+    /// The delay before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let window = Self::BASE
+            .saturating_mul(1 << self.attempt.min(16))
+            .min(self.cap);
+        self.attempt += 1;
+        window / 2 + window.mul_f64(random_fraction() / 2.0)
+    }
+
+    /// Back to the first window (after a success).
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// A random number in `[0, 1)`, from the standard library's per-process
+/// random hash keys (no `rand` crate needed for jitter).
+fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::AtomicU64;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Builds the broker the configuration asks for.
 ///
 /// With [`BrokerChoice::Auto`], Redis on localhost is used if it answers;
 /// otherwise the in-process broker, with one log line saying so.
-pub fn connect(choice: &BrokerChoice) -> Result<Arc<dyn Broker>, BrokerError> {
+pub fn connect(
+    choice: &BrokerChoice,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<dyn Broker>, BrokerError> {
     match choice {
         BrokerChoice::Redis(url) => Ok(Arc::new(redis::RedisBroker::connect(
             url,
             Duration::from_secs(3),
+            metrics,
         )?)),
         BrokerChoice::InProcess => Ok(Arc::new(memory::MemoryBroker::new())),
         BrokerChoice::Auto => {
-            match redis::RedisBroker::connect(DEFAULT_REDIS_URL, Duration::from_millis(500)) {
+            match redis::RedisBroker::connect(
+                DEFAULT_REDIS_URL,
+                Duration::from_millis(500),
+                metrics,
+            ) {
                 Ok(broker) => Ok(Arc::new(broker)),
                 Err(_) => {
                     log::info!(
@@ -222,5 +294,30 @@ pub fn connect(choice: &BrokerChoice) -> Result<Arc<dyn Broker>, BrokerError> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let mut backoff = Backoff::new(Duration::from_secs(2));
+        let first = backoff.next_delay();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        let delays: Vec<_> = (0..20).map(|_| backoff.next_delay()).collect();
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
+        assert!(
+            delays
+                .iter()
+                .rev()
+                .take(5)
+                .all(|d| *d >= Duration::from_secs(1))
+        );
+        // Jitter: not all the same.
+        assert!(delays.windows(2).any(|w| w[0] != w[1]));
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(100));
     }
 }

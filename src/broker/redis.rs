@@ -21,6 +21,7 @@
 //! **Shutdown.** Dropping the [`RedisBroker`] drops the job senders; each
 //! publisher's `recv()` then fails, it leaves its loop, and the drop joins it.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -28,7 +29,10 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use redis::{Client, Connection};
 
-use super::{Broker, BrokerError, Canceller, Event, Flow, Listen, StopSignal, Subscription};
+use super::{
+    Backoff, Broker, BrokerError, Canceller, Event, Flow, Listen, StopSignal, Subscription,
+};
+use crate::metrics::Metrics;
 use crate::protocol::ConnId;
 
 /// Publisher threads (and so publishing connections) per process.
@@ -42,6 +46,10 @@ const QUEUE_CAPACITY: usize = 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a publishing connection waits for Redis to answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest back-off between attempts to restore a lost subscription.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// A subscription connection quiet for this long is checked with PING.
+const KEEPALIVE: Duration = Duration::from_secs(12);
 /// Prefix of the private per-connection wake channel.
 const WAKE_PREFIX: &str = "threadchat:wake:";
 
@@ -55,6 +63,7 @@ pub struct RedisBroker {
     next_lane: AtomicUsize,
     /// The publisher threads, joined on drop.
     publishers: Vec<JoinHandle<()>>,
+    metrics: Arc<Metrics>,
 }
 
 /// One `PUBLISH` waiting for a publisher thread.
@@ -68,7 +77,11 @@ struct Job {
 impl RedisBroker {
     /// Connects to the Redis at `url`, checks that it answers `PING` within
     /// `timeout`, and starts the publisher threads.
-    pub fn connect(url: &str, timeout: Duration) -> Result<RedisBroker, BrokerError> {
+    pub fn connect(
+        url: &str,
+        timeout: Duration,
+        metrics: &Arc<Metrics>,
+    ) -> Result<RedisBroker, BrokerError> {
         let connect_err = |e: redis::RedisError| BrokerError::Connect {
             url: url.to_owned(),
             reason: e.to_string(),
@@ -104,6 +117,7 @@ impl RedisBroker {
             lanes,
             next_lane: AtomicUsize::new(0),
             publishers,
+            metrics: Arc::clone(metrics),
         })
     }
 
@@ -143,6 +157,7 @@ impl Broker for RedisBroker {
             url: self.url.clone(),
             channel: channel.to_owned(),
             wake_channel,
+            metrics: Arc::clone(&self.metrics),
         };
         Ok(Subscription::new(Box::new(listener), canceller))
     }
@@ -252,13 +267,54 @@ struct RedisListener {
     url: String,
     channel: String,
     wake_channel: String,
+    metrics: Arc<Metrics>,
 }
 
 impl Listen for RedisListener {
+    /// Subscribes, delivers, and when the connection is lost, reconnects with
+    /// back-off and subscribes again — until cancelled.
     fn listen(
         self: Box<Self>,
         stop: &StopSignal,
         on_event: &mut dyn FnMut(Event<'_>) -> Flow,
+    ) -> Result<(), BrokerError> {
+        let mut backoff = Backoff::new(MAX_BACKOFF);
+        let mut ever_subscribed = false;
+        loop {
+            let mut live = false;
+            let error = match self.connection(stop, on_event, &mut live, &mut ever_subscribed) {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            if !ever_subscribed {
+                // Never got going: the caller refuses the client instead.
+                return Err(error);
+            }
+            if live {
+                self.metrics.subscriptions_lost.inc();
+                log::debug!("subscription to {} lost: {error}", self.channel);
+                if on_event(Event::Lost(&error)).is_break() {
+                    return Ok(());
+                }
+                backoff.reset();
+            }
+            if stop.sleep(backoff.next_delay()) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl RedisListener {
+    /// One connection's worth of subscription: connect, subscribe, deliver.
+    /// Returns `Ok` when stopped, `Err` when the connection fails. Sets `live`
+    /// once subscribed.
+    fn connection(
+        &self,
+        stop: &StopSignal,
+        on_event: &mut dyn FnMut(Event<'_>) -> Flow,
+        live: &mut bool,
+        ever_subscribed: &mut bool,
     ) -> Result<(), BrokerError> {
         let mut con = self
             .client
@@ -272,32 +328,50 @@ impl Listen for RedisListener {
                 reason: e.to_string(),
             })?;
         let mut pubsub = con.as_pubsub();
-        let result = self.receive(&mut pubsub, stop, on_event);
+        let result = self.receive(&mut pubsub, stop, on_event, live, ever_subscribed);
         // Dropping a PubSub sends UNSUBSCRIBE and waits for the answer: never
         // wait long for a Redis that has stopped answering.
         let _ = pubsub.set_read_timeout(Some(Duration::from_secs(1)));
         result
     }
-}
 
-impl RedisListener {
-    /// Subscribes, then hands events to `on_event` until stopped.
     fn receive(
         &self,
         pubsub: &mut redis::PubSub<'_>,
         stop: &StopSignal,
         on_event: &mut dyn FnMut(Event<'_>) -> Flow,
+        live: &mut bool,
+        ever_subscribed: &mut bool,
     ) -> Result<(), BrokerError> {
         let lost = |e: redis::RedisError| BrokerError::Redis(e.to_string());
         pubsub
             .subscribe(&[&self.channel, &self.wake_channel])
             .map_err(lost)?;
+        // A quiet connection is checked with PING after this long; if the PING
+        // is not answered within as long again, the link is dead (a paused
+        // Redis, a half-open TCP connection): detected within 2 x KEEPALIVE.
+        pubsub.set_read_timeout(Some(KEEPALIVE)).map_err(lost)?;
+        *live = true;
+        if *ever_subscribed {
+            self.metrics.redis_reconnects.inc();
+        }
+        *ever_subscribed = true;
         // Only now, with SUBSCRIBE acknowledged, is a wake-up sure to reach us.
         if stop.is_stopped() || on_event(Event::Subscribed).is_break() {
             return Ok(());
         }
         loop {
-            let msg = pubsub.get_message().map_err(lost)?;
+            let msg = match pubsub.get_message() {
+                Ok(msg) => msg,
+                Err(e) if e.is_timeout() => {
+                    if stop.is_stopped() {
+                        return Ok(());
+                    }
+                    pubsub.ping::<redis::Value>().map_err(lost)?;
+                    continue;
+                }
+                Err(e) => return Err(lost(e)),
+            };
             // Checked on every message, not only on wake-ups: a wake-up that
             // could not be queued must not leave this thread running forever.
             if stop.is_stopped() {

@@ -1,6 +1,6 @@
 //! One client connection, from its HTTP request to its last frame.
 //!
-//! A connection is served by two threads:
+//! A chat connection is served by two threads:
 //!
 //! ```text
 //!   client ──frames──▶ reader thread (tc-conn-N) ──publish──▶ broker
@@ -8,18 +8,20 @@
 //!                both write through the one socket::Writer
 //! ```
 //!
-//! * The **reader thread** is the connection's own thread: it reads the HTTP
-//!   request, upgrades, starts the subscriber thread, then blocks in
-//!   `WebSocket::read`. It publishes what the client says, answers pings, and
-//!   replies to the client's close.
-//! * The **subscriber thread** blocks in [`Subscription::run`] and writes every
+//! * The **reader thread** ([`reader`]) is the connection's own thread: it
+//!   reads the HTTP request, starts the subscriber thread, sends the `101`,
+//!   then blocks in `WebSocket::read`. It publishes what the client says,
+//!   answers pings, pings a quiet client, and replies to the client's close.
+//! * The **subscriber thread** ([`subscriber`]) blocks in
+//!   [`Subscription::run`](crate::broker::Subscription::run) and writes every
 //!   chat message from someone else to the client.
 //!
 //! They coordinate through crossbeam channels and one shared [`Conn`]:
 //!
-//! * `ready`: the subscriber says "subscribed" before the reader reads a single
-//!   frame, so nothing the client sends can be published before it can hear
-//!   the answers.
+//! * `ready` and `go`: the start-up handshake. The subscriber says "ready"
+//!   once subscribed; the reader then sends the `101` and says "go". So a
+//!   connected client is already subscribed, and no chat frame can precede
+//!   the `101`.
 //! * `reader_done`: the reader drops its sender when it stops reading; the
 //!   subscriber uses it to wait (bounded) for a close handshake to finish.
 //! * [`Conn::end`]: the first thread to decide *why* the connection ends records
@@ -28,30 +30,38 @@
 //!
 //! Whoever ends first, both threads end, the Redis subscription is dropped and
 //! the socket is closed. `docs/ARCHITECTURE.md` walks through every case.
+//!
+//! The echo endpoint (`--echo-endpoint`, for the Autobahn conformance suite)
+//! runs the same reader code with a handler that sends each message back, and
+//! no subscriber thread.
 
+mod rate;
+mod reader;
 pub mod socket;
+mod subscriber;
 
 use std::fmt;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::ops::ControlFlow;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread;
-use std::time::Instant;
+use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
+use tungstenite::http::StatusCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::{Error as WsError, Message};
 
-use crate::broker::{Broker, BrokerError, Canceller, Event, Subscription};
+use crate::broker::{Broker, BrokerError, Canceller};
 use crate::config::Limits;
-use crate::http::{self, Outcome};
-use crate::protocol::{ChatMessage, ConnId, GLOBAL_ROOM, Nickname, ServerFrame, message_text};
-use socket::{Reader, Writer};
+use crate::http::{self, Outcome, Target};
+use crate::metrics::Metrics;
+use crate::protocol::{ConnId, GLOBAL_ROOM, Nickname};
+use reader::{ChatHandler, EchoHandler};
+use socket::Writer;
+use subscriber::Start;
 
 /// What every session shares: created once by the server, passed by `Arc`.
 pub struct Context {
@@ -59,8 +69,14 @@ pub struct Context {
     pub broker: Arc<dyn Broker>,
     /// Per-connection limits.
     pub limits: Limits,
+    /// The server's counters.
+    pub metrics: Arc<Metrics>,
     /// De-duplicates warnings about junk payloads (see [`JunkLog`]).
     pub junk: JunkLog,
+    /// Debug builds only: a chat message with exactly this text makes the
+    /// reader thread panic (set by `THREADCHAT_TEST_PANIC`; tests use it to
+    /// check that a panic closes only its own connection).
+    pub panic_trigger: Option<String>,
 }
 
 /// One connection's shared state: known to the server (to stop it) and to
@@ -72,7 +88,7 @@ pub struct Conn {
     pub id: ConnId,
     /// The client's address, for the log.
     pub peer: SocketAddr,
-    /// The socket; `shutdown()` on it wakes any thread blocked reading it.
+    /// The socket; `shutdown()` on it wakes any thread blocked on it.
     stream: Arc<TcpStream>,
     /// Why the connection ends; the first to set it wins.
     ending: OnceLock<Ending>,
@@ -87,18 +103,23 @@ pub enum Ending {
     ClientClosed(Option<CloseCode>),
     /// The TCP connection failed or was closed without a close frame.
     ConnectionLost(String),
-    /// The server closed the connection because of what the client sent.
+    /// The server closed the connection because of what the client did (or
+    /// did not do): a protocol violation, a limit, flooding, silence.
     Refused {
         /// The close code sent.
         code: CloseCode,
         /// The reason sent.
         reason: String,
     },
-    /// A write to the client failed or timed out (it went away or stopped
-    /// reading).
+    /// The client did not read fast enough: a write blocked past the write
+    /// timeout, or it fell too far behind the room.
+    TooSlow(String),
+    /// A write to the client failed (it went away).
     WriteFailed(String),
-    /// The relay failed for this connection.
+    /// The relay failed for this connection and could not be restored.
     RelayFailed(BrokerError),
+    /// A thread serving the connection panicked.
+    Panicked,
     /// The server is shutting down.
     ServerShutdown,
 }
@@ -118,25 +139,45 @@ impl fmt::Display for Ending {
                     u16::from(*code)
                 )
             }
+            Ending::TooSlow(why) => write!(f, "too slow, closed with 1008 ({why})"),
             Ending::WriteFailed(why) => write!(f, "could not be written to ({why})"),
             Ending::RelayFailed(e) => write!(f, "chat relay failed ({e})"),
+            Ending::Panicked => write!(f, "server error (a thread panicked)"),
             Ending::ServerShutdown => write!(f, "server shutting down"),
         }
     }
 }
 
 impl Ending {
-    /// The close frame the server sends for this ending, if it sends one.
+    /// The close frame the server sends for an ending that the subscriber
+    /// thread (or the server) decides, if it sends one.
     fn close_frame(&self) -> Option<CloseFrame> {
         let (code, reason) = match self {
             Ending::ServerShutdown => (CloseCode::Away, "server shutting down"),
             Ending::RelayFailed(_) => (CloseCode::Error, "chat relay unavailable"),
+            Ending::TooSlow(_) => (CloseCode::Policy, "too slow: not reading messages"),
+            Ending::Panicked => (CloseCode::Error, "server error"),
             _ => return None,
         };
         Some(CloseFrame {
             code,
             reason: reason.into(),
         })
+    }
+
+    /// The ending for a failed write to the client.
+    fn from_write_error(e: &tungstenite::Error) -> Ending {
+        match e {
+            tungstenite::Error::Io(io)
+                if matches!(
+                    io.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ending::TooSlow("a write blocked past --write-timeout".into())
+            }
+            other => Ending::WriteFailed(other.to_string()),
+        }
     }
 }
 
@@ -170,7 +211,8 @@ impl Conn {
         self.end(Ending::ServerShutdown);
         match self.canceller.get() {
             Some(canceller) => canceller.cancel(),
-            // Still in the HTTP handshake: nothing to say goodbye on.
+            // Still in the HTTP exchange, or an echo connection: nothing to
+            // cancel, so cut the socket.
             None => self.force_close(),
         }
     }
@@ -190,6 +232,20 @@ impl Conn {
             canceller.cancel();
         }
     }
+
+    fn cancel_subscription(&self) {
+        if let Some(canceller) = self.canceller.get() {
+            canceller.cancel();
+        }
+    }
+
+    /// Makes blocked writes give up quickly (before a last, best-effort close
+    /// frame to a client that is not reading).
+    fn shorten_write_timeout(&self) {
+        let _ = self
+            .stream
+            .set_write_timeout(Some(Duration::from_millis(50)));
+    }
 }
 
 /// Errors that end a session and are worth a log line of their own.
@@ -204,9 +260,6 @@ pub enum SessionError {
     /// The OS would not start the subscriber thread.
     #[error("could not start the subscriber thread: {0}")]
     Spawn(io::Error),
-    /// The subscriber thread panicked.
-    #[error("the subscriber thread panicked")]
-    SubscriberPanicked,
 }
 
 impl SessionError {
@@ -218,14 +271,14 @@ impl SessionError {
 }
 
 /// Serves one accepted connection to its end. Runs on the connection's own
-/// thread; returns when both of the connection's threads are done.
+/// thread; returns when all of the connection's threads are done.
 pub fn run(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<(), SessionError> {
-    let (nickname, response, leftover) = match http::serve(&conn.stream, &ctx.limits)? {
+    let (target, response, leftover) = match http::serve(&conn.stream, &ctx.limits, &ctx.metrics)? {
         Outcome::Upgrade {
-            nickname,
+            target,
             response,
             leftover,
-        } => (nickname, response, leftover),
+        } => (target, response, leftover),
         Outcome::Answered(status) => {
             log::debug!("{}: answered HTTP {status}", conn.peer);
             return Ok(());
@@ -235,13 +288,30 @@ pub fn run(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<(), SessionError> {
     conn.stream
         .set_write_timeout(Some(ctx.limits.write_timeout))?;
     conn.stream.set_nodelay(true)?;
-    let (writer, mut reader) = socket::split(
-        Arc::clone(&conn.stream),
-        leftover,
-        ctx.limits.max_message_size,
-    );
+    let max_message = ctx.limits.max_message_size;
+    let (writer, reader) = socket::split(Arc::clone(&conn.stream), leftover, max_message);
     let writer = Arc::new(writer);
+    match target {
+        Target::Chat(nickname) => chat(conn, ctx, nickname, response, writer, reader),
+        Target::Echo => {
+            http::accept(&conn.stream, &response)?;
+            let mut reader = reader;
+            let ending = reader::read_loop(&mut reader, &writer, conn, ctx, &mut EchoHandler);
+            conn.end(ending);
+            Ok(())
+        }
+    }
+}
 
+/// The chat: subscribe, upgrade, read until the end, clean up.
+fn chat(
+    conn: &Arc<Conn>,
+    ctx: &Arc<Context>,
+    nickname: Nickname,
+    response: tungstenite::http::Response<()>,
+    writer: Arc<Writer>,
+    mut reader: socket::Reader,
+) -> Result<(), SessionError> {
     let subscription = match ctx.broker.subscribe(GLOBAL_ROOM, &conn.id) {
         Ok(subscription) => subscription,
         Err(e) => {
@@ -251,10 +321,6 @@ pub fn run(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<(), SessionError> {
     };
     conn.set_canceller(subscription.canceller());
 
-    // The start-up handshake between the two threads: the subscriber says
-    // `ready` once subscribed, then waits for `go`, sent after the `101`
-    // answer. So a client that is "connected" is already subscribed, and no
-    // chat frame can reach the socket before the `101`.
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<()>(1);
     let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(1);
     let (reader_done_tx, reader_done_rx) = crossbeam_channel::bounded::<()>(0);
@@ -268,7 +334,7 @@ pub fn run(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<(), SessionError> {
             .name(format!("tc-sub-{}", conn.seq))
             .stack_size(crate::THREAD_STACK_SIZE)
             .spawn(move || {
-                subscriber_thread(subscription, &conn, &ctx, &writer, start, reader_done_rx)
+                subscriber::run(subscription, &conn, &ctx, &writer, start, reader_done_rx)
             })
     };
     let subscriber = match subscriber {
@@ -279,11 +345,30 @@ pub fn run(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<(), SessionError> {
         }
     };
 
+    // Nothing is answered, and nothing read, until the subscription is live.
     let upgraded = ready_rx.recv().is_ok() && http::accept(&conn.stream, &response).is_ok();
     if upgraded {
         let _ = go_tx.send(());
+        ctx.metrics.connections_open.inc();
+        ctx.metrics.connections_total.inc();
         log::info!("{nickname} joined from {} ({})", conn.peer, conn.id);
-        let ending = read_loop(&mut reader, &writer, conn, ctx, &nickname);
+        let mut handler = ChatHandler::new(&nickname, conn, ctx);
+        // A panic here must not skip the clean-up below (which joins the
+        // subscriber thread): catch it, record it, carry on.
+        let ending = panic::catch_unwind(AssertUnwindSafe(|| {
+            reader::read_loop(&mut reader, &writer, conn, ctx, &mut handler)
+        }))
+        .unwrap_or_else(|_| {
+            ctx.metrics.panics.inc();
+            log::error!(
+                "{} ({}): reader thread panicked; closing it",
+                conn.peer,
+                conn.id
+            );
+            conn.shorten_write_timeout();
+            let _ = writer.close(Ending::Panicked.close_frame());
+            Ending::Panicked
+        });
         conn.end(ending);
     } else {
         refuse_upgrade(conn);
@@ -292,20 +377,23 @@ pub fn run(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<(), SessionError> {
     // Whoever ended first, make sure the other side ends too, then wait.
     drop(go_tx);
     drop(reader_done_tx);
-    if let Some(canceller) = conn.canceller.get() {
-        canceller.cancel();
-    }
-    let joined = subscriber.join();
+    conn.cancel_subscription();
+    let _ = subscriber.join(); // Its panics are caught (and logged) inside.
     let _ = conn.stream.shutdown(Shutdown::Both);
 
-    if joined.is_err() {
-        return Err(SessionError::SubscriberPanicked);
-    }
     if upgraded {
+        ctx.metrics.connections_open.dec();
         let ending = conn
             .ending()
             .cloned()
             .unwrap_or(Ending::ConnectionLost("?".into()));
+        if let Ending::TooSlow(_) = ending {
+            ctx.metrics.slow_client_closes.inc();
+            log::warn!(
+                "{nickname} ({}) was too slow and was disconnected",
+                conn.peer
+            );
+        }
         log::info!("{nickname} left ({}): {ending}", conn.peer);
         return Ok(());
     }
@@ -320,234 +408,10 @@ pub fn run(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<(), SessionError> {
 fn refuse_upgrade(conn: &Conn) {
     let _ = http::refuse(
         &conn.stream,
-        tungstenite::http::StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::SERVICE_UNAVAILABLE,
         "chat relay unavailable; try again later",
     );
     let _ = conn.stream.shutdown(Shutdown::Both);
-}
-
-/// The subscriber thread's half of the start-up handshake (see [`run`]).
-struct Start {
-    /// Sent to once subscribed.
-    ready: Sender<()>,
-    /// Received from once the client has its `101`; disconnected if not.
-    go: Receiver<()>,
-}
-
-/// The subscriber thread: deliver everyone else's messages until told to stop.
-fn subscriber_thread(
-    subscription: Subscription,
-    conn: &Conn,
-    ctx: &Context,
-    writer: &Writer,
-    start: Start,
-    reader_done: Receiver<()>,
-) {
-    let mut start = Some(start);
-    let mut upgraded = false;
-    let result = panic::catch_unwind(AssertUnwindSafe(|| {
-        subscription.run(|event| match event {
-            Event::Subscribed => match start.take() {
-                Some(start) if start.ready.send(()).is_ok() && start.go.recv().is_ok() => {
-                    upgraded = true;
-                    ControlFlow::Continue(())
-                }
-                Some(_) => ControlFlow::Break(()),
-                None => ControlFlow::Continue(()),
-            },
-            Event::Message(payload) => deliver(payload, conn, ctx, writer),
-        })
-    }));
-    match result {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            log::error!("{}: chat relay failed: {e}", conn.id);
-            conn.end(Ending::RelayFailed(e));
-        }
-        Err(_) => {
-            log::error!(
-                "{}: subscriber thread panicked; closing the connection",
-                conn.id
-            );
-            conn.end(Ending::ConnectionLost("server error".into()));
-            let _ = conn.stream.shutdown(Shutdown::Both);
-            return;
-        }
-    }
-
-    // If the reader is still reading, this thread ended first: say goodbye
-    // (when there is something to say), give the client a moment to answer
-    // the close, then cut the socket so the reader wakes up. (Before the
-    // upgrade there is no reader yet; the connection thread answers HTTP.)
-    if !upgraded {
-        return;
-    }
-    if let Err(crossbeam_channel::TryRecvError::Empty) = reader_done.try_recv() {
-        if let Some(frame) = conn.ending().and_then(Ending::close_frame)
-            && writer.close(Some(frame)).is_ok()
-        {
-            let _ = reader_done.recv_timeout(ctx.limits.close_grace);
-        }
-        let _ = conn.stream.shutdown(Shutdown::Both);
-    }
-}
-
-/// Delivers one payload from the room to this client, unless it is junk or
-/// the client's own message.
-fn deliver(payload: &[u8], conn: &Conn, ctx: &Context, writer: &Writer) -> ControlFlow<()> {
-    let msg = match ChatMessage::from_payload(payload) {
-        Ok(msg) => msg,
-        Err(e) => {
-            ctx.junk.report(payload, &e);
-            return ControlFlow::Continue(());
-        }
-    };
-    if msg.is_from(&conn.id) {
-        return ControlFlow::Continue(());
-    }
-    match writer.send(Message::text(ServerFrame::from(&msg).to_json())) {
-        Ok(()) => ControlFlow::Continue(()),
-        Err(e) => {
-            conn.end(Ending::WriteFailed(e.to_string()));
-            ControlFlow::Break(())
-        }
-    }
-}
-
-/// The reader thread's loop: returns why the connection ends.
-fn read_loop(
-    reader: &mut Reader,
-    writer: &Writer,
-    conn: &Conn,
-    ctx: &Context,
-    nickname: &Nickname,
-) -> Ending {
-    loop {
-        let message = match reader.read() {
-            Ok(message) => message,
-            Err(e) => return read_error(e, reader, writer, conn, ctx),
-        };
-        match message {
-            Message::Text(text) => {
-                let body = message_text(text.as_str());
-                if body.is_empty() {
-                    continue;
-                }
-                let chat = ChatMessage::new(nickname, &conn.id, body.into_owned());
-                if let Err(e) = ctx.broker.publish(GLOBAL_ROOM, chat.to_payload()) {
-                    let text = format!("your message was not delivered: {e}");
-                    let notice = ServerFrame::Error {
-                        nickname: "server",
-                        message: &text,
-                    };
-                    if let Err(e) = writer.send(Message::text(notice.to_json())) {
-                        return Ending::WriteFailed(e.to_string());
-                    }
-                }
-            }
-            Message::Binary(_) => {
-                return close_by_server(
-                    reader,
-                    writer,
-                    conn,
-                    ctx,
-                    CloseCode::Unsupported,
-                    "binary frames are not supported; send text",
-                );
-            }
-            Message::Ping(data) => {
-                if let Err(e) = writer.send(Message::Pong(data)) {
-                    return Ending::WriteFailed(e.to_string());
-                }
-            }
-            Message::Close(frame) => {
-                // Echo the client's code (tungstenite already replaced an
-                // invalid one with 1002), as RFC 6455 section 5.5.1 suggests.
-                let code = frame.as_ref().map(|f| f.code);
-                let reply = frame.map(|f| CloseFrame {
-                    code: f.code,
-                    reason: "".into(),
-                });
-                let _ = writer.close(reply);
-                return Ending::ClientClosed(code);
-            }
-            Message::Pong(_) | Message::Frame(_) => {}
-        }
-    }
-}
-
-/// Turns a read error into an ending, closing with the right code when the
-/// client broke the protocol.
-fn read_error(
-    e: WsError,
-    reader: &mut Reader,
-    writer: &Writer,
-    conn: &Conn,
-    ctx: &Context,
-) -> Ending {
-    use tungstenite::error::ProtocolError;
-    match e {
-        WsError::Utf8(_) => close_by_server(
-            reader,
-            writer,
-            conn,
-            ctx,
-            CloseCode::Invalid,
-            "text frame is not valid UTF-8",
-        ),
-        WsError::Capacity(_) => {
-            let reason = format!(
-                "message too big (limit {} bytes)",
-                ctx.limits.max_message_size
-            );
-            close_by_server(reader, writer, conn, ctx, CloseCode::Size, &reason)
-        }
-        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
-            Ending::ConnectionLost("closed without a close frame".into())
-        }
-        WsError::Protocol(p) => close_by_server(
-            reader,
-            writer,
-            conn,
-            ctx,
-            CloseCode::Protocol,
-            &p.to_string(),
-        ),
-        WsError::Io(e) => Ending::ConnectionLost(e.to_string()),
-        other => Ending::ConnectionLost(other.to_string()),
-    }
-}
-
-/// Closes the connection because of what the client sent: sends the close
-/// frame, then waits (at most `close_grace`) for the client's close reply so
-/// the close handshake completes.
-fn close_by_server(
-    reader: &mut Reader,
-    writer: &Writer,
-    conn: &Conn,
-    ctx: &Context,
-    code: CloseCode,
-    reason: &str,
-) -> Ending {
-    let reason = truncate(reason, 120);
-    let frame = CloseFrame {
-        code,
-        reason: reason.clone().into(),
-    };
-    if writer.close(Some(frame)).is_ok() {
-        let deadline = Instant::now() + ctx.limits.close_grace;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || conn.stream.set_read_timeout(Some(left)).is_err() {
-                break;
-            }
-            match reader.read() {
-                Ok(Message::Close(_)) | Err(_) => break,
-                Ok(_) => continue,
-            }
-        }
-    }
-    Ending::Refused { code, reason }
 }
 
 /// At most `max` bytes of `s`, cut at a character boundary (close reasons
@@ -570,15 +434,18 @@ pub struct JunkLog {
 }
 
 impl JunkLog {
-    /// Reports a skipped payload.
-    pub fn report(&self, payload: &[u8], error: &dyn std::error::Error) {
+    /// Reports a skipped payload; returns true if this call logged it (so
+    /// that it is counted once, too).
+    pub fn report(&self, payload: &[u8], error: &dyn std::error::Error) -> bool {
         let mut hasher = DefaultHasher::new();
         payload.hash(&mut hasher);
         let hash = hasher.finish();
-        if self.last.swap(hash, Ordering::Relaxed) != hash {
-            let preview = String::from_utf8_lossy(&payload[..payload.len().min(80)]);
-            log::warn!("skipped a payload on {GLOBAL_ROOM}: {error}: {preview:?}");
+        if self.last.swap(hash, Ordering::Relaxed) == hash {
+            return false;
         }
+        let preview = String::from_utf8_lossy(&payload[..payload.len().min(80)]);
+        log::warn!("skipped a payload on {GLOBAL_ROOM}: {error}: {preview:?}");
+        true
     }
 }
 
@@ -603,6 +470,12 @@ mod tests {
                 .close_frame()
                 .map(|f| u16::from(f.code)),
             Some(1001)
+        );
+        assert_eq!(
+            Ending::TooSlow("x".into())
+                .close_frame()
+                .map(|f| u16::from(f.code)),
+            Some(1008)
         );
     }
 }

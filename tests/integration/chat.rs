@@ -9,18 +9,22 @@ use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 use crate::support::{Client, Closed, Redis, Server};
 
-/// Declares `redis` and `in_process` variants of a test taking a `&Server`.
+/// Declares `redis` and `in_process` variants of a test taking a `&Server`,
+/// optionally with extra server arguments: `name => ["--flag", "value"]`.
 macro_rules! with_both_brokers {
-    ($($name:ident),* $(,)?) => {$(
+    ($($name:ident $(=> [$($arg:expr),*])?),* $(,)?) => {$(
         mod $name {
             #[test]
             fn redis() {
                 let redis = crate::support::Redis::start();
-                super::$name(&crate::support::Server::with_redis(&redis));
+                let url = redis.url();
+                let args: &[&str] = &["--redis", &url, $($($arg),*)?];
+                super::$name(&crate::support::Server::start(args));
             }
             #[test]
             fn in_process() {
-                super::$name(&crate::support::Server::in_process());
+                let args: &[&str] = &["--in-process", $($($arg),*)?];
+                super::$name(&crate::support::Server::start(args));
             }
         }
     )*};
@@ -33,7 +37,7 @@ with_both_brokers!(
     other_json_is_just_text,
     twins_with_one_nickname_hear_each_other,
     nicknames_are_percent_decoded,
-    pings_get_pongs_without_corrupting_chat_frames,
+    pings_get_pongs_without_corrupting_chat_frames => ["--rate-limit", "0"],
     binary_frames_close_only_that_connection,
     invalid_utf8_closes_only_that_connection,
     oversized_messages_close_only_that_connection,
@@ -196,7 +200,7 @@ fn still_chatting(alice: &mut Client, bob: &mut Client) {
 #[test]
 fn each_senders_order_is_kept() {
     let redis = Redis::start();
-    let server = Server::with_redis(&redis);
+    let server = Server::start(&["--redis", &redis.url(), "--rate-limit", "0"]);
     let mut reader = server.client("reader");
     let senders: Vec<_> = (0..4)
         .map(|s| {
