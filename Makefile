@@ -6,11 +6,13 @@
 #   make lint                   formatting check and clippy, warnings are errors
 #   make interop                chat between threadchat and the Python original
 #                               (installs FastAPI, uvicorn, redis in a venv)
+#   make conformance            Autobahn|Testsuite cases 1-7 and 10 against /echo
+#                               (needs Python 2.7, e.g. pyenv's 2.7.18)
 
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: run build test lint fmt interop require-redis
+.PHONY: run build test lint fmt interop conformance require-redis
 
 run:
 	$(CARGO) run --release --bin threadchat -- $(ARGS)
@@ -34,6 +36,9 @@ interop: require-redis
 	$(INTEROP_VENV)/bin/pip install -q -r tests/interop/requirements.txt
 	ORIGINAL_APP_PYTHON=$(CURDIR)/$(INTEROP_VENV)/bin/python \
 	  $(CARGO) test --test integration interop -- --ignored
+
+conformance:
+	scripts/conformance.sh
 
 require-redis:
 	@command -v redis-server >/dev/null 2>&1 || { \

@@ -488,3 +488,40 @@ mod tests {
         assert!(matches!(parse_head(&req), Err(HeadError::TooLarge)));
     }
 }
+
+/// Hostile input never panics: arbitrary bytes give a head, "need more", or
+/// an error.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = parse_head(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_headers_never_panic(
+            target in "/[ -~]{0,64}",
+            headers in proptest::collection::vec(("[!-9;-~]{1,16}", proptest::collection::vec(any::<u8>(), 0..32)), 0..60),
+            rest in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut request = format!("GET {target} HTTP/1.1\r\n").into_bytes();
+            for (name, value) in &headers {
+                request.extend_from_slice(name.as_bytes());
+                request.extend_from_slice(b": ");
+                request.extend_from_slice(value);
+                request.extend_from_slice(b"\r\n");
+            }
+            request.extend_from_slice(b"\r\n");
+            request.extend_from_slice(&rest);
+            if let Ok(Some((head, _))) = parse_head(&request) {
+                let _ = head.path();
+                let _ = check_origin(&head, &[]);
+                let _ = websocket_response(&head);
+            }
+        }
+    }
+}

@@ -436,3 +436,53 @@ mod tests {
         assert_eq!(json["nickname"], "server");
     }
 }
+
+/// Hostile input never panics: arbitrary input gives a value or an error.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn client_frames_never_panic(frame in any::<String>()) {
+            let _ = message_text(&frame);
+        }
+
+        #[test]
+        fn client_json_frames_never_panic(message in any::<String>(), extra in any::<String>()) {
+            let frame = serde_json::json!({"message": message, "nickname": extra}).to_string();
+            prop_assert_eq!(message_text(&frame), message);
+        }
+
+        #[test]
+        fn redis_payloads_never_panic(payload in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = ChatMessage::from_payload(&payload);
+        }
+
+        #[test]
+        fn json_like_payloads_never_panic(payload in r#"\{("[a-z]{0,8}": ?("[^"]{0,8}"|[0-9]{1,5}|null|\[\]),? ?){0,4}\}"#) {
+            let _ = ChatMessage::from_payload(payload.as_bytes());
+        }
+
+        #[test]
+        fn path_segments_never_panic(segment in any::<String>()) {
+            let _ = Nickname::from_path_segment(&segment);
+        }
+
+        #[test]
+        fn percent_escapes_never_panic(segment in "(%[0-9a-fA-FzZ]{0,2}|[a-z ]){0,40}") {
+            if let Ok(nickname) = Nickname::from_path_segment(&segment) {
+                prop_assert!(Nickname::parse(nickname.as_str()).is_ok());
+            }
+        }
+
+        #[test]
+        fn chat_messages_round_trip(nickname in "[^\\p{Cc}]{1,32}", message in any::<String>()) {
+            if let Ok(nickname) = Nickname::parse(&nickname) {
+                let msg = ChatMessage::new(&nickname, &ConnId::new(7, 7), message);
+                prop_assert_eq!(ChatMessage::from_payload(&msg.to_payload()).unwrap(), msg);
+            }
+        }
+    }
+}

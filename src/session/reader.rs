@@ -72,7 +72,7 @@ pub(super) fn read_loop(
                 }
                 continue;
             }
-            Err(e) => return read_error(e, reader, writer, conn, ctx),
+            Err(e) => return read_error(e, writer, conn, ctx),
         };
         match message {
             Message::Text(_) | Message::Binary(_) => match handler.on_message(message, writer) {
@@ -110,15 +110,12 @@ fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
-/// Turns a read error into an ending, closing with the right code when the
-/// client broke the protocol or a limit.
-fn read_error(
-    e: WsError,
-    reader: &mut Reader,
-    writer: &Writer,
-    conn: &Conn,
-    ctx: &Context,
-) -> Ending {
+/// Turns a read error into an ending. When the client broke the protocol,
+/// the connection is *failed* (RFC 6455 section 7.1.7): the close frame with
+/// the right code is sent, then the TCP connection is closed at once. There
+/// is no waiting for a close reply: the stream can no longer be trusted (and
+/// if the offending frame was itself a close, no other reply will come).
+fn read_error(e: WsError, writer: &Writer, conn: &Conn, ctx: &Context) -> Ending {
     use tungstenite::error::ProtocolError;
     let (code, reason) = match e {
         WsError::Utf8(_) => (CloseCode::Invalid, "text is not valid UTF-8".to_owned()),
@@ -136,10 +133,19 @@ fn read_error(
         WsError::Io(e) => return Ending::ConnectionLost(e.to_string()),
         other => return Ending::ConnectionLost(other.to_string()),
     };
-    close_by_server(reader, writer, conn, ctx, code, &reason)
+    ctx.metrics.protocol_closes.inc();
+    let reason = truncate(&reason, 120);
+    let _ = writer.close(Some(CloseFrame {
+        code,
+        reason: reason.clone().into(),
+    }));
+    // FIN after the close frame; the socket is closed when the session ends.
+    let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+    Ending::Refused { code, reason }
 }
 
-/// Closes the connection because of what the client did: sends the close
+/// Closes the connection because of what the client did, though it speaks the
+/// protocol correctly (a binary frame, flooding, silence): sends the close
 /// frame, then waits (at most `close_grace`) for the client's close reply so
 /// the close handshake completes.
 fn close_by_server(

@@ -7,28 +7,7 @@ use tungstenite::Message;
 use tungstenite::protocol::frame::Frame;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
-use crate::support::{Client, Closed, Redis, Server};
-
-/// Declares `redis` and `in_process` variants of a test taking a `&Server`,
-/// optionally with extra server arguments: `name => ["--flag", "value"]`.
-macro_rules! with_both_brokers {
-    ($($name:ident $(=> [$($arg:expr),*])?),* $(,)?) => {$(
-        mod $name {
-            #[test]
-            fn redis() {
-                let redis = crate::support::Redis::start();
-                let url = redis.url();
-                let args: &[&str] = &["--redis", &url, $($($arg),*)?];
-                super::$name(&crate::support::Server::start(args));
-            }
-            #[test]
-            fn in_process() {
-                let args: &[&str] = &["--in-process", $($($arg),*)?];
-                super::$name(&crate::support::Server::start(args));
-            }
-        }
-    )*};
-}
+use crate::support::{Client, Closed, Redis, Server, with_both_brokers};
 
 with_both_brokers!(
     everyone_else_receives_and_the_sender_does_not,

@@ -4,9 +4,11 @@
 //! own `threadchat` on port 0, then talks to it as a user would.
 
 mod chat;
+mod faults;
 mod http;
 mod interop;
 mod lifecycle;
+mod limits;
 mod redis_wire;
 mod startup;
 mod support;

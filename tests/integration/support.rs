@@ -99,6 +99,26 @@ impl Redis {
         n
     }
 
+    /// Freezes this Redis (SIGSTOP): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        signal(self.child.id(), "STOP");
+    }
+
+    /// Unfreezes it (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.child.id(), "CONT");
+    }
+
+    /// Runs a command against this Redis, e.g. `CLIENT KILL TYPE pubsub`.
+    pub fn command(&self, args: &[&str]) {
+        let mut con = self.connection().expect("redis is up");
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query::<redis::Value>(&mut con).unwrap();
+    }
+
     /// Kills this Redis (SIGKILL), as a crash would.
     pub fn kill(mut self) -> u16 {
         let _ = self.child.kill();
@@ -112,6 +132,14 @@ impl Drop for Redis {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
 }
 
 /// A port nothing listens on right now.
@@ -160,7 +188,13 @@ impl Server {
     /// Starts the binary on 127.0.0.1, port 0, with extra arguments, and
     /// waits until it says where it listens.
     pub fn start(args: &[&str]) -> Server {
+        Server::start_with_env(args, &[])
+    }
+
+    /// Like [`Server::start`], with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_threadchat"));
+        command.envs(env.iter().copied());
         command.args(["--host", "127.0.0.1", "--port", "0"]);
         if !args.contains(&"--log-level") {
             command.args(["--log-level", "debug"]);
@@ -236,13 +270,20 @@ impl Server {
             .unwrap_or(0)
     }
 
-    /// Sends a signal (by number) to the server process.
-    pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+    /// Sends a signal (by name, e.g. "TERM") to the server process.
+    pub fn signal(&self, name: &str) {
+        signal(self.child.id(), name);
+    }
+
+    /// The value of a metric from `GET /metrics`.
+    pub fn metric(&self, name: &str) -> u64 {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
+            .parse()
+            .unwrap()
     }
 
     /// Waits for the process to exit and returns its exit code.
@@ -310,9 +351,18 @@ impl Client {
     }
 
     pub fn try_connect(addr: SocketAddr, nickname: &str) -> Result<Client, tungstenite::Error> {
+        Client::try_connect_path(addr, &format!("/chat/{nickname}"))
+    }
+
+    /// A WebSocket to any path.
+    pub fn connect_path(addr: SocketAddr, path: &str) -> Client {
+        Client::try_connect_path(addr, path).unwrap_or_else(|e| panic!("connect to {path}: {e}"))
+    }
+
+    pub fn try_connect_path(addr: SocketAddr, path: &str) -> Result<Client, tungstenite::Error> {
         let stream = TcpStream::connect(addr)?;
         stream.set_read_timeout(Some(PATIENCE))?;
-        let url = format!("ws://{addr}/chat/{nickname}");
+        let url = format!("ws://{addr}{path}");
         let (ws, _) = tungstenite::client(url, stream).map_err(|e| match e {
             tungstenite::HandshakeError::Failure(e) => e,
             tungstenite::HandshakeError::Interrupted(_) => unreachable!("blocking"),
@@ -344,6 +394,15 @@ impl Client {
                 Err(e) => panic!("error while waiting for a message: {e}"),
             }
         }
+    }
+
+    /// The next frame, which must be from the server and of the given type
+    /// (`notice` or `error`); returns its text.
+    pub fn recv_server(&mut self, kind: &str) -> String {
+        let frame = self.recv();
+        assert_eq!(frame["type"], kind, "expected a {kind} frame, got {frame}");
+        assert_eq!(frame["nickname"], "server");
+        frame["message"].as_str().unwrap().to_owned()
     }
 
     /// The next chat message as (nickname, message).
@@ -409,3 +468,25 @@ impl Client {
         let _ = stream.shutdown(std::net::Shutdown::Both);
     }
 }
+
+/// Declares `redis` and `in_process` variants of a test taking a `&Server`,
+/// optionally with extra server arguments: `name => ["--flag", "value"]`.
+macro_rules! with_both_brokers {
+    ($($name:ident $(=> [$($arg:expr),*])?),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn redis() {
+                let redis = crate::support::Redis::start();
+                let url = redis.url();
+                let args: &[&str] = &["--redis", &url, $($($arg),*)?];
+                super::$name(&crate::support::Server::start(args));
+            }
+            #[test]
+            fn in_process() {
+                let args: &[&str] = &["--in-process", $($($arg),*)?];
+                super::$name(&crate::support::Server::start(args));
+            }
+        }
+    )*};
+}
+pub(crate) use with_both_brokers;

@@ -1,0 +1,112 @@
+//! Faults: Redis going away, paused or dropping subscribers; panics. The
+//! server keeps serving, tells clients what happened, and leaks nothing.
+
+use std::time::Duration;
+
+use crate::support::{Closed, Redis, Server, eventually};
+
+/// Redis is killed in the middle of a chat and restarted on the same port:
+/// clients stay connected, are told the relay was lost and restored, a
+/// message sent meanwhile is reported as not delivered, the chat resumes, and
+/// no thread leaks.
+#[test]
+fn redis_dies_and_comes_back_mid_chat() {
+    let redis = Redis::start();
+    let server = Server::with_redis(&redis);
+    let mut alice = server.client("alice");
+    let mut bob = server.client("bob");
+    alice.send("before");
+    assert_eq!(bob.recv_chat().1, "before");
+
+    let port = redis.kill();
+    assert!(alice.recv_server("notice").contains("lost the chat relay"));
+    assert!(bob.recv_server("notice").contains("lost the chat relay"));
+    alice.send("while Redis is down");
+    assert!(
+        alice
+            .recv_server("error")
+            .contains("your message was not delivered")
+    );
+
+    let redis = Redis::start_on(port);
+    assert!(alice.recv_server("notice").contains("reconnected"));
+    assert!(bob.recv_server("notice").contains("reconnected"));
+    alice.send("after");
+    assert_eq!(bob.recv_chat(), ("alice".into(), "after".into()));
+    bob.send("welcome back");
+    assert_eq!(alice.recv_chat(), ("bob".into(), "welcome back".into()));
+    assert_eq!(server.metric("threadchat_redis_reconnects_total"), 2);
+    assert_eq!(server.metric("threadchat_publish_errors_total"), 1);
+
+    alice.close();
+    bob.close();
+    eventually("threads back to baseline", || server.thread_count() == 4);
+    eventually("Redis connections back to the publishers", || {
+        redis.client_count() <= 2
+    });
+}
+
+/// Redis closing subscriber connections (as it does past the pub/sub
+/// output-buffer limit) is a loss like any other: notices, resubscribe,
+/// nobody left deaf.
+#[test]
+fn redis_dropping_subscribers_is_survived() {
+    let redis = Redis::start();
+    let server = Server::with_redis(&redis);
+    let mut alice = server.client("alice");
+    let mut bob = server.client("bob");
+    redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    for client in [&mut alice, &mut bob] {
+        assert!(client.recv_server("notice").contains("lost the chat relay"));
+        assert!(client.recv_server("notice").contains("reconnected"));
+    }
+    alice.send("still there?");
+    assert_eq!(bob.recv_chat().1, "still there?");
+}
+
+/// A Redis that stops answering without closing anything (SIGSTOP, or a
+/// half-open TCP connection) is detected by PING (within 2 x 12 s) and
+/// treated as lost; when it answers again, subscriptions are restored.
+#[test]
+fn a_silently_dead_redis_is_detected() {
+    let redis = Redis::start();
+    let server = Server::with_redis(&redis);
+    let mut alice = server.client("alice");
+    alice
+        .ws
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(40)))
+        .unwrap();
+    redis.pause();
+    let notice = alice.recv_server("notice");
+    redis.resume();
+    assert!(notice.contains("lost the chat relay"), "{notice}");
+    assert!(alice.recv_server("notice").contains("reconnected"));
+    let mut bob = server.client("bob");
+    bob.send("hello again");
+    assert_eq!(alice.recv_chat().1, "hello again");
+}
+
+/// A panic in one connection's thread closes that connection only.
+#[test]
+fn a_panic_closes_only_its_own_connection() {
+    let server = Server::start_with_env(&["--in-process"], &[("THREADCHAT_TEST_PANIC", "boom")]);
+    let mut alice = server.client("alice");
+    let mut bob = server.client("bob");
+    let mut victim = server.client("victim");
+    victim.send("boom");
+    assert_eq!(
+        victim.recv_close(),
+        Closed::Frame(1011, "server error".into())
+    );
+    server.wait_for_log("reader thread panicked");
+    alice.send("unaffected");
+    assert_eq!(bob.recv_chat().1, "unaffected");
+    assert_eq!(server.metric("threadchat_panics_total"), 1);
+    let mut carol = server.client("carol");
+    carol.send("new people can join");
+    assert_eq!(alice.recv_chat().1, "new people can join");
+    eventually("the panicked connection's threads are gone", || {
+        server.thread_count() == 1 + 1 + 2 * 3
+    });
+}
