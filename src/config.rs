@@ -132,6 +132,16 @@ pub struct Args {
     )]
     pub allow_origins: Vec<String>,
 
+    /// Chat messages kept per room and sent to each client that joins
+    /// (0: no history). Kept in Redis, or in memory with the in-process relay.
+    #[arg(
+        long,
+        env = "THREADCHAT_HISTORY",
+        default_value_t = 50,
+        value_name = "MESSAGES"
+    )]
+    pub history: usize,
+
     /// Serve a WebSocket echo endpoint at /echo, for the Autobahn conformance
     /// suite. Off by default: it is not part of the chat.
     #[arg(long)]
@@ -221,6 +231,8 @@ pub struct Config {
     pub log_file: Option<PathBuf>,
     /// Per-connection limits.
     pub limits: Limits,
+    /// Chat messages kept per room.
+    pub history: usize,
 }
 
 /// An option value that cannot be used. The text is the whole error message.
@@ -292,6 +304,13 @@ impl Config {
             Some(n) => n,
         };
 
+        if args.history > 10_000 {
+            return Err(ConfigError::Range {
+                option: "--history",
+                value: args.history,
+                reason: "at most 10000 messages per room".into(),
+            });
+        }
         if !(16..=16 * 1024 * 1024).contains(&args.max_message_size) {
             return Err(ConfigError::Range {
                 option: "--max-message-size",
@@ -327,6 +346,7 @@ impl Config {
             broker,
             log_level: args.log_level.into(),
             log_file: args.log_file,
+            history: args.history,
             limits: Limits {
                 max_connections,
                 max_message_size: args.max_message_size,

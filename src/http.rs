@@ -16,8 +16,8 @@ use tungstenite::handshake::server::{create_response, write_response};
 use tungstenite::http::{self, StatusCode};
 
 use crate::config::Limits;
-use crate::metrics::Metrics;
-use crate::protocol::Nickname;
+use crate::protocol::{Format, Nickname, Room, percent_decode};
+use crate::session::Context;
 
 /// Longest request head accepted, in bytes; a longer one gets 431.
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -50,10 +50,21 @@ pub enum Outcome {
 /// What an upgraded connection is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    /// The chat room, as this nickname.
-    Chat(Nickname),
+    /// A chat room.
+    Chat(Member),
     /// The echo endpoint (`--echo-endpoint`, for conformance testing).
     Echo,
+}
+
+/// Who joins which room, and how they want their frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// From the path: `/chat/{nickname}`.
+    pub nickname: Nickname,
+    /// From `?room=`; the original's `global_room` without it.
+    pub room: Room,
+    /// From `?format=text`; JSON without it.
+    pub format: Format,
 }
 
 /// A parsed request head: only what routing and the handshake need.
@@ -77,6 +88,67 @@ impl RequestHead {
     fn path(&self) -> &str {
         self.target.split(['?', '#']).next().unwrap_or("")
     }
+
+    /// The query string (after `?`, before `#`), or "".
+    fn query(&self) -> &str {
+        let without_fragment = self.target.split('#').next().unwrap_or("");
+        without_fragment.split_once('?').map_or("", |(_, q)| q)
+    }
+}
+
+/// The decoded value of `key` in a query string, if present.
+fn query_param(query: &str, key: &str) -> Result<Option<String>, String> {
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == key {
+            return percent_decode(v, true)
+                .map(Some)
+                .map_err(|e| format!("{key} {e}"));
+        }
+    }
+    Ok(None)
+}
+
+/// The room named by `?room=` (the default room without it).
+fn room_param(query: &str) -> Result<Room, String> {
+    match query_param(query, "room")? {
+        None => Ok(Room::global()),
+        Some(name) => Room::parse(&name).map_err(|e| format!("room name {e}")),
+    }
+}
+
+/// Reads `/chat/{nickname}?room=…&format=…`.
+fn member(segment: &str, query: &str) -> Result<Member, String> {
+    let nickname = Nickname::from_path_segment(segment).map_err(|e| format!("nickname {e}"))?;
+    let format = match query_param(query, "format")?.as_deref() {
+        None | Some("json") => Format::Json,
+        Some("text") => Format::Text,
+        Some(other) => return Err(format!("unknown format {other:?}: use json or text")),
+    };
+    Ok(Member {
+        nickname,
+        room: room_param(query)?,
+        format,
+    })
+}
+
+/// `GET /members?room=…`: who is in a room, as JSON.
+fn members(stream: &TcpStream, ctx: &Context, query: &str) -> io::Result<Outcome> {
+    let room = match room_param(query) {
+        Ok(room) => room,
+        Err(reason) => return answer(stream, StatusCode::BAD_REQUEST, &reason),
+    };
+    match ctx.broker.members(&room) {
+        Ok(members) => {
+            let body = serde_json::json!({
+                "room": room.name(),
+                "count": members.len(),
+                "members": members,
+            });
+            answer_with(stream, StatusCode::OK, JSON, &body.to_string())
+        }
+        Err(e) => answer(stream, StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
 }
 
 /// Why no usable request head was read.
@@ -96,7 +168,8 @@ enum HeadError {
 
 /// Reads one HTTP request on a fresh connection and answers it, unless it is
 /// a valid WebSocket upgrade (see [`Outcome::Upgrade`]).
-pub fn serve(stream: &TcpStream, limits: &Limits, metrics: &Metrics) -> io::Result<Outcome> {
+pub fn serve(stream: &TcpStream, ctx: &Context) -> io::Result<Outcome> {
+    let limits = &ctx.limits;
     let (head, leftover) = match read_head(stream, limits) {
         Ok(parsed) => parsed,
         Err(HeadError::Closed) => return Ok(Outcome::Abandoned),
@@ -134,11 +207,24 @@ pub fn serve(stream: &TcpStream, limits: &Limits, metrics: &Metrics) -> io::Resu
         );
     }
     let path = head.path();
+    let query = head.query();
     let target = match path {
-        "/" => return answer(stream, StatusCode::OK, INDEX_TEXT),
-        "/metrics" => {
-            return answer_with(stream, StatusCode::OK, PROMETHEUS_TEXT, &metrics.render());
+        "/" => return answer_with(stream, StatusCode::OK, HTML, INDEX_HTML),
+        "/healthz" => {
+            return match ctx.broker.health() {
+                Ok(()) => answer(stream, StatusCode::OK, "ok"),
+                Err(reason) => answer(stream, StatusCode::SERVICE_UNAVAILABLE, &reason),
+            };
         }
+        "/metrics" => {
+            return answer_with(
+                stream,
+                StatusCode::OK,
+                PROMETHEUS_TEXT,
+                &ctx.metrics.render(),
+            );
+        }
+        "/members" => return members(stream, ctx, query),
         "/echo" if limits.echo_endpoint => Target::Echo,
         _ => {
             let Some(segment) = path.strip_prefix("/chat/").filter(|s| !s.contains('/')) else {
@@ -148,9 +234,9 @@ pub fn serve(stream: &TcpStream, limits: &Limits, metrics: &Metrics) -> io::Resu
                     "not found; chat at /chat/{nickname}",
                 );
             };
-            match Nickname::from_path_segment(segment) {
-                Ok(nickname) => Target::Chat(nickname),
-                Err(e) => return answer(stream, StatusCode::BAD_REQUEST, &e.to_string()),
+            match member(segment, query) {
+                Ok(member) => Target::Chat(member),
+                Err(reason) => return answer(stream, StatusCode::BAD_REQUEST, &reason),
             }
         }
     };
@@ -311,6 +397,8 @@ fn answer_with(
 }
 
 const PLAIN_TEXT: &str = "text/plain; charset=utf-8";
+const HTML: &str = "text/html; charset=utf-8";
+const JSON: &str = "application/json";
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Writes a complete plain-text response, then closes our side.
@@ -406,12 +494,9 @@ pub fn is_disconnect(e: &io::Error) -> bool {
     )
 }
 
-const INDEX_TEXT: &str = concat!(
-    "threadchat: a WebSocket chat relayed through Redis pub/sub.\n",
-    "Connect a WebSocket client to /chat/{nickname}, for example:\n",
-    "  websocat ws://127.0.0.1:8000/chat/alice\n",
-    "Type a line to send it; everyone else in the room sees it as JSON."
-);
+/// The web client: one self-contained page (HTML, CSS and JavaScript),
+/// embedded in the binary.
+const INDEX_HTML: &str = include_str!("web/index.html");
 
 #[cfg(test)]
 mod tests {

@@ -36,7 +36,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     init_logging(&config)?;
 
     let metrics = Arc::new(Metrics::default());
-    let broker = broker::connect(&config.broker, &metrics)?;
+    let settings = broker::Settings {
+        instance: broker::random_u64(),
+        history: config.history,
+    };
+    let broker = broker::connect(&config.broker, &settings, &metrics)?;
     let server = Server::bind(&config, Arc::clone(&broker), metrics)?;
     log::info!(
         "threadchat listening on ws://{}/chat/{{nickname}} (relay: {}, max {} connections)",

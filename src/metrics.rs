@@ -32,12 +32,58 @@ pub struct Metrics {
     pub subscriptions_lost: Counter,
     /// Subscriptions restored after a loss.
     pub redis_reconnects: Counter,
+    /// Subscriptions lost and not yet restored.
+    pub subscriptions_down: Gauge,
     /// Messages that could not be published.
     pub publish_errors: Counter,
     /// Connections closed for breaking the protocol or a limit.
     pub protocol_closes: Counter,
     /// Connection threads (or subscriber threads) that panicked.
     pub panics: Counter,
+    /// From the sending server receiving a message to this server writing
+    /// it to a client, in milliseconds (wall clocks: across instances, clock
+    /// skew shows up here).
+    pub delivery_latency: Histogram,
+}
+
+/// Upper bounds of the latency buckets, in milliseconds.
+const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
+
+/// A Prometheus histogram of milliseconds: one atomic per bucket.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations at most `LATENCY_BUCKETS_MS[i]` (not cumulative here;
+    /// summed up when rendered).
+    buckets: [AtomicU64; LATENCY_BUCKETS_MS.len()],
+    count: AtomicU64,
+    sum: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, ms: u64) {
+        if let Some(i) = LATENCY_BUCKETS_MS.iter().position(|&le| ms <= le) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum.fetch_add(ms, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} histogram\n");
+        let mut cumulative = 0;
+        for (le, bucket) in LATENCY_BUCKETS_MS.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let seconds = *le as f64 / 1000.0;
+            let _ = writeln!(out, "{name}_bucket{{le=\"{seconds}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let sum = self.sum.load(Ordering::Relaxed) as f64 / 1000.0;
+        let _ = write!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}\n"
+        );
+    }
 }
 
 /// A number that only goes up.
@@ -81,11 +127,18 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(2048);
-        let gauges = [(
-            "threadchat_connections_open",
-            "Chat connections open now.",
-            self.connections_open.get(),
-        )];
+        let gauges = [
+            (
+                "threadchat_connections_open",
+                "Chat connections open now.",
+                self.connections_open.get(),
+            ),
+            (
+                "threadchat_subscriptions_down",
+                "Subscriptions lost and not yet restored.",
+                self.subscriptions_down.get(),
+            ),
+        ];
         let counters = [
             (
                 "threadchat_connections_total",
@@ -156,6 +209,11 @@ impl Metrics {
                 counter.get()
             );
         }
+        self.delivery_latency.render(
+            &mut out,
+            "threadchat_delivery_latency_seconds",
+            "From the sender's server receiving a message to writing it to a client.",
+        );
         out
     }
 }
@@ -177,5 +235,32 @@ mod tests {
             )
         );
         assert!(text.contains("threadchat_messages_received_total 2\n"));
+    }
+
+    #[test]
+    fn histograms_are_cumulative() {
+        let metrics = Metrics::default();
+        for ms in [0, 3, 3, 40, 9999] {
+            metrics.delivery_latency.observe(ms);
+        }
+        let text = metrics.render();
+        let name = "threadchat_delivery_latency_seconds";
+        assert!(
+            text.contains(&format!("{name}_bucket{{le=\"0.001\"}} 1\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{name}_bucket{{le=\"0.005\"}} 3\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{name}_bucket{{le=\"5\"}} 4\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{name}_bucket{{le=\"+Inf\"}} 5\n")),
+            "{text}"
+        );
+        assert!(text.contains(&format!("{name}_count 5\n")), "{text}");
     }
 }

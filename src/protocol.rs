@@ -35,52 +35,59 @@ pub const MAX_NICKNAME_CHARS: usize = 32;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Nickname(String);
 
-/// Why a nickname was refused. The `Display` text is sent to the client as the
-/// body of the HTTP 400 answer, so it is written for a person.
+/// Why a nickname or room name was refused. The `Display` text completes a
+/// sentence ("nickname is empty") sent to the client as the body of the
+/// HTTP 400 answer, so it is written for a person.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum NicknameError {
-    /// The path segment is empty (`/chat/`).
-    #[error("nickname is empty")]
+pub enum NameError {
+    /// The name is empty (`/chat/`).
+    #[error("is empty")]
     Empty,
     /// More than [`MAX_NICKNAME_CHARS`] characters.
-    #[error("nickname is longer than {MAX_NICKNAME_CHARS} characters")]
+    #[error("is longer than {MAX_NICKNAME_CHARS} characters")]
     TooLong,
     /// A `%` not followed by two hex digits.
-    #[error("nickname has a malformed percent-escape")]
+    #[error("has a malformed percent-escape")]
     BadEscape,
     /// Percent-decoding produced bytes that are not UTF-8.
-    #[error("nickname is not valid UTF-8 once percent-decoded")]
+    #[error("is not valid UTF-8 once percent-decoded")]
     NotUtf8,
     /// A control character (including newline and tab).
-    #[error("nickname contains a control character")]
+    #[error("contains a control character")]
     ControlCharacter,
     /// Leading or trailing white space.
-    #[error("nickname starts or ends with white space")]
+    #[error("starts or ends with white space")]
     OuterWhitespace,
+}
+
+/// The rule nicknames and room names share: 1 to [`MAX_NICKNAME_CHARS`]
+/// characters, no control characters, no white space at either end.
+fn validate_name(raw: &str) -> Result<String, NameError> {
+    if raw.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if raw.chars().count() > MAX_NICKNAME_CHARS {
+        return Err(NameError::TooLong);
+    }
+    if raw.chars().any(char::is_control) {
+        return Err(NameError::ControlCharacter);
+    }
+    if raw.trim() != raw {
+        return Err(NameError::OuterWhitespace);
+    }
+    Ok(raw.to_owned())
 }
 
 impl Nickname {
     /// Validates an already-decoded nickname.
-    pub fn parse(raw: &str) -> Result<Nickname, NicknameError> {
-        if raw.is_empty() {
-            return Err(NicknameError::Empty);
-        }
-        if raw.chars().count() > MAX_NICKNAME_CHARS {
-            return Err(NicknameError::TooLong);
-        }
-        if raw.chars().any(char::is_control) {
-            return Err(NicknameError::ControlCharacter);
-        }
-        if raw.trim() != raw {
-            return Err(NicknameError::OuterWhitespace);
-        }
-        Ok(Nickname(raw.to_owned()))
+    pub fn parse(raw: &str) -> Result<Nickname, NameError> {
+        validate_name(raw).map(Nickname)
     }
 
     /// Percent-decodes a URL path segment (`Joe%20Doe` is "Joe Doe"), then
     /// validates it with [`Nickname::parse`].
-    pub fn from_path_segment(segment: &str) -> Result<Nickname, NicknameError> {
-        Nickname::parse(&percent_decode(segment)?)
+    pub fn from_path_segment(segment: &str) -> Result<Nickname, NameError> {
+        Nickname::parse(&percent_decode(segment, false)?)
     }
 
     /// The nickname as text.
@@ -95,8 +102,9 @@ impl fmt::Display for Nickname {
     }
 }
 
-/// Decodes `%XX` escapes. `+` is left alone: in a URL *path* it means plus.
-fn percent_decode(segment: &str) -> Result<String, NicknameError> {
+/// Decodes `%XX` escapes. `+` means a space in a query string
+/// (`plus_is_space`), and a plus in a path.
+pub fn percent_decode(segment: &str, plus_is_space: bool) -> Result<String, NameError> {
     fn hex(digit: u8) -> Option<u8> {
         (digit as char).to_digit(16).map(|d| d as u8)
     }
@@ -109,15 +117,82 @@ fn percent_decode(segment: &str) -> Result<String, NicknameError> {
             let low = bytes.get(i + 2).copied().and_then(hex);
             match (high, low) {
                 (Some(h), Some(l)) => out.push(h << 4 | l),
-                _ => return Err(NicknameError::BadEscape),
+                _ => return Err(NameError::BadEscape),
             }
             i += 3;
+        } else if plus_is_space && bytes[i] == b'+' {
+            out.push(b' ');
+            i += 1;
         } else {
             out.push(bytes[i]);
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| NicknameError::NotUtf8)
+    String::from_utf8(out).map_err(|_| NameError::NotUtf8)
+}
+
+/// A chat room: the default room of the original app, or a named one.
+///
+/// Each room is its own Redis channel. The default room is the original's
+/// channel `global_room`; a named room `lobby` is `threadchat:room:lobby`, so
+/// room names can never collide with other keys or channels.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Room(String);
+
+impl Room {
+    /// The name of the default room, and its channel (as in the original).
+    pub const DEFAULT: &'static str = GLOBAL_ROOM;
+
+    /// The original app's single room.
+    pub fn global() -> Room {
+        Room(GLOBAL_ROOM.to_owned())
+    }
+
+    /// Validates a decoded room name (the same rule as nicknames).
+    pub fn parse(raw: &str) -> Result<Room, NameError> {
+        validate_name(raw).map(Room)
+    }
+
+    /// The room's name.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+
+    /// The Redis channel its messages travel on.
+    pub fn channel(&self) -> String {
+        if self.0 == GLOBAL_ROOM {
+            GLOBAL_ROOM.to_owned()
+        } else {
+            format!("threadchat:room:{}", self.0)
+        }
+    }
+
+    /// The Redis key of its message history.
+    pub fn history_key(&self) -> String {
+        format!("threadchat:history:{}", self.0)
+    }
+
+    /// The Redis key of its member list.
+    pub fn members_key(&self) -> String {
+        format!("threadchat:members:{}", self.0)
+    }
+}
+
+impl fmt::Display for Room {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How frames are written to a client: JSON (the default, and the
+/// original's) or plain lines for people in a terminal (`?format=text`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// One JSON object per frame.
+    #[default]
+    Json,
+    /// One line of text per frame: `bob: hello`, `* carol joined`.
+    Text,
 }
 
 /// The identity of one WebSocket connection, unique across all instances that
@@ -140,6 +215,12 @@ impl ConnId {
     /// The id as text, as it appears in the `"conn"` field on the wire.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The instance part of a connection id as found on the wire (the text
+    /// before the last `-`), if it has one.
+    pub fn instance_of(conn: &str) -> Option<&str> {
+        conn.rsplit_once('-').map(|(instance, _)| instance)
     }
 }
 
@@ -183,23 +264,54 @@ pub fn message_text(frame: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Borrowed(frame)
 }
 
-/// One chat message as published on the Redis channel.
+/// What happens in a room, as published on its Redis channel: a chat
+/// message, or someone joining or leaving.
 ///
-/// `nickname` and `message` are what the original app's readers need. `conn`
-/// and `ts` are threadchat's additions: payloads from the original app lack
+/// `nickname` and `message` are what the original app's readers need (they
+/// forward any payload whose nickname is not their client's own). The other
+/// fields are threadchat's additions; payloads from the original app lack
 /// them, so they are optional when reading.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
-    /// Who said it (the sender connection's nickname).
+    /// What kind of event; absent (a chat message) in the original's payloads.
+    #[serde(rename = "type", default, skip_serializing_if = "Kind::is_chat")]
+    pub kind: Kind,
+    /// Who said it, joined or left.
     pub nickname: String,
-    /// What they said.
+    /// What they said (or "joined", "left (timed out)").
     pub message: String,
-    /// The sending connection, so it can skip its own message.
+    /// The sending connection, so it can skip its own events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conn: Option<String>,
+    /// A unique id for chat messages (`{conn}:{n}`): history and live
+    /// delivery overlap at a join, and this removes the duplicates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// When the sending server received it: milliseconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ts: Option<u64>,
+}
+
+/// The kinds of room events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A chat message.
+    #[default]
+    Chat,
+    /// Someone joined the room.
+    Join,
+    /// Someone left the room.
+    Leave,
+    /// A type this version does not know: shown as a chat message.
+    #[serde(other)]
+    Other,
+}
+
+impl Kind {
+    fn is_chat(&self) -> bool {
+        *self == Kind::Chat
+    }
 }
 
 /// Why a payload found on the Redis channel is not a chat message.
@@ -211,12 +323,26 @@ pub enum PayloadError {
 }
 
 impl ChatMessage {
-    /// A message from connection `conn` named `nickname`, stamped now.
-    pub fn new(nickname: &Nickname, conn: &ConnId, message: String) -> ChatMessage {
+    /// Chat message number `seq` of connection `conn`, stamped now.
+    pub fn new(nickname: &Nickname, conn: &ConnId, seq: u64, message: String) -> ChatMessage {
         ChatMessage {
+            kind: Kind::Chat,
             nickname: nickname.as_str().to_owned(),
             message,
             conn: Some(conn.as_str().to_owned()),
+            id: Some(format!("{conn}:{seq}")),
+            ts: Some(unix_millis()),
+        }
+    }
+
+    /// A join or leave event for connection `conn`, stamped now.
+    pub fn event(kind: Kind, nickname: &Nickname, conn: &ConnId, message: &str) -> ChatMessage {
+        ChatMessage {
+            kind,
+            nickname: nickname.as_str().to_owned(),
+            message: message.to_owned(),
+            conn: Some(conn.as_str().to_owned()),
+            id: None,
             ts: Some(unix_millis()),
         }
     }
@@ -245,11 +371,12 @@ pub fn unix_millis() -> u64 {
         .unwrap_or(0)
 }
 
-/// A JSON text frame sent by the server to a client.
+/// A frame sent by the server to a client.
 ///
 /// Every variant has string `"nickname"` and `"message"` fields, so a client
 /// written for the original app can print any frame it gets, and a `"type"`
-/// field saying what the frame is.
+/// field saying what the frame is. [`ServerFrame::render`] writes it as JSON
+/// or, for `?format=text`, as one line for a person.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum ServerFrame<'a> {
@@ -262,9 +389,43 @@ pub enum ServerFrame<'a> {
         /// When their server received it (ms since the Unix epoch), if known.
         #[serde(skip_serializing_if = "Option::is_none")]
         ts: Option<u64>,
+        /// True for messages from the room's history, sent at join.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        history: bool,
     },
-    /// News from the server about the room or the connection (e.g. the relay
-    /// was lost and restored).
+    /// Someone joined the room.
+    Join {
+        /// Who.
+        nickname: &'a str,
+        /// Always "joined".
+        message: &'a str,
+        /// When (ms since the Unix epoch).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ts: Option<u64>,
+    },
+    /// Someone left the room.
+    Leave {
+        /// Who.
+        nickname: &'a str,
+        /// "left", with the reason in parentheses when it was not their choice.
+        message: &'a str,
+        /// When (ms since the Unix epoch).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ts: Option<u64>,
+    },
+    /// Who is in the room (sent once, right after joining).
+    Presence {
+        /// Always `"server"`.
+        nickname: &'a str,
+        /// The list, for a person.
+        message: &'a str,
+        /// The room.
+        room: &'a str,
+        /// Everyone's nickname (one per connection, sorted).
+        members: &'a [String],
+    },
+    /// News from the server about the connection (e.g. the relay was lost
+    /// and restored).
     Notice {
         /// Always `"server"`.
         nickname: &'a str,
@@ -300,18 +461,64 @@ impl<'a> ServerFrame<'a> {
         }
     }
 
+    /// The frame for a room event; `history` marks replayed chat messages.
+    pub fn from_event(event: &'a ChatMessage, history: bool) -> ServerFrame<'a> {
+        let (nickname, message, ts) = (event.nickname.as_str(), event.message.as_str(), event.ts);
+        match event.kind {
+            Kind::Join => ServerFrame::Join {
+                nickname,
+                message,
+                ts,
+            },
+            Kind::Leave => ServerFrame::Leave {
+                nickname,
+                message,
+                ts,
+            },
+            Kind::Chat | Kind::Other => ServerFrame::Chat {
+                nickname,
+                message,
+                ts,
+                history,
+            },
+        }
+    }
+
     /// The frame as JSON text.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("a frame of strings and integers always serializes")
     }
-}
 
-impl<'a> From<&'a ChatMessage> for ServerFrame<'a> {
-    fn from(msg: &'a ChatMessage) -> Self {
-        ServerFrame::Chat {
-            nickname: &msg.nickname,
-            message: &msg.message,
-            ts: msg.ts,
+    /// The frame as one line for a person (`?format=text`).
+    pub fn to_text(&self) -> String {
+        match self {
+            ServerFrame::Chat {
+                nickname,
+                message,
+                history: false,
+                ..
+            } => format!("{nickname}: {message}"),
+            ServerFrame::Chat {
+                nickname, message, ..
+            } => format!("[history] {nickname}: {message}"),
+            ServerFrame::Join {
+                nickname, message, ..
+            }
+            | ServerFrame::Leave {
+                nickname, message, ..
+            } => format!("* {nickname} {message}"),
+            ServerFrame::Presence { message, .. } | ServerFrame::Notice { message, .. } => {
+                format!("* {message}")
+            }
+            ServerFrame::Error { message, .. } => format!("! {message}"),
+        }
+    }
+
+    /// The frame in the client's format.
+    pub fn render(&self, format: Format) -> String {
+        match format {
+            Format::Json => self.to_json(),
+            Format::Text => self.to_text(),
         }
     }
 }
@@ -335,7 +542,7 @@ mod tests {
 
     #[test]
     fn nickname_rules() {
-        use NicknameError::*;
+        use NameError::*;
         assert_eq!(Nickname::from_path_segment(""), Err(Empty));
         assert_eq!(Nickname::from_path_segment("%2"), Err(BadEscape));
         assert_eq!(Nickname::from_path_segment("%zz"), Err(BadEscape));
@@ -384,7 +591,7 @@ mod tests {
     fn chat_message_round_trips() {
         let nick = Nickname::parse("alice").unwrap();
         let conn = ConnId::new(0xabc, 7);
-        let msg = ChatMessage::new(&nick, &conn, "hi \"there\"".into());
+        let msg = ChatMessage::new(&nick, &conn, 1, "hi \"there\"".into());
         let back = ChatMessage::from_payload(&msg.to_payload()).unwrap();
         assert_eq!(back, msg);
         assert!(back.is_from(&conn));
@@ -399,6 +606,49 @@ mod tests {
         assert_eq!(msg.message, "yo");
         assert_eq!(msg.conn, None);
         assert!(!msg.is_from(&ConnId::new(1, 1)));
+    }
+
+    #[test]
+    fn events_and_unknown_types() {
+        let nick = Nickname::parse("carol").unwrap();
+        let join = ChatMessage::event(Kind::Join, &nick, &ConnId::new(1, 2), "joined");
+        let payload = String::from_utf8(join.to_payload()).unwrap();
+        assert!(payload.contains(r#""type":"join""#), "{payload}");
+        assert_eq!(
+            ServerFrame::from_event(&join, false).to_text(),
+            "* carol joined"
+        );
+        let odd =
+            ChatMessage::from_payload(br#"{"type":"poll","nickname":"x","message":"y"}"#).unwrap();
+        assert_eq!(odd.kind, Kind::Other);
+        assert_eq!(ServerFrame::from_event(&odd, false).to_text(), "x: y");
+    }
+
+    #[test]
+    fn rooms_have_their_own_channels() {
+        assert_eq!(Room::global().channel(), "global_room");
+        assert_eq!(Room::parse("global_room").unwrap(), Room::global());
+        assert_eq!(
+            Room::parse("lobby").unwrap().channel(),
+            "threadchat:room:lobby"
+        );
+        assert!(Room::parse(" lobby").is_err());
+        assert_eq!(percent_decode("a+b%20c", true).unwrap(), "a b c");
+    }
+
+    #[test]
+    fn text_rendering() {
+        let members = vec!["alice".to_owned(), "bob".to_owned()];
+        let presence = ServerFrame::Presence {
+            nickname: SERVER_NICKNAME,
+            message: "in lobby: alice, bob",
+            room: "lobby",
+            members: &members,
+        };
+        assert_eq!(presence.to_text(), "* in lobby: alice, bob");
+        assert_eq!(ServerFrame::error("no").to_text(), "! no");
+        let json: serde_json::Value = serde_json::from_str(&presence.to_json()).unwrap();
+        assert_eq!(json["members"], serde_json::json!(["alice", "bob"]));
     }
 
     #[test]
@@ -419,13 +669,15 @@ mod tests {
     #[test]
     fn server_frames_keep_nickname_and_message() {
         let msg = ChatMessage {
+            kind: Kind::Chat,
             nickname: "bob".into(),
             message: "<b>hi</b>".into(),
             conn: Some("x".into()),
+            id: Some("x:1".into()),
             ts: Some(5),
         };
         let json: serde_json::Value =
-            serde_json::from_str(&ServerFrame::from(&msg).to_json()).unwrap();
+            serde_json::from_str(&ServerFrame::from_event(&msg, false).to_json()).unwrap();
         assert_eq!(
             json,
             serde_json::json!({"type": "chat", "nickname": "bob", "message": "<b>hi</b>", "ts": 5})
@@ -480,7 +732,7 @@ mod properties {
         #[test]
         fn chat_messages_round_trip(nickname in "[^\\p{Cc}]{1,32}", message in any::<String>()) {
             if let Ok(nickname) = Nickname::parse(&nickname) {
-                let msg = ChatMessage::new(&nickname, &ConnId::new(7, 7), message);
+                let msg = ChatMessage::new(&nickname, &ConnId::new(7, 7), 1, message);
                 prop_assert_eq!(ChatMessage::from_payload(&msg.to_payload()).unwrap(), msg);
             }
         }

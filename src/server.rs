@@ -20,8 +20,6 @@
 //! listener itself; the loop wakes, sees the flag and leaves (tiny-http's trick).
 
 use std::collections::HashMap;
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::panic::{self, AssertUnwindSafe};
@@ -94,6 +92,7 @@ impl Server {
             _ => local_addr,
         };
         Ok(Server {
+            instance: broker.instance(),
             listener,
             local_addr,
             ctx: Arc::new(Context {
@@ -107,7 +106,6 @@ impl Server {
                 requested: Arc::new(AtomicBool::new(false)),
                 wake_addr,
             },
-            instance: RandomState::new().hash_one(std::process::id()),
         })
     }
 

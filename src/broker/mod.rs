@@ -28,21 +28,55 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::config::{BrokerChoice, DEFAULT_REDIS_URL};
 use crate::metrics::Metrics;
-use crate::protocol::ConnId;
+use crate::protocol::{ConnId, Nickname, Room};
 
-/// A message relay. Shared by every connection through an `Arc<dyn Broker>`.
+/// A message relay, with the little state rooms need: recent history and
+/// the member list. Shared by every connection through an `Arc<dyn Broker>`.
 pub trait Broker: Send + Sync {
-    /// Publishes `payload` on `channel` and blocks until the relay has accepted
-    /// it (for Redis: until `PUBLISH` has been answered). Messages published by
-    /// one thread arrive in the order that thread published them.
-    fn publish(&self, channel: &str, payload: Vec<u8>) -> Result<(), BrokerError>;
+    /// This process's identity on the relay: the instance part of its
+    /// connection ids, and what presence entries are kept alive by.
+    fn instance(&self) -> u64;
 
-    /// Prepares a subscription of connection `conn` to `channel`. Nothing
+    /// Publishes `payload` on the room's channel and blocks until the relay
+    /// has accepted it (for Redis: until `PUBLISH` has been answered).
+    /// Messages published by one thread arrive in the order that thread
+    /// published them. With `record`, the payload is also appended to the
+    /// room's history (before it is published, so a client that joins
+    /// meanwhile finds it in one or the other — or both, see `ChatMessage::id`).
+    fn publish(&self, room: &Room, payload: Vec<u8>, record: bool) -> Result<(), BrokerError>;
+
+    /// Prepares a subscription of connection `conn` to the room. Nothing
     /// blocks yet: the subscriber thread starts it with [`Subscription::run`].
-    fn subscribe(&self, channel: &str, conn: &ConnId) -> Result<Subscription, BrokerError>;
+    fn subscribe(&self, room: &Room, conn: &ConnId) -> Result<Subscription, BrokerError>;
+
+    /// The room's recent history, oldest first.
+    fn history(&self, room: &Room) -> Result<Vec<Vec<u8>>, BrokerError>;
+
+    /// Adds connection `conn` to the room's member list.
+    fn join(&self, room: &Room, conn: &ConnId, nickname: &Nickname) -> Result<(), BrokerError>;
+
+    /// Removes connection `conn` from the room's member list.
+    fn leave(&self, room: &Room, conn: &ConnId) -> Result<(), BrokerError>;
+
+    /// The nicknames in the room (one per connection, sorted), across every
+    /// instance sharing the relay; members of instances that died are not
+    /// listed.
+    fn members(&self, room: &Room) -> Result<Vec<String>, BrokerError>;
+
+    /// Whether the relay really works right now; if not, why.
+    fn health(&self) -> Result<(), String>;
 
     /// A short description for the start-up log, e.g. `Redis at redis://…`.
     fn describe(&self) -> String;
+}
+
+/// What every broker is built with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This process's random identity (see [`Broker::instance`]).
+    pub instance: u64,
+    /// Chat messages kept per room (0: no history).
+    pub history: usize,
 }
 
 /// What a running subscription hands to its closure.
@@ -251,15 +285,20 @@ impl Backoff {
     }
 }
 
-/// A random number in `[0, 1)`, from the standard library's per-process
-/// random hash keys (no `rand` crate needed for jitter).
+/// A random number in `[0, 1)` (for jitter).
 fn random_fraction() -> f64 {
+    (random_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A random 64-bit number, from the standard library's per-process random
+/// hash keys: no `rand` crate needed for jitter and instance ids.
+pub fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     use std::sync::atomic::AtomicU64;
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+    hasher.finish()
 }
 
 /// Builds the broker the configuration asks for.
@@ -268,19 +307,22 @@ fn random_fraction() -> f64 {
 /// otherwise the in-process broker, with one log line saying so.
 pub fn connect(
     choice: &BrokerChoice,
+    settings: &Settings,
     metrics: &Arc<Metrics>,
 ) -> Result<Arc<dyn Broker>, BrokerError> {
     match choice {
         BrokerChoice::Redis(url) => Ok(Arc::new(redis::RedisBroker::connect(
             url,
             Duration::from_secs(3),
+            settings,
             metrics,
         )?)),
-        BrokerChoice::InProcess => Ok(Arc::new(memory::MemoryBroker::new())),
+        BrokerChoice::InProcess => Ok(Arc::new(memory::MemoryBroker::new(settings))),
         BrokerChoice::Auto => {
             match redis::RedisBroker::connect(
                 DEFAULT_REDIS_URL,
                 Duration::from_millis(500),
+                settings,
                 metrics,
             ) {
                 Ok(broker) => Ok(Arc::new(broker)),
@@ -290,7 +332,7 @@ pub fn connect(
                          in-process: this instance cannot share a room with others. \
                          Start redis-server, or pass --redis HOST[:PORT], to relay through Redis"
                     );
-                    Ok(Arc::new(memory::MemoryBroker::new()))
+                    Ok(Arc::new(memory::MemoryBroker::new(settings)))
                 }
             }
         }

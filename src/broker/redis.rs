@@ -18,8 +18,21 @@
 //! its job's answer, so one client has at most one message in flight and its
 //! messages cannot overtake each other, whatever lane they take.
 //!
-//! **Shutdown.** Dropping the [`RedisBroker`] drops the job senders; each
-//! publisher's `recv()` then fails, it leaves its loop, and the drop joins it.
+//! The same pool runs every other command (history, member lists, health
+//! checks): a job is a short list of commands and, when the caller waits, a
+//! channel for the replies.
+//!
+//! **Rooms' state in Redis.** A room's history is a capped list
+//! (`RPUSH` + `LTRIM`, sent just before the `PUBLISH` on the same connection,
+//! so a message is in the history before anyone can receive it). Its members
+//! are a hash, connection id → nickname. Every instance refreshes a key
+//! `threadchat:instance:{id}` (30 s expiry) every 10 s from its heartbeat
+//! thread; members whose instance key has expired — the instance crashed or
+//! was killed — are left out of member lists and removed.
+//!
+//! **Shutdown.** Dropping the [`RedisBroker`] stops the heartbeat and drops
+//! the job senders; each publisher's `recv()` then fails, it leaves its loop,
+//! and the drop joins it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,10 +43,11 @@ use crossbeam_channel::{Receiver, Sender};
 use redis::{Client, Connection};
 
 use super::{
-    Backoff, Broker, BrokerError, Canceller, Event, Flow, Listen, StopSignal, Subscription,
+    Backoff, Broker, BrokerError, Canceller, Event, Flow, Listen, Settings, StopSignal,
+    Subscription,
 };
 use crate::metrics::Metrics;
-use crate::protocol::ConnId;
+use crate::protocol::{ConnId, Nickname, Room};
 
 /// Publisher threads (and so publishing connections) per process.
 pub const POOL_SIZE: usize = 2;
@@ -63,15 +77,28 @@ pub struct RedisBroker {
     next_lane: AtomicUsize,
     /// The publisher threads, joined on drop.
     publishers: Vec<JoinHandle<()>>,
+    /// Dropped to stop the heartbeat thread.
+    heartbeat_stop: Option<Sender<()>>,
+    heartbeat: Option<JoinHandle<()>>,
+    settings: Settings,
     metrics: Arc<Metrics>,
 }
 
-/// One `PUBLISH` waiting for a publisher thread.
+/// Commands waiting for a publisher thread.
 struct Job {
-    channel: String,
-    payload: Vec<u8>,
-    /// Where to send the outcome; `None` for fire-and-forget (wake-ups).
-    reply: Option<Sender<Result<(), BrokerError>>>,
+    cmds: Vec<redis::Cmd>,
+    /// Where to send the replies (one per command); `None` for
+    /// fire-and-forget (wake-ups, clean-ups).
+    reply: Option<Sender<Result<Vec<redis::Value>, BrokerError>>>,
+}
+
+/// How long an instance's liveness key lives without a refresh.
+const INSTANCE_TTL_SECS: u64 = 30;
+/// How often the heartbeat refreshes it.
+const HEARTBEAT: Duration = Duration::from_secs(10);
+
+fn instance_key(instance: &str) -> String {
+    format!("threadchat:instance:{instance}")
 }
 
 impl RedisBroker {
@@ -80,6 +107,7 @@ impl RedisBroker {
     pub fn connect(
         url: &str,
         timeout: Duration,
+        settings: &Settings,
         metrics: &Arc<Metrics>,
     ) -> Result<RedisBroker, BrokerError> {
         let connect_err = |e: redis::RedisError| BrokerError::Connect {
@@ -111,51 +139,209 @@ impl RedisBroker {
             lanes.push(tx);
             publishers.push(handle);
         }
-        Ok(RedisBroker {
+        let mut broker = RedisBroker {
             client,
             url: url.to_owned(),
             lanes,
             next_lane: AtomicUsize::new(0),
             publishers,
+            heartbeat_stop: None,
+            heartbeat: None,
+            settings: settings.clone(),
             metrics: Arc::clone(metrics),
-        })
+        };
+        broker.start_heartbeat()?;
+        Ok(broker)
     }
 
     fn lane(&self) -> &Sender<Job> {
         let n = self.next_lane.fetch_add(1, Ordering::Relaxed);
         &self.lanes[n % self.lanes.len()]
     }
-}
 
-impl Broker for RedisBroker {
-    fn publish(&self, channel: &str, payload: Vec<u8>) -> Result<(), BrokerError> {
+    /// Runs `cmds` on a pooled connection and waits for their replies.
+    fn run(&self, cmds: Vec<redis::Cmd>) -> Result<Vec<redis::Value>, BrokerError> {
         let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
         let job = Job {
-            channel: channel.to_owned(),
-            payload,
+            cmds,
             reply: Some(reply_tx),
         };
         self.lane().send(job).map_err(|_| BrokerError::Closed)?;
         reply_rx.recv().map_err(|_| BrokerError::Closed)?
     }
 
-    fn subscribe(&self, channel: &str, conn: &ConnId) -> Result<Subscription, BrokerError> {
+    /// Runs `cmds` without waiting (or caring) for the outcome.
+    fn run_detached(&self, cmds: Vec<redis::Cmd>) {
+        let _ = self.lane().try_send(Job { cmds, reply: None });
+    }
+
+    fn instance_id(&self) -> String {
+        format!("{:016x}", self.settings.instance)
+    }
+
+    /// Starts the thread that keeps this instance's liveness key fresh.
+    fn start_heartbeat(&mut self) -> Result<(), BrokerError> {
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let lane = self.lanes[0].clone();
+        let key = instance_key(&self.instance_id());
+        let handle = thread::Builder::new()
+            .name("tc-heartbeat".into())
+            .stack_size(crate::THREAD_STACK_SIZE)
+            .spawn(move || {
+                loop {
+                    let mut set = redis::cmd("SET");
+                    set.arg(&key).arg(1).arg("EX").arg(INSTANCE_TTL_SECS);
+                    let _ = lane.try_send(Job {
+                        cmds: vec![set],
+                        reply: None,
+                    });
+                    // Shutdown by dropping the sender: recv fails at once.
+                    if let Err(crossbeam_channel::RecvTimeoutError::Disconnected) =
+                        stop_rx.recv_timeout(HEARTBEAT)
+                    {
+                        break;
+                    }
+                }
+                // Gone on purpose: no need to wait for the key to expire.
+                let mut del = redis::cmd("DEL");
+                del.arg(&key);
+                let _ = lane.try_send(Job {
+                    cmds: vec![del],
+                    reply: None,
+                });
+            })
+            .map_err(|e| BrokerError::Redis(format!("cannot start the heartbeat thread: {e}")))?;
+        self.heartbeat_stop = Some(stop_tx);
+        self.heartbeat = Some(handle);
+        Ok(())
+    }
+}
+
+impl Broker for RedisBroker {
+    fn instance(&self) -> u64 {
+        self.settings.instance
+    }
+
+    fn publish(&self, room: &Room, payload: Vec<u8>, record: bool) -> Result<(), BrokerError> {
+        let mut cmds = Vec::with_capacity(3);
+        let history = self.settings.history;
+        if record && history > 0 {
+            let key = room.history_key();
+            let mut rpush = redis::cmd("RPUSH");
+            rpush.arg(&key).arg(&payload);
+            let mut ltrim = redis::cmd("LTRIM");
+            ltrim.arg(&key).arg(-(history as i64)).arg(-1);
+            cmds.push(rpush);
+            cmds.push(ltrim);
+        }
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(room.channel()).arg(payload);
+        cmds.push(publish);
+        self.run(cmds).map(|_| ())
+    }
+
+    fn history(&self, room: &Room) -> Result<Vec<Vec<u8>>, BrokerError> {
+        if self.settings.history == 0 {
+            return Ok(Vec::new());
+        }
+        let mut lrange = redis::cmd("LRANGE");
+        lrange.arg(room.history_key()).arg(0).arg(-1);
+        let replies = self.run(vec![lrange])?;
+        redis::from_redis_value(replies.into_iter().next().unwrap_or(redis::Value::Nil))
+            .map_err(|e| BrokerError::Redis(e.to_string()))
+    }
+
+    fn join(&self, room: &Room, conn: &ConnId, nickname: &Nickname) -> Result<(), BrokerError> {
+        let mut hset = redis::cmd("HSET");
+        hset.arg(room.members_key())
+            .arg(conn.as_str())
+            .arg(nickname.as_str());
+        self.run(vec![hset]).map(|_| ())
+    }
+
+    fn leave(&self, room: &Room, conn: &ConnId) -> Result<(), BrokerError> {
+        let mut hdel = redis::cmd("HDEL");
+        hdel.arg(room.members_key()).arg(conn.as_str());
+        self.run(vec![hdel]).map(|_| ())
+    }
+
+    fn members(&self, room: &Room) -> Result<Vec<String>, BrokerError> {
+        let mut hgetall = redis::cmd("HGETALL");
+        hgetall.arg(room.members_key());
+        let reply = self.run(vec![hgetall])?.into_iter().next();
+        let entries: Vec<(String, String)> =
+            redis::from_redis_value(reply.unwrap_or(redis::Value::Nil))
+                .map_err(|e| BrokerError::Redis(e.to_string()))?;
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Which instances are alive? One EXISTS per distinct instance.
+        let mut instances: Vec<&str> = entries
+            .iter()
+            .filter_map(|(conn, _)| ConnId::instance_of(conn))
+            .collect();
+        instances.sort_unstable();
+        instances.dedup();
+        let checks = instances
+            .iter()
+            .map(|i| {
+                let mut exists = redis::cmd("EXISTS");
+                exists.arg(instance_key(i));
+                exists
+            })
+            .collect();
+        let alive: Vec<bool> = self
+            .run(checks)?
+            .into_iter()
+            .map(|v| redis::from_redis_value::<bool>(v).unwrap_or(false))
+            .collect();
+        let is_alive = |conn: &str| {
+            ConnId::instance_of(conn)
+                .and_then(|i| instances.binary_search(&i).ok())
+                .is_some_and(|n| alive[n])
+        };
+        let (live, ghosts): (Vec<_>, Vec<_>) = entries.iter().partition(|(conn, _)| is_alive(conn));
+        if !ghosts.is_empty() {
+            // Members of instances that died: clean them up for everyone.
+            let mut hdel = redis::cmd("HDEL");
+            hdel.arg(room.members_key());
+            for (conn, _) in &ghosts {
+                hdel.arg(conn);
+            }
+            self.run_detached(vec![hdel]);
+        }
+        let mut members: Vec<String> = live.into_iter().map(|(_, n)| n.clone()).collect();
+        members.sort();
+        Ok(members)
+    }
+
+    fn health(&self) -> Result<(), String> {
+        self.run(vec![redis::cmd("PING")])
+            .map_err(|e| format!("Redis does not answer: {e}"))?;
+        match self.metrics.subscriptions_down.get() {
+            0 => Ok(()),
+            n => Err(format!("{n} subscription(s) are reconnecting to Redis")),
+        }
+    }
+
+    fn subscribe(&self, room: &Room, conn: &ConnId) -> Result<Subscription, BrokerError> {
         let wake_channel = format!("{WAKE_PREFIX}{conn}");
         let lane = self.lane().clone();
         let wake_target = wake_channel.clone();
         let canceller = Canceller::new(move || {
             // Fire and forget: if Redis is unreachable, the subscriber is not
             // blocked on it either (it is failing, and checks the flag).
+            let mut publish = redis::cmd("PUBLISH");
+            publish.arg(&wake_target).arg("");
             let _ = lane.try_send(Job {
-                channel: wake_target.clone(),
-                payload: Vec::new(),
+                cmds: vec![publish],
                 reply: None,
             });
         });
         let listener = RedisListener {
             client: self.client.clone(),
             url: self.url.clone(),
-            channel: channel.to_owned(),
+            channel: room.channel(),
             wake_channel,
             metrics: Arc::clone(&self.metrics),
         };
@@ -169,7 +355,12 @@ impl Broker for RedisBroker {
 
 impl Drop for RedisBroker {
     fn drop(&mut self) {
-        // Shutdown by dropping senders: each publisher leaves its loop.
+        // Shutdown by dropping senders: the heartbeat leaves its loop (after
+        // queueing the deletion of its key), then each publisher leaves its.
+        self.heartbeat_stop.take();
+        if let Some(handle) = self.heartbeat.take() {
+            let _ = handle.join();
+        }
         self.lanes.clear();
         for handle in self.publishers.drain(..) {
             if handle.join().is_err() {
@@ -203,34 +394,46 @@ impl Publisher {
             let mut batch = Vec::with_capacity(16);
             batch.push(first);
             batch.extend(jobs.try_iter().take(MAX_PIPELINE - 1));
-            let outcome = self.publish_batch(&batch);
-            if let Err(e) = &outcome {
-                log::warn!("could not publish {} message(s): {e}", batch.len());
-            }
-            for job in batch {
-                if let Some(reply) = job.reply {
-                    // The publisher may have given up waiting; that is fine.
-                    let _ = reply.send(outcome.clone());
+            match self.execute(&batch) {
+                Ok(replies) => {
+                    let mut replies = replies.into_iter();
+                    for job in batch {
+                        let mine: Vec<redis::Value> =
+                            replies.by_ref().take(job.cmds.len()).collect();
+                        if let Some(reply) = job.reply {
+                            // The caller may have given up waiting; that is fine.
+                            let _ = reply.send(Ok(mine));
+                        }
+                    }
+                }
+                Err(e) => {
+                    log::warn!("Redis command batch failed ({} job(s)): {e}", batch.len());
+                    for job in batch {
+                        if let Some(reply) = job.reply {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                    }
                 }
             }
         }
     }
 
-    /// Sends the batch as one pipeline. A connection that turns out to be
-    /// dead (say Redis restarted since the last batch) is replaced once.
-    fn publish_batch(&mut self, batch: &[Job]) -> Result<(), BrokerError> {
+    /// Sends every job's commands as one pipeline. A connection that turns
+    /// out to be dead (say Redis restarted since the last batch) is replaced
+    /// once.
+    fn execute(&mut self, batch: &[Job]) -> Result<Vec<redis::Value>, BrokerError> {
+        if batch.iter().all(|job| job.cmds.is_empty()) {
+            return Ok(Vec::new());
+        }
         let mut pipe = redis::pipe();
-        for job in batch {
-            pipe.cmd("PUBLISH")
-                .arg(&job.channel)
-                .arg(&job.payload)
-                .ignore();
+        for cmd in batch.iter().flat_map(|job| &job.cmds) {
+            pipe.add_command(cmd.clone());
         }
         let mut last_error = None;
         for _attempt in 0..2 {
             let con = self.connection()?;
-            match pipe.query::<()>(con) {
-                Ok(()) => return Ok(()),
+            match pipe.query::<Vec<redis::Value>>(con) {
+                Ok(replies) => return Ok(replies),
                 Err(e) => {
                     let retry = e.is_connection_dropped() || e.is_io_error();
                     self.connection = None;
@@ -280,9 +483,13 @@ impl Listen for RedisListener {
     ) -> Result<(), BrokerError> {
         let mut backoff = Backoff::new(MAX_BACKOFF);
         let mut ever_subscribed = false;
+        // Counted in `subscriptions_down` (for /healthz) while it exists.
+        let mut down: Option<Down> = None;
         loop {
             let mut live = false;
-            let error = match self.connection(stop, on_event, &mut live, &mut ever_subscribed) {
+            let connection =
+                self.connection(stop, on_event, &mut live, &mut down, &mut ever_subscribed);
+            let error = match connection {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
@@ -292,6 +499,7 @@ impl Listen for RedisListener {
             }
             if live {
                 self.metrics.subscriptions_lost.inc();
+                down.replace(Down::new(&self.metrics));
                 log::debug!("subscription to {} lost: {error}", self.channel);
                 if on_event(Event::Lost(&error)).is_break() {
                     return Ok(());
@@ -305,6 +513,23 @@ impl Listen for RedisListener {
     }
 }
 
+/// A subscription that is down, counted in `subscriptions_down` for as
+/// long as this value lives (so every way out of `listen` uncounts it).
+struct Down(Arc<Metrics>);
+
+impl Down {
+    fn new(metrics: &Arc<Metrics>) -> Down {
+        metrics.subscriptions_down.inc();
+        Down(Arc::clone(metrics))
+    }
+}
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        self.0.subscriptions_down.dec();
+    }
+}
+
 impl RedisListener {
     /// One connection's worth of subscription: connect, subscribe, deliver.
     /// Returns `Ok` when stopped, `Err` when the connection fails. Sets `live`
@@ -314,6 +539,7 @@ impl RedisListener {
         stop: &StopSignal,
         on_event: &mut dyn FnMut(Event<'_>) -> Flow,
         live: &mut bool,
+        down: &mut Option<Down>,
         ever_subscribed: &mut bool,
     ) -> Result<(), BrokerError> {
         let mut con = self
@@ -328,7 +554,7 @@ impl RedisListener {
                 reason: e.to_string(),
             })?;
         let mut pubsub = con.as_pubsub();
-        let result = self.receive(&mut pubsub, stop, on_event, live, ever_subscribed);
+        let result = self.receive(&mut pubsub, stop, on_event, live, down, ever_subscribed);
         // Dropping a PubSub sends UNSUBSCRIBE and waits for the answer: never
         // wait long for a Redis that has stopped answering.
         let _ = pubsub.set_read_timeout(Some(Duration::from_secs(1)));
@@ -341,6 +567,7 @@ impl RedisListener {
         stop: &StopSignal,
         on_event: &mut dyn FnMut(Event<'_>) -> Flow,
         live: &mut bool,
+        down: &mut Option<Down>,
         ever_subscribed: &mut bool,
     ) -> Result<(), BrokerError> {
         let lost = |e: redis::RedisError| BrokerError::Redis(e.to_string());
@@ -352,6 +579,8 @@ impl RedisListener {
         // Redis, a half-open TCP connection): detected within 2 x KEEPALIVE.
         pubsub.set_read_timeout(Some(KEEPALIVE)).map_err(lost)?;
         *live = true;
+        // Restored (if it was down): no longer counted as down.
+        drop(down.take());
         if *ever_subscribed {
             self.metrics.redis_reconnects.inc();
         }

@@ -40,13 +40,13 @@ mod reader;
 pub mod socket;
 mod subscriber;
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::Duration;
 
@@ -56,9 +56,9 @@ use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::broker::{Broker, BrokerError, Canceller};
 use crate::config::Limits;
-use crate::http::{self, Outcome, Target};
+use crate::http::{self, Member, Outcome, Target};
 use crate::metrics::Metrics;
-use crate::protocol::{ConnId, GLOBAL_ROOM, Nickname};
+use crate::protocol::{ChatMessage, ConnId, Kind, Room};
 use reader::{ChatHandler, EchoHandler};
 use socket::Writer;
 use subscriber::Start;
@@ -120,6 +120,8 @@ pub enum Ending {
     RelayFailed(BrokerError),
     /// A thread serving the connection panicked.
     Panicked,
+    /// The client was silent (not even a pong) for the idle timeout.
+    TimedOut,
     /// The server is shutting down.
     ServerShutdown,
 }
@@ -143,6 +145,7 @@ impl fmt::Display for Ending {
             Ending::WriteFailed(why) => write!(f, "could not be written to ({why})"),
             Ending::RelayFailed(e) => write!(f, "chat relay failed ({e})"),
             Ending::Panicked => write!(f, "server error (a thread panicked)"),
+            Ending::TimedOut => write!(f, "timed out (no response to pings)"),
             Ending::ServerShutdown => write!(f, "server shutting down"),
         }
     }
@@ -163,6 +166,21 @@ impl Ending {
             code,
             reason: reason.into(),
         })
+    }
+
+    /// What the rest of the room is told: "left", and why when it was not
+    /// the client's own choice.
+    fn leave_text(&self) -> String {
+        match self {
+            Ending::ClientClosed(_) => "left".into(),
+            Ending::ConnectionLost(_) | Ending::WriteFailed(_) => "left (connection lost)".into(),
+            Ending::TimedOut => "left (timed out)".into(),
+            Ending::TooSlow(_) => "left (disconnected: too slow)".into(),
+            Ending::Refused { reason, .. } => format!("left (disconnected: {reason})"),
+            Ending::RelayFailed(_) => "left (chat relay failed)".into(),
+            Ending::Panicked => "left (server error)".into(),
+            Ending::ServerShutdown => "left (server shutting down)".into(),
+        }
     }
 
     /// The ending for a failed write to the client.
@@ -273,7 +291,7 @@ impl SessionError {
 /// Serves one accepted connection to its end. Runs on the connection's own
 /// thread; returns when all of the connection's threads are done.
 pub fn run(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<(), SessionError> {
-    let (target, response, leftover) = match http::serve(&conn.stream, &ctx.limits, &ctx.metrics)? {
+    let (target, response, leftover) = match http::serve(&conn.stream, ctx)? {
         Outcome::Upgrade {
             target,
             response,
@@ -292,7 +310,7 @@ pub fn run(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<(), SessionError> {
     let (writer, reader) = socket::split(Arc::clone(&conn.stream), leftover, max_message);
     let writer = Arc::new(writer);
     match target {
-        Target::Chat(nickname) => chat(conn, ctx, nickname, response, writer, reader),
+        Target::Chat(member) => chat(conn, ctx, member, response, writer, reader),
         Target::Echo => {
             http::accept(&conn.stream, &response)?;
             let mut reader = reader;
@@ -303,16 +321,17 @@ pub fn run(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<(), SessionError> {
     }
 }
 
-/// The chat: subscribe, upgrade, read until the end, clean up.
+/// The chat: subscribe, join, upgrade, read until the end, leave.
 fn chat(
     conn: &Arc<Conn>,
     ctx: &Arc<Context>,
-    nickname: Nickname,
+    member: Member,
     response: tungstenite::http::Response<()>,
     writer: Arc<Writer>,
     mut reader: socket::Reader,
 ) -> Result<(), SessionError> {
-    let subscription = match ctx.broker.subscribe(GLOBAL_ROOM, &conn.id) {
+    let Member { nickname, room, .. } = &member;
+    let subscription = match ctx.broker.subscribe(room, &conn.id) {
         Ok(subscription) => subscription,
         Err(e) => {
             refuse_upgrade(conn);
@@ -330,11 +349,20 @@ fn chat(
     };
     let subscriber = {
         let (conn, ctx, writer) = (Arc::clone(conn), Arc::clone(ctx), Arc::clone(&writer));
+        let member = member.clone();
         thread::Builder::new()
             .name(format!("tc-sub-{}", conn.seq))
             .stack_size(crate::THREAD_STACK_SIZE)
             .spawn(move || {
-                subscriber::run(subscription, &conn, &ctx, &writer, start, reader_done_rx)
+                subscriber::run(
+                    subscription,
+                    &conn,
+                    &ctx,
+                    &member,
+                    &writer,
+                    start,
+                    reader_done_rx,
+                )
             })
     };
     let subscriber = match subscriber {
@@ -345,14 +373,24 @@ fn chat(
         }
     };
 
-    // Nothing is answered, and nothing read, until the subscription is live.
-    let upgraded = ready_rx.recv().is_ok() && http::accept(&conn.stream, &response).is_ok();
+    // Nothing is answered, and nothing read, until the subscription is live
+    // and the client is on the member list.
+    let joined = ready_rx.recv().is_ok()
+        && match ctx.broker.join(room, &conn.id, nickname) {
+            Ok(()) => true,
+            Err(e) => {
+                conn.end(Ending::RelayFailed(e));
+                false
+            }
+        };
+    let upgraded = joined && http::accept(&conn.stream, &response).is_ok();
     if upgraded {
         let _ = go_tx.send(());
         ctx.metrics.connections_open.inc();
         ctx.metrics.connections_total.inc();
-        log::info!("{nickname} joined from {} ({})", conn.peer, conn.id);
-        let mut handler = ChatHandler::new(&nickname, conn, ctx);
+        log::info!("{nickname} joined {room} from {} ({})", conn.peer, conn.id);
+        announce(ctx, conn, &member, Kind::Join, "joined");
+        let mut handler = ChatHandler::new(&member, conn, ctx);
         // A panic here must not skip the clean-up below (which joins the
         // subscriber thread): catch it, record it, carry on.
         let ending = panic::catch_unwind(AssertUnwindSafe(|| {
@@ -380,6 +418,12 @@ fn chat(
     conn.cancel_subscription();
     let _ = subscriber.join(); // Its panics are caught (and logged) inside.
     let _ = conn.stream.shutdown(Shutdown::Both);
+    if joined && let Err(e) = ctx.broker.leave(room, &conn.id) {
+        log::debug!(
+            "{}: could not leave the member list of {room}: {e}",
+            conn.id
+        );
+    }
 
     if upgraded {
         ctx.metrics.connections_open.dec();
@@ -387,6 +431,7 @@ fn chat(
             .ending()
             .cloned()
             .unwrap_or(Ending::ConnectionLost("?".into()));
+        announce(ctx, conn, &member, Kind::Leave, &ending.leave_text());
         if let Ending::TooSlow(_) = ending {
             ctx.metrics.slow_client_closes.inc();
             log::warn!(
@@ -394,12 +439,21 @@ fn chat(
                 conn.peer
             );
         }
-        log::info!("{nickname} left ({}): {ending}", conn.peer);
+        log::info!("{nickname} left {room} ({}): {ending}", conn.peer);
         return Ok(());
     }
     match conn.ending() {
         Some(Ending::RelayFailed(e)) => Err(SessionError::Relay(e.clone())),
         _ => Ok(()),
+    }
+}
+
+/// Tells the room that this client joined or left (best effort: the room
+/// may be unreachable, which the client has been told about already).
+fn announce(ctx: &Context, conn: &Conn, member: &Member, kind: Kind, text: &str) {
+    let event = ChatMessage::event(kind, &member.nickname, &conn.id, text);
+    if let Err(e) = ctx.broker.publish(&member.room, event.to_payload(), false) {
+        log::debug!("{}: could not announce {kind:?}: {e}", conn.id);
     }
 }
 
@@ -424,27 +478,42 @@ fn truncate(s: &str, max: usize) -> String {
     s[..end].to_owned()
 }
 
-/// Warns about payloads on the room that are not chat messages — once per
+/// Warns about payloads on a room that are not chat messages — once per
 /// payload, not once per connection that sees it (with per-client Redis
 /// subscriptions, every connection sees every payload).
 #[derive(Default)]
 pub struct JunkLog {
-    /// Hash of the payload last warned about.
-    last: AtomicU64,
+    /// Hashes of the payloads warned about most recently. Junk is rare, so
+    /// a lock on this path costs nothing in practice.
+    recent: Mutex<VecDeque<u64>>,
 }
+
+/// How many junk payloads [`JunkLog`] remembers.
+const JUNK_MEMORY: usize = 64;
 
 impl JunkLog {
     /// Reports a skipped payload; returns true if this call logged it (so
     /// that it is counted once, too).
-    pub fn report(&self, payload: &[u8], error: &dyn std::error::Error) -> bool {
+    pub fn report(&self, room: &Room, payload: &[u8], error: &dyn std::error::Error) -> bool {
         let mut hasher = DefaultHasher::new();
+        room.hash(&mut hasher);
         payload.hash(&mut hasher);
         let hash = hasher.finish();
-        if self.last.swap(hash, Ordering::Relaxed) == hash {
-            return false;
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            if recent.contains(&hash) {
+                return false;
+            }
+            if recent.len() == JUNK_MEMORY {
+                recent.pop_front();
+            }
+            recent.push_back(hash);
         }
         let preview = String::from_utf8_lossy(&payload[..payload.len().min(80)]);
-        log::warn!("skipped a payload on {GLOBAL_ROOM}: {error}: {preview:?}");
+        log::warn!(
+            "skipped a payload on {}: {error}: {preview:?}",
+            room.channel()
+        );
         true
     }
 }

@@ -22,7 +22,8 @@ use tungstenite::{Bytes, Error as WsError, Message};
 use super::rate::{RateLimiter, Verdict};
 use super::socket::{Reader, Writer};
 use super::{Conn, Context, Ending, truncate};
-use crate::protocol::{ChatMessage, GLOBAL_ROOM, Nickname, ServerFrame, message_text};
+use crate::http::Member;
+use crate::protocol::{ChatMessage, ServerFrame, message_text};
 
 /// What a [`Handler`] wants after a data message.
 pub(super) enum Next {
@@ -65,7 +66,8 @@ pub(super) fn read_loop(
                         "idle timeout: no data or pong for {}s",
                         limits.idle_timeout.as_secs_f64()
                     );
-                    return close_by_server(reader, writer, conn, ctx, CloseCode::Policy, &reason);
+                    close_by_server(reader, writer, conn, ctx, CloseCode::Policy, &reason);
+                    return Ending::TimedOut;
                 }
                 if let Err(e) = writer.send(Message::Ping(Bytes::new())) {
                     return Ending::from_write_error(&e);
@@ -78,7 +80,8 @@ pub(super) fn read_loop(
             Message::Text(_) | Message::Binary(_) => match handler.on_message(message, writer) {
                 Next::Continue => {}
                 Next::Refuse(code, reason) => {
-                    return close_by_server(reader, writer, conn, ctx, code, &reason);
+                    let reason = close_by_server(reader, writer, conn, ctx, code, &reason);
+                    return Ending::Refused { code, reason };
                 }
                 Next::End(ending) => return ending,
             },
@@ -147,7 +150,7 @@ fn read_error(e: WsError, writer: &Writer, conn: &Conn, ctx: &Context) -> Ending
 /// Closes the connection because of what the client did, though it speaks the
 /// protocol correctly (a binary frame, flooding, silence): sends the close
 /// frame, then waits (at most `close_grace`) for the client's close reply so
-/// the close handshake completes.
+/// the close handshake completes. Returns the reason as sent.
 fn close_by_server(
     reader: &mut Reader,
     writer: &Writer,
@@ -155,7 +158,7 @@ fn close_by_server(
     ctx: &Context,
     code: CloseCode,
     reason: &str,
-) -> Ending {
+) -> String {
     ctx.metrics.protocol_closes.inc();
     let reason = truncate(reason, 120);
     let frame = CloseFrame {
@@ -175,34 +178,38 @@ fn close_by_server(
             }
         }
     }
-    Ending::Refused { code, reason }
+    reason
 }
 
-/// Publishes the client's messages to the room, within its rate limit.
+/// Publishes the client's messages to its room, within its rate limit.
 pub(super) struct ChatHandler<'a> {
-    nickname: &'a Nickname,
+    member: &'a Member,
     conn: &'a Conn,
     ctx: &'a Context,
     limiter: Option<RateLimiter>,
+    /// Messages sent so far: numbers each message's id.
+    sent: u64,
 }
 
 impl<'a> ChatHandler<'a> {
-    pub(super) fn new(nickname: &'a Nickname, conn: &'a Conn, ctx: &'a Context) -> Self {
+    pub(super) fn new(member: &'a Member, conn: &'a Conn, ctx: &'a Context) -> Self {
         let limiter = ctx
             .limits
             .rate_limit
             .map(|rate| RateLimiter::new(rate, ctx.limits.rate_burst, Instant::now()));
         ChatHandler {
-            nickname,
+            member,
             conn,
             ctx,
             limiter,
+            sent: 0,
         }
     }
 
     /// Tells the client something went wrong with what it sent.
     fn error(&self, writer: &Writer, text: &str) -> Next {
-        match writer.send(Message::text(ServerFrame::error(text).to_json())) {
+        let frame = ServerFrame::error(text).render(self.member.format);
+        match writer.send(Message::text(frame)) {
             Ok(()) => Next::Continue,
             Err(e) => Next::End(Ending::from_write_error(&e)),
         }
@@ -253,8 +260,18 @@ impl Handler for ChatHandler<'_> {
                 }
             }
         }
-        let chat = ChatMessage::new(self.nickname, &self.conn.id, body.into_owned());
-        match self.ctx.broker.publish(GLOBAL_ROOM, chat.to_payload()) {
+        self.sent += 1;
+        let chat = ChatMessage::new(
+            &self.member.nickname,
+            &self.conn.id,
+            self.sent,
+            body.into_owned(),
+        );
+        match self
+            .ctx
+            .broker
+            .publish(&self.member.room, chat.to_payload(), true)
+        {
             Ok(()) => {
                 self.ctx.metrics.messages_received.inc();
                 Next::Continue

@@ -1,18 +1,29 @@
-//! The subscriber thread: delivers the room's messages to one client.
+//! The subscriber thread: delivers the room to one client.
 //!
 //! It blocks in `Subscription::run` and, for each event:
 //!
-//! * `Subscribed` (the first time): the start-up handshake — tell the reader
-//!   "ready", wait for "go" (the client has its `101`).
+//! * `Subscribed` (the first time): read the room's history, then the
+//!   start-up handshake — tell the reader "ready", wait for "go" (the client
+//!   has its `101`) — then send the history (marked as such) and who is in the
+//!   room.
 //! * `Message`: parse the payload; skip junk (one warning per payload, not per
-//!   client) and the client's own messages; write the rest as chat frames.
+//!   client), the client's own events, and messages it already got from the
+//!   history; write the rest in the client's format.
 //! * `Lost` / `Subscribed` again: tell the client, with a notice, that the
 //!   relay was lost and then restored (messages in between may be missing).
+//!
+//! **History without gap or duplicate.** The subscription is live before the
+//! history is read, so a message published around the join is either in the
+//! history, or delivered live, or both — never neither. "Both" is removed by
+//! message id: ids seen in the history are skipped when they arrive live. The
+//! history is read before the client gets its `101`, so whatever anyone sends
+//! once the client is connected reaches it as a live message.
 //!
 //! When it ends first (server shutdown, relay failure, a client too slow to
 //! read), it closes the connection: a close frame when one can be sent, a
 //! bounded wait for the client's reply, then `shutdown()` to wake the reader.
 
+use std::collections::HashSet;
 use std::net::Shutdown;
 use std::ops::ControlFlow;
 use std::panic::{self, AssertUnwindSafe};
@@ -23,7 +34,8 @@ use tungstenite::Message;
 use super::socket::Writer;
 use super::{Conn, Context, Ending};
 use crate::broker::{BrokerError, Event, Subscription};
-use crate::protocol::{ChatMessage, ServerFrame};
+use crate::http::Member;
+use crate::protocol::{ChatMessage, Kind, SERVER_NICKNAME, ServerFrame, unix_millis};
 
 /// The subscriber thread's half of the start-up handshake.
 pub(super) struct Start {
@@ -38,36 +50,31 @@ pub(super) fn run(
     subscription: Subscription,
     conn: &Conn,
     ctx: &Context,
+    member: &Member,
     writer: &Writer,
     start: Start,
     reader_done: Receiver<()>,
 ) {
     let mut start = Some(start);
-    let mut upgraded = false;
+    let mut delivery = Delivery {
+        conn,
+        ctx,
+        member,
+        writer,
+        from_history: HashSet::new(),
+        upgraded: false,
+    };
     let result = panic::catch_unwind(AssertUnwindSafe(|| {
         subscription.run(|event| match event {
             Event::Subscribed => match start.take() {
-                Some(start) => {
-                    if start.ready.send(()).is_ok() && start.go.recv().is_ok() {
-                        upgraded = true;
-                        ControlFlow::Continue(())
-                    } else {
-                        ControlFlow::Break(())
-                    }
-                }
-                None => notify(
-                    conn,
-                    writer,
+                Some(start) => delivery.start(start),
+                None => delivery.notice(
                     "reconnected to the chat relay; messages sent while it was \
                      unavailable may be missing",
                 ),
             },
-            Event::Lost(e) => notify(
-                conn,
-                writer,
-                &format!("lost the chat relay ({e}); reconnecting"),
-            ),
-            Event::Message(payload) => deliver(payload, conn, ctx, writer),
+            Event::Lost(e) => delivery.notice(&format!("lost the chat relay ({e}); reconnecting")),
+            Event::Message(payload) => delivery.deliver(payload),
         })
     }));
     // The one place this thread's errors are logged.
@@ -91,7 +98,9 @@ pub(super) fn run(
     }
     // Before the upgrade there is no reader yet; the connection thread
     // answers HTTP.
-    if upgraded && let Err(TryRecvError::Empty) = reader_done.try_recv() {
+    if delivery.upgraded
+        && let Err(TryRecvError::Empty) = reader_done.try_recv()
+    {
         say_goodbye(conn, ctx, writer, &reader_done);
     }
 }
@@ -112,39 +121,112 @@ fn say_goodbye(conn: &Conn, ctx: &Context, writer: &Writer, reader_done: &Receiv
     let _ = conn.stream.shutdown(Shutdown::Both);
 }
 
-/// Sends a server notice; a failed write ends the subscription.
-fn notify(conn: &Conn, writer: &Writer, text: &str) -> ControlFlow<()> {
-    write(conn, writer, ServerFrame::notice(text).to_json())
+/// Everything needed to write the room to one client.
+struct Delivery<'a> {
+    conn: &'a Conn,
+    ctx: &'a Context,
+    member: &'a Member,
+    writer: &'a Writer,
+    /// Ids of the messages sent from the history, not to be sent again.
+    from_history: HashSet<String>,
+    /// Whether the client has its `101` (so frames may be written).
+    upgraded: bool,
 }
 
-fn write(conn: &Conn, writer: &Writer, frame: String) -> ControlFlow<()> {
-    match writer.send(Message::text(frame)) {
-        Ok(()) => ControlFlow::Continue(()),
-        Err(e) => {
-            conn.end(Ending::from_write_error(&e));
-            ControlFlow::Break(())
+impl Delivery<'_> {
+    /// History, the start-up handshake, then history and presence are sent.
+    fn start(&mut self, start: Start) -> ControlFlow<()> {
+        let history = self.ctx.broker.history(&self.member.room);
+        if start.ready.send(()).is_err() || start.go.recv().is_err() {
+            return ControlFlow::Break(());
+        }
+        self.upgraded = true;
+        self.send_history(history)?;
+        self.send_presence()
+    }
+
+    fn send_history(&mut self, history: Result<Vec<Vec<u8>>, BrokerError>) -> ControlFlow<()> {
+        let history = match history {
+            Ok(history) => history,
+            Err(e) => return self.notice(&format!("could not load the room's history ({e})")),
+        };
+        for payload in history {
+            // Junk in the history was reported when it was published.
+            let Ok(msg) = ChatMessage::from_payload(&payload) else {
+                continue;
+            };
+            if let Some(id) = &msg.id {
+                self.from_history.insert(id.clone());
+            }
+            self.write(&ServerFrame::from_event(&msg, true))?;
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn send_presence(&mut self) -> ControlFlow<()> {
+        let room = &self.member.room;
+        let members = match self.ctx.broker.members(room) {
+            Ok(members) => members,
+            Err(e) => return self.notice(&format!("could not load who is in {room} ({e})")),
+        };
+        let text = format!("in {room}: {}", members.join(", "));
+        self.write(&ServerFrame::Presence {
+            nickname: SERVER_NICKNAME,
+            message: &text,
+            room: room.name(),
+            members: &members,
+        })
+    }
+
+    /// Sends a server notice.
+    fn notice(&mut self, text: &str) -> ControlFlow<()> {
+        self.write(&ServerFrame::notice(text))
+    }
+
+    /// Writes one frame in the client's format; a failed write ends the
+    /// subscription.
+    fn write(&self, frame: &ServerFrame<'_>) -> ControlFlow<()> {
+        match self
+            .writer
+            .send(Message::text(frame.render(self.member.format)))
+        {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                self.conn.end(Ending::from_write_error(&e));
+                ControlFlow::Break(())
+            }
         }
     }
-}
 
-/// Delivers one payload from the room to this client, unless it is junk or
-/// the client's own message.
-fn deliver(payload: &[u8], conn: &Conn, ctx: &Context, writer: &Writer) -> ControlFlow<()> {
-    let msg = match ChatMessage::from_payload(payload) {
-        Ok(msg) => msg,
-        Err(e) => {
-            if ctx.junk.report(payload, &e) {
-                ctx.metrics.payloads_skipped.inc();
+    /// Delivers one payload from the room, unless it is junk, the client's
+    /// own, or already sent from the history.
+    fn deliver(&mut self, payload: &[u8]) -> ControlFlow<()> {
+        let msg = match ChatMessage::from_payload(payload) {
+            Ok(msg) => msg,
+            Err(e) => {
+                if self.ctx.junk.report(&self.member.room, payload, &e) {
+                    self.ctx.metrics.payloads_skipped.inc();
+                }
+                return ControlFlow::Continue(());
             }
+        };
+        if msg.is_from(&self.conn.id) {
             return ControlFlow::Continue(());
         }
-    };
-    if msg.is_from(&conn.id) {
-        return ControlFlow::Continue(());
+        if !self.from_history.is_empty()
+            && let Some(id) = &msg.id
+            && self.from_history.remove(id)
+        {
+            return ControlFlow::Continue(());
+        }
+        self.write(&ServerFrame::from_event(&msg, false))?;
+        if !matches!(msg.kind, Kind::Join | Kind::Leave) {
+            self.ctx.metrics.messages_delivered.inc();
+            if let Some(ts) = msg.ts {
+                let latency_ms = unix_millis().saturating_sub(ts);
+                self.ctx.metrics.delivery_latency.observe(latency_ms);
+            }
+        }
+        ControlFlow::Continue(())
     }
-    let flow = write(conn, writer, ServerFrame::from(&msg).to_json());
-    if flow.is_continue() {
-        ctx.metrics.messages_delivered.inc();
-    }
-    flow
 }

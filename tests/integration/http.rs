@@ -4,11 +4,15 @@
 use crate::support::{Server, eventually};
 
 #[test]
-fn the_root_explains_how_to_chat() {
+fn the_root_serves_the_web_client() {
     let server = Server::in_process();
     let (status, body) = server.get("/");
     assert_eq!(status, "HTTP/1.1 200 OK");
-    assert!(body.contains("websocat ws://"), "{body}");
+    assert!(body.contains("<title>threadchat</title>"), "{body}");
+    assert!(
+        !body.contains("http://") && !body.contains("https://"),
+        "nothing fetched from elsewhere"
+    );
 }
 
 #[test]

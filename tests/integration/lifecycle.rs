@@ -52,9 +52,10 @@ fn leaving_releases_everything(leave: fn(crate::support::Client)) {
     });
 }
 
-/// Threads of an idle server with no clients: main, signals, 2 publishers.
+/// Threads of an idle Redis-relayed server with no clients: main, signals,
+/// heartbeat, 2 publishers.
 fn base_threads(_server: &Server) -> usize {
-    4
+    5
 }
 
 #[test]
@@ -71,7 +72,7 @@ fn a_dropped_connection_releases_threads_and_redis_connections() {
 fn joins_and_leaves_are_logged_with_the_reason() {
     let server = Server::in_process();
     let alice = server.client("alice");
-    let joined = server.wait_for_log("alice joined from 127.0.0.1:");
+    let joined = server.wait_for_log("alice joined global_room from 127.0.0.1:");
     assert!(joined.contains("[INFO]"), "{joined}");
     alice.close();
     let left = server.wait_for_log("alice left");

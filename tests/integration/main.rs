@@ -10,5 +10,6 @@ mod interop;
 mod lifecycle;
 mod limits;
 mod redis_wire;
+mod rooms;
 mod startup;
 mod support;

@@ -308,8 +308,10 @@ impl Server {
         let mut stream = TcpStream::connect(self.addr).unwrap();
         stream.set_read_timeout(Some(PATIENCE)).unwrap();
         stream.write_all(request.as_bytes()).unwrap();
-        let mut response = String::new();
-        let _ = stream.read_to_string(&mut response);
+        let mut bytes = Vec::new();
+        let _ = stream.read_to_end(&mut bytes);
+        // Lossy: after a 101, WebSocket frames follow the head.
+        let response = String::from_utf8_lossy(&bytes);
         let status = response.lines().next().unwrap_or_default().to_owned();
         let body = response
             .split_once("\r\n\r\n")
@@ -396,18 +398,44 @@ impl Client {
         }
     }
 
+    /// The next frame that is not a room event (someone joining or leaving,
+    /// the member list, the history sent at join).
+    pub fn recv_live(&mut self) -> Value {
+        loop {
+            let frame = self.recv();
+            let room_event = matches!(frame["type"].as_str(), Some("join" | "leave" | "presence"))
+                || frame["history"] == true;
+            if !room_event {
+                return frame;
+            }
+        }
+    }
+
     /// The next frame, which must be from the server and of the given type
-    /// (`notice` or `error`); returns its text.
+    /// (`notice` or `error`), skipping room events; returns its text.
     pub fn recv_server(&mut self, kind: &str) -> String {
-        let frame = self.recv();
+        let frame = self.recv_live();
         assert_eq!(frame["type"], kind, "expected a {kind} frame, got {frame}");
         assert_eq!(frame["nickname"], "server");
         frame["message"].as_str().unwrap().to_owned()
     }
 
-    /// The next chat message as (nickname, message).
+    /// The next text frame as it is (for `?format=text`).
+    pub fn recv_text(&mut self) -> String {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(text)) => return text.as_str().to_owned(),
+                Ok(Message::Close(frame)) => panic!("closed while waiting for text: {frame:?}"),
+                Ok(_) => continue,
+                Err(e) => panic!("error while waiting for text: {e}"),
+            }
+        }
+    }
+
+    /// The next live chat message as (nickname, message), skipping room
+    /// events.
     pub fn recv_chat(&mut self) -> (String, String) {
-        let frame = self.recv();
+        let frame = self.recv_live();
         assert_eq!(frame["type"], "chat", "expected a chat frame, got {frame}");
         (
             frame["nickname"].as_str().unwrap().to_owned(),
@@ -415,10 +443,23 @@ impl Client {
         )
     }
 
-    /// Asserts that no data frame arrives within `quiet`.
+    /// Asserts that no chat, notice or error frame arrives within `quiet`
+    /// (room events — joins, leaves, presence — are allowed).
     pub fn expect_nothing(&mut self, quiet: Duration) {
         self.ws.get_ref().set_read_timeout(Some(quiet)).unwrap();
-        let result = self.ws.read();
+        let result = loop {
+            match self.ws.read() {
+                Ok(Message::Text(text)) => {
+                    let frame: Value = serde_json::from_str(text.as_str()).unwrap();
+                    let room_event =
+                        matches!(frame["type"].as_str(), Some("join" | "leave" | "presence"));
+                    if !room_event {
+                        break Ok(Message::Text(text));
+                    }
+                }
+                other => break other,
+            }
+        };
         self.ws.get_ref().set_read_timeout(Some(PATIENCE)).unwrap();
         match result {
             Err(tungstenite::Error::Io(e))
