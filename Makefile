@@ -8,11 +8,12 @@
 #                               (installs FastAPI, uvicorn, redis in a venv)
 #   make conformance            Autobahn|Testsuite cases 1-7 and 10 against /echo
 #                               (needs Python 2.7, e.g. pyenv's 2.7.18)
+#   make browser-test           the web page in headless chromium (playwright-core)
 
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: run build test lint fmt interop conformance require-redis
+.PHONY: run build test lint fmt interop conformance browser-test require-redis
 
 run:
 	$(CARGO) run --release --bin threadchat -- $(ARGS)
@@ -39,6 +40,13 @@ interop: require-redis
 
 conformance:
 	scripts/conformance.sh
+
+CHROMIUM ?= /usr/bin/chromium
+browser-test:
+	@test -x $(CHROMIUM) || { echo "browser-test needs chromium at $(CHROMIUM) (apt-get install chromium)"; exit 1; }
+	$(CARGO) build --bin threadchat
+	cd tests/browser && npm ci --no-audit --no-fund --silent
+	cd tests/browser && CHROMIUM=$(CHROMIUM) node --experimental-websocket --test chat.test.mjs
 
 require-redis:
 	@command -v redis-server >/dev/null 2>&1 || { \

@@ -1,0 +1,150 @@
+// The web client at "/", tested in a real headless browser: Debian's
+// chromium driven by playwright-core. Two pages chat with each other and with
+// a plain WebSocket client, user text stays text, and the page reconnects
+// when the server restarts.
+//
+// Run with `make browser-test` (builds threadchat, installs playwright-core).
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { mkdirSync } from "node:fs";
+import { chromium } from "playwright-core";
+
+const BIN = process.env.THREADCHAT_BIN ?? new URL("../../target/debug/threadchat", import.meta.url).pathname;
+const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
+const PATIENCE = 15_000;
+
+/** Starts threadchat (in-process relay) and resolves with its address. */
+function startServer(port = 0) {
+  return new Promise((resolve, reject) => {
+    const child = spawn(BIN, ["--host", "127.0.0.1", "--port", String(port), "--in-process"], {
+      stdio: ["ignore", "ignore", "pipe"],
+    });
+    let log = "";
+    child.stderr.setEncoding("utf8");
+    child.stderr.on("data", (chunk) => {
+      log += chunk;
+      const match = log.match(/listening on ws:\/\/([\d.]+:\d+)\//);
+      if (match) resolve({ child, addr: match[1] });
+    });
+    child.on("exit", (code) => reject(new Error(`threadchat exited (${code}):\n${log}`)));
+  });
+}
+
+function stopServer(server) {
+  return new Promise((resolve) => {
+    server.child.removeAllListeners("exit");
+    server.child.on("exit", resolve);
+    server.child.kill("SIGTERM");
+  });
+}
+
+/** A WebSocket client that collects the frames it receives. */
+function wsClient(addr, nickname, room) {
+  const ws = new WebSocket(`ws://${addr}/chat/${encodeURIComponent(nickname)}?room=${room}`);
+  const frames = [];
+  ws.onmessage = (event) => frames.push(JSON.parse(event.data));
+  const opened = new Promise((resolve, reject) => {
+    ws.onopen = resolve;
+    ws.onerror = reject;
+  });
+  return { ws, frames, opened };
+}
+
+async function until(what, check) {
+  const deadline = Date.now() + PATIENCE;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+let server;
+let browser;
+
+before(async () => {
+  server = await startServer();
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: [
+      "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    ],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  if (server) await stopServer(server);
+});
+
+async function openChat(nickname, room) {
+  const page = await browser.newPage();
+  await page.goto(`http://${server.addr}/`);
+  await page.fill("#nickname", nickname);
+  await page.fill("#room", room);
+  await page.click("#join");
+  await page.waitForSelector("#status.online", { timeout: PATIENCE });
+  return page;
+}
+
+const lines = (page) => page.$$eval("#messages li", (items) => items.map((li) => li.textContent));
+const members = (page) => page.$$eval("#members li", (items) => items.map((li) => li.textContent));
+
+test("two pages and a WebSocket client chat; user text stays text", async () => {
+  const ann = await openChat("ann", "lobby");
+  const ben = await openChat("ben", "lobby");
+  const cli = wsClient(server.addr, "cli", "lobby");
+  await cli.opened;
+
+  // Who is online, kept up to date by join notices.
+  await until("ann sees ben and cli", async () => {
+    const list = await members(ann);
+    return ["ann", "ben", "cli"].every((name) => list.includes(name));
+  });
+
+  // Page to page, and page to plain client.
+  await ann.fill("#text", "hello from ann");
+  await ann.click("#send");
+  await until("ben sees ann's message", async () =>
+    (await lines(ben)).some((l) => l.includes("ann") && l.includes("hello from ann")));
+  await until("cli gets ann's message", () =>
+    cli.frames.some((f) => f.type === "chat" && f.nickname === "ann" && f.message === "hello from ann"));
+
+  // Plain client to pages, with markup that must not become markup.
+  const hostile = `<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2"> & <b>bold</b>`;
+  cli.ws.send(hostile);
+  for (const page of [ann, ben]) {
+    await until("the hostile text arrives", async () => (await lines(page)).some((l) => l.includes(hostile)));
+    assert.equal(await page.$$eval("#messages img, #messages script, #messages b", (n) => n.length), 0);
+    assert.equal(await page.evaluate(() => window.pwned), undefined);
+  }
+
+  // Text that looks like JSON arrives as typed.
+  await ben.fill("#text", '{"message": "not unwrapped"}');
+  await ben.click("#send");
+  await until("cli gets ben's JSON-looking text", () =>
+    cli.frames.some((f) => f.nickname === "ben" && f.message === '{"message": "not unwrapped"}'));
+
+  // A late joiner gets the history, marked as such.
+  const cat = await openChat("cat", "lobby");
+  await until("cat sees the history", async () =>
+    (await cat.$$eval("#messages li.history", (items) => items.map((li) => li.textContent)))
+      .some((l) => l.includes("hello from ann")));
+
+  mkdirSync(new URL("../../target", import.meta.url).pathname, { recursive: true });
+  await ann.screenshot({ path: new URL("../../target/browser-chat.png", import.meta.url).pathname });
+  cli.ws.close();
+  await Promise.all([ann.close(), ben.close(), cat.close()]);
+});
+
+test("the page reconnects when the server restarts", async () => {
+  const page = await openChat("dee", "");
+  const port = Number(server.addr.split(":")[1]);
+  await stopServer(server);
+  await page.waitForSelector("#status:not(.online)", { timeout: PATIENCE });
+  server = await startServer(port);
+  await page.waitForSelector("#status.online", { timeout: PATIENCE });
+  await until("the page is back in the room", async () => (await members(page)).includes("dee"));
+  await page.close();
+});
