@@ -46,16 +46,23 @@ fn the_python_original_and_threadchat_chat_with_each_other() {
     }
 
     let mut py = Client::connect(addr, "py");
-    let mut rusty = server.client("rusty");
-    // Let the original's subscription settle (it subscribes after accepting).
+    // Let the original's subscription settle (it subscribes only after
+    // accepting the WebSocket), so that it hears rusty join.
     std::thread::sleep(Duration::from_millis(500));
+    let mut rusty = server.client("rusty");
 
     // The original's clients send JSON with their nickname; it is published
     // raw, and threadchat shows it as a chat frame.
     py.send(r#"{"nickname": "py", "message": "hello from python"}"#);
     assert_eq!(rusty.recv_chat(), ("py".into(), "hello from python".into()));
 
-    // What threadchat publishes, the original forwards to its client.
+    // What threadchat publishes, the original forwards to its client: first
+    // rusty's join (printed by such a client as "rusty: joined"), then chat.
+    let join = py.recv();
+    assert_eq!(
+        (&join["nickname"], &join["message"]),
+        (&"rusty".into(), &"joined".into())
+    );
     rusty.send("hello from threadchat");
     let frame = py.recv();
     assert_eq!(frame["nickname"], "rusty");
