@@ -15,6 +15,8 @@ fn redis_dies_and_comes_back_mid_chat() {
     let server = Server::with_redis(&redis);
     let mut alice = server.client("alice");
     let mut bob = server.client("bob");
+    alice.settle();
+    bob.settle();
     alice.send("before");
     assert_eq!(bob.recv_chat().1, "before");
 
@@ -56,6 +58,8 @@ fn redis_dropping_subscribers_is_survived() {
     let server = Server::with_redis(&redis);
     let mut alice = server.client("alice");
     let mut bob = server.client("bob");
+    alice.settle();
+    bob.settle();
     redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]);
     for client in [&mut alice, &mut bob] {
         assert!(client.recv_server("notice").contains("lost the chat relay"));
@@ -73,6 +77,7 @@ fn a_silently_dead_redis_is_detected() {
     let redis = Redis::start();
     let server = Server::with_redis(&redis);
     let mut alice = server.client("alice");
+    alice.settle();
     alice
         .ws
         .get_ref()

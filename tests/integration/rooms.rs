@@ -216,6 +216,7 @@ fn health_follows_redis() {
     let redis = Redis::start();
     let server = Server::with_redis(&redis);
     let mut alice = server.client("alice");
+    alice.settle();
     assert_eq!(
         server.get("/healthz"),
         ("HTTP/1.1 200 OK".into(), "ok\n".into())

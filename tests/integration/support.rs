@@ -420,6 +420,13 @@ impl Client {
         frame["message"].as_str().unwrap().to_owned()
     }
 
+    /// Reads up to the member list sent at join: from then on, the client is
+    /// fully in the room (history and member list delivered).
+    pub fn settle(&mut self) -> &mut Client {
+        while self.recv()["type"] != "presence" {}
+        self
+    }
+
     /// The next text frame as it is (for `?format=text`).
     pub fn recv_text(&mut self) -> String {
         loop {
