@@ -31,14 +31,14 @@ fn redis_dies_and_comes_back_mid_chat() {
     );
 
     let redis = Redis::start_on(port);
-    assert!(alice.recv_server("notice").contains("reconnected"));
-    assert!(bob.recv_server("notice").contains("reconnected"));
+    assert!(next_notice(&mut alice).contains("reconnected"));
+    assert!(next_notice(&mut bob).contains("reconnected"));
     alice.send("after");
     assert_eq!(bob.recv_chat(), ("alice".into(), "after".into()));
     bob.send("welcome back");
     assert_eq!(alice.recv_chat(), ("bob".into(), "welcome back".into()));
     assert_eq!(server.metric("threadchat_redis_reconnects_total"), 2);
-    assert_eq!(server.metric("threadchat_publish_errors_total"), 1);
+    assert!(server.metric("threadchat_publish_errors_total") >= 1);
 
     alice.close();
     bob.close();
@@ -47,6 +47,22 @@ fn redis_dies_and_comes_back_mid_chat() {
     eventually("Redis connections back to the publishers", || {
         redis.client_count() <= 2
     });
+}
+
+/// The next notice, past any "not delivered" errors: a publish that was in
+/// flight when Redis died cannot be confirmed, so its sender is told too.
+fn next_notice(client: &mut crate::support::Client) -> String {
+    loop {
+        let frame = client.recv_live();
+        match frame["type"].as_str() {
+            Some("notice") => return frame["message"].as_str().unwrap().to_owned(),
+            Some("error") => {
+                let text = frame["message"].as_str().unwrap();
+                assert!(text.contains("not delivered"), "{text}");
+            }
+            _ => panic!("expected a notice, got {frame}"),
+        }
+    }
 }
 
 /// Redis closing subscriber connections (as it does past the pub/sub
