@@ -482,24 +482,20 @@ impl Listen for RedisListener {
         on_event: &mut dyn FnMut(Event<'_>) -> Flow,
     ) -> Result<(), BrokerError> {
         let mut backoff = Backoff::new(MAX_BACKOFF);
-        let mut ever_subscribed = false;
-        // Counted in `subscriptions_down` (for /healthz) while it exists.
-        let mut down: Option<Down> = None;
+        let mut state = ListenState::default();
         loop {
-            let mut live = false;
-            let connection =
-                self.connection(stop, on_event, &mut live, &mut down, &mut ever_subscribed);
-            let error = match connection {
+            state.live = false;
+            let error = match self.connection(stop, on_event, &mut state) {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
-            if !ever_subscribed {
+            if !state.ever_subscribed {
                 // Never got going: the caller refuses the client instead.
                 return Err(error);
             }
-            if live {
+            if state.live {
                 self.metrics.subscriptions_lost.inc();
-                down.replace(Down::new(&self.metrics));
+                state.down.replace(Down::new(&self.metrics));
                 log::debug!("subscription to {} lost: {error}", self.channel);
                 if on_event(Event::Lost(&error)).is_break() {
                     return Ok(());
@@ -511,6 +507,18 @@ impl Listen for RedisListener {
             }
         }
     }
+}
+
+/// Where a listener stands, across its reconnections.
+#[derive(Default)]
+struct ListenState {
+    /// Subscribed on the current connection.
+    live: bool,
+    /// Subscribed at least once (later failures are losses to recover from,
+    /// not a failure to join).
+    ever_subscribed: bool,
+    /// Present while the subscription is lost and not yet restored.
+    down: Option<Down>,
 }
 
 /// A subscription that is down, counted in `subscriptions_down` for as
@@ -532,15 +540,12 @@ impl Drop for Down {
 
 impl RedisListener {
     /// One connection's worth of subscription: connect, subscribe, deliver.
-    /// Returns `Ok` when stopped, `Err` when the connection fails. Sets `live`
-    /// once subscribed.
+    /// Returns `Ok` when stopped, `Err` when the connection fails.
     fn connection(
         &self,
         stop: &StopSignal,
         on_event: &mut dyn FnMut(Event<'_>) -> Flow,
-        live: &mut bool,
-        down: &mut Option<Down>,
-        ever_subscribed: &mut bool,
+        state: &mut ListenState,
     ) -> Result<(), BrokerError> {
         let mut con = self
             .client
@@ -554,7 +559,7 @@ impl RedisListener {
                 reason: e.to_string(),
             })?;
         let mut pubsub = con.as_pubsub();
-        let result = self.receive(&mut pubsub, stop, on_event, live, down, ever_subscribed);
+        let result = self.receive(&mut pubsub, stop, on_event, state);
         // Dropping a PubSub sends UNSUBSCRIBE and waits for the answer: never
         // wait long for a Redis that has stopped answering.
         let _ = pubsub.set_read_timeout(Some(Duration::from_secs(1)));
@@ -566,9 +571,7 @@ impl RedisListener {
         pubsub: &mut redis::PubSub<'_>,
         stop: &StopSignal,
         on_event: &mut dyn FnMut(Event<'_>) -> Flow,
-        live: &mut bool,
-        down: &mut Option<Down>,
-        ever_subscribed: &mut bool,
+        state: &mut ListenState,
     ) -> Result<(), BrokerError> {
         let lost = |e: redis::RedisError| BrokerError::Redis(e.to_string());
         pubsub
@@ -578,13 +581,13 @@ impl RedisListener {
         // is not answered within as long again, the link is dead (a paused
         // Redis, a half-open TCP connection): detected within 2 x KEEPALIVE.
         pubsub.set_read_timeout(Some(KEEPALIVE)).map_err(lost)?;
-        *live = true;
+        state.live = true;
         // Restored (if it was down): no longer counted as down.
-        drop(down.take());
-        if *ever_subscribed {
+        drop(state.down.take());
+        if state.ever_subscribed {
             self.metrics.redis_reconnects.inc();
         }
-        *ever_subscribed = true;
+        state.ever_subscribed = true;
         // Only now, with SUBSCRIBE acknowledged, is a wake-up sure to reach us.
         if stop.is_stopped() || on_event(Event::Subscribed).is_break() {
             return Ok(());
