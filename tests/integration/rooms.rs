@@ -260,3 +260,18 @@ fn presence_spans_instances_and_a_killed_instance_leaves_no_ghosts() {
     let (_, body) = east.get("/members?room=lobby");
     assert!(body.contains(r#"["alice","carol"]"#), "{body}");
 }
+
+/// `--history 0` keeps nothing: a joiner starts with the member list.
+#[test]
+fn history_can_be_turned_off() {
+    let server = Server::start(&["--in-process", "--history", "0"]);
+    let mut alice = server.client("alice");
+    let mut witness = server.client("witness");
+    witness.settle();
+    alice.send("not kept");
+    assert_eq!(witness.recv_chat().1, "not kept");
+    let mut bob = server.client("bob");
+    assert_eq!(bob.recv()["type"], "presence");
+    alice.send("live");
+    assert_eq!(bob.recv_chat().1, "live");
+}
