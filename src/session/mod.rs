@@ -383,13 +383,17 @@ fn chat(
                 false
             }
         };
+    // The room is told before the client gets its `101`: once connected,
+    // everyone already knows.
+    if joined {
+        announce(ctx, conn, &member, Kind::Join, "joined");
+    }
     let upgraded = joined && http::accept(&conn.stream, &response).is_ok();
     if upgraded {
         let _ = go_tx.send(());
         ctx.metrics.connections_open.inc();
         ctx.metrics.connections_total.inc();
         log::info!("{nickname} joined {room} from {} ({})", conn.peer, conn.id);
-        announce(ctx, conn, &member, Kind::Join, "joined");
         let mut handler = ChatHandler::new(&member, conn, ctx);
         // A panic here must not skip the clean-up below (which joins the
         // subscriber thread): catch it, record it, carry on.
@@ -423,6 +427,10 @@ fn chat(
             "{}: could not leave the member list of {room}: {e}",
             conn.id
         );
+    }
+    if joined && !upgraded {
+        // Announced, but the 101 could not be sent: the client is gone.
+        announce(ctx, conn, &member, Kind::Leave, "left (connection lost)");
     }
 
     if upgraded {
