@@ -113,3 +113,45 @@ fn publishing_does_not_cost_a_connection_per_client() {
     });
     assert!(redis.client_count() <= baseline + 10 + 2);
 }
+
+/// Three instances on one Redis, clients spread over them: every message
+/// reaches every other client in its room exactly once, and in each sender's
+/// order.
+#[test]
+fn three_instances_deliver_exactly_once_in_order() {
+    const PER_SENDER: usize = 100;
+    let redis = Redis::start();
+    let url = redis.url();
+    let servers: Vec<Server> = (0..3)
+        .map(|_| Server::start(&["--redis", &url, "--rate-limit", "0"]))
+        .collect();
+    // Two clients per instance, all in one room; everyone sends.
+    let mut clients: Vec<crate::support::Client> = (0..6)
+        .map(|i| {
+            let mut client = servers[i % 3].client(&format!("c{i}?room=scale"));
+            client.settle();
+            client
+        })
+        .collect();
+    for round in 0..PER_SENDER {
+        for (i, client) in clients.iter_mut().enumerate() {
+            client.send(&format!("{i}:{round}"));
+        }
+    }
+    for (me, client) in clients.iter_mut().enumerate() {
+        let mut next = [0usize; 6];
+        for _ in 0..5 * PER_SENDER {
+            let (nickname, message) = client.recv_chat();
+            let (sender, round) = message.split_once(':').unwrap();
+            let (sender, round): (usize, usize) = (sender.parse().unwrap(), round.parse().unwrap());
+            assert_eq!(nickname, format!("c{sender}"));
+            assert_ne!(sender, me, "no echo");
+            assert_eq!(
+                round, next[sender],
+                "c{me} got c{sender}'s messages in order, once"
+            );
+            next[sender] += 1;
+        }
+        client.expect_nothing(Duration::from_millis(200));
+    }
+}
