@@ -9,11 +9,13 @@
 #   make conformance            Autobahn|Testsuite cases 1-7 and 10 against /echo
 #                               (needs Python 2.7, e.g. pyenv's 2.7.18)
 #   make browser-test           the web page in headless chromium (playwright-core)
+#   make bench                  load scenarios a, b, c against a release build
+#                               (starts its own redis-server; BROKER=memory for in-process)
 
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: run build test lint fmt interop conformance browser-test require-redis
+.PHONY: run build test lint fmt interop conformance browser-test bench require-redis
 
 run:
 	$(CARGO) run --release --bin threadchat -- $(ARGS)
@@ -47,6 +49,11 @@ browser-test:
 	$(CARGO) build --bin threadchat
 	cd tests/browser && npm ci --no-audit --no-fund --silent
 	cd tests/browser && CHROMIUM=$(CHROMIUM) node --experimental-websocket --test chat.test.mjs
+
+BROKER ?= redis
+bench: require-redis
+	$(CARGO) build --release --bins
+	./target/release/loadgen --broker $(BROKER)
 
 require-redis:
 	@command -v redis-server >/dev/null 2>&1 || { \

@@ -1,0 +1,488 @@
+//! `loadgen`: threadchat's load generator, run by `make bench`.
+//!
+//! It starts its own `redis-server` (on a free port) and a release
+//! `threadchat` (on port 0), then drives them with plain blocking clients —
+//! one thread per WebSocket client, like the server itself — and prints one
+//! table per scenario:
+//!
+//! * `a`: 1,000 clients in a room, one sender at 10 msg/s for 10 s.
+//! * `b`: 100 clients, 10 of them sending as fast as the server allows, 5 s.
+//! * `c`: 5,000 idle clients held 10 s, then one message all must receive.
+//!
+//! Latency is measured from a send timestamp carried in each message (client
+//! and server share the machine's clock). Every receiver checks each sender's
+//! sequence numbers, so loss, duplicates and order violations are counted.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use tungstenite::{Message, WebSocket};
+
+#[derive(Parser)]
+#[command(about = "Load generator for threadchat (see `make bench`)")]
+struct Args {
+    /// Scenarios to run: a, b, c (comma-separated).
+    #[arg(long, default_value = "a,b,c", value_delimiter = ',')]
+    scenario: Vec<String>,
+    /// Relay: redis (per-client subscriptions) or memory (in-process).
+    #[arg(long, default_value = "redis")]
+    broker: String,
+    /// The threadchat binary to test.
+    #[arg(long, default_value = "target/release/threadchat")]
+    threadchat: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    println!("threadchat load test, relay: {}", args.broker);
+    for scenario in &args.scenario {
+        let env = Env::start(&args)?;
+        let report = match scenario.as_str() {
+            "a" => fan_out(&env, 1000, 1, Pace::PerSecond(10), Duration::from_secs(10))?,
+            "b" => fan_out(&env, 100, 10, Pace::FlatOut, Duration::from_secs(5))?,
+            "c" => idle(&env, 5000)?,
+            other => bail!("unknown scenario {other:?}"),
+        };
+        println!("\n== scenario {scenario}\n{report}");
+    }
+    Ok(())
+}
+
+/// A redis-server and a threadchat, stopped on drop.
+struct Env {
+    redis: Option<Child>,
+    server: Child,
+    addr: SocketAddr,
+}
+
+impl Env {
+    fn start(args: &Args) -> anyhow::Result<Env> {
+        let mut relay = vec!["--in-process".to_owned()];
+        let mut redis = None;
+        if args.broker == "redis" {
+            let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            redis = Some(
+                Command::new("redis-server")
+                    .args([
+                        "--port",
+                        &port.to_string(),
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                    ])
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .context("redis-server")?,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while TcpStream::connect(("127.0.0.1", port)).is_err() {
+                anyhow::ensure!(Instant::now() < deadline, "redis-server did not start");
+                thread::sleep(Duration::from_millis(20));
+            }
+            relay = vec!["--redis".into(), format!("127.0.0.1:{port}")];
+        }
+        let mut server = Command::new(&args.threadchat)
+            .args(["--host", "127.0.0.1", "--port", "0", "--rate-limit", "0"])
+            .args(["--log-level", "warn", "--history", "0"])
+            .args(&relay)
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot run {} (make build first)", args.threadchat))?;
+        // The listening line is logged at info; at warn we ask the OS instead.
+        let stderr = server.stderr.take().expect("piped");
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[threadchat] {line}");
+            }
+        });
+        let addr = wait_for_port(server.id())?;
+        Ok(Env {
+            redis,
+            server,
+            addr,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.server.id()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        if let Some(redis) = &mut self.redis {
+            let _ = redis.kill();
+            let _ = redis.wait();
+        }
+    }
+}
+
+/// The port a process listens on, from `/proc/net/tcp` and its fds.
+fn wait_for_port(pid: u32) -> anyhow::Result<SocketAddr> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))?
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter_map(|l| {
+                let l = l.to_string_lossy().into_owned();
+                Some(l.strip_prefix("socket:[")?.trim_end_matches(']').to_owned())
+            })
+            .collect();
+        let tcp = std::fs::read_to_string("/proc/net/tcp")?;
+        for line in tcp.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // state 0A = LISTEN, local address 0100007F:PORT = 127.0.0.1
+            if f.len() > 9 && f[3] == "0A" && inodes.iter().any(|i| i == f[9]) {
+                let port = u16::from_str_radix(f[1].split(':').nth(1).unwrap_or("0"), 16)?;
+                return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "threadchat did not start listening"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// One connected client: its WebSocket, after the member list has arrived.
+fn connect(addr: SocketAddr, nickname: &str, room: &str) -> anyhow::Result<WebSocket<TcpStream>> {
+    let stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream.set_nodelay(true)?;
+    let url = format!("ws://{addr}/chat/{nickname}?room={room}");
+    let (mut ws, _) = tungstenite::client(url, stream).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Settled: the member list comes after history.
+    loop {
+        if let Message::Text(t) = ws.read()?
+            && t.as_str().contains(r#""type":"presence""#)
+        {
+            return Ok(ws);
+        }
+    }
+}
+
+/// What one receiver saw.
+#[derive(Default)]
+struct Seen {
+    received: u64,
+    lost: u64,
+    duplicates: u64,
+    out_of_order: u64,
+    latencies_us: Vec<u64>,
+}
+
+enum Pace {
+    PerSecond(u32),
+    FlatOut,
+}
+
+/// `clients` clients in one room; the first `senders` send for `duration`.
+fn fan_out(
+    env: &Env,
+    clients: usize,
+    senders: usize,
+    pace: Pace,
+    duration: Duration,
+) -> anyhow::Result<String> {
+    let room = "bench";
+    let started = Instant::now();
+    let sockets = connect_all(env.addr, clients, room)?;
+    let connect_time = started.elapsed();
+
+    let stop_reading = Arc::new(AtomicBool::new(false));
+    let delivered = Arc::new(AtomicU64::new(0));
+    // Closed loop: a sender stays at most WINDOW messages ahead of what the
+    // probe (the first client that does not send) has received from it, so
+    // "as fast as the server allows" is measured, not kernel buffering.
+    const WINDOW: u64 = 200;
+    let probe: Arc<Vec<AtomicU64>> = Arc::new((0..senders).map(|_| AtomicU64::new(0)).collect());
+    let sent: Vec<Arc<AtomicU64>> = (0..senders).map(|_| Arc::default()).collect();
+    let mut readers: Vec<JoinHandle<Seen>> = Vec::new();
+    let mut writers = Vec::new();
+    let go = Arc::new(Barrier::new(senders + 1));
+    for (i, ws) in sockets.into_iter().enumerate() {
+        if i < senders {
+            // A write-only WebSocket on a clone of the socket, so sending
+            // never waits for the reader's blocking read. (Two writers on one
+            // socket is only safe here because the server pings a client only
+            // after 30 s of silence, and senders are never silent.)
+            let mut out = WebSocket::from_raw_socket(
+                ws.get_ref().try_clone()?,
+                tungstenite::protocol::Role::Client,
+                None,
+            );
+            let (count, go, probe) = (Arc::clone(&sent[i]), Arc::clone(&go), Arc::clone(&probe));
+            let pace = match pace {
+                Pace::PerSecond(n) => Some(Duration::from_secs(1) / n),
+                Pace::FlatOut => None,
+            };
+            writers.push(
+                thread::Builder::new()
+                    .stack_size(256 << 10)
+                    .spawn(move || {
+                        go.wait();
+                        let end = Instant::now() + duration;
+                        let mut seq = 0u64;
+                        while Instant::now() < end {
+                            if seq >= probe[i].load(Ordering::Relaxed) + WINDOW {
+                                thread::sleep(Duration::from_micros(200));
+                                continue;
+                            }
+                            let text = format!("{i}:{seq}:{}", now_micros());
+                            if out.send(Message::text(text)).is_err() {
+                                break;
+                            }
+                            seq += 1;
+                            count.store(seq, Ordering::Relaxed);
+                            if let Some(gap) = pace {
+                                thread::sleep(gap);
+                            }
+                        }
+                    })?,
+            );
+        }
+        let (stop, delivered) = (Arc::clone(&stop_reading), Arc::clone(&delivered));
+        let probe = (i == senders).then(|| Arc::clone(&probe));
+        readers.push(
+            thread::Builder::new()
+                .stack_size(256 << 10)
+                .spawn(move || {
+                    let mut ws = ws;
+                    let _ = ws
+                        .get_ref()
+                        .set_read_timeout(Some(Duration::from_millis(500)));
+                    read_until(
+                        &mut ws,
+                        &stop,
+                        senders,
+                        &delivered,
+                        probe.as_ref().map(|p| p.as_slice()),
+                    )
+                })?,
+        );
+    }
+    go.wait();
+    let t0 = Instant::now();
+    let cpu0 = cpu_ticks(env.pid());
+    for w in writers {
+        let _ = w.join();
+    }
+    // Senders write into their sockets faster than the server relays: wait
+    // until deliveries stop (2 s without one), at most a minute.
+    let (mut last, mut last_change) = (0, Instant::now());
+    while last_change.elapsed() < Duration::from_secs(2) && t0.elapsed() < Duration::from_secs(60) {
+        thread::sleep(Duration::from_millis(100));
+        let now = delivered.load(Ordering::Relaxed);
+        if now != last {
+            (last, last_change) = (now, Instant::now());
+        }
+    }
+    let send_time = last_change.duration_since(t0);
+    let cpu = cpu_ticks(env.pid()) - cpu0;
+    stop_reading.store(true, Ordering::Relaxed);
+    let seen: Vec<Seen> = readers
+        .into_iter()
+        .map(|r| r.join().unwrap_or_default())
+        .collect();
+    let sent_total: Vec<u64> = sent.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    Ok(summarize(
+        clients,
+        senders,
+        &sent_total,
+        &seen,
+        connect_time,
+        send_time,
+        cpu,
+    ))
+}
+
+fn connect_all(
+    addr: SocketAddr,
+    clients: usize,
+    room: &str,
+) -> anyhow::Result<Vec<WebSocket<TcpStream>>> {
+    (0..clients)
+        .map(|i| connect(addr, &format!("u{i}"), room))
+        .collect()
+}
+
+/// Reads chat frames until `stop`, checking each sender's sequence.
+fn read_until(
+    ws: &mut WebSocket<TcpStream>,
+    stop: &AtomicBool,
+    senders: usize,
+    delivered: &AtomicU64,
+    probe: Option<&[AtomicU64]>,
+) -> Seen {
+    let mut seen = Seen::default();
+    let mut next = vec![0u64; senders];
+    while !stop.load(Ordering::Relaxed) {
+        let message = match ws.read() {
+            Ok(m) => m,
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                continue;
+            }
+            Err(_) => break,
+        };
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let Ok(frame) = serde_json::from_str::<serde_json::Value>(text.as_str()) else {
+            continue;
+        };
+        if frame["type"] != "chat" {
+            continue;
+        }
+        let Some(body) = frame["message"].as_str() else {
+            continue;
+        };
+        let mut parts = body.split(':').map(|p| p.parse::<u64>().unwrap_or(0));
+        let (s, seq, ts) = (
+            parts.next().unwrap_or(0) as usize,
+            parts.next().unwrap_or(0),
+            parts.next().unwrap_or(0),
+        );
+        if s >= senders {
+            continue;
+        }
+        seen.received += 1;
+        delivered.fetch_add(1, Ordering::Relaxed);
+        if let Some(probe) = probe {
+            probe[s].store(seq + 1, Ordering::Relaxed);
+        }
+        seen.latencies_us.push(now_micros().saturating_sub(ts));
+        match seq.cmp(&next[s]) {
+            std::cmp::Ordering::Equal => next[s] += 1,
+            std::cmp::Ordering::Greater => {
+                seen.lost += seq - next[s];
+                next[s] = seq + 1;
+            }
+            std::cmp::Ordering::Less => {
+                seen.duplicates += 1;
+                seen.out_of_order += 1;
+            }
+        }
+    }
+    seen
+}
+
+fn summarize(
+    clients: usize,
+    senders: usize,
+    sent: &[u64],
+    seen: &[Seen],
+    connect: Duration,
+    sending: Duration,
+    cpu_ticks: u64,
+) -> String {
+    let sent_total: u64 = sent.iter().sum();
+    // Each message goes to everyone but its sender.
+    let expected = sent_total * (clients as u64 - 1);
+    let received: u64 = seen.iter().map(|s| s.received).sum();
+    let mut lat: Vec<u64> = seen
+        .iter()
+        .flat_map(|s| s.latencies_us.iter().copied())
+        .collect();
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    // From the first send to the last delivery.
+    let window = sending.as_secs_f64();
+    format!(
+        "| clients | senders | connect all | sent | delivered / expected | loss | dups | order | p50 ms | p99 ms | max ms | deliveries/s | server CPU |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n\
+         | {clients} | {senders} | {:.2} s | {sent_total} | {received} / {expected} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0}% of a core |",
+        connect.as_secs_f64(),
+        expected.saturating_sub(received),
+        seen.iter().map(|s| s.duplicates).sum::<u64>(),
+        seen.iter().map(|s| s.out_of_order).sum::<u64>(),
+        pct(0.50),
+        pct(0.99),
+        lat.last().copied().unwrap_or(0) as f64 / 1000.0,
+        received as f64 / window,
+        cpu_ticks as f64 / window,
+    )
+}
+
+/// `clients` idle clients held 10 s, then one message all must receive.
+fn idle(env: &Env, clients: usize) -> anyhow::Result<String> {
+    let rss0 = rss_kb(env.pid());
+    let started = Instant::now();
+    let mut sockets = connect_all(env.addr, clients, "idle")?;
+    let connect_time = started.elapsed();
+    thread::sleep(Duration::from_secs(2));
+    let rss = rss_kb(env.pid());
+    let cpu0 = cpu_ticks(env.pid());
+    thread::sleep(Duration::from_secs(10));
+    let idle_cpu = cpu_ticks(env.pid()) - cpu0;
+    let t0 = Instant::now();
+    sockets[0].send(Message::text("wake up"))?;
+    let mut got = 0;
+    for ws in sockets.iter_mut().skip(1) {
+        loop {
+            match ws.read() {
+                Ok(Message::Text(t)) if t.as_str().contains("wake up") => {
+                    got += 1;
+                    break;
+                }
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+    }
+    Ok(format!(
+        "| idle clients | connect all | RSS per client | idle CPU (10 s) | received the message | all received in |\n\
+         |---|---|---|---|---|---|\n\
+         | {clients} | {:.2} s | {:.1} KiB | {:.1}% of a core | {got} / {} | {:.0} ms |",
+        connect_time.as_secs_f64(),
+        (rss.saturating_sub(rss0)) as f64 / clients as f64,
+        idle_cpu as f64 / 10.0,
+        clients - 1,
+        t0.elapsed().as_secs_f64() * 1000.0,
+    ))
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// User + system CPU time of a process, in clock ticks (100 per second).
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = after.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
