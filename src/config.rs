@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::broker::SubscriptionMode;
+
 /// The command line, exactly as clap parses it.
 #[derive(Debug, Parser)]
 #[command(
@@ -142,10 +144,39 @@ pub struct Args {
     )]
     pub history: usize,
 
+    /// How clients subscribe to Redis: `per-client` (each client its own
+    /// SUBSCRIBE connection; Redis fans out) or `shared` (one SUBSCRIBE per
+    /// room per process; this process fans out). See docs/PERFORMANCE.md.
+    #[arg(
+        long,
+        env = "THREADCHAT_SUBSCRIPTIONS",
+        value_enum,
+        default_value_t = Subscriptions::PerClient
+    )]
+    pub subscriptions: Subscriptions,
+
     /// Serve a WebSocket echo endpoint at /echo, for the Autobahn conformance
     /// suite. Off by default: it is not part of the chat.
     #[arg(long)]
     pub echo_endpoint: bool,
+}
+
+/// How clients subscribe to Redis, as accepted by `--subscriptions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Subscriptions {
+    /// One Redis subscription per client (the default).
+    PerClient,
+    /// One Redis subscription per room per process.
+    Shared,
+}
+
+impl From<Subscriptions> for SubscriptionMode {
+    fn from(mode: Subscriptions) -> Self {
+        match mode {
+            Subscriptions::PerClient => SubscriptionMode::PerClient,
+            Subscriptions::Shared => SubscriptionMode::Shared,
+        }
+    }
 }
 
 /// Log verbosity, as accepted by `--log-level`.
@@ -233,6 +264,8 @@ pub struct Config {
     pub limits: Limits,
     /// Chat messages kept per room.
     pub history: usize,
+    /// How clients subscribe to Redis.
+    pub subscriptions: SubscriptionMode,
 }
 
 /// An option value that cannot be used. The text is the whole error message.
@@ -347,6 +380,7 @@ impl Config {
             log_level: args.log_level.into(),
             log_file: args.log_file,
             history: args.history,
+            subscriptions: args.subscriptions.into(),
             limits: Limits {
                 max_connections,
                 max_message_size: args.max_message_size,

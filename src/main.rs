@@ -39,6 +39,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let settings = broker::Settings {
         instance: broker::random_u64(),
         history: config.history,
+        subscriptions: config.subscriptions,
     };
     let broker = broker::connect(&config.broker, &settings, &metrics)?;
     let server = Server::bind(&config, Arc::clone(&broker), metrics)?;

@@ -13,13 +13,17 @@
 //! * [`ChatMessage`] — the payload published on the Redis channel. It is a
 //!   superset of what the original app publishes, so the two interoperate.
 //! * [`ServerFrame`] — every JSON text frame the server sends to a client.
+//! * [`Incoming`] — a payload from the room, parsed and encoded once for all
+//!   the clients it goes to.
 //!
 //! The wire formats are described for humans in `docs/PROTOCOL.md`.
 
 use std::fmt;
+use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use tungstenite::Utf8Bytes;
 
 /// The Redis channel of the one chat room, as named by the original app.
 pub const GLOBAL_ROOM: &str = "global_room";
@@ -360,6 +364,69 @@ impl ChatMessage {
     /// True when this message was sent by connection `me`.
     pub fn is_from(&self, me: &ConnId) -> bool {
         self.conn.as_deref() == Some(me.as_str())
+    }
+}
+
+/// A payload received from a room, parsed once and rendered at most once
+/// per [`Format`], then shared (by `Arc`) with every client it goes to.
+///
+/// With a shared subscription (or the in-process broker) one `Incoming`
+/// reaches every client of the room on this instance: the JSON is parsed once
+/// and each outgoing frame is encoded once, however many clients there are.
+/// [`Incoming::frame`] hands out the encoded frame as a [`Utf8Bytes`], whose
+/// clone is a reference-count increment, not a copy.
+#[derive(Debug)]
+pub struct Incoming {
+    /// The parsed message, or why the payload is not one.
+    message: Result<ChatMessage, Junk>,
+    /// The live frame in each format, encoded on first use.
+    json: OnceLock<Utf8Bytes>,
+    text: OnceLock<Utf8Bytes>,
+}
+
+/// A payload that is not a chat message, kept so it can be reported.
+#[derive(Debug)]
+pub struct Junk {
+    /// Why it was rejected.
+    pub error: PayloadError,
+    /// The payload itself.
+    pub payload: Vec<u8>,
+}
+
+impl Incoming {
+    /// Parses a payload read from a room's channel.
+    pub fn parse(payload: &[u8]) -> Incoming {
+        Incoming {
+            message: ChatMessage::from_payload(payload).map_err(|error| Junk {
+                error,
+                payload: payload.to_vec(),
+            }),
+            json: OnceLock::new(),
+            text: OnceLock::new(),
+        }
+    }
+
+    /// The chat message, or the junk it turned out to be.
+    pub fn message(&self) -> Result<&ChatMessage, &Junk> {
+        self.message.as_ref()
+    }
+
+    /// The frame a client gets for this live message, in its format; `None`
+    /// for junk. Encoded by the first caller, shared by the rest.
+    pub fn frame(&self, format: Format) -> Option<Utf8Bytes> {
+        let message = self.message.as_ref().ok()?;
+        let cell = match format {
+            Format::Json => &self.json,
+            Format::Text => &self.text,
+        };
+        Some(
+            cell.get_or_init(|| {
+                ServerFrame::from_event(message, false)
+                    .render(format)
+                    .into()
+            })
+            .clone(),
+        )
     }
 }
 

@@ -2,52 +2,31 @@
 //!
 //! It exists so that `make run` works on a machine with no Redis, and so the
 //! chat tests can run against both brokers. It keeps the same thread shape as
-//! Redis: each subscriber thread blocks on its own bounded receiver. History
-//! and member lists live in memory, like the channels.
-//!
-//! Bound and policy: each subscriber's queue holds [`QUEUE_CAPACITY`]
-//! messages. A subscriber whose queue is full when a message arrives is
-//! removed from the channel (it cannot be allowed to slow the publisher or grow
-//! without bound), and its [`Subscription::run`] ends with
-//! [`BrokerError::Lagged`] — the same fate Redis deals to a subscriber past its
-//! output-buffer limit.
+//! Redis: each subscriber thread blocks on its own bounded queue
+//! ([`fanout`](super::fanout), which also explains the bound and what happens
+//! to a client that falls behind). History and member lists live in memory,
+//! like the channels.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
-
-use super::{Broker, BrokerError, Canceller, Event, Listen, Settings, StopSignal, Subscription};
-use crate::protocol::{ConnId, Nickname, Room};
-
-/// Messages a subscriber may have waiting before it is dropped as too slow.
-pub const QUEUE_CAPACITY: usize = 1024;
-
-/// A payload shared by every subscriber it is delivered to (one allocation per
-/// message, not per recipient).
-type Payload = Arc<[u8]>;
+use super::fanout::{Fanout, FanoutListener};
+use super::{Broker, BrokerError, Canceller, Event, Settings, Subscription};
+use crate::protocol::{ConnId, Incoming, Nickname, Room};
 
 /// Relays messages between the connections of this process.
 pub struct MemoryBroker {
     settings: Settings,
-    /// Channel name → its subscribers. Shared with every subscription, which
-    /// removes itself when it ends.
-    channels: Arc<RwLock<Channels>>,
+    /// Channel name → its subscribers' queues. Shared with every
+    /// subscription, which removes itself when it ends.
+    fanout: Arc<Fanout>,
     /// Room name → its recent chat messages and its members.
     rooms: Mutex<HashMap<String, RoomState>>,
 }
 
-type Channels = HashMap<String, Vec<Member>>;
-
-/// One subscriber of a channel.
-struct Member {
-    conn: ConnId,
-    tx: Sender<Payload>,
-}
-
 #[derive(Default)]
 struct RoomState {
-    history: VecDeque<Payload>,
+    history: VecDeque<Arc<[u8]>>,
     /// (connection, nickname) of everyone in the room.
     members: Vec<(ConnId, String)>,
 }
@@ -57,7 +36,7 @@ impl MemoryBroker {
     pub fn new(settings: &Settings) -> MemoryBroker {
         MemoryBroker {
             settings: settings.clone(),
-            channels: Arc::default(),
+            fanout: Arc::new(Fanout::new(true)),
             rooms: Mutex::default(),
         }
     }
@@ -73,45 +52,30 @@ impl Broker for MemoryBroker {
     }
 
     fn publish(&self, room: &Room, payload: Vec<u8>, record: bool) -> Result<(), BrokerError> {
-        let payload: Payload = payload.into();
+        let incoming = Arc::new(Incoming::parse(&payload));
         if record && self.settings.history > 0 {
             let mut rooms = self.rooms();
             let history = &mut rooms.entry(room.name().to_owned()).or_default().history;
-            history.push_back(Arc::clone(&payload));
+            history.push_back(payload.into());
             while history.len() > self.settings.history {
                 history.pop_front();
             }
         }
-        let channel = room.channel();
-        let mut lagging = Vec::new();
-        {
-            let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
-            for member in channels.get(&channel).into_iter().flatten() {
-                match member.tx.try_send(Arc::clone(&payload)) {
-                    Ok(()) | Err(TrySendError::Disconnected(_)) => {}
-                    Err(TrySendError::Full(_)) => lagging.push(member.conn.clone()),
-                }
-            }
-        }
-        for conn in lagging {
-            remove(&self.channels, &channel, &conn);
-        }
+        self.fanout
+            .dispatch(&room.channel(), None, Event::Message(incoming));
         Ok(())
     }
 
     fn subscribe(&self, room: &Room, conn: &ConnId) -> Result<Subscription, BrokerError> {
-        let (tx, rx) = crossbeam_channel::bounded(QUEUE_CAPACITY);
-        let listener = MemoryListener {
-            rx,
-            // Registered only when the listener starts (see `listen`).
-            registration: Some((
-                tx,
-                Registration {
-                    channels: Arc::clone(&self.channels),
-                    channel: room.channel(),
-                    conn: conn.clone(),
-                },
-            )),
+        let channel = room.channel();
+        let registered = self.fanout.register(&channel, conn);
+        let listener = FanoutListener {
+            inbox: registered.inbox,
+            guard: Registration {
+                fanout: Arc::clone(&self.fanout),
+                channel,
+                conn: conn.clone(),
+            },
         };
         // Cancelling drops the stop sender; the listener `select!`s on it.
         Ok(Subscription::new(Box::new(listener), Canceller::new(|| {})))
@@ -164,73 +128,17 @@ impl Broker for MemoryBroker {
     }
 }
 
-/// Removes `conn` from `channel`, dropping its sender.
-fn remove(channels: &RwLock<Channels>, channel: &str, conn: &ConnId) {
-    let mut channels = channels.write().unwrap_or_else(|p| p.into_inner());
-    if let Some(members) = channels.get_mut(channel) {
-        members.retain(|m| &m.conn != conn);
-        if members.is_empty() {
-            channels.remove(channel);
-        }
-    }
-}
-
 /// Takes a subscriber out of its channel when dropped, however the
 /// subscriber thread ends.
 struct Registration {
-    channels: Arc<RwLock<Channels>>,
+    fanout: Arc<Fanout>,
     channel: String,
     conn: ConnId,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        remove(&self.channels, &self.channel, &self.conn);
-    }
-}
-
-struct MemoryListener {
-    rx: Receiver<Payload>,
-    registration: Option<(Sender<Payload>, Registration)>,
-}
-
-impl Listen for MemoryListener {
-    fn listen(
-        mut self: Box<Self>,
-        stop: &StopSignal,
-        on_event: &mut dyn FnMut(Event<'_>) -> super::Flow,
-    ) -> Result<(), BrokerError> {
-        let (tx, registration) = self.registration.take().expect("listen runs once");
-        registration
-            .channels
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(registration.channel.clone())
-            .or_default()
-            .push(Member {
-                conn: registration.conn.clone(),
-                tx,
-            });
-        // Held until this function returns, however it returns.
-        let _registration = registration;
-
-        if stop.is_stopped() || on_event(Event::Subscribed).is_break() {
-            return Ok(());
-        }
-        loop {
-            crossbeam_channel::select! {
-                recv(self.rx) -> payload => match payload {
-                    Ok(payload) => {
-                        if on_event(Event::Message(&payload)).is_break() {
-                            return Ok(());
-                        }
-                    }
-                    // Our sender was removed by a publisher: we fell behind.
-                    Err(_) => return Err(BrokerError::Lagged),
-                },
-                recv(stop.receiver()) -> _ => return Ok(()),
-            }
-        }
+        self.fanout.unregister(&self.channel, &self.conn);
     }
 }
 
@@ -243,6 +151,7 @@ mod tests {
         MemoryBroker::new(&Settings {
             instance: 1,
             history,
+            subscriptions: Default::default(),
         })
     }
 
@@ -258,21 +167,23 @@ mod tests {
             sub.run(|event| {
                 match event {
                     Event::Subscribed => ready_tx.send(()).unwrap(),
-                    Event::Message(p) => got_tx.send(p.to_vec()).unwrap(),
+                    Event::Message(m) => got_tx.send(m.message().unwrap().message.clone()).unwrap(),
                     Event::Lost(e) => panic!("the in-process broker never loses: {e}"),
+                    Event::Idle => {}
                 }
                 ControlFlow::Continue(())
             })
         });
         ready_rx.recv().unwrap();
-        broker.publish(&room, b"hello".to_vec(), false).unwrap();
+        let payload = |text: &str| format!(r#"{{"nickname":"n","message":"{text}"}}"#).into_bytes();
+        broker.publish(&room, payload("hello"), false).unwrap();
         broker
-            .publish(&Room::parse("other").unwrap(), b"nope".to_vec(), false)
+            .publish(&Room::parse("other").unwrap(), payload("nope"), false)
             .unwrap();
-        assert_eq!(got_rx.recv().unwrap(), b"hello");
+        assert_eq!(got_rx.recv().unwrap(), "hello");
         canceller.cancel();
         assert_eq!(thread.join().unwrap(), Ok(()));
-        assert!(broker.channels.read().unwrap().is_empty());
+        assert_eq!(broker.fanout.channel_count(), 0);
     }
 
     #[test]
@@ -283,7 +194,7 @@ mod tests {
         let mut published = false;
         let result = sub.run(|event| {
             if let Event::Subscribed = event {
-                for _ in 0..=QUEUE_CAPACITY {
+                for _ in 0..=super::super::fanout::QUEUE_LIMIT {
                     broker.publish(&room, b"x".to_vec(), false).unwrap();
                 }
                 published = true;

@@ -16,6 +16,7 @@
 //! from another thread, keep the subscription's [`Canceller`]: `cancel()` wakes
 //! the subscriber thread wherever it is blocked, and `run` returns `Ok(())`.
 
+pub(crate) mod fanout;
 pub mod memory;
 pub mod redis;
 
@@ -28,7 +29,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::config::{BrokerChoice, DEFAULT_REDIS_URL};
 use crate::metrics::Metrics;
-use crate::protocol::{ConnId, Nickname, Room};
+use crate::protocol::{ConnId, Incoming, Nickname, Room};
 
 /// A message relay, with the little state rooms need: recent history and
 /// the member list. Shared by every connection through an `Arc<dyn Broker>`.
@@ -77,11 +78,28 @@ pub struct Settings {
     pub instance: u64,
     /// Chat messages kept per room (0: no history).
     pub history: usize,
+    /// How the Redis broker subscribes (the in-process broker ignores it).
+    pub subscriptions: SubscriptionMode,
+}
+
+/// How a Redis broker subscribes its clients to their rooms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SubscriptionMode {
+    /// Each client has its own `SUBSCRIBE` connection (the design's default):
+    /// one Redis connection per client, and Redis does the fan-out.
+    #[default]
+    PerClient,
+    /// Each process has one `SUBSCRIBE` connection per room and fans out to
+    /// its clients' queues itself (see [`fanout`]).
+    Shared,
 }
 
 /// What a running subscription hands to its closure.
-#[derive(Debug)]
-pub enum Event<'a> {
+///
+/// Owned and cheap to clone: the same `Event` is queued for every client of
+/// a room when one subscription feeds many (see [`fanout`]).
+#[derive(Debug, Clone)]
+pub enum Event {
     /// The subscription is active: from now on, every message published on the
     /// channel is delivered. Comes first, and again after each [`Event::Lost`]
     /// once the subscription is restored.
@@ -89,9 +107,13 @@ pub enum Event<'a> {
     /// The subscription was lost (the relay went away or dropped us). The
     /// broker keeps trying to restore it; messages published meanwhile are
     /// missed. Only after a first [`Event::Subscribed`].
-    Lost(&'a BrokerError),
-    /// A payload published on the channel (possibly by this very connection).
-    Message(&'a [u8]),
+    Lost(Arc<BrokerError>),
+    /// A payload published on the channel (possibly by this very connection),
+    /// parsed once for everyone it is delivered to.
+    Message(Arc<Incoming>),
+    /// Nothing more is waiting right now: a good moment to flush what was
+    /// written. Never queued; listeners say it when they are about to block.
+    Idle,
 }
 
 /// What a subscriber's closure tells [`Subscription::run`]: keep going, or stop.
@@ -133,7 +155,7 @@ pub(crate) trait Listen: Send {
     fn listen(
         self: Box<Self>,
         stop: &StopSignal,
-        on_event: &mut dyn FnMut(Event<'_>) -> Flow,
+        on_event: &mut dyn FnMut(Event) -> Flow,
     ) -> Result<(), BrokerError>;
 }
 
@@ -158,7 +180,7 @@ impl Subscription {
     /// when the subscriber fell too far behind). A subscription that is lost
     /// later is restored by the broker, with [`Event::Lost`] and
     /// [`Event::Subscribed`] telling the closure.
-    pub fn run(self, mut on_event: impl FnMut(Event<'_>) -> Flow) -> Result<(), BrokerError> {
+    pub fn run(self, mut on_event: impl FnMut(Event) -> Flow) -> Result<(), BrokerError> {
         let stop = self.canceller.signal();
         self.listener.listen(&stop, &mut on_event)
     }
@@ -217,7 +239,7 @@ impl Canceller {
         self.inner.cancelled.load(Ordering::SeqCst)
     }
 
-    fn signal(&self) -> StopSignal {
+    pub(crate) fn signal(&self) -> StopSignal {
         StopSignal {
             canceller: self.clone(),
         }

@@ -34,20 +34,22 @@
 //! the job senders; each publisher's `recv()` then fails, it leaves its loop,
 //! and the drop joins it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use redis::{Client, Connection};
 
+use super::fanout::{Fanout, FanoutListener};
 use super::{
     Backoff, Broker, BrokerError, Canceller, Event, Flow, Listen, Settings, StopSignal,
-    Subscription,
+    Subscription, SubscriptionMode,
 };
 use crate::metrics::Metrics;
-use crate::protocol::{ConnId, Nickname, Room};
+use crate::protocol::{ConnId, Incoming, Nickname, Room};
 
 /// Publisher threads (and so publishing connections) per process.
 pub const POOL_SIZE: usize = 2;
@@ -82,6 +84,8 @@ pub struct RedisBroker {
     heartbeat: Option<JoinHandle<()>>,
     settings: Settings,
     metrics: Arc<Metrics>,
+    /// In shared-subscription mode, the rooms' feeds.
+    shared: Option<Arc<SharedFeeds>>,
 }
 
 /// Commands waiting for a publisher thread.
@@ -149,7 +153,19 @@ impl RedisBroker {
             heartbeat: None,
             settings: settings.clone(),
             metrics: Arc::clone(metrics),
+            shared: None,
         };
+        if settings.subscriptions == SubscriptionMode::Shared {
+            broker.shared = Some(Arc::new(SharedFeeds {
+                fanout: Arc::new(Fanout::new(false)),
+                feeds: Mutex::default(),
+                client: broker.client.clone(),
+                url: broker.url.clone(),
+                instance: settings.instance,
+                lane: broker.lanes[0].clone(),
+                metrics: Arc::clone(metrics),
+            }));
+        }
         broker.start_heartbeat()?;
         Ok(broker)
     }
@@ -325,25 +341,18 @@ impl Broker for RedisBroker {
     }
 
     fn subscribe(&self, room: &Room, conn: &ConnId) -> Result<Subscription, BrokerError> {
+        if let Some(shared) = &self.shared {
+            return shared.subscribe(room, conn);
+        }
         let wake_channel = format!("{WAKE_PREFIX}{conn}");
-        let lane = self.lane().clone();
-        let wake_target = wake_channel.clone();
-        let canceller = Canceller::new(move || {
-            // Fire and forget: if Redis is unreachable, the subscriber is not
-            // blocked on it either (it is failing, and checks the flag).
-            let mut publish = redis::cmd("PUBLISH");
-            publish.arg(&wake_target).arg("");
-            let _ = lane.try_send(Job {
-                cmds: vec![publish],
-                reply: None,
-            });
-        });
+        let canceller = wake_canceller(self.lane().clone(), wake_channel.clone());
         let listener = RedisListener {
             client: self.client.clone(),
             url: self.url.clone(),
             channel: room.channel(),
             wake_channel,
             metrics: Arc::clone(&self.metrics),
+            shared: false,
         };
         Ok(Subscription::new(Box::new(listener), canceller))
     }
@@ -365,6 +374,147 @@ impl Drop for RedisBroker {
         for handle in self.publishers.drain(..) {
             if handle.join().is_err() {
                 log::error!("a Redis publisher thread panicked");
+            }
+        }
+    }
+}
+
+/// A canceller for a thread blocked on a Redis subscription: it publishes
+/// an empty message on the subscription's private wake channel.
+fn wake_canceller(lane: Sender<Job>, wake_channel: String) -> Canceller {
+    Canceller::new(move || {
+        // Fire and forget: if Redis is unreachable, the subscriber is not
+        // blocked on it either (it is failing, and checks the flag).
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(&wake_channel).arg("");
+        let _ = lane.try_send(Job {
+            cmds: vec![publish],
+            reply: None,
+        });
+    })
+}
+
+/// Shared-subscription mode: one Redis subscription per room per process,
+/// held by the room's *feed thread* (`tc-room-N`), which dispatches every
+/// message to the queues of the room's clients here.
+///
+/// The first client of a room starts its feed; the last one to leave stops
+/// it and joins its thread. A client arriving while the feed is subscribed
+/// is subscribed at once; one arriving earlier waits for the feed's first
+/// `Subscribed` (or is refused, as in per-client mode, if the feed's first
+/// attempt fails).
+struct SharedFeeds {
+    fanout: Arc<Fanout>,
+    /// Channel → its running feed. Locked while registering and
+    /// unregistering, so a room's feed is started and stopped exactly once.
+    feeds: Mutex<HashMap<String, RoomFeed>>,
+    client: Client,
+    url: String,
+    instance: u64,
+    /// For the feeds' wake-ups.
+    lane: Sender<Job>,
+    metrics: Arc<Metrics>,
+}
+
+/// A running feed thread.
+struct RoomFeed {
+    canceller: Canceller,
+    thread: JoinHandle<()>,
+}
+
+impl SharedFeeds {
+    fn feeds(&self) -> std::sync::MutexGuard<'_, HashMap<String, RoomFeed>> {
+        self.feeds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn subscribe(
+        self: &Arc<Self>,
+        room: &Room,
+        conn: &ConnId,
+    ) -> Result<Subscription, BrokerError> {
+        let channel = room.channel();
+        let registered = {
+            let mut feeds = self.feeds();
+            let registered = self.fanout.register(&channel, conn);
+            if let Some(generation) = registered.new_channel {
+                match self.start_feed(&channel, generation) {
+                    Ok(feed) => {
+                        feeds.insert(channel.clone(), feed);
+                    }
+                    Err(e) => {
+                        self.fanout.unregister(&channel, conn);
+                        return Err(e);
+                    }
+                }
+            }
+            registered
+        };
+        let listener = FanoutListener {
+            inbox: registered.inbox,
+            guard: FeedRegistration {
+                feeds: Arc::clone(self),
+                channel,
+                conn: conn.clone(),
+            },
+        };
+        // Cancelling drops the stop sender; the listener `select!`s on it.
+        Ok(Subscription::new(Box::new(listener), Canceller::new(|| {})))
+    }
+
+    fn start_feed(&self, channel: &str, generation: u64) -> Result<RoomFeed, BrokerError> {
+        let wake_channel = format!("{WAKE_PREFIX}room-{:016x}-{generation}", self.instance);
+        let canceller = wake_canceller(self.lane.clone(), wake_channel.clone());
+        let listener = Box::new(RedisListener {
+            client: self.client.clone(),
+            url: self.url.clone(),
+            channel: channel.to_owned(),
+            wake_channel,
+            metrics: Arc::clone(&self.metrics),
+            shared: true,
+        });
+        let stop = canceller.signal();
+        let fanout = Arc::clone(&self.fanout);
+        let channel = channel.to_owned();
+        let thread = thread::Builder::new()
+            .name(format!("tc-room-{generation}"))
+            .stack_size(crate::THREAD_STACK_SIZE)
+            .spawn(move || {
+                let result = listener.listen(&stop, &mut |event| {
+                    fanout.dispatch(&channel, Some(generation), event);
+                    Flow::Continue(())
+                });
+                // The one place this thread's errors are logged.
+                if let Err(e) = result {
+                    log::error!("the shared subscription to {channel} failed: {e}");
+                }
+            })
+            .map_err(|e| BrokerError::Redis(format!("cannot start a room's feed thread: {e}")))?;
+        Ok(RoomFeed { canceller, thread })
+    }
+}
+
+/// A client's place in a shared feed. Dropping it unregisters the client,
+/// and the last client out stops the feed and joins its thread.
+struct FeedRegistration {
+    feeds: Arc<SharedFeeds>,
+    channel: String,
+    conn: ConnId,
+}
+
+impl Drop for FeedRegistration {
+    fn drop(&mut self) {
+        let stopped = {
+            let mut feeds = self.feeds.feeds();
+            if self.feeds.fanout.unregister(&self.channel, &self.conn) {
+                feeds.remove(&self.channel)
+            } else {
+                None
+            }
+        };
+        if let Some(feed) = stopped {
+            feed.canceller.cancel();
+            if feed.thread.join().is_err() {
+                log::error!("the feed thread of {} panicked", self.channel);
             }
         }
     }
@@ -464,13 +614,18 @@ impl Publisher {
     }
 }
 
-/// The subscriber-thread half of a Redis subscription.
+/// A blocking Redis subscription: a client's own (per-client mode), or a
+/// room's shared one (shared mode, run by the room's feed thread).
 struct RedisListener {
     client: Client,
     url: String,
     channel: String,
     wake_channel: String,
     metrics: Arc<Metrics>,
+    /// A room's shared subscription: it never gives up (clients come and
+    /// go; it stops when the last one leaves), and reports every failed
+    /// attempt, not only the loss of a live subscription.
+    shared: bool,
 }
 
 impl Listen for RedisListener {
@@ -479,7 +634,7 @@ impl Listen for RedisListener {
     fn listen(
         self: Box<Self>,
         stop: &StopSignal,
-        on_event: &mut dyn FnMut(Event<'_>) -> Flow,
+        on_event: &mut dyn FnMut(Event) -> Flow,
     ) -> Result<(), BrokerError> {
         let mut backoff = Backoff::new(MAX_BACKOFF);
         let mut state = ListenState::default();
@@ -489,7 +644,7 @@ impl Listen for RedisListener {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
-            if !state.ever_subscribed {
+            if !state.ever_subscribed && !self.shared {
                 // Never got going: the caller refuses the client instead.
                 return Err(error);
             }
@@ -497,10 +652,16 @@ impl Listen for RedisListener {
                 self.metrics.subscriptions_lost.inc();
                 state.down.replace(Down::new(&self.metrics));
                 log::debug!("subscription to {} lost: {error}", self.channel);
-                if on_event(Event::Lost(&error)).is_break() {
+                if on_event(Event::Lost(Arc::new(error))).is_break() {
                     return Ok(());
                 }
                 backoff.reset();
+            } else if self.shared {
+                // A room's shared subscription serves clients that are
+                // waiting to join: each failed attempt tells them.
+                if on_event(Event::Lost(Arc::new(error))).is_break() {
+                    return Ok(());
+                }
             }
             if stop.sleep(backoff.next_delay()) {
                 return Ok(());
@@ -544,7 +705,7 @@ impl RedisListener {
     fn connection(
         &self,
         stop: &StopSignal,
-        on_event: &mut dyn FnMut(Event<'_>) -> Flow,
+        on_event: &mut dyn FnMut(Event) -> Flow,
         state: &mut ListenState,
     ) -> Result<(), BrokerError> {
         let mut con = self
@@ -570,7 +731,7 @@ impl RedisListener {
         &self,
         pubsub: &mut redis::PubSub<'_>,
         stop: &StopSignal,
-        on_event: &mut dyn FnMut(Event<'_>) -> Flow,
+        on_event: &mut dyn FnMut(Event) -> Flow,
         state: &mut ListenState,
     ) -> Result<(), BrokerError> {
         let lost = |e: redis::RedisError| BrokerError::Redis(e.to_string());
@@ -612,7 +773,10 @@ impl RedisListener {
             if msg.get_channel_name() == self.wake_channel {
                 continue;
             }
-            if on_event(Event::Message(msg.get_payload_bytes())).is_break() {
+            let incoming = Arc::new(Incoming::parse(msg.get_payload_bytes()));
+            // The `redis` crate does not tell whether more has arrived, so
+            // every message is followed by `Idle` (a flush).
+            if on_event(Event::Message(incoming)).is_break() || on_event(Event::Idle).is_break() {
                 return Ok(());
             }
         }

@@ -80,6 +80,11 @@ pub struct Writer {
 /// 128 KiB, is zero-filled on first read: 128 KiB resident per idle client.
 const READ_BUFFER: usize = 4 * 1024;
 
+/// Bytes of frames the writer collects before writing them out even
+/// without a flush. A batch of chat frames fits, so it leaves in one
+/// `write` system call.
+const WRITE_BUFFER: usize = 16 * 1024;
+
 /// Splits an upgraded socket into its one writer and its reader.
 ///
 /// `leftover` holds bytes read past the HTTP request head; `max_message` is
@@ -96,11 +101,11 @@ pub fn split(stream: Arc<TcpStream>, leftover: Vec<u8>, max_message: usize) -> (
         Role::Server,
         Some(read_config),
     );
-    // The writer never reads, so it needs no real read buffer. Each send is
-    // flushed at once, so the write buffer never holds more than one frame.
+    // The writer never reads, so it needs no real read buffer. Frames are
+    // buffered until a flush (see `send_all`) or until this many bytes wait.
     let write_config = WebSocketConfig::default()
         .read_buffer_size(64)
-        .write_buffer_size(0);
+        .write_buffer_size(WRITE_BUFFER);
     let writer = WebSocket::from_raw_socket(shared, Role::Server, Some(write_config));
     (
         Writer {
@@ -118,6 +123,16 @@ impl Writer {
     pub fn send(&self, message: Message) -> Result<(), Error> {
         let mut ws = self.ws.lock().map_err(|_| Error::AlreadyClosed)?;
         ws.send(message)
+    }
+
+    /// Sends several messages with one flush: under one lock, and (when
+    /// they fit in the write buffer) in one system call.
+    pub fn send_all(&self, messages: impl IntoIterator<Item = Message>) -> Result<(), Error> {
+        let mut ws = self.ws.lock().map_err(|_| Error::AlreadyClosed)?;
+        for message in messages {
+            ws.write(message)?;
+        }
+        ws.flush()
     }
 
     /// Sends a close frame (once; later calls do nothing).

@@ -35,7 +35,7 @@ use super::socket::Writer;
 use super::{Conn, Context, Ending};
 use crate::broker::{BrokerError, Event, Subscription};
 use crate::http::Member;
-use crate::protocol::{ChatMessage, Kind, SERVER_NICKNAME, ServerFrame, unix_millis};
+use crate::protocol::{ChatMessage, Incoming, Kind, SERVER_NICKNAME, ServerFrame, unix_millis};
 
 /// The subscriber thread's half of the start-up handshake.
 pub(super) struct Start {
@@ -63,6 +63,8 @@ pub(super) fn run(
         writer,
         from_history: HashSet::new(),
         upgraded: false,
+        pending: Vec::new(),
+        pending_stamps: Vec::new(),
     };
     let result = panic::catch_unwind(AssertUnwindSafe(|| {
         subscription.run(|event| match event {
@@ -74,7 +76,8 @@ pub(super) fn run(
                 ),
             },
             Event::Lost(e) => delivery.notice(&format!("lost the chat relay ({e}); reconnecting")),
-            Event::Message(payload) => delivery.deliver(payload),
+            Event::Message(incoming) => delivery.deliver(&incoming),
+            Event::Idle => delivery.flush(),
         })
     }));
     // The one place this thread's errors are logged.
@@ -131,7 +134,15 @@ struct Delivery<'a> {
     from_history: HashSet<String>,
     /// Whether the client has its `101` (so frames may be written).
     upgraded: bool,
+    /// Room messages waiting for the next flush (see [`Delivery::flush`]).
+    pending: Vec<Message>,
+    /// The send time (`ts`) of each chat message in `pending`, for the
+    /// latency histogram.
+    pending_stamps: Vec<Option<u64>>,
 }
+
+/// Most room messages written with one flush.
+const MAX_BATCH: usize = 64;
 
 impl Delivery<'_> {
     /// History, the start-up handshake, then history and presence are sent.
@@ -183,13 +194,17 @@ impl Delivery<'_> {
         self.write(&ServerFrame::notice(text))
     }
 
-    /// Writes one frame in the client's format; a failed write ends the
-    /// subscription.
-    fn write(&self, frame: &ServerFrame<'_>) -> ControlFlow<()> {
-        match self
-            .writer
-            .send(Message::text(frame.render(self.member.format)))
-        {
+    /// Writes one frame of the server's own in the client's format, after
+    /// any room messages still waiting; a failed write ends the subscription.
+    fn write(&mut self, frame: &ServerFrame<'_>) -> ControlFlow<()> {
+        self.flush()?;
+        let message = Message::text(frame.render(self.member.format));
+        self.check(self.writer.send(message))
+    }
+
+    /// Ends the subscription if a write failed.
+    fn check(&self, result: Result<(), tungstenite::Error>) -> ControlFlow<()> {
+        match result {
             Ok(()) => ControlFlow::Continue(()),
             Err(e) => {
                 self.conn.end(Ending::from_write_error(&e));
@@ -198,13 +213,19 @@ impl Delivery<'_> {
         }
     }
 
-    /// Delivers one payload from the room, unless it is junk, the client's
-    /// own, or already sent from the history.
-    fn deliver(&mut self, payload: &[u8]) -> ControlFlow<()> {
-        let msg = match ChatMessage::from_payload(payload) {
+    /// Queues one message from the room for the client, unless it is junk,
+    /// the client's own, or already sent from the history. Queued messages
+    /// are written by [`flush`](Self::flush): when the listener has nothing
+    /// more waiting, or when [`MAX_BATCH`] are queued.
+    fn deliver(&mut self, incoming: &Incoming) -> ControlFlow<()> {
+        let msg = match incoming.message() {
             Ok(msg) => msg,
-            Err(e) => {
-                if self.ctx.junk.report(&self.member.room, payload, &e) {
+            Err(junk) => {
+                if self
+                    .ctx
+                    .junk
+                    .report(&self.member.room, &junk.payload, &junk.error)
+                {
                     self.ctx.metrics.payloads_skipped.inc();
                 }
                 return ControlFlow::Continue(());
@@ -219,13 +240,34 @@ impl Delivery<'_> {
         {
             return ControlFlow::Continue(());
         }
-        self.write(&ServerFrame::from_event(&msg, false))?;
+        // Encoded once per format for everyone; this is a shared reference.
+        let Some(text) = incoming.frame(self.member.format) else {
+            return ControlFlow::Continue(());
+        };
+        self.pending.push(Message::Text(text));
         if !matches!(msg.kind, Kind::Join | Kind::Leave) {
-            self.ctx.metrics.messages_delivered.inc();
-            if let Some(ts) = msg.ts {
-                let latency_ms = unix_millis().saturating_sub(ts);
-                self.ctx.metrics.delivery_latency.observe(latency_ms);
-            }
+            self.pending_stamps.push(msg.ts);
+        }
+        if self.pending.len() >= MAX_BATCH {
+            return self.flush();
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Writes the queued room messages with one flush.
+    fn flush(&mut self) -> ControlFlow<()> {
+        if self.pending.is_empty() {
+            return ControlFlow::Continue(());
+        }
+        let sent = self.writer.send_all(self.pending.drain(..));
+        self.check(sent)?;
+        let metrics = &self.ctx.metrics;
+        metrics
+            .messages_delivered
+            .add(self.pending_stamps.len() as u64);
+        let now = unix_millis();
+        for ts in self.pending_stamps.drain(..).flatten() {
+            metrics.delivery_latency.observe(now.saturating_sub(ts));
         }
         ControlFlow::Continue(())
     }

@@ -517,7 +517,7 @@ impl Client {
     }
 }
 
-/// Declares `redis` and `in_process` variants of a test taking a `&Server`,
+/// Declares `redis`, `redis_shared` (`--subscriptions shared`) and `in_process` variants of a test taking a `&Server`,
 /// optionally with extra server arguments: `name => ["--flag", "value"]`.
 macro_rules! with_both_brokers {
     ($($name:ident $(=> [$($arg:expr),*])?),* $(,)?) => {$(
@@ -527,6 +527,14 @@ macro_rules! with_both_brokers {
                 let redis = crate::support::Redis::start();
                 let url = redis.url();
                 let args: &[&str] = &["--redis", &url, $($($arg),*)?];
+                super::$name(&crate::support::Server::start(args));
+            }
+            #[test]
+            fn redis_shared() {
+                let redis = crate::support::Redis::start();
+                let url = redis.url();
+                let args: &[&str] =
+                    &["--redis", &url, "--subscriptions", "shared", $($($arg),*)?];
                 super::$name(&crate::support::Server::start(args));
             }
             #[test]

@@ -1,0 +1,301 @@
+//! Fan-out inside one process: one source of messages per channel, one
+//! bounded queue per subscribed client.
+//!
+//! Two brokers deliver this way:
+//!
+//! * the in-process broker, whose `publish` hands each payload straight to
+//!   [`Fanout::dispatch`];
+//! * the Redis broker in *shared-subscription* mode, where one thread per room
+//!   holds the process's only `SUBSCRIBE` for that room and dispatches what it
+//!   receives (see `redis.rs`).
+//!
+//! Either way a client's subscriber thread keeps the design's shape: it
+//! blocks on its own crossbeam receiver ([`FanoutListener`]), exactly as it
+//! would block on its own Redis connection.
+//!
+//! **Parse and encode once.** What is queued is an [`Event`]; a message is an
+//! `Arc<Incoming>`, parsed once by the dispatcher and encoded once per format
+//! by whichever client writes it first. A thousand clients cost a thousand
+//! pointer copies, not a thousand JSON round trips.
+//!
+//! **Bounded, and cheap when idle.** A client may have at most
+//! [`QUEUE_LIMIT`] events waiting. One that is further behind is dropped from
+//! the channel (its listener then ends with [`BrokerError::Lagged`]) — it
+//! must not slow the others or grow without bound, the same fate Redis deals
+//! to a subscriber past its output-buffer limit. The bound is kept by a
+//! counter beside a crossbeam *list* channel, not by a crossbeam `bounded`
+//! channel: `bounded(n)` allocates and initialises all `n` slots up front
+//! (4,096 slots would be 100 KiB resident for every idle client), while the
+//! list channel allocates small blocks only while messages are waiting.
+//!
+//! **Order.** Messages are dispatched under a read lock, and changes of state
+//! (`Subscribed`, `Lost`, a client registering) under the write lock. So a
+//! client that registers on a live channel gets `Subscribed` before any
+//! message, and every client sees the messages of one channel in the order
+//! they were dispatched.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::{BrokerError, Event, Flow, Listen, StopSignal};
+use crate::protocol::ConnId;
+
+/// Events a client may have waiting before it is dropped as too slow.
+pub const QUEUE_LIMIT: usize = 4096;
+
+/// How long a new client waits for a channel's source to subscribe, when it
+/// registers on a channel that is not live yet.
+const FIRST_SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Channel name → its subscribers, for one process.
+pub(crate) struct Fanout {
+    channels: RwLock<HashMap<String, Channel>>,
+    /// Whether every channel is live from the start (the in-process broker),
+    /// or only once its source says [`Event::Subscribed`] (Redis).
+    always_live: bool,
+    /// Numbers the channels created, so a source that is being stopped
+    /// cannot deliver into a channel that was created again meanwhile.
+    generations: AtomicU64,
+}
+
+/// One channel's subscribers.
+struct Channel {
+    generation: u64,
+    /// Whether the source is subscribed (so new clients are, too).
+    live: bool,
+    subscribers: Vec<Subscriber>,
+}
+
+/// One client's end of a channel, as the dispatcher sees it.
+struct Subscriber {
+    conn: ConnId,
+    tx: Sender<Event>,
+    /// Events queued and not yet taken by the client.
+    queued: Arc<AtomicUsize>,
+}
+
+/// One client's end of a channel, as its subscriber thread sees it.
+pub(crate) struct Inbox {
+    rx: Receiver<Event>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// What [`Fanout::register`] did.
+pub(crate) struct Registered {
+    /// The client's queue.
+    pub(crate) inbox: Inbox,
+    /// `Some(generation)` when the channel is new: the caller starts a
+    /// source for it, which dispatches with this generation.
+    pub(crate) new_channel: Option<u64>,
+}
+
+impl Fanout {
+    /// An empty fan-out.
+    pub(crate) fn new(always_live: bool) -> Fanout {
+        Fanout {
+            channels: RwLock::default(),
+            always_live,
+            generations: AtomicU64::new(0),
+        }
+    }
+
+    /// Adds connection `conn` to `channel`, creating the channel if needed.
+    pub(crate) fn register(&self, channel: &str, conn: &ConnId) -> Registered {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
+        let mut new_channel = None;
+        let entry = channels.entry(channel.to_owned()).or_insert_with(|| {
+            let generation = self.generations.fetch_add(1, Ordering::Relaxed);
+            new_channel = Some(generation);
+            Channel {
+                generation,
+                live: self.always_live,
+                subscribers: Vec::new(),
+            }
+        });
+        let subscriber = Subscriber {
+            conn: conn.clone(),
+            tx,
+            queued: Arc::clone(&queued),
+        };
+        if entry.live {
+            // Cannot fail or be full: the queue is new and its receiver is here.
+            subscriber.offer(Event::Subscribed);
+        }
+        entry.subscribers.push(subscriber);
+        Registered {
+            inbox: Inbox { rx, queued },
+            new_channel,
+        }
+    }
+
+    /// Removes connection `conn` from `channel`. Returns true if the channel
+    /// is now empty, in which case it is gone and its source should stop.
+    pub(crate) fn unregister(&self, channel: &str, conn: &ConnId) -> bool {
+        let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = channels.get_mut(channel) else {
+            return false;
+        };
+        entry.subscribers.retain(|s| &s.conn != conn);
+        if entry.subscribers.is_empty() {
+            channels.remove(channel);
+            return true;
+        }
+        false
+    }
+
+    /// Hands `event` to every subscriber of `channel`. With a `generation`,
+    /// only if the channel is still the one that source was started for.
+    ///
+    /// `Subscribed` and `Lost` also mark the channel live or not, so clients
+    /// registering later know whether they are subscribed yet.
+    pub(crate) fn dispatch(&self, channel: &str, generation: Option<u64>, event: Event) {
+        let current = |entry: &Channel| generation.is_none_or(|g| g == entry.generation);
+        let lagging: Vec<ConnId> = match event {
+            Event::Message(_) => {
+                let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+                match channels.get(channel).filter(|e| current(e)) {
+                    Some(entry) => entry.offer_all(&event),
+                    None => return,
+                }
+            }
+            Event::Subscribed | Event::Lost(_) => {
+                let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
+                match channels.get_mut(channel).filter(|e| current(e)) {
+                    Some(entry) => {
+                        entry.live = matches!(event, Event::Subscribed);
+                        entry.offer_all(&event)
+                    }
+                    None => return,
+                }
+            }
+            Event::Idle => return,
+        };
+        if lagging.is_empty() {
+            return;
+        }
+        // Dropping a laggard's sender ends its listener with `Lagged`. It
+        // stays registered (its channel is not empty) until its listener
+        // unregisters it, so the channel's source is not stopped under the
+        // feet of whoever registers next.
+        let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = channels.get_mut(channel) {
+            for subscriber in &mut entry.subscribers {
+                if lagging.contains(&subscriber.conn) {
+                    let (dead, _) = crossbeam_channel::bounded(0);
+                    subscriber.tx = dead;
+                }
+            }
+        }
+    }
+
+    /// The number of channels with subscribers (for tests).
+    #[cfg(test)]
+    pub(crate) fn channel_count(&self) -> usize {
+        self.channels.read().unwrap().len()
+    }
+}
+
+impl Channel {
+    /// Offers `event` to everyone; returns who is too far behind to take it.
+    fn offer_all(&self, event: &Event) -> Vec<ConnId> {
+        self.subscribers
+            .iter()
+            .filter(|s| !s.offer(event.clone()))
+            .map(|s| s.conn.clone())
+            .collect()
+    }
+}
+
+impl Subscriber {
+    /// Queues `event`; false when this makes the client [`QUEUE_LIMIT`]
+    /// behind, the moment it is to be dropped.
+    fn offer(&self, event: Event) -> bool {
+        match self.queued.fetch_add(1, Ordering::Relaxed) {
+            n if n < QUEUE_LIMIT => {
+                let _ = self.tx.send(event);
+                true
+            }
+            // Just fell behind: the caller drops it.
+            QUEUE_LIMIT => false,
+            // Dropped already, and waiting to unregister.
+            _ => true,
+        }
+    }
+}
+
+/// A client's subscriber-thread loop over its [`Inbox`]. `G` is whatever
+/// must happen when it ends: dropping it unregisters the client.
+pub(crate) struct FanoutListener<G: Send> {
+    pub(crate) inbox: Inbox,
+    pub(crate) guard: G,
+}
+
+impl<G: Send> Listen for FanoutListener<G> {
+    fn listen(
+        self: Box<Self>,
+        stop: &StopSignal,
+        on_event: &mut dyn FnMut(Event) -> Flow,
+    ) -> Result<(), BrokerError> {
+        let FanoutListener { inbox, guard } = *self;
+        // Held until this function returns, however it returns.
+        let _guard = guard;
+        let deadline = Instant::now() + FIRST_SUBSCRIBE_TIMEOUT;
+        let mut subscribed = false;
+        let mut live = false;
+        loop {
+            let waiting_for_first = if subscribed {
+                crossbeam_channel::never()
+            } else {
+                crossbeam_channel::at(deadline)
+            };
+            let event = crossbeam_channel::select! {
+                recv(inbox.rx) -> event => match event {
+                    Ok(event) => event,
+                    // Our sender was replaced by the dispatcher: we fell behind.
+                    Err(_) => return Err(BrokerError::Lagged),
+                },
+                recv(stop.receiver()) -> _ => return Ok(()),
+                recv(waiting_for_first) -> _ => {
+                    return Err(BrokerError::Redis(
+                        "timed out waiting for the room's subscription".into(),
+                    ));
+                }
+            };
+            inbox.queued.fetch_sub(1, Ordering::Relaxed);
+            if stop.is_stopped() {
+                return Ok(());
+            }
+            let flow = match event {
+                // Told again by a source that reconnected: only news if we
+                // had been told it was lost.
+                Event::Subscribed if live => continue,
+                Event::Subscribed => {
+                    subscribed = true;
+                    live = true;
+                    on_event(Event::Subscribed)
+                }
+                // The source failed before we were ever subscribed: the
+                // client is refused, as with its own failed subscription.
+                Event::Lost(e) if !subscribed => return Err((*e).clone()),
+                Event::Lost(_) if !live => continue,
+                Event::Lost(e) => {
+                    live = false;
+                    on_event(Event::Lost(e))
+                }
+                message => on_event(message),
+            };
+            if flow.is_break() {
+                return Ok(());
+            }
+            if inbox.rx.is_empty() && on_event(Event::Idle).is_break() {
+                return Ok(());
+            }
+        }
+    }
+}
