@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use super::{BrokerError, Event, Flow, Listen, StopSignal};
-use crate::protocol::ConnId;
+use crate::protocol::{ConnId, Incoming};
 
 /// Events a client may have waiting before it is dropped as too slow.
 pub const QUEUE_LIMIT: usize = 4096;
@@ -70,17 +70,34 @@ struct Channel {
     subscribers: Vec<Subscriber>,
 }
 
+/// What a client's queue holds: one event, or a run of messages that the
+/// source received together (one wake-up of the client for all of them).
+enum Queued {
+    One(Event),
+    Batch(Arc<[Arc<Incoming>]>),
+}
+
+impl Queued {
+    /// How many events it counts for against [`QUEUE_LIMIT`].
+    fn weight(&self) -> usize {
+        match self {
+            Queued::One(_) => 1,
+            Queued::Batch(messages) => messages.len(),
+        }
+    }
+}
+
 /// One client's end of a channel, as the dispatcher sees it.
 struct Subscriber {
     conn: ConnId,
-    tx: Sender<Event>,
+    tx: Sender<Queued>,
     /// Events queued and not yet taken by the client.
     queued: Arc<AtomicUsize>,
 }
 
 /// One client's end of a channel, as its subscriber thread sees it.
 pub(crate) struct Inbox {
-    rx: Receiver<Event>,
+    rx: Receiver<Queued>,
     queued: Arc<AtomicUsize>,
 }
 
@@ -125,7 +142,7 @@ impl Fanout {
         };
         if entry.live {
             // Cannot fail or be full: the queue is new and its receiver is here.
-            subscriber.offer(Event::Subscribed);
+            subscriber.offer(Queued::One(Event::Subscribed));
         }
         entry.subscribers.push(subscriber);
         Registered {
@@ -155,34 +172,65 @@ impl Fanout {
     /// `Subscribed` and `Lost` also mark the channel live or not, so clients
     /// registering later know whether they are subscribed yet.
     pub(crate) fn dispatch(&self, channel: &str, generation: Option<u64>, event: Event) {
-        let current = |entry: &Channel| generation.is_none_or(|g| g == entry.generation);
-        let lagging: Vec<ConnId> = match event {
-            Event::Message(_) => {
-                let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
-                match channels.get(channel).filter(|e| current(e)) {
-                    Some(entry) => entry.offer_all(&event),
-                    None => return,
+        self.dispatch_all(channel, generation, vec![event]);
+    }
+
+    /// Hands several events to every subscriber, in order. Consecutive
+    /// messages go into each client's queue as one batch: a source that
+    /// received 50 messages at once wakes each client once, not 50 times.
+    pub(crate) fn dispatch_all(&self, channel: &str, generation: Option<u64>, events: Vec<Event>) {
+        let mut messages: Vec<Arc<Incoming>> = Vec::new();
+        for event in events {
+            match event {
+                Event::Message(message) => messages.push(message),
+                Event::Idle => {}
+                control => {
+                    self.offer_messages(channel, generation, std::mem::take(&mut messages));
+                    self.offer_control(channel, generation, control);
                 }
             }
-            Event::Subscribed | Event::Lost(_) => {
-                let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
-                match channels.get_mut(channel).filter(|e| current(e)) {
-                    Some(entry) => {
-                        entry.live = matches!(event, Event::Subscribed);
-                        entry.offer_all(&event)
-                    }
-                    None => return,
-                }
-            }
-            Event::Idle => return,
+        }
+        self.offer_messages(channel, generation, messages);
+    }
+
+    fn offer_messages(&self, channel: &str, generation: Option<u64>, messages: Vec<Arc<Incoming>>) {
+        let queued = match messages.len() {
+            0 => return,
+            1 => Queued::One(Event::Message(messages.into_iter().next().expect("one"))),
+            _ => Queued::Batch(messages.into()),
         };
+        let lagging = {
+            let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+            match channels.get(channel).filter(|e| e.is(generation)) {
+                Some(entry) => entry.offer_all(&queued),
+                None => return,
+            }
+        };
+        self.drop_laggards(channel, lagging);
+    }
+
+    fn offer_control(&self, channel: &str, generation: Option<u64>, event: Event) {
+        let lagging = {
+            let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
+            match channels.get_mut(channel).filter(|e| e.is(generation)) {
+                Some(entry) => {
+                    entry.live = matches!(event, Event::Subscribed);
+                    entry.offer_all(&Queued::One(event))
+                }
+                None => return,
+            }
+        };
+        self.drop_laggards(channel, lagging);
+    }
+
+    /// Dropping a laggard's sender ends its listener with `Lagged`. It
+    /// stays registered (its channel is not empty) until its listener
+    /// unregisters it, so the channel's source is not stopped under the
+    /// feet of whoever registers next.
+    fn drop_laggards(&self, channel: &str, lagging: Vec<ConnId>) {
         if lagging.is_empty() {
             return;
         }
-        // Dropping a laggard's sender ends its listener with `Lagged`. It
-        // stays registered (its channel is not empty) until its listener
-        // unregisters it, so the channel's source is not stopped under the
-        // feet of whoever registers next.
         let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
         if let Some(entry) = channels.get_mut(channel) {
             for subscriber in &mut entry.subscribers {
@@ -202,29 +250,44 @@ impl Fanout {
 }
 
 impl Channel {
-    /// Offers `event` to everyone; returns who is too far behind to take it.
-    fn offer_all(&self, event: &Event) -> Vec<ConnId> {
+    /// Whether this is the channel a source of `generation` was started for
+    /// (any source, without one).
+    fn is(&self, generation: Option<u64>) -> bool {
+        generation.is_none_or(|g| g == self.generation)
+    }
+
+    /// Offers `queued` to everyone; returns who is too far behind to take it.
+    fn offer_all(&self, queued: &Queued) -> Vec<ConnId> {
         self.subscribers
             .iter()
-            .filter(|s| !s.offer(event.clone()))
+            .filter(|s| !s.offer(queued.clone()))
             .map(|s| s.conn.clone())
             .collect()
+    }
+}
+
+impl Clone for Queued {
+    fn clone(&self) -> Self {
+        match self {
+            Queued::One(event) => Queued::One(event.clone()),
+            Queued::Batch(messages) => Queued::Batch(Arc::clone(messages)),
+        }
     }
 }
 
 impl Subscriber {
     /// Queues `event`; false when this makes the client [`QUEUE_LIMIT`]
     /// behind, the moment it is to be dropped.
-    fn offer(&self, event: Event) -> bool {
-        match self.queued.fetch_add(1, Ordering::Relaxed) {
-            n if n < QUEUE_LIMIT => {
-                let _ = self.tx.send(event);
-                true
-            }
-            // Just fell behind: the caller drops it.
-            QUEUE_LIMIT => false,
-            // Dropped already, and waiting to unregister.
-            _ => true,
+    fn offer(&self, queued: Queued) -> bool {
+        let weight = queued.weight();
+        let before = self.queued.fetch_add(weight, Ordering::Relaxed);
+        if before + weight <= QUEUE_LIMIT {
+            let _ = self.tx.send(queued);
+            true
+        } else {
+            // Just fell behind (the caller drops it), or was dropped already
+            // and is waiting to unregister.
+            before > QUEUE_LIMIT
         }
     }
 }
@@ -254,9 +317,9 @@ impl<G: Send> Listen for FanoutListener<G> {
             } else {
                 crossbeam_channel::at(deadline)
             };
-            let event = crossbeam_channel::select! {
-                recv(inbox.rx) -> event => match event {
-                    Ok(event) => event,
+            let queued = crossbeam_channel::select! {
+                recv(inbox.rx) -> queued => match queued {
+                    Ok(queued) => queued,
                     // Our sender was replaced by the dispatcher: we fell behind.
                     Err(_) => return Err(BrokerError::Lagged),
                 },
@@ -267,10 +330,21 @@ impl<G: Send> Listen for FanoutListener<G> {
                     ));
                 }
             };
-            inbox.queued.fetch_sub(1, Ordering::Relaxed);
+            inbox.queued.fetch_sub(queued.weight(), Ordering::Relaxed);
             if stop.is_stopped() {
                 return Ok(());
             }
+            let event = match queued {
+                Queued::One(event) => event,
+                Queued::Batch(messages) => {
+                    for message in messages.iter() {
+                        if on_event(Event::Message(Arc::clone(message))).is_break() {
+                            return Ok(());
+                        }
+                    }
+                    Event::Idle
+                }
+            };
             let flow = match event {
                 // Told again by a source that reconnected: only news if we
                 // had been told it was lost.
@@ -288,7 +362,7 @@ impl<G: Send> Listen for FanoutListener<G> {
                     live = false;
                     on_event(Event::Lost(e))
                 }
-                message => on_event(message),
+                other => on_event(other),
             };
             if flow.is_break() {
                 return Ok(());

@@ -395,8 +395,9 @@ fn wake_canceller(lane: Sender<Job>, wake_channel: String) -> Canceller {
 }
 
 /// Shared-subscription mode: one Redis subscription per room per process,
-/// held by the room's *feed thread* (`tc-room-N`), which dispatches every
-/// message to the queues of the room's clients here.
+/// held by the room's *reader thread* (`tc-room-N`). Its *dispatcher thread*
+/// (`tc-fan-N`) hands what the reader received to the queues of the room's
+/// clients here, batching whatever arrived together.
 ///
 /// The first client of a room starts its feed; the last one to leave stops
 /// it and joins its thread. A client arriving while the feed is subscribed
@@ -416,11 +417,17 @@ struct SharedFeeds {
     metrics: Arc<Metrics>,
 }
 
-/// A running feed thread.
+/// A room's running feed: a reader thread and a dispatcher thread.
 struct RoomFeed {
     canceller: Canceller,
-    thread: JoinHandle<()>,
+    reader: JoinHandle<()>,
+    dispatcher: JoinHandle<()>,
 }
+
+/// Events a room's reader may queue for its dispatcher.
+const FEED_QUEUE: usize = 1024;
+/// Most events one dispatch hands out.
+const MAX_DISPATCH: usize = 256;
 
 impl SharedFeeds {
     fn feeds(&self) -> std::sync::MutexGuard<'_, HashMap<String, RoomFeed>> {
@@ -473,23 +480,59 @@ impl SharedFeeds {
             shared: true,
         });
         let stop = canceller.signal();
-        let fanout = Arc::clone(&self.fanout);
+        let (events_tx, events_rx) = crossbeam_channel::bounded::<Event>(FEED_QUEUE);
+        let spawn_error = |e| BrokerError::Redis(format!("cannot start a room's feed thread: {e}"));
+        // The dispatcher: takes whatever the reader has queued and hands it
+        // to the room's clients as one batch. Ends when the reader does.
+        let dispatcher = {
+            let fanout = Arc::clone(&self.fanout);
+            let channel = channel.to_owned();
+            thread::Builder::new()
+                .name(format!("tc-fan-{generation}"))
+                .stack_size(crate::THREAD_STACK_SIZE)
+                .spawn(move || {
+                    while let Ok(first) = events_rx.recv() {
+                        let mut events = Vec::with_capacity(16);
+                        events.push(first);
+                        events.extend(events_rx.try_iter().take(MAX_DISPATCH - 1));
+                        fanout.dispatch_all(&channel, Some(generation), events);
+                    }
+                })
+                .map_err(spawn_error)?
+        };
+        // The reader: blocks on the room's Redis subscription. If the
+        // dispatcher falls behind, it blocks on the queue, and Redis buffers.
         let channel = channel.to_owned();
-        let thread = thread::Builder::new()
+        let reader = thread::Builder::new()
             .name(format!("tc-room-{generation}"))
             .stack_size(crate::THREAD_STACK_SIZE)
             .spawn(move || {
-                let result = listener.listen(&stop, &mut |event| {
-                    fanout.dispatch(&channel, Some(generation), event);
-                    Flow::Continue(())
+                let result = listener.listen(&stop, &mut |event| match event {
+                    Event::Idle => Flow::Continue(()),
+                    event => match events_tx.send(event) {
+                        Ok(()) => Flow::Continue(()),
+                        Err(_) => Flow::Break(()),
+                    },
                 });
                 // The one place this thread's errors are logged.
                 if let Err(e) = result {
                     log::error!("the shared subscription to {channel} failed: {e}");
                 }
-            })
-            .map_err(|e| BrokerError::Redis(format!("cannot start a room's feed thread: {e}")))?;
-        Ok(RoomFeed { canceller, thread })
+            });
+        let reader = match reader {
+            Ok(reader) => reader,
+            Err(e) => {
+                // Its queue's sender is gone with the closure: the
+                // dispatcher ends.
+                let _ = dispatcher.join();
+                return Err(spawn_error(e));
+            }
+        };
+        Ok(RoomFeed {
+            canceller,
+            reader,
+            dispatcher,
+        })
     }
 }
 
@@ -513,8 +556,9 @@ impl Drop for FeedRegistration {
         };
         if let Some(feed) = stopped {
             feed.canceller.cancel();
-            if feed.thread.join().is_err() {
-                log::error!("the feed thread of {} panicked", self.channel);
+            // The reader first: its end ends the dispatcher.
+            if feed.reader.join().is_err() || feed.dispatcher.join().is_err() {
+                log::error!("a feed thread of {} panicked", self.channel);
             }
         }
     }
