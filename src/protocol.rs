@@ -294,6 +294,14 @@ pub struct ChatMessage {
     /// When the sending server received it: milliseconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ts: Option<u64>,
+    /// For a coalesced join or leave: everyone it is about (and `nickname`
+    /// is a summary for people, e.g. "alice, bob and 48 others").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nicknames: Vec<String>,
+    /// For a coalesced join or leave: their connections, so each of them
+    /// can skip it as its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conns: Vec<String>,
 }
 
 /// The kinds of room events.
@@ -336,6 +344,8 @@ impl ChatMessage {
             conn: Some(conn.as_str().to_owned()),
             id: Some(format!("{conn}:{seq}")),
             ts: Some(unix_millis()),
+            nicknames: Vec::new(),
+            conns: Vec::new(),
         }
     }
 
@@ -348,6 +358,26 @@ impl ChatMessage {
             conn: Some(conn.as_str().to_owned()),
             id: None,
             ts: Some(unix_millis()),
+            nicknames: Vec::new(),
+            conns: Vec::new(),
+        }
+    }
+
+    /// One join or leave event for several connections at once (see
+    /// `session::announce`), stamped now. `nickname` summarises them for
+    /// people and for the original app's clients, which print
+    /// `{nickname}: {message}`.
+    pub fn group_event(kind: Kind, who: Vec<(&Nickname, &ConnId)>) -> ChatMessage {
+        let nicknames: Vec<String> = who.iter().map(|(n, _)| n.as_str().to_owned()).collect();
+        ChatMessage {
+            kind,
+            nickname: summarize(&nicknames),
+            message: if kind == Kind::Join { "joined" } else { "left" }.to_owned(),
+            conn: None,
+            id: None,
+            ts: Some(unix_millis()),
+            conns: who.iter().map(|(_, c)| c.as_str().to_owned()).collect(),
+            nicknames,
         }
     }
 
@@ -361,9 +391,21 @@ impl ChatMessage {
         serde_json::to_vec(self).expect("a struct of strings and integers always serializes")
     }
 
-    /// True when this message was sent by connection `me`.
+    /// True when this message was sent by connection `me` (or, for a
+    /// coalesced join or leave, is about `me` among others).
     pub fn is_from(&self, me: &ConnId) -> bool {
-        self.conn.as_deref() == Some(me.as_str())
+        self.conn.as_deref() == Some(me.as_str()) || self.conns.iter().any(|c| c == me.as_str())
+    }
+}
+
+/// "alice", "alice and bob", "alice, bob and carol", "alice, bob and 48 others".
+fn summarize(nicknames: &[String]) -> String {
+    match nicknames {
+        [] => String::new(),
+        [one] => one.clone(),
+        [a, b] => format!("{a} and {b}"),
+        [a, b, c] => format!("{a}, {b} and {c}"),
+        [a, b, rest @ ..] => format!("{a}, {b} and {} others", rest.len()),
     }
 }
 
@@ -460,25 +502,32 @@ pub enum ServerFrame<'a> {
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         history: bool,
     },
-    /// Someone joined the room.
+    /// Someone (or, coalesced, several people) joined the room.
     Join {
-        /// Who.
+        /// Who (a summary when several).
         nickname: &'a str,
         /// Always "joined".
         message: &'a str,
         /// When (ms since the Unix epoch).
         #[serde(skip_serializing_if = "Option::is_none")]
         ts: Option<u64>,
+        /// When several joined at once: each of them.
+        #[serde(skip_serializing_if = "<[String]>::is_empty")]
+        nicknames: &'a [String],
     },
-    /// Someone left the room.
+    /// Someone (or, coalesced, several people) left the room.
     Leave {
-        /// Who.
+        /// Who (a summary when several).
         nickname: &'a str,
-        /// "left", with the reason in parentheses when it was not their choice.
+        /// "left", with the reason in parentheses when it was not their
+        /// choice (for one person).
         message: &'a str,
         /// When (ms since the Unix epoch).
         #[serde(skip_serializing_if = "Option::is_none")]
         ts: Option<u64>,
+        /// When several left at once: each of them.
+        #[serde(skip_serializing_if = "<[String]>::is_empty")]
+        nicknames: &'a [String],
     },
     /// Who is in the room (sent once, right after joining).
     Presence {
@@ -488,8 +537,11 @@ pub enum ServerFrame<'a> {
         message: &'a str,
         /// The room.
         room: &'a str,
-        /// Everyone's nickname (one per connection, sorted).
+        /// Nicknames (one per connection, sorted): everyone's, or in a big
+        /// room the first [`PRESENCE_LIST`] or so (`GET /members` lists all).
         members: &'a [String],
+        /// How many connections are in the room.
+        count: usize,
     },
     /// News from the server about the connection (e.g. the relay was lost
     /// and restored).
@@ -507,6 +559,9 @@ pub enum ServerFrame<'a> {
         message: &'a str,
     },
 }
+
+/// Most nicknames listed in a presence frame.
+pub const PRESENCE_LIST: usize = 100;
 
 /// The nickname that server notices and errors carry.
 pub const SERVER_NICKNAME: &str = "server";
@@ -531,16 +586,19 @@ impl<'a> ServerFrame<'a> {
     /// The frame for a room event; `history` marks replayed chat messages.
     pub fn from_event(event: &'a ChatMessage, history: bool) -> ServerFrame<'a> {
         let (nickname, message, ts) = (event.nickname.as_str(), event.message.as_str(), event.ts);
+        let nicknames = event.nicknames.as_slice();
         match event.kind {
             Kind::Join => ServerFrame::Join {
                 nickname,
                 message,
                 ts,
+                nicknames,
             },
             Kind::Leave => ServerFrame::Leave {
                 nickname,
                 message,
                 ts,
+                nicknames,
             },
             Kind::Chat | Kind::Other => ServerFrame::Chat {
                 nickname,
@@ -711,6 +769,7 @@ mod tests {
             message: "in lobby: alice, bob",
             room: "lobby",
             members: &members,
+            count: 2,
         };
         assert_eq!(presence.to_text(), "* in lobby: alice, bob");
         assert_eq!(ServerFrame::error("no").to_text(), "! no");
@@ -734,6 +793,31 @@ mod tests {
     }
 
     #[test]
+    fn coalesced_joins_summarise_and_list_everyone() {
+        let names: Vec<Nickname> = ["ann", "bea", "cy", "dan"]
+            .iter()
+            .map(|n| Nickname::parse(n).unwrap())
+            .collect();
+        let conns: Vec<ConnId> = (0..4).map(|i| ConnId::new(7, i)).collect();
+        let event = ChatMessage::group_event(Kind::Join, names.iter().zip(&conns).collect());
+        assert_eq!(event.nickname, "ann, bea and 2 others");
+        assert_eq!(event.message, "joined");
+        assert!(event.is_from(&conns[2]));
+        assert!(!event.is_from(&ConnId::new(7, 9)));
+        let frame = ServerFrame::from_event(&event, false);
+        assert_eq!(frame.to_text(), "* ann, bea and 2 others joined");
+        let json: serde_json::Value = serde_json::from_str(&frame.to_json()).unwrap();
+        assert_eq!(
+            json["nicknames"],
+            serde_json::json!(["ann", "bea", "cy", "dan"])
+        );
+        // A payload round trip keeps the lists.
+        let back = ChatMessage::from_payload(&event.to_payload()).unwrap();
+        assert_eq!(back, event);
+        assert_eq!(summarize(&["a".into(), "b".into()]), "a and b");
+    }
+
+    #[test]
     fn server_frames_keep_nickname_and_message() {
         let msg = ChatMessage {
             kind: Kind::Chat,
@@ -742,6 +826,8 @@ mod tests {
             conn: Some("x".into()),
             id: Some("x:1".into()),
             ts: Some(5),
+            nicknames: Vec::new(),
+            conns: Vec::new(),
         };
         let json: serde_json::Value =
             serde_json::from_str(&ServerFrame::from_event(&msg, false).to_json()).unwrap();

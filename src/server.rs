@@ -34,6 +34,7 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::http;
 use crate::metrics::Metrics;
+use crate::session::announce::Announcer;
 use crate::session::{self, Conn, Context, JunkLog};
 
 /// A bound, not yet running, chat server.
@@ -65,6 +66,9 @@ pub enum ServerError {
         /// The OS error.
         source: io::Error,
     },
+    /// A thread the server needs could not be started.
+    #[error("cannot start the {0} thread: {1}")]
+    Spawn(&'static str, io::Error),
 }
 
 impl Server {
@@ -96,6 +100,8 @@ impl Server {
             listener,
             local_addr,
             ctx: Arc::new(Context {
+                announcer: Announcer::start(Arc::clone(&broker))
+                    .map_err(|e| ServerError::Spawn("announcer", e))?,
                 broker,
                 limits: config.limits.clone(),
                 metrics,

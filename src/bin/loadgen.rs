@@ -208,16 +208,20 @@ fn fan_out(
 ) -> anyhow::Result<String> {
     let room = "bench";
     let started = Instant::now();
-    let sockets = connect_all(env.addr, clients, room)?;
+    let (sockets, handshake) = connect_all(env.addr, clients, room)?;
     let connect_time = started.elapsed();
 
     let stop_reading = Arc::new(AtomicBool::new(false));
     let delivered = Arc::new(AtomicU64::new(0));
     // Closed loop: a sender stays at most WINDOW messages ahead of what the
-    // probe (the first client that does not send) has received from it, so
-    // "as fast as the server allows" is measured, not kernel buffering.
+    // slowest client has received from it, so "as fast as the server
+    // allows" is measured, not kernel buffering — and no client is ever so
+    // far behind that the server would rightly drop it as too slow (the
+    // load generator's own readers share the CPU with the server).
     const WINDOW: u64 = 200;
-    let probe: Arc<Vec<AtomicU64>> = Arc::new((0..senders).map(|_| AtomicU64::new(0)).collect());
+    // progress[reader * senders + sender]: messages `reader` got from `sender`.
+    let progress: Arc<Vec<AtomicU64>> =
+        Arc::new((0..clients * senders).map(|_| AtomicU64::new(0)).collect());
     let sent: Vec<Arc<AtomicU64>> = (0..senders).map(|_| Arc::default()).collect();
     let mut readers: Vec<JoinHandle<Seen>> = Vec::new();
     let mut writers = Vec::new();
@@ -233,7 +237,8 @@ fn fan_out(
                 tungstenite::protocol::Role::Client,
                 None,
             );
-            let (count, go, probe) = (Arc::clone(&sent[i]), Arc::clone(&go), Arc::clone(&probe));
+            let (count, go, progress) =
+                (Arc::clone(&sent[i]), Arc::clone(&go), Arc::clone(&progress));
             let pace = match pace {
                 Pace::PerSecond(n) => Some(Duration::from_secs(1) / n),
                 Pace::FlatOut => None,
@@ -245,8 +250,21 @@ fn fan_out(
                         go.wait();
                         let end = Instant::now() + duration;
                         let mut seq = 0u64;
+                        // The slowest reader's progress on this sender
+                        // (a sender does not read its own messages).
+                        let slowest = || {
+                            (0..clients)
+                                .filter(|&r| r != i)
+                                .map(|r| progress[r * senders + i].load(Ordering::Relaxed))
+                                .min()
+                                .unwrap_or(u64::MAX)
+                        };
+                        let mut allowed = 0;
                         while Instant::now() < end {
-                            if seq >= probe[i].load(Ordering::Relaxed) + WINDOW {
+                            if seq >= allowed {
+                                allowed = slowest().saturating_add(WINDOW);
+                            }
+                            if seq >= allowed {
                                 thread::sleep(Duration::from_micros(200));
                                 continue;
                             }
@@ -264,7 +282,7 @@ fn fan_out(
             );
         }
         let (stop, delivered) = (Arc::clone(&stop_reading), Arc::clone(&delivered));
-        let probe = (i == senders).then(|| Arc::clone(&probe));
+        let progress = Arc::clone(&progress);
         readers.push(
             thread::Builder::new()
                 .stack_size(256 << 10)
@@ -278,7 +296,7 @@ fn fan_out(
                         &stop,
                         senders,
                         &delivered,
-                        probe.as_ref().map(|p| p.as_slice()),
+                        &progress[i * senders..(i + 1) * senders],
                     )
                 })?,
         );
@@ -312,20 +330,57 @@ fn fan_out(
         senders,
         &sent_total,
         &seen,
-        connect_time,
+        (connect_time, &handshake),
         send_time,
         cpu,
     ))
 }
 
+/// Clients connecting at the same time: people arrive in parallel, and
+/// each connector waits for its own handshake (and its join to be announced).
+const CONNECTORS: usize = 64;
+
+/// Connects `clients` clients from [`CONNECTORS`] threads. Returns them in
+/// order, and the handshake latency p50 / p99 as text.
 fn connect_all(
     addr: SocketAddr,
     clients: usize,
     room: &str,
-) -> anyhow::Result<Vec<WebSocket<TcpStream>>> {
-    (0..clients)
-        .map(|i| connect(addr, &format!("u{i}"), room))
-        .collect()
+) -> anyhow::Result<(Vec<WebSocket<TcpStream>>, String)> {
+    let next = Arc::new(AtomicU64::new(0));
+    let connectors: Vec<_> = (0..CONNECTORS.min(clients))
+        .map(|_| {
+            let (next, room) = (Arc::clone(&next), room.to_owned());
+            thread::Builder::new().stack_size(256 << 10).spawn(move || {
+                let mut done = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if i >= clients {
+                        return Ok(done);
+                    }
+                    let t = Instant::now();
+                    let ws = connect(addr, &format!("u{i}"), &room)?;
+                    done.push((i, ws, t.elapsed()));
+                }
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let mut all = Vec::with_capacity(clients);
+    for connector in connectors {
+        let done: anyhow::Result<Vec<_>> = connector
+            .join()
+            .map_err(|_| anyhow::anyhow!("a connector panicked"))?;
+        all.extend(done?);
+    }
+    all.sort_by_key(|(i, _, _)| *i);
+    let mut handshakes: Vec<Duration> = all.iter().map(|(_, _, d)| *d).collect();
+    handshakes.sort_unstable();
+    let pct = |p: f64| {
+        handshakes[((handshakes.len() as f64 * p) as usize).min(handshakes.len() - 1)].as_secs_f64()
+            * 1000.0
+    };
+    let summary = format!("{:.1} / {:.1} ms", pct(0.5), pct(0.99));
+    Ok((all.into_iter().map(|(_, ws, _)| ws).collect(), summary))
 }
 
 /// Reads chat frames until `stop`, checking each sender's sequence.
@@ -334,7 +389,7 @@ fn read_until(
     stop: &AtomicBool,
     senders: usize,
     delivered: &AtomicU64,
-    probe: Option<&[AtomicU64]>,
+    progress: &[AtomicU64],
 ) -> Seen {
     let mut seen = Seen::default();
     let mut next = vec![0u64; senders];
@@ -363,9 +418,7 @@ fn read_until(
         }
         seen.received += 1;
         delivered.fetch_add(1, Ordering::Relaxed);
-        if let Some(probe) = probe {
-            probe[s].store(seq + 1, Ordering::Relaxed);
-        }
+        progress[s].store(seq + 1, Ordering::Relaxed);
         seen.latencies_us.push(now_micros().saturating_sub(ts));
         match seq.cmp(&next[s]) {
             std::cmp::Ordering::Equal => next[s] += 1,
@@ -399,7 +452,7 @@ fn summarize(
     senders: usize,
     sent: &[u64],
     seen: &[Seen],
-    connect: Duration,
+    (connect, handshake): (Duration, &str),
     sending: Duration,
     cpu_ticks: u64,
 ) -> String {
@@ -421,9 +474,9 @@ fn summarize(
     // From the first send to the last delivery.
     let window = sending.as_secs_f64();
     format!(
-        "| clients | senders | connect all | sent | delivered / expected | loss | dups | order | p50 ms | p99 ms | max ms | deliveries/s | server CPU |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n\
-         | {clients} | {senders} | {:.2} s | {sent_total} | {received} / {expected} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0}% of a core |",
+        "| clients | senders | connect all | handshake p50 / p99 | sent | delivered / expected | loss | dups | order | p50 ms | p99 ms | max ms | deliveries/s | server CPU |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n\
+         | {clients} | {senders} | {:.2} s | {handshake} | {sent_total} | {received} / {expected} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0}% of a core |",
         connect.as_secs_f64(),
         expected.saturating_sub(received),
         seen.iter().map(|s| s.duplicates).sum::<u64>(),
@@ -440,7 +493,7 @@ fn summarize(
 fn idle(env: &Env, clients: usize) -> anyhow::Result<String> {
     let rss0 = rss_kb(env.pid());
     let started = Instant::now();
-    let mut sockets = connect_all(env.addr, clients, "idle")?;
+    let (mut sockets, handshake) = connect_all(env.addr, clients, "idle")?;
     let connect_time = started.elapsed();
     thread::sleep(Duration::from_secs(2));
     let rss = rss_kb(env.pid());
@@ -463,9 +516,9 @@ fn idle(env: &Env, clients: usize) -> anyhow::Result<String> {
         }
     }
     Ok(format!(
-        "| idle clients | connect all | RSS per client | idle CPU (10 s) | received the message | all received in |\n\
-         |---|---|---|---|---|---|\n\
-         | {clients} | {:.2} s | {:.1} KiB | {:.1}% of a core | {got} / {} | {:.0} ms |",
+        "| idle clients | connect all | handshake p50 / p99 | RSS per client | idle CPU (10 s) | received the message | all received in |\n\
+         |---|---|---|---|---|---|---|\n\
+         | {clients} | {:.2} s | {handshake} | {:.1} KiB | {:.1}% of a core | {got} / {} | {:.0} ms |",
         connect_time.as_secs_f64(),
         (rss.saturating_sub(rss0)) as f64 / clients as f64,
         idle_cpu as f64 / 10.0,

@@ -64,11 +64,31 @@ pub trait Broker: Send + Sync {
     /// listed.
     fn members(&self, room: &Room) -> Result<Vec<String>, BrokerError>;
 
+    /// Who is in the room, for the presence frame a joiner gets: how many,
+    /// and the sorted nicknames of at most `limit` of them (all of them in a
+    /// room that small). A big room's list is cut so that joining stays
+    /// cheap: a full list per joiner would make a join storm O(n²).
+    fn presence(&self, room: &Room, limit: usize) -> Result<Presence, BrokerError> {
+        let mut nicknames = self.members(room)?;
+        let count = nicknames.len();
+        nicknames.truncate(limit);
+        Ok(Presence { count, nicknames })
+    }
+
     /// Whether the relay really works right now; if not, why.
     fn health(&self) -> Result<(), String>;
 
     /// A short description for the start-up log, e.g. `Redis at redis://…`.
     fn describe(&self) -> String;
+}
+
+/// Who is in a room (see [`Broker::presence`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    /// How many connections are in the room.
+    pub count: usize,
+    /// Some (or all) of their nicknames, sorted.
+    pub nicknames: Vec<String>,
 }
 
 /// What every broker is built with.

@@ -45,7 +45,7 @@ use redis::{Client, Connection};
 
 use super::fanout::{Fanout, FanoutListener};
 use super::{
-    Backoff, Broker, BrokerError, Canceller, Event, Flow, Listen, Settings, StopSignal,
+    Backoff, Broker, BrokerError, Canceller, Event, Flow, Listen, Presence, Settings, StopSignal,
     Subscription, SubscriptionMode,
 };
 use crate::metrics::Metrics;
@@ -329,6 +329,34 @@ impl Broker for RedisBroker {
         let mut members: Vec<String> = live.into_iter().map(|(_, n)| n.clone()).collect();
         members.sort();
         Ok(members)
+    }
+
+    fn presence(&self, room: &Room, limit: usize) -> Result<Presence, BrokerError> {
+        let mut hlen = redis::cmd("HLEN");
+        hlen.arg(room.members_key());
+        let reply = self.run(vec![hlen])?.into_iter().next();
+        let count: usize = redis::from_redis_value(reply.unwrap_or(redis::Value::Nil))
+            .map_err(|e| BrokerError::Redis(e.to_string()))?;
+        if count <= limit {
+            // Small room: the exact list, without members of dead instances.
+            let nicknames = self.members(room)?;
+            return Ok(Presence {
+                count: nicknames.len(),
+                nicknames,
+            });
+        }
+        // Big room: the count, and a sample of names from one HSCAN step
+        // (members of dead instances are cleaned up by full listings).
+        let mut hscan = redis::cmd("HSCAN");
+        hscan.arg(room.members_key()).arg(0).arg("COUNT").arg(limit);
+        let reply = self.run(vec![hscan])?.into_iter().next();
+        let (_cursor, entries): (String, Vec<(String, String)>) =
+            redis::from_redis_value(reply.unwrap_or(redis::Value::Nil))
+                .map_err(|e| BrokerError::Redis(e.to_string()))?;
+        let mut nicknames: Vec<String> = entries.into_iter().map(|(_, n)| n).collect();
+        nicknames.sort();
+        nicknames.truncate(limit);
+        Ok(Presence { count, nicknames })
     }
 
     fn health(&self) -> Result<(), String> {

@@ -35,6 +35,7 @@
 //! runs the same reader code with a handler that sends each message back, and
 //! no subscriber thread.
 
+pub mod announce;
 mod rate;
 mod reader;
 pub mod socket;
@@ -58,7 +59,7 @@ use crate::broker::{Broker, BrokerError, Canceller};
 use crate::config::Limits;
 use crate::http::{self, Member, Outcome, Target};
 use crate::metrics::Metrics;
-use crate::protocol::{ChatMessage, ConnId, Kind, Room};
+use crate::protocol::{ConnId, Kind, Room};
 use reader::{ChatHandler, EchoHandler};
 use socket::Writer;
 use subscriber::Start;
@@ -73,6 +74,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// De-duplicates warnings about junk payloads (see [`JunkLog`]).
     pub junk: JunkLog,
+    /// Publishes joins and leaves, coalesced per room.
+    pub announcer: announce::Announcer,
     /// Debug builds only: a chat message with exactly this text makes the
     /// reader thread panic (set by `THREADCHAT_TEST_PANIC`; tests use it to
     /// check that a panic closes only its own connection).
@@ -193,6 +196,17 @@ impl Ending {
                 ) =>
             {
                 Ending::TooSlow("a write blocked past --write-timeout".into())
+            }
+            // The client went away: the same as the reader seeing it go.
+            tungstenite::Error::Io(io)
+                if matches!(
+                    io.kind(),
+                    io::ErrorKind::BrokenPipe
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                Ending::ConnectionLost(io.to_string())
             }
             other => Ending::WriteFailed(other.to_string()),
         }
@@ -386,7 +400,8 @@ fn chat(
     // The room is told before the client gets its `101`: once connected,
     // everyone already knows.
     if joined {
-        announce(ctx, conn, &member, Kind::Join, "joined");
+        ctx.announcer
+            .announce_and_wait(announcement(conn, &member, Kind::Join, "joined"));
     }
     let upgraded = joined && http::accept(&conn.stream, &response).is_ok();
     if upgraded {
@@ -430,7 +445,12 @@ fn chat(
     }
     if joined && !upgraded {
         // Announced, but the 101 could not be sent: the client is gone.
-        announce(ctx, conn, &member, Kind::Leave, "left (connection lost)");
+        ctx.announcer.announce(announcement(
+            conn,
+            &member,
+            Kind::Leave,
+            "left (connection lost)",
+        ));
     }
 
     if upgraded {
@@ -439,7 +459,12 @@ fn chat(
             .ending()
             .cloned()
             .unwrap_or(Ending::ConnectionLost("?".into()));
-        announce(ctx, conn, &member, Kind::Leave, &ending.leave_text());
+        ctx.announcer.announce(announcement(
+            conn,
+            &member,
+            Kind::Leave,
+            &ending.leave_text(),
+        ));
         if let Ending::TooSlow(_) = ending {
             ctx.metrics.slow_client_closes.inc();
             log::warn!(
@@ -456,12 +481,15 @@ fn chat(
     }
 }
 
-/// Tells the room that this client joined or left (best effort: the room
-/// may be unreachable, which the client has been told about already).
-fn announce(ctx: &Context, conn: &Conn, member: &Member, kind: Kind, text: &str) {
-    let event = ChatMessage::event(kind, &member.nickname, &conn.id, text);
-    if let Err(e) = ctx.broker.publish(&member.room, event.to_payload(), false) {
-        log::debug!("{}: could not announce {kind:?}: {e}", conn.id);
+/// What the room is told when this client joins or leaves (best effort: the
+/// room may be unreachable, which the client has been told about already).
+fn announcement(conn: &Conn, member: &Member, kind: Kind, text: &str) -> announce::Announcement {
+    announce::Announcement {
+        room: member.room.clone(),
+        kind,
+        nickname: member.nickname.clone(),
+        conn: conn.id.clone(),
+        text: text.to_owned(),
     }
 }
 

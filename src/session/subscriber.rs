@@ -35,7 +35,9 @@ use super::socket::Writer;
 use super::{Conn, Context, Ending};
 use crate::broker::{BrokerError, Event, Subscription};
 use crate::http::Member;
-use crate::protocol::{ChatMessage, Incoming, Kind, SERVER_NICKNAME, ServerFrame, unix_millis};
+use crate::protocol::{
+    ChatMessage, Incoming, Kind, PRESENCE_LIST, SERVER_NICKNAME, ServerFrame, unix_millis,
+};
 
 /// The subscriber thread's half of the start-up handshake.
 pub(super) struct Start {
@@ -176,16 +178,22 @@ impl Delivery<'_> {
 
     fn send_presence(&mut self) -> ControlFlow<()> {
         let room = &self.member.room;
-        let members = match self.ctx.broker.members(room) {
-            Ok(members) => members,
+        let presence = match self.ctx.broker.presence(room, PRESENCE_LIST) {
+            Ok(presence) => presence,
             Err(e) => return self.notice(&format!("could not load who is in {room} ({e})")),
         };
-        let text = format!("in {room}: {}", members.join(", "));
+        let names = presence.nicknames.join(", ");
+        let text = if presence.count > presence.nicknames.len() {
+            format!("in {room}: {} people, among them {names}", presence.count)
+        } else {
+            format!("in {room}: {names}")
+        };
         self.write(&ServerFrame::Presence {
             nickname: SERVER_NICKNAME,
             message: &text,
             room: room.name(),
-            members: &members,
+            members: &presence.nicknames,
+            count: presence.count,
         })
     }
 

@@ -42,8 +42,8 @@ fn redis_dies_and_comes_back_mid_chat() {
 
     alice.close();
     bob.close();
-    // main, signals, heartbeat, 2 publishers
-    eventually("threads back to baseline", || server.thread_count() == 5);
+    // main, signals, announcer, heartbeat, 2 publishers
+    eventually("threads back to baseline", || server.thread_count() == 6);
     eventually("Redis connections back to the publishers", || {
         redis.client_count() <= 2
     });
@@ -129,6 +129,6 @@ fn a_panic_closes_only_its_own_connection() {
     carol.send("new people can join");
     assert_eq!(alice.recv_chat().1, "new people can join");
     eventually("the panicked connection's threads are gone", || {
-        server.thread_count() == 1 + 1 + 2 * 3
+        server.thread_count() == 1 + 1 + 1 + 2 * 3
     });
 }

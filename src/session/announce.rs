@@ -1,0 +1,213 @@
+//! Join and leave announcements, coalesced per room.
+//!
+//! Telling a room "carol joined" costs one delivery per member, so a room
+//! that 5,000 people join costs 12.5 million deliveries if every join is
+//! announced on its own — joining becomes O(n) per client and O(n²) per room.
+//! Real chat servers do not do that, and neither does threadchat: all the
+//! connections of this process hand their joins and leaves to one
+//! *announcer thread* (`tc-announce`), which publishes at most one
+//! announcement per room per [`WINDOW`]:
+//!
+//! * A join or leave in a quiet room is published at once, exactly as a
+//!   single event (so the original app's clients see `carol: joined`).
+//! * Those arriving within [`WINDOW`] of the room's last announcement wait for
+//!   the window to end and go out together: one `join` event that lists
+//!   every nickname (`"alice, bob and 48 others"`, with a `nicknames` list).
+//!   Joins and leaves keep their order: a run of joins, then a run of leaves,
+//!   and so on.
+//!
+//! A joining client's `101` waits until its join is published (see
+//! `session::chat`), so "connected" still means "the room has been told" —
+//! at most [`WINDOW`] later during a join storm, at once otherwise.
+//!
+//! Shutdown: dropping the [`Announcer`] drops the request sender; the thread
+//! publishes whatever is still waiting, without waiting for windows, and
+//! ends; the drop joins it.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use crate::broker::Broker;
+use crate::protocol::{ChatMessage, ConnId, Kind, Nickname, Room};
+
+/// At most one announcement per room per window.
+pub const WINDOW: Duration = Duration::from_millis(50);
+
+/// One join or leave, as handed to the announcer.
+pub struct Announcement {
+    /// Where.
+    pub room: Room,
+    /// [`Kind::Join`] or [`Kind::Leave`].
+    pub kind: Kind,
+    /// Who.
+    pub nickname: Nickname,
+    /// Their connection (so they can skip their own event).
+    pub conn: ConnId,
+    /// What a single announcement says: "joined", "left (timed out)".
+    pub text: String,
+}
+
+/// A request: the announcement, and whom to tell once it is published.
+struct Request {
+    announcement: Announcement,
+    published: Option<Sender<()>>,
+}
+
+/// The handle to the announcer thread.
+pub struct Announcer {
+    requests: Option<Sender<Request>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Announcer {
+    /// Starts the announcer thread.
+    pub fn start(broker: Arc<dyn Broker>) -> io::Result<Announcer> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let thread = thread::Builder::new()
+            .name("tc-announce".into())
+            .stack_size(crate::THREAD_STACK_SIZE)
+            .spawn(move || run(&*broker, &rx))?;
+        Ok(Announcer {
+            requests: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Announces, and returns once the announcement is published (or could
+    /// not be: the relay is down, which the client is told about anyway).
+    pub fn announce_and_wait(&self, announcement: Announcement) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if self.send(announcement, Some(tx)) {
+            let _ = rx.recv();
+        }
+    }
+
+    /// Announces without waiting.
+    pub fn announce(&self, announcement: Announcement) {
+        self.send(announcement, None);
+    }
+
+    fn send(&self, announcement: Announcement, published: Option<Sender<()>>) -> bool {
+        let request = Request {
+            announcement,
+            published,
+        };
+        self.requests
+            .as_ref()
+            .is_some_and(|tx| tx.send(request).is_ok())
+    }
+}
+
+impl Drop for Announcer {
+    fn drop(&mut self) {
+        self.requests.take();
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            log::error!("the announcer thread panicked");
+        }
+    }
+}
+
+/// The thread's loop.
+fn run(broker: &dyn Broker, requests: &Receiver<Request>) {
+    let mut waiting: Vec<Request> = Vec::new();
+    // Room → when it may be announced to next.
+    let mut next_allowed: HashMap<String, Instant> = HashMap::new();
+    loop {
+        let received = match earliest(&waiting, &next_allowed) {
+            None => requests.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(deadline) => requests.recv_deadline(deadline),
+        };
+        match received {
+            Ok(request) => {
+                waiting.push(request);
+                waiting.extend(requests.try_iter());
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                // Shutting down: everything goes out now.
+                publish_rooms(broker, &mut waiting, |_| true);
+                return;
+            }
+        }
+        let now = Instant::now();
+        let due = |room: &str| next_allowed.get(room).is_none_or(|t| *t <= now);
+        let published = publish_rooms(broker, &mut waiting, due);
+        next_allowed.retain(|_, t| *t > now);
+        for room in published {
+            next_allowed.insert(room, now + WINDOW);
+        }
+    }
+}
+
+/// When the next waiting announcement is due.
+fn earliest(waiting: &[Request], next_allowed: &HashMap<String, Instant>) -> Option<Instant> {
+    waiting
+        .iter()
+        .filter_map(|r| next_allowed.get(r.announcement.room.name()).copied())
+        .min()
+}
+
+/// Publishes the waiting announcements of every room that `due` allows,
+/// and returns those rooms.
+fn publish_rooms(
+    broker: &dyn Broker,
+    waiting: &mut Vec<Request>,
+    due: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let mut rooms: Vec<String> = Vec::new();
+    for request in waiting.iter() {
+        let room = request.announcement.room.name();
+        if !rooms.iter().any(|r| r == room) && due(room) {
+            rooms.push(room.to_owned());
+        }
+    }
+    for room in &rooms {
+        let (mine, rest): (Vec<Request>, Vec<Request>) = std::mem::take(waiting)
+            .into_iter()
+            .partition(|r| r.announcement.room.name() == room);
+        *waiting = rest;
+        publish_room(broker, mine);
+    }
+    rooms
+}
+
+/// Publishes one room's announcements: each run of the same kind as one
+/// event. Then tells whoever waits.
+fn publish_room(broker: &dyn Broker, requests: Vec<Request>) {
+    let mut start = 0;
+    while start < requests.len() {
+        let kind = requests[start].announcement.kind;
+        let end = requests[start..]
+            .iter()
+            .position(|r| r.announcement.kind != kind)
+            .map_or(requests.len(), |n| start + n);
+        let run: Vec<&Announcement> = requests[start..end]
+            .iter()
+            .map(|r| &r.announcement)
+            .collect();
+        let event = match run.as_slice() {
+            [one] => ChatMessage::event(one.kind, &one.nickname, &one.conn, &one.text),
+            many => ChatMessage::group_event(
+                kind,
+                many.iter().map(|a| (&a.nickname, &a.conn)).collect(),
+            ),
+        };
+        let room = &run[0].room;
+        if let Err(e) = broker.publish(room, event.to_payload(), false) {
+            log::debug!("could not announce {} {kind:?} in {room}: {e}", run.len());
+        }
+        start = end;
+    }
+    for request in requests {
+        if let Some(published) = request.published {
+            let _ = published.send(());
+        }
+    }
+}
