@@ -10,15 +10,20 @@
 //!
 //! * A join or leave in a quiet room is published at once, exactly as a
 //!   single event (so the original app's clients see `carol: joined`).
-//! * Those arriving within [`WINDOW`] of the room's last announcement wait for
+//! * Those arriving within a window of the room's last announcement wait for
 //!   the window to end and go out together: one `join` event that lists
 //!   every nickname (`"alice, bob and 48 others"`, with a `nicknames` list).
 //!   Joins and leaves keep their order: a run of joins, then a run of leaves,
 //!   and so on.
+//! * The window is [`WINDOW`] (50 ms) and grows with the room: 50 µs per
+//!   member on this instance, up to [`MAX_WINDOW`] (see [`window`]). Every
+//!   announcement costs one delivery per member, so the window keeps what a
+//!   join storm costs a room bounded by a rate, instead of growing with the
+//!   square of the room.
 //!
 //! A joining client's `101` waits until its join is published (see
 //! `session::chat`), so "connected" still means "the room has been told" —
-//! at most [`WINDOW`] later during a join storm, at once otherwise.
+//! at most one window later during a join storm, at once otherwise.
 //!
 //! Shutdown: dropping the [`Announcer`] drops the request sender; the thread
 //! publishes whatever is still waiting, without waiting for windows, and
@@ -35,8 +40,21 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use crate::broker::Broker;
 use crate::protocol::{ChatMessage, ConnId, Kind, Nickname, Room};
 
-/// At most one announcement per room per window.
+/// The shortest window: at most one announcement per room per window.
 pub const WINDOW: Duration = Duration::from_millis(50);
+/// The longest window, for the biggest rooms.
+pub const MAX_WINDOW: Duration = Duration::from_millis(500);
+/// How much a room's window grows per member here: an announcement costs
+/// one delivery per member, so this caps what announcements cost a room at
+/// 20,000 deliveries per second on this instance, whatever its size.
+const WINDOW_PER_MEMBER: Duration = Duration::from_micros(50);
+
+/// A room's window, given how many of its members are on this instance.
+pub fn window(members: usize) -> Duration {
+    WINDOW_PER_MEMBER
+        .saturating_mul(members.try_into().unwrap_or(u32::MAX))
+        .clamp(WINDOW, MAX_WINDOW)
+}
 
 /// One join or leave, as handed to the announcer.
 pub struct Announcement {
@@ -119,6 +137,8 @@ fn run(broker: &dyn Broker, requests: &Receiver<Request>) {
     let mut waiting: Vec<Request> = Vec::new();
     // Room → when it may be announced to next.
     let mut next_allowed: HashMap<String, Instant> = HashMap::new();
+    // Room → its members on this instance (joins minus leaves seen here).
+    let mut members: HashMap<String, usize> = HashMap::new();
     loop {
         let received = match earliest(&waiting, &next_allowed) {
             None => requests.recv().map_err(|_| RecvTimeoutError::Disconnected),
@@ -140,8 +160,14 @@ fn run(broker: &dyn Broker, requests: &Receiver<Request>) {
         let due = |room: &str| next_allowed.get(room).is_none_or(|t| *t <= now);
         let published = publish_rooms(broker, &mut waiting, due);
         next_allowed.retain(|_, t| *t > now);
-        for room in published {
-            next_allowed.insert(room, now + WINDOW);
+        for (room, joined, left) in published {
+            let count = members.entry(room.clone()).or_default();
+            *count = (*count + joined).saturating_sub(left);
+            let count = *count;
+            if count == 0 {
+                members.remove(&room);
+            }
+            next_allowed.insert(room, now + window(count));
         }
     }
 }
@@ -155,12 +181,12 @@ fn earliest(waiting: &[Request], next_allowed: &HashMap<String, Instant>) -> Opt
 }
 
 /// Publishes the waiting announcements of every room that `due` allows,
-/// and returns those rooms.
+/// and returns those rooms, each with how many joined and left.
 fn publish_rooms(
     broker: &dyn Broker,
     waiting: &mut Vec<Request>,
     due: impl Fn(&str) -> bool,
-) -> Vec<String> {
+) -> Vec<(String, usize, usize)> {
     let mut rooms: Vec<String> = Vec::new();
     for request in waiting.iter() {
         let room = request.announcement.room.name();
@@ -168,14 +194,22 @@ fn publish_rooms(
             rooms.push(room.to_owned());
         }
     }
-    for room in &rooms {
-        let (mine, rest): (Vec<Request>, Vec<Request>) = std::mem::take(waiting)
-            .into_iter()
-            .partition(|r| r.announcement.room.name() == room);
-        *waiting = rest;
-        publish_room(broker, mine);
-    }
     rooms
+        .into_iter()
+        .map(|room| {
+            let (mine, rest): (Vec<Request>, Vec<Request>) = std::mem::take(waiting)
+                .into_iter()
+                .partition(|r| r.announcement.room.name() == room);
+            *waiting = rest;
+            let joined = mine
+                .iter()
+                .filter(|r| r.announcement.kind == Kind::Join)
+                .count();
+            let left = mine.len() - joined;
+            publish_room(broker, mine);
+            (room, joined, left)
+        })
+        .collect()
 }
 
 /// Publishes one room's announcements: each run of the same kind as one
@@ -209,5 +243,18 @@ fn publish_room(broker: &dyn Broker, requests: Vec<Request>) {
         if let Some(published) = request.published {
             let _ = published.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_grows_with_the_room_within_bounds() {
+        assert_eq!(window(0), WINDOW);
+        assert_eq!(window(100), WINDOW);
+        assert_eq!(window(5000), Duration::from_millis(250));
+        assert_eq!(window(1_000_000), MAX_WINDOW);
     }
 }

@@ -40,6 +40,7 @@ mod rate;
 mod reader;
 pub mod socket;
 mod subscriber;
+mod welcome;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -355,7 +356,7 @@ fn chat(
     conn.set_canceller(subscription.canceller());
 
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<()>(1);
-    let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(1);
+    let (go_tx, go_rx) = crossbeam_channel::bounded(1);
     let (reader_done_tx, reader_done_rx) = crossbeam_channel::bounded::<()>(0);
     let start = Start {
         ready: ready_tx,
@@ -388,8 +389,11 @@ fn chat(
     };
 
     // Nothing is answered, and nothing read, until the subscription is live
-    // and the client is on the member list.
-    let joined = ready_rx.recv().is_ok()
+    // (then the history is read: see `welcome`) and the client is on the
+    // member list.
+    let subscribed = ready_rx.recv().is_ok();
+    let history = subscribed.then(|| welcome::read_history(ctx, &member));
+    let joined = subscribed
         && match ctx.broker.join(room, &conn.id, nickname) {
             Ok(()) => true,
             Err(e) => {
@@ -405,7 +409,9 @@ fn chat(
     }
     let upgraded = joined && http::accept(&conn.stream, &response).is_ok();
     if upgraded {
-        let _ = go_tx.send(());
+        let history = history.unwrap_or_else(|| Ok(Vec::new()));
+        let from_history = welcome::welcome(conn, ctx, &member, &writer, history);
+        let _ = go_tx.send(from_history);
         ctx.metrics.connections_open.inc();
         ctx.metrics.connections_total.inc();
         log::info!("{nickname} joined {room} from {} ({})", conn.peer, conn.id);

@@ -78,12 +78,13 @@ pub struct Writer {
 /// Bytes the reader's buffer starts with. A chat line fits; tungstenite grows
 /// the buffer for a bigger message (up to the message limit). The default,
 /// 128 KiB, is zero-filled on first read: 128 KiB resident per idle client.
-const READ_BUFFER: usize = 4 * 1024;
+const READ_BUFFER: usize = 1024;
 
 /// Bytes of frames the writer collects before writing them out even
-/// without a flush. A batch of chat frames fits, so it leaves in one
-/// `write` system call.
-const WRITE_BUFFER: usize = 16 * 1024;
+/// without a flush. A batch of chat frames (two dozen) fits, so it leaves in
+/// one `write` system call. Kept small because tungstenite never shrinks
+/// its write buffer: what a client's biggest batch needed stays resident.
+const WRITE_BUFFER: usize = 4 * 1024;
 
 /// Splits an upgraded socket into its one writer and its reader.
 ///

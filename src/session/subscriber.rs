@@ -1,23 +1,23 @@
-//! The subscriber thread: delivers the room to one client.
+//! The subscriber thread: delivers the room to one client, live.
 //!
 //! It blocks in `Subscription::run` and, for each event:
 //!
-//! * `Subscribed` (the first time): read the room's history, then the
-//!   start-up handshake — tell the reader "ready", wait for "go" (the client
-//!   has its `101`) — then send the history (marked as such) and who is in the
-//!   room.
-//! * `Message`: parse the payload; skip junk (one warning per payload, not per
-//!   client), the client's own events, and messages it already got from the
-//!   history; write the rest in the client's format.
+//! * `Subscribed` (the first time): the start-up handshake — tell the reader
+//!   "ready", wait for "go". Meanwhile the reader sends the `101`, the
+//!   history and who is in the room (see [`welcome`](super::welcome)); room
+//!   messages wait in the subscription until then.
+//! * `Message`: skip junk (one warning per payload, not per client), the
+//!   client's own events, and messages it already got from the history;
+//!   queue the rest, already encoded, for the client.
+//! * `Idle`: nothing more is waiting, so write the queued frames with one
+//!   flush.
 //! * `Lost` / `Subscribed` again: tell the client, with a notice, that the
 //!   relay was lost and then restored (messages in between may be missing).
 //!
-//! **History without gap or duplicate.** The subscription is live before the
-//! history is read, so a message published around the join is either in the
-//! history, or delivered live, or both — never neither. "Both" is removed by
-//! message id: ids seen in the history are skipped when they arrive live. The
-//! history is read before the client gets its `101`, so whatever anyone sends
-//! once the client is connected reaches it as a live message.
+//! This thread does only what repeats. What happens once per connection
+//! happens on the reader thread, which is deep in its stack anyway after the
+//! handshake: an idle subscriber thread keeps only a few pages of stack
+//! resident.
 //!
 //! When it ends first (server shutdown, relay failure, a client too slow to
 //! read), it closes the connection: a close frame when one can be sent, a
@@ -35,16 +35,16 @@ use super::socket::Writer;
 use super::{Conn, Context, Ending};
 use crate::broker::{BrokerError, Event, Subscription};
 use crate::http::Member;
-use crate::protocol::{
-    ChatMessage, Incoming, Kind, PRESENCE_LIST, SERVER_NICKNAME, ServerFrame, unix_millis,
-};
+use crate::protocol::{Incoming, Kind, ServerFrame, unix_millis};
 
 /// The subscriber thread's half of the start-up handshake.
 pub(super) struct Start {
     /// Sent to once subscribed.
     pub(super) ready: Sender<()>,
-    /// Received from once the client has its `101`; disconnected if not.
-    pub(super) go: Receiver<()>,
+    /// Received from once the client has its `101`, its history and who is
+    /// in the room (with the ids of the history's messages); disconnected
+    /// if the client did not get that far.
+    pub(super) go: Receiver<HashSet<String>>,
 }
 
 /// The thread's body.
@@ -147,54 +147,20 @@ struct Delivery<'a> {
 const MAX_BATCH: usize = 64;
 
 impl Delivery<'_> {
-    /// History, the start-up handshake, then history and presence are sent.
+    /// The start-up handshake: tell the reader "ready", then wait for "go",
+    /// which comes with the ids of the history the reader sent.
     fn start(&mut self, start: Start) -> ControlFlow<()> {
-        let history = self.ctx.broker.history(&self.member.room);
-        if start.ready.send(()).is_err() || start.go.recv().is_err() {
+        if start.ready.send(()).is_err() {
             return ControlFlow::Break(());
         }
-        self.upgraded = true;
-        self.send_history(history)?;
-        self.send_presence()
-    }
-
-    fn send_history(&mut self, history: Result<Vec<Vec<u8>>, BrokerError>) -> ControlFlow<()> {
-        let history = match history {
-            Ok(history) => history,
-            Err(e) => return self.notice(&format!("could not load the room's history ({e})")),
-        };
-        for payload in history {
-            // Junk in the history was reported when it was published.
-            let Ok(msg) = ChatMessage::from_payload(&payload) else {
-                continue;
-            };
-            if let Some(id) = &msg.id {
-                self.from_history.insert(id.clone());
+        match start.go.recv() {
+            Ok(from_history) => {
+                self.from_history = from_history;
+                self.upgraded = true;
+                ControlFlow::Continue(())
             }
-            self.write(&ServerFrame::from_event(&msg, true))?;
+            Err(_) => ControlFlow::Break(()),
         }
-        ControlFlow::Continue(())
-    }
-
-    fn send_presence(&mut self) -> ControlFlow<()> {
-        let room = &self.member.room;
-        let presence = match self.ctx.broker.presence(room, PRESENCE_LIST) {
-            Ok(presence) => presence,
-            Err(e) => return self.notice(&format!("could not load who is in {room} ({e})")),
-        };
-        let names = presence.nicknames.join(", ");
-        let text = if presence.count > presence.nicknames.len() {
-            format!("in {room}: {} people, among them {names}", presence.count)
-        } else {
-            format!("in {room}: {names}")
-        };
-        self.write(&ServerFrame::Presence {
-            nickname: SERVER_NICKNAME,
-            message: &text,
-            room: room.name(),
-            members: &presence.nicknames,
-            count: presence.count,
-        })
     }
 
     /// Sends a server notice.
