@@ -250,6 +250,58 @@ fn publish_room(broker: &dyn Broker, requests: Vec<Request>) {
 mod tests {
     use super::*;
 
+    use crate::broker::memory::MemoryBroker;
+    use crate::broker::{Event, Settings};
+    use std::ops::ControlFlow;
+
+    #[test]
+    fn a_burst_of_joins_goes_out_in_few_announcements_in_order() {
+        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(&Settings {
+            instance: 1,
+            history: 0,
+            subscriptions: Default::default(),
+        }));
+        let room = Room::parse("burst").unwrap();
+        let subscription = broker.subscribe(&room, &ConnId::new(1, 0)).unwrap();
+        let canceller = subscription.canceller();
+        let (events_tx, events_rx) = crossbeam_channel::unbounded();
+        let listener = thread::spawn(move || {
+            subscription.run(|event| {
+                if let Event::Message(m) = event {
+                    events_tx.send(m.message().unwrap().clone()).unwrap();
+                }
+                ControlFlow::Continue(())
+            })
+        });
+        let announcer = Announcer::start(Arc::clone(&broker)).unwrap();
+        for i in 1..=10 {
+            announcer.announce(Announcement {
+                room: room.clone(),
+                kind: Kind::Join,
+                nickname: Nickname::parse(&format!("n{i}")).unwrap(),
+                conn: ConnId::new(1, i),
+                text: "joined".into(),
+            });
+        }
+        // Dropping the announcer publishes whatever still waits.
+        drop(announcer);
+        let (mut events, mut heard) = (Vec::new(), Vec::new());
+        while heard.len() < 10 {
+            let event: ChatMessage = events_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            if event.nicknames.is_empty() {
+                heard.push(event.nickname.clone());
+            } else {
+                heard.extend(event.nicknames.iter().cloned());
+            }
+            events.push(event);
+        }
+        canceller.cancel();
+        listener.join().unwrap().unwrap();
+        assert!(events.len() <= 3, "{events:?}");
+        let expected: Vec<String> = (1..=10).map(|i| format!("n{i}")).collect();
+        assert_eq!(heard, expected);
+    }
+
     #[test]
     fn the_window_grows_with_the_room_within_bounds() {
         assert_eq!(window(0), WINDOW);

@@ -11,8 +11,20 @@ use crate::support::{Closed, Redis, Server, eventually};
 /// no thread leaks.
 #[test]
 fn redis_dies_and_comes_back_mid_chat() {
+    redis_dies_and_comes_back(&[], 2);
+}
+
+/// The same with one shared subscription for the room: the room's feed
+/// reconnects (once, for everyone) and tells every client.
+#[test]
+fn redis_dies_and_comes_back_with_a_shared_subscription() {
+    redis_dies_and_comes_back(&["--subscriptions", "shared"], 1);
+}
+
+fn redis_dies_and_comes_back(args: &[&str], subscriptions: u64) {
     let redis = Redis::start();
-    let server = Server::with_redis(&redis);
+    let url = redis.url();
+    let server = Server::start(&[&["--redis", url.as_str()], args].concat());
     let mut alice = server.client("alice");
     let mut bob = server.client("bob");
     alice.settle();
@@ -37,7 +49,10 @@ fn redis_dies_and_comes_back_mid_chat() {
     assert_eq!(bob.recv_chat(), ("alice".into(), "after".into()));
     bob.send("welcome back");
     assert_eq!(alice.recv_chat(), ("bob".into(), "welcome back".into()));
-    assert_eq!(server.metric("threadchat_redis_reconnects_total"), 2);
+    assert_eq!(
+        server.metric("threadchat_redis_reconnects_total"),
+        subscriptions
+    );
     assert!(server.metric("threadchat_publish_errors_total") >= 1);
 
     alice.close();

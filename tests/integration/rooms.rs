@@ -14,6 +14,8 @@ with_both_brokers!(
     history_comes_first_then_live_messages,
     history_has_no_gap_and_no_duplicate_while_others_send => ["--rate-limit", "0"],
     the_text_format_is_for_people,
+    a_join_storm_is_announced_once_per_person,
+    a_big_room_lists_some_names_and_counts_everyone,
 );
 
 fn join(server: &Server, nickname: &str, room: &str) -> Client {
@@ -274,4 +276,94 @@ fn history_can_be_turned_off() {
     assert_eq!(bob.recv()["type"], "presence");
     alice.send("live");
     assert_eq!(bob.recv_chat().1, "live");
+}
+
+/// Clients connecting in parallel, each settled (fully joined).
+fn join_many(server: &Server, prefix: &str, count: usize, room: &str) -> Vec<(String, Client)> {
+    let addr = server.addr;
+    let room = room.to_owned();
+    let prefix = prefix.to_owned();
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let (room, prefix) = (room.clone(), prefix.clone());
+            std::thread::spawn(move || {
+                (t..count)
+                    .step_by(8)
+                    .map(|i| {
+                        let name = format!("{prefix}{i}");
+                        let mut client = Client::connect(addr, &format!("{name}?room={room}"));
+                        client.settle();
+                        (name, client)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect()
+}
+
+/// Twenty people join at once. Joins may be announced together (one frame
+/// listing several nicknames), but the watcher hears of each person exactly
+/// once, and nobody is told of their own arrival.
+fn a_join_storm_is_announced_once_per_person(server: &Server) {
+    let mut watcher = join(server, "watcher", "storm");
+    watcher.settle();
+    let mut joiners = join_many(server, "j", 20, "storm");
+    let mut heard = Vec::new();
+    while heard.len() < 20 {
+        let frame = next_of(&mut watcher, "join");
+        match frame["nicknames"].as_array() {
+            Some(names) => {
+                assert!(names.len() > 1, "{frame}");
+                heard.extend(names.iter().map(|n| n.as_str().unwrap().to_owned()));
+            }
+            None => heard.push(frame["nickname"].as_str().unwrap().to_owned()),
+        }
+    }
+    heard.sort();
+    let mut expected: Vec<String> = (0..20).map(|i| format!("j{i}")).collect();
+    expected.sort();
+    assert_eq!(heard, expected);
+    // Everyone is connected and settled, so every announcement is out: a
+    // chat message now is the next thing each joiner gets, and no joiner was
+    // told of itself.
+    watcher.send("hello all");
+    for (name, joiner) in &mut joiners {
+        loop {
+            let frame = joiner.recv();
+            if frame["type"] == "chat" {
+                assert_eq!(frame["message"], "hello all");
+                break;
+            }
+            assert_eq!(frame["type"], "join", "{frame}");
+            let about: Vec<String> = frame["nicknames"]
+                .as_array()
+                .map(|n| n.iter().map(|v| v.as_str().unwrap().to_owned()).collect())
+                .unwrap_or_else(|| vec![frame["nickname"].as_str().unwrap().to_owned()]);
+            assert!(!about.contains(name), "{name} was told of itself: {frame}");
+        }
+    }
+}
+
+/// Past 100 members the presence frame counts everyone and lists 100 names
+/// (`GET /members` still lists everyone).
+fn a_big_room_lists_some_names_and_counts_everyone(server: &Server) {
+    let _crowd = join_many(server, "p", 105, "big");
+    let mut late = join(server, "late", "big");
+    let presence = next_of(&mut late, "presence");
+    assert_eq!(presence["count"], 106);
+    assert_eq!(presence["members"].as_array().unwrap().len(), 100);
+    assert!(
+        presence["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("in big: 106 people, among them "),
+        "{presence}"
+    );
+    let (_, body) = server.get("/members?room=big");
+    let listed: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(listed["members"].as_array().unwrap().len(), 106, "{listed}");
 }
