@@ -9,8 +9,10 @@
 #   make conformance            Autobahn|Testsuite cases 1-7 and 10 against /echo
 #                               (needs Python 2.7, e.g. pyenv's 2.7.18)
 #   make browser-test           the web page in headless chromium (playwright-core)
-#   make bench                  load scenarios a, b, c against a release build
-#                               (starts its own redis-server; BROKER=memory for in-process)
+#   make bench                  load scenarios a, b, c against a release build, with
+#                               each relay (starts its own redis-server); one relay:
+#                               BROKER=redis|redis-shared|memory; SCENARIOS=a,b
+#                               (docs/PERFORMANCE.md)
 
 CARGO ?= cargo
 ARGS ?=
@@ -50,10 +52,11 @@ browser-test:
 	cd tests/browser && npm ci --no-audit --no-fund --silent
 	cd tests/browser && CHROMIUM=$(CHROMIUM) node --experimental-websocket --test chat.test.mjs
 
-BROKER ?= redis
+BROKER ?= all
+SCENARIOS ?= a,b,c
 bench: require-redis
 	$(CARGO) build --release --bins
-	./target/release/loadgen --broker $(BROKER)
+	./target/release/loadgen --broker $(BROKER) --scenario $(SCENARIOS)
 
 require-redis:
 	@command -v redis-server >/dev/null 2>&1 || { \

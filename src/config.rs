@@ -314,7 +314,12 @@ impl Config {
             (None, false) => BrokerChoice::Auto,
         };
 
-        let ceiling = connection_ceiling();
+        // A client's own Redis subscription is a second descriptor.
+        let fds_per_connection = match (&broker, args.subscriptions) {
+            (BrokerChoice::InProcess, _) | (_, Subscriptions::Shared) => 1,
+            _ => 2,
+        };
+        let ceiling = connection_ceiling(fds_per_connection);
         let max_connections = match args.max_connections {
             None => ceiling,
             Some(0) => {
@@ -432,20 +437,27 @@ pub const THREADS_PER_CONNECTION: usize = 2;
 /// Memory maps one thread costs on Linux (its stack, guard page and glibc's
 /// bookkeeping); measured, see docs/ARCHITECTURE.md.
 const MAPS_PER_THREAD: usize = 4;
-/// File descriptors one connection holds: its socket and, with per-client
-/// Redis subscriptions, its subscriber's Redis connection.
-const FDS_PER_CONNECTION: usize = 2;
-
-/// The most connections this process can hold without hitting the kernel's
-/// memory-map limit (past which a Rust process aborts when spawning a thread)
-/// or its open-file limit (past which `accept` fails).
-pub fn connection_ceiling() -> usize {
+/// The most connections this process can hold, each holding
+/// `fds_per_connection` file descriptors (its socket and, with per-client
+/// Redis subscriptions, its subscriber's Redis connection), without hitting:
+///
+/// * the kernel's memory-map limit, `vm.max_map_count` (past it a Rust
+///   process *aborts* when it spawns a thread);
+/// * the open-file limit (past it `accept` fails);
+/// * the system's thread limits, `kernel.threads-max` and `kernel.pid_max`
+///   (past them spawning a thread fails, and the client gets a 503).
+pub fn connection_ceiling(fds_per_connection: usize) -> usize {
     let max_maps = read_number("/proc/sys/vm/max_map_count").unwrap_or(65_530);
     let max_files = open_file_limit().unwrap_or(1024);
-    // Leave room for everything else the process maps or opens.
+    let max_threads = read_number("/proc/sys/kernel/threads-max")
+        .unwrap_or(usize::MAX)
+        .min(read_number("/proc/sys/kernel/pid_max").unwrap_or(32_768));
+    // Leave room for everything else the process (and the machine) maps,
+    // opens and runs.
     let by_maps = max_maps.saturating_sub(2_000) / (THREADS_PER_CONNECTION * MAPS_PER_THREAD);
-    let by_files = max_files.saturating_sub(100) / FDS_PER_CONNECTION;
-    by_maps.min(by_files).max(1)
+    let by_files = max_files.saturating_sub(100) / fds_per_connection.max(1);
+    let by_threads = max_threads.saturating_sub(2_000) / THREADS_PER_CONNECTION;
+    by_maps.min(by_files).min(by_threads).max(1)
 }
 
 fn read_number(path: &str) -> Option<usize> {
@@ -476,6 +488,7 @@ mod tests {
 
     #[test]
     fn ceiling_is_positive() {
-        assert!(connection_ceiling() >= 1);
+        assert!(connection_ceiling(2) >= 1);
+        assert!(connection_ceiling(1) >= connection_ceiling(2));
     }
 }

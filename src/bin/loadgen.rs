@@ -7,7 +7,8 @@
 //!
 //! * `a`: 1,000 clients in a room, one sender at 10 msg/s for 10 s.
 //! * `b`: 100 clients, 10 of them sending as fast as the server allows, 5 s.
-//! * `c`: 5,000 idle clients held 10 s, then one message all must receive.
+//! * `c`: 5,000 idle clients (`--idle-clients`) held 10 s, then one message
+//!   all must receive.
 //!
 //! Latency is measured from a send timestamp carried in each message (client
 //! and server share the machine's clock). Every receiver checks each sender's
@@ -32,9 +33,13 @@ struct Args {
     #[arg(long, default_value = "a,b,c", value_delimiter = ',')]
     scenario: Vec<String>,
     /// Relay: redis (per-client subscriptions), redis-shared (one
-    /// subscription per room) or memory (in-process).
+    /// subscription per room), memory (in-process), or all three.
     #[arg(long, default_value = "redis")]
     broker: String,
+    /// Idle clients in scenario c (10000 needs the kernel settings in the
+    /// README).
+    #[arg(long, default_value_t = 5000)]
+    idle_clients: usize,
     /// The threadchat binary to test.
     #[arg(long, default_value = "target/release/threadchat")]
     threadchat: String,
@@ -42,32 +47,115 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    println!("threadchat load test, relay: {}", args.broker);
-    for scenario in &args.scenario {
-        let env = Env::start(&args)?;
-        let report = match scenario.as_str() {
-            "a" => fan_out(&env, 1000, 1, Pace::PerSecond(10), Duration::from_secs(10))?,
-            "b" => fan_out(&env, 100, 10, Pace::FlatOut, Duration::from_secs(5))?,
-            "c" => idle(&env, 5000)?,
-            other => bail!("unknown scenario {other:?}"),
-        };
-        println!("\n== scenario {scenario}\n{report}");
+    let relays: Vec<String> = if args.broker == "all" {
+        ["redis", "redis-shared", "memory"]
+            .map(String::from)
+            .to_vec()
+    } else {
+        vec![args.broker.clone()]
+    };
+    let mut rows = Vec::new();
+    for relay in &relays {
+        for scenario in &args.scenario {
+            eprintln!("scenario {scenario}, relay {relay}…");
+            let env = Env::start(&args, relay)?;
+            let mut row = match scenario.as_str() {
+                "a" => fan_out(&env, 1000, 1, Pace::PerSecond(10), Duration::from_secs(10))?,
+                "b" => fan_out(&env, 100, 10, Pace::FlatOut, Duration::from_secs(5))?,
+                "c" => idle(&env, args.idle_clients)?,
+                other => bail!("unknown scenario {other:?}"),
+            };
+            row.scenario = scenario.clone();
+            row.relay = relay.clone();
+            eprintln!("{}", row.render());
+            rows.push(row);
+        }
+    }
+    println!("{}", Row::HEADER);
+    for row in &rows {
+        println!("{}", row.render());
     }
     Ok(())
+}
+
+/// One line of the results table. Empty cells are what a scenario does not
+/// measure.
+#[derive(Default)]
+struct Row {
+    scenario: String,
+    relay: String,
+    clients: usize,
+    senders: usize,
+    connect: Duration,
+    handshake: String,
+    delivered: u64,
+    expected: u64,
+    duplicates: Option<u64>,
+    out_of_order: Option<u64>,
+    /// Fan-out latency p50, p99, max (ms).
+    latency: Option<(f64, f64, f64)>,
+    deliveries_per_s: Option<f64>,
+    /// Server and Redis CPU while sending, in % of a core.
+    cpu: Option<(f64, Option<f64>)>,
+    /// Redis connections in use (clients connected to it).
+    redis_connections: Option<u64>,
+    rss_per_client_kib: Option<f64>,
+    idle_cpu: Option<f64>,
+}
+
+impl Row {
+    const HEADER: &str = "| scenario | relay | clients | senders | connect all | handshake p50 / p99 | delivered / expected | loss | dups | order | latency p50 / p99 / max | deliveries/s | CPU: server / Redis | Redis conns | RSS per client | idle CPU |\n\
+                          |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
+
+    fn render(&self) -> String {
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "".into());
+        format!(
+            "| {} | {} | {} | {} | {:.2} s | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            self.scenario,
+            self.relay,
+            self.clients,
+            self.senders,
+            self.connect.as_secs_f64(),
+            self.handshake,
+            self.delivered,
+            self.expected,
+            self.expected.saturating_sub(self.delivered),
+            opt(self.duplicates.map(|d| d.to_string())),
+            opt(self.out_of_order.map(|d| d.to_string())),
+            opt(self.latency.map(|(a, b, c)| {
+                if a.is_nan() {
+                    // Scenario c: one message, the time until all had it.
+                    format!("– / – / {c:.1} ms")
+                } else {
+                    format!("{a:.1} / {b:.1} / {c:.1} ms")
+                }
+            })),
+            opt(self.deliveries_per_s.map(|d| format!("{d:.0}"))),
+            opt(self.cpu.map(|(server, redis)| match redis {
+                Some(redis) => format!("{server:.0}% / {redis:.0}%"),
+                None => format!("{server:.0}% / –"),
+            })),
+            opt(self.redis_connections.map(|n| n.to_string())),
+            opt(self.rss_per_client_kib.map(|k| format!("{k:.1} KiB"))),
+            opt(self.idle_cpu.map(|c| format!("{c:.1}% of a core"))),
+        )
+    }
 }
 
 /// A redis-server and a threadchat, stopped on drop.
 struct Env {
     redis: Option<Child>,
+    redis_port: Option<u16>,
     server: Child,
     addr: SocketAddr,
 }
 
 impl Env {
-    fn start(args: &Args) -> anyhow::Result<Env> {
+    fn start(args: &Args, broker: &str) -> anyhow::Result<Env> {
         let mut relay = vec!["--in-process".to_owned()];
         let mut redis = None;
-        if args.broker.starts_with("redis") {
+        let mut redis_port = None;
+        if broker.starts_with("redis") {
             let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
             redis = Some(
                 Command::new("redis-server")
@@ -88,8 +176,9 @@ impl Env {
                 anyhow::ensure!(Instant::now() < deadline, "redis-server did not start");
                 thread::sleep(Duration::from_millis(20));
             }
+            redis_port = Some(port);
             relay = vec!["--redis".into(), format!("127.0.0.1:{port}")];
-            if args.broker == "redis-shared" {
+            if broker == "redis-shared" {
                 relay.extend(["--subscriptions".into(), "shared".into()]);
             }
         }
@@ -110,6 +199,7 @@ impl Env {
         let addr = wait_for_port(server.id())?;
         Ok(Env {
             redis,
+            redis_port,
             server,
             addr,
         })
@@ -117,6 +207,29 @@ impl Env {
 
     fn pid(&self) -> u32 {
         self.server.id()
+    }
+
+    /// CPU ticks of the Redis server, if there is one.
+    fn redis_ticks(&self) -> Option<u64> {
+        self.redis.as_ref().map(|r| cpu_ticks(r.id()))
+    }
+
+    /// How many clients are connected to Redis (`INFO clients`).
+    fn redis_connections(&self) -> Option<u64> {
+        use std::io::{Read, Write};
+        let mut stream = TcpStream::connect(("127.0.0.1", self.redis_port?)).ok()?;
+        stream.write_all(b"INFO clients\r\n").ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut reply = vec![0; 4096];
+        let n = stream.read(&mut reply).ok()?;
+        let text = String::from_utf8_lossy(&reply[..n]);
+        let line = text.lines().find(|l| l.starts_with("connected_clients:"))?;
+        // Not counting this query's own connection.
+        line["connected_clients:".len()..]
+            .trim()
+            .parse::<u64>()
+            .ok()?
+            .checked_sub(1)
     }
 }
 
@@ -205,7 +318,7 @@ fn fan_out(
     senders: usize,
     pace: Pace,
     duration: Duration,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<Row> {
     let room = "bench";
     let started = Instant::now();
     let (sockets, handshake) = connect_all(env.addr, clients, room)?;
@@ -304,6 +417,8 @@ fn fan_out(
     go.wait();
     let t0 = Instant::now();
     let cpu0 = cpu_ticks(env.pid());
+    let redis_cpu0 = env.redis_ticks();
+    let redis_connections = env.redis_connections();
     for w in writers {
         let _ = w.join();
     }
@@ -319,21 +434,23 @@ fn fan_out(
     }
     let send_time = last_change.duration_since(t0);
     let cpu = cpu_ticks(env.pid()) - cpu0;
+    let redis_cpu = env
+        .redis_ticks()
+        .zip(redis_cpu0)
+        .map(|(now, then)| now - then);
     stop_reading.store(true, Ordering::Relaxed);
     let seen: Vec<Seen> = readers
         .into_iter()
         .map(|r| r.join().unwrap_or_default())
         .collect();
     let sent_total: Vec<u64> = sent.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-    Ok(summarize(
-        clients,
-        senders,
-        &sent_total,
-        &seen,
-        (connect_time, &handshake),
-        send_time,
-        cpu,
-    ))
+    let mut row = summarize(clients, senders, &sent_total, &seen, send_time);
+    row.connect = connect_time;
+    row.handshake = handshake;
+    let window = send_time.as_secs_f64();
+    row.cpu = Some((cpu as f64 / window, redis_cpu.map(|t| t as f64 / window)));
+    row.redis_connections = redis_connections;
+    Ok(row)
 }
 
 /// Clients connecting at the same time. People arrive in parallel, and each
@@ -453,10 +570,8 @@ fn summarize(
     senders: usize,
     sent: &[u64],
     seen: &[Seen],
-    (connect, handshake): (Duration, &str),
     sending: Duration,
-    cpu_ticks: u64,
-) -> String {
+) -> Row {
     let sent_total: u64 = sent.iter().sum();
     // Each message goes to everyone but its sender.
     let expected = sent_total * (clients as u64 - 1);
@@ -472,26 +587,26 @@ fn summarize(
             .unwrap_or(0) as f64
             / 1000.0
     };
-    // From the first send to the last delivery.
-    let window = sending.as_secs_f64();
-    format!(
-        "| clients | senders | connect all | handshake p50 / p99 | sent | delivered / expected | loss | dups | order | p50 ms | p99 ms | max ms | deliveries/s | server CPU |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n\
-         | {clients} | {senders} | {:.2} s | {handshake} | {sent_total} | {received} / {expected} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0}% of a core |",
-        connect.as_secs_f64(),
-        expected.saturating_sub(received),
-        seen.iter().map(|s| s.duplicates).sum::<u64>(),
-        seen.iter().map(|s| s.out_of_order).sum::<u64>(),
-        pct(0.50),
-        pct(0.99),
-        lat.last().copied().unwrap_or(0) as f64 / 1000.0,
-        received as f64 / window,
-        cpu_ticks as f64 / window,
-    )
+    Row {
+        clients,
+        senders,
+        delivered: received,
+        expected,
+        duplicates: Some(seen.iter().map(|s| s.duplicates).sum()),
+        out_of_order: Some(seen.iter().map(|s| s.out_of_order).sum()),
+        latency: Some((
+            pct(0.50),
+            pct(0.99),
+            lat.last().copied().unwrap_or(0) as f64 / 1000.0,
+        )),
+        // From the first send to the last delivery.
+        deliveries_per_s: Some(received as f64 / sending.as_secs_f64()),
+        ..Row::default()
+    }
 }
 
 /// `clients` idle clients held 10 s, then one message all must receive.
-fn idle(env: &Env, clients: usize) -> anyhow::Result<String> {
+fn idle(env: &Env, clients: usize) -> anyhow::Result<Row> {
     let rss0 = rss_kb(env.pid());
     let started = Instant::now();
     let (mut sockets, handshake) = connect_all(env.addr, clients, "idle")?;
@@ -503,7 +618,7 @@ fn idle(env: &Env, clients: usize) -> anyhow::Result<String> {
     let idle_cpu = cpu_ticks(env.pid()) - cpu0;
     let t0 = Instant::now();
     sockets[0].send(Message::text("wake up"))?;
-    let mut got = 0;
+    let mut got = 0u64;
     for ws in sockets.iter_mut().skip(1) {
         loop {
             match ws.read() {
@@ -516,16 +631,19 @@ fn idle(env: &Env, clients: usize) -> anyhow::Result<String> {
             }
         }
     }
-    Ok(format!(
-        "| idle clients | connect all | handshake p50 / p99 | RSS per client | idle CPU (10 s) | received the message | all received in |\n\
-         |---|---|---|---|---|---|---|\n\
-         | {clients} | {:.2} s | {handshake} | {:.1} KiB | {:.1}% of a core | {got} / {} | {:.0} ms |",
-        connect_time.as_secs_f64(),
-        (rss.saturating_sub(rss0)) as f64 / clients as f64,
-        idle_cpu as f64 / 10.0,
-        clients - 1,
-        t0.elapsed().as_secs_f64() * 1000.0,
-    ))
+    let all_received = t0.elapsed().as_secs_f64() * 1000.0;
+    Ok(Row {
+        clients,
+        connect: connect_time,
+        handshake,
+        delivered: got,
+        expected: clients as u64 - 1,
+        latency: Some((f64::NAN, f64::NAN, all_received)),
+        redis_connections: env.redis_connections(),
+        rss_per_client_kib: Some(rss.saturating_sub(rss0) as f64 / clients as f64),
+        idle_cpu: Some(idle_cpu as f64 / 10.0),
+        ..Row::default()
+    })
 }
 
 fn rss_kb(pid: u32) -> u64 {
