@@ -398,6 +398,9 @@ impl Drop for RedisBroker {
         if let Some(handle) = self.heartbeat.take() {
             let _ = handle.join();
         }
+        // The shared feeds hold a lane for their wake-ups: every sender must
+        // be gone before the publishers can see the end of their queues.
+        self.shared.take();
         self.lanes.clear();
         for handle in self.publishers.drain(..) {
             if handle.join().is_err() {
