@@ -29,6 +29,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use socket2::{Domain, Socket, Type};
 
 use crate::broker::Broker;
 use crate::config::Config;
@@ -71,6 +72,32 @@ pub enum ServerError {
     Spawn(&'static str, io::Error),
 }
 
+/// Connections the kernel queues for `accept` (the kernel caps it at
+/// `net.core.somaxconn`, 4096 by default). std's `TcpListener::bind` asks
+/// for 128: when thousands of clients reconnect at once (a restart, a
+/// network blip) the extra ones are dropped and retry only after a second.
+const ACCEPT_BACKLOG: i32 = 4096;
+
+/// A listening `TcpListener` on the first of `addrs` that works, with a
+/// deep accept queue.
+fn listen(addrs: &[SocketAddr]) -> io::Result<TcpListener> {
+    let mut last_error = io::Error::new(io::ErrorKind::InvalidInput, "no address to listen on");
+    for addr in addrs {
+        let attempt = (|| {
+            let socket = Socket::new(Domain::for_address(*addr), Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&(*addr).into())?;
+            socket.listen(ACCEPT_BACKLOG)?;
+            Ok(TcpListener::from(socket))
+        })();
+        match attempt {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last_error = e,
+        }
+    }
+    Err(last_error)
+}
+
 impl Server {
     /// Binds the listening socket described by `config`.
     pub fn bind(
@@ -84,7 +111,7 @@ impl Server {
             source,
         };
         let addrs: Vec<SocketAddr> = addr.to_socket_addrs().map_err(bind_err)?.collect();
-        let listener = TcpListener::bind(&addrs[..]).map_err(bind_err)?;
+        let listener = listen(&addrs).map_err(bind_err)?;
         let local_addr = listener.local_addr().map_err(bind_err)?;
         let wake_addr = match local_addr.ip() {
             IpAddr::V4(ip) if ip.is_unspecified() => {

@@ -456,7 +456,7 @@ fn fan_out(
 /// Clients connecting at the same time. People arrive in parallel, and each
 /// connector waits for its own handshake — which includes its join being
 /// announced, at most one announcement window (up to 500 ms) later.
-const CONNECTORS: usize = 256;
+const CONNECTORS: usize = 512;
 
 /// Connects `clients` clients from [`CONNECTORS`] threads. Returns them in
 /// order, and the handshake latency p50 / p99 as text.

@@ -5,18 +5,21 @@
 //!
 //! * [`redis::RedisBroker`] — the real thing. Every connection gets its own Redis
 //!   `SUBSCRIBE` connection (so instances sharing a Redis see each other's
-//!   messages), while publishing goes through a small shared pool of
-//!   connections that pipelines whatever is queued.
+//!   messages), or with [`SubscriptionMode::Shared`] every room gets one per
+//!   instance, fanned out to its clients by [`fanout`]. Publishing goes
+//!   through a small shared pool of connections that pipelines whatever is
+//!   queued.
 //! * [`memory::MemoryBroker`] — an in-process stand-in, so threadchat runs on a
-//!   machine without Redis. A single instance only.
+//!   machine without Redis. A single instance only. It fans out with
+//!   [`fanout`] too.
 //!
-//! The shape is the same in both: a connection's *subscriber thread* calls
-//! [`Subscription::run`], which blocks (on a Redis socket, or on a crossbeam
-//! receiver) and hands each [`Event`] to a closure. To end that blocking call
+//! The shape is the same in all of them: a connection's *subscriber thread*
+//! calls [`Subscription::run`], which blocks (on a Redis socket, or on a
+//! crossbeam receiver) and hands each [`Event`] to a closure. To end that blocking call
 //! from another thread, keep the subscription's [`Canceller`]: `cancel()` wakes
 //! the subscriber thread wherever it is blocked, and `run` returns `Ok(())`.
 
-pub(crate) mod fanout;
+pub mod fanout;
 pub mod memory;
 pub mod redis;
 

@@ -1,8 +1,11 @@
-//! The Redis broker: one `SUBSCRIBE` connection per chat connection, and a
-//! small shared pool of publishing connections.
+//! The Redis broker: one `SUBSCRIBE` connection per chat connection (or, in
+//! shared mode, per room), and a small shared pool of publishing connections.
 //!
-//! **Subscribing.** Each chat connection's subscriber thread opens its own
-//! Redis connection and blocks in `PubSub::get_message`, as the design asks.
+//! **Subscribing.** By default each chat connection's subscriber thread opens
+//! its own Redis connection and blocks in `PubSub::get_message`, as the
+//! design asks. With `--subscriptions shared` a room's reader thread does that
+//! once for all the room's clients on this instance, and its dispatcher fans
+//! out over their queues (`SharedFeeds` below, and [`fanout`](super::fanout)).
 //! That call cannot be interrupted from outside (the `redis` crate exposes no
 //! socket to shut down), so every subscription also listens on a *private
 //! wake channel*, `threadchat:wake:{conn}`. [`Canceller::cancel`] sets a flag and
