@@ -11,7 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use super::fanout::{Fanout, FanoutListener};
-use super::{Broker, BrokerError, Canceller, Event, Settings, Subscription};
+use super::{Broker, BrokerError, Canceller, Event, Presence, Settings, Subscription};
 use crate::protocol::{ConnId, Incoming, Nickname, Room};
 
 /// Relays messages between the connections of this process.
@@ -117,6 +117,25 @@ impl Broker for MemoryBroker {
             .unwrap_or_default();
         members.sort();
         Ok(members)
+    }
+
+    fn presence(&self, room: &Room, limit: usize) -> Result<Presence, BrokerError> {
+        let rooms = self.rooms();
+        let members = rooms
+            .get(room.name())
+            .map(|r| r.members.as_slice())
+            .unwrap_or(&[]);
+        // The `limit` first names in order, without sorting the whole room.
+        let mut names: Vec<&str> = members.iter().map(|(_, n)| n.as_str()).collect();
+        if names.len() > limit {
+            names.select_nth_unstable(limit);
+            names.truncate(limit);
+        }
+        names.sort_unstable();
+        Ok(Presence {
+            count: members.len(),
+            nicknames: names.into_iter().map(str::to_owned).collect(),
+        })
     }
 
     fn health(&self) -> Result<(), String> {
