@@ -24,8 +24,10 @@
 //!   small shared pool of publisher threads.
 //! * Exactly one `WebSocket` writes to a socket (see [`session::socket`]).
 //! * Every blocking call has a stated way to be interrupted: `accept` by a
-//!   self-connection, socket reads by `shutdown()`, the Redis subscription by a
-//!   private wake channel, channel receives by dropping the sender.
+//!   self-connection, socket reads (clients' and Redis subscriptions') by
+//!   `shutdown()`, channel receives by dropping the sender.
+//! * With `--subscriptions shared`, one Redis subscription per room feeds
+//!   every client of the room on this instance through bounded queues.
 //!
 //! `docs/ARCHITECTURE.md` tells the same story at length.
 //!
@@ -34,9 +36,11 @@
 //! * [`config`] — command line → validated [`config::Config`].
 //! * [`server`] — bind, accept loop, connection registry, shutdown.
 //! * [`http`] — request head parsing, plain HTTP answers, the upgrade.
-//! * [`session`] — one connection's two threads; [`session::socket`] the one-writer split.
+//! * [`session`] — one connection's two threads; [`session::socket`] the one-writer split;
+//!   [`session::announce`] joins and leaves, coalesced per room.
 //! * [`protocol`] — nicknames, connection ids, client and server frames, the Redis payload.
-//! * [`broker`] — the relay: [`broker::redis`] and the in-process [`broker::memory`].
+//! * [`broker`] — the relay: [`broker::redis`] and the in-process [`broker::memory`];
+//!   [`broker::fanout`] fans out to clients' queues.
 //! * [`metrics`] — counters, served at `/metrics`.
 
 #![forbid(unsafe_code)]

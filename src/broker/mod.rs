@@ -21,6 +21,7 @@
 
 pub mod fanout;
 pub mod memory;
+mod pubsub;
 pub mod redis;
 
 use std::ops::ControlFlow;

@@ -2,16 +2,20 @@
 //! shared mode, per room), and a small shared pool of publishing connections.
 //!
 //! **Subscribing.** By default each chat connection's subscriber thread opens
-//! its own Redis connection and blocks in `PubSub::get_message`, as the
-//! design asks. With `--subscriptions shared` a room's reader thread does that
-//! once for all the room's clients on this instance, and its dispatcher fans
-//! out over their queues (`SharedFeeds` below, and [`fanout`](super::fanout)).
-//! That call cannot be interrupted from outside (the `redis` crate exposes no
-//! socket to shut down), so every subscription also listens on a *private
-//! wake channel*, `threadchat:wake:{conn}`. [`Canceller::cancel`] sets a flag and
-//! publishes an empty message there; the subscriber wakes, sees the flag and
-//! returns. The order matters: the subscriber checks the flag only *after* its
-//! `SUBSCRIBE` was acknowledged, so a wake-up can never fall in the gap.
+//! its own Redis connection and blocks reading it, as the design asks. With
+//! `--subscriptions shared` a room's reader thread does that once for all the
+//! room's clients on this instance, and its dispatcher fans out over their
+//! queues (`SharedFeeds` below, and [`fanout`](super::fanout)).
+//!
+//! A subscription is read by hand ([`pubsub`](super::pubsub)) rather than
+//! with the `redis` crate's `PubSub`, whose blocking `get_message` cannot be
+//! interrupted and cannot tell whether more messages are already buffered.
+//! Owning the socket, [`Canceller::cancel`] sets a flag and shuts the socket
+//! down: the blocked read returns at once. The listener checks the flag only
+//! after its socket is registered with the canceller and `SUBSCRIBE` is
+//! acknowledged, so a cancel can never fall in a gap. (An earlier version
+//! published on a private wake channel per connection; `CLIENT KILL` would
+//! need admin rights, and a read timeout would poll.)
 //!
 //! **Publishing.** Opening a Redis connection per client for publishing would
 //! double Redis's client count. Instead [`POOL_SIZE`] publisher threads each
@@ -38,6 +42,7 @@
 //! and the drop joins it.
 
 use std::collections::HashMap;
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -47,6 +52,7 @@ use crossbeam_channel::{Receiver, Sender};
 use redis::{Client, Connection};
 
 use super::fanout::{Fanout, FanoutListener};
+use super::pubsub::{PubSubConnection, Push};
 use super::{
     Backoff, Broker, BrokerError, Canceller, Event, Flow, Listen, Presence, Settings, StopSignal,
     Subscription, SubscriptionMode,
@@ -69,8 +75,6 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A subscription connection quiet for this long is checked with PING.
 const KEEPALIVE: Duration = Duration::from_secs(12);
-/// Prefix of the private per-connection wake channel.
-const WAKE_PREFIX: &str = "threadchat:wake:";
 
 /// Relays through Redis.
 pub struct RedisBroker {
@@ -95,7 +99,7 @@ pub struct RedisBroker {
 struct Job {
     cmds: Vec<redis::Cmd>,
     /// Where to send the replies (one per command); `None` for
-    /// fire-and-forget (wake-ups, clean-ups).
+    /// fire-and-forget (heartbeats, clean-ups).
     reply: Option<Sender<Result<Vec<redis::Value>, BrokerError>>>,
 }
 
@@ -164,8 +168,6 @@ impl RedisBroker {
                 feeds: Mutex::default(),
                 client: broker.client.clone(),
                 url: broker.url.clone(),
-                instance: settings.instance,
-                lane: broker.lanes[0].clone(),
                 metrics: Arc::clone(metrics),
             }));
         }
@@ -375,16 +377,14 @@ impl Broker for RedisBroker {
         if let Some(shared) = &self.shared {
             return shared.subscribe(room, conn);
         }
-        let wake_channel = format!("{WAKE_PREFIX}{conn}");
-        let canceller = wake_canceller(self.lane().clone(), wake_channel.clone());
-        let listener = RedisListener {
-            client: self.client.clone(),
-            url: self.url.clone(),
-            channel: room.channel(),
-            wake_channel,
-            metrics: Arc::clone(&self.metrics),
-            shared: false,
-        };
+        let _ = conn; // Per-client subscriptions need no identity on Redis.
+        let (listener, canceller) = RedisListener::new(
+            &self.client,
+            &self.url,
+            room.channel(),
+            &self.metrics,
+            false,
+        );
         Ok(Subscription::new(Box::new(listener), canceller))
     }
 
@@ -401,8 +401,6 @@ impl Drop for RedisBroker {
         if let Some(handle) = self.heartbeat.take() {
             let _ = handle.join();
         }
-        // The shared feeds hold a lane for their wake-ups: every sender must
-        // be gone before the publishers can see the end of their queues.
         self.shared.take();
         self.lanes.clear();
         for handle in self.publishers.drain(..) {
@@ -411,21 +409,6 @@ impl Drop for RedisBroker {
             }
         }
     }
-}
-
-/// A canceller for a thread blocked on a Redis subscription: it publishes
-/// an empty message on the subscription's private wake channel.
-fn wake_canceller(lane: Sender<Job>, wake_channel: String) -> Canceller {
-    Canceller::new(move || {
-        // Fire and forget: if Redis is unreachable, the subscriber is not
-        // blocked on it either (it is failing, and checks the flag).
-        let mut publish = redis::cmd("PUBLISH");
-        publish.arg(&wake_channel).arg("");
-        let _ = lane.try_send(Job {
-            cmds: vec![publish],
-            reply: None,
-        });
-    })
 }
 
 /// Shared-subscription mode: one Redis subscription per room per process,
@@ -445,9 +428,6 @@ struct SharedFeeds {
     feeds: Mutex<HashMap<String, RoomFeed>>,
     client: Client,
     url: String,
-    instance: u64,
-    /// For the feeds' wake-ups.
-    lane: Sender<Job>,
     metrics: Arc<Metrics>,
 }
 
@@ -503,16 +483,14 @@ impl SharedFeeds {
     }
 
     fn start_feed(&self, channel: &str, generation: u64) -> Result<RoomFeed, BrokerError> {
-        let wake_channel = format!("{WAKE_PREFIX}room-{:016x}-{generation}", self.instance);
-        let canceller = wake_canceller(self.lane.clone(), wake_channel.clone());
-        let listener = Box::new(RedisListener {
-            client: self.client.clone(),
-            url: self.url.clone(),
-            channel: channel.to_owned(),
-            wake_channel,
-            metrics: Arc::clone(&self.metrics),
-            shared: true,
-        });
+        let (listener, canceller) = RedisListener::new(
+            &self.client,
+            &self.url,
+            channel.to_owned(),
+            &self.metrics,
+            true,
+        );
+        let listener = Box::new(listener);
         let stop = canceller.signal();
         let (events_tx, events_rx) = crossbeam_channel::bounded::<Event>(FEED_QUEUE);
         let spawn_error = |e| BrokerError::Redis(format!("cannot start a room's feed thread: {e}"));
@@ -695,10 +673,12 @@ impl Publisher {
 /// A blocking Redis subscription: a client's own (per-client mode), or a
 /// room's shared one (shared mode, run by the room's feed thread).
 struct RedisListener {
-    client: Client,
+    /// Where Redis is (and the password, if any).
+    info: redis::ConnectionInfo,
     url: String,
     channel: String,
-    wake_channel: String,
+    /// The current connection's socket, for the canceller to shut down.
+    current: Current,
     metrics: Arc<Metrics>,
     /// A room's shared subscription: it never gives up (clients come and
     /// go; it stops when the last one leaves), and reports every failed
@@ -722,6 +702,10 @@ impl Listen for RedisListener {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
+            // Cancelled: the canceller shut the socket down; not a failure.
+            if stop.is_stopped() {
+                return Ok(());
+            }
             if !state.ever_subscribed && !self.shared {
                 // Never got going: the caller refuses the client instead.
                 return Err(error);
@@ -778,6 +762,36 @@ impl Drop for Down {
 }
 
 impl RedisListener {
+    /// A listener for `channel`, and the canceller that stops it.
+    fn new(
+        client: &Client,
+        url: &str,
+        channel: String,
+        metrics: &Arc<Metrics>,
+        shared: bool,
+    ) -> (RedisListener, Canceller) {
+        let current = Current::default();
+        let canceller = {
+            let current = Arc::clone(&current);
+            // Wakes a read blocked on the current connection, wherever it
+            // is; `listen` checks the flag after every connect and read.
+            Canceller::new(move || {
+                if let Some(stream) = current.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                    let _ = stream.shutdown(Shutdown::Both);
+                }
+            })
+        };
+        let listener = RedisListener {
+            info: client.get_connection_info().clone(),
+            url: url.to_owned(),
+            channel,
+            current,
+            metrics: Arc::clone(metrics),
+            shared,
+        };
+        (listener, canceller)
+    }
+
     /// One connection's worth of subscription: connect, subscribe, deliver.
     /// Returns `Ok` when stopped, `Err` when the connection fails.
     fn connection(
@@ -786,40 +800,36 @@ impl RedisListener {
         on_event: &mut dyn FnMut(Event) -> Flow,
         state: &mut ListenState,
     ) -> Result<(), BrokerError> {
-        let mut con = self
-            .client
-            .get_connection_with_timeout(CONNECT_TIMEOUT)
-            .and_then(|con| {
-                con.set_write_timeout(Some(IO_TIMEOUT))?;
-                Ok(con)
-            })
-            .map_err(|e| BrokerError::Connect {
-                url: redact(&self.url),
-                reason: e.to_string(),
+        let (mut con, socket) =
+            PubSubConnection::connect(&self.info, CONNECT_TIMEOUT).map_err(|e| {
+                BrokerError::Connect {
+                    url: redact(&self.url),
+                    reason: e.to_string(),
+                }
             })?;
-        let mut pubsub = con.as_pubsub();
-        let result = self.receive(&mut pubsub, stop, on_event, state);
-        // Dropping a PubSub sends UNSUBSCRIBE and waits for the answer: never
-        // wait long for a Redis that has stopped answering.
-        let _ = pubsub.set_read_timeout(Some(Duration::from_secs(1)));
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(socket);
+        let result = self.receive(&mut con, stop, on_event, state);
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         result
     }
 
     fn receive(
         &self,
-        pubsub: &mut redis::PubSub<'_>,
+        con: &mut PubSubConnection,
         stop: &StopSignal,
         on_event: &mut dyn FnMut(Event) -> Flow,
         state: &mut ListenState,
     ) -> Result<(), BrokerError> {
-        let lost = |e: redis::RedisError| BrokerError::Redis(e.to_string());
-        pubsub
-            .subscribe(&[&self.channel, &self.wake_channel])
-            .map_err(lost)?;
-        // A quiet connection is checked with PING after this long; if the PING
-        // is not answered within as long again, the link is dead (a paused
-        // Redis, a half-open TCP connection): detected within 2 x KEEPALIVE.
-        pubsub.set_read_timeout(Some(KEEPALIVE)).map_err(lost)?;
+        let lost = |e: std::io::Error| BrokerError::Redis(e.to_string());
+        con.set_read_timeout(Some(IO_TIMEOUT)).map_err(lost)?;
+        con.subscribe(&[&self.channel]).map_err(lost)?;
+        // A connection quiet for KEEPALIVE is sent a PING; if nothing at all
+        // arrives within as long again, the link is dead (a paused Redis, a
+        // half-open TCP connection): detected within 2 x KEEPALIVE.
+        con.set_read_timeout(Some(KEEPALIVE)).map_err(lost)?;
         state.live = true;
         // Restored (if it was down): no longer counted as down.
         drop(state.down.take());
@@ -827,38 +837,60 @@ impl RedisListener {
             self.metrics.redis_reconnects.inc();
         }
         state.ever_subscribed = true;
-        // Only now, with SUBSCRIBE acknowledged, is a wake-up sure to reach us.
+        // Only now, with the socket registered for the canceller and
+        // SUBSCRIBE acknowledged, is a cancel sure to be seen.
         if stop.is_stopped() || on_event(Event::Subscribed).is_break() {
             return Ok(());
         }
+        let mut pinged = false;
         loop {
-            let msg = match pubsub.get_message() {
-                Ok(msg) => msg,
-                Err(e) if e.is_timeout() => {
+            match con.wait() {
+                Ok(()) => pinged = false,
+                Err(e) if is_timeout(&e) && !pinged => {
                     if stop.is_stopped() {
                         return Ok(());
                     }
-                    pubsub.ping::<redis::Value>().map_err(lost)?;
+                    con.ping().map_err(lost)?;
+                    pinged = true;
                     continue;
                 }
+                Err(e) if is_timeout(&e) => {
+                    return Err(BrokerError::Redis(
+                        "Redis did not answer a PING in time".into(),
+                    ));
+                }
                 Err(e) => return Err(lost(e)),
-            };
-            // Checked on every message, not only on wake-ups: a wake-up that
-            // could not be queued must not leave this thread running forever.
+            }
             if stop.is_stopped() {
                 return Ok(());
             }
-            if msg.get_channel_name() == self.wake_channel {
+            let Push::Message { channel, payload } = con.next().map_err(lost)? else {
+                continue;
+            };
+            if channel != self.channel.as_bytes() {
                 continue;
             }
-            let incoming = Arc::new(Incoming::parse(msg.get_payload_bytes()));
-            // The `redis` crate does not tell whether more has arrived, so
-            // every message is followed by `Idle` (a flush).
-            if on_event(Event::Message(incoming)).is_break() || on_event(Event::Idle).is_break() {
+            let incoming = Arc::new(Incoming::parse(&payload));
+            if on_event(Event::Message(incoming)).is_break() {
+                return Ok(());
+            }
+            // Messages Redis sent together are written to the client
+            // together: flush only when nothing more is already here.
+            if !con.has_buffered() && on_event(Event::Idle).is_break() {
                 return Ok(());
             }
         }
     }
+}
+
+/// The socket of a listener's current connection, if it has one.
+type Current = Arc<Mutex<Option<Arc<TcpStream>>>>;
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
 }
 
 #[cfg(test)]

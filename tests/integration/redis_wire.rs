@@ -155,3 +155,24 @@ fn three_instances_deliver_exactly_once_in_order() {
         client.expect_nothing(Duration::from_millis(200));
     }
 }
+
+/// A Redis that requires a password: the password in the URL is used by
+/// every connection (publishers and subscriptions, in both modes), and is
+/// never logged.
+#[test]
+fn a_password_protected_redis_works_in_both_modes() {
+    let redis = Redis::start();
+    redis.command(&["CONFIG", "SET", "requirepass", "s3cret"]);
+    let url = format!("redis://:s3cret@127.0.0.1:{}", redis.port);
+    for mode in ["per-client", "shared"] {
+        let server = Server::start(&["--redis", &url, "--subscriptions", mode]);
+        let mut alice = server.client("alice");
+        let mut bob = server.client("bob");
+        alice.settle();
+        bob.settle();
+        alice.send(&format!("hello in {mode} mode"));
+        assert_eq!(bob.recv_chat().1, format!("hello in {mode} mode"));
+        server.wait_for_log("relay: Redis at redis://***@");
+        assert_eq!(server.log_count("s3cret"), 0, "the password was logged");
+    }
+}

@@ -1,0 +1,285 @@
+//! A Redis `SUBSCRIBE` connection, read by hand.
+//!
+//! The `redis` crate's `PubSub` hides its socket, which costs threadchat two
+//! things:
+//!
+//! * **It cannot be woken.** A thread blocked in `PubSub::get_message`
+//!   cannot be interrupted from outside (the crate's own docs: "this
+//!   currently does not provide a way not to block"). Owning the
+//!   `TcpStream`, anyone holding a clone can `shutdown()` it, and the blocked
+//!   read returns at once — the same trick the server uses on client sockets.
+//! * **It cannot say whether more has arrived.** Messages that Redis sent
+//!   together sit in one buffer; a subscriber that knows that can write them
+//!   to its client with one flush instead of one each.
+//!   [`PubSubConnection::has_buffered`] tells it.
+//!
+//! What a subscription needs of the protocol is small: send commands (encoded
+//! by the `redis` crate), and read RESP2 replies, which here are arrays of
+//! bulk strings and integers (`["message", channel, payload]`,
+//! `["subscribe", channel, count]`, `["pong", ""]`).
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::{ConnectionAddr, ConnectionInfo};
+
+// The same `Read + Write` view of a shared socket that client connections use.
+use crate::session::socket::SharedStream;
+
+/// Largest reply element accepted (a chat payload is far smaller; Redis's
+/// own limit for a string is 512 MB).
+const MAX_BULK: usize = 64 * 1024 * 1024;
+/// Most elements in one reply array.
+const MAX_ARRAY: usize = 64;
+/// The read buffer: dozens of chat messages fit in one fill.
+const BUFFER: usize = 8 * 1024;
+
+/// One RESP2 reply, as far as subscriptions need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Reply {
+    /// `$n` bulk string.
+    Bulk(Vec<u8>),
+    /// `+…` simple string.
+    Simple(String),
+    /// `:n` integer.
+    Int(i64),
+    /// `*n` array.
+    Array(Vec<Reply>),
+    /// `$-1` or `*-1`.
+    Nil,
+}
+
+/// What arrives on a subscribed connection.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Push {
+    /// A message published on `channel`.
+    Message {
+        /// The channel.
+        channel: Vec<u8>,
+        /// What was published.
+        payload: Vec<u8>,
+    },
+    /// Anything else: subscription confirmations, the answer to a `PING`.
+    Other,
+}
+
+/// A connection in subscribed mode. One socket (one file descriptor),
+/// shared by the buffered reader, the writes and whoever may shut it down.
+pub(crate) struct PubSubConnection {
+    reader: BufReader<SharedStream>,
+    stream: Arc<TcpStream>,
+}
+
+impl PubSubConnection {
+    /// Connects, authenticates (if the URL has a password) and returns the
+    /// connection and a handle whose `shutdown()` wakes any read on it.
+    pub(crate) fn connect(
+        info: &ConnectionInfo,
+        timeout: Duration,
+    ) -> io::Result<(PubSubConnection, Arc<TcpStream>)> {
+        let ConnectionAddr::Tcp(host, port) = info.addr() else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "only redis:// (plain TCP) addresses are supported",
+            ));
+        };
+        let mut last_error = io::Error::new(io::ErrorKind::NotFound, "no address");
+        let mut stream = None;
+        for addr in (host.as_str(), *port).to_socket_addrs()? {
+            match TcpStream::connect_timeout(&addr, timeout) {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last_error = e,
+            }
+        }
+        let stream = Arc::new(stream.ok_or(last_error)?);
+        stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(timeout))?;
+        let mut connection = PubSubConnection {
+            reader: BufReader::with_capacity(BUFFER, SharedStream(Arc::clone(&stream))),
+            stream: Arc::clone(&stream),
+        };
+        let settings = info.redis_settings();
+        if let Some(password) = settings.password() {
+            let mut auth = redis::cmd("AUTH");
+            if let Some(username) = settings.username() {
+                auth.arg(username);
+            }
+            auth.arg(password);
+            stream.set_read_timeout(Some(timeout))?;
+            connection.send(&auth)?;
+            connection.read_reply()?;
+        }
+        Ok((connection, stream))
+    }
+
+    /// Subscribes to `channels` and waits for each confirmation.
+    pub(crate) fn subscribe(&mut self, channels: &[&str]) -> io::Result<()> {
+        let mut subscribe = redis::cmd("SUBSCRIBE");
+        for channel in channels {
+            subscribe.arg(*channel);
+        }
+        self.send(&subscribe)?;
+        for _ in channels {
+            match self.read_reply()? {
+                Reply::Array(items)
+                    if items.first() == Some(&Reply::Bulk(b"subscribe".to_vec())) => {}
+                other => return Err(protocol_error(&format!("unexpected reply {other:?}"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `PING`; in subscribed mode its answer arrives as a push.
+    pub(crate) fn ping(&mut self) -> io::Result<()> {
+        self.send(&redis::cmd("PING"))
+    }
+
+    /// How long a read waits for Redis (`None`: forever).
+    pub(crate) fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.stream.set_read_timeout(timeout)
+    }
+
+    /// Waits until something arrives. A timeout here (see
+    /// [`set_read_timeout`](Self::set_read_timeout)) means a quiet
+    /// connection, and nothing has been consumed.
+    pub(crate) fn wait(&mut self) -> io::Result<()> {
+        if self.reader.fill_buf()?.is_empty() {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
+    }
+
+    /// The next push. Call [`wait`](Self::wait) first to tell a quiet
+    /// connection from a broken one: a timeout in the middle of a reply is a
+    /// failure.
+    pub(crate) fn next(&mut self) -> io::Result<Push> {
+        let Reply::Array(items) = self.read_reply()? else {
+            return Ok(Push::Other);
+        };
+        let mut items = items.into_iter();
+        match (items.next(), items.next(), items.next()) {
+            (Some(Reply::Bulk(kind)), Some(Reply::Bulk(channel)), Some(Reply::Bulk(payload)))
+                if kind == b"message" =>
+            {
+                Ok(Push::Message { channel, payload })
+            }
+            _ => Ok(Push::Other),
+        }
+    }
+
+    /// True if the next push (or part of it) is already read from the socket.
+    pub(crate) fn has_buffered(&self) -> bool {
+        !self.reader.buffer().is_empty()
+    }
+
+    fn send(&mut self, cmd: &redis::Cmd) -> io::Result<()> {
+        (&*self.stream).write_all(&cmd.get_packed_command())
+    }
+
+    fn read_reply(&mut self) -> io::Result<Reply> {
+        read_reply(&mut self.reader, 0)
+    }
+}
+
+/// Reads one RESP2 reply. `-ERR …` replies are errors.
+fn read_reply(reader: &mut impl BufRead, depth: usize) -> io::Result<Reply> {
+    let line = read_line(reader)?;
+    let (kind, rest) = line
+        .split_first()
+        .ok_or_else(|| protocol_error("empty reply line"))?;
+    let text = std::str::from_utf8(rest).map_err(|_| protocol_error("reply is not UTF-8"))?;
+    let number = || {
+        text.parse::<i64>()
+            .map_err(|_| protocol_error(&format!("bad number {text:?}")))
+    };
+    match kind {
+        b'+' => Ok(Reply::Simple(text.to_owned())),
+        b'-' => Err(io::Error::other(format!("Redis answered: {text}"))),
+        b':' => Ok(Reply::Int(number()?)),
+        b'$' => {
+            let Ok(len) = usize::try_from(number()?) else {
+                return Ok(Reply::Nil);
+            };
+            if len > MAX_BULK {
+                return Err(protocol_error("bulk string too long"));
+            }
+            let mut data = vec![0; len + 2];
+            reader.read_exact(&mut data)?;
+            if !data.ends_with(b"\r\n") {
+                return Err(protocol_error("bulk string without CRLF"));
+            }
+            data.truncate(len);
+            Ok(Reply::Bulk(data))
+        }
+        b'*' => {
+            let Ok(len) = usize::try_from(number()?) else {
+                return Ok(Reply::Nil);
+            };
+            if len > MAX_ARRAY || depth > 2 {
+                return Err(protocol_error("reply array too big or too deep"));
+            }
+            (0..len)
+                .map(|_| read_reply(reader, depth + 1))
+                .collect::<io::Result<_>>()
+                .map(Reply::Array)
+        }
+        other => Err(protocol_error(&format!(
+            "unknown reply type {:?}",
+            *other as char
+        ))),
+    }
+}
+
+/// One `\r\n`-terminated line, without the terminator.
+fn read_line(reader: &mut impl BufRead) -> io::Result<Vec<u8>> {
+    let mut line = Vec::with_capacity(16);
+    reader.by_ref().take(1024).read_until(b'\n', &mut line)?;
+    if line.is_empty() {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    if !line.ends_with(b"\r\n") {
+        return Err(protocol_error("reply line without CRLF (or too long)"));
+    }
+    line.truncate(line.len() - 2);
+    Ok(line)
+}
+
+fn protocol_error(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("Redis protocol: {what}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(bytes: &[u8]) -> io::Result<Reply> {
+        read_reply(&mut &bytes[..], 0)
+    }
+
+    #[test]
+    fn reads_pushes_and_replies() {
+        assert_eq!(
+            parse(b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$5\r\nhe\r\nl\r\n").unwrap(),
+            Reply::Array(vec![
+                Reply::Bulk(b"message".to_vec()),
+                Reply::Bulk(b"ch".to_vec()),
+                Reply::Bulk(b"he\r\nl".to_vec()),
+            ])
+        );
+        assert_eq!(parse(b"+OK\r\n").unwrap(), Reply::Simple("OK".into()));
+        assert_eq!(parse(b":3\r\n").unwrap(), Reply::Int(3));
+        assert_eq!(parse(b"$-1\r\n").unwrap(), Reply::Nil);
+        assert!(parse(b"-WRONGPASS nope\r\n").is_err());
+        assert!(parse(b"$5\r\nab").is_err());
+        assert!(parse(b"?x\r\n").is_err());
+        assert!(parse(b"*100000\r\n").is_err());
+    }
+}
