@@ -147,3 +147,40 @@ fn a_panic_closes_only_its_own_connection() {
         server.thread_count() == 1 + 1 + 1 + 2 * 3
     });
 }
+
+/// While Redis is down, a new client is refused with HTTP 503 (never given
+/// a WebSocket that would be deaf), and can join once Redis is back.
+#[test]
+fn joining_while_redis_is_down_gets_503() {
+    joining_while_redis_is_down(&[]);
+}
+
+/// The same with shared subscriptions, where the room's subscription is
+/// already down when the new client arrives.
+#[test]
+fn joining_while_redis_is_down_gets_503_with_a_shared_subscription() {
+    joining_while_redis_is_down(&["--subscriptions", "shared"]);
+}
+
+fn joining_while_redis_is_down(args: &[&str]) {
+    let redis = Redis::start();
+    let url = redis.url();
+    let server = Server::start(&[&["--redis", url.as_str()], args].concat());
+    let mut alice = server.client("alice");
+    alice.settle();
+    let port = redis.kill();
+    assert!(alice.recv_server("notice").contains("lost the chat relay"));
+
+    match crate::support::Client::try_connect(server.addr, "bob") {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 503),
+        Err(e) => panic!("expected HTTP 503, got {e}"),
+        Ok(_) => panic!("bob got a WebSocket while Redis was down"),
+    }
+
+    let _redis = Redis::start_on(port);
+    assert!(next_notice(&mut alice).contains("reconnected"));
+    let mut bob = server.client("bob");
+    bob.settle();
+    alice.send("welcome, bob");
+    assert_eq!(bob.recv_chat(), ("alice".into(), "welcome, bob".into()));
+}
