@@ -3,28 +3,24 @@
 
 use std::time::Duration;
 
-use crate::support::{Closed, Redis, Server, eventually};
+use crate::support::{Closed, Redis, Server, eventually, in_both_subscription_modes};
+
+in_both_subscription_modes!(
+    redis_dies_and_comes_back_mid_chat,
+    joining_while_redis_is_down_gets_503,
+);
 
 /// Redis is killed in the middle of a chat and restarted on the same port:
 /// clients stay connected, are told the relay was lost and restored, a
 /// message sent meanwhile is reported as not delivered, the chat resumes, and
 /// no thread leaks.
-#[test]
-fn redis_dies_and_comes_back_mid_chat() {
-    redis_dies_and_comes_back(&[], 2);
-}
-
-/// The same with one shared subscription for the room: the room's feed
-/// reconnects (once, for everyone) and tells every client.
-#[test]
-fn redis_dies_and_comes_back_with_a_shared_subscription() {
-    redis_dies_and_comes_back(&["--subscriptions", "shared"], 1);
-}
-
-fn redis_dies_and_comes_back(args: &[&str], subscriptions: u64) {
+///
+/// With a shared subscription the room's one subscription reconnects (once,
+/// for everyone) and tells every client.
+fn redis_dies_and_comes_back_mid_chat(args: &[&str]) {
+    let subscriptions = if args.is_empty() { 2 } else { 1 };
     let redis = Redis::start();
-    let url = redis.url();
-    let server = Server::start(&[&["--redis", url.as_str()], args].concat());
+    let server = Server::with_redis_and(&redis, args);
     let mut alice = server.client("alice");
     let mut bob = server.client("bob");
     alice.settle();
@@ -149,23 +145,12 @@ fn a_panic_closes_only_its_own_connection() {
 }
 
 /// While Redis is down, a new client is refused with HTTP 503 (never given
-/// a WebSocket that would be deaf), and can join once Redis is back.
-#[test]
-fn joining_while_redis_is_down_gets_503() {
-    joining_while_redis_is_down(&[]);
-}
-
-/// The same with shared subscriptions, where the room's subscription is
-/// already down when the new client arrives.
-#[test]
-fn joining_while_redis_is_down_gets_503_with_a_shared_subscription() {
-    joining_while_redis_is_down(&["--subscriptions", "shared"]);
-}
-
-fn joining_while_redis_is_down(args: &[&str]) {
+/// a WebSocket that would be deaf), and can join once Redis is back. (With a
+/// shared subscription, the room's subscription is already down when the new
+/// client arrives.)
+fn joining_while_redis_is_down_gets_503(args: &[&str]) {
     let redis = Redis::start();
-    let url = redis.url();
-    let server = Server::start(&[&["--redis", url.as_str()], args].concat());
+    let server = Server::with_redis_and(&redis, args);
     let mut alice = server.client("alice");
     alice.settle();
     let port = redis.kill();

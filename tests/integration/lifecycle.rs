@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use crate::support::{Closed, Redis, Server, eventually};
+use crate::support::{Closed, Redis, Server, eventually, in_both_subscription_modes};
+
+in_both_subscription_modes!(sigterm_closes_every_client_with_1001_and_exits_0);
 
 /// Connects `n` clients, lets them chat, then ends them with `leave`, and
 /// checks that threads and Redis connections return to their baselines.
@@ -97,23 +99,12 @@ fn nothing_is_logged_per_message_at_info() {
     assert_eq!(server.log_count("secret"), 0);
 }
 
-/// SIGTERM: every client gets close 1001, and the process exits 0.
-#[test]
-fn sigterm_closes_every_client_with_1001_and_exits_0() {
-    sigterm_closes_every_client(&[]);
-}
-
-/// The same with shared subscriptions (rooms' feed threads, the announcer
-/// and the publishers all have to wind down in order).
-#[test]
-fn sigterm_with_shared_subscriptions_exits_0() {
-    sigterm_closes_every_client(&["--subscriptions", "shared"]);
-}
-
-fn sigterm_closes_every_client(args: &[&str]) {
+/// SIGTERM: every client gets close 1001, and the process exits 0. (With
+/// shared subscriptions, rooms' feed threads, the announcer and the
+/// publishers all have to wind down in order.)
+fn sigterm_closes_every_client_with_1001_and_exits_0(args: &[&str]) {
     let redis = Redis::start();
-    let url = redis.url();
-    let mut server = Server::start(&[&["--redis", url.as_str()], args].concat());
+    let mut server = Server::with_redis_and(&redis, args);
     let mut clients: Vec<_> = (0..5).map(|i| server.client(&format!("u{i}"))).collect();
     // One half-open connection that never finishes its HTTP request.
     let _lurker = std::net::TcpStream::connect(server.addr).unwrap();

@@ -180,6 +180,12 @@ impl Server {
         Server::start(&["--redis", &redis.url()])
     }
 
+    /// Starts threadchat on `redis` with extra arguments.
+    pub fn with_redis_and(redis: &Redis, args: &[&str]) -> Server {
+        let url = redis.url();
+        Server::start(&[&["--redis", url.as_str()], args].concat())
+    }
+
     /// Starts threadchat with the in-process broker.
     pub fn in_process() -> Server {
         Server::start(&["--in-process"])
@@ -546,3 +552,21 @@ macro_rules! with_both_brokers {
     )*};
 }
 pub(crate) use with_both_brokers;
+
+/// Declares `per_client` and `shared` variants of a test taking the extra
+/// server arguments that choose the Redis subscription mode.
+macro_rules! in_both_subscription_modes {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn per_client() {
+                super::$name(&[]);
+            }
+            #[test]
+            fn shared() {
+                super::$name(&["--subscriptions", "shared"]);
+            }
+        }
+    )*};
+}
+pub(crate) use in_both_subscription_modes;
