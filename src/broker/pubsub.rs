@@ -259,6 +259,32 @@ fn protocol_error(what: &str) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever Redis (or something pretending to be Redis) sends, the
+        /// reader returns a reply or an error; it never panics.
+        #[test]
+        fn any_bytes_are_a_reply_or_an_error(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse(&bytes);
+        }
+
+        /// A published message comes back exactly, whatever its bytes.
+        #[test]
+        fn messages_round_trip(channel in "[a-z:_]{1,20}", payload in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut wire = format!("*3\r\n$7\r\nmessage\r\n${}\r\n{channel}\r\n${}\r\n", channel.len(), payload.len()).into_bytes();
+            wire.extend_from_slice(&payload);
+            wire.extend_from_slice(b"\r\n");
+            prop_assert_eq!(
+                parse(&wire).unwrap(),
+                Reply::Array(vec![
+                    Reply::Bulk(b"message".to_vec()),
+                    Reply::Bulk(channel.into_bytes()),
+                    Reply::Bulk(payload),
+                ])
+            );
+        }
+    }
 
     fn parse(bytes: &[u8]) -> io::Result<Reply> {
         read_reply(&mut &bytes[..], 0)
