@@ -9,19 +9,23 @@
 //! ```
 //!
 //! * The **reader thread** ([`reader`]) is the connection's own thread: it
-//!   reads the HTTP request, starts the subscriber thread, sends the `101`,
-//!   then blocks in `WebSocket::read`. It publishes what the client says,
-//!   answers pings, pings a quiet client, and replies to the client's close.
+//!   reads the HTTP request, starts the subscriber thread, has the join
+//!   announced ([`announce`]), sends the `101`, the history and who is in the
+//!   room ([`welcome`]), then blocks in `WebSocket::read`. It publishes what
+//!   the client says, answers pings, pings a quiet client, and replies to the
+//!   client's close.
 //! * The **subscriber thread** ([`subscriber`]) blocks in
 //!   [`Subscription::run`](crate::broker::Subscription::run) and writes every
-//!   chat message from someone else to the client.
+//!   chat message from someone else to the client, batching what arrives
+//!   together.
 //!
 //! They coordinate through crossbeam channels and one shared [`Conn`]:
 //!
 //! * `ready` and `go`: the start-up handshake. The subscriber says "ready"
-//!   once subscribed; the reader then sends the `101` and says "go". So a
-//!   connected client is already subscribed, and no chat frame can precede
-//!   the `101`.
+//!   once subscribed; the reader then sends the `101`, the history and the
+//!   presence frame, and says "go" (with the history's message ids). So a
+//!   connected client is already subscribed, and no live frame can precede
+//!   the `101` or the history.
 //! * `reader_done`: the reader drops its sender when it stops reading; the
 //!   subscriber uses it to wait (bounded) for a close handshake to finish.
 //! * [`Conn::end`]: the first thread to decide *why* the connection ends records
