@@ -172,7 +172,11 @@ impl Fanout {
     /// `Subscribed` and `Lost` also mark the channel live or not, so clients
     /// registering later know whether they are subscribed yet.
     pub(crate) fn dispatch(&self, channel: &str, generation: Option<u64>, event: Event) {
-        self.dispatch_all(channel, generation, vec![event]);
+        match event {
+            Event::Message(_) => self.offer_messages(channel, generation, Queued::One(event)),
+            Event::Idle => {}
+            control => self.offer_control(channel, generation, control),
+        }
     }
 
     /// Hands several events to every subscriber, in order. Consecutive
@@ -185,20 +189,27 @@ impl Fanout {
                 Event::Message(message) => messages.push(message),
                 Event::Idle => {}
                 control => {
-                    self.offer_messages(channel, generation, std::mem::take(&mut messages));
+                    self.offer_run(channel, generation, std::mem::take(&mut messages));
                     self.offer_control(channel, generation, control);
                 }
             }
         }
-        self.offer_messages(channel, generation, messages);
+        self.offer_run(channel, generation, messages);
     }
 
-    fn offer_messages(&self, channel: &str, generation: Option<u64>, messages: Vec<Arc<Incoming>>) {
+    /// Offers a run of messages as one queue item.
+    fn offer_run(&self, channel: &str, generation: Option<u64>, messages: Vec<Arc<Incoming>>) {
         let queued = match messages.len() {
             0 => return,
             1 => Queued::One(Event::Message(messages.into_iter().next().expect("one"))),
             _ => Queued::Batch(messages.into()),
         };
+        self.offer_messages(channel, generation, queued);
+    }
+
+    /// Offers one item of messages (under the read lock: dispatching does
+    /// not stop other rooms, or other dispatches of this one).
+    fn offer_messages(&self, channel: &str, generation: Option<u64>, queued: Queued) {
         let lagging = {
             let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
             match channels.get(channel).filter(|e| e.is(generation)) {
@@ -334,35 +345,27 @@ impl<G: Send> Listen for FanoutListener<G> {
             if stop.is_stopped() {
                 return Ok(());
             }
-            let event = match queued {
-                Queued::One(event) => event,
-                Queued::Batch(messages) => {
-                    for message in messages.iter() {
-                        if on_event(Event::Message(Arc::clone(message))).is_break() {
-                            return Ok(());
-                        }
-                    }
-                    Event::Idle
-                }
-            };
-            let flow = match event {
+            let flow = match queued {
+                Queued::Batch(messages) => messages
+                    .iter()
+                    .try_for_each(|message| on_event(Event::Message(Arc::clone(message)))),
                 // Told again by a source that reconnected: only news if we
                 // had been told it was lost.
-                Event::Subscribed if live => continue,
-                Event::Subscribed => {
+                Queued::One(Event::Subscribed) if live => continue,
+                Queued::One(Event::Subscribed) => {
                     subscribed = true;
                     live = true;
                     on_event(Event::Subscribed)
                 }
                 // The source failed before we were ever subscribed: the
                 // client is refused, as with its own failed subscription.
-                Event::Lost(e) if !subscribed => return Err((*e).clone()),
-                Event::Lost(_) if !live => continue,
-                Event::Lost(e) => {
+                Queued::One(Event::Lost(e)) if !subscribed => return Err((*e).clone()),
+                Queued::One(Event::Lost(_)) if !live => continue,
+                Queued::One(Event::Lost(e)) => {
                     live = false;
                     on_event(Event::Lost(e))
                 }
-                other => on_event(other),
+                Queued::One(other) => on_event(other),
             };
             if flow.is_break() {
                 return Ok(());

@@ -72,12 +72,7 @@ pub trait Broker: Send + Sync {
     /// and the sorted nicknames of at most `limit` of them (all of them in a
     /// room that small). A big room's list is cut so that joining stays
     /// cheap: a full list per joiner would make a join storm O(n²).
-    fn presence(&self, room: &Room, limit: usize) -> Result<Presence, BrokerError> {
-        let mut nicknames = self.members(room)?;
-        let count = nicknames.len();
-        nicknames.truncate(limit);
-        Ok(Presence { count, nicknames })
-    }
+    fn presence(&self, room: &Room, limit: usize) -> Result<Presence, BrokerError>;
 
     /// Whether the relay really works right now; if not, why.
     fn health(&self) -> Result<(), String>;

@@ -377,7 +377,6 @@ impl Broker for RedisBroker {
         if let Some(shared) = &self.shared {
             return shared.subscribe(room, conn);
         }
-        let _ = conn; // Per-client subscriptions need no identity on Redis.
         let (listener, canceller) = RedisListener::new(
             &self.client,
             &self.url,

@@ -396,7 +396,7 @@ fn chat(
     // (then the history is read: see `welcome`) and the client is on the
     // member list.
     let subscribed = ready_rx.recv().is_ok();
-    let history = subscribed.then(|| welcome::read_history(ctx, &member));
+    let history = subscribed.then(|| ctx.broker.history(room));
     let joined = subscribed
         && match ctx.broker.join(room, &conn.id, nickname) {
             Ok(()) => true,

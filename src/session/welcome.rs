@@ -6,7 +6,7 @@
 //! history, or delivered live, or both — never neither. "Both" is removed by
 //! message id: [`welcome`] returns the ids it sent, and the subscriber thread
 //! skips them when they arrive live. The history is read before the client
-//! gets its `101` ([`read_history`]), so whatever anyone sends once the client
+//! gets its `101` (in `session::chat`), so whatever anyone sends once the client
 //! is connected reaches it as a live message.
 
 use std::collections::HashSet;
@@ -18,11 +18,6 @@ use super::{Conn, Context, Ending};
 use crate::broker::BrokerError;
 use crate::http::Member;
 use crate::protocol::{ChatMessage, PRESENCE_LIST, SERVER_NICKNAME, ServerFrame};
-
-/// The room's history, read once the client is subscribed.
-pub(super) fn read_history(ctx: &Context, member: &Member) -> Result<Vec<Vec<u8>>, BrokerError> {
-    ctx.broker.history(&member.room)
-}
 
 /// Sends the history (marked as such), then a presence frame. Returns the
 /// ids of the messages sent from the history. A failed write ends the
