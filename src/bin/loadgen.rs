@@ -1,14 +1,20 @@
 //! `loadgen`: threadchat's load generator, run by `make bench`.
 //!
 //! It starts its own `redis-server` (on a free port) and a release
-//! `threadchat` (on port 0), then drives them with plain blocking clients —
-//! one thread per WebSocket client, like the server itself — and prints one
-//! table per scenario:
+//! `threadchat` (on port 0), then drives them with tungstenite clients and
+//! prints one table:
 //!
 //! * `a`: 1,000 clients in a room, one sender at 10 msg/s for 10 s.
 //! * `b`: 100 clients, 10 of them sending as fast as the server allows, 5 s.
 //! * `c`: 5,000 idle clients (`--idle-clients`) held 10 s, then one message
 //!   all must receive.
+//!
+//! Clients connect and send from plain blocking threads. They receive
+//! differently: the load generator shares the machine with the server, so
+//! it must cost less per delivered frame than the server does, and a thread
+//! per receiving client would cost a thread wake-up per frame — as much as
+//! the server spends. Two receiver threads each wait on half the sockets
+//! with `epoll` instead (see [`receive`]).
 //!
 //! Latency is measured from a send timestamp carried in each message (client
 //! and server share the machine's clock). Every receiver checks each sender's
@@ -16,6 +22,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
@@ -24,6 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, WebSocket};
 
 #[derive(Parser)]
@@ -285,7 +293,11 @@ fn connect(addr: SocketAddr, nickname: &str, room: &str) -> anyhow::Result<WebSo
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     stream.set_nodelay(true)?;
     let url = format!("ws://{addr}/chat/{nickname}?room={room}");
-    let (mut ws, _) = tungstenite::client(url, stream).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // tungstenite zero-fills its read buffer before every read: its default
+    // 128 KiB would make each received frame cost a 128 KiB memset.
+    let config = WebSocketConfig::default().read_buffer_size(8 << 10);
+    let (mut ws, _) = tungstenite::client::client_with_config(url, stream, Some(config))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     // Settled: the member list comes after history.
     loop {
         if let Message::Text(t) = ws.read()?
@@ -336,13 +348,14 @@ fn fan_out(
     let progress: Arc<Vec<AtomicU64>> =
         Arc::new((0..clients * senders).map(|_| AtomicU64::new(0)).collect());
     let sent: Vec<Arc<AtomicU64>> = (0..senders).map(|_| Arc::default()).collect();
-    let mut readers: Vec<JoinHandle<Seen>> = Vec::new();
+    let mut receiving = Vec::with_capacity(clients);
     let mut writers = Vec::new();
     let go = Arc::new(Barrier::new(senders + 1));
     for (i, ws) in sockets.into_iter().enumerate() {
         if i < senders {
             // A write-only WebSocket on a clone of the socket, so sending
-            // never waits for the reader's blocking read. (Two writers on one
+            // and receiving go on independently. The clone shares the
+            // receiver's non-blocking mode, hence `send`. (Two writers on one
             // socket is only safe here because the server pings a client only
             // after 30 s of silence, and senders are never silent.)
             let mut out = WebSocket::from_raw_socket(
@@ -382,7 +395,7 @@ fn fan_out(
                                 continue;
                             }
                             let text = format!("{i}:{seq}:{}", now_micros());
-                            if out.send(Message::text(text)).is_err() {
+                            if send(&mut out, Message::text(text)).is_err() {
                                 break;
                             }
                             seq += 1;
@@ -394,24 +407,19 @@ fn fan_out(
                     })?,
             );
         }
+        receiving.push(Receiving::new(i, ws, senders)?);
+    }
+    // The receivers: a few threads, each waiting on many sockets at once.
+    let mut readers: Vec<JoinHandle<anyhow::Result<Vec<Seen>>>> = Vec::new();
+    let per_thread = receiving.len().div_ceil(RECEIVER_THREADS);
+    while !receiving.is_empty() {
+        let group: Vec<Receiving> = receiving.drain(..per_thread.min(receiving.len())).collect();
         let (stop, delivered) = (Arc::clone(&stop_reading), Arc::clone(&delivered));
         let progress = Arc::clone(&progress);
         readers.push(
             thread::Builder::new()
                 .stack_size(256 << 10)
-                .spawn(move || {
-                    let mut ws = ws;
-                    let _ = ws
-                        .get_ref()
-                        .set_read_timeout(Some(Duration::from_millis(500)));
-                    read_until(
-                        &mut ws,
-                        &stop,
-                        senders,
-                        &delivered,
-                        &progress[i * senders..(i + 1) * senders],
-                    )
-                })?,
+                .spawn(move || receive(group, &stop, &delivered, &progress))?,
         );
     }
     go.wait();
@@ -439,10 +447,13 @@ fn fan_out(
         .zip(redis_cpu0)
         .map(|(now, then)| now - then);
     stop_reading.store(true, Ordering::Relaxed);
-    let seen: Vec<Seen> = readers
-        .into_iter()
-        .map(|r| r.join().unwrap_or_default())
-        .collect();
+    let mut seen: Vec<Seen> = Vec::with_capacity(clients);
+    for reader in readers {
+        let group = reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("a receiver panicked"))??;
+        seen.extend(group);
+    }
     let sent_total: Vec<u64> = sent.iter().map(|c| c.load(Ordering::Relaxed)).collect();
     let mut row = summarize(clients, senders, &sent_total, &seen, send_time);
     row.connect = connect_time;
@@ -501,56 +512,199 @@ fn connect_all(
     Ok((all.into_iter().map(|(_, ws, _)| ws).collect(), summary))
 }
 
-/// Reads chat frames until `stop`, checking each sender's sequence.
-fn read_until(
-    ws: &mut WebSocket<TcpStream>,
-    stop: &AtomicBool,
-    senders: usize,
-    delivered: &AtomicU64,
-    progress: &[AtomicU64],
-) -> Seen {
-    let mut seen = Seen::default();
-    let mut next = vec![0u64; senders];
-    while !stop.load(Ordering::Relaxed) {
-        let message = match ws.read() {
-            Ok(m) => m,
+/// Sends on a non-blocking socket, waiting while the kernel's send buffer is
+/// full (the server is behind).
+fn send(out: &mut WebSocket<TcpStream>, message: Message) -> tungstenite::Result<()> {
+    let mut result = out.send(message);
+    loop {
+        match result {
             Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_micros(100));
+                result = out.flush();
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Threads that receive for all clients of a scenario (one per core).
+const RECEIVER_THREADS: usize = 2;
+
+/// One client on the receiving side: its socket, switched to non-blocking,
+/// and what it has seen so far.
+struct Receiving {
+    index: usize,
+    ws: WebSocket<TcpStream>,
+    /// The next sequence number expected from each sender.
+    next: Vec<u64>,
+    seen: Seen,
+    open: bool,
+}
+
+impl Receiving {
+    fn new(index: usize, ws: WebSocket<TcpStream>, senders: usize) -> anyhow::Result<Receiving> {
+        ws.get_ref().set_nonblocking(true)?;
+        Ok(Receiving {
+            index,
+            ws,
+            next: vec![0; senders],
+            seen: Seen::default(),
+            open: true,
+        })
+    }
+
+    /// Reads every frame that has arrived, checking each sender's sequence.
+    fn drain(&mut self, delivered: &AtomicU64, progress: &[AtomicU64]) {
+        let senders = self.next.len();
+        loop {
+            let message = match self.ws.read() {
+                Ok(m) => m,
+                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return;
+                }
+                Err(_) => {
+                    self.open = false;
+                    return;
+                }
+            };
+            let Message::Text(text) = message else {
+                continue;
+            };
+            let Some(body) = chat_body(text.as_str()) else {
+                continue;
+            };
+            let mut parts = body.split(':').map(|p| p.parse::<u64>().unwrap_or(0));
+            let (s, seq, ts) = (
+                parts.next().unwrap_or(0) as usize,
+                parts.next().unwrap_or(0),
+                parts.next().unwrap_or(0),
+            );
+            if s >= senders {
                 continue;
             }
-            Err(_) => break,
-        };
-        let Message::Text(text) = message else {
-            continue;
-        };
-        let Some(body) = chat_body(text.as_str()) else {
-            continue;
-        };
-        let mut parts = body.split(':').map(|p| p.parse::<u64>().unwrap_or(0));
-        let (s, seq, ts) = (
-            parts.next().unwrap_or(0) as usize,
-            parts.next().unwrap_or(0),
-            parts.next().unwrap_or(0),
-        );
-        if s >= senders {
-            continue;
-        }
-        seen.received += 1;
-        delivered.fetch_add(1, Ordering::Relaxed);
-        progress[s].store(seq + 1, Ordering::Relaxed);
-        seen.latencies_us.push(now_micros().saturating_sub(ts));
-        match seq.cmp(&next[s]) {
-            std::cmp::Ordering::Equal => next[s] += 1,
-            std::cmp::Ordering::Greater => {
-                seen.lost += seq - next[s];
-                next[s] = seq + 1;
-            }
-            std::cmp::Ordering::Less => {
-                seen.duplicates += 1;
-                seen.out_of_order += 1;
+            let seen = &mut self.seen;
+            seen.received += 1;
+            delivered.fetch_add(1, Ordering::Relaxed);
+            progress[self.index * senders + s].store(seq + 1, Ordering::Relaxed);
+            seen.latencies_us.push(now_micros().saturating_sub(ts));
+            match seq.cmp(&self.next[s]) {
+                std::cmp::Ordering::Equal => self.next[s] += 1,
+                std::cmp::Ordering::Greater => {
+                    seen.lost += seq - self.next[s];
+                    self.next[s] = seq + 1;
+                }
+                std::cmp::Ordering::Less => {
+                    seen.duplicates += 1;
+                    seen.out_of_order += 1;
+                }
             }
         }
     }
-    seen
+}
+
+/// Receives for `clients` until `stop`, returning what each saw (in order).
+///
+/// The load generator is not what is being measured, and it shares the
+/// machine with the server, so it must cost less per delivered frame than
+/// the server does. A thread per receiving client would cost a thread
+/// wake-up per frame on each side; instead one thread waits on all of its
+/// sockets with `epoll` and reads whichever are ready. (Sending and
+/// connecting are still plain blocking threads.)
+fn receive(
+    mut clients: Vec<Receiving>,
+    stop: &AtomicBool,
+    delivered: &AtomicU64,
+    progress: &[AtomicU64],
+) -> anyhow::Result<Vec<Seen>> {
+    let epoll = Epoll::new()?;
+    for (slot, client) in clients.iter().enumerate() {
+        epoll.add(client.ws.get_ref().as_raw_fd(), slot as u64)?;
+    }
+    // Frames may already be waiting in tungstenite's buffer.
+    for client in &mut clients {
+        client.drain(delivered, progress);
+    }
+    let mut ready = Vec::with_capacity(256);
+    while !stop.load(Ordering::Relaxed) {
+        epoll.wait(&mut ready, Duration::from_millis(100))?;
+        for &slot in &ready {
+            let client = &mut clients[slot as usize];
+            if client.open {
+                client.drain(delivered, progress);
+                if !client.open {
+                    epoll.remove(client.ws.get_ref().as_raw_fd());
+                }
+            }
+        }
+    }
+    Ok(clients.into_iter().map(|c| c.seen).collect())
+}
+
+/// A level-triggered `epoll` set: the few lines of libc the receivers need.
+struct Epoll(OwnedFd);
+
+impl Epoll {
+    fn new() -> std::io::Result<Epoll> {
+        // SAFETY: epoll_create1 takes no pointers; a valid result is a new
+        // descriptor that we own.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by the kernel and nothing else owns it.
+        Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn add(&self, fd: RawFd, token: u64) -> std::io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: `event` outlives the call; the kernel copies it.
+        let rc =
+            unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn remove(&self, fd: RawFd) {
+        // SAFETY: a null event is allowed for EPOLL_CTL_DEL. An error only
+        // means the descriptor was not in the set.
+        unsafe {
+            libc::epoll_ctl(
+                self.0.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd,
+                std::ptr::null_mut(),
+            )
+        };
+    }
+
+    /// Fills `ready` with the tokens of ready descriptors (none on timeout).
+    fn wait(&self, ready: &mut Vec<u64>, timeout: Duration) -> std::io::Result<()> {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 256];
+        // SAFETY: the kernel writes at most `events.len()` entries.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.0.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as i32,
+                timeout.as_millis() as i32,
+            )
+        };
+        ready.clear();
+        if n < 0 {
+            let error = std::io::Error::last_os_error();
+            return match error.kind() {
+                std::io::ErrorKind::Interrupted => Ok(()),
+                _ => Err(error),
+            };
+        }
+        ready.extend(events[..n as usize].iter().map(|e| e.u64));
+        Ok(())
+    }
 }
 
 /// The `"message"` of a live chat frame, found by a scan rather than a JSON
