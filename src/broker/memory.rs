@@ -11,7 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use super::fanout::{Fanout, FanoutListener};
-use super::{Broker, BrokerError, Canceller, Event, Presence, Settings, Subscription};
+use super::{Broker, BrokerError, Canceller, Event, Presence, Receipt, Settings, Subscription};
 use crate::protocol::{ConnId, Incoming, Nickname, Room};
 
 /// Relays messages between the connections of this process.
@@ -51,7 +51,7 @@ impl Broker for MemoryBroker {
         self.settings.instance
     }
 
-    fn publish(&self, room: &Room, payload: Vec<u8>, record: bool) -> Result<(), BrokerError> {
+    fn publish(&self, room: &Room, payload: Vec<u8>, record: bool) -> Receipt {
         let incoming = Arc::new(Incoming::parse(&payload));
         if record && self.settings.history > 0 {
             let mut rooms = self.rooms();
@@ -63,7 +63,7 @@ impl Broker for MemoryBroker {
         }
         self.fanout
             .dispatch(&room.channel(), None, Event::Message(incoming));
-        Ok(())
+        Receipt::Settled(Ok(()))
     }
 
     fn subscribe(&self, room: &Room, conn: &ConnId) -> Result<Subscription, BrokerError> {
@@ -195,9 +195,13 @@ mod tests {
         });
         ready_rx.recv().unwrap();
         let payload = |text: &str| format!(r#"{{"nickname":"n","message":"{text}"}}"#).into_bytes();
-        broker.publish(&room, payload("hello"), false).unwrap();
+        broker
+            .publish(&room, payload("hello"), false)
+            .wait()
+            .unwrap();
         broker
             .publish(&Room::parse("other").unwrap(), payload("nope"), false)
+            .wait()
             .unwrap();
         assert_eq!(got_rx.recv().unwrap(), "hello");
         canceller.cancel();
@@ -214,7 +218,7 @@ mod tests {
         let result = sub.run(|event| {
             if let Event::Subscribed = event {
                 for _ in 0..=super::super::fanout::QUEUE_LIMIT {
-                    broker.publish(&room, b"x".to_vec(), false).unwrap();
+                    broker.publish(&room, b"x".to_vec(), false).wait().unwrap();
                 }
                 published = true;
             }
@@ -229,9 +233,15 @@ mod tests {
         let broker = broker(2);
         let room = Room::global();
         for m in ["a", "b", "c"] {
-            broker.publish(&room, m.as_bytes().to_vec(), true).unwrap();
+            broker
+                .publish(&room, m.as_bytes().to_vec(), true)
+                .wait()
+                .unwrap();
         }
-        broker.publish(&room, b"event".to_vec(), false).unwrap();
+        broker
+            .publish(&room, b"event".to_vec(), false)
+            .wait()
+            .unwrap();
         assert_eq!(
             broker.history(&room).unwrap(),
             vec![b"b".to_vec(), b"c".to_vec()]

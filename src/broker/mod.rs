@@ -42,13 +42,17 @@ pub trait Broker: Send + Sync {
     /// connection ids, and what presence entries are kept alive by.
     fn instance(&self) -> u64;
 
-    /// Publishes `payload` on the room's channel and blocks until the relay
-    /// has accepted it (for Redis: until `PUBLISH` has been answered).
-    /// Messages published by one thread arrive in the order that thread
-    /// published them. With `record`, the payload is also appended to the
-    /// room's history (before it is published, so a client that joins
-    /// meanwhile finds it in one or the other — or both, see `ChatMessage::id`).
-    fn publish(&self, room: &Room, payload: Vec<u8>, record: bool) -> Result<(), BrokerError>;
+    /// Publishes `payload` on the room's channel. Returns at once (or when
+    /// the relay's queue has room): the [`Receipt`] tells whether the relay
+    /// accepted it (for Redis: once `PUBLISH` has been answered).
+    ///
+    /// A room's messages reach the relay in the order they were published,
+    /// so one thread's messages arrive in the order it published them even
+    /// with many still unanswered. With `record`, the payload is also
+    /// appended to the room's history (before it is published, so a client
+    /// that joins meanwhile finds it in one or the other — or both, see
+    /// `ChatMessage::id`).
+    fn publish(&self, room: &Room, payload: Vec<u8>, record: bool) -> Receipt;
 
     /// Prepares a subscription of connection `conn` to the room. Nothing
     /// blocks yet: the subscriber thread starts it with [`Subscription::run`].
@@ -88,6 +92,31 @@ pub struct Presence {
     pub count: usize,
     /// Some (or all) of their nicknames, sorted.
     pub nicknames: Vec<String>,
+}
+
+/// The relay's answer to one [`Broker::publish`], to be waited for.
+///
+/// Publishing and waiting are separate so that a client sending fast can
+/// have several messages on their way at once (see the reader thread's
+/// `ChatHandler`): waiting for each answer before reading the next message
+/// would allow one message per Redis round trip per client.
+#[must_use = "a publish may fail: wait for its receipt"]
+#[derive(Debug)]
+pub enum Receipt {
+    /// Answered already (the in-process broker publishes synchronously).
+    Settled(Result<(), BrokerError>),
+    /// The answer will come on this channel.
+    Pending(Receiver<Result<(), BrokerError>>),
+}
+
+impl Receipt {
+    /// Blocks until the relay has answered.
+    pub fn wait(self) -> Result<(), BrokerError> {
+        match self {
+            Receipt::Settled(result) => result,
+            Receipt::Pending(answer) => answer.recv().unwrap_or(Err(BrokerError::Closed)),
+        }
+    }
 }
 
 /// What every broker is built with.

@@ -19,15 +19,18 @@
 //!
 //! **Publishing.** Opening a Redis connection per client for publishing would
 //! double Redis's client count. Instead [`POOL_SIZE`] publisher threads each
-//! own one connection and a bounded job queue. A publisher takes every job
-//! that is waiting (up to [`MAX_PIPELINE`]) and sends them as one pipeline —
-//! one round trip for many clients' messages. [`Broker::publish`] waits for
-//! its job's answer, so one client has at most one message in flight and its
-//! messages cannot overtake each other, whatever lane they take.
+//! own one connection and a bounded job queue (a *lane*). A publisher takes
+//! every job that is waiting (up to [`MAX_PIPELINE`]) and sends them as one
+//! pipeline — one round trip for many messages. A room's messages always
+//! take the same lane, and Redis answers one connection's commands in order,
+//! so messages reach the room in the order they were queued: a client may
+//! have many on their way without any overtaking another.
+//! [`Broker::publish`] returns a [`Receipt`] at once; the answer arrives on
+//! it when the pipeline has been answered.
 //!
 //! The same pool runs every other command (history, member lists, health
-//! checks): a job is a short list of commands and, when the caller waits, a
-//! channel for the replies.
+//! checks), on any lane: a job is a short list of commands and, when the
+//! caller waits, a channel for the answer.
 //!
 //! **Rooms' state in Redis.** A room's history is a capped list
 //! (`RPUSH` + `LTRIM`, sent just before the `PUBLISH` on the same connection,
@@ -54,8 +57,8 @@ use redis::{Client, Connection};
 use super::fanout::{Fanout, FanoutListener};
 use super::pubsub::{PubSubConnection, Push};
 use super::{
-    Backoff, Broker, BrokerError, Canceller, Event, Flow, Listen, Presence, Settings, StopSignal,
-    Subscription, SubscriptionMode,
+    Backoff, Broker, BrokerError, Canceller, Event, Flow, Listen, Presence, Receipt, Settings,
+    StopSignal, Subscription, SubscriptionMode,
 };
 use crate::metrics::Metrics;
 use crate::protocol::{ConnId, Incoming, Nickname, Room};
@@ -98,9 +101,32 @@ pub struct RedisBroker {
 /// Commands waiting for a publisher thread.
 struct Job {
     cmds: Vec<redis::Cmd>,
-    /// Where to send the replies (one per command); `None` for
-    /// fire-and-forget (heartbeats, clean-ups).
-    reply: Option<Sender<Result<Vec<redis::Value>, BrokerError>>>,
+    reply: Reply,
+}
+
+/// Who is waiting for a [`Job`]'s answer.
+enum Reply {
+    /// Nobody: fire-and-forget (heartbeats, clean-ups).
+    None,
+    /// A caller that wants the replies, one per command.
+    Values(Sender<Result<Vec<redis::Value>, BrokerError>>),
+    /// A publisher's [`Receipt`]: only success or failure.
+    Done(Sender<Result<(), BrokerError>>),
+}
+
+impl Reply {
+    fn send(self, result: Result<Vec<redis::Value>, BrokerError>) {
+        // The caller may have given up waiting; that is fine.
+        match self {
+            Reply::None => {}
+            Reply::Values(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Done(tx) => {
+                let _ = tx.send(result.map(|_| ()));
+            }
+        }
+    }
 }
 
 /// How long an instance's liveness key lives without a refresh.
@@ -175,9 +201,18 @@ impl RedisBroker {
         Ok(broker)
     }
 
+    /// Any lane, for commands whose order does not matter.
     fn lane(&self) -> &Sender<Job> {
         let n = self.next_lane.fetch_add(1, Ordering::Relaxed);
         &self.lanes[n % self.lanes.len()]
+    }
+
+    /// The lane that carries all of `room`'s messages, which keeps them in
+    /// order.
+    fn room_lane(&self, room: &Room) -> &Sender<Job> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(room.name());
+        &self.lanes[hash as usize % self.lanes.len()]
     }
 
     /// Runs `cmds` on a pooled connection and waits for their replies.
@@ -185,7 +220,7 @@ impl RedisBroker {
         let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
         let job = Job {
             cmds,
-            reply: Some(reply_tx),
+            reply: Reply::Values(reply_tx),
         };
         self.lane().send(job).map_err(|_| BrokerError::Closed)?;
         reply_rx.recv().map_err(|_| BrokerError::Closed)?
@@ -193,7 +228,10 @@ impl RedisBroker {
 
     /// Runs `cmds` without waiting (or caring) for the outcome.
     fn run_detached(&self, cmds: Vec<redis::Cmd>) {
-        let _ = self.lane().try_send(Job { cmds, reply: None });
+        let _ = self.lane().try_send(Job {
+            cmds,
+            reply: Reply::None,
+        });
     }
 
     fn instance_id(&self) -> String {
@@ -214,7 +252,7 @@ impl RedisBroker {
                     set.arg(&key).arg(1).arg("EX").arg(INSTANCE_TTL_SECS);
                     let _ = lane.try_send(Job {
                         cmds: vec![set],
-                        reply: None,
+                        reply: Reply::None,
                     });
                     // Shutdown by dropping the sender: recv fails at once.
                     if let Err(crossbeam_channel::RecvTimeoutError::Disconnected) =
@@ -228,7 +266,7 @@ impl RedisBroker {
                 del.arg(&key);
                 let _ = lane.try_send(Job {
                     cmds: vec![del],
-                    reply: None,
+                    reply: Reply::None,
                 });
             })
             .map_err(|e| BrokerError::Redis(format!("cannot start the heartbeat thread: {e}")))?;
@@ -243,7 +281,7 @@ impl Broker for RedisBroker {
         self.settings.instance
     }
 
-    fn publish(&self, room: &Room, payload: Vec<u8>, record: bool) -> Result<(), BrokerError> {
+    fn publish(&self, room: &Room, payload: Vec<u8>, record: bool) -> Receipt {
         let mut cmds = Vec::with_capacity(3);
         let history = self.settings.history;
         if record && history > 0 {
@@ -258,7 +296,16 @@ impl Broker for RedisBroker {
         let mut publish = redis::cmd("PUBLISH");
         publish.arg(room.channel()).arg(payload);
         cmds.push(publish);
-        self.run(cmds).map(|_| ())
+        let (answer_tx, answer_rx) = crossbeam_channel::bounded(1);
+        let job = Job {
+            cmds,
+            reply: Reply::Done(answer_tx),
+        };
+        // Blocks while the lane's queue is full: back-pressure on senders.
+        match self.room_lane(room).send(job) {
+            Ok(()) => Receipt::Pending(answer_rx),
+            Err(_) => Receipt::Settled(Err(BrokerError::Closed)),
+        }
     }
 
     fn history(&self, room: &Room) -> Result<Vec<Vec<u8>>, BrokerError> {
@@ -605,18 +652,13 @@ impl Publisher {
                     for job in batch {
                         let mine: Vec<redis::Value> =
                             replies.by_ref().take(job.cmds.len()).collect();
-                        if let Some(reply) = job.reply {
-                            // The caller may have given up waiting; that is fine.
-                            let _ = reply.send(Ok(mine));
-                        }
+                        job.reply.send(Ok(mine));
                     }
                 }
                 Err(e) => {
                     log::warn!("Redis command batch failed ({} job(s)): {e}", batch.len());
                     for job in batch {
-                        if let Some(reply) = job.reply {
-                            let _ = reply.send(Err(e.clone()));
-                        }
+                        job.reply.send(Err(e.clone()));
                     }
                 }
             }

@@ -234,7 +234,7 @@ fn publish_room(broker: &dyn Broker, requests: Vec<Request>) {
             ),
         };
         let room = &run[0].room;
-        if let Err(e) = broker.publish(room, event.to_payload(), false) {
+        if let Err(e) = broker.publish(room, event.to_payload(), false).wait() {
             log::debug!("could not announce {} {kind:?} in {room}: {e}", run.len());
         }
         start = end;

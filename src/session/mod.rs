@@ -436,6 +436,7 @@ fn chat(
             let _ = writer.close(Ending::Panicked.close_frame());
             Ending::Panicked
         });
+        handler.finish();
         conn.end(ending);
     } else {
         refuse_upgrade(conn);

@@ -12,6 +12,7 @@
 //! even a pong. This is not polling: an active client never times out, and an
 //! idle one costs one wake-up per ping interval (30 s by default).
 
+use std::collections::VecDeque;
 use std::io;
 use std::time::Instant;
 
@@ -20,8 +21,9 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Bytes, Error as WsError, Message};
 
 use super::rate::{RateLimiter, Verdict};
-use super::socket::{Reader, Writer};
+use super::socket::{self, Reader, Writer};
 use super::{Conn, Context, Ending, truncate};
+use crate::broker::{BrokerError, Receipt};
 use crate::http::Member;
 use crate::protocol::{ChatMessage, ServerFrame, message_text};
 
@@ -39,6 +41,17 @@ pub(super) enum Next {
 pub(super) trait Handler {
     /// Handles one text or binary message.
     fn on_message(&mut self, message: Message, writer: &Writer) -> Next;
+
+    /// Whether [`settle`](Self::settle) has anything to do.
+    fn unsettled(&self) -> bool {
+        false
+    }
+
+    /// Called when the client has sent nothing more yet, before the reader
+    /// blocks waiting for it: finish what was left for later.
+    fn settle(&mut self, _writer: &Writer) -> Next {
+        Next::Continue
+    }
 }
 
 /// Reads until the connection ends; returns why.
@@ -55,6 +68,14 @@ pub(super) fn read_loop(
     }
     let mut last_heard = Instant::now();
     loop {
+        // About to block for the client (at least as far as the kernel
+        // knows): the handler must not leave anything waiting meanwhile.
+        if handler.unsettled() && !socket::has_input(&conn.stream) {
+            let next = handler.settle(writer);
+            if let Some(ending) = act_on(next, reader, writer, conn, ctx) {
+                return ending;
+            }
+        }
         let message = match reader.read() {
             Ok(message) => {
                 last_heard = Instant::now();
@@ -77,14 +98,12 @@ pub(super) fn read_loop(
             Err(e) => return read_error(e, writer, conn, ctx),
         };
         match message {
-            Message::Text(_) | Message::Binary(_) => match handler.on_message(message, writer) {
-                Next::Continue => {}
-                Next::Refuse(code, reason) => {
-                    let reason = close_by_server(reader, writer, conn, ctx, code, &reason);
-                    return Ending::Refused { code, reason };
+            Message::Text(_) | Message::Binary(_) => {
+                let next = handler.on_message(message, writer);
+                if let Some(ending) = act_on(next, reader, writer, conn, ctx) {
+                    return ending;
                 }
-                Next::End(ending) => return ending,
-            },
+            }
             Message::Ping(data) => {
                 if let Err(e) = writer.send(Message::Pong(data)) {
                     return Ending::from_write_error(&e);
@@ -103,6 +122,24 @@ pub(super) fn read_loop(
             }
             Message::Pong(_) | Message::Frame(_) => {}
         }
+    }
+}
+
+/// Carries out what a handler asked for; `Some` when the connection ends.
+fn act_on(
+    next: Next,
+    reader: &mut Reader,
+    writer: &Writer,
+    conn: &Conn,
+    ctx: &Context,
+) -> Option<Ending> {
+    match next {
+        Next::Continue => None,
+        Next::Refuse(code, reason) => {
+            let reason = close_by_server(reader, writer, conn, ctx, code, &reason);
+            Some(Ending::Refused { code, reason })
+        }
+        Next::End(ending) => Some(ending),
     }
 }
 
@@ -182,6 +219,16 @@ fn close_by_server(
 }
 
 /// Publishes the client's messages to its room, within its rate limit.
+///
+/// **Pipelining.** Waiting for Redis's answer to each message before reading
+/// the next would let a client send one message per Redis round trip. So a
+/// message's [`Receipt`] is kept, and the handler goes on reading while the
+/// client has more to say. Receipts are settled — failures reported to the
+/// client — when the client pauses (the reader calls
+/// [`settle`](Handler::settle) before blocking), or when [`PUBLISH_WINDOW`]
+/// are outstanding. A client that sends one message at a time hears about a
+/// failure before the reader waits for its next message, as before; order is
+/// kept by the broker (a room's messages take one lane).
 pub(super) struct ChatHandler<'a> {
     member: &'a Member,
     conn: &'a Conn,
@@ -189,6 +236,18 @@ pub(super) struct ChatHandler<'a> {
     limiter: Option<RateLimiter>,
     /// Messages sent so far: numbers each message's id.
     sent: u64,
+    /// Published messages whose answer has not been looked at, oldest first.
+    in_flight: VecDeque<InFlight>,
+}
+
+/// The most messages of one client published and not yet answered.
+const PUBLISH_WINDOW: usize = 64;
+
+/// A published message waiting for the relay's answer.
+struct InFlight {
+    receipt: Receipt,
+    /// The start of the message, to say which one failed.
+    preview: String,
 }
 
 impl<'a> ChatHandler<'a> {
@@ -203,6 +262,49 @@ impl<'a> ChatHandler<'a> {
             ctx,
             limiter,
             sent: 0,
+            in_flight: VecDeque::new(),
+        }
+    }
+
+    /// Waits for the oldest `count` receipts and tells the client about the
+    /// messages that failed (in one error frame, however many).
+    fn wait_for(&mut self, count: usize, writer: &Writer) -> Next {
+        let mut failed: Option<(usize, String, BrokerError)> = None;
+        for message in self.in_flight.drain(..count) {
+            match message.receipt.wait() {
+                Ok(()) => self.ctx.metrics.messages_received.inc(),
+                Err(e) => {
+                    self.ctx.metrics.publish_errors.inc();
+                    match &mut failed {
+                        Some((n, _, _)) => *n += 1,
+                        None => failed = Some((1, message.preview, e)),
+                    }
+                }
+            }
+        }
+        match failed {
+            None => Next::Continue,
+            Some((1, preview, e)) => self.error(
+                writer,
+                &format!("your message \"{preview}\" was not delivered: {e}"),
+            ),
+            Some((n, preview, e)) => self.error(
+                writer,
+                &format!(
+                    "{n} of your messages were not delivered, starting with \"{preview}\": {e}"
+                ),
+            ),
+        }
+    }
+
+    /// After the connection ended: waits for the answers still due, so the
+    /// counts are right. There is no one left to tell about failures.
+    pub(super) fn finish(&mut self) {
+        for message in self.in_flight.drain(..) {
+            match message.receipt.wait() {
+                Ok(()) => self.ctx.metrics.messages_received.inc(),
+                Err(_) => self.ctx.metrics.publish_errors.inc(),
+            }
         }
     }
 
@@ -260,27 +362,37 @@ impl Handler for ChatHandler<'_> {
                 }
             }
         }
+        if self.in_flight.len() >= PUBLISH_WINDOW {
+            let next = self.wait_for(1, writer);
+            if !matches!(next, Next::Continue) {
+                return next;
+            }
+        }
         self.sent += 1;
+        let mut preview = truncate(&body, 40);
+        if preview.len() < body.len() {
+            preview.push('…');
+        }
         let chat = ChatMessage::new(
             &self.member.nickname,
             &self.conn.id,
             self.sent,
             body.into_owned(),
         );
-        match self
+        let receipt = self
             .ctx
             .broker
-            .publish(&self.member.room, chat.to_payload(), true)
-        {
-            Ok(()) => {
-                self.ctx.metrics.messages_received.inc();
-                Next::Continue
-            }
-            Err(e) => {
-                self.ctx.metrics.publish_errors.inc();
-                self.error(writer, &format!("your message was not delivered: {e}"))
-            }
-        }
+            .publish(&self.member.room, chat.to_payload(), true);
+        self.in_flight.push_back(InFlight { receipt, preview });
+        Next::Continue
+    }
+
+    fn unsettled(&self) -> bool {
+        !self.in_flight.is_empty()
+    }
+
+    fn settle(&mut self, writer: &Writer) -> Next {
+        self.wait_for(self.in_flight.len(), writer)
     }
 }
 

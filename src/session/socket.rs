@@ -22,6 +22,7 @@
 //! the `Arc` can `shutdown()` the socket to wake a blocked read.
 
 use std::io::{self, Read, Write};
+use std::mem::MaybeUninit;
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 
@@ -44,6 +45,21 @@ impl Write for SharedStream {
     }
     fn flush(&mut self) -> io::Result<()> {
         (&*self.0).flush()
+    }
+}
+
+/// Whether a read of `stream` would return without blocking: the client has
+/// sent bytes not read yet, has closed, or the socket failed. It peeks at the
+/// kernel's receive queue (`MSG_PEEK | MSG_DONTWAIT`), so nothing is consumed
+/// and the socket stays in blocking mode for everyone else. Bytes already in
+/// tungstenite's own buffer are not seen.
+pub fn has_input(stream: &TcpStream) -> bool {
+    let mut byte = [MaybeUninit::<u8>::uninit()];
+    let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
+    match socket2::SockRef::from(stream).recv_with_flags(&mut byte, flags) {
+        // Data, or 0 for the end of the stream: a read returns either way.
+        Ok(_) => true,
+        Err(e) => e.kind() != io::ErrorKind::WouldBlock,
     }
 }
 

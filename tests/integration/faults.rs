@@ -37,8 +37,18 @@ fn redis_dies_and_comes_back_mid_chat(args: &[&str]) {
     assert!(
         alice
             .recv_server("error")
-            .contains("your message was not delivered")
+            .contains(r#"your message "while Redis is down" was not delivered"#)
     );
+    // A burst is published without waiting for each answer; every message
+    // in it is still accounted for (in one error frame or several).
+    for i in 0..5 {
+        alice.send(&format!("burst {i}"));
+    }
+    let mut failed = 0;
+    while failed < 5 {
+        failed += not_delivered(&alice.recv_server("error"));
+    }
+    assert_eq!(failed, 5);
 
     let redis = Redis::start_on(port);
     assert!(next_notice(&mut alice).contains("reconnected"));
@@ -60,6 +70,17 @@ fn redis_dies_and_comes_back_mid_chat(args: &[&str]) {
     eventually("Redis connections back to the publishers", || {
         redis.client_count() <= 2
     });
+}
+
+/// How many messages an error frame says were not delivered.
+fn not_delivered(text: &str) -> usize {
+    if text.starts_with("your message ") && text.contains("was not delivered") {
+        1
+    } else if let Some((n, _)) = text.split_once(" of your messages were not delivered") {
+        n.parse().unwrap_or_else(|_| panic!("{text}"))
+    } else {
+        panic!("not a delivery error: {text}")
+    }
 }
 
 /// The next notice, past any "not delivered" errors: a publish that was in
