@@ -287,8 +287,10 @@ pub struct ChatMessage {
     /// The sending connection, so it can skip its own events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conn: Option<String>,
-    /// A unique id for chat messages (`{conn}:{n}`): history and live
-    /// delivery overlap at a join, and this removes the duplicates.
+    /// A unique id: for chat messages `{conn}:{n}` (history and live
+    /// delivery overlap at a join, and this removes the duplicates); for a
+    /// coalesced join or leave `{first conn}:join` or `:leave` (so each
+    /// joiner can skip the one that announced it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// When the sending server received it: milliseconds since the Unix epoch.
@@ -298,10 +300,6 @@ pub struct ChatMessage {
     /// is a summary for people, e.g. "alice, bob and 48 others").
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nicknames: Vec<String>,
-    /// For a coalesced join or leave: their connections, so each of them
-    /// can skip it as its own.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub conns: Vec<String>,
 }
 
 /// The kinds of room events.
@@ -345,7 +343,6 @@ impl ChatMessage {
             id: Some(format!("{conn}:{seq}")),
             ts: Some(unix_millis()),
             nicknames: Vec::new(),
-            conns: Vec::new(),
         }
     }
 
@@ -359,26 +356,34 @@ impl ChatMessage {
             id: None,
             ts: Some(unix_millis()),
             nicknames: Vec::new(),
-            conns: Vec::new(),
         }
     }
 
     /// One join or leave event for several connections at once (see
     /// `session::announce`), stamped now. `nickname` summarises them for
     /// people and for the original app's clients, which print
-    /// `{nickname}: {message}`.
-    pub fn group_event(kind: Kind, who: Vec<(&Nickname, &ConnId)>) -> ChatMessage {
-        let nicknames: Vec<String> = who.iter().map(|(n, _)| n.as_str().to_owned()).collect();
+    /// `{nickname}: {message}`. `first` is the first connection's id: with
+    /// the kind it makes the event's [`id`](Self::id), which the announcer
+    /// hands back to each joiner so that it can skip its own arrival. (A
+    /// list of every connection would do too, but it would be parsed by
+    /// every recipient: in a join storm, most of the bytes of the storm.)
+    pub fn group_event(kind: Kind, nicknames: Vec<String>, first: &ConnId) -> ChatMessage {
         ChatMessage {
             kind,
             nickname: summarize(&nicknames),
             message: if kind == Kind::Join { "joined" } else { "left" }.to_owned(),
             conn: None,
-            id: None,
+            id: Some(Self::event_id(kind, first)),
             ts: Some(unix_millis()),
-            conns: who.iter().map(|(_, c)| c.as_str().to_owned()).collect(),
             nicknames,
         }
+    }
+
+    /// The id of the join or leave event about `conn` and others; unique,
+    /// since a connection joins once and leaves once.
+    pub fn event_id(kind: Kind, conn: &ConnId) -> String {
+        let kind = if kind == Kind::Join { "join" } else { "leave" };
+        format!("{conn}:{kind}")
     }
 
     /// Parses a payload read from the Redis channel.
@@ -391,10 +396,10 @@ impl ChatMessage {
         serde_json::to_vec(self).expect("a struct of strings and integers always serializes")
     }
 
-    /// True when this message was sent by connection `me` (or, for a
-    /// coalesced join or leave, is about `me` among others).
+    /// True when this message was sent by connection `me`. (A coalesced
+    /// join has no `conn`: its joiners skip it by [`id`](Self::id).)
     pub fn is_from(&self, me: &ConnId) -> bool {
-        self.conn.as_deref() == Some(me.as_str()) || self.conns.iter().any(|c| c == me.as_str())
+        self.conn.as_deref() == Some(me.as_str())
     }
 }
 
@@ -798,12 +803,12 @@ mod tests {
             .iter()
             .map(|n| Nickname::parse(n).unwrap())
             .collect();
-        let conns: Vec<ConnId> = (0..4).map(|i| ConnId::new(7, i)).collect();
-        let event = ChatMessage::group_event(Kind::Join, names.iter().zip(&conns).collect());
+        let names: Vec<String> = names.iter().map(|n| n.as_str().to_owned()).collect();
+        let event = ChatMessage::group_event(Kind::Join, names, &ConnId::new(7, 0));
         assert_eq!(event.nickname, "ann, bea and 2 others");
         assert_eq!(event.message, "joined");
-        assert!(event.is_from(&conns[2]));
-        assert!(!event.is_from(&ConnId::new(7, 9)));
+        assert_eq!(event.id.as_deref(), Some("0000000000000007-0:join"));
+        assert!(!event.is_from(&ConnId::new(7, 0)));
         let frame = ServerFrame::from_event(&event, false);
         assert_eq!(frame.to_text(), "* ann, bea and 2 others joined");
         let json: serde_json::Value = serde_json::from_str(&frame.to_json()).unwrap();
@@ -827,7 +832,6 @@ mod tests {
             id: Some("x:1".into()),
             ts: Some(5),
             nicknames: Vec::new(),
-            conns: Vec::new(),
         };
         let json: serde_json::Value =
             serde_json::from_str(&ServerFrame::from_event(&msg, false).to_json()).unwrap();

@@ -73,7 +73,8 @@ pub struct Announcement {
 /// A request: the announcement, and whom to tell once it is published.
 struct Request {
     announcement: Announcement,
-    published: Option<Sender<()>>,
+    /// Told the id of the event that carried the announcement.
+    published: Option<Sender<Option<String>>>,
 }
 
 /// The handle to the announcer thread.
@@ -98,10 +99,14 @@ impl Announcer {
 
     /// Announces, and returns once the announcement is published (or could
     /// not be: the relay is down, which the client is told about anyway).
-    pub fn announce_and_wait(&self, announcement: Announcement) {
+    /// Returns the id of the event that carried it, if it has one (a
+    /// coalesced one): the joiner skips that event when it arrives.
+    pub fn announce_and_wait(&self, announcement: Announcement) -> Option<String> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         if self.send(announcement, Some(tx)) {
-            let _ = rx.recv();
+            rx.recv().ok().flatten()
+        } else {
+            None
         }
     }
 
@@ -110,7 +115,7 @@ impl Announcer {
         self.send(announcement, None);
     }
 
-    fn send(&self, announcement: Announcement, published: Option<Sender<()>>) -> bool {
+    fn send(&self, announcement: Announcement, published: Option<Sender<Option<String>>>) -> bool {
         let request = Request {
             announcement,
             published,
@@ -216,6 +221,7 @@ fn publish_rooms(
 /// event. Then tells whoever waits.
 fn publish_room(broker: &dyn Broker, requests: Vec<Request>) {
     let mut start = 0;
+    let mut carried_by: Vec<Option<String>> = Vec::with_capacity(requests.len());
     while start < requests.len() {
         let kind = requests[start].announcement.kind;
         let end = requests[start..]
@@ -230,18 +236,22 @@ fn publish_room(broker: &dyn Broker, requests: Vec<Request>) {
             [one] => ChatMessage::event(one.kind, &one.nickname, &one.conn, &one.text),
             many => ChatMessage::group_event(
                 kind,
-                many.iter().map(|a| (&a.nickname, &a.conn)).collect(),
+                many.iter()
+                    .map(|a| a.nickname.as_str().to_owned())
+                    .collect(),
+                &many[0].conn,
             ),
         };
+        carried_by.extend(run.iter().map(|_| event.id.clone()));
         let room = &run[0].room;
         if let Err(e) = broker.publish(room, event.to_payload(), false).wait() {
             log::debug!("could not announce {} {kind:?} in {room}: {e}", run.len());
         }
         start = end;
     }
-    for request in requests {
+    for (request, id) in requests.into_iter().zip(carried_by) {
         if let Some(published) = request.published {
-            let _ = published.send(());
+            let _ = published.send(id);
         }
     }
 }

@@ -407,15 +407,19 @@ fn chat(
         };
     // The room is told before the client gets its `101`: once connected,
     // everyone already knows.
-    if joined {
-        ctx.announcer
-            .announce_and_wait(announcement(conn, &member, Kind::Join, "joined"));
-    }
+    let own_join = joined
+        .then(|| {
+            ctx.announcer
+                .announce_and_wait(announcement(conn, &member, Kind::Join, "joined"))
+        })
+        .flatten();
     let upgraded = joined && http::accept(&conn.stream, &response).is_ok();
     if upgraded {
         let history = history.unwrap_or_else(|| Ok(Vec::new()));
-        let from_history = welcome::welcome(conn, ctx, &member, &writer, history);
-        let _ = go_tx.send(from_history);
+        let mut skip = welcome::welcome(conn, ctx, &member, &writer, history);
+        // Nobody is told of their own arrival.
+        skip.extend(own_join);
+        let _ = go_tx.send(skip);
         ctx.metrics.connections_open.inc();
         ctx.metrics.connections_total.inc();
         log::info!("{nickname} joined {room} from {} ({})", conn.peer, conn.id);

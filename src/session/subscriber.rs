@@ -7,8 +7,8 @@
 //!   history and who is in the room (see [`welcome`](super::welcome)); room
 //!   messages wait in the subscription until then.
 //! * `Message`: skip junk (one warning per payload, not per client), the
-//!   client's own events, and messages it already got from the history;
-//!   queue the rest, already encoded, for the client.
+//!   client's own messages and events, and messages it already got from the
+//!   history; queue the rest, already encoded, for the client.
 //! * `Idle`: nothing more is waiting, so write the queued frames with one
 //!   flush.
 //! * `Lost` / `Subscribed` again: tell the client, with a notice, that the
@@ -42,8 +42,8 @@ pub(super) struct Start {
     /// Sent to once subscribed.
     pub(super) ready: Sender<()>,
     /// Received from once the client has its `101`, its history and who is
-    /// in the room (with the ids of the history's messages); disconnected
-    /// if the client did not get that far.
+    /// in the room, with the ids of messages not to deliver (see
+    /// [`Delivery::skip`]); disconnected if the client did not get that far.
     pub(super) go: Receiver<HashSet<String>>,
 }
 
@@ -63,7 +63,7 @@ pub(super) fn run(
         ctx,
         member,
         writer,
-        from_history: HashSet::new(),
+        skip: HashSet::new(),
         upgraded: false,
         pending: Vec::new(),
         pending_stamps: Vec::new(),
@@ -132,8 +132,10 @@ struct Delivery<'a> {
     ctx: &'a Context,
     member: &'a Member,
     writer: &'a Writer,
-    /// Ids of the messages sent from the history, not to be sent again.
-    from_history: HashSet<String>,
+    /// Ids of messages not to deliver, each expected once: those already
+    /// sent from the history, and the coalesced announcement of the client's
+    /// own join (a single one carries the client's `conn`: `is_from`).
+    skip: HashSet<String>,
     /// Whether the client has its `101` (so frames may be written).
     upgraded: bool,
     /// Room messages waiting for the next flush (see [`Delivery::flush`]).
@@ -148,14 +150,14 @@ const MAX_BATCH: usize = 64;
 
 impl Delivery<'_> {
     /// The start-up handshake: tell the reader "ready", then wait for "go",
-    /// which comes with the ids of the history the reader sent.
+    /// which comes with the ids to skip.
     fn start(&mut self, start: Start) -> ControlFlow<()> {
         if start.ready.send(()).is_err() {
             return ControlFlow::Break(());
         }
         match start.go.recv() {
-            Ok(from_history) => {
-                self.from_history = from_history;
+            Ok(skip) => {
+                self.skip = skip;
                 self.upgraded = true;
                 ControlFlow::Continue(())
             }
@@ -208,9 +210,9 @@ impl Delivery<'_> {
         if msg.is_from(&self.conn.id) {
             return ControlFlow::Continue(());
         }
-        if !self.from_history.is_empty()
+        if !self.skip.is_empty()
             && let Some(id) = &msg.id
-            && self.from_history.remove(id)
+            && self.skip.remove(id)
         {
             return ControlFlow::Continue(());
         }
