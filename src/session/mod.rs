@@ -42,6 +42,7 @@
 pub mod announce;
 mod rate;
 mod reader;
+mod sched;
 pub mod socket;
 mod subscriber;
 mod welcome;

@@ -31,6 +31,7 @@ use std::panic::{self, AssertUnwindSafe};
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use tungstenite::Message;
 
+use super::sched;
 use super::socket::Writer;
 use super::{Conn, Context, Ending};
 use crate::broker::{BrokerError, Event, Subscription};
@@ -57,6 +58,8 @@ pub(super) fn run(
     start: Start,
     reader_done: Receiver<()>,
 ) {
+    // Woken with a room's message, wait for the waker to wake everyone.
+    sched::wait_turn_when_woken();
     let mut start = Some(start);
     let mut delivery = Delivery {
         conn,

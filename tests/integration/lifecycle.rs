@@ -71,6 +71,30 @@ fn a_dropped_connection_releases_threads_and_redis_connections() {
     leaving_releases_everything(|c| c.drop_abruptly());
 }
 
+/// Subscriber threads run under `SCHED_BATCH`, so that waking a room's
+/// subscribers is not slowed down by each of them preempting the waker
+/// (src/session/sched.rs); every other thread keeps the default policy.
+#[test]
+fn subscriber_threads_wait_their_turn_when_woken() {
+    let server = Server::start(&["--in-process"]);
+    let mut alice = server.client("alice");
+    alice.settle();
+    let policies = server.thread_policies();
+    let subscribers: Vec<u32> = policies
+        .iter()
+        .filter(|(name, _)| name.starts_with("tc-sub-"))
+        .map(|(_, policy)| *policy)
+        .collect();
+    assert_eq!(subscribers, [3], "{policies:?}");
+    assert!(
+        policies
+            .iter()
+            .filter(|(name, _)| !name.starts_with("tc-sub-"))
+            .all(|(_, policy)| *policy == 0),
+        "{policies:?}"
+    );
+}
+
 #[test]
 fn joins_and_leaves_are_logged_with_the_reason() {
     let server = Server::in_process();

@@ -276,6 +276,23 @@ impl Server {
             .unwrap_or(0)
     }
 
+    /// The scheduling policy of each of the server's threads, by name
+    /// (`/proc/{pid}/task/{tid}/stat`: field 2 is the name, field 41 the
+    /// policy; 0 is the default `SCHED_OTHER`, 3 is `SCHED_BATCH`).
+    pub fn thread_policies(&self) -> Vec<(String, u32)> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.child.id())).unwrap();
+        tasks
+            .filter_map(|task| {
+                let stat = std::fs::read_to_string(task.ok()?.path().join("stat")).ok()?;
+                let (head, rest) = stat.rsplit_once(')')?;
+                let name = head.split_once('(')?.1.to_owned();
+                // Fields from the third on follow the name.
+                let policy = rest.split_whitespace().nth(41 - 3)?.parse().ok()?;
+                Some((name, policy))
+            })
+            .collect()
+    }
+
     /// Sends a signal (by name, e.g. "TERM") to the server process.
     pub fn signal(&self, name: &str) {
         signal(self.child.id(), name);
