@@ -35,6 +35,12 @@ const MAX_BULK: usize = 64 * 1024 * 1024;
 const MAX_ARRAY: usize = 64;
 /// The read buffer: dozens of chat messages fit in one fill.
 const BUFFER: usize = 8 * 1024;
+/// TCP keepalive on a subscription socket: first probe after this much
+/// silence, then one per interval; the connection is dead after this many
+/// unanswered probes (about a minute in all).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 3;
 
 /// One RESP2 reply, as far as subscriptions need.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +105,15 @@ impl PubSubConnection {
         let stream = Arc::new(stream.ok_or(last_error)?);
         stream.set_nodelay(true)?;
         stream.set_write_timeout(Some(timeout))?;
+        // A subscription is silent while its room is, and is not pinged (the
+        // broker checks Redis once for all, see `redis::Subscriptions`): the
+        // kernel's TCP keepalive finds a connection that died without a
+        // word (a vanished host, a NAT that forgot it), at no cost to us.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_PROBES);
+        socket2::SockRef::from(&*stream).set_tcp_keepalive(&keepalive)?;
         let mut connection = PubSubConnection {
             reader: BufReader::with_capacity(BUFFER, SharedStream(Arc::clone(&stream))),
             stream: Arc::clone(&stream),
@@ -135,10 +150,6 @@ impl PubSubConnection {
     }
 
     /// Sends `PING`; in subscribed mode its answer arrives as a push.
-    pub(crate) fn ping(&mut self) -> io::Result<()> {
-        self.send(&redis::cmd("PING"))
-    }
-
     /// How long a read waits for Redis (`None`: forever).
     pub(crate) fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         self.stream.set_read_timeout(timeout)

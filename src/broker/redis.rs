@@ -15,7 +15,9 @@
 //! after its socket is registered with the canceller and `SUBSCRIBE` is
 //! acknowledged, so a cancel can never fall in a gap. (An earlier version
 //! published on a private wake channel per connection; `CLIENT KILL` would
-//! need admin rights, and a read timeout would poll.)
+//! need admin rights, and a read timeout would poll.) A quiet subscription
+//! is never pinged: the heartbeat thread checks Redis once for all of them
+//! ([`Subscriptions`]).
 //!
 //! **Publishing.** Opening a Redis connection per client for publishing would
 //! double Redis's client count. Instead [`POOL_SIZE`] publisher threads each
@@ -76,8 +78,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest back-off between attempts to restore a lost subscription.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// A subscription connection quiet for this long is checked with PING.
-const KEEPALIVE: Duration = Duration::from_secs(12);
 
 /// Relays through Redis.
 pub struct RedisBroker {
@@ -96,6 +96,56 @@ pub struct RedisBroker {
     metrics: Arc<Metrics>,
     /// In shared-subscription mode, the rooms' feeds.
     shared: Option<Arc<SharedFeeds>>,
+    /// Every subscription's socket, for the heartbeat to restart them all.
+    subscriptions: Arc<Subscriptions>,
+}
+
+/// Every subscription socket of a broker (weakly: a listener's `Current`),
+/// so that one failed liveness check restarts them all.
+///
+/// Why one check per process and not one per subscription: a subscription
+/// connection is silent while its room is, and a paused Redis (or a
+/// half-open connection to it) looks just like a quiet room. Checking each
+/// subscription with its own PING cost a wake-up per client every few
+/// seconds — 1.9% of a core for 5,000 idle per-client subscriptions. All of
+/// a process's subscriptions go to the same Redis, so the heartbeat thread
+/// checks it once every [`HEARTBEAT`] for all of them; when Redis does not
+/// answer, it shuts every subscription socket down, and each listener
+/// reconnects as after any loss. A single connection that dies silently
+/// while Redis is fine is the kernel's business: subscription sockets have
+/// TCP keepalive (see `pubsub::PubSubConnection::connect`).
+#[derive(Default)]
+struct Subscriptions(Mutex<Tracked>);
+
+#[derive(Default)]
+struct Tracked {
+    currents: Vec<std::sync::Weak<Mutex<Option<Arc<TcpStream>>>>>,
+    /// Forget ended listeners when the list reaches this length (amortised).
+    prune_at: usize,
+}
+
+impl Subscriptions {
+    fn track(&self, current: &Current) {
+        let mut tracked = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if tracked.currents.len() >= tracked.prune_at {
+            tracked.currents.retain(|c| c.strong_count() > 0);
+            tracked.prune_at = (tracked.currents.len() * 2).max(64);
+        }
+        tracked.currents.push(Arc::downgrade(current));
+    }
+
+    /// Shuts down every live subscription's socket; returns how many.
+    fn restart_all(&self) -> usize {
+        let tracked = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut restarted = 0;
+        for current in tracked.currents.iter().filter_map(|c| c.upgrade()) {
+            if let Some(stream) = current.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                let _ = stream.shutdown(Shutdown::Both);
+                restarted += 1;
+            }
+        }
+        restarted
+    }
 }
 
 /// Commands waiting for a publisher thread.
@@ -187,6 +237,7 @@ impl RedisBroker {
             settings: settings.clone(),
             metrics: Arc::clone(metrics),
             shared: None,
+            subscriptions: Arc::default(),
         };
         if settings.subscriptions == SubscriptionMode::Shared {
             broker.shared = Some(Arc::new(SharedFeeds {
@@ -195,6 +246,7 @@ impl RedisBroker {
                 client: broker.client.clone(),
                 url: broker.url.clone(),
                 metrics: Arc::clone(metrics),
+                subscriptions: Arc::clone(&broker.subscriptions),
             }));
         }
         broker.start_heartbeat()?;
@@ -238,11 +290,13 @@ impl RedisBroker {
         format!("{:016x}", self.settings.instance)
     }
 
-    /// Starts the thread that keeps this instance's liveness key fresh.
+    /// Starts the thread that keeps this instance's liveness key fresh and
+    /// checks that Redis answers (see [`Subscriptions`]).
     fn start_heartbeat(&mut self) -> Result<(), BrokerError> {
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let lane = self.lanes[0].clone();
         let key = instance_key(&self.instance_id());
+        let subscriptions = Arc::clone(&self.subscriptions);
         let handle = thread::Builder::new()
             .name("tc-heartbeat".into())
             .stack_size(crate::THREAD_STACK_SIZE)
@@ -254,6 +308,27 @@ impl RedisBroker {
                         cmds: vec![set],
                         reply: Reply::None,
                     });
+                    // Is Redis there? A PING fails only when the connection
+                    // does (an error reply to SET, say out of memory, would
+                    // not mean the subscriptions are dead). A paused Redis
+                    // is noticed by the publisher's I/O timeout.
+                    let (answer_tx, answer) = crossbeam_channel::bounded(1);
+                    let ping = Job {
+                        cmds: vec![redis::cmd("PING")],
+                        reply: Reply::Values(answer_tx),
+                    };
+                    if lane.try_send(ping).is_ok() {
+                        crossbeam_channel::select! {
+                            recv(answer) -> answer => if let Ok(Err(e)) = answer {
+                                let n = subscriptions.restart_all();
+                                log::warn!(
+                                    "Redis did not answer the heartbeat ({e}); \
+                                     restarting {n} subscription(s)"
+                                );
+                            },
+                            recv(stop_rx) -> _ => break,
+                        }
+                    }
                     // Shutdown by dropping the sender: recv fails at once.
                     if let Err(crossbeam_channel::RecvTimeoutError::Disconnected) =
                         stop_rx.recv_timeout(HEARTBEAT)
@@ -429,6 +504,7 @@ impl Broker for RedisBroker {
             &self.url,
             room.channel(),
             &self.metrics,
+            &self.subscriptions,
             false,
         );
         Ok(Subscription::new(Box::new(listener), canceller))
@@ -475,6 +551,7 @@ struct SharedFeeds {
     client: Client,
     url: String,
     metrics: Arc<Metrics>,
+    subscriptions: Arc<Subscriptions>,
 }
 
 /// A room's running feed: a reader thread and a dispatcher thread.
@@ -534,6 +611,7 @@ impl SharedFeeds {
             &self.url,
             channel.to_owned(),
             &self.metrics,
+            &self.subscriptions,
             true,
         );
         let listener = Box::new(listener);
@@ -809,9 +887,11 @@ impl RedisListener {
         url: &str,
         channel: String,
         metrics: &Arc<Metrics>,
+        subscriptions: &Subscriptions,
         shared: bool,
     ) -> (RedisListener, Canceller) {
         let current = Current::default();
+        subscriptions.track(&current);
         let canceller = {
             let current = Arc::clone(&current);
             // Wakes a read blocked on the current connection, wherever it
@@ -867,10 +947,10 @@ impl RedisListener {
         let lost = |e: std::io::Error| BrokerError::Redis(e.to_string());
         con.set_read_timeout(Some(IO_TIMEOUT)).map_err(lost)?;
         con.subscribe(&[&self.channel]).map_err(lost)?;
-        // A connection quiet for KEEPALIVE is sent a PING; if nothing at all
-        // arrives within as long again, the link is dead (a paused Redis, a
-        // half-open TCP connection): detected within 2 x KEEPALIVE.
-        con.set_read_timeout(Some(KEEPALIVE)).map_err(lost)?;
+        // From now on the connection is silent while the room is: no read
+        // timeout. A Redis that stops answering is noticed by the heartbeat,
+        // which shuts this socket down (see `Subscriptions`).
+        con.set_read_timeout(None).map_err(lost)?;
         state.live = true;
         // Restored (if it was down): no longer counted as down.
         drop(state.down.take());
@@ -883,24 +963,13 @@ impl RedisListener {
         if stop.is_stopped() || on_event(Event::Subscribed).is_break() {
             return Ok(());
         }
-        let mut pinged = false;
         loop {
-            match con.wait() {
-                Ok(()) => pinged = false,
-                Err(e) if is_timeout(&e) && !pinged => {
-                    if stop.is_stopped() {
-                        return Ok(());
-                    }
-                    con.ping().map_err(lost)?;
-                    pinged = true;
-                    continue;
+            // Cancelling shuts the socket down, so this returns at once.
+            if let Err(e) = con.wait() {
+                if stop.is_stopped() {
+                    return Ok(());
                 }
-                Err(e) if is_timeout(&e) => {
-                    return Err(BrokerError::Redis(
-                        "Redis did not answer a PING in time".into(),
-                    ));
-                }
-                Err(e) => return Err(lost(e)),
+                return Err(lost(e));
             }
             if stop.is_stopped() {
                 return Ok(());
@@ -915,8 +984,8 @@ impl RedisListener {
             }
             // Messages Redis sent together are written to the client
             // together: flush only when nothing more is already here. Also
-            // after a reply that is not a message (a keepalive's pong): it
-            // may have come in the same read as the last message.
+            // after a reply that is not a message (a pong, a confirmation):
+            // it may have come in the same read as the last message.
             if !con.has_buffered() && on_event(Event::Idle).is_break() {
                 return Ok(());
             }
@@ -926,13 +995,6 @@ impl RedisListener {
 
 /// The socket of a listener's current connection, if it has one.
 type Current = Arc<Mutex<Option<Arc<TcpStream>>>>;
-
-fn is_timeout(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-    )
-}
 
 #[cfg(test)]
 mod tests {
@@ -946,12 +1008,13 @@ mod tests {
         assert_eq!(redact("redis://host:1"), "redis://host:1");
     }
 
-    /// A message that arrives in the same read as a keepalive's pong is
-    /// still followed by `Idle`, the subscriber's cue to write it out. (It
-    /// was not: the message waited, unwritten, for the next one — seen as a
-    /// client missing a message in the 5,000-client benchmark, whose
-    /// message came about when the keepalive PINGs did.) The peer is a
-    /// scripted one, to put both replies in one write.
+    /// A message that arrives in the same read as a reply that is not a
+    /// message (here a pong) is still followed by `Idle`, the subscriber's
+    /// cue to write it out. (It was not: the message waited, unwritten, for
+    /// the next one — seen as a client missing a message in the
+    /// 5,000-client benchmark, when subscriptions still had keepalive
+    /// PINGs of their own.) The peer is a scripted one, to put both replies
+    /// in one write.
     #[test]
     fn a_message_read_with_a_pong_is_flushed() {
         let peer = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -974,7 +1037,9 @@ mod tests {
         });
         let client = Client::open(url.as_str()).unwrap();
         let metrics = Arc::new(Metrics::default());
-        let (listener, canceller) = RedisListener::new(&client, &url, "ch".into(), &metrics, false);
+        let subscriptions = Subscriptions::default();
+        let (listener, canceller) =
+            RedisListener::new(&client, &url, "ch".into(), &metrics, &subscriptions, false);
         let subscription = Subscription::new(Box::new(listener), canceller.clone());
         let (events_tx, events) = crossbeam_channel::unbounded();
         let listening = thread::spawn(move || {
