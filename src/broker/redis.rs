@@ -17,7 +17,7 @@
 //! published on a private wake channel per connection; `CLIENT KILL` would
 //! need admin rights, and a read timeout would poll.) A quiet subscription
 //! is never pinged: the heartbeat thread checks Redis once for all of them
-//! ([`Subscriptions`]).
+//! (`Subscriptions` below).
 //!
 //! **Publishing.** Opening a Redis connection per client for publishing would
 //! double Redis's client count. Instead [`POOL_SIZE`] publisher threads each
