@@ -119,7 +119,7 @@ struct Subscriptions(Mutex<Tracked>);
 
 #[derive(Default)]
 struct Tracked {
-    currents: Vec<std::sync::Weak<Mutex<Option<Arc<TcpStream>>>>>,
+    currents: Vec<std::sync::Weak<CurrentSocket>>,
     /// Forget ended listeners when the list reaches this length (amortised).
     prune_at: usize,
 }
@@ -139,8 +139,7 @@ impl Subscriptions {
         let tracked = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let mut restarted = 0;
         for current in tracked.currents.iter().filter_map(|c| c.upgrade()) {
-            if let Some(stream) = current.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                let _ = stream.shutdown(Shutdown::Both);
+            if current.shut_down() {
                 restarted += 1;
             }
         }
@@ -897,9 +896,7 @@ impl RedisListener {
             // Wakes a read blocked on the current connection, wherever it
             // is; `listen` checks the flag after every connect and read.
             Canceller::new(move || {
-                if let Some(stream) = current.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                    let _ = stream.shutdown(Shutdown::Both);
-                }
+                current.shut_down();
             })
         };
         let listener = RedisListener {
@@ -928,12 +925,9 @@ impl RedisListener {
                     reason: e.to_string(),
                 }
             })?;
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(socket);
+        self.current.set(Some(socket));
         let result = self.receive(&mut con, stop, on_event, state);
-        self.current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        self.current.set(None);
         result
     }
 
@@ -993,8 +987,31 @@ impl RedisListener {
     }
 }
 
-/// The socket of a listener's current connection, if it has one.
-type Current = Arc<Mutex<Option<Arc<TcpStream>>>>;
+/// The socket of a listener's current connection, if it has one: shared
+/// with the listener's canceller and with [`Subscriptions`], which shut it
+/// down to wake the listener.
+type Current = Arc<CurrentSocket>;
+
+#[derive(Default)]
+struct CurrentSocket(Mutex<Option<Arc<TcpStream>>>);
+
+impl CurrentSocket {
+    fn set(&self, socket: Option<Arc<TcpStream>>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = socket;
+    }
+
+    /// Shuts the socket down, so that a read blocked on it returns at once;
+    /// false when there is no connection right now.
+    fn shut_down(&self) -> bool {
+        match self.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(stream) => {
+                let _ = stream.shutdown(Shutdown::Both);
+                true
+            }
+            None => false,
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -269,20 +269,7 @@ impl<'a> ChatHandler<'a> {
     /// Waits for the oldest `count` receipts and tells the client about the
     /// messages that failed (in one error frame, however many).
     fn wait_for(&mut self, count: usize, writer: &Writer) -> Next {
-        let mut failed: Option<(usize, String, BrokerError)> = None;
-        for message in self.in_flight.drain(..count) {
-            match message.receipt.wait() {
-                Ok(()) => self.ctx.metrics.messages_received.inc(),
-                Err(e) => {
-                    self.ctx.metrics.publish_errors.inc();
-                    match &mut failed {
-                        Some((n, _, _)) => *n += 1,
-                        None => failed = Some((1, message.preview, e)),
-                    }
-                }
-            }
-        }
-        match failed {
+        match self.collect(count) {
             None => Next::Continue,
             Some((1, preview, e)) => self.error(
                 writer,
@@ -300,12 +287,26 @@ impl<'a> ChatHandler<'a> {
     /// After the connection ended: waits for the answers still due, so the
     /// counts are right. There is no one left to tell about failures.
     pub(super) fn finish(&mut self) {
-        for message in self.in_flight.drain(..) {
+        self.collect(self.in_flight.len());
+    }
+
+    /// Waits for the oldest `count` answers and counts them; returns how
+    /// many failed, with the first failure's preview and error.
+    fn collect(&mut self, count: usize) -> Option<(usize, String, BrokerError)> {
+        let mut failed: Option<(usize, String, BrokerError)> = None;
+        for message in self.in_flight.drain(..count) {
             match message.receipt.wait() {
                 Ok(()) => self.ctx.metrics.messages_received.inc(),
-                Err(_) => self.ctx.metrics.publish_errors.inc(),
+                Err(e) => {
+                    self.ctx.metrics.publish_errors.inc();
+                    match &mut failed {
+                        Some((n, _, _)) => *n += 1,
+                        None => failed = Some((1, message.preview, e)),
+                    }
+                }
             }
         }
+        failed
     }
 
     /// Tells the client something went wrong with what it sent.
