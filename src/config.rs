@@ -452,11 +452,14 @@ pub fn connection_ceiling(fds_per_connection: usize) -> usize {
     let max_threads = read_number("/proc/sys/kernel/threads-max")
         .unwrap_or(usize::MAX)
         .min(read_number("/proc/sys/kernel/pid_max").unwrap_or(32_768));
-    // Leave room for everything else the process (and the machine) maps,
-    // opens and runs.
-    let by_maps = max_maps.saturating_sub(2_000) / (THREADS_PER_CONNECTION * MAPS_PER_THREAD);
+    // Leave room for the third thread a connection has for a moment while
+    // it is handed to its reader (see `session::handoff`), and for everything
+    // else the process (and the machine) maps, opens and runs.
+    let handoffs = crate::session::handoff::MAX_HANDOFFS;
+    let by_maps = max_maps.saturating_sub(2_000 + handoffs * MAPS_PER_THREAD)
+        / (THREADS_PER_CONNECTION * MAPS_PER_THREAD);
     let by_files = max_files.saturating_sub(100) / fds_per_connection.max(1);
-    let by_threads = max_threads.saturating_sub(2_000) / THREADS_PER_CONNECTION;
+    let by_threads = max_threads.saturating_sub(2_000 + handoffs) / THREADS_PER_CONNECTION;
     by_maps.min(by_files).min(by_threads).max(1)
 }
 

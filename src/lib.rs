@@ -10,14 +10,17 @@
 //!                       ┌──────────────── one process ────────────────┐
 //!  client ─TCP─▶ accept loop (main thread) ── spawns per connection ──┐│
 //!                       │                                            ▼│
-//!  client ─frames──────────▶ tc-conn-N  reader: HTTP, upgrade, read ──┼┼─PUBLISH─▶ tc-publish-0..1 ─▶ Redis
+//!  client ─request─────────▶ tc-conn-N  first: HTTP, subscribe, 101 ──┤│  then hands over and ends
+//!  client ─frames──────────▶ tc-read-N  reader: WebSocket::read ──────┼┼─PUBLISH─▶ tc-publish-0..1 ─▶ Redis
 //!  client ◀─frames───────── tc-sub-N   subscriber: blocks on SUBSCRIBE ◀┼──────────────────────────── Redis
 //!                       │   (both write through one Mutex<WebSocket>) │
 //!                       └─────────────────────────────────────────────┘
 //! ```
 //!
 //! * A `std::net::TcpListener` accepts; each connection gets a *reader thread*
-//!   (which also does the HTTP handshake) and a *subscriber thread*.
+//!   and a *subscriber thread*. A first thread does the connection's one-off
+//!   start (the HTTP handshake, the welcome) and hands over to the reader, so
+//!   that what the start used is freed ([`session::handoff`]).
 //! * The subscriber thread blocks on its own Redis subscription to
 //!   `global_room` and writes what arrives to the client; the reader thread
 //!   blocks in `WebSocket::read` and publishes what the client says through a
@@ -36,7 +39,8 @@
 //! * [`config`] — command line → validated [`config::Config`].
 //! * [`server`] — bind, accept loop, connection registry, shutdown.
 //! * [`http`] — request head parsing, plain HTTP answers, the upgrade.
-//! * [`session`] — one connection's two threads; [`session::socket`] the one-writer split;
+//! * [`session`] — one connection's threads; [`session::socket`] the one-writer split;
+//!   [`session::handoff`] from the start's thread to the reader's;
 //!   [`session::announce`] joins and leaves, coalesced per room.
 //! * [`protocol`] — nicknames, connection ids, client and server frames, the Redis payload.
 //! * [`broker`] — the relay: [`broker::redis`] and the in-process [`broker::memory`];

@@ -36,7 +36,8 @@ use crate::config::Config;
 use crate::http;
 use crate::metrics::Metrics;
 use crate::session::announce::Announcer;
-use crate::session::{self, Conn, Context, JunkLog};
+use crate::session::handoff::{FIRST_THREAD_STACK_SIZE, Handoffs};
+use crate::session::{self, Conn, Context, JunkLog, SessionError};
 
 /// A bound, not yet running, chat server.
 pub struct Server {
@@ -133,6 +134,7 @@ impl Server {
                 limits: config.limits.clone(),
                 metrics,
                 junk: JunkLog::default(),
+                handoffs: Handoffs::default(),
                 panic_trigger: test_panic_trigger(),
             }),
             shutdown: ShutdownHandle {
@@ -155,10 +157,10 @@ impl Server {
     /// Accepts and serves connections until shut down; returns once every
     /// connection thread has been joined.
     pub fn run(self) {
-        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let (reports_tx, reports) = crossbeam_channel::unbounded();
         let mut registry = Registry {
             active: HashMap::new(),
-            done_rx,
+            reports,
         };
         let max = self.ctx.limits.max_connections;
         let mut next_seq: u64 = 0;
@@ -191,14 +193,14 @@ impl Server {
             }
             next_seq += 1;
             let conn = Arc::new(Conn::new(self.instance, next_seq, peer, Arc::new(stream)));
-            match spawn_connection(Arc::clone(&conn), Arc::clone(&self.ctx), done_tx.clone()) {
-                Ok(handle) => {
-                    registry.active.insert(conn.seq, (conn, handle));
-                }
-                Err(e) => {
-                    log::error!("refused {peer}: cannot start a thread: {e}");
-                    conn.force_close();
-                }
+            // Registered first: a report can come as soon as the thread runs.
+            registry.active.insert(conn.seq, (Arc::clone(&conn), None));
+            let started =
+                spawn_connection(Arc::clone(&conn), Arc::clone(&self.ctx), reports_tx.clone());
+            if let Err(e) = started {
+                registry.active.remove(&conn.seq);
+                log::error!("refused {peer}: cannot start a thread: {e}");
+                conn.force_close();
             }
         }
 
@@ -224,29 +226,82 @@ impl ShutdownHandle {
     }
 }
 
+/// What a connection's threads tell the accept loop.
+enum Report {
+    /// Connection `seq` was handed to this reader thread.
+    HandedOff(u64, JoinHandle<()>),
+    /// Connection `seq` is over; join its threads (this one too, if given).
+    Done(u64, Option<JoinHandle<()>>),
+}
+
+/// How a connection's threads report (see [`session::Reports`]).
+struct Reporter(Sender<Report>);
+
+impl session::Reports for Reporter {
+    fn handed_off(&self, seq: u64, reader: JoinHandle<()>) {
+        let _ = self.0.send(Report::HandedOff(seq, reader));
+    }
+
+    fn finished(
+        &self,
+        conn: &Conn,
+        result: Result<(), SessionError>,
+        thread: Option<JoinHandle<()>>,
+    ) {
+        match result {
+            Ok(()) => {}
+            Err(e) if e.is_disconnect() => log::debug!("{}: {e}", conn.peer),
+            Err(e) => log::error!("{} ({}): {e}", conn.peer, conn.id),
+        }
+        // However the session ended, the client sees the socket close now
+        // (the accept loop joins the threads only when it next wakes).
+        conn.force_close();
+        let _ = self.0.send(Report::Done(conn.seq, thread));
+    }
+}
+
 /// The live connections, owned by the accept loop.
 struct Registry {
-    active: HashMap<u64, (Arc<Conn>, JoinHandle<()>)>,
-    /// Numbers of connection threads that have finished.
-    done_rx: Receiver<u64>,
+    /// Each connection, with the handle of its reader thread once it has
+    /// been handed one. (A first thread holds its own handle: see
+    /// [`session::handoff`].)
+    active: HashMap<u64, (Arc<Conn>, Option<JoinHandle<()>>)>,
+    /// What the connections' threads report.
+    reports: Receiver<Report>,
 }
 
 impl Registry {
-    /// Joins every connection thread that has reported done.
+    /// Acts on every report so far.
     fn reap(&mut self) {
-        while let Ok(seq) = self.done_rx.try_recv() {
-            self.join(seq);
+        while let Ok(report) = self.reports.try_recv() {
+            self.act_on(report);
         }
     }
 
-    fn join(&mut self, seq: u64) {
-        if let Some((_, handle)) = self.active.remove(&seq) {
-            // Panics are caught inside the thread; nothing to report here.
-            let _ = handle.join();
+    /// Keeps a reader thread's handle, or joins the threads of a connection
+    /// that is over. Panics are caught inside the threads; nothing to report
+    /// here.
+    fn act_on(&mut self, report: Report) {
+        match report {
+            Report::HandedOff(seq, reader) => match self.active.get_mut(&seq) {
+                Some((_, held)) => *held = Some(reader),
+                None => {
+                    let _ = reader.join();
+                }
+            },
+            Report::Done(seq, thread) => {
+                if let Some((_, Some(reader))) = self.active.remove(&seq) {
+                    let _ = reader.join();
+                }
+                if let Some(thread) = thread {
+                    let _ = thread.join();
+                }
+            }
         }
     }
 
-    /// Closes every connection: politely first, by force after `grace`.
+    /// Closes every connection: politely first, by force after `grace`, and
+    /// joins all their threads.
     fn close_all(mut self, grace: Duration) {
         self.reap();
         if !self.active.is_empty() {
@@ -257,8 +312,8 @@ impl Registry {
         }
         let deadline = Instant::now() + grace;
         while !self.active.is_empty() {
-            match self.done_rx.recv_deadline(deadline) {
-                Ok(seq) => self.join(seq),
+            match self.reports.recv_deadline(deadline) {
+                Ok(report) => self.act_on(report),
                 Err(RecvTimeoutError::Timeout) => break,
                 Err(RecvTimeoutError::Disconnected) => break,
             }
@@ -266,43 +321,37 @@ impl Registry {
         for (conn, _) in self.active.values() {
             conn.force_close();
         }
-        let seqs: Vec<u64> = self.active.keys().copied().collect();
-        for seq in seqs {
-            self.join(seq);
+        // Every connection reports when it is over, however it ends; with
+        // their sockets shut down, that is now.
+        while !self.active.is_empty() {
+            match self.reports.recv() {
+                Ok(report) => self.act_on(report),
+                Err(_) => break,
+            }
         }
     }
 }
 
-/// Starts a connection's thread. It reports its number on `done` when it
-/// ends, however it ends.
-fn spawn_connection(
-    conn: Arc<Conn>,
-    ctx: Arc<Context>,
-    done: Sender<u64>,
-) -> io::Result<JoinHandle<()>> {
-    thread::Builder::new()
+/// Starts a connection's first thread, and sends it its own handle (it
+/// hands that to whoever must join it: see [`session::handoff`]).
+fn spawn_connection(conn: Arc<Conn>, ctx: Arc<Context>, reports: Sender<Report>) -> io::Result<()> {
+    let (own_tx, own) = crossbeam_channel::bounded(1);
+    let first = thread::Builder::new()
         .name(format!("tc-conn-{}", conn.seq))
-        .stack_size(crate::THREAD_STACK_SIZE)
+        .stack_size(FIRST_THREAD_STACK_SIZE)
         .spawn(move || {
-            // The one place this thread's errors are logged.
-            match panic::catch_unwind(AssertUnwindSafe(|| session::run(&conn, &ctx))) {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) if e.is_disconnect() => log::debug!("{}: {e}", conn.peer),
-                Ok(Err(e)) => log::error!("{} ({}): {e}", conn.peer, conn.id),
-                Err(_) => {
-                    log::error!(
-                        "{} ({}): connection thread panicked; closed it",
-                        conn.peer,
-                        conn.id
-                    );
-                    conn.force_close();
-                }
+            let reporter: Arc<dyn session::Reports> = Arc::new(Reporter(reports));
+            let served = panic::catch_unwind(AssertUnwindSafe(|| {
+                session::run(Arc::clone(&conn), ctx, Arc::clone(&reporter), &own)
+            }));
+            if served.is_err() {
+                // A panic in the connection's start.
+                conn.force_close();
+                reporter.finished(&conn, Err(SessionError::Panicked), own.try_recv().ok());
             }
-            // However the session ended, the client sees the socket close now
-            // (the accept loop drops its handle only when it next wakes).
-            conn.force_close();
-            let _ = done.send(conn.seq);
-        })
+        })?;
+    let _ = own_tx.send(first);
+    Ok(())
 }
 
 /// Debug builds only: the chat text that makes a reader thread panic, from

@@ -1,19 +1,26 @@
 //! One client connection, from its HTTP request to its last frame.
 //!
-//! A chat connection is served by two threads:
+//! A chat connection is served by two threads, after a first one has
+//! started it:
 //!
 //! ```text
-//!   client ──frames──▶ reader thread (tc-conn-N) ──publish──▶ broker
+//!   client ──request──▶ first thread (tc-conn-N): HTTP, subscribe, join, 101, welcome
+//!                          │ hands over (see `handoff`), ends
+//!   client ──frames──▶ reader thread (tc-read-N) ──publish──▶ broker
 //!   client ◀─frames─── subscriber thread (tc-sub-N) ◀─events── broker
 //!                both write through the one socket::Writer
 //! ```
 //!
-//! * The **reader thread** ([`reader`]) is the connection's own thread: it
+//! * The **first thread** (`tc-conn-N`) does what a connection does once: it
 //!   reads the HTTP request, starts the subscriber thread, has the join
 //!   announced ([`announce`]), sends the `101`, the history and who is in the
-//!   room ([`welcome`]), then blocks in `WebSocket::read`. It publishes what
-//!   the client says, answers pings, pings a quiet client, and replies to the
-//!   client's close.
+//!   room ([`welcome`]). Then it starts the reader thread and ends; the
+//!   reader thread joins it. [`handoff`] explains why: the start is deep and
+//!   allocates a lot, and a thread that ends takes that memory with it.
+//! * The **reader thread** ([`reader`]) blocks in `WebSocket::read`. It
+//!   publishes what the client says, answers pings, pings a quiet client, and
+//!   replies to the client's close. When a hand-off cannot be made, the first
+//!   thread is the reader thread.
 //! * The **subscriber thread** ([`subscriber`]) blocks in
 //!   [`Subscription::run`](crate::broker::Subscription::run) and writes every
 //!   chat message from someone else to the client, batching what arrives
@@ -22,8 +29,8 @@
 //! They coordinate through crossbeam channels and one shared [`Conn`]:
 //!
 //! * `ready` and `go`: the start-up handshake. The subscriber says "ready"
-//!   once subscribed; the reader then sends the `101`, the history and the
-//!   presence frame, and says "go" (with the history's message ids). So a
+//!   once subscribed; the first thread then sends the `101`, the history and
+//!   the presence frame, and says "go" (with the history's message ids). So a
 //!   connected client is already subscribed, and no live frame can precede
 //!   the `101` or the history.
 //! * `reader_done`: the reader drops its sender when it stops reading; the
@@ -36,10 +43,11 @@
 //! the socket is closed. `docs/ARCHITECTURE.md` walks through every case.
 //!
 //! The echo endpoint (`--echo-endpoint`, for the Autobahn conformance suite)
-//! runs the same reader code with a handler that sends each message back, and
-//! no subscriber thread.
+//! runs the same reader code with a handler that sends each message back, on
+//! the first thread, and no subscriber thread.
 
 pub mod announce;
+pub mod handoff;
 mod rate;
 mod reader;
 mod sched;
@@ -47,16 +55,17 @@ pub mod socket;
 mod subscriber;
 mod welcome;
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::thread;
+use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use crossbeam_channel::{Receiver, Sender};
 use tungstenite::http::StatusCode;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -82,6 +91,8 @@ pub struct Context {
     pub junk: JunkLog,
     /// Publishes joins and leaves, coalesced per room.
     pub announcer: announce::Announcer,
+    /// Hands connections from their first thread to their reader thread.
+    pub handoffs: handoff::Handoffs,
     /// Debug builds only: a chat message with exactly this text makes the
     /// reader thread panic (set by `THREADCHAT_TEST_PANIC`; tests use it to
     /// check that a panic closes only its own connection).
@@ -298,6 +309,10 @@ pub enum SessionError {
     /// The OS would not start the subscriber thread.
     #[error("could not start the subscriber thread: {0}")]
     Spawn(io::Error),
+    /// A thread serving the connection panicked (and the connection was
+    /// closed).
+    #[error("a thread serving it panicked; closed it")]
+    Panicked,
 }
 
 impl SessionError {
@@ -308,9 +323,124 @@ impl SessionError {
     }
 }
 
-/// Serves one accepted connection to its end. Runs on the connection's own
-/// thread; returns when all of the connection's threads are done.
-pub fn run(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<(), SessionError> {
+/// What a connection's threads tell the server about it.
+pub trait Reports: Send + Sync {
+    /// The first thread handed connection `seq` to the reader thread
+    /// `reader`, and is ending (the reader thread joins it).
+    fn handed_off(&self, seq: u64, reader: JoinHandle<()>);
+
+    /// The connection is over, and why. Called once, on whichever thread it
+    /// ended on, with that thread's own handle if it holds it (a first thread
+    /// that did not hand off does), for the server to join. The one place
+    /// the connection's errors are logged.
+    fn finished(
+        &self,
+        conn: &Conn,
+        result: Result<(), SessionError>,
+        thread: Option<JoinHandle<()>>,
+    );
+}
+
+/// Serves one accepted connection, on its first thread (`tc-conn-N`): does
+/// the connection's start here and, for a chat, hands the rest to a new
+/// reader thread (see [`handoff`]). `own` brings this thread's own handle
+/// (the accept loop sends it once the thread is started); it goes to
+/// whoever must join this thread. Both threads tell `reports` how it goes.
+pub fn run(
+    conn: Arc<Conn>,
+    ctx: Arc<Context>,
+    reports: Arc<dyn Reports>,
+    own: &Receiver<JoinHandle<()>>,
+) {
+    let chat = match start(&conn, &ctx) {
+        Ok(Started::Chat(chat)) => chat,
+        Ok(Started::Echo { writer, mut reader }) => {
+            let ending = reader::read_loop(&mut reader, &writer, &conn, &ctx, &mut EchoHandler);
+            conn.end(ending);
+            reports.finished(&conn, Ok(()), own.recv().ok());
+            return;
+        }
+        Ok(Started::Done) => {
+            reports.finished(&conn, Ok(()), own.recv().ok());
+            return;
+        }
+        Err(e) => {
+            reports.finished(&conn, Err(e), own.recv().ok());
+            return;
+        }
+    };
+    let state = (
+        Arc::clone(&conn),
+        Arc::clone(&ctx),
+        chat,
+        Arc::clone(&reports),
+    );
+    let Ok(me) = own.recv() else {
+        // Without its own handle this thread cannot be joined by a reader
+        // thread; it stays on as the reader (never happens in practice).
+        read_and_finish(state, None);
+        return;
+    };
+    let name = format!("tc-read-{}", conn.seq);
+    match ctx
+        .handoffs
+        .hand_off(name, me, state, |state| read_and_finish(state, None))
+    {
+        Ok(reader) => reports.handed_off(conn.seq, reader),
+        Err((me, state)) => read_and_finish(state, Some(me)),
+    }
+}
+
+/// What a reader thread is handed: the connection, the server's context, the
+/// started chat and where to report.
+type Handed = (Arc<Conn>, Arc<Context>, Box<Chat>, Arc<dyn Reports>);
+
+/// The reader thread's body: the rest of the chat, then its report (with
+/// `thread`, its own handle, if it holds it).
+fn read_and_finish((conn, ctx, chat, reports): Handed, thread: Option<JoinHandle<()>>) {
+    let result =
+        panic::catch_unwind(AssertUnwindSafe(|| stay(&conn, &ctx, chat))).unwrap_or_else(|_| {
+            conn.force_close();
+            Err(SessionError::Panicked)
+        });
+    reports.finished(&conn, result, thread);
+}
+
+/// What a connection's start leaves for its reader thread.
+enum Started {
+    /// Answered with plain HTTP, or abandoned by the client: nothing more.
+    Done,
+    /// An echo connection, upgraded.
+    Echo {
+        writer: Arc<Writer>,
+        reader: Box<socket::Reader>,
+    },
+    /// A chat connection whose subscriber thread is running. Boxed: it is
+    /// handed from thread to thread.
+    Chat(Box<Chat>),
+}
+
+/// A chat connection after its start, upgraded or not.
+struct Chat {
+    member: Member,
+    writer: Arc<Writer>,
+    reader: socket::Reader,
+    /// The subscriber thread; joined last.
+    subscriber: JoinHandle<()>,
+    /// The start-up "go", kept until the end: dropped unsent, it tells the
+    /// subscriber that the client did not get that far.
+    go: Sender<HashSet<String>>,
+    /// Dropped when the reader stops reading (see the module doc).
+    reader_done: Sender<()>,
+    /// On the room's member list (so it must leave it).
+    joined: bool,
+    /// Has its `101`, its history and who is in the room.
+    upgraded: bool,
+}
+
+/// The connection's start: the HTTP request and, for a chat connection,
+/// everything up to its welcome (see [`start_chat`]).
+fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, SessionError> {
     let (target, response, leftover) = match http::serve(&conn.stream, ctx)? {
         Outcome::Upgrade {
             target,
@@ -319,9 +449,9 @@ pub fn run(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<(), SessionError> {
         } => (target, response, leftover),
         Outcome::Answered(status) => {
             log::debug!("{}: answered HTTP {status}", conn.peer);
-            return Ok(());
+            return Ok(Started::Done);
         }
-        Outcome::Abandoned => return Ok(()),
+        Outcome::Abandoned => return Ok(Started::Done),
     };
     conn.stream
         .set_write_timeout(Some(ctx.limits.write_timeout))?;
@@ -330,26 +460,26 @@ pub fn run(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<(), SessionError> {
     let (writer, reader) = socket::split(Arc::clone(&conn.stream), leftover, max_message);
     let writer = Arc::new(writer);
     match target {
-        Target::Chat(member) => chat(conn, ctx, member, response, writer, reader),
+        Target::Chat(member) => start_chat(conn, ctx, member, response, writer, reader),
         Target::Echo => {
             http::accept(&conn.stream, &response)?;
-            let mut reader = reader;
-            let ending = reader::read_loop(&mut reader, &writer, conn, ctx, &mut EchoHandler);
-            conn.end(ending);
-            Ok(())
+            Ok(Started::Echo {
+                writer,
+                reader: Box::new(reader),
+            })
         }
     }
 }
 
-/// The chat: subscribe, join, upgrade, read until the end, leave.
-fn chat(
+/// A chat connection's start: subscribe, join, upgrade, welcome.
+fn start_chat(
     conn: &Arc<Conn>,
     ctx: &Arc<Context>,
     member: Member,
     response: tungstenite::http::Response<()>,
     writer: Arc<Writer>,
-    mut reader: socket::Reader,
-) -> Result<(), SessionError> {
+    reader: socket::Reader,
+) -> Result<Started, SessionError> {
     let Member { nickname, room, .. } = &member;
     let subscription = match ctx.broker.subscribe(room, &conn.id) {
         Ok(subscription) => subscription,
@@ -424,29 +554,77 @@ fn chat(
         ctx.metrics.connections_open.inc();
         ctx.metrics.connections_total.inc();
         log::info!("{nickname} joined {room} from {} ({})", conn.peer, conn.id);
-        let mut handler = ChatHandler::new(&member, conn, ctx);
-        // A panic here must not skip the clean-up below (which joins the
-        // subscriber thread): catch it, record it, carry on.
-        let ending = panic::catch_unwind(AssertUnwindSafe(|| {
-            reader::read_loop(&mut reader, &writer, conn, ctx, &mut handler)
-        }))
-        .unwrap_or_else(|_| {
-            ctx.metrics.panics.inc();
-            log::error!(
-                "{} ({}): reader thread panicked; closing it",
-                conn.peer,
-                conn.id
-            );
-            conn.shorten_write_timeout();
-            let _ = writer.close(Ending::Panicked.close_frame());
-            Ending::Panicked
-        });
-        handler.finish();
+    }
+    Ok(Started::Chat(Box::new(Chat {
+        member,
+        writer,
+        reader,
+        subscriber,
+        go: go_tx,
+        reader_done: reader_done_tx,
+        joined,
+        upgraded,
+    })))
+}
+
+/// The rest of a chat connection, on its reader thread: read until the end,
+/// then leave.
+fn stay(conn: &Arc<Conn>, ctx: &Arc<Context>, mut chat: Box<Chat>) -> Result<(), SessionError> {
+    if chat.upgraded {
+        let ending = read_until_the_end(conn, ctx, &chat.member, &chat.writer, &mut chat.reader);
         conn.end(ending);
     } else {
         refuse_upgrade(conn);
     }
+    leave(conn, ctx, chat)
+}
 
+/// The reader thread's life: publish what the client says until the
+/// connection ends; returns why it ended.
+fn read_until_the_end(
+    conn: &Arc<Conn>,
+    ctx: &Arc<Context>,
+    member: &Member,
+    writer: &Writer,
+    reader: &mut socket::Reader,
+) -> Ending {
+    let mut handler = ChatHandler::new(member, conn, ctx);
+    // A panic here must not skip the clean-up in `leave` (which joins the
+    // subscriber thread): catch it, record it, carry on.
+    let ending = panic::catch_unwind(AssertUnwindSafe(|| {
+        reader::read_loop(reader, writer, conn, ctx, &mut handler)
+    }))
+    .unwrap_or_else(|_| {
+        ctx.metrics.panics.inc();
+        log::error!(
+            "{} ({}): reader thread panicked; closing it",
+            conn.peer,
+            conn.id
+        );
+        conn.shorten_write_timeout();
+        let _ = writer.close(Ending::Panicked.close_frame());
+        Ending::Panicked
+    });
+    handler.finish();
+    ending
+}
+
+/// Ends a chat connection: makes sure both its threads end, takes it off
+/// the member list and tells the room. Never inlined: its locals would
+/// otherwise sit in the reader thread's frame all the while it reads (a
+/// resting reader fits in two pages of stack; see `docs/PERFORMANCE.md`).
+#[inline(never)]
+fn leave(conn: &Arc<Conn>, ctx: &Arc<Context>, chat: Box<Chat>) -> Result<(), SessionError> {
+    let Chat {
+        member,
+        subscriber,
+        go: go_tx,
+        reader_done: reader_done_tx,
+        joined,
+        upgraded,
+        ..
+    } = *chat;
+    let Member { nickname, room, .. } = &member;
     // Whoever ended first, make sure the other side ends too, then wait.
     drop(go_tx);
     drop(reader_done_tx);

@@ -2,9 +2,9 @@
 //!
 //! It blocks in `Subscription::run` and, for each event:
 //!
-//! * `Subscribed` (the first time): the start-up handshake — tell the reader
-//!   "ready", wait for "go". Meanwhile the reader sends the `101`, the
-//!   history and who is in the room (see [`welcome`](super::welcome)); room
+//! * `Subscribed` (the first time): the start-up handshake — tell the
+//!   connection's first thread "ready", wait for "go". Meanwhile that thread
+//!   sends the `101`, the history and who is in the room (see [`welcome`](super::welcome)); room
 //!   messages wait in the subscription until then.
 //! * `Message`: skip junk (one warning per payload, not per client), the
 //!   client's own messages and events, and messages it already got from the
@@ -15,9 +15,9 @@
 //!   relay was lost and then restored (messages in between may be missing).
 //!
 //! This thread does only what repeats. What happens once per connection
-//! happens on the reader thread, which is deep in its stack anyway after the
-//! handshake: an idle subscriber thread keeps only a few pages of stack
-//! resident.
+//! happens on the connection's first thread, which ends after it (see
+//! [`handoff`](super::handoff)): an idle subscriber thread keeps only two or
+//! three pages of stack resident.
 //!
 //! When it ends first (server shutdown, relay failure, a client too slow to
 //! read), it closes the connection: a close frame when one can be sent, a
@@ -152,7 +152,7 @@ struct Delivery<'a> {
 const MAX_BATCH: usize = 64;
 
 impl Delivery<'_> {
-    /// The start-up handshake: tell the reader "ready", then wait for "go",
+    /// The start-up handshake: tell the first thread "ready", then wait for "go",
     /// which comes with the ids to skip.
     fn start(&mut self, start: Start) -> ControlFlow<()> {
         if start.ready.send(()).is_err() {

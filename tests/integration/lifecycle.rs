@@ -29,11 +29,11 @@ fn leaving_releases_everything(leave: fn(crate::support::Client)) {
     for c in &mut clients[1..] {
         c.recv_chat();
     }
-    assert_eq!(
-        server.thread_count(),
-        threads + 2 * 5,
-        "two threads per client"
-    );
+    // Each connection's first thread ends a moment after handing the
+    // connection to its reader thread.
+    eventually("two threads per client", || {
+        server.thread_count() == threads + 2 * 5
+    });
     assert_eq!(
         redis.client_count(),
         redis_clients + 5,
@@ -93,6 +93,26 @@ fn subscriber_threads_wait_their_turn_when_woken() {
             .all(|(_, policy)| *policy == 0),
         "{policies:?}"
     );
+}
+
+#[test]
+fn a_client_is_served_by_a_reader_and_a_subscriber_once_started() {
+    let server = Server::start(&["--in-process"]);
+    let mut alice = server.client("alice");
+    alice.settle();
+    let names = || -> Vec<String> {
+        let policies = server.thread_policies();
+        policies.into_iter().map(|(name, _)| name).collect()
+    };
+    // The first thread did the start, handed the connection to a reader
+    // thread, and ended.
+    eventually("the first thread to end", || {
+        !names().iter().any(|n| n.starts_with("tc-conn-"))
+    });
+    let names = names();
+    let count = |prefix: &str| names.iter().filter(|n| n.starts_with(prefix)).count();
+    assert_eq!(count("tc-read-"), 1, "{names:?}");
+    assert_eq!(count("tc-sub-"), 1, "{names:?}");
 }
 
 #[test]
