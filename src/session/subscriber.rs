@@ -104,8 +104,8 @@ pub(super) fn run(
             conn.end(Ending::Panicked);
         }
     }
-    // Before the upgrade there is no reader yet; the connection thread
-    // answers HTTP.
+    // Before the upgrade there is no reader yet; the connection's first
+    // thread answers HTTP.
     if delivery.upgraded
         && let Err(TryRecvError::Empty) = reader_done.try_recv()
     {
