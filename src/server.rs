@@ -285,6 +285,8 @@ impl Registry {
         match report {
             Report::HandedOff(seq, reader) => match self.active.get_mut(&seq) {
                 Some((_, held)) => *held = Some(reader),
+                // Not expected: a reader reports done only after this. If it
+                // happens, the connection is over and the reader ending.
                 None => {
                     let _ = reader.join();
                 }

@@ -369,41 +369,55 @@ pub fn run(
             return;
         }
     };
-    let state = (
-        Arc::clone(&conn),
-        Arc::clone(&ctx),
+    let handed = Handed {
+        conn: Arc::clone(&conn),
+        ctx: Arc::clone(&ctx),
         chat,
-        Arc::clone(&reports),
-    );
+        reports: Arc::clone(&reports),
+    };
     let Ok(me) = own.recv() else {
         // Without its own handle this thread cannot be joined by a reader
         // thread; it stays on as the reader (never happens in practice).
-        read_and_finish(state, None);
+        handed.read_and_finish(None);
         return;
     };
     let name = format!("tc-read-{}", conn.seq);
     match ctx
         .handoffs
-        .hand_off(name, me, state, |state| read_and_finish(state, None))
+        .hand_off(name, me, handed, |handed| handed.read_and_finish(None))
     {
         Ok(reader) => reports.handed_off(conn.seq, reader),
-        Err((me, state)) => read_and_finish(state, Some(me)),
+        Err((me, handed)) => handed.read_and_finish(Some(me)),
     }
 }
 
-/// What a reader thread is handed: the connection, the server's context, the
-/// started chat and where to report.
-type Handed = (Arc<Conn>, Arc<Context>, Box<Chat>, Arc<dyn Reports>);
+/// What a reader thread is handed.
+struct Handed {
+    conn: Arc<Conn>,
+    ctx: Arc<Context>,
+    /// The chat, started.
+    chat: Box<Chat>,
+    /// Where to report the end.
+    reports: Arc<dyn Reports>,
+}
 
-/// The reader thread's body: the rest of the chat, then its report (with
-/// `thread`, its own handle, if it holds it).
-fn read_and_finish((conn, ctx, chat, reports): Handed, thread: Option<JoinHandle<()>>) {
-    let result =
-        panic::catch_unwind(AssertUnwindSafe(|| stay(&conn, &ctx, chat))).unwrap_or_else(|_| {
-            conn.force_close();
-            Err(SessionError::Panicked)
-        });
-    reports.finished(&conn, result, thread);
+impl Handed {
+    /// The reader thread's body: the rest of the chat, then its report
+    /// (with `thread`, the calling thread's own handle, if it holds it).
+    fn read_and_finish(self, thread: Option<JoinHandle<()>>) {
+        let Handed {
+            conn,
+            ctx,
+            chat,
+            reports,
+        } = self;
+        let result = panic::catch_unwind(AssertUnwindSafe(|| stay(&conn, &ctx, chat)))
+            .unwrap_or_else(|_| {
+                conn.force_close();
+                Err(SessionError::Panicked)
+            });
+        reports.finished(&conn, result, thread);
+    }
 }
 
 /// What a connection's start leaves for its reader thread.
