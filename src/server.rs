@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use socket2::{Domain, Socket, Type};
 
 use crate::broker::Broker;
@@ -312,23 +312,25 @@ impl Registry {
         for (conn, _) in self.active.values() {
             conn.stop_for_shutdown();
         }
-        let deadline = Instant::now() + grace;
-        while !self.active.is_empty() {
-            match self.reports.recv_deadline(deadline) {
-                Ok(report) => self.act_on(report),
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-        }
+        self.wait(Some(Instant::now() + grace));
         for (conn, _) in self.active.values() {
             conn.force_close();
         }
         // Every connection reports when it is over, however it ends; with
         // their sockets shut down, that is now.
+        self.wait(None);
+    }
+
+    /// Acts on reports until every connection is over, or `deadline` passes.
+    fn wait(&mut self, deadline: Option<Instant>) {
         while !self.active.is_empty() {
-            match self.reports.recv() {
-                Ok(report) => self.act_on(report),
-                Err(_) => break,
+            let report = match deadline {
+                Some(deadline) => self.reports.recv_deadline(deadline).ok(),
+                None => self.reports.recv().ok(),
+            };
+            match report {
+                Some(report) => self.act_on(report),
+                None => break,
             }
         }
     }

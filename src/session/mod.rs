@@ -352,26 +352,32 @@ pub fn run(
     reports: Arc<dyn Reports>,
     own: &Receiver<JoinHandle<()>>,
 ) {
-    let chat = match start(&conn, &ctx) {
-        Ok(Started::Chat(chat)) => chat,
+    let result = match start(&conn, &ctx) {
+        Ok(Started::Chat(chat)) => return hand_off(conn, ctx, chat, reports, own),
         Ok(Started::Echo { writer, mut reader }) => {
             let ending = reader::read_loop(&mut reader, &writer, &conn, &ctx, &mut EchoHandler);
             conn.end(ending);
-            reports.finished(&conn, Ok(()), own.recv().ok());
-            return;
+            Ok(())
         }
-        Ok(Started::Done) => {
-            reports.finished(&conn, Ok(()), own.recv().ok());
-            return;
-        }
-        Err(e) => {
-            reports.finished(&conn, Err(e), own.recv().ok());
-            return;
-        }
+        Ok(Started::Done) => Ok(()),
+        Err(e) => Err(e),
     };
+    reports.finished(&conn, result, own.recv().ok());
+}
+
+/// Hands a started chat to a new reader thread, or, if that cannot be done,
+/// reads on this thread.
+fn hand_off(
+    conn: Arc<Conn>,
+    ctx: Arc<Context>,
+    chat: Box<Chat>,
+    reports: Arc<dyn Reports>,
+    own: &Receiver<JoinHandle<()>>,
+) {
+    let (seq, context) = (conn.seq, Arc::clone(&ctx));
     let handed = Handed {
-        conn: Arc::clone(&conn),
-        ctx: Arc::clone(&ctx),
+        conn,
+        ctx,
         chat,
         reports: Arc::clone(&reports),
     };
@@ -381,12 +387,12 @@ pub fn run(
         handed.read_and_finish(None);
         return;
     };
-    let name = format!("tc-read-{}", conn.seq);
-    match ctx
+    let name = format!("tc-read-{seq}");
+    match context
         .handoffs
         .hand_off(name, me, handed, |handed| handed.read_and_finish(None))
     {
-        Ok(reader) => reports.handed_off(conn.seq, reader),
+        Ok(reader) => reports.handed_off(seq, reader),
         Err((me, handed)) => handed.read_and_finish(Some(me)),
     }
 }
