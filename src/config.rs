@@ -155,6 +155,19 @@ pub struct Args {
     )]
     pub subscriptions: Subscriptions,
 
+    /// With `--subscriptions shared`, how a room's dispatcher reaches its
+    /// clients: `direct` (it writes to each client with nothing queued
+    /// itself, without waking the client's subscriber thread) or `queued`
+    /// (every message goes through the client's queue and subscriber
+    /// thread). See docs/PERFORMANCE.md.
+    #[arg(
+        long,
+        env = "THREADCHAT_DELIVERY",
+        value_enum,
+        default_value_t = Delivery::Direct
+    )]
+    pub delivery: Delivery,
+
     /// Serve a WebSocket echo endpoint at /echo, for the Autobahn conformance
     /// suite. Off by default: it is not part of the chat.
     #[arg(long)]
@@ -177,6 +190,15 @@ impl From<Subscriptions> for SubscriptionMode {
             Subscriptions::Shared => SubscriptionMode::Shared,
         }
     }
+}
+
+/// How fanned-out messages reach clients, as accepted by `--delivery`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Delivery {
+    /// Written by the dispatching thread when the client is not behind.
+    Direct,
+    /// Always through the client's queue and subscriber thread.
+    Queued,
 }
 
 /// Log verbosity, as accepted by `--log-level`.
@@ -245,6 +267,9 @@ pub struct Limits {
     pub allowed_origins: Vec<String>,
     /// Whether `/echo` is served (conformance testing only).
     pub echo_endpoint: bool,
+    /// Whether a room's dispatcher writes to clients with nothing queued
+    /// itself (shared subscriptions only).
+    pub direct_delivery: bool,
 }
 
 /// The validated configuration.
@@ -403,6 +428,7 @@ impl Config {
                     .filter(|o| !o.is_empty())
                     .collect(),
                 echo_endpoint: args.echo_endpoint,
+                direct_delivery: args.delivery == Delivery::Direct,
             },
         })
     }

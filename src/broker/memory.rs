@@ -78,6 +78,9 @@ impl Broker for MemoryBroker {
             },
         };
         // Cancelling drops the stop sender; the listener `select!`s on it.
+        // No direct delivery (see `fanout`): messages are dispatched on the
+        // publisher's thread one by one, and the subscriber threads batch
+        // what piles up, where a dispatcher writing directly could not.
         Ok(Subscription::new(Box::new(listener), Canceller::new(|| {})))
     }
 

@@ -26,7 +26,7 @@ pub mod redis;
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -164,6 +164,31 @@ pub enum Event {
     Idle,
 }
 
+/// A client that the thread dispatching its room's messages may write to
+/// itself, without waking the client's subscriber thread (see
+/// [`fanout`]'s *direct delivery*). The session implements it.
+pub trait DirectSink: Send + Sync {
+    /// Takes `messages` for the client without ever blocking, or declines
+    /// them. Called only while the client has nothing queued.
+    fn try_deliver(&self, messages: &[Arc<Incoming>]) -> Direct;
+}
+
+/// What a [`DirectSink`] did with the messages it was offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direct {
+    /// Written to the client (or skipped, as its own): nothing left to do.
+    Written,
+    /// Not taken (busy, or not ready): queue them as usual.
+    Declined,
+    /// Taken but not all written (the client's socket is full, or failed):
+    /// its subscriber thread must be woken to finish, or to fail.
+    Unfinished,
+}
+
+/// Where a client's [`DirectSink`] is kept once its subscriber thread has
+/// one: shared by the subscription and the fan-out.
+pub(crate) type DirectSlot = Arc<OnceLock<Arc<dyn DirectSink>>>;
+
 /// What a subscriber's closure tells [`Subscription::run`]: keep going, or stop.
 pub type Flow = ControlFlow<()>;
 
@@ -194,6 +219,9 @@ pub enum BrokerError {
 pub struct Subscription {
     listener: Box<dyn Listen>,
     canceller: Canceller,
+    /// For relays that fan out in-process: where the client's direct sink
+    /// goes.
+    direct: Option<DirectSlot>,
 }
 
 /// The broker-specific half of a [`Subscription`]: the blocking loop.
@@ -212,7 +240,26 @@ impl Subscription {
         Subscription {
             listener,
             canceller,
+            direct: None,
         }
+    }
+
+    /// The same, for a relay whose dispatcher can deliver directly.
+    pub(crate) fn with_direct(self, slot: DirectSlot) -> Subscription {
+        Subscription {
+            direct: Some(slot),
+            ..self
+        }
+    }
+
+    /// Lets the thread dispatching the room's messages write them straight
+    /// to `sink` whenever the client has nothing queued. Returns false, and
+    /// does nothing, where messages are not dispatched in-process (a
+    /// per-client Redis subscription) or a sink is set already.
+    pub fn deliver_directly(&self, sink: Arc<dyn DirectSink>) -> bool {
+        self.direct
+            .as_ref()
+            .is_some_and(|slot| slot.set(sink).is_ok())
     }
 
     /// A handle that ends [`run`](Self::run) from any thread.

@@ -592,6 +592,7 @@ impl SharedFeeds {
             }
             registered
         };
+        let direct = registered.direct;
         let listener = FanoutListener {
             inbox: registered.inbox,
             guard: FeedRegistration {
@@ -601,7 +602,7 @@ impl SharedFeeds {
             },
         };
         // Cancelling drops the stop sender; the listener `select!`s on it.
-        Ok(Subscription::new(Box::new(listener), Canceller::new(|| {})))
+        Ok(Subscription::new(Box::new(listener), Canceller::new(|| {})).with_direct(direct))
     }
 
     fn start_feed(&self, channel: &str, generation: u64) -> Result<RoomFeed, BrokerError> {

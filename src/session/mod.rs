@@ -518,22 +518,17 @@ fn start_chat(
         go: go_rx,
     };
     let subscriber = {
-        let (conn, ctx, writer) = (Arc::clone(conn), Arc::clone(ctx), Arc::clone(&writer));
-        let member = member.clone();
+        let outbox = subscriber::Outbox::new(
+            Arc::clone(conn),
+            Arc::clone(ctx),
+            member.clone(),
+            Arc::clone(&writer),
+        );
+        let outbox = Arc::new(outbox);
         thread::Builder::new()
             .name(format!("tc-sub-{}", conn.seq))
             .stack_size(crate::THREAD_STACK_SIZE)
-            .spawn(move || {
-                subscriber::run(
-                    subscription,
-                    &conn,
-                    &ctx,
-                    &member,
-                    &writer,
-                    start,
-                    reader_done_rx,
-                )
-            })
+            .spawn(move || subscriber::run(subscription, outbox, start, reader_done_rx))
     };
     let subscriber = match subscriber {
         Ok(handle) => handle,

@@ -16,6 +16,11 @@
 //! * [`Reader`] is a second `WebSocket` over [`ReadHalf`], whose `Write` goes
 //!   nowhere. Its automatic pongs and close replies are discarded; the reader
 //!   thread sends them itself, through the [`Writer`].
+//! * [`Writer::try_send_all`] is the one way to write without blocking: it
+//!   takes the lock only if it is free, and writes only what the socket's
+//!   buffer takes at once (`MSG_DONTWAIT`). The room's dispatcher uses it to
+//!   deliver directly ([`fanout`](crate::broker::fanout)); whatever it could
+//!   not write stays in the writer, in order, for the next blocking write.
 //!
 //! Both halves share one file descriptor (an `Arc<TcpStream>`: `&TcpStream` is
 //! `Read + Write`), so a connection costs one descriptor, and anyone holding
@@ -85,10 +90,55 @@ impl Write for ReadHalf {
 /// The reader thread's WebSocket.
 pub type Reader = WebSocket<ReadHalf>;
 
+/// The writing side of the socket: blocking writes (bounded by the socket's
+/// write timeout), or, while `dont_wait` is set, writes that take only what
+/// fits in the socket's buffer now. The socket itself stays in blocking
+/// mode: the reader thread blocks on it meanwhile.
+#[derive(Debug)]
+pub struct WriteHalf {
+    stream: SharedStream,
+    dont_wait: bool,
+}
+
+impl Write for WriteHalf {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.dont_wait {
+            let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+            socket2::SockRef::from(&*self.stream.0).send_with_flags(buf, flags)
+        } else {
+            self.stream.write(buf)
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+impl Read for WriteHalf {
+    /// Never called: the writer does not read.
+    fn read(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+        Ok(0)
+    }
+}
+
 /// The one writer of a client socket.
 #[derive(Debug)]
 pub struct Writer {
-    ws: Mutex<WebSocket<SharedStream>>,
+    ws: Mutex<WebSocket<WriteHalf>>,
+}
+
+/// What [`Writer::try_send_all`] did.
+#[derive(Debug)]
+pub enum TrySend {
+    /// Everything was written.
+    Sent,
+    /// Someone else holds the writer: nothing was written.
+    Busy,
+    /// The socket's buffer is full: the messages are in the writer, and the
+    /// rest of them goes out with the next blocking write or flush.
+    Blocked,
+    /// Writing failed; the connection is unusable.
+    Failed(Error),
 }
 
 /// Bytes the reader's buffer starts with. A chat line fits; tungstenite grows
@@ -123,7 +173,11 @@ pub fn split(stream: Arc<TcpStream>, leftover: Vec<u8>, max_message: usize) -> (
     let write_config = WebSocketConfig::default()
         .read_buffer_size(64)
         .write_buffer_size(WRITE_BUFFER);
-    let writer = WebSocket::from_raw_socket(shared, Role::Server, Some(write_config));
+    let write_half = WriteHalf {
+        stream: shared,
+        dont_wait: false,
+    };
+    let writer = WebSocket::from_raw_socket(write_half, Role::Server, Some(write_config));
     (
         Writer {
             ws: Mutex::new(writer),
@@ -150,6 +204,39 @@ impl Writer {
             ws.write(message)?;
         }
         ws.flush()
+    }
+
+    /// Sends `messages` without waiting: not at all if the writer is busy,
+    /// and only as much as the socket takes at once (see [`TrySend`]).
+    /// Unless the writer was busy, `messages` is emptied.
+    pub fn try_send_all(&self, messages: &mut Vec<Message>) -> TrySend {
+        let Ok(mut ws) = self.ws.try_lock() else {
+            return TrySend::Busy;
+        };
+        ws.get_mut().dont_wait = true;
+        let mut blocked = false;
+        let mut result = Ok(());
+        for message in messages.drain(..) {
+            // On `WouldBlock` the frame is in tungstenite's buffer already.
+            match ws.write(message) {
+                Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => blocked = true,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+                Ok(()) => {}
+            }
+        }
+        if result.is_ok() && !blocked {
+            result = ws.flush();
+        }
+        ws.get_mut().dont_wait = false;
+        match result {
+            Ok(()) if blocked => TrySend::Blocked,
+            Ok(()) => TrySend::Sent,
+            Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => TrySend::Blocked,
+            Err(e) => TrySend::Failed(e),
+        }
     }
 
     /// Sends a close frame (once; later calls do nothing).

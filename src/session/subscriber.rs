@@ -14,6 +14,16 @@
 //! * `Lost` / `Subscribed` again: tell the client, with a notice, that the
 //!   relay was lost and then restored (messages in between may be missing).
 //!
+//! **Direct delivery.** With a shared subscription (and `--delivery
+//! direct`, the default), the room's dispatcher thread writes a message
+//! straight to a client that has nothing queued, without waking this
+//! thread: a thread switch costs more than the write. What a client receives is then decided in one place for
+//! both writers, the [`Outbox`], whose state is behind a lock: the
+//! dispatcher only tries that lock and only writes what the socket takes at
+//! once, and leaves anything harder — a full socket, a failed write, a
+//! client not yet welcomed — to this thread, which stays the one that
+//! blocks, and the one that ends the connection.
+//!
 //! This thread does only what repeats. What happens once per connection
 //! happens on the connection's first thread, which ends after it (see
 //! [`handoff`](super::handoff)): an idle subscriber thread keeps only two or
@@ -27,14 +37,15 @@ use std::collections::HashSet;
 use std::net::Shutdown;
 use std::ops::ControlFlow;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use tungstenite::Message;
 
 use super::sched;
-use super::socket::Writer;
+use super::socket::{TrySend, Writer};
 use super::{Conn, Context, Ending};
-use crate::broker::{BrokerError, Event, Subscription};
+use crate::broker::{BrokerError, Direct, DirectSink, Event, Subscription};
 use crate::http::Member;
 use crate::protocol::{Incoming, Kind, ServerFrame, unix_millis};
 
@@ -48,43 +59,70 @@ pub(super) struct Start {
     pub(super) go: Receiver<HashSet<String>>,
 }
 
+/// Everything needed to write the room to one client: shared by its
+/// subscriber thread and, with direct delivery, the room's dispatcher.
+pub(super) struct Outbox {
+    conn: Arc<Conn>,
+    ctx: Arc<Context>,
+    member: Member,
+    writer: Arc<Writer>,
+    /// Locked by whoever writes room messages to the client.
+    state: Mutex<Delivery>,
+}
+
+/// What the room's writers must agree on.
+#[derive(Default)]
+struct Delivery {
+    /// Ids of messages not to deliver, each expected once: those already
+    /// sent from the history, and the coalesced announcement of the client's
+    /// own join (a single one carries the client's `conn`: `is_from`).
+    skip: HashSet<String>,
+    /// Whether the client has its `101` (so frames may be written).
+    upgraded: bool,
+    /// Room messages waiting for the next flush (see [`Outbox::flush`]).
+    pending: Vec<Message>,
+    /// The send time (`ts`) of each chat message in `pending`, for the
+    /// latency histogram.
+    pending_stamps: Vec<Option<u64>>,
+    /// The dispatcher left frames in the writer that the socket did not
+    /// take: the next flush must write them, even with nothing pending.
+    unfinished: bool,
+    /// A direct write failed, and this is how the connection ends (this
+    /// thread ends it: the dispatcher only records it).
+    failed: Option<Ending>,
+}
+
+/// Most room messages written with one flush.
+const MAX_BATCH: usize = 64;
+
 /// The thread's body.
 pub(super) fn run(
     subscription: Subscription,
-    conn: &Conn,
-    ctx: &Context,
-    member: &Member,
-    writer: &Writer,
+    outbox: Arc<Outbox>,
     start: Start,
     reader_done: Receiver<()>,
 ) {
     // Woken with a room's message, wait for the waker to wake everyone.
     sched::wait_turn_when_woken();
+    if outbox.ctx.limits.direct_delivery {
+        subscription.deliver_directly(Arc::clone(&outbox) as Arc<dyn DirectSink>);
+    }
     let mut start = Some(start);
-    let mut delivery = Delivery {
-        conn,
-        ctx,
-        member,
-        writer,
-        skip: HashSet::new(),
-        upgraded: false,
-        pending: Vec::new(),
-        pending_stamps: Vec::new(),
-    };
     let result = panic::catch_unwind(AssertUnwindSafe(|| {
         subscription.run(|event| match event {
             Event::Subscribed => match start.take() {
-                Some(start) => delivery.start(start),
-                None => delivery.notice(
+                Some(start) => outbox.start(start),
+                None => outbox.notice(
                     "reconnected to the chat relay; messages sent while it was \
                      unavailable may be missing",
                 ),
             },
-            Event::Lost(e) => delivery.notice(&format!("lost the chat relay ({e}); reconnecting")),
-            Event::Message(incoming) => delivery.deliver(&incoming),
-            Event::Idle => delivery.flush(),
+            Event::Lost(e) => outbox.notice(&format!("lost the chat relay ({e}); reconnecting")),
+            Event::Message(incoming) => outbox.deliver(&incoming),
+            Event::Idle => outbox.flush(&mut outbox.lock()),
         })
     }));
+    let Outbox { conn, ctx, .. } = &*outbox;
     // The one place this thread's errors are logged.
     match result {
         Ok(Ok(())) => {}
@@ -106,10 +144,10 @@ pub(super) fn run(
     }
     // Before the upgrade there is no reader yet; the connection's first
     // thread answers HTTP.
-    if delivery.upgraded
+    if outbox.lock().upgraded
         && let Err(TryRecvError::Empty) = reader_done.try_recv()
     {
-        say_goodbye(conn, ctx, writer, &reader_done);
+        say_goodbye(conn, ctx, &outbox.writer, &reader_done);
     }
 }
 
@@ -129,39 +167,38 @@ fn say_goodbye(conn: &Conn, ctx: &Context, writer: &Writer, reader_done: &Receiv
     let _ = conn.stream.shutdown(Shutdown::Both);
 }
 
-/// Everything needed to write the room to one client.
-struct Delivery<'a> {
-    conn: &'a Conn,
-    ctx: &'a Context,
-    member: &'a Member,
-    writer: &'a Writer,
-    /// Ids of messages not to deliver, each expected once: those already
-    /// sent from the history, and the coalesced announcement of the client's
-    /// own join (a single one carries the client's `conn`: `is_from`).
-    skip: HashSet<String>,
-    /// Whether the client has its `101` (so frames may be written).
-    upgraded: bool,
-    /// Room messages waiting for the next flush (see [`Delivery::flush`]).
-    pending: Vec<Message>,
-    /// The send time (`ts`) of each chat message in `pending`, for the
-    /// latency histogram.
-    pending_stamps: Vec<Option<u64>>,
-}
+impl Outbox {
+    /// A client's outbox; nothing is written until it is upgraded.
+    pub(super) fn new(
+        conn: Arc<Conn>,
+        ctx: Arc<Context>,
+        member: Member,
+        writer: Arc<Writer>,
+    ) -> Outbox {
+        Outbox {
+            conn,
+            ctx,
+            member,
+            writer,
+            state: Mutex::default(),
+        }
+    }
 
-/// Most room messages written with one flush.
-const MAX_BATCH: usize = 64;
+    fn lock(&self) -> MutexGuard<'_, Delivery> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
 
-impl Delivery<'_> {
-    /// The start-up handshake: tell the first thread "ready", then wait for "go",
-    /// which comes with the ids to skip.
-    fn start(&mut self, start: Start) -> ControlFlow<()> {
+    /// The start-up handshake: tell the first thread "ready", then wait for
+    /// "go", which comes with the ids to skip.
+    fn start(&self, start: Start) -> ControlFlow<()> {
         if start.ready.send(()).is_err() {
             return ControlFlow::Break(());
         }
         match start.go.recv() {
             Ok(skip) => {
-                self.skip = skip;
-                self.upgraded = true;
+                let mut delivery = self.lock();
+                delivery.skip = skip;
+                delivery.upgraded = true;
                 ControlFlow::Continue(())
             }
             Err(_) => ControlFlow::Break(()),
@@ -169,14 +206,15 @@ impl Delivery<'_> {
     }
 
     /// Sends a server notice.
-    fn notice(&mut self, text: &str) -> ControlFlow<()> {
+    fn notice(&self, text: &str) -> ControlFlow<()> {
         self.write(&ServerFrame::notice(text))
     }
 
     /// Writes one frame of the server's own in the client's format, after
     /// any room messages still waiting; a failed write ends the subscription.
-    fn write(&mut self, frame: &ServerFrame<'_>) -> ControlFlow<()> {
-        self.flush()?;
+    fn write(&self, frame: &ServerFrame<'_>) -> ControlFlow<()> {
+        let delivery = &mut self.lock();
+        self.flush(delivery)?;
         let message = Message::text(frame.render(self.member.format));
         self.check(self.writer.send(message))
     }
@@ -192,11 +230,22 @@ impl Delivery<'_> {
         }
     }
 
-    /// Queues one message from the room for the client, unless it is junk,
-    /// the client's own, or already sent from the history. Queued messages
-    /// are written by [`flush`](Self::flush): when the listener has nothing
-    /// more waiting, or when [`MAX_BATCH`] are queued.
-    fn deliver(&mut self, incoming: &Incoming) -> ControlFlow<()> {
+    /// Queues one message from the room for the client (see
+    /// [`take`](Self::take)); writes the queue once [`MAX_BATCH`] wait.
+    /// The rest is written by [`flush`](Self::flush), when the listener has
+    /// nothing more waiting.
+    fn deliver(&self, incoming: &Incoming) -> ControlFlow<()> {
+        let delivery = &mut self.lock();
+        self.take(delivery, incoming);
+        if delivery.pending.len() >= MAX_BATCH {
+            return self.flush(delivery);
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Adds one message from the room to `pending`, unless it is junk, the
+    /// client's own, or already sent from the history.
+    fn take(&self, delivery: &mut Delivery, incoming: &Incoming) {
         let msg = match incoming.message() {
             Ok(msg) => msg,
             Err(junk) => {
@@ -207,47 +256,91 @@ impl Delivery<'_> {
                 {
                     self.ctx.metrics.payloads_skipped.inc();
                 }
-                return ControlFlow::Continue(());
+                return;
             }
         };
         if msg.is_from(&self.conn.id) {
-            return ControlFlow::Continue(());
+            return;
         }
-        if !self.skip.is_empty()
+        if !delivery.skip.is_empty()
             && let Some(id) = &msg.id
-            && self.skip.remove(id)
+            && delivery.skip.remove(id)
         {
-            return ControlFlow::Continue(());
+            return;
         }
         // Encoded once per format for everyone; this is a shared reference.
         let Some(text) = incoming.frame(self.member.format) else {
-            return ControlFlow::Continue(());
+            return;
         };
-        self.pending.push(Message::Text(text));
+        delivery.pending.push(Message::Text(text));
         if !matches!(msg.kind, Kind::Join | Kind::Leave) {
-            self.pending_stamps.push(msg.ts);
+            delivery.pending_stamps.push(msg.ts);
         }
-        if self.pending.len() >= MAX_BATCH {
-            return self.flush();
+    }
+
+    /// Writes the queued room messages (and whatever a direct write left in
+    /// the writer) with one flush, blocking up to the write timeout.
+    fn flush(&self, delivery: &mut Delivery) -> ControlFlow<()> {
+        if let Some(ending) = delivery.failed.take() {
+            self.conn.end(ending);
+            return ControlFlow::Break(());
         }
+        if delivery.pending.is_empty() && !delivery.unfinished {
+            return ControlFlow::Continue(());
+        }
+        let sent = self.writer.send_all(delivery.pending.drain(..));
+        self.check(sent)?;
+        delivery.unfinished = false;
+        self.count_sent(delivery);
         ControlFlow::Continue(())
     }
 
-    /// Writes the queued room messages with one flush.
-    fn flush(&mut self) -> ControlFlow<()> {
-        if self.pending.is_empty() {
-            return ControlFlow::Continue(());
-        }
-        let sent = self.writer.send_all(self.pending.drain(..));
-        self.check(sent)?;
+    /// Counts the messages just handed to the writer.
+    fn count_sent(&self, delivery: &mut Delivery) {
         let metrics = &self.ctx.metrics;
         metrics
             .messages_delivered
-            .add(self.pending_stamps.len() as u64);
+            .add(delivery.pending_stamps.len() as u64);
         let now = unix_millis();
-        for ts in self.pending_stamps.drain(..).flatten() {
+        for ts in delivery.pending_stamps.drain(..).flatten() {
             metrics.delivery_latency.observe(now.saturating_sub(ts));
         }
-        ControlFlow::Continue(())
+    }
+}
+
+/// Direct delivery, on the room's dispatching thread: never blocks, and
+/// declines whenever this client's subscriber thread must decide.
+impl DirectSink for Outbox {
+    fn try_deliver(&self, messages: &[Arc<Incoming>]) -> Direct {
+        let Ok(mut delivery) = self.state.try_lock() else {
+            return Direct::Declined;
+        };
+        if !delivery.upgraded || delivery.unfinished || delivery.failed.is_some() {
+            return Direct::Declined;
+        }
+        for incoming in messages {
+            self.take(&mut delivery, incoming);
+        }
+        if delivery.pending.is_empty() {
+            return Direct::Written;
+        }
+        match self.writer.try_send_all(&mut delivery.pending) {
+            TrySend::Sent => {
+                self.count_sent(&mut delivery);
+                Direct::Written
+            }
+            // The reader thread is writing (a pong): the frames wait in
+            // `pending`, for the subscriber thread.
+            TrySend::Busy => Direct::Unfinished,
+            TrySend::Blocked => {
+                self.count_sent(&mut delivery);
+                delivery.unfinished = true;
+                Direct::Unfinished
+            }
+            TrySend::Failed(e) => {
+                delivery.failed = Some(Ending::from_write_error(&e));
+                Direct::Unfinished
+            }
+        }
     }
 }
