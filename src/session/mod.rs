@@ -447,9 +447,10 @@ struct Chat {
     reader: socket::Reader,
     /// The subscriber thread; joined last.
     subscriber: JoinHandle<()>,
-    /// The start-up "go", kept until the end: dropped unsent, it tells the
-    /// subscriber that the client did not get that far.
-    go: Sender<HashSet<String>>,
+    /// The start-up "go", until it is sent (then dropped at once: an idle
+    /// connection keeps no channel it no longer needs). Dropped unsent, it
+    /// tells the subscriber that the client did not get that far.
+    go: Option<Sender<HashSet<String>>>,
     /// Dropped when the reader stops reading (see the module doc).
     reader_done: Sender<()>,
     /// On the room's member list (so it must leave it).
@@ -510,8 +511,13 @@ fn start_chat(
     };
     conn.set_canceller(subscription.canceller());
 
-    let (ready_tx, ready_rx) = crossbeam_channel::bounded::<()>(1);
-    let (go_tx, go_rx) = crossbeam_channel::bounded(1);
+    // Zero-capacity: each side waits for the other anyway, and a
+    // rendezvous channel is a fifth the size of a one-slot one. Whichever
+    // thread drops a channel last frees it, and a long-lived thread keeps
+    // what it frees in its malloc cache (see docs/PERFORMANCE.md).
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded::<()>(0);
+    let (go_tx, go_rx) = crossbeam_channel::bounded(0);
+    let mut go = Some(go_tx);
     let (reader_done_tx, reader_done_rx) = crossbeam_channel::bounded::<()>(0);
     let start = Start {
         ready: ready_tx,
@@ -565,7 +571,9 @@ fn start_chat(
         let mut skip = welcome::welcome(conn, ctx, &member, &writer, history);
         // Nobody is told of their own arrival.
         skip.extend(own_join);
-        let _ = go_tx.send(skip);
+        if let Some(go) = go.take() {
+            let _ = go.send(skip);
+        }
         ctx.metrics.connections_open.inc();
         ctx.metrics.connections_total.inc();
         log::info!("{nickname} joined {room} from {} ({})", conn.peer, conn.id);
@@ -575,7 +583,7 @@ fn start_chat(
         writer,
         reader,
         subscriber,
-        go: go_tx,
+        go,
         reader_done: reader_done_tx,
         joined,
         upgraded,
@@ -633,7 +641,7 @@ fn leave(conn: &Arc<Conn>, ctx: &Arc<Context>, chat: Box<Chat>) -> Result<(), Se
     let Chat {
         member,
         subscriber,
-        go: go_tx,
+        go,
         reader_done: reader_done_tx,
         joined,
         upgraded,
@@ -641,7 +649,7 @@ fn leave(conn: &Arc<Conn>, ctx: &Arc<Context>, chat: Box<Chat>) -> Result<(), Se
     } = *chat;
     let Member { nickname, room, .. } = &member;
     // Whoever ended first, make sure the other side ends too, then wait.
-    drop(go_tx);
+    drop(go);
     drop(reader_done_tx);
     conn.cancel_subscription();
     let _ = subscriber.join(); // Its panics are caught (and logged) inside.

@@ -144,13 +144,27 @@ pub enum TrySend {
 /// Bytes the reader's buffer starts with. A chat line fits; tungstenite grows
 /// the buffer for a bigger message (up to the message limit). The default,
 /// 128 KiB, is zero-filled on first read: 128 KiB resident per idle client.
-const READ_BUFFER: usize = 1024;
+const READ_BUFFER: usize = 512;
 
 /// Bytes of frames the writer collects before writing them out even
 /// without a flush. A batch of chat frames (two dozen) fits, so it leaves in
 /// one `write` system call. Kept small because tungstenite never shrinks
 /// its write buffer: what a client's biggest batch needed stays resident.
 const WRITE_BUFFER: usize = 4 * 1024;
+
+/// The writer's `WebSocket`, with empty buffers. It never reads, so it
+/// needs no real read buffer. Frames are buffered until a flush (see
+/// [`Writer::send_all`]) or until [`WRITE_BUFFER`] bytes wait.
+fn write_socket(stream: SharedStream) -> WebSocket<WriteHalf> {
+    let config = WebSocketConfig::default()
+        .read_buffer_size(64)
+        .write_buffer_size(WRITE_BUFFER);
+    let half = WriteHalf {
+        stream,
+        dont_wait: false,
+    };
+    WebSocket::from_raw_socket(half, Role::Server, Some(config))
+}
 
 /// Splits an upgraded socket into its one writer and its reader.
 ///
@@ -168,16 +182,7 @@ pub fn split(stream: Arc<TcpStream>, leftover: Vec<u8>, max_message: usize) -> (
         Role::Server,
         Some(read_config),
     );
-    // The writer never reads, so it needs no real read buffer. Frames are
-    // buffered until a flush (see `send_all`) or until this many bytes wait.
-    let write_config = WebSocketConfig::default()
-        .read_buffer_size(64)
-        .write_buffer_size(WRITE_BUFFER);
-    let write_half = WriteHalf {
-        stream: shared,
-        dont_wait: false,
-    };
-    let writer = WebSocket::from_raw_socket(write_half, Role::Server, Some(write_config));
+    let writer = write_socket(shared);
     (
         Writer {
             ws: Mutex::new(writer),
@@ -237,6 +242,19 @@ impl Writer {
             Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => TrySend::Blocked,
             Err(e) => TrySend::Failed(e),
         }
+    }
+
+    /// Frees the write buffer, which tungstenite keeps at the size of the
+    /// biggest batch ever written. For after the welcome (a history and a
+    /// member list: about 1.5 KiB per idle client otherwise), while nothing
+    /// else writes: the writer starts afresh, so anything buffered and not
+    /// yet flushed would be lost, and a close already sent forgotten.
+    pub fn release_buffer(&self) {
+        let Ok(mut ws) = self.ws.lock() else {
+            return;
+        };
+        let stream = ws.get_ref().stream.clone();
+        *ws = write_socket(stream);
     }
 
     /// Sends a close frame (once; later calls do nothing).

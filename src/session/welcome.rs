@@ -50,8 +50,10 @@ pub(super) fn welcome(
         ),
     }
     frames.push(presence(ctx, member));
-    if let Err(e) = writer.send_all(frames.into_iter().map(Message::text)) {
-        conn.end(Ending::from_write_error(&e));
+    match writer.send_all(frames.into_iter().map(Message::text)) {
+        // Nobody else writes yet: the subscriber thread waits for "go".
+        Ok(()) => writer.release_buffer(),
+        Err(e) => conn.end(Ending::from_write_error(&e)),
     }
     from_history
 }
