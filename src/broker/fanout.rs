@@ -75,6 +75,9 @@ pub(crate) struct Fanout {
     /// Whether every channel is live from the start (the in-process broker),
     /// or only once its source says [`Event::Subscribed`] (Redis).
     always_live: bool,
+    /// Into how many shards each channel's subscribers are dealt, one per
+    /// dispatcher thread (see [`Source`]).
+    shards: usize,
     /// Numbers the channels created, so a source that is being stopped
     /// cannot deliver into a channel that was created again meanwhile.
     generations: AtomicU64,
@@ -83,9 +86,25 @@ pub(crate) struct Fanout {
 /// One channel's subscribers.
 struct Channel {
     generation: u64,
-    /// Whether the source is subscribed (so new clients are, too).
-    live: bool,
+    /// Per shard: whether its dispatcher has said the source is subscribed
+    /// (so new clients of that shard are, too).
+    live: Vec<bool>,
+    /// The shard the next client to register is dealt.
+    next_shard: usize,
     subscribers: Vec<Subscriber>,
+}
+
+/// Who is dispatching: one of the dispatcher threads of a channel's source.
+/// Each serves one shard of the channel's subscribers, so a big room's
+/// writes are spread over the machine's cores; a client always belongs to
+/// the same shard, so it gets its messages in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Source {
+    /// The channel's generation this source was started for (a stopped
+    /// source must not deliver into a channel created again meanwhile).
+    pub(crate) generation: u64,
+    /// The shard this dispatcher serves.
+    pub(crate) shard: usize,
 }
 
 /// What a client's queue holds: one event, or a run of messages that the
@@ -120,6 +139,8 @@ impl Queued {
 /// One client's end of a channel, as the dispatcher sees it.
 struct Subscriber {
     conn: ConnId,
+    /// The dispatcher (see [`Source`]) that serves it.
+    shard: usize,
     tx: Sender<Queued>,
     /// Events queued and not yet handled by the client's subscriber thread.
     queued: Arc<AtomicUsize>,
@@ -150,13 +171,20 @@ pub(crate) struct Registered {
 }
 
 impl Fanout {
-    /// An empty fan-out.
-    pub(crate) fn new(always_live: bool) -> Fanout {
+    /// An empty fan-out whose channels are dispatched by `shards` threads
+    /// each.
+    pub(crate) fn new(always_live: bool, shards: usize) -> Fanout {
         Fanout {
             channels: RwLock::default(),
             always_live,
+            shards: shards.max(1),
             generations: AtomicU64::new(0),
         }
+    }
+
+    /// Into how many shards each channel's subscribers are dealt.
+    pub(crate) fn shards(&self) -> usize {
+        self.shards
     }
 
     /// Adds connection `conn` to `channel`, creating the channel if needed.
@@ -170,18 +198,22 @@ impl Fanout {
             new_channel = Some(generation);
             Channel {
                 generation,
-                live: self.always_live,
+                live: vec![self.always_live; self.shards],
+                next_shard: 0,
                 subscribers: Vec::new(),
             }
         });
+        let shard = entry.next_shard;
+        entry.next_shard = (shard + 1) % self.shards;
         let direct = DirectSlot::default();
         let subscriber = Subscriber {
             conn: conn.clone(),
+            shard,
             tx,
             queued: Arc::clone(&queued),
             direct: Arc::clone(&direct),
         };
-        let live = entry.live;
+        let live = entry.live[shard];
         entry.subscribers.push(subscriber);
         Registered {
             inbox: Inbox { rx, queued, live },
@@ -205,67 +237,72 @@ impl Fanout {
         false
     }
 
-    /// Hands `event` to every subscriber of `channel`. With a `generation`,
-    /// only if the channel is still the one that source was started for.
+    /// Hands `event` to every subscriber of `channel`; from a `source`, to
+    /// those of its shard, and only if the channel is still the one that
+    /// source was started for.
     ///
     /// `Subscribed` and `Lost` also mark the channel live or not, so clients
     /// registering later know whether they are subscribed yet.
-    pub(crate) fn dispatch(&self, channel: &str, generation: Option<u64>, event: Event) {
+    pub(crate) fn dispatch(&self, channel: &str, source: Option<Source>, event: Event) {
         match event {
-            Event::Message(_) => self.offer_messages(channel, generation, Queued::One(event)),
+            Event::Message(_) => self.offer_messages(channel, source, Queued::One(event)),
             Event::Idle => {}
-            control => self.offer_control(channel, generation, control),
+            control => self.offer_control(channel, source, control),
         }
     }
 
     /// Hands several events to every subscriber, in order. Consecutive
     /// messages go into each client's queue as one batch: a source that
     /// received 50 messages at once wakes each client once, not 50 times.
-    pub(crate) fn dispatch_all(&self, channel: &str, generation: Option<u64>, events: Vec<Event>) {
+    pub(crate) fn dispatch_all(&self, channel: &str, source: Option<Source>, events: Vec<Event>) {
         let mut messages: Vec<Arc<Incoming>> = Vec::new();
         for event in events {
             match event {
                 Event::Message(message) => messages.push(message),
                 Event::Idle => {}
                 control => {
-                    self.offer_run(channel, generation, std::mem::take(&mut messages));
-                    self.offer_control(channel, generation, control);
+                    self.offer_run(channel, source, std::mem::take(&mut messages));
+                    self.offer_control(channel, source, control);
                 }
             }
         }
-        self.offer_run(channel, generation, messages);
+        self.offer_run(channel, source, messages);
     }
 
     /// Offers a run of messages as one queue item.
-    fn offer_run(&self, channel: &str, generation: Option<u64>, messages: Vec<Arc<Incoming>>) {
+    fn offer_run(&self, channel: &str, source: Option<Source>, messages: Vec<Arc<Incoming>>) {
         let queued = match messages.len() {
             0 => return,
             1 => Queued::One(Event::Message(messages.into_iter().next().expect("one"))),
             _ => Queued::Batch(messages.into()),
         };
-        self.offer_messages(channel, generation, queued);
+        self.offer_messages(channel, source, queued);
     }
 
     /// Offers one item of messages (under the read lock: dispatching does
     /// not stop other rooms, or other dispatches of this one).
-    fn offer_messages(&self, channel: &str, generation: Option<u64>, queued: Queued) {
+    fn offer_messages(&self, channel: &str, source: Option<Source>, queued: Queued) {
         let lagging = {
             let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
-            match channels.get(channel).filter(|e| e.is(generation)) {
-                Some(entry) => entry.offer_all(&queued),
+            match channels.get(channel).filter(|e| e.is(source)) {
+                Some(entry) => entry.offer_all(&queued, source),
                 None => return,
             }
         };
         self.drop_laggards(channel, lagging);
     }
 
-    fn offer_control(&self, channel: &str, generation: Option<u64>, event: Event) {
+    fn offer_control(&self, channel: &str, source: Option<Source>, event: Event) {
         let lagging = {
             let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
-            match channels.get_mut(channel).filter(|e| e.is(generation)) {
+            match channels.get_mut(channel).filter(|e| e.is(source)) {
                 Some(entry) => {
-                    entry.live = matches!(event, Event::Subscribed);
-                    entry.offer_all(&Queued::One(event))
+                    let live = matches!(event, Event::Subscribed);
+                    match source {
+                        Some(source) => entry.live[source.shard] = live,
+                        None => entry.live.fill(live),
+                    }
+                    entry.offer_all(&Queued::One(event), source)
                 }
                 None => return,
             }
@@ -300,16 +337,18 @@ impl Fanout {
 }
 
 impl Channel {
-    /// Whether this is the channel a source of `generation` was started for
-    /// (any source, without one).
-    fn is(&self, generation: Option<u64>) -> bool {
-        generation.is_none_or(|g| g == self.generation)
+    /// Whether this is the channel `source` was started for (any source,
+    /// without one).
+    fn is(&self, source: Option<Source>) -> bool {
+        source.is_none_or(|s| s.generation == self.generation)
     }
 
-    /// Offers `queued` to everyone; returns who is too far behind to take it.
-    fn offer_all(&self, queued: &Queued) -> Vec<ConnId> {
+    /// Offers `queued` to everyone (of the source's shard); returns who is
+    /// too far behind to take it.
+    fn offer_all(&self, queued: &Queued, source: Option<Source>) -> Vec<ConnId> {
         self.subscribers
             .iter()
+            .filter(|s| source.is_none_or(|source| source.shard == s.shard))
             .filter(|s| !s.offer(queued.clone()))
             .map(|s| s.conn.clone())
             .collect()
@@ -468,7 +507,7 @@ mod tests {
     /// to flush.
     #[test]
     fn direct_delivery_never_overtakes_the_queue() {
-        let fanout = Fanout::new(true);
+        let fanout = Fanout::new(true, 1);
         let registered = fanout.register("room", &ConnId::new(1, 1));
         let listener = FanoutListener {
             inbox: registered.inbox,
@@ -532,5 +571,28 @@ mod tests {
         );
         canceller.cancel();
         assert_eq!(thread.join().unwrap(), Ok(()));
+    }
+
+    /// Each of a channel's dispatchers serves its own shard of the
+    /// clients, and says for its shard alone whether the source is live.
+    #[test]
+    fn each_dispatcher_serves_its_shard() {
+        let fanout = Fanout::new(false, 2);
+        let register = |seq| fanout.register("room", &ConnId::new(1, seq));
+        let (first, second) = (register(1), register(2));
+        let generation = first.new_channel.expect("a new channel");
+        let from = |shard| Some(Source { generation, shard });
+        fanout.dispatch("room", from(0), Event::Subscribed);
+        assert_eq!(first.inbox.rx.len(), 1);
+        assert_eq!(second.inbox.rx.len(), 0);
+        // Dealt in turn: the third joins shard 0, which is live, the fourth
+        // shard 1, which is not yet.
+        let (third, fourth) = (register(3), register(4));
+        assert!(third.inbox.live);
+        assert!(!fourth.inbox.live);
+        let message = Arc::new(Incoming::parse(br#"{"nickname":"n","message":"m"}"#));
+        fanout.dispatch("room", from(1), Event::Message(message));
+        let lengths = [&first, &second, &third, &fourth].map(|r| r.inbox.rx.len());
+        assert_eq!(lengths, [1, 1, 0, 1]);
     }
 }

@@ -36,7 +36,7 @@ impl MemoryBroker {
     pub fn new(settings: &Settings) -> MemoryBroker {
         MemoryBroker {
             settings: settings.clone(),
-            fanout: Arc::new(Fanout::new(true)),
+            fanout: Arc::new(Fanout::new(true, 1)),
             rooms: Mutex::default(),
         }
     }

@@ -56,7 +56,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use redis::{Client, Connection};
 
-use super::fanout::{Fanout, FanoutListener};
+use super::fanout::{Fanout, FanoutListener, Source};
 use super::pubsub::{PubSubConnection, Push};
 use super::{
     Backoff, Broker, BrokerError, Canceller, Event, Flow, Listen, Presence, Receipt, Settings,
@@ -240,7 +240,7 @@ impl RedisBroker {
         };
         if settings.subscriptions == SubscriptionMode::Shared {
             broker.shared = Some(Arc::new(SharedFeeds {
-                fanout: Arc::new(Fanout::new(false)),
+                fanout: Arc::new(Fanout::new(false, dispatchers_per_room())),
                 feeds: Mutex::default(),
                 client: broker.client.clone(),
                 url: broker.url.clone(),
@@ -533,9 +533,11 @@ impl Drop for RedisBroker {
 }
 
 /// Shared-subscription mode: one Redis subscription per room per process,
-/// held by the room's *reader thread* (`tc-room-N`). Its *dispatcher thread*
-/// (`tc-fan-N`) hands what the reader received to the queues of the room's
-/// clients here, batching whatever arrived together.
+/// held by the room's *reader thread* (`tc-room-N`). Its *dispatcher
+/// threads* (`tc-fan-N-S`, one per core, up to [`MAX_DISPATCHERS`]) each
+/// hand what the reader received to their shard of the room's clients here,
+/// batching whatever arrived together: a message to a big room is written
+/// on every core at once.
 ///
 /// The first client of a room starts its feed; the last one to leave stops
 /// it and joins its thread. A client arriving while the feed is subscribed
@@ -553,14 +555,24 @@ struct SharedFeeds {
     subscriptions: Arc<Subscriptions>,
 }
 
-/// A room's running feed: a reader thread and a dispatcher thread.
+/// A room's running feed: a reader thread and its dispatcher threads.
 struct RoomFeed {
     canceller: Canceller,
     reader: JoinHandle<()>,
-    dispatcher: JoinHandle<()>,
+    dispatchers: Vec<JoinHandle<()>>,
 }
 
-/// Events a room's reader may queue for its dispatcher.
+/// Most dispatcher threads per room: one per core, up to this many.
+const MAX_DISPATCHERS: usize = 4;
+
+/// How many dispatcher threads each room gets.
+fn dispatchers_per_room() -> usize {
+    thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(MAX_DISPATCHERS)
+}
+
+/// Events a room's reader may queue for each dispatcher.
 const FEED_QUEUE: usize = 1024;
 /// Most events one dispatch hands out.
 const MAX_DISPATCH: usize = 256;
@@ -616,28 +628,43 @@ impl SharedFeeds {
         );
         let listener = Box::new(listener);
         let stop = canceller.signal();
-        let (events_tx, events_rx) = crossbeam_channel::bounded::<Event>(FEED_QUEUE);
         let spawn_error = |e| BrokerError::Redis(format!("cannot start a room's feed thread: {e}"));
-        // The dispatcher: takes whatever the reader has queued and hands it
-        // to the room's clients as one batch. Ends when the reader does.
-        let dispatcher = {
+        // The dispatchers: each takes whatever the reader has queued for it
+        // and hands it to its shard of the room's clients as one batch. They
+        // end when the reader does (it drops their queues' senders).
+        let mut senders = Vec::new();
+        let mut dispatchers = Vec::new();
+        for shard in 0..self.fanout.shards() {
+            let (events_tx, events_rx) = crossbeam_channel::bounded::<Event>(FEED_QUEUE);
             let fanout = Arc::clone(&self.fanout);
             let channel = channel.to_owned();
-            thread::Builder::new()
-                .name(format!("tc-fan-{generation}"))
+            let source = Source { generation, shard };
+            let dispatcher = thread::Builder::new()
+                .name(format!("tc-fan-{generation}-{shard}"))
                 .stack_size(crate::THREAD_STACK_SIZE)
                 .spawn(move || {
                     while let Ok(first) = events_rx.recv() {
                         let mut events = Vec::with_capacity(16);
                         events.push(first);
                         events.extend(events_rx.try_iter().take(MAX_DISPATCH - 1));
-                        fanout.dispatch_all(&channel, Some(generation), events);
+                        fanout.dispatch_all(&channel, Some(source), events);
                     }
-                })
-                .map_err(spawn_error)?
-        };
-        // The reader: blocks on the room's Redis subscription. If the
-        // dispatcher falls behind, it blocks on the queue, and Redis buffers.
+                });
+            match dispatcher {
+                Ok(dispatcher) => {
+                    senders.push(events_tx);
+                    dispatchers.push(dispatcher);
+                }
+                Err(e) => {
+                    drop(senders);
+                    dispatchers.into_iter().for_each(|d| drop(d.join()));
+                    return Err(spawn_error(e));
+                }
+            }
+        }
+        // The reader: blocks on the room's Redis subscription, and queues
+        // each event for every dispatcher. If one falls behind, the reader
+        // blocks on its queue, and Redis buffers.
         let channel = channel.to_owned();
         let reader = thread::Builder::new()
             .name(format!("tc-room-{generation}"))
@@ -645,10 +672,14 @@ impl SharedFeeds {
             .spawn(move || {
                 let result = listener.listen(&stop, &mut |event| match event {
                     Event::Idle => Flow::Continue(()),
-                    event => match events_tx.send(event) {
-                        Ok(()) => Flow::Continue(()),
-                        Err(_) => Flow::Break(()),
-                    },
+                    event => {
+                        for events in &senders {
+                            if events.send(event.clone()).is_err() {
+                                return Flow::Break(());
+                            }
+                        }
+                        Flow::Continue(())
+                    }
                 });
                 // The one place this thread's errors are logged.
                 if let Err(e) = result {
@@ -658,16 +689,16 @@ impl SharedFeeds {
         let reader = match reader {
             Ok(reader) => reader,
             Err(e) => {
-                // Its queue's sender is gone with the closure: the
-                // dispatcher ends.
-                let _ = dispatcher.join();
+                // The queues' senders are gone with the closure: the
+                // dispatchers end.
+                dispatchers.into_iter().for_each(|d| drop(d.join()));
                 return Err(spawn_error(e));
             }
         };
         Ok(RoomFeed {
             canceller,
             reader,
-            dispatcher,
+            dispatchers,
         })
     }
 }
@@ -692,8 +723,10 @@ impl Drop for FeedRegistration {
         };
         if let Some(feed) = stopped {
             feed.canceller.cancel();
-            // The reader first: its end ends the dispatcher.
-            if feed.reader.join().is_err() || feed.dispatcher.join().is_err() {
+            // The reader first: its end ends the dispatchers.
+            let reader = feed.reader.join();
+            let dispatchers = feed.dispatchers.into_iter().map(JoinHandle::join);
+            if reader.is_err() | dispatchers.fold(false, |failed, d| failed | d.is_err()) {
                 log::error!("a feed thread of {} panicked", self.channel);
             }
         }
