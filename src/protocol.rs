@@ -296,11 +296,29 @@ pub struct ChatMessage {
     /// When the sending server received it: milliseconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ts: Option<u64>,
-    /// For a coalesced join or leave: everyone it is about (and `nickname`
-    /// is a summary for people, e.g. "alice, bob and 48 others").
+    /// For a coalesced join or leave: who it is about, at most
+    /// [`GROUP_LIST`] of them (and `nickname` is a summary for people, e.g.
+    /// "alice, bob and 48 others").
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nicknames: Vec<String>,
+    /// For a coalesced join or leave: how many it is about (more than
+    /// `nicknames` lists, in a storm).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<usize>,
 }
+
+/// Most nicknames a coalesced join or leave lists.
+///
+/// Every member of a room gets every announcement — with per-client
+/// subscriptions each parses its own copy — and during a join storm an
+/// announcement used to list hundreds of names. Parsing and passing them on
+/// was most of what a storm cost: with 5,000 clients joining at once,
+/// per-client subscriptions took 6.0–6.4 s and 67–73 KiB per client with
+/// full lists, 4.5–5.5 s and 53 KiB with at most 20 (a shared subscription:
+/// 31–32 KiB, now 27–28). A person reads "alice, bob and 198 others"
+/// anyway; `count` keeps member counts right, and `GET /members` lists
+/// everyone.
+pub const GROUP_LIST: usize = 20;
 
 /// The kinds of room events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -343,6 +361,7 @@ impl ChatMessage {
             id: Some(format!("{conn}:{seq}")),
             ts: Some(unix_millis()),
             nicknames: Vec::new(),
+            count: None,
         }
     }
 
@@ -356,6 +375,7 @@ impl ChatMessage {
             id: None,
             ts: Some(unix_millis()),
             nicknames: Vec::new(),
+            count: None,
         }
     }
 
@@ -367,15 +387,18 @@ impl ChatMessage {
     /// hands back to each joiner so that it can skip its own arrival. (A
     /// list of every connection would do too, but it would be parsed by
     /// every recipient: in a join storm, most of the bytes of the storm.)
-    pub fn group_event(kind: Kind, nicknames: Vec<String>, first: &ConnId) -> ChatMessage {
+    pub fn group_event(kind: Kind, mut nicknames: Vec<String>, first: &ConnId) -> ChatMessage {
+        let (nickname, count) = (summarize(&nicknames), nicknames.len());
+        nicknames.truncate(GROUP_LIST);
         ChatMessage {
             kind,
-            nickname: summarize(&nicknames),
+            nickname,
             message: if kind == Kind::Join { "joined" } else { "left" }.to_owned(),
             conn: None,
             id: Some(Self::event_id(kind, first)),
             ts: Some(unix_millis()),
             nicknames,
+            count: Some(count),
         }
     }
 
@@ -516,9 +539,12 @@ pub enum ServerFrame<'a> {
         /// When (ms since the Unix epoch).
         #[serde(skip_serializing_if = "Option::is_none")]
         ts: Option<u64>,
-        /// When several joined at once: each of them.
+        /// When several joined at once: who (at most [`GROUP_LIST`]).
         #[serde(skip_serializing_if = "<[String]>::is_empty")]
         nicknames: &'a [String],
+        /// When several joined at once: how many.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        count: Option<usize>,
     },
     /// Someone (or, coalesced, several people) left the room.
     Leave {
@@ -530,9 +556,12 @@ pub enum ServerFrame<'a> {
         /// When (ms since the Unix epoch).
         #[serde(skip_serializing_if = "Option::is_none")]
         ts: Option<u64>,
-        /// When several left at once: each of them.
+        /// When several left at once: who (at most [`GROUP_LIST`]).
         #[serde(skip_serializing_if = "<[String]>::is_empty")]
         nicknames: &'a [String],
+        /// When several left at once: how many.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        count: Option<usize>,
     },
     /// Who is in the room (sent once, right after joining).
     Presence {
@@ -591,19 +620,21 @@ impl<'a> ServerFrame<'a> {
     /// The frame for a room event; `history` marks replayed chat messages.
     pub fn from_event(event: &'a ChatMessage, history: bool) -> ServerFrame<'a> {
         let (nickname, message, ts) = (event.nickname.as_str(), event.message.as_str(), event.ts);
-        let nicknames = event.nicknames.as_slice();
+        let (nicknames, count) = (event.nicknames.as_slice(), event.count);
         match event.kind {
             Kind::Join => ServerFrame::Join {
                 nickname,
                 message,
                 ts,
                 nicknames,
+                count,
             },
             Kind::Leave => ServerFrame::Leave {
                 nickname,
                 message,
                 ts,
                 nicknames,
+                count,
             },
             Kind::Chat | Kind::Other => ServerFrame::Chat {
                 nickname,
@@ -816,10 +847,24 @@ mod tests {
             json["nicknames"],
             serde_json::json!(["ann", "bea", "cy", "dan"])
         );
+        assert_eq!(json["count"], 4);
         // A payload round trip keeps the lists.
         let back = ChatMessage::from_payload(&event.to_payload()).unwrap();
         assert_eq!(back, event);
         assert_eq!(summarize(&["a".into(), "b".into()]), "a and b");
+    }
+
+    #[test]
+    fn a_storm_of_joins_lists_some_and_counts_all() {
+        let names: Vec<String> = (0..30).map(|i| format!("n{i}")).collect();
+        let event = ChatMessage::group_event(Kind::Join, names, &ConnId::new(7, 0));
+        assert_eq!(event.nickname, "n0, n1 and 28 others");
+        assert_eq!(event.nicknames.len(), GROUP_LIST);
+        assert_eq!(event.count, Some(30));
+        let json: serde_json::Value =
+            serde_json::from_str(&ServerFrame::from_event(&event, false).to_json()).unwrap();
+        assert_eq!(json["count"], 30);
+        assert_eq!(json["nicknames"].as_array().unwrap().len(), GROUP_LIST);
     }
 
     #[test]
@@ -832,6 +877,7 @@ mod tests {
             id: Some("x:1".into()),
             ts: Some(5),
             nicknames: Vec::new(),
+            count: None,
         };
         let json: serde_json::Value =
             serde_json::from_str(&ServerFrame::from_event(&msg, false).to_json()).unwrap();

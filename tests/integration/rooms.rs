@@ -15,6 +15,7 @@ with_both_brokers!(
     history_has_no_gap_and_no_duplicate_while_others_send => ["--rate-limit", "0"],
     the_text_format_is_for_people,
     a_join_storm_is_announced_once_per_person,
+    a_big_join_storm_lists_some_and_counts_everyone,
     a_big_room_lists_some_names_and_counts_everyone,
 );
 
@@ -346,6 +347,34 @@ fn a_join_storm_is_announced_once_per_person(server: &Server) {
             assert!(!about.contains(name), "{name} was told of itself: {frame}");
         }
     }
+}
+
+/// Forty people join at once: announcements together list at most 20
+/// names, but their counts add up to everyone, and nobody is listed twice.
+fn a_big_join_storm_lists_some_and_counts_everyone(server: &Server) {
+    let mut watcher = join(server, "watcher", "bigstorm");
+    watcher.settle();
+    let _joiners = join_many(server, "j", 40, "bigstorm");
+    let (mut counted, mut listed) = (0, Vec::new());
+    while counted < 40 {
+        let frame = next_of(&mut watcher, "join");
+        match frame["nicknames"].as_array() {
+            Some(names) => {
+                assert!(names.len() <= 20, "{frame}");
+                counted += frame["count"].as_u64().unwrap();
+                listed.extend(names.iter().map(|n| n.as_str().unwrap().to_owned()));
+            }
+            None => {
+                counted += 1;
+                listed.push(frame["nickname"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    assert_eq!(counted, 40);
+    let before = listed.len();
+    listed.sort();
+    listed.dedup();
+    assert_eq!(listed.len(), before, "someone was listed twice");
 }
 
 /// Past 100 members the presence frame counts everyone and lists 100 names
