@@ -30,7 +30,10 @@
 //!   self-connection, socket reads (clients' and Redis subscriptions') by
 //!   `shutdown()`, channel receives by dropping the sender.
 //! * With `--subscriptions shared`, one Redis subscription per room feeds
-//!   every client of the room on this instance through bounded queues.
+//!   every client of the room on this instance through bounded queues; the
+//!   room's dispatcher threads write directly to the clients whose queues
+//!   are empty, so a client that keeps up costs no thread wake-up per
+//!   message ([`broker::fanout`]).
 //!
 //! `docs/ARCHITECTURE.md` tells the same story at length.
 //!

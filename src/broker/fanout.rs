@@ -26,7 +26,7 @@
 //! waiting that the new messages could overtake. Otherwise — the client is
 //! behind, not yet welcomed, or its socket is full — they are queued as
 //! always, and the subscriber thread catches up. A sink that took messages
-//! but could not write them all gets a [`Queued::Flush`] that wakes the
+//! but could not write them all gets a `Queued::Flush` that wakes the
 //! subscriber thread to finish the write, blocking, as it would have. The
 //! queue's counter is lowered only after the subscriber thread has handled
 //! an item, so "empty" also means "nothing in its hands". Only the shared

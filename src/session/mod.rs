@@ -24,7 +24,9 @@
 //! * The **subscriber thread** ([`subscriber`]) blocks in
 //!   [`Subscription::run`](crate::broker::Subscription::run) and writes every
 //!   chat message from someone else to the client, batching what arrives
-//!   together.
+//!   together. With a shared subscription, the room's dispatcher writes to a
+//!   client that keeps up itself, and the subscriber thread catches up when
+//!   it falls behind (*direct delivery*, see [`subscriber`]).
 //!
 //! They coordinate through crossbeam channels and one shared [`Conn`]:
 //!
