@@ -724,9 +724,11 @@ impl Drop for FeedRegistration {
         if let Some(feed) = stopped {
             feed.canceller.cancel();
             // The reader first: its end ends the dispatchers.
-            let reader = feed.reader.join();
-            let dispatchers = feed.dispatchers.into_iter().map(JoinHandle::join);
-            if reader.is_err() | dispatchers.fold(false, |failed, d| failed | d.is_err()) {
+            let mut panicked = feed.reader.join().is_err();
+            for dispatcher in feed.dispatchers {
+                panicked |= dispatcher.join().is_err();
+            }
+            if panicked {
                 log::error!("a feed thread of {} panicked", self.channel);
             }
         }

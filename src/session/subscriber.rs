@@ -104,6 +104,10 @@ pub(super) fn run(
 ) {
     // Woken with a room's message, wait for the waker to wake everyone.
     sched::wait_turn_when_woken();
+    // Where messages come from a room's dispatcher, let it write to the
+    // client itself while the client keeps up. (A per-client Redis
+    // subscription has no dispatcher: this thread reads Redis itself, and
+    // `deliver_directly` says no.)
     if outbox.ctx.limits.direct_delivery {
         subscription.deliver_directly(Arc::clone(&outbox) as Arc<dyn DirectSink>);
     }
