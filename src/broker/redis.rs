@@ -657,7 +657,7 @@ impl SharedFeeds {
                 }
                 Err(e) => {
                     drop(senders);
-                    dispatchers.into_iter().for_each(|d| drop(d.join()));
+                    join_all(dispatchers);
                     return Err(spawn_error(e));
                 }
             }
@@ -691,7 +691,7 @@ impl SharedFeeds {
             Err(e) => {
                 // The queues' senders are gone with the closure: the
                 // dispatchers end.
-                dispatchers.into_iter().for_each(|d| drop(d.join()));
+                join_all(dispatchers);
                 return Err(spawn_error(e));
             }
         };
@@ -701,6 +701,15 @@ impl SharedFeeds {
             dispatchers,
         })
     }
+}
+
+/// Joins a feed's dispatcher threads (once their queues' senders are
+/// gone); true if any of them panicked.
+fn join_all(dispatchers: Vec<JoinHandle<()>>) -> bool {
+    dispatchers
+        .into_iter()
+        .map(JoinHandle::join)
+        .fold(false, |panicked, joined| panicked | joined.is_err())
 }
 
 /// A client's place in a shared feed. Dropping it unregisters the client,
@@ -724,11 +733,8 @@ impl Drop for FeedRegistration {
         if let Some(feed) = stopped {
             feed.canceller.cancel();
             // The reader first: its end ends the dispatchers.
-            let mut panicked = feed.reader.join().is_err();
-            for dispatcher in feed.dispatchers {
-                panicked |= dispatcher.join().is_err();
-            }
-            if panicked {
+            let reader_panicked = feed.reader.join().is_err();
+            if join_all(feed.dispatchers) || reader_panicked {
                 log::error!("a feed thread of {} panicked", self.channel);
             }
         }

@@ -17,12 +17,13 @@
 //! **Direct delivery.** With a shared subscription (and `--delivery
 //! direct`, the default), the room's dispatcher thread writes a message
 //! straight to a client that has nothing queued, without waking this
-//! thread: a thread switch costs more than the write. What a client receives is then decided in one place for
-//! both writers, the [`Outbox`], whose state is behind a lock: the
-//! dispatcher only tries that lock and only writes what the socket takes at
-//! once, and leaves anything harder — a full socket, a failed write, a
-//! client not yet welcomed — to this thread, which stays the one that
-//! blocks, and the one that ends the connection.
+//! thread: a thread switch costs more than the write. What a client
+//! receives is then decided in one place for both writers, the [`Outbox`],
+//! whose state is behind a lock: the dispatcher only tries that lock and
+//! only writes what the socket takes at once, and leaves anything harder —
+//! a full socket, a failed write, a client not yet welcomed — to this
+//! thread, which stays the one that blocks, and the one that ends the
+//! connection.
 //!
 //! This thread does only what repeats. What happens once per connection
 //! happens on the connection's first thread, which ends after it (see
