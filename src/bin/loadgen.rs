@@ -103,8 +103,8 @@ struct Row {
     /// Fan-out latency p50, p99, max (ms).
     latency: Option<(f64, f64, f64)>,
     deliveries_per_s: Option<f64>,
-    /// Server and Redis CPU while sending, in % of a core.
-    cpu: Option<(f64, Option<f64>)>,
+    /// CPU while sending, in % of a core.
+    cpu: Option<Cpu>,
     /// Redis connections in use (clients connected to it).
     redis_connections: Option<u64>,
     rss_per_client_kib: Option<f64>,
@@ -112,7 +112,7 @@ struct Row {
 }
 
 impl Row {
-    const HEADER: &str = "| scenario | relay | clients | senders | connect all | handshake p50 / p99 | delivered / expected | loss | dups | order | latency p50 / p99 / max | deliveries/s | CPU: server / Redis | Redis conns | RSS per client | idle CPU |\n\
+    const HEADER: &str = "| scenario | relay | clients | senders | connect all | handshake p50 / p99 | delivered / expected | loss | dups | order | latency p50 / p99 / max | deliveries/s | CPU: server / Redis / load gen. | Redis conns | RSS per client | idle CPU |\n\
                           |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
 
     fn render(&self) -> String {
@@ -139,14 +139,32 @@ impl Row {
                 }
             })),
             opt(self.deliveries_per_s.map(|d| format!("{d:.0}"))),
-            opt(self.cpu.map(|(server, redis)| match redis {
-                Some(redis) => format!("{server:.0}% / {redis:.0}%"),
-                None => format!("{server:.0}% / –"),
-            })),
+            opt(self.cpu.map(|cpu| cpu.render())),
             opt(self.redis_connections.map(|n| n.to_string())),
             opt(self.rss_per_client_kib.map(|k| format!("{k:.1} KiB"))),
             opt(self.idle_cpu.map(|c| format!("{c:.1}% of a core"))),
         )
+    }
+}
+
+/// Who used the CPU while a scenario was sending, in % of one core.
+///
+/// All three share the machine's cores, so their sum bounds the latency a
+/// scenario can reach: in (a), 1% of a core over the 10 s is 1 ms of CPU per
+/// message, and the last of a message's 999 frames cannot be read before
+/// the sum has been spent, divided among the cores.
+#[derive(Clone, Copy)]
+struct Cpu {
+    server: f64,
+    redis: Option<f64>,
+    /// This load generator: its senders and receivers.
+    load: f64,
+}
+
+impl Cpu {
+    fn render(&self) -> String {
+        let redis = self.redis.map_or("–".into(), |r| format!("{r:.0}%"));
+        format!("{:.0}% / {redis} / {:.0}%", self.server, self.load)
     }
 }
 
@@ -426,6 +444,7 @@ fn fan_out(
     let t0 = Instant::now();
     let cpu0 = cpu_ticks(env.pid());
     let redis_cpu0 = env.redis_ticks();
+    let load_cpu0 = cpu_ticks(std::process::id());
     let redis_connections = env.redis_connections();
     for w in writers {
         let _ = w.join();
@@ -442,6 +461,7 @@ fn fan_out(
     }
     let send_time = last_change.duration_since(t0);
     let cpu = cpu_ticks(env.pid()) - cpu0;
+    let load_cpu = cpu_ticks(std::process::id()) - load_cpu0;
     let redis_cpu = env
         .redis_ticks()
         .zip(redis_cpu0)
@@ -459,7 +479,11 @@ fn fan_out(
     row.connect = connect_time;
     row.handshake = handshake;
     let window = send_time.as_secs_f64();
-    row.cpu = Some((cpu as f64 / window, redis_cpu.map(|t| t as f64 / window)));
+    row.cpu = Some(Cpu {
+        server: cpu as f64 / window,
+        redis: redis_cpu.map(|t| t as f64 / window),
+        load: load_cpu as f64 / window,
+    });
     row.redis_connections = redis_connections;
     Ok(row)
 }
