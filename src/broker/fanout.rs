@@ -53,6 +53,7 @@
 //! they were dispatched.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -83,14 +84,18 @@ pub(crate) struct Fanout {
     generations: AtomicU64,
 }
 
-/// One channel's subscribers.
+/// One channel's subscribers, dealt into shards, one per dispatcher.
 struct Channel {
     generation: u64,
-    /// Per shard: whether its dispatcher has said the source is subscribed
-    /// (so new clients of that shard are, too).
-    live: Vec<bool>,
-    /// The shard the next client to register is dealt.
-    next_shard: usize,
+    shards: Vec<Shard>,
+}
+
+/// The subscribers one dispatcher serves (see [`Source`]).
+#[derive(Default)]
+struct Shard {
+    /// Whether its dispatcher has said the source is subscribed (so clients
+    /// joining this shard are, too).
+    live: bool,
     subscribers: Vec<Subscriber>,
 }
 
@@ -139,8 +144,6 @@ impl Queued {
 /// One client's end of a channel, as the dispatcher sees it.
 struct Subscriber {
     conn: ConnId,
-    /// The dispatcher (see [`Source`]) that serves it.
-    shard: usize,
     tx: Sender<Queued>,
     /// Events queued and not yet handled by the client's subscriber thread.
     queued: Arc<AtomicUsize>,
@@ -196,25 +199,30 @@ impl Fanout {
         let entry = channels.entry(channel.to_owned()).or_insert_with(|| {
             let generation = self.generations.fetch_add(1, Ordering::Relaxed);
             new_channel = Some(generation);
+            let shard = || Shard {
+                live: self.always_live,
+                subscribers: Vec::new(),
+            };
             Channel {
                 generation,
-                live: vec![self.always_live; self.shards],
-                next_shard: 0,
-                subscribers: Vec::new(),
+                shards: std::iter::repeat_with(shard).take(self.shards).collect(),
             }
         });
-        let shard = entry.next_shard;
-        entry.next_shard = (shard + 1) % self.shards;
+        // The smallest shard (the first of equals): dealt in turn, and
+        // balanced again as clients leave.
+        let shard = entry
+            .shards
+            .iter_mut()
+            .min_by_key(|shard| shard.subscribers.len())
+            .expect("a channel has shards");
         let direct = DirectSlot::default();
-        let subscriber = Subscriber {
+        shard.subscribers.push(Subscriber {
             conn: conn.clone(),
-            shard,
             tx,
             queued: Arc::clone(&queued),
             direct: Arc::clone(&direct),
-        };
-        let live = entry.live[shard];
-        entry.subscribers.push(subscriber);
+        });
+        let live = shard.live;
         Registered {
             inbox: Inbox { rx, queued, live },
             direct,
@@ -229,8 +237,14 @@ impl Fanout {
         let Some(entry) = channels.get_mut(channel) else {
             return false;
         };
-        entry.subscribers.retain(|s| &s.conn != conn);
-        if entry.subscribers.is_empty() {
+        for shard in &mut entry.shards {
+            shard.subscribers.retain(|s| &s.conn != conn);
+        }
+        if entry
+            .shards
+            .iter()
+            .all(|shard| shard.subscribers.is_empty())
+        {
             channels.remove(channel);
             return true;
         }
@@ -298,9 +312,9 @@ impl Fanout {
             match channels.get_mut(channel).filter(|e| e.is(source)) {
                 Some(entry) => {
                     let live = matches!(event, Event::Subscribed);
-                    match source {
-                        Some(source) => entry.live[source.shard] = live,
-                        None => entry.live.fill(live),
+                    let served = entry.served_by(source);
+                    for shard in &mut entry.shards[served] {
+                        shard.live = live;
                     }
                     entry.offer_all(&Queued::One(event), source)
                 }
@@ -320,7 +334,8 @@ impl Fanout {
         }
         let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
         if let Some(entry) = channels.get_mut(channel) {
-            for subscriber in &mut entry.subscribers {
+            let subscribers = entry.shards.iter_mut().flat_map(|s| &mut s.subscribers);
+            for subscriber in subscribers {
                 if lagging.contains(&subscriber.conn) {
                     let (dead, _) = crossbeam_channel::bounded(0);
                     subscriber.tx = dead;
@@ -343,12 +358,17 @@ impl Channel {
         source.is_none_or(|s| s.generation == self.generation)
     }
 
-    /// Offers `queued` to everyone (of the source's shard); returns who is
-    /// too far behind to take it.
+    /// Which shards `source` serves: its own, or all of them without one.
+    fn served_by(&self, source: Option<Source>) -> Range<usize> {
+        source.map_or(0..self.shards.len(), |s| s.shard..s.shard + 1)
+    }
+
+    /// Offers `queued` to everyone `source` serves; returns who is too far
+    /// behind to take it.
     fn offer_all(&self, queued: &Queued, source: Option<Source>) -> Vec<ConnId> {
-        self.subscribers
+        self.shards[self.served_by(source)]
             .iter()
-            .filter(|s| source.is_none_or(|source| source.shard == s.shard))
+            .flat_map(|shard| &shard.subscribers)
             .filter(|s| !s.offer(queued.clone()))
             .map(|s| s.conn.clone())
             .collect()
