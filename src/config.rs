@@ -144,6 +144,70 @@ pub struct Args {
     )]
     pub history: usize,
 
+    /// Most bytes of stored messages kept per room; the oldest messages go
+    /// first (a message bigger than this on its own is delivered but not
+    /// kept). Bounds what every joiner is sent, too.
+    #[arg(
+        long,
+        env = "THREADCHAT_HISTORY_BYTES",
+        default_value_t = 256 * 1024,
+        value_name = "BYTES"
+    )]
+    pub history_bytes: usize,
+
+    /// Seconds a room's state (history, member list) outlives its last use
+    /// (a message, a join or leave, or members still in it). Then it expires,
+    /// in Redis and in-process alike.
+    #[arg(
+        long,
+        env = "THREADCHAT_ROOM_TTL",
+        default_value_t = 86_400.0,
+        value_name = "SECONDS"
+    )]
+    pub room_ttl: f64,
+
+    /// Seconds a client may take to finish a message it has begun sending
+    /// (all its frames); a client that trickles is closed with code 1008.
+    #[arg(
+        long,
+        env = "THREADCHAT_MESSAGE_TIMEOUT",
+        default_value_t = 20.0,
+        value_name = "SECONDS"
+    )]
+    pub message_timeout: f64,
+
+    /// Most frames one message may be split into (fragments); more closes
+    /// the client with code 1008.
+    #[arg(
+        long,
+        env = "THREADCHAT_MAX_FRAGMENTS",
+        default_value_t = 256,
+        value_name = "N"
+    )]
+    pub max_fragments: usize,
+
+    /// Most simultaneous connections from one IP address (0: no limit);
+    /// past it, HTTP 503. Behind a reverse proxy, see --trusted-proxy.
+    #[arg(
+        long,
+        env = "THREADCHAT_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 100,
+        value_name = "N"
+    )]
+    pub max_connections_per_ip: usize,
+
+    /// The address of a reverse proxy whose X-Forwarded-For (the address it
+    /// appended, the last one) and X-Forwarded-Proto are believed: its
+    /// clients are counted by their own address for
+    /// --max-connections-per-ip, and the proxy itself is not (repeatable).
+    #[arg(
+        long = "trusted-proxy",
+        env = "THREADCHAT_TRUSTED_PROXY",
+        value_name = "IP",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+
     /// How clients subscribe to Redis: `per-client` (each client its own
     /// SUBSCRIBE connection; Redis fans out) or `shared` (one SUBSCRIBE per
     /// room per process; this process fans out). See docs/PERFORMANCE.md.
@@ -270,6 +334,14 @@ pub struct Limits {
     /// Whether a room's dispatcher writes to clients with nothing queued
     /// itself (shared subscriptions only).
     pub direct_delivery: bool,
+    /// Longest a client may take to finish a message it has begun.
+    pub message_timeout: Duration,
+    /// Most frames in one message.
+    pub max_fragments: usize,
+    /// Most connections from one address; `None`: no limit.
+    pub max_connections_per_ip: Option<usize>,
+    /// Reverse proxies whose forwarding headers are believed.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 /// The validated configuration.
@@ -289,6 +361,10 @@ pub struct Config {
     pub limits: Limits,
     /// Chat messages kept per room.
     pub history: usize,
+    /// Bytes of stored messages kept per room.
+    pub history_bytes: usize,
+    /// How long a room's state outlives its last use.
+    pub room_ttl: Duration,
     /// How clients subscribe to Redis.
     pub subscriptions: SubscriptionMode,
 }
@@ -307,7 +383,7 @@ pub enum ConfigError {
     /// A duration option out of its range.
     #[error(
         "invalid {option} {value}: seconds between 0.01 and 86400 \
-         (and --idle-timeout at least --ping-interval)"
+         (--room-ttl: 1 to 2592000; --idle-timeout at least --ping-interval)"
     )]
     Seconds {
         /// The option's name.
@@ -397,6 +473,29 @@ impl Config {
                 value: args.idle_timeout,
             });
         }
+        if !(1024..=64 * 1024 * 1024).contains(&args.history_bytes) {
+            return Err(ConfigError::Range {
+                option: "--history-bytes",
+                value: args.history_bytes,
+                reason: "must be between 1 KiB and 64 MiB".into(),
+            });
+        }
+        if !(1..=1_000_000).contains(&args.max_fragments) {
+            return Err(ConfigError::Range {
+                option: "--max-fragments",
+                value: args.max_fragments,
+                reason: "must be between 1 and 1000000".into(),
+            });
+        }
+        let room_ttl = if args.room_ttl.is_finite() && (1.0..=2_592_000.0).contains(&args.room_ttl)
+        {
+            Duration::from_secs_f64(args.room_ttl)
+        } else {
+            return Err(ConfigError::Seconds {
+                option: "--room-ttl",
+                value: args.room_ttl,
+            });
+        };
         let rate_limit = match args.rate_limit {
             0.0 => None,
             r if r.is_finite() && r > 0.0 => Some(r),
@@ -410,6 +509,8 @@ impl Config {
             log_level: args.log_level.into(),
             log_file: args.log_file,
             history: args.history,
+            history_bytes: args.history_bytes,
+            room_ttl,
             subscriptions: args.subscriptions.into(),
             limits: Limits {
                 max_connections,
@@ -429,6 +530,11 @@ impl Config {
                     .collect(),
                 echo_endpoint: args.echo_endpoint,
                 direct_delivery: args.delivery == Delivery::Direct,
+                message_timeout: seconds("--message-timeout", args.message_timeout)?,
+                max_fragments: args.max_fragments,
+                max_connections_per_ip: (args.max_connections_per_ip > 0)
+                    .then_some(args.max_connections_per_ip),
+                trusted_proxies: args.trusted_proxies,
             },
         })
     }

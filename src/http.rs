@@ -8,13 +8,15 @@
 //! `101 Switching Protocols` answer (`create_response`). Any bytes the client
 //! sent after the head are handed on to the WebSocket, so nothing is lost.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
+use std::net::{IpAddr, TcpStream};
 use std::time::Instant;
 
 use tungstenite::handshake::server::{create_response, write_response};
 use tungstenite::http::{self, StatusCode};
 
+use crate::broker::{BrokerError, Presence};
 use crate::config::Limits;
 use crate::protocol::{Format, Nickname, Room, percent_decode};
 use crate::session::Context;
@@ -27,24 +29,31 @@ const MAX_HEADERS: usize = 48;
 /// How the HTTP exchange ended.
 #[derive(Debug)]
 pub enum Outcome {
-    /// The request is a valid upgrade to `/chat/{nickname}`. Nothing has been
-    /// answered yet: the caller sends `response` with [`accept`] once it is
-    /// ready to chat, or refuses with [`refuse`]. `leftover` holds bytes the
-    /// client sent after the head (the start of its first WebSocket frame, if
-    /// it did not wait for the answer).
-    Upgrade {
-        /// What the client connects to.
-        target: Target,
-        /// The `101 Switching Protocols` answer to send.
-        response: http::Response<()>,
-        /// Bytes read past the request head.
-        leftover: Vec<u8>,
-    },
+    /// The request is a valid upgrade (see [`Upgrade`]). Boxed: it is
+    /// much bigger than the other outcomes.
+    Upgrade(Box<Upgrade>),
     /// A plain HTTP answer was sent (a page, or an error status).
     Answered(StatusCode),
     /// The client went away (or sent nothing in time) before a request head
     /// could be read; nothing, or a 408, was sent.
     Abandoned,
+}
+
+/// A valid upgrade request to `/chat/{nickname}` (or `/echo`). Nothing has
+/// been answered yet: the caller sends `response` with [`accept`] once it is
+/// ready to chat, or refuses with [`refuse`].
+#[derive(Debug)]
+pub struct Upgrade {
+    /// What the client connects to.
+    pub target: Target,
+    /// The `101 Switching Protocols` answer to send.
+    pub response: http::Response<()>,
+    /// Bytes the client sent after the head (the start of its first
+    /// WebSocket frame, if it did not wait for the answer).
+    pub leftover: Vec<u8>,
+    /// The client's address as a trusted reverse proxy forwarded it
+    /// (`X-Forwarded-For`), when the request came through one.
+    pub forwarded_for: Option<IpAddr>,
 }
 
 /// What an upgraded connection is for.
@@ -71,6 +80,8 @@ pub struct Member {
 #[derive(Debug)]
 struct RequestHead {
     method: String,
+    /// The minor version: `HTTP/1.1` is 1, `HTTP/1.0` is 0.
+    version: u8,
     /// The request target as sent, e.g. `/chat/Joe%20Doe?x=1`.
     target: String,
     headers: Vec<(String, Vec<u8>)>,
@@ -132,22 +143,105 @@ fn member(segment: &str, query: &str) -> Result<Member, String> {
     })
 }
 
-/// `GET /members?room=…`: who is in a room, as JSON.
+/// `GET /members?room=…&limit=…`: who is in a room, as JSON: how many, and
+/// the sorted nicknames of at most `limit` of them (100 by default,
+/// [`MAX_MEMBERS_LIMIT`] at most), `truncated` when that is not everyone.
+///
+/// Cheap by design, because anyone can ask as often as they like: the list
+/// is bounded (a room of 10,000 used to answer 370 KB, built from a full
+/// `HGETALL` for every request), answers are cached for
+/// [`MEMBERS_CACHE_TTL`] (see [`MembersCache`]), and with Redis the
+/// question goes over the query connection, never queued behind a
+/// `PUBLISH`.
 fn members(stream: &TcpStream, ctx: &Context, query: &str) -> io::Result<Outcome> {
     let room = match room_param(query) {
         Ok(room) => room,
         Err(reason) => return answer(stream, StatusCode::BAD_REQUEST, &reason),
     };
-    match ctx.broker.members(&room) {
-        Ok(members) => {
-            let body = serde_json::json!({
-                "room": room.name(),
-                "count": members.len(),
-                "members": members,
-            });
-            answer_with(stream, StatusCode::OK, JSON, &body.to_string())
-        }
+    let limit = match query_param(query, "limit") {
+        Ok(None) => DEFAULT_MEMBERS_LIMIT,
+        Ok(Some(n)) => match n.parse::<usize>() {
+            Ok(n) if (1..=MAX_MEMBERS_LIMIT).contains(&n) => n,
+            _ => {
+                let reason = format!("limit must be a number from 1 to {MAX_MEMBERS_LIMIT}");
+                return answer(stream, StatusCode::BAD_REQUEST, &reason);
+            }
+        },
+        Err(reason) => return answer(stream, StatusCode::BAD_REQUEST, &reason),
+    };
+    match ctx
+        .members
+        .get(&room, limit, || ctx.broker.presence(&room, limit))
+    {
+        Ok(body) => answer_with(stream, StatusCode::OK, JSON, &body),
         Err(e) => answer(stream, StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+/// Names a `/members` answer lists unless asked for more.
+pub const DEFAULT_MEMBERS_LIMIT: usize = 100;
+/// Most names a `/members` answer lists.
+pub const MAX_MEMBERS_LIMIT: usize = 1000;
+/// How long a `/members` answer is served again without asking the relay.
+pub const MEMBERS_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Most answers kept in the cache.
+const MEMBERS_CACHE_ENTRIES: usize = 1024;
+
+/// Recent `/members` answers, by room and limit.
+///
+/// One lock is held while an answer is made, so fifty requests arriving
+/// together ask the relay once, and the other forty-nine are served the
+/// answer it gave. At most [`MEMBERS_CACHE_ENTRIES`] answers are kept;
+/// stale ones are dropped when a new one is added.
+#[derive(Default)]
+pub struct MembersCache {
+    answers: std::sync::Mutex<Answers>,
+}
+
+/// `/members` answers by (room, limit): when each was made, and its JSON.
+type Answers = HashMap<(Room, usize), (Instant, std::sync::Arc<str>)>;
+
+/// The JSON of a `/members` answer, keys in the documented order.
+#[derive(serde::Serialize)]
+struct MembersAnswer<'a> {
+    room: &'a str,
+    count: usize,
+    members: &'a [String],
+    truncated: bool,
+}
+
+impl MembersCache {
+    /// The answer for `room` and `limit`, from the cache or from `ask`.
+    pub fn get(
+        &self,
+        room: &Room,
+        limit: usize,
+        ask: impl FnOnce() -> Result<Presence, BrokerError>,
+    ) -> Result<std::sync::Arc<str>, BrokerError> {
+        let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (room.clone(), limit);
+        if let Some((at, body)) = answers.get(&key)
+            && at.elapsed() < MEMBERS_CACHE_TTL
+        {
+            return Ok(std::sync::Arc::clone(body));
+        }
+        let presence = ask()?;
+        let body: std::sync::Arc<str> = serde_json::to_string(&MembersAnswer {
+            room: room.name(),
+            count: presence.count,
+            members: &presence.nicknames,
+            truncated: presence.count > presence.nicknames.len(),
+        })
+        .expect("strings and numbers always serialize")
+        .into();
+        if answers.len() >= MEMBERS_CACHE_ENTRIES {
+            answers.retain(|_, (at, _)| at.elapsed() < MEMBERS_CACHE_TTL);
+            if answers.len() >= MEMBERS_CACHE_ENTRIES {
+                answers.clear();
+            }
+        }
+        answers.insert(key, (Instant::now(), std::sync::Arc::clone(&body)));
+        Ok(body)
     }
 }
 
@@ -240,7 +334,15 @@ pub fn serve(stream: &TcpStream, ctx: &Context) -> io::Result<Outcome> {
             }
         }
     };
-    if let Err(reason) = check_origin(&head, &limits.allowed_origins) {
+    // Forwarding headers count only from a proxy we were told to trust.
+    let proxied = stream
+        .peer_addr()
+        .is_ok_and(|peer| limits.trusted_proxies.contains(&peer.ip()));
+    let scheme = match head.header("X-Forwarded-Proto") {
+        Some(proto) if proxied && proto.eq_ignore_ascii_case(b"https") => "https",
+        _ => "http",
+    };
+    if let Err(reason) = check_origin(&head, scheme, &limits.allowed_origins) {
         return answer(stream, StatusCode::FORBIDDEN, &reason);
     }
     if head.header("Upgrade").is_none() {
@@ -251,15 +353,68 @@ pub fn serve(stream: &TcpStream, ctx: &Context) -> io::Result<Outcome> {
              e.g. websocat ws://HOST:PORT/chat/NICKNAME",
         );
     }
+    if let Err(reason) = check_upgrade_request(&head) {
+        return answer(stream, StatusCode::BAD_REQUEST, reason);
+    }
+    let forwarded_for = if proxied {
+        match forwarded_client(&head) {
+            Some(ip) => Some(ip),
+            None => {
+                return answer(
+                    stream,
+                    StatusCode::BAD_REQUEST,
+                    "a request through the trusted proxy must carry X-Forwarded-For",
+                );
+            }
+        }
+    } else {
+        None
+    };
     let response = match websocket_response(&head) {
         Ok(response) => response,
         Err(reason) => return answer(stream, StatusCode::BAD_REQUEST, &reason),
     };
-    Ok(Outcome::Upgrade {
+    Ok(Outcome::Upgrade(Box::new(Upgrade {
         target,
         response,
         leftover,
-    })
+        forwarded_for,
+    })))
+}
+
+/// What an upgrade request must be beyond what tungstenite checks:
+/// HTTP/1.1 (RFC 6455 section 4.1), with a `Host`, and without a body (the
+/// bytes after the head are the client's first frames, not a body someone
+/// could smuggle past the server).
+fn check_upgrade_request(head: &RequestHead) -> Result<(), &'static str> {
+    if head.version < 1 {
+        return Err("a WebSocket upgrade needs HTTP/1.1");
+    }
+    if head
+        .header("Host")
+        .is_none_or(|h| h.trim_ascii().is_empty())
+    {
+        return Err("a WebSocket upgrade needs a Host header");
+    }
+    let has_body = head.header("Transfer-Encoding").is_some()
+        || head
+            .header("Content-Length")
+            .is_some_and(|len| len.trim_ascii() != b"0");
+    if has_body {
+        return Err("a WebSocket upgrade has no body (Content-Length or Transfer-Encoding)");
+    }
+    Ok(())
+}
+
+/// The client's address as the trusted proxy saw it: the last entry of
+/// `X-Forwarded-For` (the one that proxy appended; entries before it were
+/// written by the client and prove nothing).
+fn forwarded_client(head: &RequestHead) -> Option<IpAddr> {
+    let value = std::str::from_utf8(head.header("X-Forwarded-For")?).ok()?;
+    let last = value.rsplit(',').next()?.trim();
+    last.parse()
+        .ok()
+        .or_else(|| last.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
 }
 
 /// Sends the `101 Switching Protocols` answer: from here on, the socket
@@ -327,6 +482,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, Vec<u8>)>, HeadError> {
     }
     let head = RequestHead {
         method: req.method.unwrap_or_default().to_owned(),
+        version: req.version.unwrap_or(1),
         target: req.path.unwrap_or_default().to_owned(),
         headers: req
             .headers
@@ -341,8 +497,14 @@ fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, Vec<u8>)>, HeadError> {
 /// request, and any page on the web can open one to any server: without this
 /// check, a malicious page could chat in the user's name. Allowed: requests
 /// without `Origin` (websocat, scripts, servers), pages served by this server
-/// itself (the origin's host is the request's `Host`), and `--allow-origin`.
-fn check_origin(head: &RequestHead, allowed: &[String]) -> Result<(), String> {
+/// itself, and `--allow-origin`.
+///
+/// "Served by this server" means the same scheme, host and port: the
+/// origin's scheme is `scheme` (`http`, or what a trusted proxy says), its
+/// host and port those of the request's `Host` (a port left out is the
+/// scheme's default). `https://chat.example` is not `http://chat.example`,
+/// nor `http://chat.example:8080`.
+fn check_origin(head: &RequestHead, scheme: &str, allowed: &[String]) -> Result<(), String> {
     let Some(origin) = head.header("Origin") else {
         return Ok(());
     };
@@ -354,14 +516,40 @@ fn check_origin(head: &RequestHead, allowed: &[String]) -> Result<(), String> {
     {
         return Ok(());
     }
-    let origin_host = origin.split_once("://").map(|(_, host)| host);
     let host = head.header("Host").map(String::from_utf8_lossy);
-    match (origin_host, host) {
-        (Some(origin_host), Some(host)) if origin_host.eq_ignore_ascii_case(host.trim()) => Ok(()),
-        _ => Err(format!(
-            "origin {origin} is not allowed (start the server with --allow-origin {origin})"
-        )),
+    let same = match (origin.split_once("://"), host) {
+        (Some((origin_scheme, origin_host)), Some(host)) => {
+            origin_scheme.eq_ignore_ascii_case(scheme)
+                && host_and_port(origin_host, scheme) == host_and_port(host.trim(), scheme)
+        }
+        _ => false,
+    };
+    if same {
+        return Ok(());
     }
+    Err(format!(
+        "origin {origin} is not allowed (start the server with --allow-origin {origin})"
+    ))
+}
+
+/// `host[:port]` as (lower-case host, port), the port defaulting to the
+/// scheme's; `None` if the port is not a number.
+fn host_and_port(authority: &str, scheme: &str) -> Option<(String, u16)> {
+    let default = if scheme.eq_ignore_ascii_case("https") {
+        443
+    } else {
+        80
+    };
+    // An IPv6 literal is bracketed: `[::1]:8000`.
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => (host, Some(port)),
+        _ => (authority, None),
+    };
+    let port = match port {
+        Some(port) => port.parse().ok()?,
+        None => default,
+    };
+    Some((host.to_ascii_lowercase(), port))
 }
 
 /// Lets tungstenite check the upgrade headers and compute
@@ -463,15 +651,11 @@ pub fn refuse(stream: &TcpStream, status: StatusCode, body: &str) -> io::Result<
 
 /// Answers 503 on a connection the server has no room for, without reading
 /// its request and without waiting for it: this runs on the accept loop.
-pub fn refuse_full(stream: &TcpStream) {
+pub fn refuse_full(stream: &TcpStream, why: &str) {
     // A fresh socket's send buffer is empty, so this cannot block for long;
     // the timeout is a backstop for the accept loop.
     let _ = stream.set_write_timeout(Some(std::time::Duration::from_millis(200)));
-    let _ = write_plain(
-        stream,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "server full; try again later",
-    );
+    let _ = write_plain(stream, StatusCode::SERVICE_UNAVAILABLE, why);
     let _ = stream.shutdown(std::net::Shutdown::Write);
     // Discard whatever part of the request has already arrived, without
     // waiting for more, so closing does not turn into an RST that could
@@ -525,6 +709,7 @@ mod tests {
     fn head_with(headers: &[(&str, &str)]) -> RequestHead {
         RequestHead {
             method: "GET".into(),
+            version: 1,
             target: "/chat/a".into(),
             headers: headers
                 .iter()
@@ -536,23 +721,82 @@ mod tests {
     #[test]
     fn origin_policy() {
         let none: Vec<String> = vec![];
-        assert!(check_origin(&head_with(&[("Host", "h:1")]), &none).is_ok());
+        let http = "http";
+        assert!(check_origin(&head_with(&[("Host", "h:1")]), http, &none).is_ok());
         let same = head_with(&[
             ("Host", "chat.example:8000"),
             ("Origin", "http://chat.example:8000"),
         ]);
-        assert!(check_origin(&same, &none).is_ok());
+        assert!(check_origin(&same, http, &none).is_ok());
         let other = head_with(&[
             ("Host", "chat.example:8000"),
             ("Origin", "https://evil.example"),
         ]);
         assert!(
-            check_origin(&other, &none)
+            check_origin(&other, http, &none)
                 .unwrap_err()
                 .contains("--allow-origin")
         );
-        assert!(check_origin(&other, &["https://evil.example".into()]).is_ok());
-        assert!(check_origin(&other, &["*".into()]).is_ok());
+        assert!(check_origin(&other, http, &["https://evil.example".into()]).is_ok());
+        assert!(check_origin(&other, http, &["*".into()]).is_ok());
+    }
+
+    #[test]
+    fn origin_compares_scheme_host_and_port() {
+        let none: Vec<String> = vec![];
+        let check = |host: &str, origin: &str, scheme: &str| {
+            check_origin(
+                &head_with(&[("Host", host), ("Origin", origin)]),
+                scheme,
+                &none,
+            )
+            .is_ok()
+        };
+        assert!(check("chat.example", "http://chat.example:80", "http"));
+        assert!(check("Chat.Example:80", "http://chat.example", "http"));
+        assert!(!check(
+            "chat.example:8000",
+            "https://chat.example:8000",
+            "http"
+        ));
+        assert!(!check(
+            "chat.example:8000",
+            "http://chat.example:8001",
+            "http"
+        ));
+        assert!(!check("chat.example:8000", "http://chat.example", "http"));
+        assert!(check("chat.example", "https://chat.example", "https"));
+        assert!(check("[::1]:8000", "http://[::1]:8000", "http"));
+        assert!(!check("[::1]:8000", "http://[::1]", "http"));
+    }
+
+    #[test]
+    fn upgrades_need_http_1_1_a_host_and_no_body() {
+        let mut head = head_with(&[("Host", "h")]);
+        assert!(check_upgrade_request(&head).is_ok());
+        head.version = 0;
+        assert!(check_upgrade_request(&head).is_err());
+        assert!(check_upgrade_request(&head_with(&[])).is_err());
+        assert!(
+            check_upgrade_request(&head_with(&[("Host", "h"), ("Content-Length", "5")])).is_err()
+        );
+        assert!(
+            check_upgrade_request(&head_with(&[("Host", "h"), ("Content-Length", "0")])).is_ok()
+        );
+        assert!(
+            check_upgrade_request(&head_with(&[
+                ("Host", "h"),
+                ("Transfer-Encoding", "chunked")
+            ]))
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn the_proxy_appends_the_last_forwarded_address() {
+        let head = head_with(&[("X-Forwarded-For", "6.6.6.6, 10.0.0.7")]);
+        assert_eq!(forwarded_client(&head), Some("10.0.0.7".parse().unwrap()));
+        assert_eq!(forwarded_client(&head_with(&[])), None);
     }
 
     #[test]
@@ -604,7 +848,9 @@ mod properties {
             request.extend_from_slice(&rest);
             if let Ok(Some((head, _))) = parse_head(&request) {
                 let _ = head.path();
-                let _ = check_origin(&head, &[]);
+                let _ = check_origin(&head, "http", &[]);
+                let _ = check_upgrade_request(&head);
+                let _ = forwarded_client(&head);
                 let _ = websocket_response(&head);
             }
         }

@@ -17,7 +17,7 @@ use simplelog::{
 use threadchat::config::{Args, Config};
 use threadchat::metrics::Metrics;
 use threadchat::server::{Server, ShutdownHandle};
-use threadchat::{THREAD_STACK_SIZE, broker};
+use threadchat::{THREAD_STACK_SIZE, broker, protocol};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -39,6 +39,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     let settings = broker::Settings {
         instance: broker::random_u64(),
         history: config.history,
+        history_bytes: config.history_bytes,
+        room_ttl: config.room_ttl,
+        max_payload: protocol::max_payload(config.limits.max_message_size),
         subscriptions: config.subscriptions,
     };
     let broker = broker::connect(&config.broker, &settings, &metrics)?;

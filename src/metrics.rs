@@ -34,6 +34,8 @@ pub struct Metrics {
     pub redis_reconnects: Counter,
     /// Subscriptions lost and not yet restored.
     pub subscriptions_down: Gauge,
+    /// Rooms whose state (history, members) the in-process relay holds.
+    pub rooms_in_memory: Gauge,
     /// Messages that could not be published.
     pub publish_errors: Counter,
     /// Connections closed for breaking the protocol or a limit.
@@ -126,6 +128,11 @@ impl Gauge {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+
+    /// Sets the value.
+    pub fn set(&self, value: u64) {
+        self.0.store(value, Ordering::Relaxed);
+    }
 }
 
 impl Metrics {
@@ -142,6 +149,11 @@ impl Metrics {
                 "threadchat_subscriptions_down",
                 "Subscriptions lost and not yet restored.",
                 self.subscriptions_down.get(),
+            ),
+            (
+                "threadchat_rooms_in_memory",
+                "Rooms whose history and members the in-process relay holds.",
+                self.rooms_in_memory.get(),
             ),
         ];
         let counters = [

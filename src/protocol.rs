@@ -62,10 +62,19 @@ pub enum NameError {
     /// Leading or trailing white space.
     #[error("starts or ends with white space")]
     OuterWhitespace,
+    /// An invisible or look-alike character: a Unicode format character
+    /// (zero-width space, bidi override, …), white space other than the
+    /// plain space, or a blank-looking filler.
+    #[error("contains an invisible or look-alike character (U+{0:04X})")]
+    Invisible(u32),
+    /// A name the server uses for its own frames.
+    #[error("is reserved for the server")]
+    Reserved,
 }
 
 /// The rule nicknames and room names share: 1 to [`MAX_NICKNAME_CHARS`]
-/// characters, no control characters, no white space at either end.
+/// characters, no control characters, no invisible characters (see
+/// [`is_invisible`]), no white space at either end.
 fn validate_name(raw: &str) -> Result<String, NameError> {
     if raw.is_empty() {
         return Err(NameError::Empty);
@@ -76,16 +85,63 @@ fn validate_name(raw: &str) -> Result<String, NameError> {
     if raw.chars().any(char::is_control) {
         return Err(NameError::ControlCharacter);
     }
+    if let Some(c) = raw.chars().find(|&c| is_invisible(c)) {
+        return Err(NameError::Invisible(c.into()));
+    }
     if raw.trim() != raw {
         return Err(NameError::OuterWhitespace);
     }
     Ok(raw.to_owned())
 }
 
+/// Characters a name may not contain because they cannot be seen, or make
+/// one name look like another: `alice` followed by a zero-width space is
+/// not `alice`, yet reads the same; a right-to-left override turns
+/// `evil\u{202E}txt.exe` around on screen.
+///
+/// * Unicode *format* characters (general category Cf): zero-width
+///   spaces and joiners, bidi embeddings, overrides and isolates, the
+///   byte-order mark, invisible operators, tags.
+/// * White space other than the plain space (no-break, ideographic,
+///   line and paragraph separators): it looks like a space and is not one.
+/// * Blank-looking fillers (Hangul fillers, the Braille blank).
+/// * Variation selectors, which change a glyph without being one.
+pub fn is_invisible(c: char) -> bool {
+    (c != ' ' && c.is_whitespace())
+        || matches!(c,
+            '\u{00AD}' // soft hyphen
+            | '\u{034F}' // combining grapheme joiner
+            | '\u{061C}' // Arabic letter mark
+            | '\u{0600}'..='\u{0605}'
+            | '\u{06DD}' | '\u{070F}' | '\u{0890}' | '\u{0891}' | '\u{08E2}'
+            | '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}' // Hangul fillers
+            | '\u{17B4}' | '\u{17B5}' // Khmer inherent vowels
+            | '\u{180B}'..='\u{180F}' // Mongolian selectors and vowel separator
+            | '\u{200B}'..='\u{200F}' // zero-width space, joiners, LRM, RLM
+            | '\u{202A}'..='\u{202E}' // bidi embeddings and overrides
+            | '\u{2060}'..='\u{206F}' // word joiner, invisible operators, isolates
+            | '\u{2800}' // Braille blank
+            | '\u{FE00}'..='\u{FE0F}' // variation selectors
+            | '\u{FEFF}' // byte-order mark
+            | '\u{FFF9}'..='\u{FFFB}' // interlinear annotation
+            | '\u{110BD}' | '\u{110CD}'
+            | '\u{13430}'..='\u{1343F}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}' // tags and variation selectors supplement
+        )
+}
+
 impl Nickname {
-    /// Validates an already-decoded nickname.
+    /// Validates an already-decoded nickname. Besides the shared rule, the
+    /// server's own name ([`SERVER_NICKNAME`], in any case) is refused: a
+    /// client called `server` could pass its words off as the server's.
     pub fn parse(raw: &str) -> Result<Nickname, NameError> {
-        validate_name(raw).map(Nickname)
+        let name = validate_name(raw)?;
+        if name.eq_ignore_ascii_case(SERVER_NICKNAME) {
+            return Err(NameError::Reserved);
+        }
+        Ok(Nickname(name))
     }
 
     /// Percent-decodes a URL path segment (`Joe%20Doe` is "Joe Doe"), then
@@ -174,6 +230,12 @@ impl Room {
     /// The Redis key of its message history.
     pub fn history_key(&self) -> String {
         format!("threadchat:history:{}", self.0)
+    }
+
+    /// The Redis key of its history's size in bytes (kept beside the list,
+    /// so that the history can be bounded in bytes without reading it).
+    pub fn history_bytes_key(&self) -> String {
+        format!("threadchat:history-bytes:{}", self.0)
     }
 
     /// The Redis key of its member list.
@@ -268,6 +330,74 @@ pub fn message_text(frame: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Borrowed(frame)
 }
 
+/// Why a client's chat message was refused (the connection stays open).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    /// A control character other than newline and tab: it has no place in
+    /// chat text, would drive the terminals of `?format=text` readers
+    /// (escape sequences) and costs six bytes a piece once JSON-escaped.
+    #[error(
+        "your message contains a control character (U+{0:04X}) and was not delivered; \
+         only newline and tab are allowed"
+    )]
+    ControlCharacter(u32),
+}
+
+/// Checks the text of a client's message and gives it its stored form.
+///
+/// * `\r\n` and a lone `\r` become `\n`: a line break is a line break,
+///   however the client's system spells it.
+/// * Newline and tab are allowed; any other control character (C0, DEL,
+///   C1) refuses the message. So the stored form is at most twice the text
+///   (JSON escapes `"`, `\\` and newline with two bytes), never six times.
+///
+/// ```
+/// use threadchat::protocol::{clean_message, MessageError};
+/// assert_eq!(clean_message("two\r\nlines").unwrap(), "two\nlines");
+/// assert_eq!(clean_message("\x1b[2J"), Err(MessageError::ControlCharacter(0x1b)));
+/// ```
+pub fn clean_message(text: &str) -> Result<std::borrow::Cow<'_, str>, MessageError> {
+    if let Some(c) = text
+        .chars()
+        .find(|&c| c.is_control() && !matches!(c, '\n' | '\t' | '\r'))
+    {
+        return Err(MessageError::ControlCharacter(c.into()));
+    }
+    if !text.contains('\r') {
+        return Ok(std::borrow::Cow::Borrowed(text));
+    }
+    Ok(std::borrow::Cow::Owned(
+        text.replace("\r\n", "\n").replace('\r', "\n"),
+    ))
+}
+
+/// Makes text safe to show as one line in a terminal (`?format=text`):
+/// a newline becomes `↵`, so a multi-line message stays visibly one message
+/// and cannot forge lines of its own (`\n* alice left`); other control
+/// characters become their visible Unicode pictures (ESC is `␛`), so no
+/// escape sequence reaches the terminal; invisible and bidi characters
+/// are shown as `<U+202E>`. Tab stays a tab.
+pub fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    let needs = |c: char| c != '\t' && (c.is_control() || is_invisible(c) && c != ' ');
+    if !text.chars().any(needs) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\t' => out.push(c),
+            '\n' => out.push('↵'),
+            '\u{0}'..='\u{1f}' => {
+                out.push(char::from_u32(0x2400 + u32::from(c)).unwrap_or('\u{FFFD}'))
+            }
+            '\u{7f}' => out.push('␡'),
+            c if needs(c) => out.push_str(&format!("<U+{:04X}>", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// What happens in a room, as published on its Redis channel: a chat
 /// message, or someone joining or leaving.
 ///
@@ -331,7 +461,7 @@ pub enum Kind {
     Join,
     /// Someone left the room.
     Leave,
-    /// A type this version does not know: shown as a chat message.
+    /// A type this version does not know: the payload is skipped.
     #[serde(other)]
     Other,
 }
@@ -343,11 +473,41 @@ impl Kind {
 }
 
 /// Why a payload found on the Redis channel is not a chat message.
+///
+/// Whatever is on a room's channel is untrusted: anyone who can reach the
+/// Redis (the original app's clients, in the interop set-up) can publish
+/// there. A payload is delivered only if it is no bigger than threadchat
+/// itself would publish, is a chat message, join or leave, and names a
+/// plausible nickname; lists are cut to what the server itself sends.
 #[derive(Debug, thiserror::Error)]
 pub enum PayloadError {
     /// Not a JSON object with string `"nickname"` and `"message"` fields.
     #[error("not a chat message ({0})")]
     NotChatMessage(#[from] serde_json::Error),
+    /// Bigger than the largest payload threadchat publishes; skipped
+    /// unread.
+    #[error("payload of {0} bytes is over the limit")]
+    TooBig(usize),
+    /// A `"type"` this version does not know.
+    #[error("unknown type")]
+    UnknownType,
+    /// The nickname is empty, too long, or has control characters.
+    #[error("implausible nickname")]
+    BadNickname,
+}
+
+/// The longest `"nickname"` accepted in a payload, in characters: a
+/// nickname, or the summary of a coalesced join ("alice, bob and 48
+/// others").
+const MAX_PAYLOAD_NICKNAME_CHARS: usize = 2 * MAX_NICKNAME_CHARS + 32;
+
+/// The largest payload accepted from a room's channel, for clients whose
+/// messages may be `max_message` bytes: what threadchat itself publishes
+/// for such a message (JSON escaping at most doubles the text, see
+/// [`clean_message`]) and its other fields. Anything bigger is skipped
+/// without being read into memory.
+pub fn max_payload(max_message: usize) -> usize {
+    2 * max_message + 4096
 }
 
 impl ChatMessage {
@@ -409,9 +569,25 @@ impl ChatMessage {
         format!("{conn}:{kind}")
     }
 
-    /// Parses a payload read from the Redis channel.
+    /// Parses a payload read from the Redis channel (or the history), and
+    /// checks it (see [`PayloadError`]).
     pub fn from_payload(payload: &[u8]) -> Result<ChatMessage, PayloadError> {
-        Ok(serde_json::from_slice(payload)?)
+        let mut message: ChatMessage = serde_json::from_slice(payload)?;
+        if message.kind == Kind::Other {
+            return Err(PayloadError::UnknownType);
+        }
+        let nickname = &message.nickname;
+        if nickname.is_empty()
+            || nickname.chars().count() > MAX_PAYLOAD_NICKNAME_CHARS
+            || nickname.chars().any(|c| c.is_control() || is_invisible(c))
+        {
+            return Err(PayloadError::BadNickname);
+        }
+        message.nicknames.truncate(GROUP_LIST);
+        message
+            .nicknames
+            .retain(|name| Nickname::parse(name).is_ok());
+        Ok(message)
     }
 
     /// The JSON published on the Redis channel.
@@ -464,6 +640,18 @@ pub struct Junk {
 }
 
 impl Incoming {
+    /// A payload skipped unread because it is `len` bytes, over the limit.
+    pub fn oversized(len: usize) -> Incoming {
+        Incoming {
+            message: Err(Junk {
+                error: PayloadError::TooBig(len),
+                payload: Vec::new(),
+            }),
+            json: OnceLock::new(),
+            text: OnceLock::new(),
+        }
+    }
+
     /// Parses a payload read from a room's channel.
     pub fn parse(payload: &[u8]) -> Incoming {
         Incoming {
@@ -636,6 +824,7 @@ impl<'a> ServerFrame<'a> {
                 nicknames,
                 count,
             },
+            // `Other` never gets this far (`from_payload` refuses it).
             Kind::Chat | Kind::Other => ServerFrame::Chat {
                 nickname,
                 message,
@@ -650,8 +839,18 @@ impl<'a> ServerFrame<'a> {
         serde_json::to_string(self).expect("a frame of strings and integers always serializes")
     }
 
-    /// The frame as one line for a person (`?format=text`).
+    /// The frame as exactly one line for a person (`?format=text`), with
+    /// line breaks and control characters shown, never sent raw (see
+    /// [`one_line`]).
     pub fn to_text(&self) -> String {
+        let line = self.text_line();
+        match one_line(&line) {
+            std::borrow::Cow::Borrowed(_) => line,
+            std::borrow::Cow::Owned(escaped) => escaped,
+        }
+    }
+
+    fn text_line(&self) -> String {
         match self {
             ServerFrame::Chat {
                 nickname,
@@ -779,10 +978,10 @@ mod tests {
             ServerFrame::from_event(&join, false).to_text(),
             "* carol joined"
         );
-        let odd =
-            ChatMessage::from_payload(br#"{"type":"poll","nickname":"x","message":"y"}"#).unwrap();
-        assert_eq!(odd.kind, Kind::Other);
-        assert_eq!(ServerFrame::from_event(&odd, false).to_text(), "x: y");
+        assert!(matches!(
+            ChatMessage::from_payload(br#"{"type":"poll","nickname":"x","message":"y"}"#),
+            Err(PayloadError::UnknownType)
+        ));
     }
 
     #[test]

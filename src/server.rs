@@ -23,8 +23,8 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,8 @@ use crate::http;
 use crate::metrics::Metrics;
 use crate::session::announce::Announcer;
 use crate::session::handoff::{FIRST_THREAD_STACK_SIZE, Handoffs};
+use crate::session::per_ip::PerIp;
+use crate::session::welcome::Welcomes;
 use crate::session::{self, Conn, Context, JunkLog, SessionError};
 
 /// A bound, not yet running, chat server.
@@ -135,6 +137,9 @@ impl Server {
                 metrics,
                 junk: JunkLog::default(),
                 handoffs: Handoffs::default(),
+                welcomes: Welcomes::default(),
+                per_ip: PerIp::new(config.limits.max_connections_per_ip),
+                members: http::MembersCache::default(),
                 panic_trigger: test_panic_trigger(),
             }),
             shutdown: ShutdownHandle {
@@ -188,13 +193,37 @@ impl Server {
             };
             if registry.active.len() >= max {
                 log::warn!("refused {peer}: {max} connections already open (--max-connections)");
-                http::refuse_full(&stream);
+                http::refuse_full(&stream, "server full; try again later");
                 continue;
             }
+            // A trusted proxy's clients are counted by the address it
+            // forwards, once their request is read (see `session::per_ip`).
+            let slot = if self.ctx.limits.trusted_proxies.contains(&peer.ip()) {
+                None
+            } else {
+                match self.ctx.per_ip.take(peer.ip()) {
+                    Some(slot) => slot,
+                    None => {
+                        let hint = if peer.ip().is_loopback() {
+                            " (behind a reverse proxy on this host? pass --trusted-proxy)"
+                        } else {
+                            ""
+                        };
+                        log::warn!("refused {peer}: --max-connections-per-ip reached{hint}");
+                        http::refuse_full(
+                            &stream,
+                            "too many connections from your address; try again later",
+                        );
+                        continue;
+                    }
+                }
+            };
             next_seq += 1;
-            let conn = Arc::new(Conn::new(self.instance, next_seq, peer, Arc::new(stream)));
+            let conn = Arc::new(Conn::new(self.instance, next_seq, peer, stream, slot));
             // Registered first: a report can come as soon as the thread runs.
-            registry.active.insert(conn.seq, (Arc::clone(&conn), None));
+            registry
+                .active
+                .insert(conn.seq, (Arc::downgrade(&conn), None));
             let started =
                 spawn_connection(Arc::clone(&conn), Arc::clone(&self.ctx), reports_tx.clone());
             if let Err(e) = started {
@@ -264,8 +293,10 @@ impl session::Reports for Reporter {
 struct Registry {
     /// Each connection, with the handle of its reader thread once it has
     /// been handed one. (A first thread holds its own handle: see
-    /// [`session::handoff`].)
-    active: HashMap<u64, (Arc<Conn>, Option<JoinHandle<()>>)>,
+    /// [`session::handoff`].) Weak: a connection's state, and with it its
+    /// socket and its place in its address's count, goes when its last
+    /// thread ends, not when this loop next wakes to join it.
+    active: HashMap<u64, (Weak<Conn>, Option<JoinHandle<()>>)>,
     /// What the connections' threads report.
     reports: Receiver<Report>,
 }
@@ -309,11 +340,11 @@ impl Registry {
         if !self.active.is_empty() {
             log::info!("shutting down: closing {} connection(s)", self.active.len());
         }
-        for (conn, _) in self.active.values() {
+        for conn in self.active.values().filter_map(|(conn, _)| conn.upgrade()) {
             conn.stop_for_shutdown();
         }
         self.wait(Some(Instant::now() + grace));
-        for (conn, _) in self.active.values() {
+        for conn in self.active.values().filter_map(|(conn, _)| conn.upgrade()) {
             conn.force_close();
         }
         // Every connection reports when it is over, however it ends; with

@@ -5,14 +5,22 @@
 //! Redis: each subscriber thread blocks on its own bounded queue
 //! ([`fanout`](super::fanout), which also explains the bound and what happens
 //! to a client that falls behind). History and member lists live in memory,
-//! like the channels.
+//! like the channels, under the same bounds as in Redis: a room's history
+//! is bounded in count and in bytes, and a room nobody is in is freed
+//! `--room-ttl` after its last use, by a small sweeper thread
+//! (`tc-expire`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{RecvTimeoutError, Sender};
 
 use super::fanout::{Fanout, FanoutListener};
 use super::{Broker, BrokerError, Canceller, Event, Presence, Receipt, Settings, Subscription};
-use crate::protocol::{ConnId, Incoming, Nickname, Room};
+use crate::metrics::Metrics;
+use crate::protocol::{ChatMessage, ConnId, Incoming, Nickname, Room};
 
 /// Relays messages between the connections of this process.
 pub struct MemoryBroker {
@@ -21,28 +29,101 @@ pub struct MemoryBroker {
     /// subscription, which removes itself when it ends.
     fanout: Arc<Fanout>,
     /// Room name → its recent chat messages and its members.
-    rooms: Mutex<HashMap<String, RoomState>>,
+    rooms: Arc<Rooms>,
+    /// Dropped to stop the sweeper thread, which the drop then joins.
+    sweeper_stop: Option<Sender<()>>,
+    sweeper: Option<JoinHandle<()>>,
 }
 
-#[derive(Default)]
+/// Every room's state, and the gauge that counts them.
+struct Rooms {
+    state: Mutex<HashMap<String, RoomState>>,
+    metrics: Arc<Metrics>,
+}
+
 struct RoomState {
     history: VecDeque<Arc<[u8]>>,
+    /// Bytes in `history`.
+    history_bytes: usize,
     /// (connection, nickname) of everyone in the room.
     members: Vec<(ConnId, String)>,
+    /// The last message, join or leave: an empty room is freed
+    /// `--room-ttl` after it.
+    last_used: Instant,
+}
+
+impl Default for RoomState {
+    fn default() -> Self {
+        RoomState {
+            history: VecDeque::new(),
+            history_bytes: 0,
+            members: Vec::new(),
+            last_used: Instant::now(),
+        }
+    }
+}
+
+impl Rooms {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, RoomState>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the room's state (created if need be), marked as used.
+    fn with<T>(&self, room: &Room, f: impl FnOnce(&mut RoomState) -> T) -> T {
+        let mut rooms = self.lock();
+        let state = rooms.entry(room.name().to_owned()).or_default();
+        state.last_used = Instant::now();
+        let result = f(state);
+        self.metrics.rooms_in_memory.set(rooms.len() as u64);
+        result
+    }
+
+    /// Frees the rooms that nobody is in and nobody used for `ttl`.
+    fn expire(&self, ttl: Duration) {
+        let mut rooms = self.lock();
+        rooms.retain(|_, state| !state.members.is_empty() || state.last_used.elapsed() < ttl);
+        self.metrics.rooms_in_memory.set(rooms.len() as u64);
+    }
 }
 
 impl MemoryBroker {
-    /// An empty broker.
-    pub fn new(settings: &Settings) -> MemoryBroker {
-        MemoryBroker {
+    /// An empty broker, and its sweeper thread.
+    pub fn new(settings: &Settings, metrics: &Arc<Metrics>) -> Result<MemoryBroker, BrokerError> {
+        let rooms = Arc::new(Rooms {
+            state: Mutex::default(),
+            metrics: Arc::clone(metrics),
+        });
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let ttl = settings.room_ttl;
+        // Often enough that a room outlives its time by at most half of it.
+        let every = (ttl / 2).clamp(Duration::from_millis(100), Duration::from_secs(60));
+        let sweeping = Arc::clone(&rooms);
+        let sweeper = thread::Builder::new()
+            .name("tc-expire".into())
+            .stack_size(crate::THREAD_STACK_SIZE)
+            .spawn(move || {
+                // Shutdown by dropping the sender: the wait fails at once.
+                while let Err(RecvTimeoutError::Timeout) = stop_rx.recv_timeout(every) {
+                    sweeping.expire(ttl);
+                }
+            })
+            .map_err(|e| BrokerError::Redis(format!("cannot start the sweeper thread: {e}")))?;
+        Ok(MemoryBroker {
             settings: settings.clone(),
             fanout: Arc::new(Fanout::new(true, 1)),
-            rooms: Mutex::default(),
-        }
+            rooms,
+            sweeper_stop: Some(stop_tx),
+            sweeper: Some(sweeper),
+        })
     }
+}
 
-    fn rooms(&self) -> std::sync::MutexGuard<'_, HashMap<String, RoomState>> {
-        self.rooms.lock().unwrap_or_else(|p| p.into_inner())
+impl Drop for MemoryBroker {
+    fn drop(&mut self) {
+        self.sweeper_stop.take();
+        if let Some(sweeper) = self.sweeper.take() {
+            let _ = sweeper.join();
+        }
     }
 }
 
@@ -54,12 +135,19 @@ impl Broker for MemoryBroker {
     fn publish(&self, room: &Room, payload: Vec<u8>, record: bool) -> Receipt {
         let incoming = Arc::new(Incoming::parse(&payload));
         if record && self.settings.history > 0 {
-            let mut rooms = self.rooms();
-            let history = &mut rooms.entry(room.name().to_owned()).or_default().history;
-            history.push_back(payload.into());
-            while history.len() > self.settings.history {
-                history.pop_front();
-            }
+            let (max_count, max_bytes) = (self.settings.history, self.settings.history_bytes);
+            self.rooms.with(room, |state| {
+                state.history_bytes += payload.len();
+                state.history.push_back(payload.into());
+                // The oldest go first, until both bounds hold (a message
+                // bigger than the byte bound on its own is not kept).
+                while state.history.len() > max_count || state.history_bytes > max_bytes {
+                    let Some(old) = state.history.pop_front() else {
+                        break;
+                    };
+                    state.history_bytes -= old.len();
+                }
+            });
         }
         self.fanout
             .dispatch(&room.channel(), None, Event::Message(incoming));
@@ -86,35 +174,47 @@ impl Broker for MemoryBroker {
 
     fn history(&self, room: &Room) -> Result<Vec<Vec<u8>>, BrokerError> {
         Ok(self
-            .rooms()
+            .rooms
+            .lock()
             .get(room.name())
             .map(|r| r.history.iter().map(|p| p.to_vec()).collect())
             .unwrap_or_default())
     }
 
+    fn history_mark(&self, room: &Room) -> Result<Option<String>, BrokerError> {
+        let rooms = self.rooms.lock();
+        let newest = rooms.get(room.name()).and_then(|r| r.history.back());
+        Ok(newest.and_then(|payload| ChatMessage::from_payload(payload).ok()?.id))
+    }
+
     fn join(&self, room: &Room, conn: &ConnId, nickname: &Nickname) -> Result<(), BrokerError> {
-        self.rooms()
-            .entry(room.name().to_owned())
-            .or_default()
-            .members
-            .push((conn.clone(), nickname.as_str().to_owned()));
+        self.rooms.with(room, |state| {
+            state
+                .members
+                .push((conn.clone(), nickname.as_str().to_owned()));
+        });
         Ok(())
     }
 
     fn leave(&self, room: &Room, conn: &ConnId) -> Result<(), BrokerError> {
-        let mut rooms = self.rooms();
+        // An empty room without history goes at once; one with history
+        // stays for `--room-ttl` (the sweeper frees it).
+        let mut rooms = self.rooms.lock();
         if let Some(state) = rooms.get_mut(room.name()) {
             state.members.retain(|(c, _)| c != conn);
+            state.last_used = Instant::now();
             if state.members.is_empty() && state.history.is_empty() {
                 rooms.remove(room.name());
             }
         }
+        self.rooms.metrics.rooms_in_memory.set(rooms.len() as u64);
         Ok(())
     }
 
     fn members(&self, room: &Room) -> Result<Vec<String>, BrokerError> {
         let mut members: Vec<String> = self
-            .rooms()
+            .rooms
+            .lock()
             .get(room.name())
             .map(|r| r.members.iter().map(|(_, n)| n.clone()).collect())
             .unwrap_or_default();
@@ -123,7 +223,7 @@ impl Broker for MemoryBroker {
     }
 
     fn presence(&self, room: &Room, limit: usize) -> Result<Presence, BrokerError> {
-        let rooms = self.rooms();
+        let rooms = self.rooms.lock();
         let members = rooms
             .get(room.name())
             .map(|r| r.members.as_slice())
@@ -168,13 +268,49 @@ impl Drop for Registration {
 mod tests {
     use super::*;
     use std::ops::ControlFlow;
+    use std::time::Duration;
 
     fn broker(history: usize) -> MemoryBroker {
-        MemoryBroker::new(&Settings {
-            instance: 1,
-            history,
-            subscriptions: Default::default(),
-        })
+        MemoryBroker::new(
+            &Settings {
+                instance: 1,
+                history,
+                history_bytes: 16,
+                room_ttl: Duration::from_millis(200),
+                max_payload: 1024,
+                subscriptions: Default::default(),
+            },
+            &Arc::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn history_is_bounded_in_bytes_and_empty_rooms_expire() {
+        let broker = broker(100);
+        let room = Room::parse("r").unwrap();
+        for m in ["aaaaaa", "bbbbbb", "cccccc", &"d".repeat(40)] {
+            broker
+                .publish(&room, m.as_bytes().to_vec(), true)
+                .wait()
+                .unwrap();
+        }
+        // The 40-byte message is over the 16-byte bound on its own.
+        assert!(broker.history(&room).unwrap().is_empty());
+        for m in ["aaaaaa", "bbbbbb", "cccccc"] {
+            broker
+                .publish(&room, m.as_bytes().to_vec(), true)
+                .wait()
+                .unwrap();
+        }
+        assert_eq!(
+            broker.history(&room).unwrap(),
+            vec![b"bbbbbb".to_vec(), b"cccccc".to_vec()]
+        );
+        assert_eq!(broker.rooms.metrics.rooms_in_memory.get(), 1);
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(broker.history(&room).unwrap().is_empty());
+        assert_eq!(broker.rooms.metrics.rooms_in_memory.get(), 0);
     }
 
     #[test]

@@ -61,6 +61,12 @@ pub trait Broker: Send + Sync {
     /// The room's recent history, oldest first.
     fn history(&self, room: &Room) -> Result<Vec<Vec<u8>>, BrokerError>;
 
+    /// The id of the newest message in the room's history right now
+    /// (`None`: the history is empty). Cheap: a joiner takes this mark as
+    /// soon as it is subscribed, and reads the history itself later,
+    /// sending it only up to the mark (see `session::welcome`).
+    fn history_mark(&self, room: &Room) -> Result<Option<String>, BrokerError>;
+
     /// Adds connection `conn` to the room's member list.
     fn join(&self, room: &Room, conn: &ConnId, nickname: &Nickname) -> Result<(), BrokerError>;
 
@@ -126,6 +132,14 @@ pub struct Settings {
     pub instance: u64,
     /// Chat messages kept per room (0: no history).
     pub history: usize,
+    /// Most bytes of stored messages kept per room: the oldest go first.
+    pub history_bytes: usize,
+    /// How long a room's state (history, member list) outlives its last
+    /// use.
+    pub room_ttl: Duration,
+    /// Largest payload accepted from a room's channel (see
+    /// [`max_payload`](crate::protocol::max_payload)).
+    pub max_payload: usize,
     /// How the Redis broker subscribes (the in-process broker ignores it).
     pub subscriptions: SubscriptionMode,
 }
@@ -210,9 +224,25 @@ pub enum BrokerError {
     /// The subscriber could not keep up and was dropped by the relay.
     #[error("fell too far behind the room")]
     Lagged,
+    /// Redis answered the command with an error (out of memory, a missing
+    /// script, a read-only replica…): it was not carried out.
+    #[error("Redis refused it: {0}")]
+    Refused(String),
+    /// Redis did not answer in time: the command may or may not have been
+    /// carried out (a paused or overloaded Redis carries it out later).
+    #[error("Redis did not answer in time ({0})")]
+    Uncertain(String),
     /// The relay is shutting down.
     #[error("the relay is shutting down")]
     Closed,
+}
+
+impl BrokerError {
+    /// True when the command may have been carried out all the same: the
+    /// sender must not be told flatly that its message was not delivered.
+    pub fn is_uncertain(&self) -> bool {
+        matches!(self, BrokerError::Uncertain(_))
+    }
 }
 
 /// One connection's subscription, ready to run on its subscriber thread.
@@ -434,7 +464,7 @@ pub fn connect(
             settings,
             metrics,
         )?)),
-        BrokerChoice::InProcess => Ok(Arc::new(memory::MemoryBroker::new(settings))),
+        BrokerChoice::InProcess => Ok(Arc::new(memory::MemoryBroker::new(settings, metrics)?)),
         BrokerChoice::Auto => {
             match redis::RedisBroker::connect(
                 DEFAULT_REDIS_URL,
@@ -449,7 +479,7 @@ pub fn connect(
                          in-process: this instance cannot share a room with others. \
                          Start redis-server, or pass --redis HOST[:PORT], to relay through Redis"
                     );
-                    Ok(Arc::new(memory::MemoryBroker::new(settings)))
+                    Ok(Arc::new(memory::MemoryBroker::new(settings, metrics)?))
                 }
             }
         }

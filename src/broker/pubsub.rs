@@ -28,9 +28,6 @@ use redis::{ConnectionAddr, ConnectionInfo};
 // The same `Read + Write` view of a shared socket that client connections use.
 use crate::session::socket::SharedStream;
 
-/// Largest reply element accepted (a chat payload is far smaller; Redis's
-/// own limit for a string is 512 MB).
-const MAX_BULK: usize = 64 * 1024 * 1024;
 /// Most elements in one reply array.
 const MAX_ARRAY: usize = 64;
 /// The read buffer: dozens of chat messages fit in one fill.
@@ -55,6 +52,9 @@ pub(crate) enum Reply {
     Array(Vec<Reply>),
     /// `$-1` or `*-1`.
     Nil,
+    /// A bulk string longer than the connection's limit, read past and
+    /// thrown away: only its length is kept.
+    Oversized(usize),
 }
 
 /// What arrives on a subscribed connection.
@@ -67,6 +67,14 @@ pub(crate) enum Push {
         /// What was published.
         payload: Vec<u8>,
     },
+    /// A message published on `channel` whose payload, `len` bytes, was
+    /// over the limit: skipped without being kept in memory.
+    Oversized {
+        /// The channel.
+        channel: Vec<u8>,
+        /// The payload's length.
+        len: usize,
+    },
     /// Anything else: subscription confirmations, the answer to a `PING`.
     Other,
 }
@@ -76,6 +84,9 @@ pub(crate) enum Push {
 pub(crate) struct PubSubConnection {
     reader: BufReader<SharedStream>,
     stream: Arc<TcpStream>,
+    /// Longest payload kept; longer ones are read past (see
+    /// [`Push::Oversized`]).
+    max_payload: usize,
 }
 
 impl PubSubConnection {
@@ -84,6 +95,7 @@ impl PubSubConnection {
     pub(crate) fn connect(
         info: &ConnectionInfo,
         timeout: Duration,
+        max_payload: usize,
     ) -> io::Result<(PubSubConnection, Arc<TcpStream>)> {
         let ConnectionAddr::Tcp(host, port) = info.addr() else {
             return Err(io::Error::new(
@@ -117,6 +129,7 @@ impl PubSubConnection {
         let mut connection = PubSubConnection {
             reader: BufReader::with_capacity(BUFFER, SharedStream(Arc::clone(&stream))),
             stream: Arc::clone(&stream),
+            max_payload,
         };
         let settings = info.redis_settings();
         if let Some(password) = settings.password() {
@@ -179,6 +192,11 @@ impl PubSubConnection {
             {
                 Ok(Push::Message { channel, payload })
             }
+            (Some(Reply::Bulk(kind)), Some(Reply::Bulk(channel)), Some(Reply::Oversized(len)))
+                if kind == b"message" =>
+            {
+                Ok(Push::Oversized { channel, len })
+            }
             _ => Ok(Push::Other),
         }
     }
@@ -193,12 +211,15 @@ impl PubSubConnection {
     }
 
     fn read_reply(&mut self) -> io::Result<Reply> {
-        read_reply(&mut self.reader, 0)
+        read_reply(&mut self.reader, 0, self.max_payload)
     }
 }
 
-/// Reads one RESP2 reply. `-ERR …` replies are errors.
-fn read_reply(reader: &mut impl BufRead, depth: usize) -> io::Result<Reply> {
+/// Reads one RESP2 reply. `-ERR …` replies are errors. A bulk string over
+/// `max_bulk` bytes is read past, in small pieces, and returned as
+/// [`Reply::Oversized`]: someone publishing 32 MiB on a room costs this
+/// process a few KiB, not 32 MiB per subscription.
+fn read_reply(reader: &mut impl BufRead, depth: usize, max_bulk: usize) -> io::Result<Reply> {
     let line = read_line(reader)?;
     let (kind, rest) = line
         .split_first()
@@ -216,8 +237,12 @@ fn read_reply(reader: &mut impl BufRead, depth: usize) -> io::Result<Reply> {
             let Ok(len) = usize::try_from(number()?) else {
                 return Ok(Reply::Nil);
             };
-            if len > MAX_BULK {
-                return Err(protocol_error("bulk string too long"));
+            if len > max_bulk {
+                let skipped = io::copy(&mut reader.by_ref().take(len as u64 + 2), &mut io::sink())?;
+                if skipped < len as u64 + 2 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                return Ok(Reply::Oversized(len));
             }
             let mut data = vec![0; len + 2];
             reader.read_exact(&mut data)?;
@@ -235,7 +260,7 @@ fn read_reply(reader: &mut impl BufRead, depth: usize) -> io::Result<Reply> {
                 return Err(protocol_error("reply array too big or too deep"));
             }
             (0..len)
-                .map(|_| read_reply(reader, depth + 1))
+                .map(|_| read_reply(reader, depth + 1, max_bulk))
                 .collect::<io::Result<_>>()
                 .map(Reply::Array)
         }
@@ -298,7 +323,25 @@ mod tests {
     }
 
     fn parse(bytes: &[u8]) -> io::Result<Reply> {
-        read_reply(&mut &bytes[..], 0)
+        read_reply(&mut &bytes[..], 0, 1024)
+    }
+
+    #[test]
+    fn oversized_payloads_are_read_past() {
+        let mut wire = b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2000\r\n".to_vec();
+        wire.extend_from_slice(&[b'x'; 2000]);
+        wire.extend_from_slice(b"\r\n:1\r\n");
+        let mut reader = &wire[..];
+        assert_eq!(
+            read_reply(&mut reader, 0, 1024).unwrap(),
+            Reply::Array(vec![
+                Reply::Bulk(b"message".to_vec()),
+                Reply::Bulk(b"ch".to_vec()),
+                Reply::Oversized(2000),
+            ])
+        );
+        // What follows is read as usual.
+        assert_eq!(read_reply(&mut reader, 0, 1024).unwrap(), Reply::Int(1));
     }
 
     #[test]

@@ -34,13 +34,25 @@
 //! checks), on any lane: a job is a short list of commands and, when the
 //! caller waits, a channel for the answer.
 //!
-//! **Rooms' state in Redis.** A room's history is a capped list
-//! (`RPUSH` + `LTRIM`, sent just before the `PUBLISH` on the same connection,
-//! so a message is in the history before anyone can receive it). Its members
-//! are a hash, connection id → nickname. Every instance refreshes a key
-//! `threadchat:instance:{id}` (30 s expiry) every 10 s from its heartbeat
-//! thread; members whose instance key has expired — the instance crashed or
-//! was killed — are left out of member lists and removed.
+//! **Rooms' state in Redis.** A room's history is a list bounded in count
+//! and in bytes, with its size in bytes kept in a key beside it. A chat
+//! message is appended and published by one Lua script
+//! ([`RECORD_AND_PUBLISH`]): Redis runs a script whole or not at all, so a
+//! message is either recorded *and* published, or neither — and when Redis
+//! refuses writes (`maxmemory` with `noeviction`), the sender is told so
+//! truthfully. The message is in the history before anyone can receive it.
+//! A room's members are a hash, connection id → nickname. Every instance
+//! refreshes a key `threadchat:instance:{id}` (30 s expiry) every 10 s from
+//! its heartbeat thread; members whose instance key has expired — the
+//! instance crashed or was killed — are left out of member lists and
+//! removed. Every per-room key expires `--room-ttl` after its last use:
+//! each message and join refreshes it, and the heartbeat refreshes the keys
+//! of rooms that have members on this instance, so only abandoned rooms
+//! expire.
+//!
+//! **Queries** (history, member lists, joins, health checks) have a
+//! connection and a thread of their own (`tc-query`), so a flood of them
+//! never queues in front of a `PUBLISH`.
 //!
 //! **Shutdown.** Dropping the [`RedisBroker`] stops the heartbeat and drops
 //! the job senders; each publisher's `recv()` then fails, it leaves its loop,
@@ -79,16 +91,69 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest back-off between attempts to restore a lost subscription.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
+/// Appends a chat message to its room's history and publishes it, in one
+/// step that Redis carries out whole or not at all.
+///
+/// `KEYS`: the history list, its size in bytes. `ARGV`: the payload, the
+/// most messages and bytes to keep, the rooms' time to live (ms), the
+/// channel. The oldest messages go until both bounds hold; a message
+/// bigger than the byte bound on its own is published but not kept. The
+/// size key is reset whenever the list starts afresh, so it cannot drift
+/// from the list for long. Returns `PUBLISH`'s answer.
+pub const RECORD_AND_PUBLISH: &str = r"
+local payload = ARGV[1]
+local max_count, max_bytes = tonumber(ARGV[2]), tonumber(ARGV[3])
+local n = redis.call('RPUSH', KEYS[1], payload)
+local bytes
+if n == 1 then
+  bytes = #payload
+  redis.call('SET', KEYS[2], bytes)
+else
+  bytes = redis.call('INCRBY', KEYS[2], #payload)
+end
+while n > 0 and (n > max_count or bytes > max_bytes) do
+  local old = redis.call('LPOP', KEYS[1])
+  if not old then break end
+  bytes = redis.call('DECRBY', KEYS[2], #old)
+  n = n - 1
+end
+if n == 0 then
+  redis.call('DEL', KEYS[1], KEYS[2])
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+return redis.call('PUBLISH', ARGV[5], payload)
+";
+
+/// The id of the newest message in a room's history (`KEYS`: the history
+/// list), without sending the message itself over the wire: a joiner's
+/// mark (see `Broker::history_mark`). `false` (nil) when there is none.
+pub const HISTORY_MARK: &str = r"
+local newest = redis.call('LINDEX', KEYS[1], -1)
+if not newest then return false end
+local ok, message = pcall(cjson.decode, newest)
+if ok and type(message) == 'table' and type(message.id) == 'string' then
+  return message.id
+end
+return false
+";
+
 /// Relays through Redis.
 pub struct RedisBroker {
     client: Client,
     url: String,
     /// One sender per publisher thread. Dropping them stops the publishers.
     lanes: Vec<Sender<Job>>,
+    /// The query thread's queue (see the module doc).
+    queries: Option<Sender<Job>>,
     /// Round-robin lane choice.
     next_lane: AtomicUsize,
-    /// The publisher threads, joined on drop.
+    /// The publisher threads and the query thread, joined on drop.
     publishers: Vec<JoinHandle<()>>,
+    /// Rooms with members on this instance, and how many: the heartbeat
+    /// keeps their keys from expiring.
+    local_rooms: Arc<Mutex<HashMap<Room, usize>>>,
     /// Dropped to stop the heartbeat thread.
     heartbeat_stop: Option<Sender<()>>,
     heartbeat: Option<JoinHandle<()>>,
@@ -153,6 +218,18 @@ struct Job {
     reply: Reply,
 }
 
+/// The outcome of one job: its commands' replies, or why it failed. An
+/// error reply to any of its commands fails the job (and only that job).
+fn job_result(values: Vec<redis::Value>) -> Result<Vec<redis::Value>, BrokerError> {
+    match values.iter().find_map(|v| match v {
+        redis::Value::ServerError(e) => Some(e),
+        _ => None,
+    }) {
+        Some(e) => Err(BrokerError::Refused(e.to_string())),
+        None => Ok(values),
+    }
+}
+
 /// Who is waiting for a [`Job`]'s answer.
 enum Reply {
     /// Nobody: fire-and-forget (heartbeats, clean-ups).
@@ -180,7 +257,8 @@ impl Reply {
 
 /// How long an instance's liveness key lives without a refresh.
 const INSTANCE_TTL_SECS: u64 = 30;
-/// How often the heartbeat refreshes it.
+/// How often the heartbeat refreshes it (more often when `--room-ttl` is
+/// shorter than three of these).
 const HEARTBEAT: Duration = Duration::from_secs(10);
 
 fn instance_key(instance: &str) -> String {
@@ -209,28 +287,34 @@ impl RedisBroker {
             .query::<String>(&mut con)
             .map_err(connect_err)?;
 
-        let mut lanes = Vec::with_capacity(POOL_SIZE);
-        let mut publishers = Vec::with_capacity(POOL_SIZE);
-        for lane in 0..POOL_SIZE {
+        let mut lanes = Vec::with_capacity(POOL_SIZE + 1);
+        let mut publishers = Vec::with_capacity(POOL_SIZE + 1);
+        let names = (0..POOL_SIZE)
+            .map(|lane| format!("tc-publish-{lane}"))
+            .chain(["tc-query".to_owned()]);
+        for name in names {
             let (tx, rx) = crossbeam_channel::bounded(QUEUE_CAPACITY);
             let publisher = Publisher {
                 client: client.clone(),
                 connection: None,
             };
             let handle = thread::Builder::new()
-                .name(format!("tc-publish-{lane}"))
+                .name(name)
                 .stack_size(crate::THREAD_STACK_SIZE)
                 .spawn(move || publisher.run(rx))
                 .map_err(|e| BrokerError::Redis(format!("cannot start a publisher thread: {e}")))?;
             lanes.push(tx);
             publishers.push(handle);
         }
+        let queries = lanes.pop();
         let mut broker = RedisBroker {
             client,
             url: url.to_owned(),
             lanes,
+            queries,
             next_lane: AtomicUsize::new(0),
             publishers,
+            local_rooms: Arc::default(),
             heartbeat_stop: None,
             heartbeat: None,
             settings: settings.clone(),
@@ -246,6 +330,7 @@ impl RedisBroker {
                 url: broker.url.clone(),
                 metrics: Arc::clone(metrics),
                 subscriptions: Arc::clone(&broker.subscriptions),
+                max_payload: settings.max_payload,
             }));
         }
         broker.start_heartbeat()?;
@@ -266,15 +351,32 @@ impl RedisBroker {
         &self.lanes[hash as usize % self.lanes.len()]
     }
 
-    /// Runs `cmds` on a pooled connection and waits for their replies.
+    /// Runs `cmds` on the query connection and waits for their replies.
     fn run(&self, cmds: Vec<redis::Cmd>) -> Result<Vec<redis::Value>, BrokerError> {
         let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
         let job = Job {
             cmds,
             reply: Reply::Values(reply_tx),
         };
-        self.lane().send(job).map_err(|_| BrokerError::Closed)?;
+        let queries = self.queries.as_ref().ok_or(BrokerError::Closed)?;
+        queries.send(job).map_err(|_| BrokerError::Closed)?;
         reply_rx.recv().map_err(|_| BrokerError::Closed)?
+    }
+
+    /// `PEXPIRE` for each of a room's keys: they live `--room-ttl` more.
+    fn refresh(room: &Room, ttl: Duration) -> impl Iterator<Item = redis::Cmd> {
+        let ttl = ttl.as_millis() as u64;
+        [
+            room.members_key(),
+            room.history_key(),
+            room.history_bytes_key(),
+        ]
+        .into_iter()
+        .map(move |key| {
+            let mut pexpire = redis::cmd("PEXPIRE");
+            pexpire.arg(key).arg(ttl);
+            pexpire
+        })
     }
 
     /// Runs `cmds` without waiting (or caring) for the outcome.
@@ -296,6 +398,10 @@ impl RedisBroker {
         let lane = self.lanes[0].clone();
         let key = instance_key(&self.instance_id());
         let subscriptions = Arc::clone(&self.subscriptions);
+        let local_rooms = Arc::clone(&self.local_rooms);
+        let room_ttl = self.settings.room_ttl;
+        // Rooms in use must be refreshed well within their time to live.
+        let every = HEARTBEAT.min(room_ttl / 3);
         let handle = thread::Builder::new()
             .name("tc-heartbeat".into())
             .stack_size(crate::THREAD_STACK_SIZE)
@@ -303,8 +409,17 @@ impl RedisBroker {
                 loop {
                     let mut set = redis::cmd("SET");
                     set.arg(&key).arg(1).arg("EX").arg(INSTANCE_TTL_SECS);
+                    // Rooms in use here do not expire.
+                    let mut cmds = vec![set];
+                    let rooms: Vec<Room> = {
+                        let rooms = local_rooms.lock().unwrap_or_else(|p| p.into_inner());
+                        rooms.keys().cloned().collect()
+                    };
+                    for room in &rooms {
+                        cmds.extend(RedisBroker::refresh(room, room_ttl));
+                    }
                     let _ = lane.try_send(Job {
-                        cmds: vec![set],
+                        cmds,
                         reply: Reply::None,
                     });
                     // Is Redis there? A PING fails only when the connection
@@ -330,7 +445,7 @@ impl RedisBroker {
                     }
                     // Shutdown by dropping the sender: recv fails at once.
                     if let Err(crossbeam_channel::RecvTimeoutError::Disconnected) =
-                        stop_rx.recv_timeout(HEARTBEAT)
+                        stop_rx.recv_timeout(every)
                     {
                         break;
                     }
@@ -356,23 +471,27 @@ impl Broker for RedisBroker {
     }
 
     fn publish(&self, room: &Room, payload: Vec<u8>, record: bool) -> Receipt {
-        let mut cmds = Vec::with_capacity(3);
-        let history = self.settings.history;
-        if record && history > 0 {
-            let key = room.history_key();
-            let mut rpush = redis::cmd("RPUSH");
-            rpush.arg(&key).arg(&payload);
-            let mut ltrim = redis::cmd("LTRIM");
-            ltrim.arg(&key).arg(-(history as i64)).arg(-1);
-            cmds.push(rpush);
-            cmds.push(ltrim);
-        }
-        let mut publish = redis::cmd("PUBLISH");
-        publish.arg(room.channel()).arg(payload);
-        cmds.push(publish);
+        let settings = &self.settings;
+        let cmd = if record && settings.history > 0 {
+            let mut eval = redis::cmd("EVALSHA");
+            eval.arg(sha_of(RECORD_AND_PUBLISH))
+                .arg(2)
+                .arg(room.history_key())
+                .arg(room.history_bytes_key())
+                .arg(payload)
+                .arg(settings.history)
+                .arg(settings.history_bytes)
+                .arg(settings.room_ttl.as_millis() as u64)
+                .arg(room.channel());
+            eval
+        } else {
+            let mut publish = redis::cmd("PUBLISH");
+            publish.arg(room.channel()).arg(payload);
+            publish
+        };
         let (answer_tx, answer_rx) = crossbeam_channel::bounded(1);
         let job = Job {
-            cmds,
+            cmds: vec![cmd],
             reply: Reply::Done(answer_tx),
         };
         // Blocks while the lane's queue is full: back-pressure on senders.
@@ -393,18 +512,47 @@ impl Broker for RedisBroker {
             .map_err(|e| BrokerError::Redis(e.to_string()))
     }
 
+    fn history_mark(&self, room: &Room) -> Result<Option<String>, BrokerError> {
+        if self.settings.history == 0 {
+            return Ok(None);
+        }
+        let mut eval = redis::cmd("EVALSHA");
+        eval.arg(sha_of(HISTORY_MARK))
+            .arg(1)
+            .arg(room.history_key());
+        let replies = self.run(vec![eval])?;
+        redis::from_redis_value(replies.into_iter().next().unwrap_or(redis::Value::Nil))
+            .map_err(|e| BrokerError::Redis(e.to_string()))
+    }
+
     fn join(&self, room: &Room, conn: &ConnId, nickname: &Nickname) -> Result<(), BrokerError> {
         let mut hset = redis::cmd("HSET");
         hset.arg(room.members_key())
             .arg(conn.as_str())
             .arg(nickname.as_str());
-        self.run(vec![hset]).map(|_| ())
+        let mut cmds = vec![hset];
+        cmds.extend(RedisBroker::refresh(room, self.settings.room_ttl));
+        self.run(cmds)?;
+        let mut rooms = self.local_rooms.lock().unwrap_or_else(|p| p.into_inner());
+        *rooms.entry(room.clone()).or_default() += 1;
+        Ok(())
     }
 
     fn leave(&self, room: &Room, conn: &ConnId) -> Result<(), BrokerError> {
+        {
+            let mut rooms = self.local_rooms.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(count) = rooms.get_mut(room) {
+                *count -= 1;
+                if *count == 0 {
+                    rooms.remove(room);
+                }
+            }
+        }
         let mut hdel = redis::cmd("HDEL");
         hdel.arg(room.members_key()).arg(conn.as_str());
-        self.run(vec![hdel]).map(|_| ())
+        let mut cmds = vec![hdel];
+        cmds.extend(RedisBroker::refresh(room, self.settings.room_ttl));
+        self.run(cmds).map(|_| ())
     }
 
     fn members(&self, room: &Room) -> Result<Vec<String>, BrokerError> {
@@ -486,8 +634,19 @@ impl Broker for RedisBroker {
     }
 
     fn health(&self) -> Result<(), String> {
-        self.run(vec![redis::cmd("PING")])
-            .map_err(|e| format!("Redis does not answer: {e}"))?;
+        // A write, not only a PING: a Redis at `maxmemory` answers PING but
+        // refuses every message. (It refreshes this instance's liveness key,
+        // which the heartbeat does anyway.)
+        let mut set = redis::cmd("SET");
+        set.arg(instance_key(&self.instance_id()))
+            .arg(1)
+            .arg("EX")
+            .arg(INSTANCE_TTL_SECS);
+        match self.run(vec![set]) {
+            Ok(_) => {}
+            Err(BrokerError::Refused(e)) => return Err(format!("Redis refuses writes: {e}")),
+            Err(e) => return Err(format!("Redis does not answer: {e}")),
+        }
         match self.metrics.subscriptions_down.get() {
             0 => Ok(()),
             n => Err(format!("{n} subscription(s) are reconnecting to Redis")),
@@ -505,6 +664,7 @@ impl Broker for RedisBroker {
             &self.metrics,
             &self.subscriptions,
             false,
+            self.settings.max_payload,
         );
         Ok(Subscription::new(Box::new(listener), canceller))
     }
@@ -524,6 +684,7 @@ impl Drop for RedisBroker {
         }
         self.shared.take();
         self.lanes.clear();
+        self.queries.take();
         for handle in self.publishers.drain(..) {
             if handle.join().is_err() {
                 log::error!("a Redis publisher thread panicked");
@@ -553,6 +714,7 @@ struct SharedFeeds {
     url: String,
     metrics: Arc<Metrics>,
     subscriptions: Arc<Subscriptions>,
+    max_payload: usize,
 }
 
 /// A room's running feed: a reader thread and its dispatcher threads.
@@ -625,6 +787,7 @@ impl SharedFeeds {
             &self.metrics,
             &self.subscriptions,
             true,
+            self.max_payload,
         );
         let listener = Box::new(listener);
         let stop = canceller.signal();
@@ -741,6 +904,26 @@ impl Drop for FeedRegistration {
     }
 }
 
+/// The scripts every connection loads (`SCRIPT LOAD`) when it opens.
+const SCRIPTS: [&str; 2] = [RECORD_AND_PUBLISH, HISTORY_MARK];
+
+/// The SHA1 by which Redis knows one of [`SCRIPTS`] once loaded.
+fn sha_of(script: &'static str) -> &'static str {
+    static SHAS: std::sync::OnceLock<[String; 2]> = std::sync::OnceLock::new();
+    let shas = SHAS.get_or_init(|| SCRIPTS.map(|s| redis::Script::new(s).get_hash().to_owned()));
+    let index = SCRIPTS
+        .iter()
+        .position(|s| std::ptr::eq(*s, script))
+        .expect("one of SCRIPTS");
+    &shas[index]
+}
+
+/// True for a `NOSCRIPT` error reply.
+fn is_no_script(value: &redis::Value) -> bool {
+    matches!(value, redis::Value::ServerError(e)
+        if e.kind() == Some(redis::ServerErrorKind::NoScript))
+}
+
 /// Hides a password in a Redis URL before it is logged.
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -771,7 +954,7 @@ impl Publisher {
                     for job in batch {
                         let mine: Vec<redis::Value> =
                             replies.by_ref().take(job.cmds.len()).collect();
-                        job.reply.send(Ok(mine));
+                        job.reply.send(job_result(mine));
                     }
                 }
                 Err(e) => {
@@ -784,14 +967,21 @@ impl Publisher {
         }
     }
 
-    /// Sends every job's commands as one pipeline. A connection that turns
-    /// out to be dead (say Redis restarted since the last batch) is replaced
-    /// once.
+    /// Sends every job's commands as one pipeline; an error reply fails
+    /// only its own job (see [`job_result`]).
+    ///
+    /// A connection that turns out to have been closed (say Redis restarted
+    /// since the last batch) is replaced, and the batch sent once more: the
+    /// closed connection carried nothing to Redis. A batch that Redis does
+    /// not answer in time is *not* sent again — a paused or overloaded
+    /// Redis may still carry it out — and its outcome is
+    /// [`BrokerError::Uncertain`].
     fn execute(&mut self, batch: &[Job]) -> Result<Vec<redis::Value>, BrokerError> {
         if batch.iter().all(|job| job.cmds.is_empty()) {
             return Ok(Vec::new());
         }
         let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         for cmd in batch.iter().flat_map(|job| &job.cmds) {
             pipe.add_command(cmd.clone());
         }
@@ -799,12 +989,21 @@ impl Publisher {
         for _attempt in 0..2 {
             let con = self.connection()?;
             match pipe.query::<Vec<redis::Value>>(con) {
-                Ok(replies) => return Ok(replies),
+                Ok(replies) => {
+                    // A script flushed from Redis (`SCRIPT FLUSH`): load it
+                    // again on a fresh connection for the next batch.
+                    if replies.iter().any(is_no_script) {
+                        self.connection = None;
+                    }
+                    return Ok(replies);
+                }
                 Err(e) => {
-                    let retry = e.is_connection_dropped() || e.is_io_error();
                     self.connection = None;
+                    if e.is_timeout() {
+                        return Err(BrokerError::Uncertain(e.to_string()));
+                    }
                     last_error = Some(BrokerError::Redis(e.to_string()));
-                    if !retry {
+                    if !e.is_connection_dropped() {
                         break;
                     }
                 }
@@ -813,14 +1012,21 @@ impl Publisher {
         Err(last_error.expect("the loop ran at least once"))
     }
 
+    /// The thread's connection, opened (and the script loaded) if need be.
     fn connection(&mut self) -> Result<&mut Connection, BrokerError> {
         if self.connection.is_none() {
             let con = self
                 .client
                 .get_connection_with_timeout(CONNECT_TIMEOUT)
-                .and_then(|con| {
+                .and_then(|mut con| {
                     con.set_read_timeout(Some(IO_TIMEOUT))?;
                     con.set_write_timeout(Some(IO_TIMEOUT))?;
+                    for script in SCRIPTS {
+                        redis::cmd("SCRIPT")
+                            .arg("LOAD")
+                            .arg(script)
+                            .query::<String>(&mut con)?;
+                    }
                     Ok(con)
                 })
                 .map_err(|e| BrokerError::Redis(e.to_string()))?;
@@ -844,6 +1050,8 @@ struct RedisListener {
     /// go; it stops when the last one leaves), and reports every failed
     /// attempt, not only the loss of a live subscription.
     shared: bool,
+    /// Longest payload read into memory (see [`Push::Oversized`]).
+    max_payload: usize,
 }
 
 impl Listen for RedisListener {
@@ -930,6 +1138,7 @@ impl RedisListener {
         metrics: &Arc<Metrics>,
         subscriptions: &Subscriptions,
         shared: bool,
+        max_payload: usize,
     ) -> (RedisListener, Canceller) {
         let current = Current::default();
         subscriptions.track(&current);
@@ -948,6 +1157,7 @@ impl RedisListener {
             current,
             metrics: Arc::clone(metrics),
             shared,
+            max_payload,
         };
         (listener, canceller)
     }
@@ -961,12 +1171,12 @@ impl RedisListener {
         state: &mut ListenState,
     ) -> Result<(), BrokerError> {
         let (mut con, socket) =
-            PubSubConnection::connect(&self.info, CONNECT_TIMEOUT).map_err(|e| {
-                BrokerError::Connect {
+            PubSubConnection::connect(&self.info, CONNECT_TIMEOUT, self.max_payload).map_err(
+                |e| BrokerError::Connect {
                     url: redact(&self.url),
                     reason: e.to_string(),
-                }
-            })?;
+                },
+            )?;
         self.current.set(Some(socket));
         let result = self.receive(&mut con, stop, on_event, state);
         self.current.set(None);
@@ -1010,13 +1220,19 @@ impl RedisListener {
             if stop.is_stopped() {
                 return Ok(());
             }
-            if let Push::Message { channel, payload } = con.next().map_err(lost)?
-                && channel == self.channel.as_bytes()
-            {
-                let incoming = Arc::new(Incoming::parse(&payload));
-                if on_event(Event::Message(incoming)).is_break() {
-                    return Ok(());
+            let incoming = match con.next().map_err(lost)? {
+                Push::Message { channel, payload } if channel == self.channel.as_bytes() => {
+                    Some(Incoming::parse(&payload))
                 }
+                Push::Oversized { channel, len } if channel == self.channel.as_bytes() => {
+                    Some(Incoming::oversized(len))
+                }
+                _ => None,
+            };
+            if let Some(incoming) = incoming
+                && on_event(Event::Message(Arc::new(incoming))).is_break()
+            {
+                return Ok(());
             }
             // Messages Redis sent together are written to the client
             // together: flush only when nothing more is already here. Also
@@ -1097,8 +1313,15 @@ mod tests {
         let client = Client::open(url.as_str()).unwrap();
         let metrics = Arc::new(Metrics::default());
         let subscriptions = Subscriptions::default();
-        let (listener, canceller) =
-            RedisListener::new(&client, &url, "ch".into(), &metrics, &subscriptions, false);
+        let (listener, canceller) = RedisListener::new(
+            &client,
+            &url,
+            "ch".into(),
+            &metrics,
+            &subscriptions,
+            false,
+            1024,
+        );
         let subscription = Subscription::new(Box::new(listener), canceller.clone());
         let (events_tx, events) = crossbeam_channel::unbounded();
         let listening = thread::spawn(move || {

@@ -266,11 +266,16 @@ mod tests {
 
     #[test]
     fn a_burst_of_joins_goes_out_in_few_announcements_in_order() {
-        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(&Settings {
+        let settings = Settings {
             instance: 1,
             history: 0,
+            history_bytes: 1024,
+            room_ttl: std::time::Duration::from_secs(60),
+            max_payload: 4096,
             subscriptions: Default::default(),
-        }));
+        };
+        let broker: Arc<dyn Broker> =
+            Arc::new(MemoryBroker::new(&settings, &Arc::default()).unwrap());
         let room = Room::parse("burst").unwrap();
         let subscription = broker.subscribe(&room, &ConnId::new(1, 0)).unwrap();
         let canceller = subscription.canceller();

@@ -50,12 +50,14 @@
 
 pub mod announce;
 pub mod handoff;
+pub mod liveness;
+pub mod per_ip;
 mod rate;
 mod reader;
 mod sched;
 pub mod socket;
 mod subscriber;
-mod welcome;
+pub mod welcome;
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
@@ -95,6 +97,12 @@ pub struct Context {
     pub announcer: announce::Announcer,
     /// Hands connections from their first thread to their reader thread.
     pub handoffs: handoff::Handoffs,
+    /// Bounds how many welcomes (history reads and sends) run at once.
+    pub welcomes: welcome::Welcomes,
+    /// Connections per client address (`--max-connections-per-ip`).
+    pub per_ip: Arc<per_ip::PerIp>,
+    /// Recent `GET /members` answers.
+    pub members: http::MembersCache,
     /// Debug builds only: a chat message with exactly this text makes the
     /// reader thread panic (set by `THREADCHAT_TEST_PANIC`; tests use it to
     /// check that a panic closes only its own connection).
@@ -116,6 +124,11 @@ pub struct Conn {
     ending: OnceLock<Ending>,
     /// Stops the subscriber thread; set once it exists.
     canceller: OnceLock<Canceller>,
+    /// This connection's place in its address's count (see [`per_ip`]):
+    /// taken by the accept loop, or, through a trusted proxy, once the
+    /// forwarded address is known. Given back when the `Conn` is dropped,
+    /// with the socket: when the connection's last thread ends.
+    slots: Mutex<Vec<per_ip::Slot>>,
 }
 
 /// Why a connection ended, as logged in its "left" line.
@@ -233,15 +246,23 @@ impl Ending {
 }
 
 impl Conn {
-    /// State for connection number `seq` of instance `instance`.
-    pub fn new(instance: u64, seq: u64, peer: SocketAddr, stream: Arc<TcpStream>) -> Conn {
+    /// State for connection number `seq` of instance `instance`, holding
+    /// `slot` in its address's count.
+    pub fn new(
+        instance: u64,
+        seq: u64,
+        peer: SocketAddr,
+        stream: TcpStream,
+        slot: Option<per_ip::Slot>,
+    ) -> Conn {
         Conn {
             seq,
             id: ConnId::new(instance, seq),
             peer,
-            stream,
+            stream: Arc::new(stream),
             ending: OnceLock::new(),
             canceller: OnceLock::new(),
+            slots: Mutex::new(slot.into_iter().collect()),
         }
     }
 
@@ -465,11 +486,34 @@ struct Chat {
 /// everything up to its welcome (see [`start_chat`]).
 fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, SessionError> {
     let (target, response, leftover) = match http::serve(&conn.stream, ctx)? {
-        Outcome::Upgrade {
-            target,
-            response,
-            leftover,
-        } => (target, response, leftover),
+        Outcome::Upgrade(upgrade) => {
+            let http::Upgrade {
+                target,
+                response,
+                leftover,
+                forwarded_for,
+            } = *upgrade;
+            // Through a trusted proxy: count the client by its own address.
+            if let Some(ip) = forwarded_for {
+                match ctx.per_ip.take(ip) {
+                    Some(slot) => conn
+                        .slots
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend(slot),
+                    None => {
+                        log::warn!("refused {ip} (via {}): --max-connections-per-ip", conn.peer);
+                        let _ = http::refuse(
+                            &conn.stream,
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "too many connections from your address; try again later",
+                        );
+                        return Ok(Started::Done);
+                    }
+                }
+            }
+            (target, response, leftover)
+        }
         Outcome::Answered(status) => {
             log::debug!("{}: answered HTTP {status}", conn.peer);
             return Ok(Started::Done);
@@ -479,8 +523,16 @@ fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, SessionError> 
     conn.stream
         .set_write_timeout(Some(ctx.limits.write_timeout))?;
     conn.stream.set_nodelay(true)?;
-    let max_message = ctx.limits.max_message_size;
-    let (writer, reader) = socket::split(Arc::clone(&conn.stream), leftover, max_message);
+    let limits = socket::ReadLimits {
+        max_message: ctx.limits.max_message_size,
+        idle_wait: ctx.limits.ping_interval,
+        write_timeout: ctx.limits.write_timeout,
+        liveness: liveness::Limits {
+            message_timeout: ctx.limits.message_timeout,
+            max_fragments: ctx.limits.max_fragments,
+        },
+    };
+    let (writer, reader) = socket::split(Arc::clone(&conn.stream), leftover, limits);
     let writer = Arc::new(writer);
     match target {
         Target::Chat(member) => start_chat(conn, ctx, member, response, writer, reader),
@@ -546,11 +598,13 @@ fn start_chat(
         }
     };
 
-    // Nothing is answered, and nothing read, until the subscription is live
-    // (then the history is read: see `welcome`) and the client is on the
+    // Nothing is answered until the subscription is live (so the history,
+    // read after it, leaves no gap: see `welcome`) and the client is on the
     // member list.
     let subscribed = ready_rx.recv().is_ok();
-    let history = subscribed.then(|| ctx.broker.history(room));
+    // The newest message in the history now: the welcome sends the history
+    // up to here, and whatever comes after reaches the client live.
+    let mark = subscribed.then(|| ctx.broker.history_mark(room));
     let joined = subscribed
         && match ctx.broker.join(room, &conn.id, nickname) {
             Ok(()) => true,
@@ -569,8 +623,8 @@ fn start_chat(
         .flatten();
     let upgraded = joined && http::accept(&conn.stream, &response).is_ok();
     if upgraded {
-        let history = history.unwrap_or_else(|| Ok(Vec::new()));
-        let mut skip = welcome::welcome(conn, ctx, &member, &writer, history);
+        let mark = mark.unwrap_or(Ok(None));
+        let mut skip = welcome::welcome(conn, ctx, &member, &writer, mark);
         // Nobody is told of their own arrival.
         skip.extend(own_join);
         if let Some(go) = go.take() {
@@ -733,40 +787,69 @@ fn truncate(s: &str, max: usize) -> String {
     s[..end].to_owned()
 }
 
-/// Warns about payloads on a room that are not chat messages — once per
-/// payload, not once per connection that sees it (with per-client Redis
-/// subscriptions, every connection sees every payload).
+/// Warns about payloads on a room that are not chat messages.
+///
+/// With per-client subscriptions every connection sees every payload, and
+/// anyone who can reach the Redis can publish junk: the log must not grow
+/// with either. So each distinct payload is counted once (the most recent
+/// [`JUNK_MEMORY`] are remembered), and at most one warning is written per
+/// [`JUNK_LOG_INTERVAL`]; the next warning says how many were not logged.
 #[derive(Default)]
 pub struct JunkLog {
-    /// Hashes of the payloads warned about most recently. Junk is rare, so
-    /// a lock on this path costs nothing in practice.
-    recent: Mutex<VecDeque<u64>>,
+    /// Junk is rare, so a lock on this path costs nothing in practice.
+    state: Mutex<JunkState>,
+}
+
+#[derive(Default)]
+struct JunkState {
+    /// Hashes of the payloads seen most recently.
+    recent: VecDeque<u64>,
+    /// When the last warning was written.
+    last_logged: Option<std::time::Instant>,
+    /// Distinct payloads not logged since then.
+    suppressed: u64,
 }
 
 /// How many junk payloads [`JunkLog`] remembers.
 const JUNK_MEMORY: usize = 64;
+/// At most one junk warning per this long.
+pub const JUNK_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 impl JunkLog {
-    /// Reports a skipped payload; returns true if this call logged it (so
-    /// that it is counted once, too).
+    /// Reports a skipped payload; returns true the first time this payload
+    /// is reported (so that it is counted once).
     pub fn report(&self, room: &Room, payload: &[u8], error: &dyn std::error::Error) -> bool {
         let mut hasher = DefaultHasher::new();
         room.hash(&mut hasher);
         payload.hash(&mut hasher);
+        error.to_string().hash(&mut hasher);
         let hash = hasher.finish();
-        {
-            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-            if recent.contains(&hash) {
+        let suppressed = {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if state.recent.contains(&hash) {
                 return false;
             }
-            if recent.len() == JUNK_MEMORY {
-                recent.pop_front();
+            if state.recent.len() == JUNK_MEMORY {
+                state.recent.pop_front();
             }
-            recent.push_back(hash);
-        }
+            state.recent.push_back(hash);
+            if state
+                .last_logged
+                .is_some_and(|at| at.elapsed() < JUNK_LOG_INTERVAL)
+            {
+                state.suppressed += 1;
+                return true;
+            }
+            state.last_logged = Some(std::time::Instant::now());
+            std::mem::take(&mut state.suppressed)
+        };
         let preview = String::from_utf8_lossy(&payload[..payload.len().min(80)]);
+        let more = match suppressed {
+            0 => String::new(),
+            n => format!(" ({n} more skipped since the last report, not logged)"),
+        };
         log::warn!(
-            "skipped a payload on {}: {error}: {preview:?}",
+            "skipped a payload on {}: {error}: {preview:?}{more}",
             room.channel()
         );
         true

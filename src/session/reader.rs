@@ -20,12 +20,13 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Bytes, Error as WsError, Message};
 
+use super::liveness::Stalled;
 use super::rate::{RateLimiter, Verdict};
 use super::socket::{self, Reader, Writer};
 use super::{Conn, Context, Ending, truncate};
 use crate::broker::{BrokerError, Receipt};
 use crate::http::Member;
-use crate::protocol::{ChatMessage, ServerFrame, message_text};
+use crate::protocol::{ChatMessage, ServerFrame, clean_message, message_text};
 
 /// What a [`Handler`] wants after a data message.
 pub(super) enum Next {
@@ -80,6 +81,18 @@ pub(super) fn read_loop(
             Ok(message) => {
                 last_heard = Instant::now();
                 message
+            }
+            // A message begun and not finished in time, or in too many
+            // frames: the stream is mid-frame, so fail the connection.
+            Err(WsError::Io(e)) if Stalled::from_io(&e).is_some() => {
+                let reason = Stalled::from_io(&e).map(ToString::to_string);
+                return fail(
+                    writer,
+                    conn,
+                    ctx,
+                    CloseCode::Policy,
+                    &reason.unwrap_or_default(),
+                );
             }
             Err(WsError::Io(e)) if is_timeout(&e) => {
                 if last_heard.elapsed() >= limits.idle_timeout {
@@ -173,8 +186,14 @@ fn read_error(e: WsError, writer: &Writer, conn: &Conn, ctx: &Context) -> Ending
         WsError::Io(e) => return Ending::ConnectionLost(e.to_string()),
         other => return Ending::ConnectionLost(other.to_string()),
     };
+    fail(writer, conn, ctx, code, &reason)
+}
+
+/// Fails the connection (RFC 6455 section 7.1.7): the close frame with
+/// `code`, then FIN at once, without waiting for a reply.
+fn fail(writer: &Writer, conn: &Conn, ctx: &Context, code: CloseCode, reason: &str) -> Ending {
     ctx.metrics.protocol_closes.inc();
-    let reason = truncate(&reason, 120);
+    let reason = truncate(reason, 120);
     let _ = writer.close(Some(CloseFrame {
         code,
         reason: reason.clone().into(),
@@ -268,20 +287,30 @@ impl<'a> ChatHandler<'a> {
 
     /// Waits for the oldest `count` receipts and tells the client about the
     /// messages that failed (in one error frame, however many).
+    ///
+    /// The words are exact: "not delivered" only when the relay refused the
+    /// message or never got it; when Redis did not answer in time, the
+    /// message may have gone out all the same (a paused Redis carries it
+    /// out later), and the client is told just that, so that it does not
+    /// resend a message the room may already have.
     fn wait_for(&mut self, count: usize, writer: &Writer) -> Next {
-        match self.collect(count) {
-            None => Next::Continue,
-            Some((1, preview, e)) => self.error(
-                writer,
-                &format!("your message \"{preview}\" was not delivered: {e}"),
-            ),
-            Some((n, preview, e)) => self.error(
-                writer,
-                &format!(
-                    "{n} of your messages were not delivered, starting with \"{preview}\": {e}"
-                ),
-            ),
-        }
+        let Some((n, preview, e)) = self.collect(count) else {
+            return Next::Continue;
+        };
+        let fate = if e.is_uncertain() {
+            "may or may not have been delivered"
+        } else {
+            "not delivered"
+        };
+        let text = match n {
+            1 if e.is_uncertain() => format!("your message \"{preview}\" {fate}: {e}"),
+            1 => format!("your message \"{preview}\" was {fate}: {e}"),
+            n if e.is_uncertain() => {
+                format!("{n} of your messages {fate}, starting with \"{preview}\": {e}")
+            }
+            n => format!("{n} of your messages were {fate}, starting with \"{preview}\": {e}"),
+        };
+        self.error(writer, &text)
     }
 
     /// After the connection ended: waits for the answers still due, so the
@@ -331,6 +360,10 @@ impl Handler for ChatHandler<'_> {
             }
         };
         let body = message_text(text.as_str());
+        let body = match clean_message(&body) {
+            Ok(body) => body,
+            Err(e) => return self.error(writer, &e.to_string()),
+        };
         if body.is_empty() {
             return Next::Continue;
         }

@@ -30,9 +30,12 @@ use std::io::{self, Read, Write};
 use std::mem::MaybeUninit;
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Error, Message, WebSocket};
+
+use super::liveness::{self, FrameWatch, Stalled};
 
 /// The client's TCP socket, shared by the reader, the writer and the server.
 #[derive(Debug, Clone)]
@@ -69,12 +72,47 @@ pub fn has_input(stream: &TcpStream) -> bool {
 }
 
 /// The reading side of the socket. Writes are discarded: see the module doc.
+///
+/// Every byte read passes through a [`FrameWatch`] (see
+/// [`liveness`](super::liveness)): while a message is open, the read waits
+/// no longer than the message's deadline, and a read past it fails with
+/// [`Stalled`].
 #[derive(Debug)]
-pub struct ReadHalf(SharedStream);
+pub struct ReadHalf {
+    stream: SharedStream,
+    watch: FrameWatch,
+    /// How long a read waits when no message is open (the ping interval).
+    idle_wait: Duration,
+    /// The read timeout this half last gave the socket.
+    applied: Option<Duration>,
+}
+
+impl ReadHalf {
+    /// Gives the socket the read timeout it needs now, if it differs from
+    /// the last one (a system call only when a message is open, or ends).
+    fn wait_at_most(&mut self, wait: Duration) -> io::Result<()> {
+        let wait = wait.max(Duration::from_millis(1));
+        if self.applied != Some(wait) {
+            self.stream.0.set_read_timeout(Some(wait))?;
+            self.applied = Some(wait);
+        }
+        Ok(())
+    }
+}
 
 impl Read for ReadHalf {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf)
+        let now = Instant::now();
+        self.watch.check(now).map_err(Stalled::into_io)?;
+        match self.watch.deadline() {
+            Some(deadline) => self.wait_at_most((deadline - now).min(self.idle_wait))?,
+            None => self.wait_at_most(self.idle_wait)?,
+        }
+        let n = self.stream.read(buf)?;
+        self.watch
+            .feed(&buf[..n], Instant::now())
+            .map_err(Stalled::into_io)?;
+        Ok(n)
     }
 }
 
@@ -90,27 +128,70 @@ impl Write for ReadHalf {
 /// The reader thread's WebSocket.
 pub type Reader = WebSocket<ReadHalf>;
 
-/// The writing side of the socket: blocking writes (bounded by the socket's
-/// write timeout), or, while `dont_wait` is set, writes that take only what
-/// fits in the socket's buffer now. The socket itself stays in blocking
-/// mode: the reader thread blocks on it meanwhile.
+/// The writing side of the socket: blocking writes, or, while `dont_wait`
+/// is set, writes that take only what fits in the socket's buffer now. The
+/// socket itself stays in blocking mode: the reader thread blocks on it
+/// meanwhile.
+///
+/// **The write deadline.** A client that stops reading must be closed
+/// `--write-timeout` after the oldest data it has not taken became due —
+/// not after each `send()` call blocks that long: a client draining a few
+/// bytes a second would otherwise restart the clock with every partial
+/// write, and hold its data (and, with per-client subscriptions, Redis's
+/// buffer for it) for ever. So `due` records when the data waiting now
+/// first had to wait, and each blocking write is given only the time left.
 #[derive(Debug)]
 pub struct WriteHalf {
     stream: SharedStream,
     dont_wait: bool,
+    /// `--write-timeout`.
+    write_timeout: Duration,
+    /// When the oldest data not yet taken by the socket became due; `None`
+    /// when everything has been written.
+    due: Option<Instant>,
+    /// The write timeout this half last gave the socket.
+    applied: Option<Duration>,
 }
 
 impl Write for WriteHalf {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let now = Instant::now();
         if self.dont_wait {
             let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-            socket2::SockRef::from(&*self.stream.0).send_with_flags(buf, flags)
-        } else {
-            self.stream.write(buf)
+            let written = socket2::SockRef::from(&*self.stream.0).send_with_flags(buf, flags);
+            if matches!(&written, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+                // Left for the next blocking write: due from now.
+                self.due.get_or_insert(now);
+            }
+            return written;
         }
+        let due = *self.due.get_or_insert(now);
+        let left = (due + self.write_timeout).saturating_duration_since(now);
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "data waited past --write-timeout",
+            ));
+        }
+        // A system call only when the time left has moved noticeably (a
+        // write that follows a partial one): a client that keeps up costs
+        // none.
+        if self
+            .applied
+            .is_none_or(|applied| applied.abs_diff(left) > Duration::from_millis(20))
+        {
+            self.stream.0.set_write_timeout(Some(left))?;
+            self.applied = Some(left);
+        }
+        self.stream.write(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.stream.flush()
+        self.stream.flush()?;
+        // tungstenite flushes once its buffer is written out: nothing waits.
+        if !self.dont_wait {
+            self.due = None;
+        }
+        Ok(())
     }
 }
 
@@ -125,6 +206,18 @@ impl Read for WriteHalf {
 #[derive(Debug)]
 pub struct Writer {
     ws: Mutex<WebSocket<WriteHalf>>,
+}
+
+impl WriteHalf {
+    fn new(stream: SharedStream, write_timeout: Duration) -> WriteHalf {
+        WriteHalf {
+            stream,
+            dont_wait: false,
+            write_timeout,
+            due: None,
+            applied: None,
+        }
+    }
 }
 
 /// What [`Writer::try_send_all`] did.
@@ -155,34 +248,48 @@ const WRITE_BUFFER: usize = 4 * 1024;
 /// The writer's `WebSocket`, with empty buffers. It never reads, so it
 /// needs no real read buffer. Frames are buffered until a flush (see
 /// [`Writer::send_all`]) or until [`WRITE_BUFFER`] bytes wait.
-fn write_socket(stream: SharedStream) -> WebSocket<WriteHalf> {
+fn write_socket(half: WriteHalf) -> WebSocket<WriteHalf> {
     let config = WebSocketConfig::default()
         .read_buffer_size(64)
         .write_buffer_size(WRITE_BUFFER);
-    let half = WriteHalf {
-        stream,
-        dont_wait: false,
-    };
     WebSocket::from_raw_socket(half, Role::Server, Some(config))
+}
+
+/// What the two sides enforce.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadLimits {
+    /// The largest message (and frame) the client may send.
+    pub max_message: usize,
+    /// How long one read waits for a client that is between messages.
+    pub idle_wait: Duration,
+    /// How long data to the client may wait to be written.
+    pub write_timeout: Duration,
+    /// Deadlines and fragment counts for messages begun.
+    pub liveness: liveness::Limits,
 }
 
 /// Splits an upgraded socket into its one writer and its reader.
 ///
-/// `leftover` holds bytes read past the HTTP request head; `max_message` is
-/// the largest message (and frame) the client may send.
-pub fn split(stream: Arc<TcpStream>, leftover: Vec<u8>, max_message: usize) -> (Writer, Reader) {
+/// `leftover` holds bytes read past the HTTP request head.
+pub fn split(stream: Arc<TcpStream>, leftover: Vec<u8>, limits: ReadLimits) -> (Writer, Reader) {
     let shared = SharedStream(stream);
     let read_config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
-        .max_message_size(Some(max_message))
-        .max_frame_size(Some(max_message));
-    let reader = WebSocket::from_partially_read(
-        ReadHalf(shared.clone()),
-        leftover,
-        Role::Server,
-        Some(read_config),
-    );
-    let writer = write_socket(shared);
+        .max_message_size(Some(limits.max_message))
+        .max_frame_size(Some(limits.max_message));
+    // The leftover goes to tungstenite directly: the watch must see it too.
+    // If it already breaks a limit, the watch remembers, and the first
+    // read fails.
+    let mut watch = FrameWatch::new(limits.liveness);
+    let _ = watch.feed(&leftover, Instant::now());
+    let half = ReadHalf {
+        stream: shared.clone(),
+        watch,
+        idle_wait: limits.idle_wait,
+        applied: None,
+    };
+    let reader = WebSocket::from_partially_read(half, leftover, Role::Server, Some(read_config));
+    let writer = write_socket(WriteHalf::new(shared, limits.write_timeout));
     (
         Writer {
             ws: Mutex::new(writer),
@@ -253,8 +360,9 @@ impl Writer {
         let Ok(mut ws) = self.ws.lock() else {
             return;
         };
-        let stream = ws.get_ref().stream.clone();
-        *ws = write_socket(stream);
+        let half = ws.get_ref();
+        let half = WriteHalf::new(half.stream.clone(), half.write_timeout);
+        *ws = write_socket(half);
     }
 
     /// Sends a close frame (once; later calls do nothing).

@@ -39,6 +39,7 @@ use std::net::Shutdown;
 use std::ops::ControlFlow;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use tungstenite::Message;
@@ -48,7 +49,7 @@ use super::socket::{TrySend, Writer};
 use super::{Conn, Context, Ending};
 use crate::broker::{BrokerError, Direct, DirectSink, Event, Subscription};
 use crate::http::Member;
-use crate::protocol::{Incoming, Kind, ServerFrame, unix_millis};
+use crate::protocol::{ChatMessage, ConnId, Incoming, Kind, ServerFrame, unix_millis};
 
 /// The subscriber thread's half of the start-up handshake.
 pub(super) struct Start {
@@ -91,6 +92,56 @@ struct Delivery {
     /// A direct write failed, and this is how the connection ends (this
     /// thread ends it: the dispatcher only records it).
     failed: Option<Ending>,
+    /// How far behind the room the client is.
+    lag: Lag,
+}
+
+/// How far behind the room a client is, from the messages it is sent.
+///
+/// The write deadline (see `socket::WriteHalf`) catches a client whose
+/// socket stops taking data. A client that reads, but slower than the room
+/// speaks, is caught here: each live message carries when its sender's
+/// server received it (`ts`), so the time between that and the moment the
+/// message is taken for this client is how long it waited for the client —
+/// in Redis's buffer for it (per-client subscriptions), in its queue
+/// (shared, in-process), or behind earlier writes. Past `--write-timeout`,
+/// the client is closed as too slow, before Redis's own output-buffer limit
+/// drops the subscription (and with it, the client's messages).
+///
+/// Clocks of different instances need not agree: the wait is measured
+/// against the quickest message seen from the same instance (at most
+/// [`LAG_INSTANCES`] of them are followed), so a constant clock offset
+/// cancels out. Messages without `ts` (the original app's) are not judged.
+#[derive(Default)]
+struct Lag {
+    /// (instance, least `arrival - ts` seen from it, in ms).
+    baselines: Vec<(String, i64)>,
+}
+
+/// Most sending instances a client's [`Lag`] follows.
+const LAG_INSTANCES: usize = 16;
+
+impl Lag {
+    /// How much later than its instance's quickest this message arrives,
+    /// in ms.
+    fn behind(&mut self, msg: &ChatMessage, now_ms: u64) -> u64 {
+        let Some(ts) = msg.ts else { return 0 };
+        let sender = msg.conn.as_deref().or(msg.id.as_deref()).unwrap_or("");
+        let instance = ConnId::instance_of(sender).unwrap_or(sender);
+        let offset = now_ms as i64 - ts as i64;
+        match self.baselines.iter_mut().find(|(i, _)| i == instance) {
+            Some((_, base)) => {
+                *base = (*base).min(offset);
+                (offset - *base) as u64
+            }
+            None => {
+                if self.baselines.len() < LAG_INSTANCES {
+                    self.baselines.push((instance.to_owned(), offset));
+                }
+                0
+            }
+        }
+    }
 }
 
 /// Most room messages written with one flush.
@@ -117,10 +168,15 @@ pub(super) fn run(
         subscription.run(|event| match event {
             Event::Subscribed => match start.take() {
                 Some(start) => outbox.start(start),
-                None => outbox.notice(
-                    "reconnected to the chat relay; messages sent while it was \
-                     unavailable may be missing",
-                ),
+                None => {
+                    // Messages held up by the outage say nothing of the
+                    // client: judge its lag afresh.
+                    outbox.lock().lag = Lag::default();
+                    outbox.notice(
+                        "reconnected to the chat relay; messages sent while it was \
+                         unavailable may be missing",
+                    )
+                }
             },
             Event::Lost(e) => outbox.notice(&format!("lost the chat relay ({e}); reconnecting")),
             Event::Message(incoming) => outbox.deliver(&incoming),
@@ -241,7 +297,10 @@ impl Outbox {
     /// nothing more waiting.
     fn deliver(&self, incoming: &Incoming) -> ControlFlow<()> {
         let delivery = &mut self.lock();
-        self.take(delivery, incoming);
+        if let Err(ending) = self.take(delivery, incoming) {
+            self.conn.end(ending);
+            return ControlFlow::Break(());
+        }
         if delivery.pending.len() >= MAX_BATCH {
             return self.flush(delivery);
         }
@@ -249,8 +308,9 @@ impl Outbox {
     }
 
     /// Adds one message from the room to `pending`, unless it is junk, the
-    /// client's own, or already sent from the history.
-    fn take(&self, delivery: &mut Delivery, incoming: &Incoming) {
+    /// client's own, or already sent from the history. Fails when the
+    /// client has fallen more than `--write-timeout` behind (see [`Lag`]).
+    fn take(&self, delivery: &mut Delivery, incoming: &Incoming) -> Result<(), Ending> {
         let msg = match incoming.message() {
             Ok(msg) => msg,
             Err(junk) => {
@@ -261,26 +321,34 @@ impl Outbox {
                 {
                     self.ctx.metrics.payloads_skipped.inc();
                 }
-                return;
+                return Ok(());
             }
         };
+        let behind = Duration::from_millis(delivery.lag.behind(msg, unix_millis()));
+        if behind > self.ctx.limits.write_timeout {
+            return Err(Ending::TooSlow(format!(
+                "{:.1}s behind the room (--write-timeout)",
+                behind.as_secs_f64()
+            )));
+        }
         if msg.is_from(&self.conn.id) {
-            return;
+            return Ok(());
         }
         if !delivery.skip.is_empty()
             && let Some(id) = &msg.id
             && delivery.skip.remove(id)
         {
-            return;
+            return Ok(());
         }
         // Encoded once per format for everyone; this is a shared reference.
         let Some(text) = incoming.frame(self.member.format) else {
-            return;
+            return Ok(());
         };
         delivery.pending.push(Message::Text(text));
         if !matches!(msg.kind, Kind::Join | Kind::Leave) {
             delivery.pending_stamps.push(msg.ts);
         }
+        Ok(())
     }
 
     /// Writes the queued room messages (and whatever a direct write left in
@@ -324,7 +392,11 @@ impl DirectSink for Outbox {
             return Direct::Declined;
         }
         for incoming in messages {
-            self.take(&mut delivery, incoming);
+            if let Err(ending) = self.take(&mut delivery, incoming) {
+                // The subscriber thread ends the connection.
+                delivery.failed = Some(ending);
+                return Direct::Unfinished;
+            }
         }
         if delivery.pending.is_empty() {
             return Direct::Written;

@@ -65,11 +65,12 @@ fn redis_dies_and_comes_back_mid_chat(args: &[&str]) {
 
     alice.close();
     bob.close();
-    // main, signals, announcer, heartbeat, 2 publishers
-    eventually("threads back to baseline", || server.thread_count() == 6);
-    eventually("Redis connections back to the publishers", || {
-        redis.client_count() <= 2
-    });
+    // main, signals, announcer, heartbeat, 2 publishers, the query thread
+    eventually("threads back to baseline", || server.thread_count() == 7);
+    eventually(
+        "Redis connections back to the publishers and queries",
+        || redis.client_count() <= 3,
+    );
 }
 
 /// The next error frame's text, past one about "before", whose answer may
@@ -174,7 +175,9 @@ fn a_panic_closes_only_its_own_connection() {
     carol.send("new people can join");
     assert_eq!(alice.recv_chat().1, "new people can join");
     eventually("the panicked connection's threads are gone", || {
-        server.thread_count() == 1 + 1 + 1 + 2 * 3
+        // main, signals, announcer, the in-process relay's sweeper, and
+        // two threads per client
+        server.thread_count() == 1 + 1 + 1 + 1 + 2 * 3
     });
 }
 

@@ -119,6 +119,21 @@ impl Redis {
         cmd.query::<redis::Value>(&mut con).unwrap();
     }
 
+    /// Runs a command and returns its reply, converted.
+    pub fn query<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        let mut con = self.connection().expect("redis is up");
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query(&mut con).unwrap()
+    }
+
+    /// The keys matching `pattern` (`KEYS`: fine on a test's own Redis).
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        self.query(&["KEYS", pattern])
+    }
+
     /// Kills this Redis (SIGKILL), as a crash would.
     pub fn kill(mut self) -> u16 {
         let _ = self.child.kill();
@@ -291,6 +306,43 @@ impl Server {
                 Some((name, policy))
             })
             .collect()
+    }
+
+    /// File descriptors the server process has open right now.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Opens a WebSocket by hand: sends the upgrade request for `path` with
+    /// `extra` header lines, and returns the socket once the `101` head is
+    /// read (or the status line, if the answer is something else).
+    pub fn raw_upgrade(&self, path: &str, extra: &str) -> Result<TcpStream, String> {
+        let mut stream = TcpStream::connect(self.addr).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n",
+            self.addr
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        // Read the head byte by byte: frames may follow it.
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match stream.read(&mut byte) {
+                Ok(1) => head.push(byte[0]),
+                _ => break,
+            }
+        }
+        let head = String::from_utf8_lossy(&head);
+        let status = head.lines().next().unwrap_or_default().to_owned();
+        if status.contains(" 101 ") {
+            Ok(stream)
+        } else {
+            Err(status)
+        }
     }
 
     /// Sends a signal (by name, e.g. "TERM") to the server process.

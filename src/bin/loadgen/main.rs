@@ -8,6 +8,9 @@
 //! * `b`: 100 clients, 10 of them sending as fast as the server allows, 5 s.
 //! * `c`: 5,000 idle clients (`--idle-clients`) held 10 s, then one message
 //!   all must receive.
+//! * `d`, `e`, `f`: attacks, each against one bound (see [`attacks`]): a
+//!   join storm over a history of the biggest messages, slow readers, a
+//!   flood of `/members` requests. They print a table of their own.
 //!
 //! Clients connect and send from plain blocking threads. They receive
 //! differently: the load generator shares the machine with the server, so
@@ -28,6 +31,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+mod attacks;
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -63,10 +68,17 @@ fn main() -> anyhow::Result<()> {
         vec![args.broker.clone()]
     };
     let mut rows = Vec::new();
+    let mut attack_rows = Vec::new();
     for relay in &relays {
         for scenario in &args.scenario {
             eprintln!("scenario {scenario}, relay {relay}…");
-            let env = Env::start(&args, relay)?;
+            if let Some(attack) = attacks::Attack::named(scenario) {
+                let row = attack.run(&args, relay)?;
+                eprintln!("{}", row.render());
+                attack_rows.push(row);
+                continue;
+            }
+            let env = Env::start(&args, relay, &["--history", "0"])?;
             let mut row = match scenario.as_str() {
                 "a" => fan_out(&env, 1000, 1, Pace::PerSecond(10), Duration::from_secs(10))?,
                 "b" => fan_out(&env, 100, 10, Pace::FlatOut, Duration::from_secs(5))?,
@@ -79,9 +91,17 @@ fn main() -> anyhow::Result<()> {
             rows.push(row);
         }
     }
-    println!("{}", Row::HEADER);
-    for row in &rows {
-        println!("{}", row.render());
+    if !rows.is_empty() {
+        println!("{}", Row::HEADER);
+        for row in &rows {
+            println!("{}", row.render());
+        }
+    }
+    if !attack_rows.is_empty() {
+        println!("\n{}", attacks::AttackRow::HEADER);
+        for row in &attack_rows {
+            println!("{}", row.render());
+        }
     }
     Ok(())
 }
@@ -177,7 +197,9 @@ struct Env {
 }
 
 impl Env {
-    fn start(args: &Args, broker: &str) -> anyhow::Result<Env> {
+    /// Starts Redis (for a Redis relay) and threadchat with `extra`
+    /// arguments (which must say `--history`).
+    fn start(args: &Args, broker: &str, extra: &[&str]) -> anyhow::Result<Env> {
         let mut relay = vec!["--in-process".to_owned()];
         let mut redis = None;
         let mut redis_port = None;
@@ -210,7 +232,10 @@ impl Env {
         }
         let mut server = Command::new(&args.threadchat)
             .args(["--host", "127.0.0.1", "--port", "0", "--rate-limit", "0"])
-            .args(["--log-level", "warn", "--history", "0"])
+            .args(["--log-level", "warn"])
+            .args(extra)
+            // Every client comes from 127.0.0.1.
+            .args(["--max-connections-per-ip", "0"])
             .args(&relay)
             .stderr(Stdio::piped())
             .spawn()
@@ -238,6 +263,11 @@ impl Env {
     /// CPU ticks of the Redis server, if there is one.
     fn redis_ticks(&self) -> Option<u64> {
         self.redis.as_ref().map(|r| cpu_ticks(r.id()))
+    }
+
+    /// A Redis URL for this environment's Redis, if it has one.
+    fn redis_url(&self) -> Option<String> {
+        Some(format!("redis://127.0.0.1:{}", self.redis_port?))
     }
 
     /// How many clients are connected to Redis (`INFO clients`).
@@ -307,7 +337,16 @@ fn now_micros() -> u64 {
 
 /// One connected client: its WebSocket, after the member list has arrived.
 fn connect(addr: SocketAddr, nickname: &str, room: &str) -> anyhow::Result<WebSocket<TcpStream>> {
-    let stream = TcpStream::connect(addr)?;
+    connect_on(TcpStream::connect(addr)?, addr, nickname, room)
+}
+
+/// The same over a socket already connected to `addr`.
+fn connect_on(
+    stream: TcpStream,
+    addr: SocketAddr,
+    nickname: &str,
+    room: &str,
+) -> anyhow::Result<WebSocket<TcpStream>> {
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     stream.set_nodelay(true)?;
     let url = format!("ws://{addr}/chat/{nickname}?room={room}");

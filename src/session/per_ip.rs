@@ -1,0 +1,96 @@
+//! How many connections each client address holds, and the limit on it
+//! (`--max-connections-per-ip`).
+//!
+//! Without it one host can take every connection slot the server has. The
+//! accept loop takes a [`Slot`] for each connection's address before it
+//! spends a thread on it, and answers 503 when the address has none left.
+//! A connection through a trusted reverse proxy is counted by the address
+//! the proxy forwarded instead, once its request head has been read (the
+//! proxy itself is not counted: all its clients share its address).
+//!
+//! A slot is held by the connection's [`Conn`](super::Conn) and given back
+//! when it is dropped, that is when the connection's last thread ends.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+/// Connections per address, under a limit.
+#[derive(Debug)]
+pub struct PerIp {
+    limit: Option<usize>,
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection's place in its address's count; given back on drop.
+#[derive(Debug)]
+pub struct Slot {
+    owner: Arc<PerIp>,
+    ip: IpAddr,
+}
+
+impl PerIp {
+    /// Counts under `limit` connections per address (`None`: no limit,
+    /// nothing counted).
+    pub fn new(limit: Option<usize>) -> Arc<PerIp> {
+        Arc::new(PerIp {
+            limit,
+            counts: Mutex::default(),
+        })
+    }
+
+    /// A slot for one more connection from `ip`: `Some(None)` when there is
+    /// no limit, `None` when `ip` has used up its slots.
+    pub fn take(self: &Arc<Self>, ip: IpAddr) -> Option<Option<Slot>> {
+        let Some(limit) = self.limit else {
+            return Some(None);
+        };
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(ip).or_default();
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(Some(Slot {
+            owner: Arc::clone(self),
+            ip,
+        }))
+    }
+
+    /// How many connections `ip` holds now.
+    pub fn count(&self, ip: IpAddr) -> usize {
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts.get(&ip).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut counts = self.owner.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_counted_and_given_back() {
+        let per_ip = PerIp::new(Some(2));
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        let a = per_ip.take(ip).unwrap();
+        let _b = per_ip.take(ip).unwrap();
+        assert!(per_ip.take(ip).is_none());
+        assert!(per_ip.take("10.1.2.4".parse().unwrap()).is_some());
+        drop(a);
+        assert_eq!(per_ip.count(ip), 1);
+        assert!(per_ip.take(ip).is_some());
+        assert!(PerIp::new(None).take(ip).unwrap().is_none());
+    }
+}
