@@ -523,6 +523,10 @@ fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, SessionError> 
     conn.stream
         .set_write_timeout(Some(ctx.limits.write_timeout))?;
     conn.stream.set_nodelay(true)?;
+    // A fixed send buffer (see `SEND_BUFFER`): what a client has not read
+    // waits in its writer, under the write deadline, not for seconds in
+    // the kernel.
+    socket2::SockRef::from(&*conn.stream).set_send_buffer_size(SEND_BUFFER)?;
     let limits = socket::ReadLimits {
         max_message: ctx.limits.max_message_size,
         idle_wait: ctx.limits.ping_interval,
@@ -545,6 +549,20 @@ fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, SessionError> 
         }
     }
 }
+
+/// The kernel's send buffer for a client socket, in bytes (Linux doubles
+/// it for its own bookkeeping).
+///
+/// Left to itself, Linux grows a socket's send buffer up to
+/// `net.ipv4.tcp_wmem`'s maximum, 4 MB by default: a client that stops
+/// reading first soaks up seconds of the room's traffic into kernel memory
+/// before any write blocks, and `--write-timeout` only starts counting
+/// then. 256 KiB is still far more than a chat connection needs in flight
+/// (at 100 ms round trip, 2.5 MB/s to one client), and makes a client that
+/// falls behind fall behind where the write deadline sees it. Measured in
+/// `make bench` scenario e: slow readers closed 12.8 s after the first
+/// message with autotuning, against a `--write-timeout` of 10 s.
+const SEND_BUFFER: usize = 256 * 1024;
 
 /// A chat connection's start: subscribe, join, upgrade, welcome.
 fn start_chat(

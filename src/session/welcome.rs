@@ -15,25 +15,30 @@
 //! **Bounded memory.** A room's history is bounded in bytes
 //! (`--history-bytes`). A joiner holds none of it while it waits for its
 //! join to be announced (only the mark), and at most [`MAX_WELCOMES`]
-//! welcomes read and send a history at once; the others wait their turn.
+//! welcomes read and render a history at once; the others wait their turn.
 //! So a join storm into a room whose history is full of the biggest
-//! messages costs at most `MAX_WELCOMES` histories of memory, not one per
-//! joiner. The history's frames go to the writer one at a time, and the
-//! writer writes them out every few KiB.
+//! messages costs a few histories of memory at a time, not one per joiner.
+//! A turn covers the work only: reading, rendering, and writing what the
+//! socket takes at once. What a slow joiner's socket does not take yet waits
+//! in that joiner's writer, up to the write timeout, with the turn free for
+//! the next joiner — a few clients that never read cannot stop everyone
+//! else from joining. Four turns keep both cores busy during a storm; more
+//! only spread the storm's freed memory over more of glibc's per-thread
+//! arenas, where it stays resident (docs/PERFORMANCE.md, scenario d).
 
 use std::collections::HashSet;
 use std::sync::{Condvar, Mutex};
 
 use tungstenite::Message;
 
-use super::socket::Writer;
+use super::socket::{TrySend, Writer};
 use super::{Conn, Context, Ending};
 use crate::broker::BrokerError;
 use crate::http::Member;
 use crate::protocol::{ChatMessage, PRESENCE_LIST, SERVER_NICKNAME, ServerFrame};
 
 /// Most welcomes (history read and sent) under way at once.
-pub const MAX_WELCOMES: usize = 16;
+pub const MAX_WELCOMES: usize = 4;
 
 /// A counting semaphore for welcomes: [`Welcomes::start`] waits for a
 /// free place, and the place is freed when its [`Turn`] is dropped.
@@ -48,8 +53,9 @@ pub struct Turn<'a>(&'a Welcomes);
 
 impl Welcomes {
     /// Waits until fewer than [`MAX_WELCOMES`] are under way, and takes a
-    /// place. Never waits long: a welcome that takes longer than the write
-    /// timeout fails.
+    /// place. Never waits long: a turn covers reading the history,
+    /// rendering it and writing what the socket takes at once, never a wait
+    /// for a client to read.
     pub fn start(&self) -> Turn<'_> {
         let mut under_way = self.under_way.lock().unwrap_or_else(|p| p.into_inner());
         while *under_way >= MAX_WELCOMES {
@@ -82,17 +88,43 @@ pub(super) fn welcome(
     mark: Result<Option<String>, BrokerError>,
 ) -> HashSet<String> {
     let presence = presence(ctx, member);
-    let _turn = ctx.welcomes.start();
-    let (frames, from_history) = match mark.and_then(|mark| history_frames(ctx, member, mark)) {
-        Ok(history) => history,
-        Err(e) => {
-            let text = format!("could not load the room's history ({e})");
-            let notice = ServerFrame::notice(&text).render(member.format);
-            (vec![Message::text(notice)], HashSet::new())
+    let (from_history, mut unsent) = {
+        let _turn = ctx.welcomes.start();
+        let (history, ids, notice) = match mark.and_then(|mark| history(ctx, member, mark)) {
+            Ok((history, ids)) => (history, ids, None),
+            Err(e) => {
+                let text = format!("could not load the room's history ({e})");
+                let notice = ServerFrame::notice(&text).render(member.format);
+                (Vec::new(), HashSet::new(), Some(Message::text(notice)))
+            }
+        };
+        // Each payload is dropped once its frame is made.
+        let mut frames: Vec<Message> = history
+            .into_iter()
+            .filter_map(|payload| {
+                // Junk in the history was reported when it was published.
+                let msg = ChatMessage::from_payload(&payload).ok()?;
+                let frame = ServerFrame::from_event(&msg, true).render(member.format);
+                Some(Message::text(frame))
+            })
+            .chain(notice)
+            .chain([Message::text(presence)])
+            .collect();
+        // What the socket takes at once. A client that does not read keeps
+        // the rest waiting in its writer, not the turn.
+        match writer.try_send_all(&mut frames) {
+            TrySend::Sent | TrySend::Blocked => {}
+            // Nobody else writes yet; if someone did, the frames wait.
+            TrySend::Busy => {}
+            TrySend::Failed(e) => {
+                conn.end(Ending::from_write_error(&e));
+                return ids;
+            }
         }
+        (ids, frames)
     };
-    let frames = frames.into_iter().chain([Message::text(presence)]);
-    match writer.send_all(frames) {
+    // The rest, blocking (up to the write timeout), with the turn free.
+    match writer.send_all(unsent.drain(..)) {
         // Nobody else writes yet: the subscriber thread waits for "go".
         Ok(()) => writer.release_buffer(),
         Err(e) => conn.end(Ending::from_write_error(&e)),
@@ -100,34 +132,33 @@ pub(super) fn welcome(
     from_history
 }
 
-/// The history's frames up to `mark`, and the ids they carry. A mark that
-/// is no longer in the history (it has moved on since) leaves nothing to
+/// The history up to `mark`, and the ids of its messages. A mark that is
+/// no longer in the history (it has moved on since) leaves nothing to
 /// send: what came after the mark reaches the client live.
-fn history_frames(
+fn history(
     ctx: &Context,
     member: &Member,
     mark: Option<String>,
-) -> Result<(Vec<Message>, HashSet<String>), BrokerError> {
+) -> Result<(Vec<Vec<u8>>, HashSet<String>), BrokerError> {
+    /// Only the id: the rest of a payload is skipped, not copied.
+    #[derive(serde::Deserialize)]
+    struct Id {
+        id: Option<String>,
+    }
     let Some(mark) = mark else {
         return Ok((Vec::new(), HashSet::new()));
     };
-    let mut frames = Vec::new();
+    let mut history = ctx.broker.history(&member.room)?;
     let mut ids = HashSet::new();
-    // Each payload is dropped once its frame is made.
-    for payload in ctx.broker.history(&member.room)? {
-        // Junk in the history was reported when it was published.
-        let Ok(msg) = ChatMessage::from_payload(&payload) else {
+    for (at, payload) in history.iter().enumerate() {
+        let Ok(Id { id: Some(id) }) = serde_json::from_slice(payload) else {
             continue;
         };
-        drop(payload);
-        frames.push(Message::text(
-            ServerFrame::from_event(&msg, true).render(member.format),
-        ));
-        let Some(id) = msg.id else { continue };
         let last = id == mark;
         ids.insert(id);
         if last {
-            return Ok((frames, ids));
+            history.truncate(at + 1);
+            return Ok((history, ids));
         }
     }
     Ok((Vec::new(), HashSet::new()))

@@ -584,3 +584,57 @@ fn sloppy_upgrades_are_refused() {
             .is_ok()
     );
 }
+
+/// Clients that join a room with a big history and never read it do not
+/// stop anyone else from joining: a welcome's turn is not held while a
+/// client leaves its history unread (that waits in its own writer, up to
+/// the write timeout).
+#[test]
+fn joiners_that_never_read_their_welcome_do_not_hold_up_others() {
+    let server = Server::start(&[
+        "--in-process",
+        "--history-bytes",
+        "1048576",
+        "--write-timeout",
+        "30",
+        "--rate-limit",
+        "0",
+    ]);
+    let mut alice = Client::connect_path(server.addr, "/chat/alice?room=big");
+    let mut bob = Client::connect_path(server.addr, "/chat/bob?room=big");
+    bob.settle();
+    for i in 0..12 {
+        alice.send(&format!("{i} {}", "x".repeat(60 * 1024)));
+    }
+    while !bob.recv_chat().1.starts_with("11 ") {}
+    // Six clients with tiny receive buffers that never read.
+    let request = format!(
+        "GET /chat/mute?room=big HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        server.addr
+    );
+    let mutes: Vec<TcpStream> = (0..6)
+        .map(|_| {
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+            socket.connect(&server.addr.into()).unwrap();
+            let mut stream = TcpStream::from(socket);
+            stream.write_all(request.as_bytes()).unwrap();
+            // Read the `101` head, and nothing after it, ever.
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap() == 1 {
+                head.push(byte[0]);
+            }
+            assert!(head.starts_with(b"HTTP/1.1 101"));
+            stream
+        })
+        .collect();
+    // Carol gets her welcome within the test's patience (10 s), though each
+    // mute client may keep its own writer waiting for 30.
+    let mut carol = Client::connect_path(server.addr, "/chat/carol?room=big");
+    carol.settle();
+    drop(mutes);
+}
