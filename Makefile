@@ -11,8 +11,8 @@
 #   make browser-test           the web page in headless chromium (playwright-core)
 #   make bench                  load scenarios a, b, c against a release build, with
 #                               each relay (starts its own redis-server); one relay:
-#                               BROKER=redis|redis-shared|memory; SCENARIOS=a,b
-#                               (docs/PERFORMANCE.md)
+#                               BROKER=redis|redis-shared|memory; SCENARIOS=a,b;
+#                               the attacks: SCENARIOS=d,e,f (docs/PERFORMANCE.md)
 
 CARGO ?= cargo
 ARGS ?=

@@ -75,7 +75,7 @@ pub enum NameError {
 /// The rule nicknames and room names share: 1 to [`MAX_NICKNAME_CHARS`]
 /// characters, no control characters, no invisible characters (see
 /// [`is_invisible`]), no white space at either end.
-fn validate_name(raw: &str) -> Result<String, NameError> {
+fn validate_name(raw: &str) -> Result<(), NameError> {
     if raw.is_empty() {
         return Err(NameError::Empty);
     }
@@ -91,7 +91,7 @@ fn validate_name(raw: &str) -> Result<String, NameError> {
     if raw.trim() != raw {
         return Err(NameError::OuterWhitespace);
     }
-    Ok(raw.to_owned())
+    Ok(())
 }
 
 /// Characters a name may not contain because they cannot be seen, or make
@@ -137,11 +137,19 @@ impl Nickname {
     /// server's own name ([`SERVER_NICKNAME`], in any case) is refused: a
     /// client called `server` could pass its words off as the server's.
     pub fn parse(raw: &str) -> Result<Nickname, NameError> {
-        let name = validate_name(raw)?;
-        if name.eq_ignore_ascii_case(SERVER_NICKNAME) {
+        Nickname::check(raw)?;
+        Ok(Nickname(raw.to_owned()))
+    }
+
+    /// Whether `raw` is a valid nickname, without making one (no
+    /// allocation: it runs on every subscriber thread for the names in
+    /// every coalesced join).
+    pub fn check(raw: &str) -> Result<(), NameError> {
+        validate_name(raw)?;
+        if raw.eq_ignore_ascii_case(SERVER_NICKNAME) {
             return Err(NameError::Reserved);
         }
-        Ok(Nickname(name))
+        Ok(())
     }
 
     /// Percent-decodes a URL path segment (`Joe%20Doe` is "Joe Doe"), then
@@ -210,7 +218,8 @@ impl Room {
 
     /// Validates a decoded room name (the same rule as nicknames).
     pub fn parse(raw: &str) -> Result<Room, NameError> {
-        validate_name(raw).map(Room)
+        validate_name(raw)?;
+        Ok(Room(raw.to_owned()))
     }
 
     /// The room's name.
@@ -586,7 +595,7 @@ impl ChatMessage {
         message.nicknames.truncate(GROUP_LIST);
         message
             .nicknames
-            .retain(|name| Nickname::parse(name).is_ok());
+            .retain(|name| Nickname::check(name).is_ok());
         Ok(message)
     }
 

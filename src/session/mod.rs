@@ -520,8 +520,6 @@ fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, SessionError> 
         }
         Outcome::Abandoned => return Ok(Started::Done),
     };
-    conn.stream
-        .set_write_timeout(Some(ctx.limits.write_timeout))?;
     conn.stream.set_nodelay(true)?;
     // A fixed send buffer (see `SEND_BUFFER`): what a client has not read
     // waits in its writer, under the write deadline, not for seconds in
@@ -536,7 +534,7 @@ fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, SessionError> 
             max_fragments: ctx.limits.max_fragments,
         },
     };
-    let (writer, reader) = socket::split(Arc::clone(&conn.stream), leftover, limits);
+    let (writer, reader) = socket::split(Arc::clone(&conn.stream), leftover, limits)?;
     let writer = Arc::new(writer);
     match target {
         Target::Chat(member) => start_chat(conn, ctx, member, response, writer, reader),

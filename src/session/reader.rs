@@ -64,9 +64,7 @@ pub(super) fn read_loop(
     handler: &mut dyn Handler,
 ) -> Ending {
     let limits = &ctx.limits;
-    if let Err(e) = conn.stream.set_read_timeout(Some(limits.ping_interval)) {
-        return Ending::ConnectionLost(e.to_string());
-    }
+    // Reads wait at most the ping interval (`socket::split` set it).
     let mut last_heard = Instant::now();
     loop {
         // About to block for the client (at least as far as the kernel

@@ -209,13 +209,15 @@ pub struct Writer {
 }
 
 impl WriteHalf {
+    /// A write half of a socket whose write timeout is `write_timeout`
+    /// already (see [`split`]).
     fn new(stream: SharedStream, write_timeout: Duration) -> WriteHalf {
         WriteHalf {
             stream,
             dont_wait: false,
             write_timeout,
             due: None,
-            applied: None,
+            applied: Some(write_timeout),
         }
     }
 }
@@ -268,10 +270,19 @@ pub struct ReadLimits {
     pub liveness: liveness::Limits,
 }
 
-/// Splits an upgraded socket into its one writer and its reader.
+/// Splits an upgraded socket into its one writer and its reader, and gives
+/// the socket the timeouts the two halves start from (so that neither has
+/// to set them on a thread that then rests: a system call made deep in a
+/// read would leave a resting thread one stack page bigger).
 ///
 /// `leftover` holds bytes read past the HTTP request head.
-pub fn split(stream: Arc<TcpStream>, leftover: Vec<u8>, limits: ReadLimits) -> (Writer, Reader) {
+pub fn split(
+    stream: Arc<TcpStream>,
+    leftover: Vec<u8>,
+    limits: ReadLimits,
+) -> io::Result<(Writer, Reader)> {
+    stream.set_read_timeout(Some(limits.idle_wait))?;
+    stream.set_write_timeout(Some(limits.write_timeout))?;
     let shared = SharedStream(stream);
     let read_config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
@@ -286,16 +297,16 @@ pub fn split(stream: Arc<TcpStream>, leftover: Vec<u8>, limits: ReadLimits) -> (
         stream: shared.clone(),
         watch,
         idle_wait: limits.idle_wait,
-        applied: None,
+        applied: Some(limits.idle_wait),
     };
     let reader = WebSocket::from_partially_read(half, leftover, Role::Server, Some(read_config));
     let writer = write_socket(WriteHalf::new(shared, limits.write_timeout));
-    (
+    Ok((
         Writer {
             ws: Mutex::new(writer),
         },
         reader,
-    )
+    ))
 }
 
 impl Writer {
