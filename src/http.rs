@@ -191,7 +191,7 @@ const MEMBERS_CACHE_ENTRIES: usize = 1024;
 ///
 /// One lock is held while an answer is made, so fifty requests arriving
 /// together ask the relay once, and the other forty-nine are served the
-/// answer it gave. At most [`MEMBERS_CACHE_ENTRIES`] answers are kept;
+/// answer it gave. At most `MEMBERS_CACHE_ENTRIES` answers are kept;
 /// stale ones are dropped when a new one is added.
 #[derive(Default)]
 pub struct MembersCache {

@@ -44,7 +44,9 @@
 //! * [`http`] — request head parsing, plain HTTP answers, the upgrade.
 //! * [`session`] — one connection's threads; [`session::socket`] the one-writer split;
 //!   [`session::handoff`] from the start's thread to the reader's;
-//!   [`session::announce`] joins and leaves, coalesced per room.
+//!   [`session::announce`] joins and leaves, coalesced per room;
+//!   [`session::liveness`] messages must finish; [`session::per_ip`]
+//!   connections per address; [`session::welcome`] history and presence.
 //! * [`protocol`] — nicknames, connection ids, client and server frames, the Redis payload.
 //! * [`broker`] — the relay: [`broker::redis`] and the in-process [`broker::memory`];
 //!   [`broker::fanout`] fans out to clients' queues.

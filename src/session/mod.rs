@@ -808,7 +808,7 @@ fn truncate(s: &str, max: usize) -> String {
 /// With per-client subscriptions every connection sees every payload, and
 /// anyone who can reach the Redis can publish junk: the log must not grow
 /// with either. So each distinct payload is counted once (the most recent
-/// [`JUNK_MEMORY`] are remembered), and at most one warning is written per
+/// `JUNK_MEMORY` are remembered), and at most one warning is written per
 /// [`JUNK_LOG_INTERVAL`]; the next warning says how many were not logged.
 #[derive(Default)]
 pub struct JunkLog {

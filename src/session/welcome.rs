@@ -8,7 +8,7 @@
 //! Every message up to the mark was in the history; every message after it
 //! was published after the subscription was live, so it reaches the client
 //! live. A message both sent from the history and delivered live (published
-//! between the subscription and the mark) is removed by id: [`welcome`]
+//! between the subscription and the mark) is removed by id: `welcome`
 //! returns the ids it sent, and the subscriber thread skips them when they
 //! arrive live.
 //!
@@ -89,7 +89,9 @@ pub(super) fn welcome(
 ) -> HashSet<String> {
     let presence = presence(ctx, member);
     let (from_history, mut unsent) = {
-        let _turn = ctx.welcomes.start();
+        // A turn bounds the memory of histories read at once: with nothing
+        // to read (an empty history), none is needed.
+        let _turn = matches!(mark, Ok(Some(_))).then(|| ctx.welcomes.start());
         let (history, ids, notice) = match mark.and_then(|mark| history(ctx, member, mark)) {
             Ok((history, ids)) => (history, ids, None),
             Err(e) => {
