@@ -37,7 +37,8 @@ use crate::broker::BrokerError;
 use crate::http::Member;
 use crate::protocol::{ChatMessage, PRESENCE_LIST, SERVER_NICKNAME, ServerFrame};
 
-/// Most welcomes (history read and sent) under way at once.
+/// Most welcomes (a history read, rendered, and written as far as the
+/// socket takes it at once) under way together.
 pub const MAX_WELCOMES: usize = 4;
 
 /// A counting semaphore for welcomes: [`Welcomes::start`] waits for a
