@@ -151,7 +151,7 @@ fn member(segment: &str, query: &str) -> Result<Member, String> {
 /// is bounded (a room of 10,000 used to answer 370 KB, built from a full
 /// `HGETALL` for every request), answers are cached for
 /// [`MEMBERS_CACHE_TTL`] (see [`MembersCache`]), and with Redis the
-/// question goes over the query connection, never queued behind a
+/// question goes over a query connection, never queued behind a
 /// `PUBLISH`.
 fn members(stream: &TcpStream, ctx: &Context, query: &str) -> io::Result<Outcome> {
     let room = match room_param(query) {

@@ -51,8 +51,11 @@
 //! expire.
 //!
 //! **Queries** (history, member lists, joins, health checks) have a
-//! connection and a thread of their own (`tc-query`), so a flood of them
-//! never queues in front of a `PUBLISH`.
+//! connections and threads of their own (`tc-query-0` and `-1`, taken in
+//! turn), so a flood of them never queues in front of a `PUBLISH`. Two, as
+//! for publishing: during a join storm every joiner makes a few queries in a
+//! row, and with one connection the storm's welcomes took longer, and idle
+//! clients cost about 1 KiB more (docs/PERFORMANCE.md).
 //!
 //! **Shutdown.** Dropping the [`RedisBroker`] stops the heartbeat and drops
 //! the job senders; each publisher's `recv()` then fails, it leaves its loop,
@@ -145,11 +148,11 @@ pub struct RedisBroker {
     url: String,
     /// One sender per publisher thread. Dropping them stops the publishers.
     lanes: Vec<Sender<Job>>,
-    /// The query thread's queue (see the module doc).
-    queries: Option<Sender<Job>>,
+    /// The query threads' queues (see the module doc).
+    queries: Vec<Sender<Job>>,
     /// Round-robin lane choice.
     next_lane: AtomicUsize,
-    /// The publisher threads and the query thread, joined on drop.
+    /// The publisher threads and the query threads, joined on drop.
     publishers: Vec<JoinHandle<()>>,
     /// Rooms with members on this instance, and how many: the heartbeat
     /// keeps their keys from expiring.
@@ -291,7 +294,7 @@ impl RedisBroker {
         let mut publishers = Vec::with_capacity(POOL_SIZE + 1);
         let names = (0..POOL_SIZE)
             .map(|lane| format!("tc-publish-{lane}"))
-            .chain(["tc-query".to_owned()]);
+            .chain((0..POOL_SIZE).map(|lane| format!("tc-query-{lane}")));
         for name in names {
             let (tx, rx) = crossbeam_channel::bounded(QUEUE_CAPACITY);
             let publisher = Publisher {
@@ -306,7 +309,7 @@ impl RedisBroker {
             lanes.push(tx);
             publishers.push(handle);
         }
-        let queries = lanes.pop();
+        let queries = lanes.split_off(POOL_SIZE);
         let mut broker = RedisBroker {
             client,
             url: url.to_owned(),
@@ -351,14 +354,15 @@ impl RedisBroker {
         &self.lanes[hash as usize % self.lanes.len()]
     }
 
-    /// Runs `cmds` on the query connection and waits for their replies.
+    /// Runs `cmds` on a query connection and waits for their replies.
     fn run(&self, cmds: Vec<redis::Cmd>) -> Result<Vec<redis::Value>, BrokerError> {
         let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
         let job = Job {
             cmds,
             reply: Reply::Values(reply_tx),
         };
-        let queries = self.queries.as_ref().ok_or(BrokerError::Closed)?;
+        let n = self.next_lane.fetch_add(1, Ordering::Relaxed);
+        let queries = self.queries.get(n % POOL_SIZE).ok_or(BrokerError::Closed)?;
         queries.send(job).map_err(|_| BrokerError::Closed)?;
         reply_rx.recv().map_err(|_| BrokerError::Closed)?
     }
@@ -684,7 +688,7 @@ impl Drop for RedisBroker {
         }
         self.shared.take();
         self.lanes.clear();
-        self.queries.take();
+        self.queries.clear();
         for handle in self.publishers.drain(..) {
             if handle.join().is_err() {
                 log::error!("a Redis publisher thread panicked");

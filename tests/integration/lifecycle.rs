@@ -55,9 +55,9 @@ fn leaving_releases_everything(leave: fn(crate::support::Client)) {
 }
 
 /// Threads of an idle Redis-relayed server with no clients: main, signals,
-/// announcer, heartbeat, 2 publishers, the query thread.
+/// announcer, heartbeat, 2 publishers, 2 query threads.
 fn base_threads(_server: &Server) -> usize {
-    7
+    8
 }
 
 #[test]

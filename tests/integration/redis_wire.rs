@@ -111,7 +111,9 @@ fn publishing_does_not_cost_a_connection_per_client() {
     eventually("10 subscriptions", || {
         redis.subscribers("global_room") == 10
     });
-    assert!(redis.client_count() <= baseline + 10 + 2);
+    // Ten subscriptions, and the pooled connections (publishing, queries)
+    // not yet open at the baseline.
+    assert!(redis.client_count() <= baseline + 10 + 3);
 }
 
 /// Three instances on one Redis, clients spread over them: every message
