@@ -21,7 +21,7 @@ use crate::broker::SubscriptionMode;
     version,
     about = "A WebSocket chat server that relays every message through Redis pub/sub, \
              built with plain threads and blocking I/O.",
-    after_help = "Chat with: websocat ws://127.0.0.1:8000/chat/alice\n\
+    after_help = "Chat with: websocat -E ws://127.0.0.1:8000/chat/alice\n\
                   Every option can also be set through the environment variable shown."
 )]
 pub struct Args {

@@ -53,6 +53,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         config.limits.max_connections
     );
     drop(broker);
+    // Where a person can go now, as addresses that work as printed (not
+    // 0.0.0.0, which a browser cannot open).
+    let reachable = reachable(server.local_addr());
+    log::info!(
+        "open http://{reachable}/ in a browser, or chat from a terminal: \
+         websocat -E ws://{reachable}/chat/alice"
+    );
 
     let shutdown = server.shutdown_handle();
     let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
@@ -69,6 +76,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     signal_handle.close();
     let _ = signal_thread.join();
     Ok(())
+}
+
+/// The address a client on this machine uses to reach `bound`: the
+/// loopback address when the server listens on every address.
+fn reachable(bound: std::net::SocketAddr) -> std::net::SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    match bound.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, bound.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, bound.port()).into(),
+        _ => bound,
+    }
 }
 
 /// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.
@@ -115,4 +133,17 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
     }
     CombinedLogger::init(loggers).context("cannot set up logging")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reachable;
+
+    #[test]
+    fn a_server_on_every_address_is_reached_on_loopback() {
+        let at = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert_eq!(reachable(at("0.0.0.0:8000")), at("127.0.0.1:8000"));
+        assert_eq!(reachable(at("[::]:8000")), at("[::1]:8000"));
+        assert_eq!(reachable(at("10.1.2.3:8000")), at("10.1.2.3:8000"));
+    }
 }

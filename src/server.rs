@@ -63,7 +63,8 @@ pub struct ShutdownHandle {
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// The address could not be bound (in use, not local, no permission…).
-    #[error("cannot listen on {addr}: {source}")]
+    // The OS error is the source: printed once, by the error chain.
+    #[error("cannot listen on {addr}")]
     Bind {
         /// What we tried to bind.
         addr: String,

@@ -160,6 +160,10 @@ impl Lag {
     }
 }
 
+/// What a client is told, before its close frame, when the server stops.
+pub(super) const SHUTDOWN_NOTICE: &str =
+    "the server is shutting down; you will be disconnected (reconnect in a moment)";
+
 /// Most room messages written with one flush.
 const MAX_BATCH: usize = 64;
 
@@ -224,6 +228,11 @@ pub(super) fn run(
     if outbox.lock().upgraded
         && let Err(TryRecvError::Empty) = reader_done.try_recv()
     {
+        // A close frame alone says nothing to a person in a terminal (and
+        // websocat without `-E` shows nothing at all): say it in words first.
+        if conn.ending() == Some(&Ending::ServerShutdown) {
+            let _ = outbox.notice(SHUTDOWN_NOTICE);
+        }
         say_goodbye(conn, ctx, &outbox.writer, &reader_done);
     }
 }

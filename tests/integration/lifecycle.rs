@@ -142,23 +142,41 @@ fn nothing_is_logged_per_message_at_info() {
     assert_eq!(server.log_count("secret"), 0);
 }
 
-/// SIGTERM: every client gets close 1001, and the process exits 0. (With
-/// shared subscriptions, rooms' feed threads, the announcer and the
-/// publishers all have to wind down in order.)
+/// SIGTERM: every client is told in words that the server is going away,
+/// then gets close 1001, and the process exits 0. (With shared
+/// subscriptions, rooms' feed threads, the announcer and the publishers all
+/// have to wind down in order.)
 fn sigterm_closes_every_client_with_1001_and_exits_0(args: &[&str]) {
     let redis = Redis::start();
     let mut server = Server::with_redis_and(&redis, args);
     let mut clients: Vec<_> = (0..5).map(|i| server.client(&format!("u{i}"))).collect();
+    for c in &mut clients {
+        c.settle();
+    }
+    let mut terminal = crate::support::Client::connect_path(server.addr, "/chat/t?format=text");
+    while !terminal.recv_text().starts_with("* in global_room") {}
     // One half-open connection that never finishes its HTTP request.
     let _lurker = std::net::TcpStream::connect(server.addr).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     server.signal("TERM");
     for c in &mut clients {
+        assert!(c.recv_server("notice").contains("server is shutting down"));
         assert_eq!(
             c.recv_close(),
             Closed::Frame(1001, "server shutting down".into())
         );
     }
+    loop {
+        let line = terminal.recv_text();
+        if line.starts_with("* the server is shutting down") {
+            break;
+        }
+        assert!(line.starts_with("* "), "{line}");
+    }
+    assert_eq!(
+        terminal.recv_close(),
+        Closed::Frame(1001, "server shutting down".into())
+    );
     assert_eq!(server.wait_exit(), Some(0));
     eventually("Redis connections released", || redis.client_count() == 0);
 }

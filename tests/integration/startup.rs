@@ -38,7 +38,27 @@ fn a_port_in_use_is_one_clear_error() {
     assert!(!output.status.success());
     let err = stderr(&output);
     assert!(err.contains("cannot listen on 127.0.0.1:"), "{err}");
-    assert!(err.contains("in use"), "{err}");
+    assert_eq!(err.matches("in use").count(), 1, "said once: {err}");
+}
+
+/// The start-up log says where to go next, with addresses that work as
+/// printed: the web page, and a websocat command (the loopback address when
+/// the server listens on every address).
+#[test]
+fn the_start_up_log_says_where_to_chat() {
+    let server = Server::start(&["--in-process"]);
+    let port = server.addr.port();
+    let line = server.wait_for_log("in a browser");
+    assert!(
+        line.contains(&format!("open http://127.0.0.1:{port}/")),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("websocat -E ws://127.0.0.1:{port}/chat/alice")),
+        "{line}"
+    );
+    let (status, _) = server.get("/");
+    assert!(status.contains("200"), "{status}");
 }
 
 #[test]
