@@ -436,7 +436,7 @@ impl Config {
                     value: n,
                     reason: format!(
                         "this machine's limits allow at most {ceiling} \
-                         (raise vm.max_map_count and the open-file limit; see the README)"
+                         (raise vm.max_map_count and the open-file limit; see docs/OPERATIONS.md)"
                     ),
                 });
             }

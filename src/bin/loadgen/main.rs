@@ -49,8 +49,8 @@ struct Args {
     /// subscription per room), memory (in-process), or all three.
     #[arg(long, default_value = "redis")]
     broker: String,
-    /// Idle clients in scenario c (10000 needs the kernel settings in the
-    /// README).
+    /// Idle clients in scenario c (10000 needs the kernel settings in
+    /// docs/OPERATIONS.md).
     #[arg(long, default_value_t = 5000)]
     idle_clients: usize,
     /// The threadchat binary to test.
