@@ -1,7 +1,9 @@
 // The web client at "/", tested in a real headless browser: Debian's
 // chromium driven by playwright-core. Two pages chat with each other and with
-// a plain WebSocket client, user text stays text, and the page reconnects
-// when the server restarts.
+// a plain WebSocket client, user text stays text, the page reconnects when
+// the server restarts, leaves the room when it is left, and works on a
+// phone-sized screen. The last test also takes the README's screenshots
+// (target/web-client.png, target/web-client-phone.png).
 //
 // Run with `make browser-test` (builds threadchat, installs playwright-core).
 import { test, before, after } from "node:test";
@@ -147,4 +149,89 @@ test("the page reconnects when the server restarts", async () => {
   await page.waitForSelector("#status.online", { timeout: PATIENCE });
   await until("the page is back in the room", async () => (await members(page)).includes("dee"));
   await page.close();
+});
+
+test("a page that is left leaves the room; restored from the back/forward cache, it comes back", async () => {
+  const watcher = wsClient(server.addr, "watcher", "bfcache");
+  await watcher.opened;
+  const page = await openChat("eve", "bfcache");
+  await until("the watcher sees eve join", () =>
+    watcher.frames.some((f) => f.type === "join" && f.nickname === "eve"));
+  // Navigate away: the page's socket must close now, not when the cache
+  // evicts the page.
+  await page.goto("about:blank");
+  await until("the watcher sees eve leave", () =>
+    watcher.frames.some((f) => f.type === "leave" && f.nickname === "eve"));
+  const joins = () => watcher.frames.filter((f) => f.type === "join" && f.nickname === "eve").length;
+  await page.goBack();
+  if (!(await page.evaluate(() => window.restoredFromCache === true))) {
+    // Not kept in the cache by this browser: a fresh page, joined by hand.
+    await page.fill("#nickname", "eve");
+    await page.fill("#room", "bfcache");
+    await page.click("#join");
+  }
+  await page.waitForSelector("#status.online", { timeout: PATIENCE });
+  await until("the watcher sees eve join again", () => joins() === 2);
+  watcher.ws.close();
+  await page.close();
+});
+
+/** A page of a given size, joined to `room` as `nickname`. */
+async function openSized(nickname, room, viewport) {
+  const context = await browser.newContext({ viewport });
+  const page = await context.newPage();
+  await page.goto(`http://${server.addr}/`);
+  // Before joining, the message box and its button are disabled, and look it.
+  assert.equal(await page.$eval("#send", (b) => b.disabled), true);
+  assert.ok(Number(await page.$eval("#send", (b) => getComputedStyle(b).opacity)) < 1);
+  await page.fill("#nickname", nickname);
+  await page.fill("#room", room);
+  await page.click("#join");
+  await page.waitForSelector("#status.online", { timeout: PATIENCE });
+  return { page, context };
+}
+
+/** True when the element is wholly inside the viewport. */
+async function onScreen(page, selector) {
+  const box = await page.locator(selector).boundingBox();
+  const { width, height } = page.viewportSize();
+  return box !== null && box.x >= 0 && box.y >= 0 && box.x + box.width <= width && box.y + box.height <= height;
+}
+
+test("on a phone and on a desktop, everything is reachable; one's own messages are marked", async () => {
+  const phone = await openSized("mia", "cafe", { width: 390, height: 844 });
+  const desk = await openSized("leo", "cafe", { width: 1280, height: 800 });
+  for (const [text, who] of [
+    ["morning! anyone up for lunch at noon?", desk.page],
+    ["yes, the usual place?", phone.page],
+    ["sure, see you there", desk.page],
+  ]) {
+    await who.fill("#text", text);
+    await who.click("#send");
+    await until(`both pages show "${text}"`, async () =>
+      (await lines(phone.page)).some((l) => l.includes(text)) && (await lines(desk.page)).some((l) => l.includes(text)));
+  }
+  for (const { page } of [phone, desk]) {
+    for (const selector of ["#text", "#send", "#members"]) {
+      assert.ok(await onScreen(page, selector), `${selector} is on screen at ${page.viewportSize().width} px`);
+    }
+    // No page scrollbar, sideways or down: only the messages scroll.
+    const overflow = await page.evaluate(() => ({
+      x: document.documentElement.scrollWidth - window.innerWidth,
+      y: document.documentElement.scrollHeight - window.innerHeight,
+    }));
+    assert.deepEqual(overflow, { x: 0, y: 0 });
+  }
+  // Each page marks its own messages, and only those.
+  const mine = (page) => page.$$eval("#messages li.mine", (items) => items.map((li) => li.textContent));
+  assert.ok((await mine(phone.page)).every((l) => l.startsWith("mia")));
+  assert.equal((await mine(phone.page)).length, 1);
+  assert.equal((await mine(desk.page)).length, 2);
+  await until("both see each other", async () => (await members(phone.page)).includes("leo"));
+  const target = (name) => new URL(`../../target/${name}`, import.meta.url).pathname;
+  mkdirSync(new URL("../../target", import.meta.url).pathname, { recursive: true });
+  await desk.page.screenshot({ path: target("web-client.png") });
+  await phone.page.screenshot({ path: target("web-client-phone.png") });
+  await phone.context.close();
+  await desk.context.close();
 });
