@@ -335,9 +335,10 @@ pub fn serve(stream: &TcpStream, ctx: &Context) -> io::Result<Outcome> {
         }
     };
     // Forwarding headers count only from a proxy we were told to trust.
-    let proxied = stream
-        .peer_addr()
-        .is_ok_and(|peer| limits.trusted_proxies.contains(&peer.ip()));
+    let proxied = !limits.trusted_proxies.is_empty()
+        && stream
+            .peer_addr()
+            .is_ok_and(|peer| limits.trusted_proxies.contains(&peer.ip()));
     let scheme = match head.header("X-Forwarded-Proto") {
         Some(proto) if proxied && proto.eq_ignore_ascii_case(b"https") => "https",
         _ => "http",

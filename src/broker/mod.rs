@@ -23,6 +23,7 @@ pub mod fanout;
 pub mod memory;
 mod pubsub;
 pub mod redis;
+mod scripts;
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -37,7 +37,7 @@
 //! **Rooms' state in Redis.** A room's history is a list bounded in count
 //! and in bytes, with its size in bytes kept in a key beside it. A chat
 //! message is appended and published by one Lua script
-//! ([`RECORD_AND_PUBLISH`]): Redis runs a script whole or not at all, so a
+//! (`RECORD_AND_PUBLISH`, in `broker/scripts.rs`): Redis runs a script whole or not at all, so a
 //! message is either recorded *and* published, or neither — and when Redis
 //! refuses writes (`maxmemory` with `noeviction`), the sender is told so
 //! truthfully. The message is in the history before anyone can receive it.
@@ -73,6 +73,7 @@ use redis::{Client, Connection};
 
 use super::fanout::{Fanout, FanoutListener, Source};
 use super::pubsub::{PubSubConnection, Push};
+use super::scripts::{HISTORY_MARK, RECORD_AND_PUBLISH, SCRIPTS, is_no_script, sha_of};
 use super::{
     Backoff, Broker, BrokerError, Canceller, Event, Flow, Listen, Presence, Receipt, Settings,
     StopSignal, Subscription, SubscriptionMode,
@@ -93,54 +94,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest back-off between attempts to restore a lost subscription.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
-
-/// Appends a chat message to its room's history and publishes it, in one
-/// step that Redis carries out whole or not at all.
-///
-/// `KEYS`: the history list, its size in bytes. `ARGV`: the payload, the
-/// most messages and bytes to keep, the rooms' time to live (ms), the
-/// channel. The oldest messages go until both bounds hold; a message
-/// bigger than the byte bound on its own is published but not kept. The
-/// size key is reset whenever the list starts afresh, so it cannot drift
-/// from the list for long. Returns `PUBLISH`'s answer.
-pub const RECORD_AND_PUBLISH: &str = r"
-local payload = ARGV[1]
-local max_count, max_bytes = tonumber(ARGV[2]), tonumber(ARGV[3])
-local n = redis.call('RPUSH', KEYS[1], payload)
-local bytes
-if n == 1 then
-  bytes = #payload
-  redis.call('SET', KEYS[2], bytes)
-else
-  bytes = redis.call('INCRBY', KEYS[2], #payload)
-end
-while n > 0 and (n > max_count or bytes > max_bytes) do
-  local old = redis.call('LPOP', KEYS[1])
-  if not old then break end
-  bytes = redis.call('DECRBY', KEYS[2], #old)
-  n = n - 1
-end
-if n == 0 then
-  redis.call('DEL', KEYS[1], KEYS[2])
-else
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
-end
-return redis.call('PUBLISH', ARGV[5], payload)
-";
-
-/// The id of the newest message in a room's history (`KEYS`: the history
-/// list), without sending the message itself over the wire: a joiner's
-/// mark (see `Broker::history_mark`). `false` (nil) when there is none.
-pub const HISTORY_MARK: &str = r"
-local newest = redis.call('LINDEX', KEYS[1], -1)
-if not newest then return false end
-local ok, message = pcall(cjson.decode, newest)
-if ok and type(message) == 'table' and type(message.id) == 'string' then
-  return message.id
-end
-return false
-";
 
 /// Relays through Redis.
 pub struct RedisBroker {
@@ -266,6 +219,13 @@ const HEARTBEAT: Duration = Duration::from_secs(10);
 
 fn instance_key(instance: &str) -> String {
     format!("threadchat:instance:{instance}")
+}
+
+/// Marks an instance alive for [`INSTANCE_TTL_SECS`] more.
+fn keep_alive(key: &str) -> redis::Cmd {
+    let mut set = redis::cmd("SET");
+    set.arg(key).arg(1).arg("EX").arg(INSTANCE_TTL_SECS);
+    set
 }
 
 impl RedisBroker {
@@ -411,10 +371,8 @@ impl RedisBroker {
             .stack_size(crate::THREAD_STACK_SIZE)
             .spawn(move || {
                 loop {
-                    let mut set = redis::cmd("SET");
-                    set.arg(&key).arg(1).arg("EX").arg(INSTANCE_TTL_SECS);
                     // Rooms in use here do not expire.
-                    let mut cmds = vec![set];
+                    let mut cmds = vec![keep_alive(&key)];
                     let rooms: Vec<Room> = {
                         let rooms = local_rooms.lock().unwrap_or_else(|p| p.into_inner());
                         rooms.keys().cloned().collect()
@@ -641,12 +599,7 @@ impl Broker for RedisBroker {
         // A write, not only a PING: a Redis at `maxmemory` answers PING but
         // refuses every message. (It refreshes this instance's liveness key,
         // which the heartbeat does anyway.)
-        let mut set = redis::cmd("SET");
-        set.arg(instance_key(&self.instance_id()))
-            .arg(1)
-            .arg("EX")
-            .arg(INSTANCE_TTL_SECS);
-        match self.run(vec![set]) {
+        match self.run(vec![keep_alive(&instance_key(&self.instance_id()))]) {
             Ok(_) => {}
             Err(BrokerError::Refused(e)) => return Err(format!("Redis refuses writes: {e}")),
             Err(e) => return Err(format!("Redis does not answer: {e}")),
@@ -906,26 +859,6 @@ impl Drop for FeedRegistration {
             }
         }
     }
-}
-
-/// The scripts every connection loads (`SCRIPT LOAD`) when it opens.
-const SCRIPTS: [&str; 2] = [RECORD_AND_PUBLISH, HISTORY_MARK];
-
-/// The SHA1 by which Redis knows one of [`SCRIPTS`] once loaded.
-fn sha_of(script: &'static str) -> &'static str {
-    static SHAS: std::sync::OnceLock<[String; 2]> = std::sync::OnceLock::new();
-    let shas = SHAS.get_or_init(|| SCRIPTS.map(|s| redis::Script::new(s).get_hash().to_owned()));
-    let index = SCRIPTS
-        .iter()
-        .position(|s| std::ptr::eq(*s, script))
-        .expect("one of SCRIPTS");
-    &shas[index]
-}
-
-/// True for a `NOSCRIPT` error reply.
-fn is_no_script(value: &redis::Value) -> bool {
-    matches!(value, redis::Value::ServerError(e)
-        if e.kind() == Some(redis::ServerErrorKind::NoScript))
 }
 
 /// Hides a password in a Redis URL before it is logged.

@@ -126,9 +126,9 @@ pub struct Conn {
     canceller: OnceLock<Canceller>,
     /// This connection's place in its address's count (see [`per_ip`]):
     /// taken by the accept loop, or, through a trusted proxy, once the
-    /// forwarded address is known. Given back when the `Conn` is dropped,
-    /// with the socket: when the connection's last thread ends.
-    slots: Mutex<Vec<per_ip::Slot>>,
+    /// forwarded address is known (never both). Given back when the `Conn`
+    /// is dropped, with the socket: when the connection's last thread ends.
+    slot: OnceLock<per_ip::Slot>,
 }
 
 /// Why a connection ended, as logged in its "left" line.
@@ -262,7 +262,7 @@ impl Conn {
             stream: Arc::new(stream),
             ending: OnceLock::new(),
             canceller: OnceLock::new(),
-            slots: Mutex::new(slot.into_iter().collect()),
+            slot: slot.map(OnceLock::from).unwrap_or_default(),
         }
     }
 
@@ -496,11 +496,11 @@ fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, SessionError> 
             // Through a trusted proxy: count the client by its own address.
             if let Some(ip) = forwarded_for {
                 match ctx.per_ip.take(ip) {
-                    Some(slot) => conn
-                        .slots
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .extend(slot),
+                    Some(slot) => {
+                        if let Some(slot) = slot {
+                            let _ = conn.slot.set(slot);
+                        }
+                    }
                     None => {
                         log::warn!("refused {ip} (via {}): --max-connections-per-ip", conn.peer);
                         let _ = http::refuse(

@@ -74,7 +74,7 @@ pub fn has_input(stream: &TcpStream) -> bool {
 /// The reading side of the socket. Writes are discarded: see the module doc.
 ///
 /// Every byte read passes through a [`FrameWatch`] (see
-/// [`liveness`](super::liveness)): while a message is open, the read waits
+/// [`super::liveness`]): while a message is open, the read waits
 /// no longer than the message's deadline, and a read past it fails with
 /// [`Stalled`].
 #[derive(Debug)]

@@ -322,7 +322,7 @@ impl Outbox {
     /// nothing more waiting.
     fn deliver(&self, incoming: &Incoming) -> ControlFlow<()> {
         let delivery = &mut self.lock();
-        if let Err(ending) = self.take(delivery, incoming) {
+        if let Err(ending) = self.take(delivery, incoming, unix_millis()) {
             self.conn.end(ending);
             return ControlFlow::Break(());
         }
@@ -335,7 +335,13 @@ impl Outbox {
     /// Adds one message from the room to `pending`, unless it is junk, the
     /// client's own, or already sent from the history. Fails when the
     /// client has fallen more than `--write-timeout` behind (see [`Lag`]).
-    fn take(&self, delivery: &mut Delivery, incoming: &Incoming) -> Result<(), Ending> {
+    /// `now_ms` is the time it is taken (read once for a batch).
+    fn take(
+        &self,
+        delivery: &mut Delivery,
+        incoming: &Incoming,
+        now_ms: u64,
+    ) -> Result<(), Ending> {
         let msg = match incoming.message() {
             Ok(msg) => msg,
             Err(junk) => {
@@ -349,7 +355,7 @@ impl Outbox {
                 return Ok(());
             }
         };
-        let behind = Duration::from_millis(delivery.lag.behind(msg, unix_millis()));
+        let behind = Duration::from_millis(delivery.lag.behind(msg, now_ms));
         if behind > self.ctx.limits.write_timeout {
             return Err(Ending::TooSlow(format!(
                 "{:.1}s behind the room (--write-timeout)",
@@ -416,8 +422,9 @@ impl DirectSink for Outbox {
         if !delivery.upgraded || delivery.unfinished || delivery.failed.is_some() {
             return Direct::Declined;
         }
+        let now = unix_millis();
         for incoming in messages {
-            if let Err(ending) = self.take(&mut delivery, incoming) {
+            if let Err(ending) = self.take(&mut delivery, incoming, now) {
                 // The subscriber thread ends the connection.
                 delivery.failed = Some(ending);
                 return Direct::Unfinished;
