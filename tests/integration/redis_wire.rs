@@ -111,9 +111,10 @@ fn publishing_does_not_cost_a_connection_per_client() {
     eventually("10 subscriptions", || {
         redis.subscribers("global_room") == 10
     });
-    // Ten subscriptions, and the pooled connections (publishing, queries)
-    // not yet open at the baseline.
-    assert!(redis.client_count() <= baseline + 10 + 3);
+    // Ten subscriptions, and the pooled connections (2 publishing, 2 for
+    // queries), which open when first needed: any of them may have opened
+    // after the baseline.
+    assert!(redis.client_count() <= baseline + 10 + 4);
 }
 
 /// Three instances on one Redis, clients spread over them: every message
