@@ -219,19 +219,6 @@ pub struct Args {
     )]
     pub subscriptions: Subscriptions,
 
-    /// With `--subscriptions shared`, how a room's dispatcher reaches its
-    /// clients: `direct` (it writes to each client with nothing queued
-    /// itself, without waking the client's subscriber thread) or `queued`
-    /// (every message goes through the client's queue and subscriber
-    /// thread). See docs/PERFORMANCE.md.
-    #[arg(
-        long,
-        env = "THREADCHAT_DELIVERY",
-        value_enum,
-        default_value_t = Delivery::Direct
-    )]
-    pub delivery: Delivery,
-
     /// Serve a WebSocket echo endpoint at /echo, for the Autobahn conformance
     /// suite. Off by default: it is not part of the chat.
     #[arg(long)]
@@ -254,15 +241,6 @@ impl From<Subscriptions> for SubscriptionMode {
             Subscriptions::Shared => SubscriptionMode::Shared,
         }
     }
-}
-
-/// How fanned-out messages reach clients, as accepted by `--delivery`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Delivery {
-    /// Written by the dispatching thread when the client is not behind.
-    Direct,
-    /// Always through the client's queue and subscriber thread.
-    Queued,
 }
 
 /// Log verbosity, as accepted by `--log-level`.
@@ -331,9 +309,6 @@ pub struct Limits {
     pub allowed_origins: Vec<String>,
     /// Whether `/echo` is served (conformance testing only).
     pub echo_endpoint: bool,
-    /// Whether a room's dispatcher writes to clients with nothing queued
-    /// itself (shared subscriptions only).
-    pub direct_delivery: bool,
     /// Longest a client may take to finish a message it has begun.
     pub message_timeout: Duration,
     /// Most frames in one message.
@@ -529,7 +504,6 @@ impl Config {
                     .filter(|o| !o.is_empty())
                     .collect(),
                 echo_endpoint: args.echo_endpoint,
-                direct_delivery: args.delivery == Delivery::Direct,
                 message_timeout: seconds("--message-timeout", args.message_timeout)?,
                 max_fragments: args.max_fragments,
                 max_connections_per_ip: (args.max_connections_per_ip > 0)

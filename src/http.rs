@@ -18,7 +18,7 @@ use tungstenite::http::{self, StatusCode};
 
 use crate::broker::{BrokerError, Presence};
 use crate::config::Limits;
-use crate::protocol::{Format, Nickname, Room, percent_decode};
+use crate::protocol::{Format, Nickname, Room, query_value};
 use crate::session::Context;
 
 /// Longest request head accepted, in bytes; a longer one gets 431.
@@ -109,15 +109,7 @@ impl RequestHead {
 
 /// The decoded value of `key` in a query string, if present.
 fn query_param(query: &str, key: &str) -> Result<Option<String>, String> {
-    for pair in query.split('&') {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if k == key {
-            return percent_decode(v, true)
-                .map(Some)
-                .map_err(|e| format!("{key} {e}"));
-        }
-    }
-    Ok(None)
+    query_value(query, key).map_err(|e| format!("{key} {e}"))
 }
 
 /// The room named by `?room=` (the default room without it).
@@ -314,7 +306,7 @@ pub fn serve(stream: &TcpStream, ctx: &Context) -> io::Result<Outcome> {
             return answer_with(
                 stream,
                 StatusCode::OK,
-                PROMETHEUS_TEXT,
+                crate::metrics::CONTENT_TYPE,
                 &ctx.metrics.render(),
             );
         }
@@ -588,7 +580,6 @@ fn answer_with(
 const PLAIN_TEXT: &str = "text/plain; charset=utf-8";
 const HTML: &str = "text/html; charset=utf-8";
 const JSON: &str = "application/json";
-const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Writes a complete plain-text response, then closes our side.
 fn respond(stream: &TcpStream, status: StatusCode, body: &str) -> io::Result<()> {

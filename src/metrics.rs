@@ -1,18 +1,30 @@
-//! Counters the server keeps about itself, served at `GET /metrics` in the
-//! Prometheus text format.
+//! Counters the server keeps about itself, served at `GET /metrics`.
 //!
 //! One [`Metrics`] is created at start-up and shared by `Arc` (no global
-//! state). Every counter is a relaxed atomic: incrementing one costs a few
-//! nanoseconds and no lock, so they can sit on the per-message path.
+//! state). Counters and gauges are `prometheus-client`'s (the Prometheus
+//! project's own Rust client): each is an atomic, cheap enough for the
+//! per-message path, and its [`Registry`] writes the text format.
 //!
-//! The exposition format is a handful of lines of text, so it is written by
-//! hand here rather than pulling in a metrics crate and its registry.
+//! The one metric of our own is the latency [`Histogram`]: it is observed
+//! for every frame written to every client, and `prometheus-client`'s
+//! histogram takes a lock on each observation, which dispatcher and
+//! subscriber threads would then all contend for. Ours is an atomic per
+//! bucket; the registry still writes it.
 
-use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// The server's counters.
-#[derive(Debug, Default)]
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+/// A number that only goes up. (Written with a `_total` suffix.)
+pub type Counter = prometheus_client::metrics::counter::Counter;
+/// A number that goes up and down.
+pub type Gauge = prometheus_client::metrics::gauge::Gauge;
+
+/// The server's counters, and the registry that writes them out.
+#[derive(Debug)]
 pub struct Metrics {
     /// Chat connections open now (upgraded WebSockets).
     pub connections_open: Gauge,
@@ -46,192 +58,179 @@ pub struct Metrics {
     /// it to a client, in milliseconds (wall clocks: across instances, clock
     /// skew shows up here).
     pub delivery_latency: Histogram,
+    /// Every metric above, by its name on `/metrics`.
+    registry: Registry,
 }
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let mut metrics = Metrics {
+            connections_open: Gauge::default(),
+            connections_total: Counter::default(),
+            messages_received: Counter::default(),
+            messages_delivered: Counter::default(),
+            payloads_skipped: Counter::default(),
+            slow_client_closes: Counter::default(),
+            rate_limited: Counter::default(),
+            subscriptions_lost: Counter::default(),
+            redis_reconnects: Counter::default(),
+            subscriptions_down: Gauge::default(),
+            rooms_in_memory: Gauge::default(),
+            publish_errors: Counter::default(),
+            protocol_closes: Counter::default(),
+            panics: Counter::default(),
+            delivery_latency: Histogram::default(),
+            registry: Registry::default(),
+        };
+        // The registry holds clones: each shares its value with the field.
+        let gauges = [
+            (
+                "connections_open",
+                "Chat connections open now.",
+                &metrics.connections_open,
+            ),
+            (
+                "subscriptions_down",
+                "Subscriptions lost and not yet restored.",
+                &metrics.subscriptions_down,
+            ),
+            (
+                "rooms_in_memory",
+                "Rooms whose history and members the in-process relay holds.",
+                &metrics.rooms_in_memory,
+            ),
+        ];
+        for (name, help, gauge) in gauges {
+            metrics
+                .registry
+                .register(format!("threadchat_{name}"), help, gauge.clone());
+        }
+        let counters = [
+            (
+                "connections",
+                "Chat connections ever opened.",
+                &metrics.connections_total,
+            ),
+            (
+                "messages_received",
+                "Chat messages received from clients.",
+                &metrics.messages_received,
+            ),
+            (
+                "messages_delivered",
+                "Chat frames written to clients.",
+                &metrics.messages_delivered,
+            ),
+            (
+                "payloads_skipped",
+                "Payloads on the room that were not chat messages.",
+                &metrics.payloads_skipped,
+            ),
+            (
+                "slow_client_closes",
+                "Clients closed for not reading fast enough.",
+                &metrics.slow_client_closes,
+            ),
+            (
+                "rate_limited",
+                "Messages refused by the rate limit.",
+                &metrics.rate_limited,
+            ),
+            (
+                "subscriptions_lost",
+                "Subscriptions lost to a relay failure.",
+                &metrics.subscriptions_lost,
+            ),
+            (
+                "redis_reconnects",
+                "Subscriptions restored after a loss.",
+                &metrics.redis_reconnects,
+            ),
+            (
+                "publish_errors",
+                "Messages that could not be published.",
+                &metrics.publish_errors,
+            ),
+            (
+                "protocol_closes",
+                "Connections closed for breaking the protocol or a limit.",
+                &metrics.protocol_closes,
+            ),
+            (
+                "panics",
+                "Connection threads that panicked.",
+                &metrics.panics,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            metrics
+                .registry
+                .register(format!("threadchat_{name}"), help, counter.clone());
+        }
+        metrics.registry.register_with_unit(
+            "threadchat_delivery_latency",
+            "From the sender's server receiving a message to writing it to a client.",
+            Unit::Seconds,
+            metrics.delivery_latency.clone(),
+        );
+        metrics
+    }
+}
+
+impl Metrics {
+    /// Every metric, in the OpenMetrics text format (which Prometheus reads).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The `Content-Type` of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Upper bounds of the latency buckets, in milliseconds.
 const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
 
-/// A Prometheus histogram of milliseconds: one atomic per bucket.
+/// A histogram of milliseconds, written out in seconds: one atomic per
+/// bucket, so observing never waits. Clones share their counts.
+#[derive(Debug, Default, Clone)]
+pub struct Histogram(Arc<Buckets>);
+
 #[derive(Debug, Default)]
-pub struct Histogram {
-    /// Observations at most `LATENCY_BUCKETS_MS[i]` (not cumulative here;
-    /// summed up when rendered).
-    buckets: [AtomicU64; LATENCY_BUCKETS_MS.len()],
-    count: AtomicU64,
-    sum: AtomicU64,
+struct Buckets {
+    /// Observations at most `LATENCY_BUCKETS_MS[i]` (the last one: above
+    /// them all). Not cumulative; the encoder sums them up.
+    counts: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    sum_ms: AtomicU64,
 }
 
 impl Histogram {
     /// Records one observation.
     pub fn observe(&self, ms: u64) {
-        if let Some(i) = LATENCY_BUCKETS_MS.iter().position(|&le| ms <= le) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum.fetch_add(ms, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} histogram\n");
-        let mut cumulative = 0;
-        for (le, bucket) in LATENCY_BUCKETS_MS.iter().zip(&self.buckets) {
-            cumulative += bucket.load(Ordering::Relaxed);
-            let seconds = *le as f64 / 1000.0;
-            let _ = writeln!(out, "{name}_bucket{{le=\"{seconds}\"}} {cumulative}");
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let sum = self.sum.load(Ordering::Relaxed) as f64 / 1000.0;
-        let _ = write!(
-            out,
-            "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}\n"
-        );
+        let i = LATENCY_BUCKETS_MS
+            .iter()
+            .position(|&le| ms <= le)
+            .unwrap_or(LATENCY_BUCKETS_MS.len());
+        self.0.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.0.sum_ms.fetch_add(ms, Ordering::Relaxed);
     }
 }
 
-/// A number that only goes up.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    /// Adds one.
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let counts = self.0.counts.iter().map(|c| c.load(Ordering::Relaxed));
+        let bounds = LATENCY_BUCKETS_MS.iter().map(|&ms| ms as f64 / 1000.0);
+        // `f64::MAX` is how the encoder spells the `+Inf` bucket.
+        let buckets: Vec<(f64, u64)> = bounds.chain([f64::MAX]).zip(counts).collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = self.0.sum_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }
 
-    /// Adds `n` (one atomic operation for a batch).
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// The current value.
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// A number that goes up and down.
-#[derive(Debug, Default)]
-pub struct Gauge(AtomicU64);
-
-impl Gauge {
-    /// Adds one.
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Subtracts one.
-    pub fn dec(&self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    /// The current value.
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-
-    /// Sets the value.
-    pub fn set(&self, value: u64) {
-        self.0.store(value, Ordering::Relaxed);
-    }
-}
-
-impl Metrics {
-    /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
-        let mut out = String::with_capacity(2048);
-        let gauges = [
-            (
-                "threadchat_connections_open",
-                "Chat connections open now.",
-                self.connections_open.get(),
-            ),
-            (
-                "threadchat_subscriptions_down",
-                "Subscriptions lost and not yet restored.",
-                self.subscriptions_down.get(),
-            ),
-            (
-                "threadchat_rooms_in_memory",
-                "Rooms whose history and members the in-process relay holds.",
-                self.rooms_in_memory.get(),
-            ),
-        ];
-        let counters = [
-            (
-                "threadchat_connections_total",
-                "Chat connections ever opened.",
-                &self.connections_total,
-            ),
-            (
-                "threadchat_messages_received_total",
-                "Chat messages received from clients.",
-                &self.messages_received,
-            ),
-            (
-                "threadchat_messages_delivered_total",
-                "Chat frames written to clients.",
-                &self.messages_delivered,
-            ),
-            (
-                "threadchat_payloads_skipped_total",
-                "Payloads on the room that were not chat messages.",
-                &self.payloads_skipped,
-            ),
-            (
-                "threadchat_slow_client_closes_total",
-                "Clients closed for not reading fast enough.",
-                &self.slow_client_closes,
-            ),
-            (
-                "threadchat_rate_limited_total",
-                "Messages refused by the rate limit.",
-                &self.rate_limited,
-            ),
-            (
-                "threadchat_subscriptions_lost_total",
-                "Subscriptions lost to a relay failure.",
-                &self.subscriptions_lost,
-            ),
-            (
-                "threadchat_redis_reconnects_total",
-                "Subscriptions restored after a loss.",
-                &self.redis_reconnects,
-            ),
-            (
-                "threadchat_publish_errors_total",
-                "Messages that could not be published.",
-                &self.publish_errors,
-            ),
-            (
-                "threadchat_protocol_closes_total",
-                "Connections closed for breaking the protocol or a limit.",
-                &self.protocol_closes,
-            ),
-            (
-                "threadchat_panics_total",
-                "Connection threads that panicked.",
-                &self.panics,
-            ),
-        ];
-        for (name, help, value) in gauges {
-            let _ = write!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
-            );
-        }
-        for (name, help, counter) in counters {
-            let _ = write!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
-                counter.get()
-            );
-        }
-        self.delivery_latency.render(
-            &mut out,
-            "threadchat_delivery_latency_seconds",
-            "From the sender's server receiving a message to writing it to a client.",
-        );
-        out
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
     }
 }
 
@@ -240,7 +239,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_prometheus_text() {
+    fn renders_the_metric_names_prometheus_scrapes() {
         let metrics = Metrics::default();
         metrics.connections_open.inc();
         metrics.messages_received.inc();
@@ -249,35 +248,33 @@ mod tests {
         assert!(
             text.contains(
                 "# TYPE threadchat_connections_open gauge\nthreadchat_connections_open 1\n"
-            )
+            ),
+            "{text}"
         );
-        assert!(text.contains("threadchat_messages_received_total 2\n"));
+        assert!(
+            text.contains("threadchat_messages_received_total 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("threadchat_connections_total 0\n"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 
     #[test]
-    fn histograms_are_cumulative() {
+    fn histograms_are_cumulative_and_in_seconds() {
         let metrics = Metrics::default();
         for ms in [0, 3, 3, 40, 9999] {
             metrics.delivery_latency.observe(ms);
         }
         let text = metrics.render();
         let name = "threadchat_delivery_latency_seconds";
-        assert!(
-            text.contains(&format!("{name}_bucket{{le=\"0.001\"}} 1\n")),
-            "{text}"
-        );
-        assert!(
-            text.contains(&format!("{name}_bucket{{le=\"0.005\"}} 3\n")),
-            "{text}"
-        );
-        assert!(
-            text.contains(&format!("{name}_bucket{{le=\"5\"}} 4\n")),
-            "{text}"
-        );
-        assert!(
-            text.contains(&format!("{name}_bucket{{le=\"+Inf\"}} 5\n")),
-            "{text}"
-        );
-        assert!(text.contains(&format!("{name}_count 5\n")), "{text}");
+        for line in [
+            "_bucket{le=\"0.001\"} 1\n",
+            "_bucket{le=\"0.005\"} 3\n",
+            "_bucket{le=\"5.0\"} 4\n",
+            "_bucket{le=\"+Inf\"} 5\n",
+            "_count 5\n",
+        ] {
+            assert!(text.contains(&format!("{name}{line}")), "{line} in {text}");
+        }
     }
 }

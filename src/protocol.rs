@@ -155,7 +155,7 @@ impl Nickname {
     /// Percent-decodes a URL path segment (`Joe%20Doe` is "Joe Doe"), then
     /// validates it with [`Nickname::parse`].
     pub fn from_path_segment(segment: &str) -> Result<Nickname, NameError> {
-        Nickname::parse(&percent_decode(segment, false)?)
+        Nickname::parse(&percent_decode(segment)?)
     }
 
     /// The nickname as text.
@@ -170,33 +170,47 @@ impl fmt::Display for Nickname {
     }
 }
 
-/// Decodes `%XX` escapes. `+` means a space in a query string
-/// (`plus_is_space`), and a plus in a path.
-pub fn percent_decode(segment: &str, plus_is_space: bool) -> Result<String, NameError> {
-    fn hex(digit: u8) -> Option<u8> {
-        (digit as char).to_digit(16).map(|d| d as u8)
+/// Decodes `%XX` escapes in a URL path segment (a `+` stays a plus).
+///
+/// `percent-encoding` decodes; what it would pass through silently, a `%`
+/// not followed by two hex digits, is refused here, so that a mistyped URL
+/// gets a clear error rather than a nickname with a `%` in it.
+pub fn percent_decode(segment: &str) -> Result<String, NameError> {
+    check_escapes(segment)?;
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .map(|decoded| decoded.into_owned())
+        .map_err(|_| NameError::NotUtf8)
+}
+
+/// The decoded value of `key` in a query string (`a=1&b=x+y%21`), if it is
+/// there: `form_urlencoded` splits and decodes, `+` is a space.
+pub fn query_value(query: &str, key: &str) -> Result<Option<String>, NameError> {
+    check_escapes(query)?;
+    let Some((_, value)) = form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == key) else {
+        return Ok(None);
+    };
+    // `form_urlencoded` replaces bytes that are not UTF-8 with U+FFFD.
+    if value.contains(char::REPLACEMENT_CHARACTER) {
+        return Err(NameError::NotUtf8);
     }
-    let bytes = segment.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let high = bytes.get(i + 1).copied().and_then(hex);
-            let low = bytes.get(i + 2).copied().and_then(hex);
-            match (high, low) {
-                (Some(h), Some(l)) => out.push(h << 4 | l),
-                _ => return Err(NameError::BadEscape),
-            }
-            i += 3;
-        } else if plus_is_space && bytes[i] == b'+' {
-            out.push(b' ');
-            i += 1;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    Ok(Some(value.into_owned()))
+}
+
+/// Refuses a `%` that is not followed by two hex digits.
+fn check_escapes(text: &str) -> Result<(), NameError> {
+    let bytes = text.as_bytes();
+    let well_formed = bytes.iter().enumerate().all(|(i, &b)| {
+        b != b'%'
+            || bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if well_formed {
+        Ok(())
+    } else {
+        Err(NameError::BadEscape)
     }
-    String::from_utf8(out).map_err(|_| NameError::NotUtf8)
 }
 
 /// A chat room: the default room of the original app, or a named one.
@@ -1002,7 +1016,15 @@ mod tests {
             "threadchat:room:lobby"
         );
         assert!(Room::parse(" lobby").is_err());
-        assert_eq!(percent_decode("a+b%20c", true).unwrap(), "a b c");
+        assert_eq!(percent_decode("a+b%20c").unwrap(), "a+b c");
+        let query = "format=text&room=a+b%20c";
+        assert_eq!(
+            query_value(query, "room").unwrap().as_deref(),
+            Some("a b c")
+        );
+        assert_eq!(query_value(query, "limit").unwrap(), None);
+        assert_eq!(query_value("room=%zz", "room"), Err(NameError::BadEscape));
+        assert_eq!(query_value("room=%FF", "room"), Err(NameError::NotUtf8));
     }
 
     #[test]

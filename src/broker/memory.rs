@@ -74,7 +74,7 @@ impl Rooms {
         let state = rooms.entry(room.name().to_owned()).or_default();
         state.last_used = Instant::now();
         let result = f(state);
-        self.metrics.rooms_in_memory.set(rooms.len() as u64);
+        self.metrics.rooms_in_memory.set(rooms.len() as i64);
         result
     }
 
@@ -82,7 +82,7 @@ impl Rooms {
     fn expire(&self, ttl: Duration) {
         let mut rooms = self.lock();
         rooms.retain(|_, state| !state.members.is_empty() || state.last_used.elapsed() < ttl);
-        self.metrics.rooms_in_memory.set(rooms.len() as u64);
+        self.metrics.rooms_in_memory.set(rooms.len() as i64);
     }
 }
 
@@ -207,7 +207,7 @@ impl Broker for MemoryBroker {
                 rooms.remove(room.name());
             }
         }
-        self.rooms.metrics.rooms_in_memory.set(rooms.len() as u64);
+        self.rooms.metrics.rooms_in_memory.set(rooms.len() as i64);
         Ok(())
     }
 

@@ -323,7 +323,9 @@ impl<'a> ChatHandler<'a> {
         let mut failed: Option<(usize, String, BrokerError)> = None;
         for message in self.in_flight.drain(..count) {
             match message.receipt.wait() {
-                Ok(()) => self.ctx.metrics.messages_received.inc(),
+                Ok(()) => {
+                    self.ctx.metrics.messages_received.inc();
+                }
                 Err(e) => {
                     self.ctx.metrics.publish_errors.inc();
                     match &mut failed {

@@ -180,9 +180,7 @@ pub(super) fn run(
     // client itself while the client keeps up. (A per-client Redis
     // subscription has no dispatcher: this thread reads Redis itself, and
     // `deliver_directly` says no.)
-    if outbox.ctx.limits.direct_delivery {
-        subscription.deliver_directly(Arc::clone(&outbox) as Arc<dyn DirectSink>);
-    }
+    subscription.deliver_directly(Arc::clone(&outbox) as Arc<dyn DirectSink>);
     let mut start = Some(start);
     let result = panic::catch_unwind(AssertUnwindSafe(|| {
         subscription.run(|event| match event {
@@ -404,7 +402,7 @@ impl Outbox {
         let metrics = &self.ctx.metrics;
         metrics
             .messages_delivered
-            .add(delivery.pending_stamps.len() as u64);
+            .inc_by(delivery.pending_stamps.len() as u64);
         let now = unix_millis();
         for ts in delivery.pending_stamps.drain(..).flatten() {
             metrics.delivery_latency.observe(now.saturating_sub(ts));

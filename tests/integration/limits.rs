@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tungstenite::Message;
 
-use crate::support::{Client, Closed, Redis, Server, eventually, with_both_brokers};
+use crate::support::{Client, Closed, Server, eventually, with_both_brokers};
 
 with_both_brokers!(
     a_client_that_stops_reading_does_not_hold_up_the_others =>
@@ -47,28 +47,6 @@ fn a_client_that_stops_reading_does_not_hold_up_the_others(server: &Server) {
     server.wait_for_log("stuck (127.0.0.1");
     server.wait_for_log("was too slow and was disconnected");
     assert_eq!(server.metric("threadchat_slow_client_closes_total"), 1);
-}
-
-/// The same with a shared subscription whose dispatcher never writes to
-/// clients itself (`--delivery queued`): every message goes through the
-/// client's queue and subscriber thread.
-#[test]
-fn a_client_that_stops_reading_does_not_hold_up_the_others_with_queued_delivery() {
-    let redis = Redis::start();
-    let url = redis.url();
-    let server = Server::start(&[
-        "--redis",
-        &url,
-        "--subscriptions",
-        "shared",
-        "--delivery",
-        "queued",
-        "--rate-limit",
-        "0",
-        "--write-timeout",
-        "2",
-    ]);
-    a_client_that_stops_reading_does_not_hold_up_the_others(&server);
 }
 
 #[test]

@@ -5,6 +5,7 @@
 
 mod bounds;
 mod chat;
+mod example;
 mod faults;
 mod http;
 mod interop;

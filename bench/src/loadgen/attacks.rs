@@ -30,7 +30,9 @@ use std::time::{Duration, Instant};
 
 use tungstenite::Message;
 
-use super::{Args, Env, connect, connect_on, now_micros, rss_kb};
+use super::Args;
+use super::client::{connect, connect_on, now_micros};
+use super::env::{Env, rss_kb};
 
 /// One attack scenario.
 pub(crate) enum Attack {
@@ -376,7 +378,7 @@ fn members_flood(args: &Args, relay: &str) -> anyhow::Result<String> {
         thread::spawn(move || {
             while let Ok(message) = receiver.read() {
                 let Message::Text(t) = message else { continue };
-                let Some(body) = super::chat_body(t.as_str()) else {
+                let Some(body) = super::scenarios::chat_body(t.as_str()) else {
                     continue;
                 };
                 if body == "end" {

@@ -1,0 +1,91 @@
+//! The results table: one [`Row`] per scenario and relay.
+
+use std::time::Duration;
+
+/// One line of the results table. Empty cells are what a scenario does not
+/// measure.
+#[derive(Default)]
+pub(crate) struct Row {
+    pub(crate) scenario: String,
+    pub(crate) relay: String,
+    pub(crate) clients: usize,
+    pub(crate) senders: usize,
+    pub(crate) connect: Duration,
+    pub(crate) handshake: String,
+    pub(crate) delivered: u64,
+    pub(crate) expected: u64,
+    pub(crate) duplicates: Option<u64>,
+    pub(crate) out_of_order: Option<u64>,
+    /// Fan-out latency p50, p99, max (ms).
+    pub(crate) latency: Option<(f64, f64, f64)>,
+    pub(crate) deliveries_per_s: Option<f64>,
+    /// CPU while sending, in % of a core.
+    pub(crate) cpu: Option<Cpu>,
+    /// Redis connections in use (clients connected to it).
+    pub(crate) redis_connections: Option<u64>,
+    pub(crate) rss_per_client_kib: Option<f64>,
+    /// Kernel memory per client: stacks, page tables, slab (KiB).
+    pub(crate) kernel_per_client_kib: Option<(f64, f64, f64)>,
+    pub(crate) idle_cpu: Option<f64>,
+}
+
+impl Row {
+    pub(crate) const HEADER: &str = "| scenario | relay | clients | senders | connect all | handshake p50 / p99 | delivered / expected | loss | dups | order | latency p50 / p99 / max | deliveries/s | CPU: server / Redis / load gen. | Redis conns | RSS per client | kernel per client: stacks + page tables + slab | idle CPU |\n\
+                          |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
+
+    pub(crate) fn render(&self) -> String {
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "".into());
+        format!(
+            "| {} | {} | {} | {} | {:.2} s | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            self.scenario,
+            self.relay,
+            self.clients,
+            self.senders,
+            self.connect.as_secs_f64(),
+            self.handshake,
+            self.delivered,
+            self.expected,
+            self.expected.saturating_sub(self.delivered),
+            opt(self.duplicates.map(|d| d.to_string())),
+            opt(self.out_of_order.map(|d| d.to_string())),
+            opt(self.latency.map(|(a, b, c)| {
+                if a.is_nan() {
+                    // Scenario c: one message, the time until all had it.
+                    format!("– / – / {c:.1} ms")
+                } else {
+                    format!("{a:.1} / {b:.1} / {c:.1} ms")
+                }
+            })),
+            opt(self.deliveries_per_s.map(|d| format!("{d:.0}"))),
+            opt(self.cpu.map(|cpu| cpu.render())),
+            opt(self.redis_connections.map(|n| n.to_string())),
+            opt(self.rss_per_client_kib.map(|k| format!("{k:.1} KiB"))),
+            opt(self.kernel_per_client_kib.map(|(stack, tables, slab)| {
+                let total = stack + tables + slab;
+                format!("{stack:.1} + {tables:.1} + {slab:.1} = {total:.1} KiB")
+            })),
+            opt(self.idle_cpu.map(|c| format!("{c:.1}% of a core"))),
+        )
+    }
+}
+
+/// Who used the CPU while a scenario was sending, in % of one core.
+///
+/// All three share the machine's cores, so their sum bounds the latency a
+/// scenario can reach: in (a), 1% of a core over the 10 s is 1 ms of CPU per
+/// message, and the last of a message's 999 frames cannot be read before
+/// the sum has been spent, divided among the cores.
+#[derive(Clone, Copy)]
+pub(crate) struct Cpu {
+    pub(crate) server: f64,
+    pub(crate) redis: Option<f64>,
+    /// This load generator: its senders and receivers.
+    pub(crate) load: f64,
+}
+
+impl Cpu {
+    pub(crate) fn render(&self) -> String {
+        let redis = self.redis.map_or("–".into(), |r| format!("{r:.0}%"));
+        format!("{:.0}% / {redis} / {:.0}%", self.server, self.load)
+    }
+}

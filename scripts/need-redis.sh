@@ -1,0 +1,36 @@
+#!/bin/sh
+# Makes sure the redis-server program is installed: the tests and the
+# benchmarks start their own Redis on a free port (nothing is started by
+# hand, and 6379 is never used). Installs it when it can, and says so;
+# otherwise prints the command to run.
+set -eu
+
+command -v redis-server >/dev/null 2>&1 && exit 0
+
+echo "redis-server is not installed; the tests start their own Redis on a free port."
+if command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    sudo=""
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+    sudo="sudo"
+  else
+    echo "Install it with:  sudo apt-get install redis-server"
+    exit 1
+  fi
+  echo "Installing it now: ${sudo:+sudo }apt-get install redis-server"
+  export DEBIAN_FRONTEND=noninteractive
+  # A fresh machine may have no package lists yet.
+  $sudo apt-get install -y -qq redis-server >/dev/null 2>&1 || {
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq redis-server >/dev/null
+  }
+elif command -v brew >/dev/null 2>&1; then
+  echo "Installing it now: brew install redis"
+  brew install redis
+else
+  echo "Install Redis (https://redis.io/docs/latest/operate/oss_and_stack/install/),"
+  echo "so that redis-server is on your PATH, then run this again."
+  exit 1
+fi
+command -v redis-server >/dev/null 2>&1 || { echo "redis-server is still not on PATH"; exit 1; }
+echo "redis-server installed: $(redis-server --version | cut -d' ' -f1-3)"
