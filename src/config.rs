@@ -540,6 +540,12 @@ fn redis_url(value: &str) -> Result<String, ConfigError> {
 
 /// Threads each chat connection uses (its reader and its subscriber).
 pub const THREADS_PER_CONNECTION: usize = 2;
+
+/// Most connections in their start at once. A starting connection has a
+/// third thread (its start thread, until the accept loop has joined it), so
+/// the ceiling keeps room for this many; past it, the accept loop waits for
+/// a start to finish before it accepts more (the kernel queues the rest).
+pub const MAX_STARTING: usize = 1024;
 /// Memory maps one thread costs on Linux (its stack, guard page and glibc's
 /// bookkeeping); measured, see docs/ARCHITECTURE.md.
 const MAPS_PER_THREAD: usize = 4;
@@ -558,14 +564,12 @@ pub fn connection_ceiling(fds_per_connection: usize) -> usize {
     let max_threads = read_number("/proc/sys/kernel/threads-max")
         .unwrap_or(usize::MAX)
         .min(read_number("/proc/sys/kernel/pid_max").unwrap_or(32_768));
-    // Leave room for the third thread a connection has for a moment while
-    // it is handed to its reader (see `session::handoff`), and for everything
-    // else the process (and the machine) maps, opens and runs.
-    let handoffs = crate::session::handoff::MAX_HANDOFFS;
-    let by_maps = max_maps.saturating_sub(2_000 + handoffs * MAPS_PER_THREAD)
+    // Leave room for the start threads (see `MAX_STARTING`), and for
+    // everything else the process (and the machine) maps, opens and runs.
+    let by_maps = max_maps.saturating_sub(2_000 + MAX_STARTING * MAPS_PER_THREAD)
         / (THREADS_PER_CONNECTION * MAPS_PER_THREAD);
     let by_files = max_files.saturating_sub(100) / fds_per_connection.max(1);
-    let by_threads = max_threads.saturating_sub(2_000 + handoffs) / THREADS_PER_CONNECTION;
+    let by_threads = max_threads.saturating_sub(2_000 + MAX_STARTING) / THREADS_PER_CONNECTION;
     by_maps.min(by_files).min(by_threads).max(1)
 }
 

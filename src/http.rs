@@ -18,7 +18,7 @@ use tungstenite::http::{self, StatusCode};
 
 use crate::broker::{BrokerError, Presence};
 use crate::config::Limits;
-use crate::protocol::{Format, Nickname, Room, query_value};
+use crate::protocol::{Format, Member, Nickname, Room, query_value};
 use crate::session::Context;
 
 /// Longest request head accepted, in bytes; a longer one gets 431.
@@ -63,17 +63,6 @@ pub enum Target {
     Chat(Member),
     /// The echo endpoint (`--echo-endpoint`, for conformance testing).
     Echo,
-}
-
-/// Who joins which room, and how they want their frames.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Member {
-    /// From the path: `/chat/{nickname}`.
-    pub nickname: Nickname,
-    /// From `?room=`; the original's `global_room` without it.
-    pub room: Room,
-    /// From `?format=text`; JSON without it.
-    pub format: Format,
 }
 
 /// A parsed request head: only what routing and the handshake need.

@@ -60,6 +60,7 @@ pub mod broker;
 pub mod config;
 pub mod http;
 pub mod metrics;
+mod net;
 pub mod protocol;
 pub mod server;
 pub mod session;

@@ -10,8 +10,13 @@
 //! `503 Service Unavailable` and closes: no thread is spent on the refused.
 //!
 //! **Thread lifecycle.** Every connection thread is named and its `JoinHandle`
-//! kept. A finishing connection sends its number on the `done` channel; the
-//! accept loop joins it the next time it wakes. At shutdown the loop stops
+//! kept. The accept loop starts a connection's start thread and joins it
+//! once it has handed the connection to its reader thread (a
+//! [`Report::Reading`]); the reader thread's handle is kept until the
+//! connection is over ([`Report::Done`]), and joined then. While a start
+//! thread may be waiting to be joined, `accept` waits at most
+//! [`REAP_INTERVAL`]; otherwise it blocks for as long as it likes. At most
+//! [`MAX_STARTING`] connections start at once. At shutdown the loop stops
 //! accepting, asks every connection to close (1001), waits a grace period,
 //! cuts the sockets of any that have not finished, and joins them all.
 //!
@@ -22,7 +27,6 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::{self, JoinHandle};
@@ -33,13 +37,13 @@ use socket2::{Domain, Socket, Type};
 
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::config::MAX_STARTING;
 use crate::http;
 use crate::metrics::Metrics;
 use crate::session::announce::Announcer;
-use crate::session::handoff::{FIRST_THREAD_STACK_SIZE, Handoffs};
 use crate::session::per_ip::PerIp;
 use crate::session::welcome::Welcomes;
-use crate::session::{self, Conn, Context, JunkLog, SessionError};
+use crate::session::{self, Conn, Context, JunkLog, Report, START_STACK_SIZE};
 
 /// A bound, not yet running, chat server.
 pub struct Server {
@@ -137,7 +141,6 @@ impl Server {
                 limits: config.limits.clone(),
                 metrics,
                 junk: JunkLog::default(),
-                handoffs: Handoffs::default(),
                 welcomes: Welcomes::default(),
                 per_ip: PerIp::new(config.limits.max_connections_per_ip),
                 members: http::MembersCache::default(),
@@ -166,22 +169,43 @@ impl Server {
         let (reports_tx, reports) = crossbeam_channel::unbounded();
         let mut registry = Registry {
             active: HashMap::new(),
+            starting: 0,
             reports,
         };
+        let mut reaping = false;
         let max = self.ctx.limits.max_connections;
         let mut next_seq: u64 = 0;
         let mut backoff = Duration::from_millis(10);
 
         loop {
+            // Start threads waiting to be joined: wake up to join them.
+            if reaping != (registry.starting > 0) {
+                reaping = registry.starting > 0;
+                let wait = reaping.then_some(REAP_INTERVAL);
+                if let Err(e) = socket2::SockRef::from(&self.listener).set_read_timeout(wait) {
+                    log::warn!("cannot set the accept timeout: {e}");
+                }
+            }
             let accepted = self.listener.accept();
             if self.shutdown.requested.load(Ordering::SeqCst) {
                 break;
             }
             registry.reap();
+            while registry.starting >= MAX_STARTING {
+                registry.wait_for_one();
+            }
             let (stream, peer) = match accepted {
                 Ok(pair) => {
                     backoff = Duration::from_millis(10);
                     pair
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue;
                 }
                 Err(e) => {
                     // Usually out of file descriptors: wait for some to be
@@ -221,16 +245,12 @@ impl Server {
             };
             next_seq += 1;
             let conn = Arc::new(Conn::new(self.instance, next_seq, peer, stream, slot));
-            // Registered first: a report can come as soon as the thread runs.
-            registry
-                .active
-                .insert(conn.seq, (Arc::downgrade(&conn), None));
-            let started =
-                spawn_connection(Arc::clone(&conn), Arc::clone(&self.ctx), reports_tx.clone());
-            if let Err(e) = started {
-                registry.active.remove(&conn.seq);
-                log::error!("refused {peer}: cannot start a thread: {e}");
-                conn.force_close();
+            match spawn_start(Arc::clone(&conn), Arc::clone(&self.ctx), reports_tx.clone()) {
+                Ok(start) => registry.add(&conn, start),
+                Err(e) => {
+                    log::error!("refused {peer}: cannot start a thread: {e}");
+                    conn.force_close();
+                }
             }
         }
 
@@ -256,53 +276,42 @@ impl ShutdownHandle {
     }
 }
 
-/// What a connection's threads tell the accept loop.
-enum Report {
-    /// Connection `seq` was handed to this reader thread.
-    HandedOff(u64, JoinHandle<()>),
-    /// Connection `seq` is over; join its threads (this one too, if given).
-    Done(u64, Option<JoinHandle<()>>),
-}
+/// How long `accept` waits while a start thread may be waiting to be
+/// joined (it has ended, or is about to: see the module doc).
+const REAP_INTERVAL: Duration = Duration::from_millis(100);
 
-/// How a connection's threads report (see [`session::Reports`]).
-struct Reporter(Sender<Report>);
-
-impl session::Reports for Reporter {
-    fn handed_off(&self, seq: u64, reader: JoinHandle<()>) {
-        let _ = self.0.send(Report::HandedOff(seq, reader));
-    }
-
-    fn finished(
-        &self,
-        conn: &Conn,
-        result: Result<(), SessionError>,
-        thread: Option<JoinHandle<()>>,
-    ) {
-        match result {
-            Ok(()) => {}
-            Err(e) if e.is_disconnect() => log::debug!("{}: {e}", conn.peer),
-            Err(e) => log::error!("{} ({}): {e}", conn.peer, conn.id),
-        }
-        // However the session ended, the client sees the socket close now
-        // (the accept loop joins the threads only when it next wakes).
-        conn.force_close();
-        let _ = self.0.send(Report::Done(conn.seq, thread));
-    }
+/// A live connection's threads, as far as the accept loop knows them.
+struct Entry {
+    /// Weak: a connection's state, and with it its socket and its place in
+    /// its address's count, goes when its last thread ends, not when this
+    /// loop next wakes to join it.
+    conn: Weak<Conn>,
+    /// The start thread, until joined.
+    start: Option<JoinHandle<()>>,
+    /// The reader thread, once the start has handed over to it.
+    reader: Option<JoinHandle<()>>,
 }
 
 /// The live connections, owned by the accept loop.
 struct Registry {
-    /// Each connection, with the handle of its reader thread once it has
-    /// been handed one. (A first thread holds its own handle: see
-    /// [`session::handoff`].) Weak: a connection's state, and with it its
-    /// socket and its place in its address's count, goes when its last
-    /// thread ends, not when this loop next wakes to join it.
-    active: HashMap<u64, (Weak<Conn>, Option<JoinHandle<()>>)>,
+    active: HashMap<u64, Entry>,
+    /// Entries whose start thread is not joined yet.
+    starting: usize,
     /// What the connections' threads report.
     reports: Receiver<Report>,
 }
 
 impl Registry {
+    fn add(&mut self, conn: &Arc<Conn>, start: JoinHandle<()>) {
+        let entry = Entry {
+            conn: Arc::downgrade(conn),
+            start: Some(start),
+            reader: None,
+        };
+        self.active.insert(conn.seq, entry);
+        self.starting += 1;
+    }
+
     /// Acts on every report so far.
     fn reap(&mut self) {
         while let Ok(report) = self.reports.try_recv() {
@@ -310,28 +319,52 @@ impl Registry {
         }
     }
 
-    /// Keeps a reader thread's handle, or joins the threads of a connection
-    /// that is over. Panics are caught inside the threads; nothing to report
-    /// here.
+    /// Waits for one report and acts on it.
+    fn wait_for_one(&mut self) {
+        if let Ok(report) = self.reports.recv() {
+            self.act_on(report);
+        }
+    }
+
+    /// Joins the threads that have ended, keeps the reader threads' handles.
+    /// (A start thread reports last thing before it ends, so joining it
+    /// waits a moment at most. Panics are caught inside the threads.)
     fn act_on(&mut self, report: Report) {
         match report {
-            Report::HandedOff(seq, reader) => match self.active.get_mut(&seq) {
-                Some((_, held)) => *held = Some(reader),
-                // Not expected: a reader reports done only after this. If it
-                // happens, the connection is over and the reader ending.
+            Report::Reading(seq, reader) => match self.active.get_mut(&seq) {
+                Some(entry) => {
+                    self.starting -= usize::from(entry.start.is_some());
+                    if let Some(start) = entry.start.take() {
+                        let _ = start.join();
+                    }
+                    entry.reader = Some(reader);
+                }
+                // The reader was quicker: it reported the connection over
+                // (and its start thread was joined then).
                 None => {
                     let _ = reader.join();
                 }
             },
-            Report::Done(seq, thread) => {
-                if let Some((_, Some(reader))) = self.active.remove(&seq) {
-                    let _ = reader.join();
+            Report::Done(seq) => {
+                let Some(entry) = self.active.remove(&seq) else {
+                    return;
+                };
+                if let Some(start) = entry.start {
+                    self.starting -= 1;
+                    let _ = start.join();
                 }
-                if let Some(thread) = thread {
-                    let _ = thread.join();
+                if let Some(reader) = entry.reader {
+                    let _ = reader.join();
                 }
             }
         }
+    }
+
+    /// The connections still alive.
+    fn live(&self) -> impl Iterator<Item = Arc<Conn>> + '_ {
+        self.active
+            .values()
+            .filter_map(|entry| entry.conn.upgrade())
     }
 
     /// Closes every connection: politely first, by force after `grace`, and
@@ -341,11 +374,11 @@ impl Registry {
         if !self.active.is_empty() {
             log::info!("shutting down: closing {} connection(s)", self.active.len());
         }
-        for conn in self.active.values().filter_map(|(conn, _)| conn.upgrade()) {
+        for conn in self.live() {
             conn.stop_for_shutdown();
         }
         self.wait(Some(Instant::now() + grace));
-        for conn in self.active.values().filter_map(|(conn, _)| conn.upgrade()) {
+        for conn in self.live() {
             conn.force_close();
         }
         // Every connection reports when it is over, however it ends; with
@@ -368,26 +401,16 @@ impl Registry {
     }
 }
 
-/// Starts a connection's first thread, and sends it its own handle (it
-/// hands that to whoever must join it: see [`session::handoff`]).
-fn spawn_connection(conn: Arc<Conn>, ctx: Arc<Context>, reports: Sender<Report>) -> io::Result<()> {
-    let (own_tx, own) = crossbeam_channel::bounded(1);
-    let first = thread::Builder::new()
-        .name(format!("tc-conn-{}", conn.seq))
-        .stack_size(FIRST_THREAD_STACK_SIZE)
-        .spawn(move || {
-            let reporter: Arc<dyn session::Reports> = Arc::new(Reporter(reports));
-            let served = panic::catch_unwind(AssertUnwindSafe(|| {
-                session::run(Arc::clone(&conn), ctx, Arc::clone(&reporter), &own)
-            }));
-            if served.is_err() {
-                // A panic in the connection's start.
-                conn.force_close();
-                reporter.finished(&conn, Err(SessionError::Panicked), own.try_recv().ok());
-            }
-        })?;
-    let _ = own_tx.send(first);
-    Ok(())
+/// Starts a connection's start thread (see [`session::run`]).
+fn spawn_start(
+    conn: Arc<Conn>,
+    ctx: Arc<Context>,
+    reports: Sender<Report>,
+) -> io::Result<JoinHandle<()>> {
+    thread::Builder::new()
+        .name(format!("tc-start-{}", conn.seq))
+        .stack_size(START_STACK_SIZE)
+        .spawn(move || session::run(conn, ctx, reports))
 }
 
 /// Debug builds only: the chat text that makes a reader thread panic, from

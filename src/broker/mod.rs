@@ -21,9 +21,7 @@
 
 pub mod fanout;
 pub mod memory;
-mod pubsub;
 pub mod redis;
-mod scripts;
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -281,6 +279,15 @@ impl Subscription {
             direct: Some(slot),
             ..self
         }
+    }
+
+    /// Whether a thread of the relay dispatches the room's messages to its
+    /// clients in-process (shared subscriptions, the in-process relay), and
+    /// so may write to this client directly (see [`deliver_directly`](Self::deliver_directly)).
+    /// False for a per-client Redis subscription: its subscriber thread
+    /// alone writes the room to the client.
+    pub fn is_dispatched(&self) -> bool {
+        self.direct.is_some()
     }
 
     /// Lets the thread dispatching the room's messages write them straight

@@ -22,7 +22,7 @@
 //!   square of the room.
 //!
 //! A joining client's `101` waits until its join is published (see
-//! `session::chat`), so "connected" still means "the room has been told" —
+//! `session::start`), so "connected" still means "the room has been told" —
 //! at most one window later during a join storm, at once otherwise.
 //!
 //! Shutdown: dropping the [`Announcer`] drops the request sender; the thread

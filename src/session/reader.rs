@@ -20,12 +20,13 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Bytes, Error as WsError, Message};
 
+use super::conn::truncate;
 use super::liveness::Stalled;
 use super::rate::{RateLimiter, Verdict};
 use super::socket::{self, Reader, Writer};
-use super::{Conn, Context, Ending, truncate};
+use super::{Conn, Context, Ending};
 use crate::broker::{BrokerError, Receipt};
-use crate::http::Member;
+use crate::protocol::Member;
 use crate::protocol::{ChatMessage, ServerFrame, clean_message, message_text};
 
 /// What a [`Handler`] wants after a data message.

@@ -26,6 +26,7 @@
 //! `Read + Write`), so a connection costs one descriptor, and anyone holding
 //! the `Arc` can `shutdown()` the socket to wake a blocked read.
 
+pub use crate::net::SharedStream;
 use std::io::{self, Read, Write};
 use std::mem::MaybeUninit;
 use std::net::TcpStream;
@@ -36,25 +37,6 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Error, Message, WebSocket};
 
 use super::liveness::{self, FrameWatch, Stalled};
-
-/// The client's TCP socket, shared by the reader, the writer and the server.
-#[derive(Debug, Clone)]
-pub struct SharedStream(pub Arc<TcpStream>);
-
-impl Read for SharedStream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        (&*self.0).read(buf)
-    }
-}
-
-impl Write for SharedStream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        (&*self.0).write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        (&*self.0).flush()
-    }
-}
 
 /// Whether a read of `stream` would return without blocking: the client has
 /// sent bytes not read yet, has closed, or the socket failed. It peeks at the

@@ -14,20 +14,15 @@
 //! * `Lost` / `Subscribed` again: tell the client, with a notice, that the
 //!   relay was lost and then restored (messages in between may be missing).
 //!
-//! **Direct delivery.** With a shared subscription (and `--delivery
-//! direct`, the default), the room's dispatcher thread writes a message
-//! straight to a client that has nothing queued, without waking this
-//! thread: a thread switch costs more than the write. What a client
-//! receives is then decided in one place for both writers, the [`Outbox`],
-//! whose state is behind a lock: the dispatcher only tries that lock and
-//! only writes what the socket takes at once, and leaves anything harder —
-//! a full socket, a failed write, a client not yet welcomed — to this
-//! thread, which stays the one that blocks, and the one that ends the
-//! connection.
+//! With a per-client subscription this thread alone writes the room to the
+//! client, and keeps what that needs (the [`Delivery`]) to itself. Where a
+//! room's messages are dispatched in-process (shared subscriptions, the
+//! in-process relay), the dispatcher may write to the client too: that is
+//! [`direct`](super::direct)'s business, and the only place with a lock.
 //!
 //! This thread does only what repeats. What happens once per connection
-//! happens on the connection's first thread, which ends after it (see
-//! [`handoff`](super::handoff)): an idle subscriber thread keeps only two or
+//! happens on the connection's start thread, which ends after it (see
+//! [`start`](super::start)): an idle subscriber thread keeps only two or
 //! three pages of stack resident.
 //!
 //! When it ends first (server shutdown, relay failure, a client too slow to
@@ -38,17 +33,18 @@ use std::collections::HashSet;
 use std::net::Shutdown;
 use std::ops::ControlFlow;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use tungstenite::Message;
 
+use super::direct;
 use super::sched;
-use super::socket::{TrySend, Writer};
+use super::socket::Writer;
 use super::{Conn, Context, Ending};
-use crate::broker::{BrokerError, Direct, DirectSink, Event, Subscription};
-use crate::http::Member;
+use crate::broker::{BrokerError, DirectSink, Event, Subscription};
+use crate::protocol::Member;
 use crate::protocol::{ChatMessage, ConnId, Incoming, Kind, ServerFrame, unix_millis};
 
 /// The subscriber thread's half of the start-up handshake.
@@ -61,37 +57,28 @@ pub(super) struct Start {
     pub(super) go: Receiver<HashSet<String>>,
 }
 
-/// Everything needed to write the room to one client: shared by its
-/// subscriber thread and, with direct delivery, the room's dispatcher.
+/// Everything needed to write the room to one client, that does not change.
 pub(super) struct Outbox {
-    conn: Arc<Conn>,
-    ctx: Arc<Context>,
-    member: Member,
-    writer: Arc<Writer>,
-    /// Locked by whoever writes room messages to the client.
-    state: Mutex<Delivery>,
+    pub(super) conn: Arc<Conn>,
+    pub(super) ctx: Arc<Context>,
+    pub(super) member: Member,
+    pub(super) writer: Arc<Writer>,
 }
 
-/// What the room's writers must agree on.
+/// What writing the room to one client keeps track of.
 #[derive(Default)]
-struct Delivery {
+pub(super) struct Delivery {
     /// Ids of messages not to deliver, each expected once: those already
     /// sent from the history, and the coalesced announcement of the client's
     /// own join (a single one carries the client's `conn`: `is_from`).
     skip: HashSet<String>,
     /// Whether the client has its `101` (so frames may be written).
-    upgraded: bool,
+    pub(super) upgraded: bool,
     /// Room messages waiting for the next flush (see [`Outbox::flush`]).
-    pending: Vec<Message>,
+    pub(super) pending: Vec<Message>,
     /// The send time (`ts`) of each chat message in `pending`, for the
     /// latency histogram.
     pending_stamps: Vec<Option<u64>>,
-    /// The dispatcher left frames in the writer that the socket did not
-    /// take: the next flush must write them, even with nothing pending.
-    unfinished: bool,
-    /// A direct write failed, and this is how the connection ends (this
-    /// thread ends it: the dispatcher only records it).
-    failed: Option<Ending>,
     /// How far behind the room the client is.
     lag: Lag,
 }
@@ -170,47 +157,43 @@ const MAX_BATCH: usize = 64;
 /// The thread's body.
 pub(super) fn run(
     subscription: Subscription,
-    outbox: Arc<Outbox>,
+    outbox: Outbox,
     start: Start,
     reader_done: Receiver<()>,
 ) {
     // Woken with a room's message, wait for the waker to wake everyone.
     sched::wait_turn_when_woken();
-    // Where messages come from a room's dispatcher, let it write to the
-    // client itself while the client keeps up. (A per-client Redis
-    // subscription has no dispatcher: this thread reads Redis itself, and
-    // `deliver_directly` says no.)
-    subscription.deliver_directly(Arc::clone(&outbox) as Arc<dyn DirectSink>);
     let mut start = Some(start);
-    let result = panic::catch_unwind(AssertUnwindSafe(|| {
-        subscription.run(|event| match event {
-            Event::Subscribed => match start.take() {
-                Some(start) => outbox.start(start),
-                None => {
-                    // Messages held up by the outage say nothing of the
-                    // client: judge its lag afresh.
-                    outbox.lock().lag = Lag::default();
-                    outbox.notice(
-                        "reconnected to the chat relay; messages sent while it was \
-                         unavailable may be missing",
-                    )
-                }
-            },
-            Event::Lost(e) => outbox.notice(&format!("lost the chat relay ({e}); reconnecting")),
-            Event::Message(incoming) => outbox.deliver(&incoming),
-            Event::Idle => outbox.flush(&mut outbox.lock()),
-        })
-    }));
-    let Outbox { conn, ctx, .. } = &*outbox;
+    if subscription.is_dispatched() {
+        // The room's dispatcher may write to the client too (see `direct`).
+        let shared = direct::Shared::new(outbox);
+        subscription.deliver_directly(Arc::clone(&shared) as Arc<dyn DirectSink>);
+        let result = catch(&shared.outbox, || {
+            subscription.run(|event| shared.on_event(&mut start, event))
+        });
+        shared
+            .outbox
+            .finish(&mut shared.lock().delivery, result, &reader_done);
+    } else {
+        // This thread alone writes the room to the client.
+        let mut delivery = Delivery::default();
+        let result = catch(&outbox, || {
+            subscription.run(|event| outbox.on_event(&mut delivery, &mut start, event))
+        });
+        outbox.finish(&mut delivery, result, &reader_done);
+    }
+}
+
+/// Runs the subscription, turning a panic into an ending.
+fn catch(outbox: &Outbox, run: impl FnOnce() -> Result<(), BrokerError>) -> Result<(), Ending> {
+    let Outbox { conn, ctx, .. } = outbox;
     // The one place this thread's errors are logged.
-    match result {
-        Ok(Ok(())) => {}
-        Ok(Err(BrokerError::Lagged)) => {
-            conn.end(Ending::TooSlow("fell too far behind the room".into()));
-        }
+    match panic::catch_unwind(AssertUnwindSafe(run)) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(BrokerError::Lagged)) => Err(Ending::TooSlow("fell too far behind the room".into())),
         Ok(Err(e)) => {
             log::error!("{}: chat relay failed: {e}", conn.id);
-            conn.end(Ending::RelayFailed(e));
+            Err(Ending::RelayFailed(e))
         }
         Err(_) => {
             ctx.metrics.panics.inc();
@@ -218,20 +201,8 @@ pub(super) fn run(
                 "{}: subscriber thread panicked; closing the connection",
                 conn.id
             );
-            conn.end(Ending::Panicked);
+            Err(Ending::Panicked)
         }
-    }
-    // Before the upgrade there is no reader yet; the connection's first
-    // thread answers HTTP.
-    if outbox.lock().upgraded
-        && let Err(TryRecvError::Empty) = reader_done.try_recv()
-    {
-        // A close frame alone says nothing to a person in a terminal (and
-        // websocat without `-E` shows nothing at all): say it in words first.
-        if conn.ending() == Some(&Ending::ServerShutdown) {
-            let _ = outbox.notice(SHUTDOWN_NOTICE);
-        }
-        say_goodbye(conn, ctx, &outbox.writer, &reader_done);
     }
 }
 
@@ -252,35 +223,69 @@ fn say_goodbye(conn: &Conn, ctx: &Context, writer: &Writer, reader_done: &Receiv
 }
 
 impl Outbox {
-    /// A client's outbox; nothing is written until it is upgraded.
-    pub(super) fn new(
-        conn: Arc<Conn>,
-        ctx: Arc<Context>,
-        member: Member,
-        writer: Arc<Writer>,
-    ) -> Outbox {
-        Outbox {
-            conn,
-            ctx,
-            member,
-            writer,
-            state: Mutex::default(),
+    /// What the subscription's events mean for the client.
+    pub(super) fn on_event(
+        &self,
+        delivery: &mut Delivery,
+        start: &mut Option<Start>,
+        event: Event,
+    ) -> ControlFlow<()> {
+        match event {
+            Event::Subscribed => match start.take() {
+                Some(start) => self.start(delivery, start),
+                None => {
+                    // Messages held up by the outage say nothing of the
+                    // client: judge its lag afresh.
+                    delivery.lag = Lag::default();
+                    self.notice(
+                        delivery,
+                        "reconnected to the chat relay; messages sent while it was \
+                         unavailable may be missing",
+                    )
+                }
+            },
+            Event::Lost(e) => self.notice(
+                delivery,
+                &format!("lost the chat relay ({e}); reconnecting"),
+            ),
+            Event::Message(incoming) => self.deliver(delivery, &incoming),
+            Event::Idle => self.flush(delivery),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Delivery> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    /// The subscription has ended, and why: if the reader still reads,
+    /// close the connection.
+    fn finish(
+        &self,
+        delivery: &mut Delivery,
+        result: Result<(), Ending>,
+        reader_done: &Receiver<()>,
+    ) {
+        if let Err(ending) = result {
+            self.conn.end(ending);
+        }
+        // Before the upgrade there is no reader yet; the connection's first
+        // thread answers HTTP.
+        if delivery.upgraded
+            && let Err(TryRecvError::Empty) = reader_done.try_recv()
+        {
+            // A close frame alone says nothing to a person in a terminal (and
+            // websocat without `-E` shows nothing at all): say it in words first.
+            if self.conn.ending() == Some(&Ending::ServerShutdown) {
+                let _ = self.notice(delivery, SHUTDOWN_NOTICE);
+            }
+            say_goodbye(&self.conn, &self.ctx, &self.writer, reader_done);
+        }
     }
 
     /// The start-up handshake: tell the first thread "ready", then wait for
     /// "go", which comes with the ids to skip.
-    fn start(&self, start: Start) -> ControlFlow<()> {
+    fn start(&self, delivery: &mut Delivery, start: Start) -> ControlFlow<()> {
         if start.ready.send(()).is_err() {
             return ControlFlow::Break(());
         }
         match start.go.recv() {
             Ok(skip) => {
-                let mut delivery = self.lock();
                 delivery.skip = skip;
                 delivery.upgraded = true;
                 ControlFlow::Continue(())
@@ -290,21 +295,20 @@ impl Outbox {
     }
 
     /// Sends a server notice.
-    fn notice(&self, text: &str) -> ControlFlow<()> {
-        self.write(&ServerFrame::notice(text))
+    fn notice(&self, delivery: &mut Delivery, text: &str) -> ControlFlow<()> {
+        self.write(delivery, &ServerFrame::notice(text))
     }
 
     /// Writes one frame of the server's own in the client's format, after
     /// any room messages still waiting; a failed write ends the subscription.
-    fn write(&self, frame: &ServerFrame<'_>) -> ControlFlow<()> {
-        let delivery = &mut self.lock();
+    fn write(&self, delivery: &mut Delivery, frame: &ServerFrame<'_>) -> ControlFlow<()> {
         self.flush(delivery)?;
         let message = Message::text(frame.render(self.member.format));
         self.check(self.writer.send(message))
     }
 
     /// Ends the subscription if a write failed.
-    fn check(&self, result: Result<(), tungstenite::Error>) -> ControlFlow<()> {
+    pub(super) fn check(&self, result: Result<(), tungstenite::Error>) -> ControlFlow<()> {
         match result {
             Ok(()) => ControlFlow::Continue(()),
             Err(e) => {
@@ -318,8 +322,7 @@ impl Outbox {
     /// [`take`](Self::take)); writes the queue once [`MAX_BATCH`] wait.
     /// The rest is written by [`flush`](Self::flush), when the listener has
     /// nothing more waiting.
-    fn deliver(&self, incoming: &Incoming) -> ControlFlow<()> {
-        let delivery = &mut self.lock();
+    fn deliver(&self, delivery: &mut Delivery, incoming: &Incoming) -> ControlFlow<()> {
         if let Err(ending) = self.take(delivery, incoming, unix_millis()) {
             self.conn.end(ending);
             return ControlFlow::Break(());
@@ -334,7 +337,7 @@ impl Outbox {
     /// client's own, or already sent from the history. Fails when the
     /// client has fallen more than `--write-timeout` behind (see [`Lag`]).
     /// `now_ms` is the time it is taken (read once for a batch).
-    fn take(
+    pub(super) fn take(
         &self,
         delivery: &mut Delivery,
         incoming: &Incoming,
@@ -380,25 +383,20 @@ impl Outbox {
         Ok(())
     }
 
-    /// Writes the queued room messages (and whatever a direct write left in
-    /// the writer) with one flush, blocking up to the write timeout.
-    fn flush(&self, delivery: &mut Delivery) -> ControlFlow<()> {
-        if let Some(ending) = delivery.failed.take() {
-            self.conn.end(ending);
-            return ControlFlow::Break(());
-        }
-        if delivery.pending.is_empty() && !delivery.unfinished {
+    /// Writes the queued room messages with one flush, blocking up to the
+    /// write timeout.
+    pub(super) fn flush(&self, delivery: &mut Delivery) -> ControlFlow<()> {
+        if delivery.pending.is_empty() {
             return ControlFlow::Continue(());
         }
         let sent = self.writer.send_all(delivery.pending.drain(..));
         self.check(sent)?;
-        delivery.unfinished = false;
         self.count_sent(delivery);
         ControlFlow::Continue(())
     }
 
     /// Counts the messages just handed to the writer.
-    fn count_sent(&self, delivery: &mut Delivery) {
+    pub(super) fn count_sent(&self, delivery: &mut Delivery) {
         let metrics = &self.ctx.metrics;
         metrics
             .messages_delivered
@@ -406,48 +404,6 @@ impl Outbox {
         let now = unix_millis();
         for ts in delivery.pending_stamps.drain(..).flatten() {
             metrics.delivery_latency.observe(now.saturating_sub(ts));
-        }
-    }
-}
-
-/// Direct delivery, on the room's dispatching thread: never blocks, and
-/// declines whenever this client's subscriber thread must decide.
-impl DirectSink for Outbox {
-    fn try_deliver(&self, messages: &[Arc<Incoming>]) -> Direct {
-        let Ok(mut delivery) = self.state.try_lock() else {
-            return Direct::Declined;
-        };
-        if !delivery.upgraded || delivery.unfinished || delivery.failed.is_some() {
-            return Direct::Declined;
-        }
-        let now = unix_millis();
-        for incoming in messages {
-            if let Err(ending) = self.take(&mut delivery, incoming, now) {
-                // The subscriber thread ends the connection.
-                delivery.failed = Some(ending);
-                return Direct::Unfinished;
-            }
-        }
-        if delivery.pending.is_empty() {
-            return Direct::Written;
-        }
-        match self.writer.try_send_all(&mut delivery.pending) {
-            TrySend::Sent => {
-                self.count_sent(&mut delivery);
-                Direct::Written
-            }
-            // The reader thread is writing (a pong): the frames wait in
-            // `pending`, for the subscriber thread.
-            TrySend::Busy => Direct::Unfinished,
-            TrySend::Blocked => {
-                self.count_sent(&mut delivery);
-                delivery.unfinished = true;
-                Direct::Unfinished
-            }
-            TrySend::Failed(e) => {
-                delivery.failed = Some(Ending::from_write_error(&e));
-                Direct::Unfinished
-            }
         }
     }
 }

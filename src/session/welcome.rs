@@ -34,7 +34,7 @@ use tungstenite::Message;
 use super::socket::{TrySend, Writer};
 use super::{Conn, Context, Ending};
 use crate::broker::BrokerError;
-use crate::http::Member;
+use crate::protocol::Member;
 use crate::protocol::{ChatMessage, PRESENCE_LIST, SERVER_NICKNAME, ServerFrame};
 
 /// Most welcomes (a history read, rendered, and written as far as the

@@ -103,10 +103,10 @@ fn a_client_is_served_by_a_reader_and_a_subscriber_once_started() {
         let policies = server.thread_policies();
         policies.into_iter().map(|(name, _)| name).collect()
     };
-    // The first thread did the start, handed the connection to a reader
-    // thread, and ended.
-    eventually("the first thread to end", || {
-        !names().iter().any(|n| n.starts_with("tc-conn-"))
+    // The start thread did the start, handed the connection to a reader
+    // thread, and ended (and the accept loop joined it).
+    eventually("the start thread to end", || {
+        !names().iter().any(|n| n.starts_with("tc-start-"))
     });
     let names = names();
     let count = |prefix: &str| names.iter().filter(|n| n.starts_with(prefix)).count();

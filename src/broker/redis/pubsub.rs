@@ -16,7 +16,7 @@
 //! What a subscription needs of the protocol is small: send commands (encoded
 //! by the `redis` crate), and read RESP2 replies, which here are arrays of
 //! bulk strings and integers (`["message", channel, payload]`,
-//! `["subscribe", channel, count]`, `["pong", ""]`).
+//! `["subscribe", channel, count]`, `["pong", ""]` for a `PING` sent on it).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -26,7 +26,7 @@ use std::time::Duration;
 use redis::{ConnectionAddr, ConnectionInfo};
 
 // The same `Read + Write` view of a shared socket that client connections use.
-use crate::session::socket::SharedStream;
+use crate::net::SharedStream;
 
 /// Most elements in one reply array.
 const MAX_ARRAY: usize = 64;
@@ -162,7 +162,6 @@ impl PubSubConnection {
         Ok(())
     }
 
-    /// Sends `PING`; in subscribed mode its answer arrives as a push.
     /// How long a read waits for Redis (`None`: forever).
     pub(crate) fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         self.stream.set_read_timeout(timeout)

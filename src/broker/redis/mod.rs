@@ -1,0 +1,505 @@
+//! The Redis broker: one `SUBSCRIBE` connection per chat connection (or, in
+//! shared mode, per room), and a small shared pool of publishing connections.
+//!
+//! **Subscribing.** By default each chat connection's subscriber thread opens
+//! its own Redis connection and blocks reading it, as the design asks. With
+//! `--subscriptions shared` a room's reader thread does that once for all the
+//! room's clients on this instance, and its dispatcher fans out over their
+//! queues (`SharedFeeds` below, and [`fanout`](super::fanout)).
+//!
+//! A subscription is read by hand ([`pubsub`](super::pubsub)) rather than
+//! with the `redis` crate's `PubSub`, whose blocking `get_message` cannot be
+//! interrupted and cannot tell whether more messages are already buffered.
+//! Owning the socket, [`Canceller::cancel`] sets a flag and shuts the socket
+//! down: the blocked read returns at once. The listener checks the flag only
+//! after its socket is registered with the canceller and `SUBSCRIBE` is
+//! acknowledged, so a cancel can never fall in a gap. (An earlier version
+//! published on a private wake channel per connection; `CLIENT KILL` would
+//! need admin rights, and a read timeout would poll.) A quiet subscription
+//! is never pinged: the heartbeat thread checks Redis once for all of them
+//! (`Subscriptions` below).
+//!
+//! **Publishing.** Opening a Redis connection per client for publishing would
+//! double Redis's client count. Instead [`POOL_SIZE`] publisher threads each
+//! own one connection and a bounded job queue (a *lane*). A publisher takes
+//! every job that is waiting (up to [`MAX_PIPELINE`]) and sends them as one
+//! pipeline — one round trip for many messages. A room's messages always
+//! take the same lane, and Redis answers one connection's commands in order,
+//! so messages reach the room in the order they were queued: a client may
+//! have many on their way without any overtaking another.
+//! [`Broker::publish`] returns a [`Receipt`] at once; the answer arrives on
+//! it when the pipeline has been answered.
+//!
+//! The same pool runs every other command (history, member lists, health
+//! checks), on any lane: a job is a short list of commands and, when the
+//! caller waits, a channel for the answer.
+//!
+//! **Rooms' state in Redis.** A room's history is a list bounded in count
+//! and in bytes, with its size in bytes kept in a key beside it. A chat
+//! message is appended and published by one Lua script
+//! (`RECORD_AND_PUBLISH`, in `broker/scripts.rs`): Redis runs a script whole or not at all, so a
+//! message is either recorded *and* published, or neither — and when Redis
+//! refuses writes (`maxmemory` with `noeviction`), the sender is told so
+//! truthfully. The message is in the history before anyone can receive it.
+//! A room's members are a hash, connection id → nickname. Every instance
+//! refreshes a key `threadchat:instance:{id}` (30 s expiry) every 10 s from
+//! its heartbeat thread; members whose instance key has expired — the
+//! instance crashed or was killed — are left out of member lists and
+//! removed. Every per-room key expires `--room-ttl` after its last use:
+//! each message and join refreshes it, and the heartbeat refreshes the keys
+//! of rooms that have members on this instance, so only abandoned rooms
+//! expire.
+//!
+//! **Queries** (history, member lists, joins, health checks) have a
+//! connections and threads of their own (`tc-query-0` and `-1`, taken in
+//! turn), so a flood of them never queues in front of a `PUBLISH`. Two, as
+//! for publishing: during a join storm every joiner makes a few queries in a
+//! row, and with one connection the storm's welcomes took longer, and idle
+//! clients cost about 1 KiB more (docs/PERFORMANCE.md).
+//!
+//! **Shutdown.** Dropping the [`RedisBroker`] stops the heartbeat and drops
+//! the job senders; each publisher's `recv()` then fails, it leaves its loop,
+//! and the drop joins it.
+
+mod heartbeat;
+mod keys;
+mod listener;
+mod publisher;
+mod pubsub;
+mod scripts;
+mod shared;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+use redis::Client;
+
+use super::fanout::Fanout;
+use super::{Broker, BrokerError, Presence, Receipt, Settings, Subscription, SubscriptionMode};
+use crate::metrics::Metrics;
+use crate::protocol::{ConnId, Nickname, Room};
+use heartbeat::keep_alive;
+use listener::{RedisListener, Subscriptions};
+use publisher::{Job, Publisher, Reply};
+use scripts::{HISTORY_MARK, RECORD_AND_PUBLISH, sha_of};
+use shared::{SharedFeeds, dispatchers_per_room};
+
+/// Publisher threads (and so publishing connections) per process.
+pub const POOL_SIZE: usize = 2;
+/// Most `PUBLISH` commands sent in one pipeline.
+pub const MAX_PIPELINE: usize = 256;
+/// Jobs each publisher queues before `publish` blocks (back-pressure on the
+/// clients that are sending).
+const QUEUE_CAPACITY: usize = 1024;
+/// How long a publisher or a new subscription waits to connect.
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a publishing connection waits for Redis to answer.
+pub(super) const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest back-off between attempts to restore a lost subscription.
+pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Relays through Redis.
+pub struct RedisBroker {
+    client: Client,
+    url: String,
+    /// One sender per publisher thread. Dropping them stops the publishers.
+    lanes: Vec<Sender<Job>>,
+    /// The query threads' queues (see the module doc).
+    queries: Vec<Sender<Job>>,
+    /// Round-robin lane choice.
+    next_lane: AtomicUsize,
+    /// The publisher threads and the query threads, joined on drop.
+    publishers: Vec<JoinHandle<()>>,
+    /// Rooms with members on this instance, and how many: the heartbeat
+    /// keeps their keys from expiring.
+    local_rooms: Arc<Mutex<HashMap<Room, usize>>>,
+    /// Dropped to stop the heartbeat thread.
+    heartbeat_stop: Option<Sender<()>>,
+    heartbeat: Option<JoinHandle<()>>,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    /// In shared-subscription mode, the rooms' feeds.
+    shared: Option<Arc<SharedFeeds>>,
+    /// Every subscription's socket, for the heartbeat to restart them all.
+    subscriptions: Arc<Subscriptions>,
+}
+
+impl RedisBroker {
+    /// Connects to the Redis at `url`, checks that it answers `PING` within
+    /// `timeout`, and starts the publisher threads.
+    pub fn connect(
+        url: &str,
+        timeout: Duration,
+        settings: &Settings,
+        metrics: &Arc<Metrics>,
+    ) -> Result<RedisBroker, BrokerError> {
+        let connect_err = |e: redis::RedisError| BrokerError::Connect {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        };
+        let client = Client::open(url).map_err(connect_err)?;
+        let mut con = client
+            .get_connection_with_timeout(timeout)
+            .map_err(connect_err)?;
+        con.set_read_timeout(Some(timeout)).map_err(connect_err)?;
+        redis::cmd("PING")
+            .query::<String>(&mut con)
+            .map_err(connect_err)?;
+
+        let mut lanes = Vec::with_capacity(POOL_SIZE + 1);
+        let mut publishers = Vec::with_capacity(POOL_SIZE + 1);
+        let names = (0..POOL_SIZE)
+            .map(|lane| format!("tc-publish-{lane}"))
+            .chain((0..POOL_SIZE).map(|lane| format!("tc-query-{lane}")));
+        for name in names {
+            let (tx, rx) = crossbeam_channel::bounded(QUEUE_CAPACITY);
+            let publisher = Publisher {
+                client: client.clone(),
+                connection: None,
+            };
+            let handle = thread::Builder::new()
+                .name(name)
+                .stack_size(crate::THREAD_STACK_SIZE)
+                .spawn(move || publisher.run(rx))
+                .map_err(|e| BrokerError::Redis(format!("cannot start a publisher thread: {e}")))?;
+            lanes.push(tx);
+            publishers.push(handle);
+        }
+        let queries = lanes.split_off(POOL_SIZE);
+        let mut broker = RedisBroker {
+            client,
+            url: url.to_owned(),
+            lanes,
+            queries,
+            next_lane: AtomicUsize::new(0),
+            publishers,
+            local_rooms: Arc::default(),
+            heartbeat_stop: None,
+            heartbeat: None,
+            settings: settings.clone(),
+            metrics: Arc::clone(metrics),
+            shared: None,
+            subscriptions: Arc::default(),
+        };
+        if settings.subscriptions == SubscriptionMode::Shared {
+            broker.shared = Some(Arc::new(SharedFeeds {
+                fanout: Arc::new(Fanout::new(false, dispatchers_per_room())),
+                feeds: Mutex::default(),
+                client: broker.client.clone(),
+                url: broker.url.clone(),
+                metrics: Arc::clone(metrics),
+                subscriptions: Arc::clone(&broker.subscriptions),
+                max_payload: settings.max_payload,
+            }));
+        }
+        broker.start_heartbeat()?;
+        Ok(broker)
+    }
+
+    /// Any lane, for commands whose order does not matter.
+    fn lane(&self) -> &Sender<Job> {
+        let n = self.next_lane.fetch_add(1, Ordering::Relaxed);
+        &self.lanes[n % self.lanes.len()]
+    }
+
+    /// The lane that carries all of `room`'s messages, which keeps them in
+    /// order.
+    fn room_lane(&self, room: &Room) -> &Sender<Job> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(room.name());
+        &self.lanes[hash as usize % self.lanes.len()]
+    }
+
+    /// Runs `cmds` on a query connection and waits for their replies.
+    fn run(&self, cmds: Vec<redis::Cmd>) -> Result<Vec<redis::Value>, BrokerError> {
+        let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
+        let job = Job {
+            cmds,
+            reply: Reply::Values(reply_tx),
+        };
+        let n = self.next_lane.fetch_add(1, Ordering::Relaxed);
+        let queries = self.queries.get(n % POOL_SIZE).ok_or(BrokerError::Closed)?;
+        queries.send(job).map_err(|_| BrokerError::Closed)?;
+        reply_rx.recv().map_err(|_| BrokerError::Closed)?
+    }
+
+    /// `PEXPIRE` for each of a room's keys: they live `--room-ttl` more.
+    fn refresh(room: &Room, ttl: Duration) -> impl Iterator<Item = redis::Cmd> {
+        let ttl = ttl.as_millis() as u64;
+        [
+            keys::members(room),
+            keys::history(room),
+            keys::history_bytes(room),
+        ]
+        .into_iter()
+        .map(move |key| {
+            let mut pexpire = redis::cmd("PEXPIRE");
+            pexpire.arg(key).arg(ttl);
+            pexpire
+        })
+    }
+
+    /// Runs `cmds` without waiting (or caring) for the outcome.
+    fn run_detached(&self, cmds: Vec<redis::Cmd>) {
+        let _ = self.lane().try_send(Job {
+            cmds,
+            reply: Reply::None,
+        });
+    }
+
+    fn instance_id(&self) -> String {
+        format!("{:016x}", self.settings.instance)
+    }
+}
+
+impl Broker for RedisBroker {
+    fn instance(&self) -> u64 {
+        self.settings.instance
+    }
+
+    fn publish(&self, room: &Room, payload: Vec<u8>, record: bool) -> Receipt {
+        let settings = &self.settings;
+        let cmd = if record && settings.history > 0 {
+            let mut eval = redis::cmd("EVALSHA");
+            eval.arg(sha_of(RECORD_AND_PUBLISH))
+                .arg(2)
+                .arg(keys::history(room))
+                .arg(keys::history_bytes(room))
+                .arg(payload)
+                .arg(settings.history)
+                .arg(settings.history_bytes)
+                .arg(settings.room_ttl.as_millis() as u64)
+                .arg(room.channel());
+            eval
+        } else {
+            let mut publish = redis::cmd("PUBLISH");
+            publish.arg(room.channel()).arg(payload);
+            publish
+        };
+        let (answer_tx, answer_rx) = crossbeam_channel::bounded(1);
+        let job = Job {
+            cmds: vec![cmd],
+            reply: Reply::Done(answer_tx),
+        };
+        // Blocks while the lane's queue is full: back-pressure on senders.
+        match self.room_lane(room).send(job) {
+            Ok(()) => Receipt::Pending(answer_rx),
+            Err(_) => Receipt::Settled(Err(BrokerError::Closed)),
+        }
+    }
+
+    fn history(&self, room: &Room) -> Result<Vec<Vec<u8>>, BrokerError> {
+        if self.settings.history == 0 {
+            return Ok(Vec::new());
+        }
+        let mut lrange = redis::cmd("LRANGE");
+        lrange.arg(keys::history(room)).arg(0).arg(-1);
+        let replies = self.run(vec![lrange])?;
+        redis::from_redis_value(replies.into_iter().next().unwrap_or(redis::Value::Nil))
+            .map_err(|e| BrokerError::Redis(e.to_string()))
+    }
+
+    fn history_mark(&self, room: &Room) -> Result<Option<String>, BrokerError> {
+        if self.settings.history == 0 {
+            return Ok(None);
+        }
+        let mut eval = redis::cmd("EVALSHA");
+        eval.arg(sha_of(HISTORY_MARK))
+            .arg(1)
+            .arg(keys::history(room));
+        let replies = self.run(vec![eval])?;
+        redis::from_redis_value(replies.into_iter().next().unwrap_or(redis::Value::Nil))
+            .map_err(|e| BrokerError::Redis(e.to_string()))
+    }
+
+    fn join(&self, room: &Room, conn: &ConnId, nickname: &Nickname) -> Result<(), BrokerError> {
+        let mut hset = redis::cmd("HSET");
+        hset.arg(keys::members(room))
+            .arg(conn.as_str())
+            .arg(nickname.as_str());
+        let mut cmds = vec![hset];
+        cmds.extend(RedisBroker::refresh(room, self.settings.room_ttl));
+        self.run(cmds)?;
+        let mut rooms = self.local_rooms.lock().unwrap_or_else(|p| p.into_inner());
+        *rooms.entry(room.clone()).or_default() += 1;
+        Ok(())
+    }
+
+    fn leave(&self, room: &Room, conn: &ConnId) -> Result<(), BrokerError> {
+        {
+            let mut rooms = self.local_rooms.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(count) = rooms.get_mut(room) {
+                *count -= 1;
+                if *count == 0 {
+                    rooms.remove(room);
+                }
+            }
+        }
+        let mut hdel = redis::cmd("HDEL");
+        hdel.arg(keys::members(room)).arg(conn.as_str());
+        let mut cmds = vec![hdel];
+        cmds.extend(RedisBroker::refresh(room, self.settings.room_ttl));
+        self.run(cmds).map(|_| ())
+    }
+
+    fn members(&self, room: &Room) -> Result<Vec<String>, BrokerError> {
+        let mut hgetall = redis::cmd("HGETALL");
+        hgetall.arg(keys::members(room));
+        let reply = self.run(vec![hgetall])?.into_iter().next();
+        let entries: Vec<(String, String)> =
+            redis::from_redis_value(reply.unwrap_or(redis::Value::Nil))
+                .map_err(|e| BrokerError::Redis(e.to_string()))?;
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Which instances are alive? One EXISTS per distinct instance.
+        let mut instances: Vec<&str> = entries
+            .iter()
+            .filter_map(|(conn, _)| ConnId::instance_of(conn))
+            .collect();
+        instances.sort_unstable();
+        instances.dedup();
+        let checks = instances
+            .iter()
+            .map(|i| {
+                let mut exists = redis::cmd("EXISTS");
+                exists.arg(keys::instance(i));
+                exists
+            })
+            .collect();
+        let alive: Vec<bool> = self
+            .run(checks)?
+            .into_iter()
+            .map(|v| redis::from_redis_value::<bool>(v).unwrap_or(false))
+            .collect();
+        let is_alive = |conn: &str| {
+            ConnId::instance_of(conn)
+                .and_then(|i| instances.binary_search(&i).ok())
+                .is_some_and(|n| alive[n])
+        };
+        let (live, ghosts): (Vec<_>, Vec<_>) = entries.iter().partition(|(conn, _)| is_alive(conn));
+        if !ghosts.is_empty() {
+            // Members of instances that died: clean them up for everyone.
+            let mut hdel = redis::cmd("HDEL");
+            hdel.arg(keys::members(room));
+            for (conn, _) in &ghosts {
+                hdel.arg(conn);
+            }
+            self.run_detached(vec![hdel]);
+        }
+        let mut members: Vec<String> = live.into_iter().map(|(_, n)| n.clone()).collect();
+        members.sort();
+        Ok(members)
+    }
+
+    fn presence(&self, room: &Room, limit: usize) -> Result<Presence, BrokerError> {
+        let mut hlen = redis::cmd("HLEN");
+        hlen.arg(keys::members(room));
+        let reply = self.run(vec![hlen])?.into_iter().next();
+        let count: usize = redis::from_redis_value(reply.unwrap_or(redis::Value::Nil))
+            .map_err(|e| BrokerError::Redis(e.to_string()))?;
+        if count <= limit {
+            // Small room: the exact list, without members of dead instances.
+            let nicknames = self.members(room)?;
+            return Ok(Presence {
+                count: nicknames.len(),
+                nicknames,
+            });
+        }
+        // Big room: the count, and a sample of names from one HSCAN step
+        // (members of dead instances are cleaned up by full listings).
+        let mut hscan = redis::cmd("HSCAN");
+        hscan
+            .arg(keys::members(room))
+            .arg(0)
+            .arg("COUNT")
+            .arg(limit);
+        let reply = self.run(vec![hscan])?.into_iter().next();
+        let (_cursor, entries): (String, Vec<(String, String)>) =
+            redis::from_redis_value(reply.unwrap_or(redis::Value::Nil))
+                .map_err(|e| BrokerError::Redis(e.to_string()))?;
+        let mut nicknames: Vec<String> = entries.into_iter().map(|(_, n)| n).collect();
+        nicknames.sort();
+        nicknames.truncate(limit);
+        Ok(Presence { count, nicknames })
+    }
+
+    fn health(&self) -> Result<(), String> {
+        // A write, not only a PING: a Redis at `maxmemory` answers PING but
+        // refuses every message. (It refreshes this instance's liveness key,
+        // which the heartbeat does anyway.)
+        match self.run(vec![keep_alive(&keys::instance(&self.instance_id()))]) {
+            Ok(_) => {}
+            Err(BrokerError::Refused(e)) => return Err(format!("Redis refuses writes: {e}")),
+            Err(e) => return Err(format!("Redis does not answer: {e}")),
+        }
+        match self.metrics.subscriptions_down.get() {
+            0 => Ok(()),
+            n => Err(format!("{n} subscription(s) are reconnecting to Redis")),
+        }
+    }
+
+    fn subscribe(&self, room: &Room, conn: &ConnId) -> Result<Subscription, BrokerError> {
+        if let Some(shared) = &self.shared {
+            return shared.subscribe(room, conn);
+        }
+        let (listener, canceller) = RedisListener::new(
+            &self.client,
+            &self.url,
+            room.channel(),
+            &self.metrics,
+            &self.subscriptions,
+            false,
+            self.settings.max_payload,
+        );
+        Ok(Subscription::new(Box::new(listener), canceller))
+    }
+
+    fn describe(&self) -> String {
+        format!("Redis at {}", redact(&self.url))
+    }
+}
+
+impl Drop for RedisBroker {
+    fn drop(&mut self) {
+        // Shutdown by dropping senders: the heartbeat leaves its loop (after
+        // queueing the deletion of its key), then each publisher leaves its.
+        self.heartbeat_stop.take();
+        if let Some(handle) = self.heartbeat.take() {
+            let _ = handle.join();
+        }
+        self.shared.take();
+        self.lanes.clear();
+        self.queries.clear();
+        for handle in self.publishers.drain(..) {
+            if handle.join().is_err() {
+                log::error!("a Redis publisher thread panicked");
+            }
+        }
+    }
+}
+
+/// Hides a password in a Redis URL before it is logged.
+pub(super) fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://***{}", &url[..scheme_end], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_not_logged() {
+        assert_eq!(redact("redis://:pw@host:1/2"), "redis://***@host:1/2");
+        assert_eq!(redact("redis://host:1"), "redis://host:1");
+    }
+}

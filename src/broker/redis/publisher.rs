@@ -1,0 +1,155 @@
+//! The publisher threads (`tc-publish-N`) and the query threads
+//! (`tc-query-N`): each owns one Redis connection and runs the [`Job`]s
+//! queued for it, pipelined.
+
+use crossbeam_channel::{Receiver, Sender};
+use redis::{Client, Connection};
+
+use super::scripts::{SCRIPTS, is_no_script};
+use super::{CONNECT_TIMEOUT, IO_TIMEOUT, MAX_PIPELINE};
+use crate::broker::BrokerError;
+
+/// Commands waiting for a publisher thread.
+pub(super) struct Job {
+    pub(super) cmds: Vec<redis::Cmd>,
+    pub(super) reply: Reply,
+}
+
+/// The outcome of one job: its commands' replies, or why it failed. An
+/// error reply to any of its commands fails the job (and only that job).
+pub(super) fn job_result(values: Vec<redis::Value>) -> Result<Vec<redis::Value>, BrokerError> {
+    match values.iter().find_map(|v| match v {
+        redis::Value::ServerError(e) => Some(e),
+        _ => None,
+    }) {
+        Some(e) => Err(BrokerError::Refused(e.to_string())),
+        None => Ok(values),
+    }
+}
+
+/// Who is waiting for a [`Job`]'s answer.
+pub(super) enum Reply {
+    /// Nobody: fire-and-forget (heartbeats, clean-ups).
+    None,
+    /// A caller that wants the replies, one per command.
+    Values(Sender<Result<Vec<redis::Value>, BrokerError>>),
+    /// A publisher's [`Receipt`]: only success or failure.
+    Done(Sender<Result<(), BrokerError>>),
+}
+
+impl Reply {
+    pub(super) fn send(self, result: Result<Vec<redis::Value>, BrokerError>) {
+        // The caller may have given up waiting; that is fine.
+        match self {
+            Reply::None => {}
+            Reply::Values(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Done(tx) => {
+                let _ = tx.send(result.map(|_| ()));
+            }
+        }
+    }
+}
+
+/// One publisher thread's state: its connection, opened lazily and reopened
+/// after a failure.
+pub(super) struct Publisher {
+    pub(super) client: Client,
+    pub(super) connection: Option<Connection>,
+}
+
+impl Publisher {
+    /// The thread's loop: take all queued jobs, pipeline them, answer each.
+    pub(super) fn run(mut self, jobs: Receiver<Job>) {
+        while let Ok(first) = jobs.recv() {
+            let mut batch = Vec::with_capacity(16);
+            batch.push(first);
+            batch.extend(jobs.try_iter().take(MAX_PIPELINE - 1));
+            match self.execute(&batch) {
+                Ok(replies) => {
+                    let mut replies = replies.into_iter();
+                    for job in batch {
+                        let mine: Vec<redis::Value> =
+                            replies.by_ref().take(job.cmds.len()).collect();
+                        job.reply.send(job_result(mine));
+                    }
+                }
+                Err(e) => {
+                    log::warn!("Redis command batch failed ({} job(s)): {e}", batch.len());
+                    for job in batch {
+                        job.reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends every job's commands as one pipeline; an error reply fails
+    /// only its own job (see [`job_result`]).
+    ///
+    /// A connection that turns out to have been closed (say Redis restarted
+    /// since the last batch) is replaced, and the batch sent once more: the
+    /// closed connection carried nothing to Redis. A batch that Redis does
+    /// not answer in time is *not* sent again — a paused or overloaded
+    /// Redis may still carry it out — and its outcome is
+    /// [`BrokerError::Uncertain`].
+    pub(super) fn execute(&mut self, batch: &[Job]) -> Result<Vec<redis::Value>, BrokerError> {
+        if batch.iter().all(|job| job.cmds.is_empty()) {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for cmd in batch.iter().flat_map(|job| &job.cmds) {
+            pipe.add_command(cmd.clone());
+        }
+        let mut last_error = None;
+        for _attempt in 0..2 {
+            let con = self.connection()?;
+            match pipe.query::<Vec<redis::Value>>(con) {
+                Ok(replies) => {
+                    // A script flushed from Redis (`SCRIPT FLUSH`): load it
+                    // again on a fresh connection for the next batch.
+                    if replies.iter().any(is_no_script) {
+                        self.connection = None;
+                    }
+                    return Ok(replies);
+                }
+                Err(e) => {
+                    self.connection = None;
+                    if e.is_timeout() {
+                        return Err(BrokerError::Uncertain(e.to_string()));
+                    }
+                    last_error = Some(BrokerError::Redis(e.to_string()));
+                    if !e.is_connection_dropped() {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last_error.expect("the loop ran at least once"))
+    }
+
+    /// The thread's connection, opened (and the script loaded) if need be.
+    pub(super) fn connection(&mut self) -> Result<&mut Connection, BrokerError> {
+        if self.connection.is_none() {
+            let con = self
+                .client
+                .get_connection_with_timeout(CONNECT_TIMEOUT)
+                .and_then(|mut con| {
+                    con.set_read_timeout(Some(IO_TIMEOUT))?;
+                    con.set_write_timeout(Some(IO_TIMEOUT))?;
+                    for script in SCRIPTS {
+                        redis::cmd("SCRIPT")
+                            .arg("LOAD")
+                            .arg(script)
+                            .query::<String>(&mut con)?;
+                    }
+                    Ok(con)
+                })
+                .map_err(|e| BrokerError::Redis(e.to_string()))?;
+            self.connection = Some(con);
+        }
+        Ok(self.connection.as_mut().expect("just set"))
+    }
+}

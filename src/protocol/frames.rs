@@ -1,0 +1,231 @@
+//! What the server sends a client: [`ServerFrame`]s, as JSON or (for
+//! `?format=text`) as one line of text each.
+
+use serde::Serialize;
+
+use super::{ChatMessage, Kind, is_invisible};
+
+/// How frames are written to a client: JSON (the default, and the
+/// original's) or plain lines for people in a terminal (`?format=text`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// One JSON object per frame.
+    #[default]
+    Json,
+    /// One line of text per frame: `bob: hello`, `* carol joined`.
+    Text,
+}
+
+/// Makes text safe to show as one line in a terminal (`?format=text`):
+/// a newline becomes `↵`, so a multi-line message stays visibly one message
+/// and cannot forge lines of its own (`\n* alice left`); other control
+/// characters become their visible Unicode pictures (ESC is `␛`), so no
+/// escape sequence reaches the terminal; invisible and bidi characters
+/// are shown as `<U+202E>`. Tab stays a tab.
+pub fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    let needs = |c: char| c != '\t' && (c.is_control() || is_invisible(c) && c != ' ');
+    if !text.chars().any(needs) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\t' => out.push(c),
+            '\n' => out.push('↵'),
+            '\u{0}'..='\u{1f}' => {
+                out.push(char::from_u32(0x2400 + u32::from(c)).unwrap_or('\u{FFFD}'))
+            }
+            '\u{7f}' => out.push('␡'),
+            c if needs(c) => out.push_str(&format!("<U+{:04X}>", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// A frame sent by the server to a client.
+///
+/// Every variant has string `"nickname"` and `"message"` fields, so a client
+/// written for the original app can print any frame it gets, and a `"type"`
+/// field saying what the frame is. [`ServerFrame::render`] writes it as JSON
+/// or, for `?format=text`, as one line for a person.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ServerFrame<'a> {
+    /// Someone else said something.
+    Chat {
+        /// Who said it.
+        nickname: &'a str,
+        /// What they said.
+        message: &'a str,
+        /// When their server received it (ms since the Unix epoch), if known.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ts: Option<u64>,
+        /// True for messages from the room's history, sent at join.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        history: bool,
+    },
+    /// Someone (or, coalesced, several people) joined the room.
+    Join {
+        /// Who (a summary when several).
+        nickname: &'a str,
+        /// Always "joined".
+        message: &'a str,
+        /// When (ms since the Unix epoch).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ts: Option<u64>,
+        /// When several joined at once: who (at most [`GROUP_LIST`]).
+        #[serde(skip_serializing_if = "<[String]>::is_empty")]
+        nicknames: &'a [String],
+        /// When several joined at once: how many.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        count: Option<usize>,
+    },
+    /// Someone (or, coalesced, several people) left the room.
+    Leave {
+        /// Who (a summary when several).
+        nickname: &'a str,
+        /// "left", with the reason in parentheses when it was not their
+        /// choice (for one person).
+        message: &'a str,
+        /// When (ms since the Unix epoch).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ts: Option<u64>,
+        /// When several left at once: who (at most [`GROUP_LIST`]).
+        #[serde(skip_serializing_if = "<[String]>::is_empty")]
+        nicknames: &'a [String],
+        /// When several left at once: how many.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        count: Option<usize>,
+    },
+    /// Who is in the room (sent once, right after joining).
+    Presence {
+        /// Always `"server"`.
+        nickname: &'a str,
+        /// The list, for a person.
+        message: &'a str,
+        /// The room.
+        room: &'a str,
+        /// Nicknames (one per connection, sorted): everyone's, or in a big
+        /// room the first [`PRESENCE_LIST`] or so (`GET /members` lists all).
+        members: &'a [String],
+        /// How many connections are in the room.
+        count: usize,
+    },
+    /// News from the server about the connection (e.g. the relay was lost
+    /// and restored).
+    Notice {
+        /// Always `"server"`.
+        nickname: &'a str,
+        /// The news, for a person.
+        message: &'a str,
+    },
+    /// Something went wrong with what this client did (the connection stays open).
+    Error {
+        /// Always `"server"`.
+        nickname: &'a str,
+        /// What went wrong, for a person.
+        message: &'a str,
+    },
+}
+
+/// Most nicknames listed in a presence frame.
+pub const PRESENCE_LIST: usize = 100;
+
+/// The nickname that server notices and errors carry.
+pub const SERVER_NICKNAME: &str = "server";
+
+impl<'a> ServerFrame<'a> {
+    /// A notice from the server.
+    pub fn notice(message: &'a str) -> ServerFrame<'a> {
+        ServerFrame::Notice {
+            nickname: SERVER_NICKNAME,
+            message,
+        }
+    }
+
+    /// An error about what the client did.
+    pub fn error(message: &'a str) -> ServerFrame<'a> {
+        ServerFrame::Error {
+            nickname: SERVER_NICKNAME,
+            message,
+        }
+    }
+
+    /// The frame for a room event; `history` marks replayed chat messages.
+    pub fn from_event(event: &'a ChatMessage, history: bool) -> ServerFrame<'a> {
+        let (nickname, message, ts) = (event.nickname.as_str(), event.message.as_str(), event.ts);
+        let (nicknames, count) = (event.nicknames.as_slice(), event.count);
+        match event.kind {
+            Kind::Join => ServerFrame::Join {
+                nickname,
+                message,
+                ts,
+                nicknames,
+                count,
+            },
+            Kind::Leave => ServerFrame::Leave {
+                nickname,
+                message,
+                ts,
+                nicknames,
+                count,
+            },
+            // `Other` never gets this far (`from_payload` refuses it).
+            Kind::Chat | Kind::Other => ServerFrame::Chat {
+                nickname,
+                message,
+                ts,
+                history,
+            },
+        }
+    }
+
+    /// The frame as JSON text.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a frame of strings and integers always serializes")
+    }
+
+    /// The frame as exactly one line for a person (`?format=text`), with
+    /// line breaks and control characters shown, never sent raw (see
+    /// [`one_line`]).
+    pub fn to_text(&self) -> String {
+        let line = self.text_line();
+        match one_line(&line) {
+            std::borrow::Cow::Borrowed(_) => line,
+            std::borrow::Cow::Owned(escaped) => escaped,
+        }
+    }
+
+    fn text_line(&self) -> String {
+        match self {
+            ServerFrame::Chat {
+                nickname,
+                message,
+                history: false,
+                ..
+            } => format!("{nickname}: {message}"),
+            ServerFrame::Chat {
+                nickname, message, ..
+            } => format!("[history] {nickname}: {message}"),
+            ServerFrame::Join {
+                nickname, message, ..
+            }
+            | ServerFrame::Leave {
+                nickname, message, ..
+            } => format!("* {nickname} {message}"),
+            ServerFrame::Presence { message, .. } | ServerFrame::Notice { message, .. } => {
+                format!("* {message}")
+            }
+            ServerFrame::Error { message, .. } => format!("! {message}"),
+        }
+    }
+
+    /// The frame in the client's format.
+    pub fn render(&self, format: Format) -> String {
+        match format {
+            Format::Json => self.to_json(),
+            Format::Text => self.to_text(),
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! Names that come from a URL: nicknames and rooms (validated and
+//! percent-decoded once), and the connection ids that tell clients apart.
+
+use std::fmt;
+
+use super::{Format, SERVER_NICKNAME};
+
+/// The Redis channel of the one chat room, as named by the original app.
+pub const GLOBAL_ROOM: &str = "global_room";
+
+/// The longest nickname accepted, in characters (Unicode scalar values).
+pub const MAX_NICKNAME_CHARS: usize = 32;
+
+/// A nickname that has passed validation.
+///
+/// Built only by [`Nickname::parse`], so holding one proves it is 1 to
+/// [`MAX_NICKNAME_CHARS`] characters long, contains no control characters and
+/// does not start or end with white space.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nickname(String);
+
+/// Why a nickname or room name was refused. The `Display` text completes a
+/// sentence ("nickname is empty") sent to the client as the body of the
+/// HTTP 400 answer, so it is written for a person.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// The name is empty (`/chat/`).
+    #[error("is empty")]
+    Empty,
+    /// More than [`MAX_NICKNAME_CHARS`] characters.
+    #[error("is longer than {MAX_NICKNAME_CHARS} characters")]
+    TooLong,
+    /// A `%` not followed by two hex digits.
+    #[error("has a malformed percent-escape")]
+    BadEscape,
+    /// Percent-decoding produced bytes that are not UTF-8.
+    #[error("is not valid UTF-8 once percent-decoded")]
+    NotUtf8,
+    /// A control character (including newline and tab).
+    #[error("contains a control character")]
+    ControlCharacter,
+    /// Leading or trailing white space.
+    #[error("starts or ends with white space")]
+    OuterWhitespace,
+    /// An invisible or look-alike character: a Unicode format character
+    /// (zero-width space, bidi override, …), white space other than the
+    /// plain space, or a blank-looking filler.
+    #[error("contains an invisible or look-alike character (U+{0:04X})")]
+    Invisible(u32),
+    /// A name the server uses for its own frames.
+    #[error("is reserved for the server")]
+    Reserved,
+}
+
+/// The rule nicknames and room names share: 1 to [`MAX_NICKNAME_CHARS`]
+/// characters, no control characters, no invisible characters (see
+/// [`is_invisible`]), no white space at either end.
+fn validate_name(raw: &str) -> Result<(), NameError> {
+    if raw.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if raw.chars().count() > MAX_NICKNAME_CHARS {
+        return Err(NameError::TooLong);
+    }
+    if raw.chars().any(char::is_control) {
+        return Err(NameError::ControlCharacter);
+    }
+    if let Some(c) = raw.chars().find(|&c| is_invisible(c)) {
+        return Err(NameError::Invisible(c.into()));
+    }
+    if raw.trim() != raw {
+        return Err(NameError::OuterWhitespace);
+    }
+    Ok(())
+}
+
+/// Characters a name may not contain because they cannot be seen, or make
+/// one name look like another: `alice` followed by a zero-width space is
+/// not `alice`, yet reads the same; a right-to-left override turns
+/// `evil\u{202E}txt.exe` around on screen.
+///
+/// * Unicode *format* characters (general category Cf): zero-width
+///   spaces and joiners, bidi embeddings, overrides and isolates, the
+///   byte-order mark, invisible operators, tags.
+/// * White space other than the plain space (no-break, ideographic,
+///   line and paragraph separators): it looks like a space and is not one.
+/// * Blank-looking fillers (Hangul fillers, the Braille blank).
+/// * Variation selectors, which change a glyph without being one.
+pub fn is_invisible(c: char) -> bool {
+    (c != ' ' && c.is_whitespace())
+        || matches!(c,
+            '\u{00AD}' // soft hyphen
+            | '\u{034F}' // combining grapheme joiner
+            | '\u{061C}' // Arabic letter mark
+            | '\u{0600}'..='\u{0605}'
+            | '\u{06DD}' | '\u{070F}' | '\u{0890}' | '\u{0891}' | '\u{08E2}'
+            | '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}' // Hangul fillers
+            | '\u{17B4}' | '\u{17B5}' // Khmer inherent vowels
+            | '\u{180B}'..='\u{180F}' // Mongolian selectors and vowel separator
+            | '\u{200B}'..='\u{200F}' // zero-width space, joiners, LRM, RLM
+            | '\u{202A}'..='\u{202E}' // bidi embeddings and overrides
+            | '\u{2060}'..='\u{206F}' // word joiner, invisible operators, isolates
+            | '\u{2800}' // Braille blank
+            | '\u{FE00}'..='\u{FE0F}' // variation selectors
+            | '\u{FEFF}' // byte-order mark
+            | '\u{FFF9}'..='\u{FFFB}' // interlinear annotation
+            | '\u{110BD}' | '\u{110CD}'
+            | '\u{13430}'..='\u{1343F}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}' // tags and variation selectors supplement
+        )
+}
+
+impl Nickname {
+    /// Validates an already-decoded nickname. Besides the shared rule, the
+    /// server's own name ([`SERVER_NICKNAME`], in any case) is refused: a
+    /// client called `server` could pass its words off as the server's.
+    pub fn parse(raw: &str) -> Result<Nickname, NameError> {
+        Nickname::check(raw)?;
+        Ok(Nickname(raw.to_owned()))
+    }
+
+    /// Whether `raw` is a valid nickname, without making one (no
+    /// allocation: it runs on every subscriber thread for the names in
+    /// every coalesced join).
+    pub fn check(raw: &str) -> Result<(), NameError> {
+        validate_name(raw)?;
+        if raw.eq_ignore_ascii_case(SERVER_NICKNAME) {
+            return Err(NameError::Reserved);
+        }
+        Ok(())
+    }
+
+    /// Percent-decodes a URL path segment (`Joe%20Doe` is "Joe Doe"), then
+    /// validates it with [`Nickname::parse`].
+    pub fn from_path_segment(segment: &str) -> Result<Nickname, NameError> {
+        Nickname::parse(&percent_decode(segment)?)
+    }
+
+    /// The nickname as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Nickname {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Decodes `%XX` escapes in a URL path segment (a `+` stays a plus).
+///
+/// `percent-encoding` decodes; what it would pass through silently, a `%`
+/// not followed by two hex digits, is refused here, so that a mistyped URL
+/// gets a clear error rather than a nickname with a `%` in it.
+pub fn percent_decode(segment: &str) -> Result<String, NameError> {
+    check_escapes(segment)?;
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .map(|decoded| decoded.into_owned())
+        .map_err(|_| NameError::NotUtf8)
+}
+
+/// The decoded value of `key` in a query string (`a=1&b=x+y%21`), if it is
+/// there: `form_urlencoded` splits and decodes, `+` is a space.
+pub fn query_value(query: &str, key: &str) -> Result<Option<String>, NameError> {
+    check_escapes(query)?;
+    let Some((_, value)) = form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == key) else {
+        return Ok(None);
+    };
+    // `form_urlencoded` replaces bytes that are not UTF-8 with U+FFFD.
+    if value.contains(char::REPLACEMENT_CHARACTER) {
+        return Err(NameError::NotUtf8);
+    }
+    Ok(Some(value.into_owned()))
+}
+
+/// Refuses a `%` that is not followed by two hex digits.
+fn check_escapes(text: &str) -> Result<(), NameError> {
+    let bytes = text.as_bytes();
+    let well_formed = bytes.iter().enumerate().all(|(i, &b)| {
+        b != b'%'
+            || bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if well_formed {
+        Ok(())
+    } else {
+        Err(NameError::BadEscape)
+    }
+}
+
+/// A chat room: the default room of the original app, or a named one.
+///
+/// Each room is its own Redis channel. The default room is the original's
+/// channel `global_room`; a named room `lobby` is `threadchat:room:lobby`, so
+/// room names can never collide with other keys or channels.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Room(String);
+
+impl Room {
+    /// The name of the default room, and its channel (as in the original).
+    pub const DEFAULT: &'static str = GLOBAL_ROOM;
+
+    /// The original app's single room.
+    pub fn global() -> Room {
+        Room(GLOBAL_ROOM.to_owned())
+    }
+
+    /// Validates a decoded room name (the same rule as nicknames).
+    pub fn parse(raw: &str) -> Result<Room, NameError> {
+        validate_name(raw)?;
+        Ok(Room(raw.to_owned()))
+    }
+
+    /// The room's name.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+
+    /// The Redis channel its messages travel on.
+    pub fn channel(&self) -> String {
+        if self.0 == GLOBAL_ROOM {
+            GLOBAL_ROOM.to_owned()
+        } else {
+            format!("threadchat:room:{}", self.0)
+        }
+    }
+}
+
+impl fmt::Display for Room {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The identity of one WebSocket connection, unique across all instances that
+/// share a Redis: a random per-process instance id plus a per-process counter,
+/// e.g. `3f9c2a71d0b4e856-17`.
+///
+/// Every published [`ChatMessage`] carries its sender's `ConnId`; a receiving
+/// connection drops the message if the id is its own. Nicknames cannot do this
+/// job: two people may both call themselves "carol", and each must see the
+/// other's messages.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ConnId(String);
+
+impl ConnId {
+    /// Builds the id of connection number `seq` of the instance `instance`.
+    pub fn new(instance: u64, seq: u64) -> ConnId {
+        ConnId(format!("{instance:016x}-{seq}"))
+    }
+
+    /// The id as text, as it appears in the `"conn"` field on the wire.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The instance part of a connection id as found on the wire (the text
+    /// before the last `-`), if it has one.
+    pub fn instance_of(conn: &str) -> Option<&str> {
+        conn.rsplit_once('-').map(|(instance, _)| instance)
+    }
+}
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Who joins which room, and how they want their frames: what a chat
+/// connection's request says (`/chat/{nickname}?room=…&format=…`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// From the path: `/chat/{nickname}`.
+    pub nickname: Nickname,
+    /// From `?room=`; the original's `global_room` without it.
+    pub room: Room,
+    /// From `?format=text`; JSON without it.
+    pub format: Format,
+}

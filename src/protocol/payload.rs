@@ -1,0 +1,309 @@
+//! The JSON published on a room's channel, shared with the original app, and
+//! [`Incoming`]: a payload from the room, parsed and encoded once for every
+//! client it goes to.
+
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tungstenite::Utf8Bytes;
+
+use super::{ConnId, Format, MAX_NICKNAME_CHARS, Nickname, ServerFrame, is_invisible};
+
+/// What happens in a room, as published on its Redis channel: a chat
+/// message, or someone joining or leaving.
+///
+/// `nickname` and `message` are what the original app's readers need (they
+/// forward any payload whose nickname is not their client's own). The other
+/// fields are threadchat's additions; payloads from the original app lack
+/// them, so they are optional when reading.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// What kind of event; absent (a chat message) in the original's payloads.
+    #[serde(rename = "type", default, skip_serializing_if = "Kind::is_chat")]
+    pub kind: Kind,
+    /// Who said it, joined or left.
+    pub nickname: String,
+    /// What they said (or "joined", "left (timed out)").
+    pub message: String,
+    /// The sending connection, so it can skip its own events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conn: Option<String>,
+    /// A unique id: for chat messages `{conn}:{n}` (history and live
+    /// delivery overlap at a join, and this removes the duplicates); for a
+    /// coalesced join or leave `{first conn}:join` or `:leave` (so each
+    /// joiner can skip the one that announced it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// When the sending server received it: milliseconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts: Option<u64>,
+    /// For a coalesced join or leave: who it is about, at most
+    /// [`GROUP_LIST`] of them (and `nickname` is a summary for people, e.g.
+    /// "alice, bob and 48 others").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nicknames: Vec<String>,
+    /// For a coalesced join or leave: how many it is about (more than
+    /// `nicknames` lists, in a storm).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<usize>,
+}
+
+/// Most nicknames a coalesced join or leave lists.
+///
+/// Every member of a room gets every announcement — with per-client
+/// subscriptions each parses its own copy — and during a join storm an
+/// announcement used to list hundreds of names. Parsing and passing them on
+/// was most of what a storm cost: with 5,000 clients joining at once,
+/// per-client subscriptions took 6.0–6.4 s and 67–73 KiB per client with
+/// full lists, 4.5–5.5 s and 53 KiB with at most 20 (a shared subscription:
+/// 31–32 KiB, now 27–28). A person reads "alice, bob and 198 others"
+/// anyway; `count` keeps member counts right, and `GET /members` lists
+/// everyone.
+pub const GROUP_LIST: usize = 20;
+
+/// The kinds of room events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A chat message.
+    #[default]
+    Chat,
+    /// Someone joined the room.
+    Join,
+    /// Someone left the room.
+    Leave,
+    /// A type this version does not know: the payload is skipped.
+    #[serde(other)]
+    Other,
+}
+
+impl Kind {
+    fn is_chat(&self) -> bool {
+        *self == Kind::Chat
+    }
+}
+
+/// Why a payload found on the Redis channel is not a chat message.
+///
+/// Whatever is on a room's channel is untrusted: anyone who can reach the
+/// Redis (the original app's clients, in the interop set-up) can publish
+/// there. A payload is delivered only if it is no bigger than threadchat
+/// itself would publish, is a chat message, join or leave, and names a
+/// plausible nickname; lists are cut to what the server itself sends.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    /// Not a JSON object with string `"nickname"` and `"message"` fields.
+    #[error("not a chat message ({0})")]
+    NotChatMessage(#[from] serde_json::Error),
+    /// Bigger than the largest payload threadchat publishes; skipped
+    /// unread.
+    #[error("payload of {0} bytes is over the limit")]
+    TooBig(usize),
+    /// A `"type"` this version does not know.
+    #[error("unknown type")]
+    UnknownType,
+    /// The nickname is empty, too long, or has control characters.
+    #[error("implausible nickname")]
+    BadNickname,
+}
+
+/// The longest `"nickname"` accepted in a payload, in characters: a
+/// nickname, or the summary of a coalesced join ("alice, bob and 48
+/// others").
+const MAX_PAYLOAD_NICKNAME_CHARS: usize = 2 * MAX_NICKNAME_CHARS + 32;
+
+/// The largest payload accepted from a room's channel, for clients whose
+/// messages may be `max_message` bytes: what threadchat itself publishes
+/// for such a message (JSON escaping at most doubles the text, see
+/// [`clean_message`]) and its other fields. Anything bigger is skipped
+/// without being read into memory.
+pub fn max_payload(max_message: usize) -> usize {
+    2 * max_message + 4096
+}
+
+impl ChatMessage {
+    /// Chat message number `seq` of connection `conn`, stamped now.
+    pub fn new(nickname: &Nickname, conn: &ConnId, seq: u64, message: String) -> ChatMessage {
+        ChatMessage {
+            kind: Kind::Chat,
+            nickname: nickname.as_str().to_owned(),
+            message,
+            conn: Some(conn.as_str().to_owned()),
+            id: Some(format!("{conn}:{seq}")),
+            ts: Some(unix_millis()),
+            nicknames: Vec::new(),
+            count: None,
+        }
+    }
+
+    /// A join or leave event for connection `conn`, stamped now.
+    pub fn event(kind: Kind, nickname: &Nickname, conn: &ConnId, message: &str) -> ChatMessage {
+        ChatMessage {
+            kind,
+            nickname: nickname.as_str().to_owned(),
+            message: message.to_owned(),
+            conn: Some(conn.as_str().to_owned()),
+            id: None,
+            ts: Some(unix_millis()),
+            nicknames: Vec::new(),
+            count: None,
+        }
+    }
+
+    /// One join or leave event for several connections at once (see
+    /// `session::announce`), stamped now. `nickname` summarises them for
+    /// people and for the original app's clients, which print
+    /// `{nickname}: {message}`. `first` is the first connection's id: with
+    /// the kind it makes the event's [`id`](Self::id), which the announcer
+    /// hands back to each joiner so that it can skip its own arrival. (A
+    /// list of every connection would do too, but it would be parsed by
+    /// every recipient: in a join storm, most of the bytes of the storm.)
+    pub fn group_event(kind: Kind, mut nicknames: Vec<String>, first: &ConnId) -> ChatMessage {
+        let (nickname, count) = (summarize(&nicknames), nicknames.len());
+        nicknames.truncate(GROUP_LIST);
+        ChatMessage {
+            kind,
+            nickname,
+            message: if kind == Kind::Join { "joined" } else { "left" }.to_owned(),
+            conn: None,
+            id: Some(Self::event_id(kind, first)),
+            ts: Some(unix_millis()),
+            nicknames,
+            count: Some(count),
+        }
+    }
+
+    /// The id of the join or leave event about `conn` and others; unique,
+    /// since a connection joins once and leaves once.
+    pub fn event_id(kind: Kind, conn: &ConnId) -> String {
+        let kind = if kind == Kind::Join { "join" } else { "leave" };
+        format!("{conn}:{kind}")
+    }
+
+    /// Parses a payload read from the Redis channel (or the history), and
+    /// checks it (see [`PayloadError`]).
+    pub fn from_payload(payload: &[u8]) -> Result<ChatMessage, PayloadError> {
+        let mut message: ChatMessage = serde_json::from_slice(payload)?;
+        if message.kind == Kind::Other {
+            return Err(PayloadError::UnknownType);
+        }
+        let nickname = &message.nickname;
+        if nickname.is_empty()
+            || nickname.chars().count() > MAX_PAYLOAD_NICKNAME_CHARS
+            || nickname.chars().any(|c| c.is_control() || is_invisible(c))
+        {
+            return Err(PayloadError::BadNickname);
+        }
+        message.nicknames.truncate(GROUP_LIST);
+        message
+            .nicknames
+            .retain(|name| Nickname::check(name).is_ok());
+        Ok(message)
+    }
+
+    /// The JSON published on the Redis channel.
+    pub fn to_payload(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a struct of strings and integers always serializes")
+    }
+
+    /// True when this message was sent by connection `me`. (A coalesced
+    /// join has no `conn`: its joiners skip it by [`id`](Self::id).)
+    pub fn is_from(&self, me: &ConnId) -> bool {
+        self.conn.as_deref() == Some(me.as_str())
+    }
+}
+
+/// "alice", "alice and bob", "alice, bob and carol", "alice, bob and 48 others".
+pub(super) fn summarize(nicknames: &[String]) -> String {
+    match nicknames {
+        [] => String::new(),
+        [one] => one.clone(),
+        [a, b] => format!("{a} and {b}"),
+        [a, b, c] => format!("{a}, {b} and {c}"),
+        [a, b, rest @ ..] => format!("{a}, {b} and {} others", rest.len()),
+    }
+}
+
+/// A payload received from a room, parsed once and rendered at most once
+/// per [`Format`], then shared (by `Arc`) with every client it goes to.
+///
+/// With a shared subscription (or the in-process broker) one `Incoming`
+/// reaches every client of the room on this instance: the JSON is parsed once
+/// and each outgoing frame is encoded once, however many clients there are.
+/// [`Incoming::frame`] hands out the encoded frame as a [`Utf8Bytes`], whose
+/// clone is a reference-count increment, not a copy.
+#[derive(Debug)]
+pub struct Incoming {
+    /// The parsed message, or why the payload is not one.
+    message: Result<ChatMessage, Junk>,
+    /// The live frame in each format, encoded on first use.
+    json: OnceLock<Utf8Bytes>,
+    text: OnceLock<Utf8Bytes>,
+}
+
+/// A payload that is not a chat message, kept so it can be reported.
+#[derive(Debug)]
+pub struct Junk {
+    /// Why it was rejected.
+    pub error: PayloadError,
+    /// The payload itself.
+    pub payload: Vec<u8>,
+}
+
+impl Incoming {
+    /// A payload skipped unread because it is `len` bytes, over the limit.
+    pub fn oversized(len: usize) -> Incoming {
+        Incoming {
+            message: Err(Junk {
+                error: PayloadError::TooBig(len),
+                payload: Vec::new(),
+            }),
+            json: OnceLock::new(),
+            text: OnceLock::new(),
+        }
+    }
+
+    /// Parses a payload read from a room's channel.
+    pub fn parse(payload: &[u8]) -> Incoming {
+        Incoming {
+            message: ChatMessage::from_payload(payload).map_err(|error| Junk {
+                error,
+                payload: payload.to_vec(),
+            }),
+            json: OnceLock::new(),
+            text: OnceLock::new(),
+        }
+    }
+
+    /// The chat message, or the junk it turned out to be.
+    pub fn message(&self) -> Result<&ChatMessage, &Junk> {
+        self.message.as_ref()
+    }
+
+    /// The frame a client gets for this live message, in its format; `None`
+    /// for junk. Encoded by the first caller, shared by the rest.
+    pub fn frame(&self, format: Format) -> Option<Utf8Bytes> {
+        let message = self.message.as_ref().ok()?;
+        let cell = match format {
+            Format::Json => &self.json,
+            Format::Text => &self.text,
+        };
+        Some(
+            cell.get_or_init(|| {
+                ServerFrame::from_event(message, false)
+                    .render(format)
+                    .into()
+            })
+            .clone(),
+        )
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before 1970).
+pub fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

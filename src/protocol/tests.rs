@@ -1,0 +1,265 @@
+//! The protocol's unit tests, and property tests: hostile input never
+//! panics.
+
+use super::payload::summarize;
+use super::*;
+
+#[test]
+fn nickname_is_percent_decoded() {
+    assert_eq!(
+        Nickname::from_path_segment("Joe%20Doe").unwrap().as_str(),
+        "Joe Doe"
+    );
+    assert_eq!(
+        Nickname::from_path_segment("%C3%A9lodie").unwrap().as_str(),
+        "élodie"
+    );
+    assert_eq!(Nickname::from_path_segment("a+b").unwrap().as_str(), "a+b");
+}
+
+#[test]
+fn nickname_rules() {
+    use NameError::*;
+    assert_eq!(Nickname::from_path_segment(""), Err(Empty));
+    assert_eq!(Nickname::from_path_segment("%2"), Err(BadEscape));
+    assert_eq!(Nickname::from_path_segment("%zz"), Err(BadEscape));
+    assert_eq!(Nickname::from_path_segment("%FF"), Err(NotUtf8));
+    assert_eq!(Nickname::from_path_segment("a%0Ab"), Err(ControlCharacter));
+    assert_eq!(Nickname::from_path_segment("%20bob"), Err(OuterWhitespace));
+    assert_eq!(Nickname::from_path_segment("bob%20"), Err(OuterWhitespace));
+    assert_eq!(Nickname::parse(&"x".repeat(33)), Err(TooLong));
+    assert!(Nickname::parse(&"é".repeat(32)).is_ok());
+}
+
+#[test]
+fn client_json_message_is_unwrapped() {
+    assert_eq!(
+        message_text(r#"{"nickname": "alice", "message": "hi"}"#),
+        "hi"
+    );
+    assert_eq!(message_text(r#"  {"message": ""}"#), "");
+}
+
+#[test]
+fn one_line_ending_is_removed() {
+    assert_eq!(message_text("hi\n"), "hi");
+    assert_eq!(message_text("hi\r\n"), "hi");
+    assert_eq!(message_text("hi\n\n"), "hi\n");
+    assert_eq!(message_text("  indented  \n"), "  indented  ");
+    assert_eq!(message_text("{\"message\": \"x\"}\n"), "x");
+}
+
+#[test]
+fn anything_else_is_the_text_itself() {
+    for text in [
+        "hello",
+        "",
+        "{not json",
+        r#"{"message": 5}"#,
+        r#"["message"]"#,
+        "42",
+        r#""quoted""#,
+    ] {
+        assert_eq!(message_text(text), text);
+    }
+}
+
+#[test]
+fn chat_message_round_trips() {
+    let nick = Nickname::parse("alice").unwrap();
+    let conn = ConnId::new(0xabc, 7);
+    let msg = ChatMessage::new(&nick, &conn, 1, "hi \"there\"".into());
+    let back = ChatMessage::from_payload(&msg.to_payload()).unwrap();
+    assert_eq!(back, msg);
+    assert!(back.is_from(&conn));
+    assert!(!back.is_from(&ConnId::new(0xabc, 8)));
+    assert_eq!(conn.as_str(), "0000000000000abc-7");
+}
+
+#[test]
+fn original_app_payloads_are_chat_messages() {
+    let msg = ChatMessage::from_payload(br#"{"nickname": "bob", "message": "yo"}"#).unwrap();
+    assert_eq!(msg.nickname, "bob");
+    assert_eq!(msg.message, "yo");
+    assert_eq!(msg.conn, None);
+    assert!(!msg.is_from(&ConnId::new(1, 1)));
+}
+
+#[test]
+fn events_and_unknown_types() {
+    let nick = Nickname::parse("carol").unwrap();
+    let join = ChatMessage::event(Kind::Join, &nick, &ConnId::new(1, 2), "joined");
+    let payload = String::from_utf8(join.to_payload()).unwrap();
+    assert!(payload.contains(r#""type":"join""#), "{payload}");
+    assert_eq!(
+        ServerFrame::from_event(&join, false).to_text(),
+        "* carol joined"
+    );
+    assert!(matches!(
+        ChatMessage::from_payload(br#"{"type":"poll","nickname":"x","message":"y"}"#),
+        Err(PayloadError::UnknownType)
+    ));
+}
+
+#[test]
+fn rooms_have_their_own_channels() {
+    assert_eq!(Room::global().channel(), "global_room");
+    assert_eq!(Room::parse("global_room").unwrap(), Room::global());
+    assert_eq!(
+        Room::parse("lobby").unwrap().channel(),
+        "threadchat:room:lobby"
+    );
+    assert!(Room::parse(" lobby").is_err());
+    assert_eq!(percent_decode("a+b%20c").unwrap(), "a+b c");
+    let query = "format=text&room=a+b%20c";
+    assert_eq!(
+        query_value(query, "room").unwrap().as_deref(),
+        Some("a b c")
+    );
+    assert_eq!(query_value(query, "limit").unwrap(), None);
+    assert_eq!(query_value("room=%zz", "room"), Err(NameError::BadEscape));
+    assert_eq!(query_value("room=%FF", "room"), Err(NameError::NotUtf8));
+}
+
+#[test]
+fn text_rendering() {
+    let members = vec!["alice".to_owned(), "bob".to_owned()];
+    let presence = ServerFrame::Presence {
+        nickname: SERVER_NICKNAME,
+        message: "in lobby: alice, bob",
+        room: "lobby",
+        members: &members,
+        count: 2,
+    };
+    assert_eq!(presence.to_text(), "* in lobby: alice, bob");
+    assert_eq!(ServerFrame::error("no").to_text(), "! no");
+    let json: serde_json::Value = serde_json::from_str(&presence.to_json()).unwrap();
+    assert_eq!(json["members"], serde_json::json!(["alice", "bob"]));
+}
+
+#[test]
+fn junk_payloads_are_errors() {
+    for junk in [
+        &b"junk"[..],
+        b"",
+        b"{}",
+        br#"{"nickname": "bob"}"#,
+        br#"{"nickname": 1, "message": "x"}"#,
+        br#"[1,2]"#,
+        b"\xff\xfe",
+    ] {
+        assert!(ChatMessage::from_payload(junk).is_err(), "{junk:?}");
+    }
+}
+
+#[test]
+fn coalesced_joins_summarise_and_list_everyone() {
+    let names: Vec<Nickname> = ["ann", "bea", "cy", "dan"]
+        .iter()
+        .map(|n| Nickname::parse(n).unwrap())
+        .collect();
+    let names: Vec<String> = names.iter().map(|n| n.as_str().to_owned()).collect();
+    let event = ChatMessage::group_event(Kind::Join, names, &ConnId::new(7, 0));
+    assert_eq!(event.nickname, "ann, bea and 2 others");
+    assert_eq!(event.message, "joined");
+    assert_eq!(event.id.as_deref(), Some("0000000000000007-0:join"));
+    assert!(!event.is_from(&ConnId::new(7, 0)));
+    let frame = ServerFrame::from_event(&event, false);
+    assert_eq!(frame.to_text(), "* ann, bea and 2 others joined");
+    let json: serde_json::Value = serde_json::from_str(&frame.to_json()).unwrap();
+    assert_eq!(
+        json["nicknames"],
+        serde_json::json!(["ann", "bea", "cy", "dan"])
+    );
+    assert_eq!(json["count"], 4);
+    // A payload round trip keeps the lists.
+    let back = ChatMessage::from_payload(&event.to_payload()).unwrap();
+    assert_eq!(back, event);
+    assert_eq!(summarize(&["a".into(), "b".into()]), "a and b");
+}
+
+#[test]
+fn a_storm_of_joins_lists_some_and_counts_all() {
+    let names: Vec<String> = (0..30).map(|i| format!("n{i}")).collect();
+    let event = ChatMessage::group_event(Kind::Join, names, &ConnId::new(7, 0));
+    assert_eq!(event.nickname, "n0, n1 and 28 others");
+    assert_eq!(event.nicknames.len(), GROUP_LIST);
+    assert_eq!(event.count, Some(30));
+    let json: serde_json::Value =
+        serde_json::from_str(&ServerFrame::from_event(&event, false).to_json()).unwrap();
+    assert_eq!(json["count"], 30);
+    assert_eq!(json["nicknames"].as_array().unwrap().len(), GROUP_LIST);
+}
+
+#[test]
+fn server_frames_keep_nickname_and_message() {
+    let msg = ChatMessage {
+        kind: Kind::Chat,
+        nickname: "bob".into(),
+        message: "<b>hi</b>".into(),
+        conn: Some("x".into()),
+        id: Some("x:1".into()),
+        ts: Some(5),
+        nicknames: Vec::new(),
+        count: None,
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&ServerFrame::from_event(&msg, false).to_json()).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({"type": "chat", "nickname": "bob", "message": "<b>hi</b>", "ts": 5})
+    );
+    let err = ServerFrame::error("nope");
+    let json: serde_json::Value = serde_json::from_str(&err.to_json()).unwrap();
+    assert_eq!(json["type"], "error");
+    assert_eq!(json["nickname"], "server");
+}
+
+/// Hostile input never panics: arbitrary input gives a value or an error.
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn client_frames_never_panic(frame in any::<String>()) {
+            let _ = message_text(&frame);
+        }
+
+        #[test]
+        fn client_json_frames_never_panic(message in any::<String>(), extra in any::<String>()) {
+            let frame = serde_json::json!({"message": message, "nickname": extra}).to_string();
+            prop_assert_eq!(message_text(&frame), message);
+        }
+
+        #[test]
+        fn redis_payloads_never_panic(payload in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = ChatMessage::from_payload(&payload);
+        }
+
+        #[test]
+        fn json_like_payloads_never_panic(payload in r#"\{("[a-z]{0,8}": ?("[^"]{0,8}"|[0-9]{1,5}|null|\[\]),? ?){0,4}\}"#) {
+            let _ = ChatMessage::from_payload(payload.as_bytes());
+        }
+
+        #[test]
+        fn path_segments_never_panic(segment in any::<String>()) {
+            let _ = Nickname::from_path_segment(&segment);
+        }
+
+        #[test]
+        fn percent_escapes_never_panic(segment in "(%[0-9a-fA-FzZ]{0,2}|[a-z ]){0,40}") {
+            if let Ok(nickname) = Nickname::from_path_segment(&segment) {
+                prop_assert!(Nickname::parse(nickname.as_str()).is_ok());
+            }
+        }
+
+        #[test]
+        fn chat_messages_round_trip(nickname in "[^\\p{Cc}]{1,32}", message in any::<String>()) {
+            if let Ok(nickname) = Nickname::parse(&nickname) {
+                let msg = ChatMessage::new(&nickname, &ConnId::new(7, 7), 1, message);
+                prop_assert_eq!(ChatMessage::from_payload(&msg.to_payload()).unwrap(), msg);
+            }
+        }
+    }
+}

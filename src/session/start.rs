@@ -1,0 +1,166 @@
+//! A connection's start, on its start thread: the HTTP request and, for a
+//! chat, everything up to its welcome — subscribe, get on the member list,
+//! have the join announced, send the `101`, the history and who is here.
+//!
+//! Each step that must be undone is a guard ([`SubscriberThread`],
+//! [`Membership`]): a step that fails returns early with `?`, and what was
+//! done before it is undone as the guards drop.
+
+use std::net::Shutdown;
+use std::sync::Arc;
+
+use tungstenite::http::StatusCode;
+
+use super::chat::{Chat, Membership, Open, SubscriberThread, announcement};
+use super::socket::{self, Writer};
+use super::{Conn, Context, SessionError, liveness, welcome};
+use crate::http::{self, Outcome, Target};
+use crate::protocol::{Kind, Member};
+
+/// What a connection's start leaves for the rest of its life.
+pub(super) enum Started {
+    /// Answered with plain HTTP, or abandoned by the client: nothing more.
+    Done,
+    /// An echo connection, upgraded (`--echo-endpoint`).
+    Echo {
+        writer: Arc<Writer>,
+        reader: Box<socket::Reader>,
+    },
+    /// A chat connection, welcomed, with its subscriber thread running.
+    Chat(Box<Chat>),
+}
+
+/// The kernel's send buffer for a client socket, in bytes (Linux doubles it
+/// for its own bookkeeping). Left to itself, Linux grows it up to 4 MB, and
+/// a client that stops reading soaks up seconds of the room's traffic into
+/// kernel memory before any write blocks and `--write-timeout` starts
+/// counting. 256 KiB is far more than a chat connection needs in flight, and
+/// makes a client that falls behind fall behind where the write deadline
+/// sees it (`docs/PERFORMANCE.md`, scenario e).
+const SEND_BUFFER: usize = 256 * 1024;
+
+/// The connection's start: the HTTP request and, for a chat connection,
+/// everything up to its welcome (see [`start_chat`]).
+pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, SessionError> {
+    let upgrade = match http::serve(&conn.stream, ctx)? {
+        Outcome::Upgrade(upgrade) => upgrade,
+        Outcome::Answered(status) => {
+            log::debug!("{}: answered HTTP {status}", conn.peer);
+            return Ok(Started::Done);
+        }
+        Outcome::Abandoned => return Ok(Started::Done),
+    };
+    let http::Upgrade {
+        target,
+        response,
+        leftover,
+        forwarded_for,
+    } = *upgrade;
+    // Through a trusted proxy: count the client by its own address.
+    if let Some(ip) = forwarded_for {
+        match ctx.per_ip.take(ip) {
+            Some(slot) => {
+                if let Some(slot) = slot {
+                    let _ = conn.slot.set(slot);
+                }
+            }
+            None => {
+                log::warn!("refused {ip} (via {}): --max-connections-per-ip", conn.peer);
+                let _ = http::refuse(
+                    &conn.stream,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many connections from your address; try again later",
+                );
+                return Ok(Started::Done);
+            }
+        }
+    }
+    conn.stream.set_nodelay(true)?;
+    socket2::SockRef::from(&*conn.stream).set_send_buffer_size(SEND_BUFFER)?;
+    let limits = socket::ReadLimits {
+        max_message: ctx.limits.max_message_size,
+        idle_wait: ctx.limits.ping_interval,
+        write_timeout: ctx.limits.write_timeout,
+        liveness: liveness::Limits {
+            message_timeout: ctx.limits.message_timeout,
+            max_fragments: ctx.limits.max_fragments,
+        },
+    };
+    let (writer, reader) = socket::split(Arc::clone(&conn.stream), leftover, limits)?;
+    let writer = Arc::new(writer);
+    match target {
+        Target::Chat(member) => start_chat(conn, ctx, member, &response, writer, reader)
+            .map(|chat| Started::Chat(Box::new(chat)))
+            .inspect_err(|_| refuse_upgrade(conn)),
+        Target::Echo => {
+            http::accept(&conn.stream, &response)?;
+            Ok(Started::Echo {
+                writer,
+                reader: Box::new(reader),
+            })
+        }
+    }
+}
+
+/// A chat connection's start: subscribe, join, upgrade, welcome.
+///
+/// Nothing is answered until the subscription is live (so the history, read
+/// after it, leaves no gap: see [`welcome`]) and the client is on the member
+/// list, and the room is told before the client gets its `101`: once
+/// connected, everyone already knows.
+fn start_chat(
+    conn: &Arc<Conn>,
+    ctx: &Arc<Context>,
+    member: Member,
+    response: &tungstenite::http::Response<()>,
+    writer: Arc<Writer>,
+    reader: socket::Reader,
+) -> Result<Chat, SessionError> {
+    let subscription = ctx.broker.subscribe(&member.room, &conn.id)?;
+    conn.set_canceller(subscription.canceller());
+    let mut subscriber = SubscriberThread::start(conn, ctx, &member, &writer, subscription)?;
+    subscriber.wait_until_subscribed()?;
+    // The newest message in the history now: the welcome sends the history
+    // up to here, and whatever comes after reaches the client live.
+    let mark = ctx.broker.history_mark(&member.room);
+    let membership = Membership::join(conn, ctx, &member)?;
+    let own_join =
+        ctx.announcer
+            .announce_and_wait(announcement(conn, &member, Kind::Join, "joined"));
+    http::accept(&conn.stream, response)?;
+
+    let mut skip = welcome::welcome(conn, ctx, &member, &writer, mark);
+    // Nobody is told of their own arrival.
+    skip.extend(own_join);
+    subscriber.go(skip);
+    let open = Open::count(ctx);
+    ctx.metrics.connections_total.inc();
+    log::info!(
+        "{} joined {} from {} ({})",
+        member.nickname,
+        member.room,
+        conn.peer,
+        conn.id
+    );
+    Ok(Chat {
+        conn: Arc::clone(conn),
+        ctx: Arc::clone(ctx),
+        member,
+        writer,
+        reader,
+        subscriber,
+        membership,
+        open,
+    })
+}
+
+/// Answers an upgrade request with 503 instead of 101: the chat relay could
+/// not take this client.
+fn refuse_upgrade(conn: &Conn) {
+    let _ = http::refuse(
+        &conn.stream,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "chat relay unavailable; try again later",
+    );
+    let _ = conn.stream.shutdown(Shutdown::Both);
+}
