@@ -7,66 +7,66 @@
 //! ## The design in one page
 //!
 //! ```text
-//!                       ┌──────────────── one process ────────────────┐
-//!  client ─TCP─▶ accept loop (main thread) ── spawns per connection ──┐│
-//!                       │                                            ▼│
-//!  client ─request─────────▶ tc-conn-N  first: HTTP, subscribe, 101 ──┤│  then hands over and ends
-//!  client ─frames──────────▶ tc-read-N  reader: WebSocket::read ──────┼┼─PUBLISH─▶ tc-publish-0..1 ─▶ Redis
-//!  client ◀─frames───────── tc-sub-N   subscriber: blocks on SUBSCRIBE ◀┼──────────────────────────── Redis
-//!                       │   (both write through one Mutex<WebSocket>) │
-//!                       └─────────────────────────────────────────────┘
+//!   accept loop (main thread) ── per client ──┐
+//!                                             ▼
+//!   client ──frames──▶ reader thread      ──PUBLISH──▶ Redis
+//!   client ◀─frames─── subscriber thread  ◀─SUBSCRIBE── Redis
+//!                      └─ both write through one Mutex<WebSocket> ─┘
 //! ```
 //!
-//! * A `std::net::TcpListener` accepts; each connection gets a *reader thread*
-//!   and a *subscriber thread*. A first thread does the connection's one-off
-//!   start (the HTTP handshake, the welcome) and hands over to the reader, so
-//!   that what the start used is freed ([`session::handoff`]).
-//! * The subscriber thread blocks on its own Redis subscription to
-//!   `global_room` and writes what arrives to the client; the reader thread
-//!   blocks in `WebSocket::read` and publishes what the client says through a
-//!   small shared pool of publisher threads.
-//! * Exactly one `WebSocket` writes to a socket (see [`session::socket`]).
+//! * A `std::net::TcpListener` accepts ([`server`]). Each client gets a
+//!   **reader thread**, which blocks in `WebSocket::read` and publishes what
+//!   the client says, and a **subscriber thread**, which blocks on the
+//!   client's own Redis subscription and writes what the room says.
+//! * The two coordinate through crossbeam channels: "subscribed", "go",
+//!   "the reader is done", and whoever ends first wakes the other.
+//! * Exactly one `WebSocket` writes to a socket: a blocking WebSocket cannot
+//!   be split, so the reader's own writes go nowhere and its replies (pongs,
+//!   the close) go through the one writer.
 //! * Every blocking call has a stated way to be interrupted: `accept` by a
 //!   self-connection, socket reads (clients' and Redis subscriptions') by
 //!   `shutdown()`, channel receives by dropping the sender.
-//! * With `--subscriptions shared`, one Redis subscription per room feeds
-//!   every client of the room on this instance through bounded queues; the
-//!   room's dispatcher threads write directly to the clients whose queues
-//!   are empty, so a client that keeps up costs no thread wake-up per
-//!   message ([`broker::fanout`]).
 //!
-//! `docs/ARCHITECTURE.md` tells the same story at length.
+//! `examples/minimal.rs` is this page as a program of about 150 lines: read it
+//! first. `docs/ARCHITECTURE.md` starts there and adds, a module at a time,
+//! what the real server adds: limits, reconnects, rooms, shared
+//! subscriptions.
 //!
 //! ## Layout
 //!
 //! * [`config`] — command line → validated [`config::Config`].
-//! * [`server`] — bind, accept loop, connection registry, shutdown.
-//! * [`http`] — request head parsing, plain HTTP answers, the upgrade.
-//! * [`session`] — one connection's threads; [`session::socket`] the one-writer split;
-//!   [`session::handoff`] from the start's thread to the reader's;
-//!   [`session::announce`] joins and leaves, coalesced per room;
-//!   [`session::liveness`] messages must finish; [`session::per_ip`]
-//!   connections per address; [`session::welcome`] history and presence.
-//! * [`protocol`] — nicknames, connection ids, client and server frames, the Redis payload.
-//! * [`broker`] — the relay: [`broker::redis`] and the in-process [`broker::memory`];
-//!   [`broker::fanout`] fans out to clients' queues.
-//! * [`metrics`] — counters, served at `/metrics`.
+//! * [`server`] — bind, the accept loop, the registry of connections, shutdown.
+//! * `http` — reading a request head, plain answers, checking an upgrade;
+//!   knows nothing of the chat.
+//! * `session` — one connection: the router, its start (a short-lived start
+//!   thread), its reader and subscriber threads, the one writer, the guards
+//!   that end it; joins and leaves announced; history and presence on join.
+//! * `protocol` — nicknames and rooms, what clients send, what the server
+//!   sends, the JSON on the Redis channel.
+//! * `broker` — the relay: Redis (`broker::redis`, with shared subscriptions
+//!   in `broker::redis::shared`) and in-process (`broker::memory`); the
+//!   in-process fan-out (`broker::fanout`).
+//! * `metrics` — counters, served at `/metrics`.
+//!
+//! Only [`config`] and [`server`] are public: the binary needs nothing
+//! else, and what nobody uses, the compiler reports.
 
 // One `unsafe` block in the whole server: `session::sched`.
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
-pub mod broker;
+mod broker;
 pub mod config;
-pub mod http;
-pub mod metrics;
+mod http;
+mod metrics;
 mod net;
-pub mod protocol;
+mod protocol;
 pub mod server;
-pub mod session;
+mod session;
 
-/// Stack size of every thread threadchat starts. Connection threads only
-/// parse small JSON and frames; 256 KiB leaves ample room even in debug builds
+/// Stack size of every thread threadchat starts (but a connection's start
+/// thread: see `session::START_STACK_SIZE`). Connection threads only parse
+/// small JSON and frames; 256 KiB leaves ample room even in debug builds
 /// (the default is 2 MiB, which would be mapped for each of 2 threads per
 /// client).
 pub const THREAD_STACK_SIZE: usize = 256 * 1024;

@@ -3,7 +3,6 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::thread;
 
 use anyhow::Context as _;
@@ -14,10 +13,9 @@ use simplelog::{
     ColorChoice, CombinedLogger, ConfigBuilder, SharedLogger, TermLogger, TerminalMode, WriteLogger,
 };
 
+use threadchat::THREAD_STACK_SIZE;
 use threadchat::config::{Args, Config};
-use threadchat::metrics::Metrics;
 use threadchat::server::{Server, ShutdownHandle};
-use threadchat::{THREAD_STACK_SIZE, broker, protocol};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -35,24 +33,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     let config = Config::from_args(args)?;
     init_logging(&config)?;
 
-    let metrics = Arc::new(Metrics::default());
-    let settings = broker::Settings {
-        instance: broker::random_u64(),
-        history: config.history,
-        history_bytes: config.history_bytes,
-        room_ttl: config.room_ttl,
-        max_payload: protocol::max_payload(config.limits.max_message_size),
-        subscriptions: config.subscriptions,
-    };
-    let broker = broker::connect(&config.broker, &settings, &metrics)?;
-    let server = Server::bind(&config, Arc::clone(&broker), metrics)?;
+    let server = Server::build(&config)?;
     log::info!(
         "threadchat listening on ws://{}/chat/{{nickname}} (relay: {}, max {} connections)",
         server.local_addr(),
-        broker.describe(),
+        server.relay(),
         config.limits.max_connections
     );
-    drop(broker);
     // Where a person can go now, as addresses that work as printed (not
     // 0.0.0.0, which a browser cannot open).
     let reachable = reachable(server.local_addr());

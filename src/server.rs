@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use socket2::{Domain, Socket, Type};
 
-use crate::broker::Broker;
+use crate::broker::{self, Broker, BrokerError};
 use crate::config::Config;
 use crate::config::MAX_STARTING;
 use crate::http;
@@ -75,6 +75,9 @@ pub enum ServerError {
         /// The OS error.
         source: io::Error,
     },
+    /// The chat relay could not be set up (Redis unreachable, say).
+    #[error(transparent)]
+    Relay(#[from] BrokerError),
     /// A thread the server needs could not be started.
     #[error("cannot start the {0} thread: {1}")]
     Spawn(&'static str, io::Error),
@@ -107,8 +110,30 @@ fn listen(addrs: &[SocketAddr]) -> io::Result<TcpListener> {
 }
 
 impl Server {
+    /// Sets up everything `config` describes: the chat relay (connecting to
+    /// Redis, or in-process), then the listening socket.
+    pub fn build(config: &Config) -> Result<Server, ServerError> {
+        let metrics = Arc::new(Metrics::default());
+        let settings = broker::Settings {
+            instance: broker::random_u64(),
+            history: config.history,
+            history_bytes: config.history_bytes,
+            room_ttl: config.room_ttl,
+            max_payload: crate::protocol::max_payload(config.limits.max_message_size),
+            subscriptions: config.subscriptions,
+        };
+        let broker = broker::connect(&config.broker, &settings, &metrics)?;
+        Server::bind(config, broker, metrics)
+    }
+
+    /// What relays the messages, for a person ("Redis at …, per-client
+    /// subscriptions").
+    pub fn relay(&self) -> String {
+        self.ctx.broker.describe()
+    }
+
     /// Binds the listening socket described by `config`.
-    pub fn bind(
+    fn bind(
         config: &Config,
         broker: Arc<dyn Broker>,
         metrics: Arc<Metrics>,
@@ -143,7 +168,7 @@ impl Server {
                 junk: JunkLog::default(),
                 welcomes: Welcomes::default(),
                 per_ip: PerIp::new(config.limits.max_connections_per_ip),
-                members: http::MembersCache::default(),
+                members: Default::default(),
                 panic_trigger: test_panic_trigger(),
             }),
             shutdown: ShutdownHandle {
@@ -255,6 +280,12 @@ impl Server {
         }
 
         registry.close_all(self.ctx.limits.close_grace + Duration::from_secs(1));
+        // Every connection's threads are joined: nobody else holds the
+        // context now.
+        match Arc::try_unwrap(self.ctx) {
+            Ok(ctx) => ctx.shut_down(),
+            Err(_) => log::warn!("a connection outlived shutdown"),
+        }
         log::info!("stopped");
     }
 }

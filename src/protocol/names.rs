@@ -202,9 +202,6 @@ fn check_escapes(text: &str) -> Result<(), NameError> {
 pub struct Room(String);
 
 impl Room {
-    /// The name of the default room, and its channel (as in the original).
-    pub const DEFAULT: &'static str = GLOBAL_ROOM;
-
     /// The original app's single room.
     pub fn global() -> Room {
         Room(GLOBAL_ROOM.to_owned())

@@ -52,14 +52,10 @@ pub struct ChatMessage {
 /// Most nicknames a coalesced join or leave lists.
 ///
 /// Every member of a room gets every announcement — with per-client
-/// subscriptions each parses its own copy — and during a join storm an
-/// announcement used to list hundreds of names. Parsing and passing them on
-/// was most of what a storm cost: with 5,000 clients joining at once,
-/// per-client subscriptions took 6.0–6.4 s and 67–73 KiB per client with
-/// full lists, 4.5–5.5 s and 53 KiB with at most 20 (a shared subscription:
-/// 31–32 KiB, now 27–28). A person reads "alice, bob and 198 others"
-/// anyway; `count` keeps member counts right, and `GET /members` lists
-/// everyone.
+/// subscriptions each parses its own copy — so during a join storm a list
+/// of everyone would be most of what the storm costs (docs/PERFORMANCE.md
+/// has the numbers). A person reads "alice, bob and 198 others" anyway;
+/// `count` keeps member counts right, and `GET /members` lists everyone.
 pub const GROUP_LIST: usize = 20;
 
 /// The kinds of room events.

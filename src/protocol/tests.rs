@@ -5,6 +5,21 @@ use super::payload::summarize;
 use super::*;
 
 #[test]
+fn what_a_client_frame_says() {
+    assert_eq!(
+        message_text(r#"{"nickname":"mallory","message":"hi"}"#),
+        "hi"
+    );
+    assert_eq!(message_text("hello there\n"), "hello there");
+    assert_eq!(message_text(r#"{"text":"hi"}"#), r#"{"text":"hi"}"#);
+    assert_eq!(clean_message("two\r\nlines").unwrap(), "two\nlines");
+    assert_eq!(
+        clean_message("\x1b[2J"),
+        Err(MessageError::ControlCharacter(0x1b))
+    );
+}
+
+#[test]
 fn nickname_is_percent_decoded() {
     assert_eq!(
         Nickname::from_path_segment("Joe%20Doe").unwrap().as_str(),

@@ -19,9 +19,10 @@ use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use super::outbox::{Outbox, Start};
 use super::reader::{self, ChatHandler};
 use super::socket::{self, Writer};
-use super::subscriber::{self, Outbox, Start};
+use super::subscriber;
 use super::{Conn, Context, Ending, SessionError, announce};
 use crate::broker::Subscription;
 use crate::protocol::{Kind, Member};

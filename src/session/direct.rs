@@ -18,8 +18,8 @@ use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::Ending;
+use super::outbox::{Delivery, Outbox, Start};
 use super::socket::TrySend;
-use super::subscriber::{Delivery, Outbox, Start};
 use crate::broker::{Direct, DirectSink, Event};
 use crate::protocol::{Incoming, unix_millis};
 

@@ -56,9 +56,11 @@ mod conn;
 mod direct;
 mod junk;
 pub mod liveness;
+mod outbox;
 pub mod per_ip;
 mod rate;
 mod reader;
+mod route;
 mod sched;
 pub mod socket;
 mod start;
@@ -73,10 +75,9 @@ use crossbeam_channel::Sender;
 
 use crate::broker::Broker;
 use crate::config::Limits;
-use crate::http;
 use crate::metrics::Metrics;
 pub use conn::{Conn, Ending, SessionError};
-pub use junk::{JUNK_LOG_INTERVAL, JunkLog};
+pub use junk::JunkLog;
 use reader::EchoHandler;
 use start::Started;
 
@@ -97,11 +98,24 @@ pub struct Context {
     /// Connections per client address (`--max-connections-per-ip`).
     pub per_ip: Arc<per_ip::PerIp>,
     /// Recent `GET /members` answers.
-    pub members: http::MembersCache,
+    pub members: route::MembersCache,
     /// Debug builds only: a chat message with exactly this text makes the
     /// reader thread panic (set by `THREADCHAT_TEST_PANIC`; tests use it to
     /// check that a panic closes only its own connection).
     pub panic_trigger: Option<String>,
+}
+
+impl Context {
+    /// Stops what the context runs, in order: the announcer first (it
+    /// publishes the last leaves, then its thread ends), then the broker
+    /// (its heartbeat and publisher threads end and are joined).
+    pub fn shut_down(self) {
+        let Context {
+            announcer, broker, ..
+        } = self;
+        drop(announcer);
+        drop(broker);
+    }
 }
 
 /// What a connection's threads tell the accept loop, which joins them.

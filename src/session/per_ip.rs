@@ -58,6 +58,7 @@ impl PerIp {
     }
 
     /// How many connections `ip` holds now.
+    #[cfg(test)]
     pub fn count(&self, ip: IpAddr) -> usize {
         let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         counts.get(&ip).copied().unwrap_or(0)

@@ -13,7 +13,7 @@ use tungstenite::http::StatusCode;
 
 use super::chat::{Chat, Membership, Open, SubscriberThread, announcement};
 use super::socket::{self, Writer};
-use super::{Conn, Context, SessionError, liveness, welcome};
+use super::{Conn, Context, SessionError, liveness, route, welcome};
 use crate::http::{self, Outcome, Target};
 use crate::protocol::{Kind, Member};
 
@@ -42,7 +42,7 @@ const SEND_BUFFER: usize = 256 * 1024;
 /// The connection's start: the HTTP request and, for a chat connection,
 /// everything up to its welcome (see [`start_chat`]).
 pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, SessionError> {
-    let upgrade = match http::serve(&conn.stream, ctx)? {
+    let upgrade = match route::serve(&conn.stream, ctx)? {
         Outcome::Upgrade(upgrade) => upgrade,
         Outcome::Answered(status) => {
             log::debug!("{}: answered HTTP {status}", conn.peer);

@@ -378,7 +378,7 @@ fn members_flood(args: &Args, relay: &str) -> anyhow::Result<String> {
         thread::spawn(move || {
             while let Ok(message) = receiver.read() {
                 let Message::Text(t) = message else { continue };
-                let Some(body) = super::scenarios::chat_body(t.as_str()) else {
+                let Some(body) = super::receive::chat_body(t.as_str()) else {
                     continue;
                 };
                 if body == "end" {

@@ -225,3 +225,39 @@ impl Kernel {
         )
     }
 }
+
+/// Bytes in each slab cache, from `/proc/slabinfo` (readable by root only;
+/// empty otherwise): which kernel objects the [`Kernel::slab`] total is.
+pub(crate) fn slab_caches() -> std::collections::HashMap<String, u64> {
+    let info = std::fs::read_to_string("/proc/slabinfo").unwrap_or_default();
+    info.lines()
+        .skip(2)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // name active objs size per-slab pages-per-slab : tunables … : slabdata active num shared
+            let pages_per_slab: u64 = f.get(5)?.parse().ok()?;
+            let slabs: u64 = f.get(f.len().checked_sub(2)?)?.parse().ok()?;
+            Some((f[0].to_owned(), slabs * pages_per_slab * 4096))
+        })
+        .collect()
+}
+
+/// The slab caches that grew most from `before` to `after`, per client, in
+/// KiB, largest first.
+pub(crate) fn slab_growth(
+    before: &std::collections::HashMap<String, u64>,
+    after: &std::collections::HashMap<String, u64>,
+    clients: usize,
+) -> Vec<(String, f64)> {
+    let mut grown: Vec<(String, f64)> = after
+        .iter()
+        .map(|(name, &bytes)| {
+            let was = before.get(name).copied().unwrap_or(0);
+            let per = bytes.saturating_sub(was) as f64 / 1024.0 / clients as f64;
+            (name.clone(), per)
+        })
+        .filter(|(_, per)| *per >= 0.5)
+        .collect();
+    grown.sort_by(|a, b| b.1.total_cmp(&a.1));
+    grown
+}

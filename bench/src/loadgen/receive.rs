@@ -9,7 +9,6 @@ use std::time::Duration;
 use tungstenite::{Message, WebSocket};
 
 use super::client::now_micros;
-use super::scenarios::{Seen, chat_body};
 
 /// Threads that receive for all clients of a scenario (one per core).
 pub(crate) const RECEIVER_THREADS: usize = 2;
@@ -193,4 +192,26 @@ impl Epoll {
         ready.extend(events[..n as usize].iter().map(|e| e.u64));
         Ok(())
     }
+}
+
+/// What one receiver saw.
+#[derive(Default)]
+pub(crate) struct Seen {
+    pub(crate) received: u64,
+    pub(crate) lost: u64,
+    pub(crate) duplicates: u64,
+    pub(crate) out_of_order: u64,
+    pub(crate) latencies_us: Vec<u64>,
+}
+
+/// The `"message"` of a live chat frame, found by a scan rather than a JSON
+/// parse: the load generator shares the CPU with the server, so it must be
+/// cheaper per frame than the server is. The server writes chat frames as
+/// `{"type":"chat","nickname":…,"message":"…",…}`; the bodies sent here are
+/// digits and colons, which JSON never escapes.
+pub(crate) fn chat_body(frame: &str) -> Option<&str> {
+    let rest = frame.strip_prefix(r#"{"type":"chat","#)?;
+    let start = rest.find(r#""message":""#)? + r#""message":""#.len();
+    let end = rest[start..].find('"')?;
+    Some(&rest[start..start + end])
 }

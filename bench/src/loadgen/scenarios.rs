@@ -9,19 +9,9 @@ use std::time::{Duration, Instant};
 use tungstenite::{Message, WebSocket};
 
 use super::client::{connect_all, now_micros, send};
-use super::env::{Env, Kernel, cpu_ticks, rss_kb};
-use super::receive::{RECEIVER_THREADS, Receiving, receive};
+use super::env::{Env, Kernel, cpu_ticks, rss_kb, slab_caches, slab_growth};
+use super::receive::{RECEIVER_THREADS, Receiving, Seen, receive};
 use super::report::{Cpu, Row};
-
-/// What one receiver saw.
-#[derive(Default)]
-pub(crate) struct Seen {
-    pub(crate) received: u64,
-    pub(crate) lost: u64,
-    pub(crate) duplicates: u64,
-    pub(crate) out_of_order: u64,
-    pub(crate) latencies_us: Vec<u64>,
-}
 
 pub(crate) enum Pace {
     PerSecond(u32),
@@ -175,18 +165,6 @@ pub(crate) fn fan_out(
     Ok(row)
 }
 
-/// The `"message"` of a live chat frame, found by a scan rather than a JSON
-/// parse: the load generator shares the CPU with the server, so it must be
-/// cheaper per frame than the server is. The server writes chat frames as
-/// `{"type":"chat","nickname":…,"message":"…",…}`; the bodies sent here are
-/// digits and colons, which JSON never escapes.
-pub(crate) fn chat_body(frame: &str) -> Option<&str> {
-    let rest = frame.strip_prefix(r#"{"type":"chat","#)?;
-    let start = rest.find(r#""message":""#)? + r#""message":""#.len();
-    let end = rest[start..].find('"')?;
-    Some(&rest[start..start + end])
-}
-
 pub(crate) fn summarize(
     clients: usize,
     senders: usize,
@@ -233,12 +211,25 @@ pub(crate) fn idle(env: &Env, clients: usize) -> anyhow::Result<Row> {
     // Machine-wide: both ends of every connection (the load generator's
     // sockets too, which cost the same whatever the server is).
     let kernel0 = Kernel::now();
+    let slabs0 = slab_caches();
     let started = Instant::now();
     let (mut sockets, handshake) = connect_all(env.addr, clients, "idle")?;
     let connect_time = started.elapsed();
     thread::sleep(Duration::from_secs(2));
     let rss = rss_kb(env.pid());
     let kernel = Kernel::now().per_client(&kernel0, clients);
+    let grown = slab_growth(&slabs0, &slab_caches(), clients);
+    if !grown.is_empty() {
+        let top: Vec<String> = grown
+            .iter()
+            .take(8)
+            .map(|(name, kib)| format!("{name} {kib:.1}"))
+            .collect();
+        eprintln!(
+            "slab per client (KiB, both ends of every connection): {}",
+            top.join(", ")
+        );
+    }
     let cpu0 = cpu_ticks(env.pid());
     thread::sleep(Duration::from_secs(10));
     let idle_cpu = cpu_ticks(env.pid()) - cpu0;

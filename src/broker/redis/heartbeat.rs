@@ -1,7 +1,7 @@
 //! The heartbeat thread (`tc-heartbeat`): every [`HEARTBEAT`] it marks this
 //! instance alive, refreshes the keys of rooms with members here (so they
 //! do not expire while in use), and checks that Redis answers; when it does
-//! not, it restarts every subscription (see [`Subscriptions`](super::listener::Subscriptions)).
+//! not, it restarts every subscription (see [`SubscriptionSockets`](super::listener::SubscriptionSockets)).
 
 use std::sync::Arc;
 use std::thread;
@@ -28,7 +28,7 @@ pub(super) fn keep_alive(key: &str) -> redis::Cmd {
 
 impl RedisBroker {
     /// Starts the thread that keeps this instance's liveness key fresh and
-    /// checks that Redis answers (see [`Subscriptions`]).
+    /// checks that Redis answers (see [`SubscriptionSockets`]).
     pub(super) fn start_heartbeat(&mut self) -> Result<(), BrokerError> {
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let lane = self.lanes[0].clone();

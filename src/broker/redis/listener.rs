@@ -27,7 +27,7 @@ use crate::protocol::Incoming;
 /// while Redis is fine is the kernel's business: subscription sockets have
 /// TCP keepalive (see `pubsub::PubSubConnection::connect`).
 #[derive(Default)]
-pub(super) struct Subscriptions(Mutex<Tracked>);
+pub(super) struct SubscriptionSockets(Mutex<Tracked>);
 
 #[derive(Default)]
 struct Tracked {
@@ -36,7 +36,7 @@ struct Tracked {
     prune_at: usize,
 }
 
-impl Subscriptions {
+impl SubscriptionSockets {
     pub(super) fn track(&self, current: &Current) {
         let mut tracked = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if tracked.currents.len() >= tracked.prune_at {
@@ -159,7 +159,7 @@ impl RedisListener {
         url: &str,
         channel: String,
         metrics: &Arc<Metrics>,
-        subscriptions: &Subscriptions,
+        subscriptions: &SubscriptionSockets,
         shared: bool,
         max_payload: usize,
     ) -> (RedisListener, Canceller) {
@@ -218,7 +218,7 @@ impl RedisListener {
         con.subscribe(&[&self.channel]).map_err(lost)?;
         // From now on the connection is silent while the room is: no read
         // timeout. A Redis that stops answering is noticed by the heartbeat,
-        // which shuts this socket down (see `Subscriptions`).
+        // which shuts this socket down (see `SubscriptionSockets`).
         con.set_read_timeout(None).map_err(lost)?;
         state.live = true;
         // Restored (if it was down): no longer counted as down.
@@ -269,7 +269,7 @@ impl RedisListener {
 }
 
 /// The socket of a listener's current connection, if it has one: shared
-/// with the listener's canceller and with [`Subscriptions`], which shut it
+/// with the listener's canceller and with [`SubscriptionSockets`], which shut it
 /// down to wake the listener.
 pub(super) type Current = Arc<CurrentSocket>;
 
@@ -306,11 +306,8 @@ mod tests {
 
     /// A message that arrives in the same read as a reply that is not a
     /// message (here a pong) is still followed by `Idle`, the subscriber's
-    /// cue to write it out. (It was not: the message waited, unwritten, for
-    /// the next one — seen as a client missing a message in the
-    /// 5,000-client benchmark, when subscriptions still had keepalive
-    /// PINGs of their own.) The peer is a scripted one, to put both replies
-    /// in one write.
+    /// cue to write it out; otherwise it would wait, unwritten, for the next
+    /// message. The peer is a scripted one, to put both replies in one write.
     #[test]
     fn a_message_read_with_a_pong_is_flushed() {
         let peer = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -333,7 +330,7 @@ mod tests {
         });
         let client = Client::open(url.as_str()).unwrap();
         let metrics = Arc::new(Metrics::default());
-        let subscriptions = Subscriptions::default();
+        let subscriptions = SubscriptionSockets::default();
         let (listener, canceller) = RedisListener::new(
             &client,
             &url,

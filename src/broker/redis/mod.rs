@@ -13,11 +13,10 @@
 //! Owning the socket, [`Canceller::cancel`] sets a flag and shuts the socket
 //! down: the blocked read returns at once. The listener checks the flag only
 //! after its socket is registered with the canceller and `SUBSCRIBE` is
-//! acknowledged, so a cancel can never fall in a gap. (An earlier version
-//! published on a private wake channel per connection; `CLIENT KILL` would
+//! acknowledged, so a cancel can never fall in a gap. (`CLIENT KILL` would
 //! need admin rights, and a read timeout would poll.) A quiet subscription
 //! is never pinged: the heartbeat thread checks Redis once for all of them
-//! (`Subscriptions` below).
+//! (`listener::SubscriptionSockets`).
 //!
 //! **Publishing.** Opening a Redis connection per client for publishing would
 //! double Redis's client count. Instead [`POOL_SIZE`] publisher threads each
@@ -54,8 +53,7 @@
 //! connections and threads of their own (`tc-query-0` and `-1`, taken in
 //! turn), so a flood of them never queues in front of a `PUBLISH`. Two, as
 //! for publishing: during a join storm every joiner makes a few queries in a
-//! row, and with one connection the storm's welcomes took longer, and idle
-//! clients cost about 1 KiB more (docs/PERFORMANCE.md).
+//! row, and one connection makes them wait for each other.
 //!
 //! **Shutdown.** Dropping the [`RedisBroker`] stops the heartbeat and drops
 //! the job senders; each publisher's `recv()` then fails, it leaves its loop,
@@ -79,11 +77,12 @@ use crossbeam_channel::Sender;
 use redis::Client;
 
 use super::fanout::Fanout;
-use super::{Broker, BrokerError, Presence, Receipt, Settings, Subscription, SubscriptionMode};
+use super::{Broker, BrokerError, Presence, Receipt, Settings, Subscription};
+use crate::config::Subscriptions;
 use crate::metrics::Metrics;
 use crate::protocol::{ConnId, Nickname, Room};
 use heartbeat::keep_alive;
-use listener::{RedisListener, Subscriptions};
+use listener::{RedisListener, SubscriptionSockets};
 use publisher::{Job, Publisher, Reply};
 use scripts::{HISTORY_MARK, RECORD_AND_PUBLISH, sha_of};
 use shared::{SharedFeeds, dispatchers_per_room};
@@ -125,7 +124,7 @@ pub struct RedisBroker {
     /// In shared-subscription mode, the rooms' feeds.
     shared: Option<Arc<SharedFeeds>>,
     /// Every subscription's socket, for the heartbeat to restart them all.
-    subscriptions: Arc<Subscriptions>,
+    subscriptions: Arc<SubscriptionSockets>,
 }
 
 impl RedisBroker {
@@ -185,7 +184,7 @@ impl RedisBroker {
             shared: None,
             subscriptions: Arc::default(),
         };
-        if settings.subscriptions == SubscriptionMode::Shared {
+        if settings.subscriptions == Subscriptions::Shared {
             broker.shared = Some(Arc::new(SharedFeeds {
                 fanout: Arc::new(Fanout::new(false, dispatchers_per_room())),
                 feeds: Mutex::default(),

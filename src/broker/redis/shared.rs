@@ -7,7 +7,7 @@ use std::thread::{self, JoinHandle};
 
 use redis::Client;
 
-use super::listener::{RedisListener, Subscriptions};
+use super::listener::{RedisListener, SubscriptionSockets};
 use crate::broker::fanout::{Fanout, FanoutListener, Source};
 use crate::broker::{BrokerError, Canceller, Event, Flow, Listen, Subscription};
 use crate::metrics::Metrics;
@@ -33,7 +33,7 @@ pub(super) struct SharedFeeds {
     pub(super) client: Client,
     pub(super) url: String,
     pub(super) metrics: Arc<Metrics>,
-    pub(super) subscriptions: Arc<Subscriptions>,
+    pub(super) subscriptions: Arc<SubscriptionSockets>,
     pub(super) max_payload: usize,
 }
 

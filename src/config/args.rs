@@ -1,0 +1,257 @@
+//! The command line, as clap parses it (with `THREADCHAT_*` environment
+//! variables as fallbacks): raw, unchecked [`Args`].
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// The command line, exactly as clap parses it.
+#[derive(Debug, Parser)]
+#[command(
+    name = "threadchat",
+    version,
+    about = "A WebSocket chat server that relays every message through Redis pub/sub, \
+             built with plain threads and blocking I/O.",
+    after_help = "Chat with: websocat -E ws://127.0.0.1:8000/chat/alice\n\
+                  Every option can also be set through the environment variable shown."
+)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "THREADCHAT_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+
+    /// Port to listen on (0 picks a free port and logs it).
+    #[arg(long, env = "THREADCHAT_PORT", default_value_t = 8000)]
+    pub port: u16,
+
+    /// Redis to relay through: a host ("localhost"), host:port
+    /// ("10.0.0.5:6380"), or a URL ("redis://:secret@host:6379/2").
+    /// Without it, Redis on localhost:6379 is used if it answers; otherwise
+    /// messages are relayed in-process (a single instance only).
+    #[arg(long, env = "THREADCHAT_REDIS", value_name = "HOST[:PORT]|URL")]
+    pub redis: Option<String>,
+
+    /// Relay messages in-process even if a Redis is reachable (a single
+    /// instance only; handy for trying threadchat without Redis).
+    #[arg(long, conflicts_with = "redis")]
+    pub in_process: bool,
+
+    /// How much to log.
+    #[arg(long, env = "THREADCHAT_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
+
+    /// Also append the log to this file.
+    #[arg(long, env = "THREADCHAT_LOG_FILE", value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+
+    /// Most simultaneous chat connections; past it, new clients get HTTP 503.
+    /// The default is computed from the kernel's limits (vm.max_map_count and
+    /// the open-file limit) so the process can never hit them.
+    #[arg(long, env = "THREADCHAT_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Largest chat message a client may send, in bytes; a bigger one closes
+    /// that client's connection with code 1009.
+    #[arg(long, env = "THREADCHAT_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024, value_name = "BYTES")]
+    pub max_message_size: usize,
+
+    /// Messages per second a client may send, on average (0: no limit).
+    /// Excess messages are refused with an error notice; a client that keeps
+    /// flooding is closed with code 1008.
+    #[arg(
+        long,
+        env = "THREADCHAT_RATE_LIMIT",
+        default_value_t = 20.0,
+        value_name = "PER_SECOND"
+    )]
+    pub rate_limit: f64,
+
+    /// Messages a client may send in a burst above --rate-limit.
+    #[arg(
+        long,
+        env = "THREADCHAT_RATE_BURST",
+        default_value_t = 40,
+        value_name = "MESSAGES"
+    )]
+    pub rate_burst: u32,
+
+    /// Seconds a write to a client may block (its buffers full because it
+    /// stopped reading) before the client is closed with code 1008.
+    #[arg(
+        long,
+        env = "THREADCHAT_WRITE_TIMEOUT",
+        default_value_t = 10.0,
+        value_name = "SECONDS"
+    )]
+    pub write_timeout: f64,
+
+    /// Seconds of silence from a client before the server pings it.
+    #[arg(
+        long,
+        env = "THREADCHAT_PING_INTERVAL",
+        default_value_t = 30.0,
+        value_name = "SECONDS"
+    )]
+    pub ping_interval: f64,
+
+    /// Seconds of silence (no frame, not even a pong) after which a client is
+    /// closed with code 1008.
+    #[arg(
+        long,
+        env = "THREADCHAT_IDLE_TIMEOUT",
+        default_value_t = 60.0,
+        value_name = "SECONDS"
+    )]
+    pub idle_timeout: f64,
+
+    /// Seconds a client may take to send its HTTP request head (then 408).
+    #[arg(
+        long,
+        env = "THREADCHAT_HANDSHAKE_TIMEOUT",
+        default_value_t = 10.0,
+        value_name = "SECONDS"
+    )]
+    pub handshake_timeout: f64,
+
+    /// A browser origin allowed to open chat connections, e.g.
+    /// "https://chat.example.com" (repeatable; "*" allows any). Same-origin
+    /// pages and clients that send no Origin (websocat, scripts) are always
+    /// allowed.
+    #[arg(
+        long = "allow-origin",
+        env = "THREADCHAT_ALLOW_ORIGIN",
+        value_name = "ORIGIN",
+        value_delimiter = ','
+    )]
+    pub allow_origins: Vec<String>,
+
+    /// Chat messages kept per room and sent to each client that joins
+    /// (0: no history). Kept in Redis, or in memory with the in-process relay.
+    #[arg(
+        long,
+        env = "THREADCHAT_HISTORY",
+        default_value_t = 50,
+        value_name = "MESSAGES"
+    )]
+    pub history: usize,
+
+    /// Most bytes of stored messages kept per room; the oldest messages go
+    /// first (a message bigger than this on its own is delivered but not
+    /// kept). Bounds what every joiner is sent, too.
+    #[arg(
+        long,
+        env = "THREADCHAT_HISTORY_BYTES",
+        default_value_t = 256 * 1024,
+        value_name = "BYTES"
+    )]
+    pub history_bytes: usize,
+
+    /// Seconds a room's state (history, member list) outlives its last use
+    /// (a message, a join or leave, or members still in it). Then it expires,
+    /// in Redis and in-process alike.
+    #[arg(
+        long,
+        env = "THREADCHAT_ROOM_TTL",
+        default_value_t = 86_400.0,
+        value_name = "SECONDS"
+    )]
+    pub room_ttl: f64,
+
+    /// Seconds a client may take to finish a message it has begun sending
+    /// (all its frames); a client that trickles is closed with code 1008.
+    #[arg(
+        long,
+        env = "THREADCHAT_MESSAGE_TIMEOUT",
+        default_value_t = 20.0,
+        value_name = "SECONDS"
+    )]
+    pub message_timeout: f64,
+
+    /// Most frames one message may be split into (fragments); more closes
+    /// the client with code 1008.
+    #[arg(
+        long,
+        env = "THREADCHAT_MAX_FRAGMENTS",
+        default_value_t = 256,
+        value_name = "N"
+    )]
+    pub max_fragments: usize,
+
+    /// Most simultaneous connections from one IP address (0: no limit);
+    /// past it, HTTP 503. Behind a reverse proxy, see --trusted-proxy.
+    #[arg(
+        long,
+        env = "THREADCHAT_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 100,
+        value_name = "N"
+    )]
+    pub max_connections_per_ip: usize,
+
+    /// The address of a reverse proxy whose X-Forwarded-For (the address it
+    /// appended, the last one) and X-Forwarded-Proto are believed: its
+    /// clients are counted by their own address for
+    /// --max-connections-per-ip, and the proxy itself is not (repeatable).
+    #[arg(
+        long = "trusted-proxy",
+        env = "THREADCHAT_TRUSTED_PROXY",
+        value_name = "IP",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+
+    /// How clients subscribe to Redis: `per-client` (each client its own
+    /// SUBSCRIBE connection; Redis fans out) or `shared` (one SUBSCRIBE per
+    /// room per process; this process fans out). See docs/PERFORMANCE.md.
+    #[arg(
+        long,
+        env = "THREADCHAT_SUBSCRIPTIONS",
+        value_enum,
+        default_value_t = Subscriptions::PerClient
+    )]
+    pub subscriptions: Subscriptions,
+
+    /// Serve a WebSocket echo endpoint at /echo, for the Autobahn conformance
+    /// suite. Off by default: it is not part of the chat.
+    #[arg(long)]
+    pub echo_endpoint: bool,
+}
+
+/// How clients subscribe to Redis, as accepted by `--subscriptions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum Subscriptions {
+    /// Each client has its own `SUBSCRIBE` connection (the design's
+    /// default): one Redis connection per client, and Redis does the
+    /// fan-out.
+    #[default]
+    PerClient,
+    /// Each process has one `SUBSCRIBE` connection per room and fans out to
+    /// its clients itself.
+    Shared,
+}
+
+/// Log verbosity, as accepted by `--log-level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    /// Only errors.
+    Error,
+    /// Errors and warnings.
+    Warn,
+    /// Joins, leaves, start-up and shutdown (the default).
+    Info,
+    /// Also per-connection details.
+    Debug,
+    /// Everything, including per-message tracing.
+    Trace,
+}
+
+impl From<LogLevel> for log::LevelFilter {
+    fn from(level: LogLevel) -> Self {
+        match level {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}

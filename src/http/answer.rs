@@ -1,0 +1,123 @@
+//! Writing plain HTTP answers (and refusals) so that the client reads them:
+//! complete responses, then a lingering close.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+
+use tungstenite::http::StatusCode;
+
+use super::Outcome;
+
+/// Answers with `status` and a plain-text `body`, then closes our side.
+pub fn answer(stream: &TcpStream, status: StatusCode, body: &str) -> io::Result<Outcome> {
+    respond(stream, status, body)?;
+    Ok(Outcome::Answered(status))
+}
+
+/// Answers with `status` and a `body` of `content_type`, then closes our side.
+pub fn answer_with(
+    stream: &TcpStream,
+    status: StatusCode,
+    content_type: &str,
+    body: &str,
+) -> io::Result<Outcome> {
+    write_response_with(stream, status, content_type, body)?;
+    linger_close(stream);
+    Ok(Outcome::Answered(status))
+}
+
+/// The `Content-Type` of plain text.
+pub const PLAIN_TEXT: &str = "text/plain; charset=utf-8";
+/// The `Content-Type` of a web page.
+pub const HTML: &str = "text/html; charset=utf-8";
+/// The `Content-Type` of JSON.
+pub const JSON: &str = "application/json";
+
+/// Writes a complete plain-text response, then closes our side.
+pub(super) fn respond(stream: &TcpStream, status: StatusCode, body: &str) -> io::Result<()> {
+    write_plain(stream, status, body)?;
+    linger_close(stream);
+    Ok(())
+}
+
+/// Ends a connection after an HTTP answer without losing the answer: send
+/// FIN, then read (and discard) what the client still sends until it closes
+/// too. Closing a socket with unread input sends RST instead, and an RST can
+/// destroy the response before the client has read it.
+pub(super) fn linger_close(stream: &TcpStream) {
+    const MAX_DRAIN: usize = 64 * 1024;
+    if stream.shutdown(std::net::Shutdown::Write).is_err() {
+        return;
+    }
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(1)));
+    let mut drained = 0;
+    let mut buf = [0u8; 4096];
+    while drained < MAX_DRAIN {
+        match (&*stream).read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
+    }
+}
+
+pub(super) fn write_plain(stream: &TcpStream, status: StatusCode, body: &str) -> io::Result<()> {
+    write_response_with(stream, status, PLAIN_TEXT, &format!("{body}\n"))
+}
+
+pub(super) fn write_response_with(
+    stream: &TcpStream,
+    status: StatusCode,
+    content_type: &str,
+    body: &str,
+) -> io::Result<()> {
+    let mut extra = String::new();
+    if status == StatusCode::UPGRADE_REQUIRED {
+        extra.push_str("Upgrade: websocket\r\nConnection: Upgrade, close\r\n");
+    } else {
+        extra.push_str("Connection: close\r\n");
+    }
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        extra.push_str("Allow: GET\r\n");
+    }
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n\
+         Content-Length: {}\r\n{extra}\r\n{body}",
+        body.len()
+    );
+    (&*stream).write_all(response.as_bytes())?;
+    (&*stream).flush()
+}
+
+/// Answers with an error status instead of upgrading, and closes.
+pub fn refuse(stream: &TcpStream, status: StatusCode, body: &str) -> io::Result<()> {
+    respond(stream, status, body)
+}
+
+/// Answers 503 on a connection the server has no room for, without reading
+/// its request and without waiting for it: this runs on the accept loop.
+pub fn refuse_full(stream: &TcpStream, why: &str) {
+    // A fresh socket's send buffer is empty, so this cannot block for long;
+    // the timeout is a backstop for the accept loop.
+    let _ = stream.set_write_timeout(Some(std::time::Duration::from_millis(200)));
+    let _ = write_plain(stream, StatusCode::SERVICE_UNAVAILABLE, why);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    // Discard whatever part of the request has already arrived, without
+    // waiting for more, so closing does not turn into an RST that could
+    // destroy the answer.
+    if stream.set_nonblocking(true).is_ok() {
+        let mut buf = [0u8; 4096];
+        while matches!((&*stream).read(&mut buf), Ok(n) if n > 0) {}
+    }
+}
+
+/// True for errors that just mean the peer went away.
+pub fn is_disconnect(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::NotConnected
+    )
+}

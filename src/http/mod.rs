@@ -1,0 +1,234 @@
+//! The HTTP side of a connection: reading the request head, answering plain
+//! requests, and accepting the WebSocket upgrade.
+//!
+//! Why not `tungstenite::accept_hdr`? It can only say yes to an upgrade or fail;
+//! it cannot answer `GET /` with a page, or tell a client *why* its nickname
+//! was refused. So we read the request head ourselves (with `httparse`, bounded
+//! in size and in time), route it, and for an upgrade let tungstenite build the
+//! `101 Switching Protocols` answer (`create_response`). Any bytes the client
+//! sent after the head are handed on to the WebSocket, so nothing is lost.
+
+use std::io::{self, Write};
+use std::net::{IpAddr, TcpStream};
+
+use tungstenite::http::{self, StatusCode};
+
+use crate::config::Limits;
+
+mod answer;
+mod checks;
+mod head;
+#[cfg(test)]
+mod tests;
+
+use crate::protocol::{Format, Member, Nickname, Room, query_value};
+use answer::respond;
+pub use answer::{HTML, JSON, answer, answer_with, is_disconnect, refuse, refuse_full};
+use checks::{check_origin, check_upgrade_request, forwarded_client, websocket_response};
+use head::{HeadError, RequestHead, read_head};
+
+/// How the HTTP exchange ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The request is a valid upgrade (see [`Upgrade`]). Boxed: it is
+    /// much bigger than the other outcomes.
+    Upgrade(Box<Upgrade>),
+    /// A plain HTTP answer was sent (a page, or an error status).
+    Answered(StatusCode),
+    /// The client went away (or sent nothing in time) before a request head
+    /// could be read; nothing, or a 408, was sent.
+    Abandoned,
+}
+
+/// A valid upgrade request to `/chat/{nickname}` (or `/echo`). Nothing has
+/// been answered yet: the caller sends `response` with [`accept`] once it is
+/// ready to chat, or refuses with [`refuse`].
+#[derive(Debug)]
+pub struct Upgrade {
+    /// What the client connects to.
+    pub target: Target,
+    /// The `101 Switching Protocols` answer to send.
+    pub response: http::Response<()>,
+    /// Bytes the client sent after the head (the start of its first
+    /// WebSocket frame, if it did not wait for the answer).
+    pub leftover: Vec<u8>,
+    /// The client's address as a trusted reverse proxy forwarded it
+    /// (`X-Forwarded-For`), when the request came through one.
+    pub forwarded_for: Option<IpAddr>,
+}
+
+/// What an upgraded connection is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A chat room.
+    Chat(Member),
+    /// The echo endpoint (`--echo-endpoint`, for conformance testing).
+    Echo,
+}
+
+/// A request read from a client (see [`read_request`]).
+#[derive(Debug)]
+pub struct Request {
+    head: RequestHead,
+    /// Bytes the client sent after the head.
+    leftover: Vec<u8>,
+}
+
+impl Request {
+    /// The path, without the query string.
+    pub fn path(&self) -> &str {
+        self.head.path()
+    }
+
+    /// The query string (after `?`), or "".
+    pub fn query(&self) -> &str {
+        self.head.query()
+    }
+}
+
+/// The decoded value of `key` in a query string, if present.
+pub fn query_param(query: &str, key: &str) -> Result<Option<String>, String> {
+    query_value(query, key).map_err(|e| format!("{key} {e}"))
+}
+
+/// The room named by `?room=` (the default room without it).
+pub fn room_param(query: &str) -> Result<Room, String> {
+    match query_param(query, "room")? {
+        None => Ok(Room::global()),
+        Some(name) => Room::parse(&name).map_err(|e| format!("room name {e}")),
+    }
+}
+
+/// Reads `/chat/{nickname}?room=…&format=…`.
+fn member(segment: &str, query: &str) -> Result<Member, String> {
+    let nickname = Nickname::from_path_segment(segment).map_err(|e| format!("nickname {e}"))?;
+    let format = match query_param(query, "format")?.as_deref() {
+        None | Some("json") => Format::Json,
+        Some("text") => Format::Text,
+        Some(other) => return Err(format!("unknown format {other:?}: use json or text")),
+    };
+    Ok(Member {
+        nickname,
+        room: room_param(query)?,
+        format,
+    })
+}
+
+/// Reads one HTTP request head on a fresh connection. When none can be read
+/// (the client left, was too slow, sent too much or garbage, or not a GET)
+/// the client has been answered: the `Err` says how.
+pub fn read_request(stream: &TcpStream, limits: &Limits) -> io::Result<Result<Request, Outcome>> {
+    let (head, leftover) = match read_head(stream, limits) {
+        Ok(parsed) => parsed,
+        Err(HeadError::Closed) => return Ok(Err(Outcome::Abandoned)),
+        Err(HeadError::Timeout) => {
+            // Best effort: a client that sends nothing may not read either.
+            let _ = respond(
+                stream,
+                StatusCode::REQUEST_TIMEOUT,
+                "request head not received in time",
+            );
+            return Ok(Err(Outcome::Abandoned));
+        }
+        Err(HeadError::TooLarge) => {
+            return answer(
+                stream,
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "request head too large",
+            )
+            .map(Err);
+        }
+        Err(HeadError::Malformed(e)) => {
+            return answer(
+                stream,
+                StatusCode::BAD_REQUEST,
+                &format!("malformed request: {e}"),
+            )
+            .map(Err);
+        }
+        Err(HeadError::Io(e)) => return Err(e),
+    };
+    if head.method != "GET" {
+        return answer(
+            stream,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is supported",
+        )
+        .map(Err);
+    }
+    Ok(Ok(Request { head, leftover }))
+}
+
+/// The chat target of a path, if it is one: `Some` for `/chat/{nickname}`
+/// (with the member it names, or why that is not valid), `None` otherwise.
+pub fn chat_target(path: &str, query: &str) -> Option<Result<Member, String>> {
+    let segment = path.strip_prefix("/chat/").filter(|s| !s.contains('/'))?;
+    Some(member(segment, query))
+}
+
+/// Checks that `request` is a valid WebSocket upgrade to `target`; answers
+/// the client when it is not, and otherwise answers nothing yet (see
+/// [`Upgrade`]).
+pub fn upgrade(
+    stream: &TcpStream,
+    request: Request,
+    target: Target,
+    limits: &Limits,
+) -> io::Result<Outcome> {
+    let Request { head, leftover } = request;
+    // Forwarding headers count only from a proxy we were told to trust.
+    let proxied = !limits.trusted_proxies.is_empty()
+        && stream
+            .peer_addr()
+            .is_ok_and(|peer| limits.trusted_proxies.contains(&peer.ip()));
+    let scheme = match head.header("X-Forwarded-Proto") {
+        Some(proto) if proxied && proto.eq_ignore_ascii_case(b"https") => "https",
+        _ => "http",
+    };
+    if let Err(reason) = check_origin(&head, scheme, &limits.allowed_origins) {
+        return answer(stream, StatusCode::FORBIDDEN, &reason);
+    }
+    if head.header("Upgrade").is_none() {
+        return answer(
+            stream,
+            StatusCode::UPGRADE_REQUIRED,
+            "this is a WebSocket endpoint; connect with a WebSocket client, \
+             e.g. websocat ws://HOST:PORT/chat/NICKNAME",
+        );
+    }
+    if let Err(reason) = check_upgrade_request(&head) {
+        return answer(stream, StatusCode::BAD_REQUEST, reason);
+    }
+    let forwarded_for = if proxied {
+        match forwarded_client(&head) {
+            Some(ip) => Some(ip),
+            None => {
+                return answer(
+                    stream,
+                    StatusCode::BAD_REQUEST,
+                    "a request through the trusted proxy must carry X-Forwarded-For",
+                );
+            }
+        }
+    } else {
+        None
+    };
+    let response = match websocket_response(&head) {
+        Ok(response) => response,
+        Err(reason) => return answer(stream, StatusCode::BAD_REQUEST, &reason),
+    };
+    Ok(Outcome::Upgrade(Box::new(Upgrade {
+        target,
+        response,
+        leftover,
+        forwarded_for,
+    })))
+}
+
+/// Sends the `101 Switching Protocols` answer: from here on, the socket
+/// speaks WebSocket.
+pub fn accept(stream: &TcpStream, response: &http::Response<()>) -> io::Result<()> {
+    let mut out = Vec::with_capacity(256);
+    tungstenite::handshake::server::write_response(&mut out, response).map_err(io::Error::other)?;
+    (&*stream).write_all(&out)
+}

@@ -1,0 +1,161 @@
+//! The router: what each path of the HTTP side answers, with the server's
+//! state at hand. Parsing and answering HTTP is [`http`]'s, which knows
+//! nothing of the chat; this module knows which path means what.
+//!
+//! * `/` — the web page; `/healthz` — whether the relay works; `/metrics`
+//!   — the counters; `/members?room=` — who is in a room.
+//! * `/chat/{nickname}` — the chat (a WebSocket upgrade); `/echo` — the
+//!   echo endpoint, when `--echo-endpoint` is on.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::TcpStream;
+use std::time::Instant;
+
+use tungstenite::http::StatusCode;
+
+use super::Context;
+use crate::broker::{BrokerError, Presence};
+use crate::http::{self, Outcome, Target};
+use crate::protocol::Room;
+
+/// The web page served at `/`.
+const INDEX_HTML: &str = include_str!("web/index.html");
+
+/// Reads one request and answers it, unless it is a valid WebSocket
+/// upgrade (see [`Outcome::Upgrade`]).
+pub(super) fn serve(stream: &TcpStream, ctx: &Context) -> io::Result<Outcome> {
+    let limits = &ctx.limits;
+    let request = match http::read_request(stream, limits)? {
+        Ok(request) => request,
+        Err(answered) => return Ok(answered),
+    };
+    let target = match request.path() {
+        "/" => return http::answer_with(stream, StatusCode::OK, http::HTML, INDEX_HTML),
+        "/healthz" => {
+            return match ctx.broker.health() {
+                Ok(()) => http::answer(stream, StatusCode::OK, "ok"),
+                Err(reason) => http::answer(stream, StatusCode::SERVICE_UNAVAILABLE, &reason),
+            };
+        }
+        "/metrics" => {
+            let text = ctx.metrics.render();
+            return http::answer_with(stream, StatusCode::OK, crate::metrics::CONTENT_TYPE, &text);
+        }
+        "/members" => return members(stream, ctx, request.query()),
+        "/echo" if limits.echo_endpoint => Target::Echo,
+        path => match http::chat_target(path, request.query()) {
+            Some(Ok(member)) => Target::Chat(member),
+            Some(Err(reason)) => return http::answer(stream, StatusCode::BAD_REQUEST, &reason),
+            None => {
+                return http::answer(
+                    stream,
+                    StatusCode::NOT_FOUND,
+                    "not found; chat at /chat/{nickname}",
+                );
+            }
+        },
+    };
+    http::upgrade(stream, request, target, limits)
+}
+
+/// `GET /members?room=…&limit=…`: who is in a room, as JSON: how many, and
+/// the sorted nicknames of at most `limit` of them (100 by default,
+/// [`MAX_MEMBERS_LIMIT`] at most), `truncated` when that is not everyone.
+///
+/// Cheap by design, because anyone can ask as often as they like: the list
+/// is bounded, answers are cached for
+/// [`MEMBERS_CACHE_TTL`] (see [`MembersCache`]), and with Redis the
+/// question goes over a query connection, never queued behind a
+/// `PUBLISH`.
+fn members(stream: &TcpStream, ctx: &Context, query: &str) -> io::Result<Outcome> {
+    let room = match http::room_param(query) {
+        Ok(room) => room,
+        Err(reason) => return http::answer(stream, StatusCode::BAD_REQUEST, &reason),
+    };
+    let limit = match http::query_param(query, "limit") {
+        Ok(None) => DEFAULT_MEMBERS_LIMIT,
+        Ok(Some(n)) => match n.parse::<usize>() {
+            Ok(n) if (1..=MAX_MEMBERS_LIMIT).contains(&n) => n,
+            _ => {
+                let reason = format!("limit must be a number from 1 to {MAX_MEMBERS_LIMIT}");
+                return http::answer(stream, StatusCode::BAD_REQUEST, &reason);
+            }
+        },
+        Err(reason) => return http::answer(stream, StatusCode::BAD_REQUEST, &reason),
+    };
+    match ctx
+        .members
+        .get(&room, limit, || ctx.broker.presence(&room, limit))
+    {
+        Ok(body) => http::answer_with(stream, StatusCode::OK, http::JSON, &body),
+        Err(e) => http::answer(stream, StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+/// Names a `/members` answer lists unless asked for more.
+pub(super) const DEFAULT_MEMBERS_LIMIT: usize = 100;
+/// Most names a `/members` answer lists.
+pub(super) const MAX_MEMBERS_LIMIT: usize = 1000;
+/// How long a `/members` answer is served again without asking the relay.
+pub(super) const MEMBERS_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Most answers kept in the cache.
+const MEMBERS_CACHE_ENTRIES: usize = 1024;
+
+/// Recent `/members` answers, by room and limit.
+///
+/// One lock is held while an answer is made, so fifty requests arriving
+/// together ask the relay once, and the other forty-nine are served the
+/// answer it gave. At most `MEMBERS_CACHE_ENTRIES` answers are kept;
+/// stale ones are dropped when a new one is added.
+#[derive(Default)]
+pub struct MembersCache {
+    answers: std::sync::Mutex<Answers>,
+}
+
+/// `/members` answers by (room, limit): when each was made, and its JSON.
+type Answers = HashMap<(Room, usize), (Instant, std::sync::Arc<str>)>;
+
+/// The JSON of a `/members` answer, keys in the documented order.
+#[derive(serde::Serialize)]
+struct MembersAnswer<'a> {
+    room: &'a str,
+    count: usize,
+    members: &'a [String],
+    truncated: bool,
+}
+
+impl MembersCache {
+    /// The answer for `room` and `limit`, from the cache or from `ask`.
+    pub fn get(
+        &self,
+        room: &Room,
+        limit: usize,
+        ask: impl FnOnce() -> Result<Presence, BrokerError>,
+    ) -> Result<std::sync::Arc<str>, BrokerError> {
+        let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (room.clone(), limit);
+        if let Some((at, body)) = answers.get(&key)
+            && at.elapsed() < MEMBERS_CACHE_TTL
+        {
+            return Ok(std::sync::Arc::clone(body));
+        }
+        let presence = ask()?;
+        let body: std::sync::Arc<str> = serde_json::to_string(&MembersAnswer {
+            room: room.name(),
+            count: presence.count,
+            members: &presence.nicknames,
+            truncated: presence.count > presence.nicknames.len(),
+        })
+        .expect("strings and numbers always serialize")
+        .into();
+        if answers.len() >= MEMBERS_CACHE_ENTRIES {
+            answers.retain(|_, (at, _)| at.elapsed() < MEMBERS_CACHE_TTL);
+            if answers.len() >= MEMBERS_CACHE_ENTRIES {
+                answers.clear();
+            }
+        }
+        answers.insert(key, (Instant::now(), std::sync::Arc::clone(&body)));
+        Ok(body)
+    }
+}
