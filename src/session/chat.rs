@@ -33,7 +33,7 @@ pub(super) struct Chat {
     pub(super) ctx: Arc<Context>,
     pub(super) member: Member,
     pub(super) writer: Arc<Writer>,
-    pub(super) reader: socket::Reader,
+    pub(super) reader: socket::ReadSide,
     pub(super) subscriber: SubscriberThread,
     pub(super) membership: Membership,
     pub(super) open: Open,

@@ -23,7 +23,7 @@ use tungstenite::{Bytes, Error as WsError, Message};
 use super::conn::truncate;
 use super::liveness::Stalled;
 use super::rate::{RateLimiter, Verdict};
-use super::socket::{self, Reader, Writer};
+use super::socket::{self, ReadSide, Writer};
 use super::{Conn, Context, Ending};
 use crate::broker::{BrokerError, Receipt};
 use crate::protocol::Member;
@@ -58,7 +58,7 @@ pub(super) trait Handler {
 
 /// Reads until the connection ends; returns why.
 pub(super) fn read_loop(
-    reader: &mut Reader,
+    reader: &mut ReadSide,
     writer: &Writer,
     conn: &Conn,
     ctx: &Context,
@@ -140,7 +140,7 @@ pub(super) fn read_loop(
 /// Carries out what a handler asked for; `Some` when the connection ends.
 fn act_on(
     next: Next,
-    reader: &mut Reader,
+    reader: &mut ReadSide,
     writer: &Writer,
     conn: &Conn,
     ctx: &Context,
@@ -207,7 +207,7 @@ fn fail(writer: &Writer, conn: &Conn, ctx: &Context, code: CloseCode, reason: &s
 /// frame, then waits (at most `close_grace`) for the client's close reply so
 /// the close handshake completes. Returns the reason as sent.
 fn close_by_server(
-    reader: &mut Reader,
+    reader: &mut ReadSide,
     writer: &Writer,
     conn: &Conn,
     ctx: &Context,

@@ -13,7 +13,7 @@
 //!   `Mutex`. Whoever holds the lock writes whole frames. The socket has a
 //!   write timeout, so a client that stops reading cannot hold the lock for
 //!   longer than that.
-//! * [`Reader`] is a second `WebSocket` over [`ReadHalf`], whose `Write` goes
+//! * [`ReadSide`] is a second `WebSocket` over [`ReadHalf`], whose `Write` goes
 //!   nowhere. Its automatic pongs and close replies are discarded; the reader
 //!   thread sends them itself, through the [`Writer`].
 //! * [`Writer::try_send_all`] is the one way to write without blocking: it
@@ -108,7 +108,7 @@ impl Write for ReadHalf {
 }
 
 /// The reader thread's WebSocket.
-pub type Reader = WebSocket<ReadHalf>;
+pub type ReadSide = WebSocket<ReadHalf>;
 
 /// The writing side of the socket: blocking writes, or, while `dont_wait`
 /// is set, writes that take only what fits in the socket's buffer now. The
@@ -262,7 +262,7 @@ pub fn split(
     stream: Arc<TcpStream>,
     leftover: Vec<u8>,
     limits: ReadLimits,
-) -> io::Result<(Writer, Reader)> {
+) -> io::Result<(Writer, ReadSide)> {
     stream.set_read_timeout(Some(limits.idle_wait))?;
     stream.set_write_timeout(Some(limits.write_timeout))?;
     let shared = SharedStream(stream);

@@ -24,7 +24,7 @@ pub(super) enum Started {
     /// An echo connection, upgraded (`--echo-endpoint`).
     Echo {
         writer: Arc<Writer>,
-        reader: Box<socket::Reader>,
+        reader: Box<socket::ReadSide>,
     },
     /// A chat connection, welcomed, with its subscriber thread running.
     Chat(Box<Chat>),
@@ -114,7 +114,7 @@ fn start_chat(
     member: Member,
     response: &tungstenite::http::Response<()>,
     writer: Arc<Writer>,
-    reader: socket::Reader,
+    reader: socket::ReadSide,
 ) -> Result<Chat, SessionError> {
     let subscription = ctx.broker.subscribe(&member.room, &conn.id)?;
     conn.set_canceller(subscription.canceller());

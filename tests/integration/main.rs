@@ -4,6 +4,7 @@
 //! own `threadchat` on port 0, then talks to it as a user would.
 
 mod bounds;
+mod bounds_relay;
 mod chat;
 mod example;
 mod faults;

@@ -3,7 +3,7 @@
 //!
 //! **Subscribing.** By default each chat connection's subscriber thread opens
 //! its own Redis connection and blocks reading it, as the design asks. With
-//! `--subscriptions shared` a room's reader thread does that once for all the
+//! `--subscriptions shared` a room's listener thread does that once for all the
 //! room's clients on this instance, and its dispatcher fans out over their
 //! queues (`SharedFeeds` below, and [`fanout`](super::fanout)).
 //!

@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::protocol::{ConnId, Room};
 
 /// Shared-subscription mode: one Redis subscription per room per process,
-/// held by the room's *reader thread* (`tc-room-N`). Its *dispatcher
+/// held by the room's *listener thread* (`tc-room-N`). Its *dispatcher
 /// threads* (`tc-fan-N-S`, one per core, up to [`MAX_DISPATCHERS`]) each
 /// hand what the reader received to their shard of the room's clients here,
 /// batching whatever arrived together: a message to a big room is written
@@ -37,7 +37,7 @@ pub(super) struct SharedFeeds {
     pub(super) max_payload: usize,
 }
 
-/// A room's running feed: a reader thread and its dispatcher threads.
+/// A room's running feed: a listener thread and its dispatcher threads.
 pub(super) struct RoomFeed {
     canceller: Canceller,
     reader: JoinHandle<()>,
@@ -54,7 +54,7 @@ pub(super) fn dispatchers_per_room() -> usize {
         .min(MAX_DISPATCHERS)
 }
 
-/// Events a room's reader may queue for each dispatcher.
+/// Events a room's listener may queue for each dispatcher.
 const FEED_QUEUE: usize = 1024;
 /// Most events one dispatch hands out.
 const MAX_DISPATCH: usize = 256;

@@ -1,0 +1,186 @@
+//! A blocking WebSocket client, as a user's would be.
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use serde_json::Value;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, WebSocket};
+
+use super::*;
+
+/// A blocking WebSocket chat client.
+pub struct Client {
+    pub ws: WebSocket<TcpStream>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr, nickname: &str) -> Client {
+        Client::try_connect(addr, nickname).unwrap_or_else(|e| panic!("connect as {nickname}: {e}"))
+    }
+
+    pub fn try_connect(addr: SocketAddr, nickname: &str) -> Result<Client, tungstenite::Error> {
+        Client::try_connect_path(addr, &format!("/chat/{nickname}"))
+    }
+
+    /// A WebSocket to any path.
+    pub fn connect_path(addr: SocketAddr, path: &str) -> Client {
+        Client::try_connect_path(addr, path).unwrap_or_else(|e| panic!("connect to {path}: {e}"))
+    }
+
+    pub fn try_connect_path(addr: SocketAddr, path: &str) -> Result<Client, tungstenite::Error> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(PATIENCE))?;
+        let url = format!("ws://{addr}{path}");
+        let (ws, _) = tungstenite::client(url, stream).map_err(|e| match e {
+            tungstenite::HandshakeError::Failure(e) => e,
+            tungstenite::HandshakeError::Interrupted(_) => unreachable!("blocking"),
+        })?;
+        Ok(Client { ws })
+    }
+
+    pub fn send(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).unwrap();
+    }
+
+    pub fn send_message(&mut self, message: Message) {
+        self.ws.send(message).unwrap();
+    }
+
+    /// The next data frame, parsed as JSON (control frames are skipped).
+    pub fn recv(&mut self) -> Value {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(text)) => {
+                    return serde_json::from_str(text.as_str())
+                        .unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+                }
+                Ok(Message::Binary(b)) => panic!("unexpected binary frame {b:?}"),
+                Ok(Message::Close(frame)) => {
+                    panic!("closed while waiting for a message: {frame:?}")
+                }
+                Ok(_) => continue,
+                Err(e) => panic!("error while waiting for a message: {e}"),
+            }
+        }
+    }
+
+    /// The next frame that is not a room event (someone joining or leaving,
+    /// the member list, the history sent at join).
+    pub fn recv_live(&mut self) -> Value {
+        loop {
+            let frame = self.recv();
+            let room_event = matches!(frame["type"].as_str(), Some("join" | "leave" | "presence"))
+                || frame["history"] == true;
+            if !room_event {
+                return frame;
+            }
+        }
+    }
+
+    /// The next frame, which must be from the server and of the given type
+    /// (`notice` or `error`), skipping room events; returns its text.
+    pub fn recv_server(&mut self, kind: &str) -> String {
+        let frame = self.recv_live();
+        assert_eq!(frame["type"], kind, "expected a {kind} frame, got {frame}");
+        assert_eq!(frame["nickname"], "server");
+        frame["message"].as_str().unwrap().to_owned()
+    }
+
+    /// Reads up to the member list sent at join: from then on, the client is
+    /// fully in the room (history and member list delivered).
+    pub fn settle(&mut self) -> &mut Client {
+        while self.recv()["type"] != "presence" {}
+        self
+    }
+
+    /// The next text frame as it is (for `?format=text`).
+    pub fn recv_text(&mut self) -> String {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(text)) => return text.as_str().to_owned(),
+                Ok(Message::Close(frame)) => panic!("closed while waiting for text: {frame:?}"),
+                Ok(_) => continue,
+                Err(e) => panic!("error while waiting for text: {e}"),
+            }
+        }
+    }
+
+    /// The next live chat message as (nickname, message), skipping room
+    /// events.
+    pub fn recv_chat(&mut self) -> (String, String) {
+        let frame = self.recv_live();
+        assert_eq!(frame["type"], "chat", "expected a chat frame, got {frame}");
+        (
+            frame["nickname"].as_str().unwrap().to_owned(),
+            frame["message"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// Asserts that no chat, notice or error frame arrives within `quiet`
+    /// (room events — joins, leaves, presence — are allowed).
+    pub fn expect_nothing(&mut self, quiet: Duration) {
+        self.ws.get_ref().set_read_timeout(Some(quiet)).unwrap();
+        let result = loop {
+            match self.ws.read() {
+                Ok(Message::Text(text)) => {
+                    let frame: Value = serde_json::from_str(text.as_str()).unwrap();
+                    let room_event =
+                        matches!(frame["type"].as_str(), Some("join" | "leave" | "presence"));
+                    if !room_event {
+                        break Ok(Message::Text(text));
+                    }
+                }
+                other => break other,
+            }
+        };
+        self.ws.get_ref().set_read_timeout(Some(PATIENCE)).unwrap();
+        match result {
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            other => panic!("expected silence, got {other:?}"),
+        }
+    }
+
+    /// Reads until the server closes; returns how.
+    pub fn recv_close(&mut self) -> Closed {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Close(Some(CloseFrame { code, reason }))) => {
+                    return Closed::Frame(u16::from(code), reason.as_str().to_owned());
+                }
+                Ok(Message::Close(None)) => return Closed::Frame(1005, String::new()),
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    panic!("the server did not close the connection")
+                }
+                Err(_) => return Closed::Dropped,
+            }
+        }
+    }
+
+    /// A clean close from the client side.
+    pub fn close(mut self) {
+        let _ = self.ws.close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        }));
+        // Wait for the server's close reply (or the connection's end).
+        while self.ws.read().is_ok() {}
+    }
+
+    /// Drops the TCP connection without any close frame.
+    pub fn drop_abruptly(self) {
+        let stream = self.ws.into_inner();
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+    }
+}

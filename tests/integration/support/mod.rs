@@ -1,0 +1,97 @@
+//! Test helpers: a real `redis-server` on a free port, the real `threadchat`
+//! binary on port 0, and a blocking WebSocket client.
+//!
+//! Everything started here is killed when its handle is dropped, so a failing
+//! test leaves nothing behind.
+
+#![allow(dead_code)]
+
+mod client;
+mod redis_server;
+mod server;
+
+pub use client::*;
+pub use redis_server::*;
+pub use server::*;
+
+use std::net::TcpListener;
+use std::sync::{Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long any single expected event may take before a test fails. Generous:
+/// these are correctness tests, not timing tests.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `check` holds, or fails the test with `what`.
+pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// The log a running server has written so far, and a way to wait on it.
+#[derive(Default)]
+struct LogBook {
+    lines: Mutex<Vec<String>>,
+    grew: Condvar,
+}
+
+/// Declares `redis`, `redis_shared` (`--subscriptions shared`) and `in_process` variants of a test taking a `&Server`,
+/// optionally with extra server arguments: `name => ["--flag", "value"]`.
+macro_rules! with_both_brokers {
+    ($($name:ident $(=> [$($arg:expr),*])?),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn redis() {
+                let redis = crate::support::Redis::start();
+                let url = redis.url();
+                let args: &[&str] = &["--redis", &url, $($($arg),*)?];
+                super::$name(&crate::support::Server::start(args));
+            }
+            #[test]
+            fn redis_shared() {
+                let redis = crate::support::Redis::start();
+                let url = redis.url();
+                let args: &[&str] =
+                    &["--redis", &url, "--subscriptions", "shared", $($($arg),*)?];
+                super::$name(&crate::support::Server::start(args));
+            }
+            #[test]
+            fn in_process() {
+                let args: &[&str] = &["--in-process", $($($arg),*)?];
+                super::$name(&crate::support::Server::start(args));
+            }
+        }
+    )*};
+}
+pub(crate) use with_both_brokers;
+
+/// Declares `per_client` and `shared` variants of a test taking the extra
+/// server arguments that choose the Redis subscription mode.
+macro_rules! in_both_subscription_modes {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn per_client() {
+                super::$name(&[]);
+            }
+            #[test]
+            fn shared() {
+                super::$name(&["--subscriptions", "shared"]);
+            }
+        }
+    )*};
+}
+pub(crate) use in_both_subscription_modes;

@@ -1,0 +1,142 @@
+//! A real `redis-server` on a free port, killed on drop.
+
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// A `redis-server` owned by one test, on a free port, with no persistence.
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Redis::start_on(free_port())
+    }
+
+    /// Starts (or restarts) Redis on a given port.
+    pub fn start_on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "redis-server not found: the tests start their own Redis. \
+                 Install it (e.g. `apt-get install redis-server`)",
+            );
+        let redis = Redis { child, port };
+        let deadline = Instant::now() + PATIENCE;
+        while redis.connection().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on port {port}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn connection(&self) -> Option<redis::Connection> {
+        let client = redis::Client::open(self.url()).ok()?;
+        let mut con = client
+            .get_connection_with_timeout(Duration::from_secs(1))
+            .ok()?;
+        redis::cmd("PING").query::<String>(&mut con).ok()?;
+        Some(con)
+    }
+
+    /// PUBLISH straight into Redis, as another program (or the Python
+    /// original) would.
+    pub fn publish(&self, channel: &str, payload: &str) {
+        let mut con = self.connection().expect("redis is up");
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(payload)
+            .query::<i64>(&mut con)
+            .unwrap();
+    }
+
+    /// Connected clients, not counting the one asking.
+    pub fn client_count(&self) -> usize {
+        let mut con = self.connection().expect("redis is up");
+        let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut con).unwrap();
+        list.lines().count() - 1
+    }
+
+    /// Subscribers of a channel (PUBSUB NUMSUB).
+    pub fn subscribers(&self, channel: &str) -> usize {
+        let mut con = self.connection().expect("redis is up");
+        let (_, n): (String, usize) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query(&mut con)
+            .unwrap();
+        n
+    }
+
+    /// Freezes this Redis (SIGSTOP): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        signal(self.child.id(), "STOP");
+    }
+
+    /// Unfreezes it (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.child.id(), "CONT");
+    }
+
+    /// Runs a command against this Redis, e.g. `CLIENT KILL TYPE pubsub`.
+    pub fn command(&self, args: &[&str]) {
+        let mut con = self.connection().expect("redis is up");
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query::<redis::Value>(&mut con).unwrap();
+    }
+
+    /// Runs a command and returns its reply, converted.
+    pub fn query<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        let mut con = self.connection().expect("redis is up");
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query(&mut con).unwrap()
+    }
+
+    /// The keys matching `pattern` (`KEYS`: fine on a test's own Redis).
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        self.query(&["KEYS", pattern])
+    }
+
+    /// Kills this Redis (SIGKILL), as a crash would.
+    pub fn kill(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub(super) fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
