@@ -41,8 +41,10 @@ pub(super) struct Chat {
 
 impl Chat {
     /// The reader thread's life: publish what the client says until the
-    /// connection ends, then leave.
-    pub(super) fn run(mut self) {
+    /// connection ends, then leave. Boxed all along: the reader rests in
+    /// `WebSocket::read` for the client's whole life, and its stack must
+    /// stay within two pages (the chat itself is several hundred bytes).
+    pub(super) fn run(mut self: Box<Self>) {
         let ending = self.read_until_the_end();
         self.conn.end(ending);
         self.leave();
@@ -85,7 +87,7 @@ impl Chat {
     /// inlined: its locals would otherwise sit in the reader thread's frame
     /// all the while it reads (a resting reader fits in two pages of stack).
     #[inline(never)]
-    fn leave(self) {
+    fn leave(self: Box<Self>) {
         let Chat {
             conn,
             ctx,
@@ -94,7 +96,7 @@ impl Chat {
             membership,
             open,
             ..
-        } = self;
+        } = *self;
         drop(subscriber);
         let _ = conn.stream.shutdown(Shutdown::Both);
         let ending = conn
@@ -125,8 +127,9 @@ impl Chat {
 pub(super) struct SubscriberThread {
     conn: Arc<Conn>,
     handle: Option<JoinHandle<()>>,
-    /// Said once subscribed (dropped unsent: the subscription failed).
-    ready: Receiver<()>,
+    /// Said once subscribed (dropped unsent: the subscription failed); not
+    /// kept once heard.
+    ready: Option<Receiver<()>>,
     /// The start-up "go", until it is sent (then dropped at once: an idle
     /// connection keeps no channel it no longer needs). Dropped unsent, it
     /// tells the subscriber that the client did not get that far.
@@ -160,15 +163,16 @@ impl SubscriberThread {
             ready: ready_tx,
             go,
         };
+        let writers = subscriber::Writers::for_subscription(outbox, &subscription);
         let handle = thread::Builder::new()
             .name(format!("tc-sub-{}", conn.seq))
             .stack_size(crate::THREAD_STACK_SIZE)
-            .spawn(move || subscriber::run(subscription, outbox, start, reader_done))
+            .spawn(move || subscriber::run(subscription, writers, start, reader_done))
             .map_err(SessionError::Spawn)?;
         Ok(SubscriberThread {
             conn: Arc::clone(conn),
             handle: Some(handle),
-            ready,
+            ready: Some(ready),
             go: Some(go_tx),
             reader_done: Some(reader_done_tx),
         })
@@ -176,10 +180,11 @@ impl SubscriberThread {
 
     /// Waits until the subscription is live. If it never is, the subscriber
     /// thread has recorded why the connection ends.
-    pub(super) fn wait_until_subscribed(&self) -> Result<(), SessionError> {
-        match self.ready.recv() {
-            Ok(()) => Ok(()),
-            Err(_) => Err(match self.conn.ending() {
+    pub(super) fn wait_until_subscribed(&mut self) -> Result<(), SessionError> {
+        let heard = self.ready.take().map(|ready| ready.recv());
+        match heard {
+            Some(Ok(())) => Ok(()),
+            _ => Err(match self.conn.ending() {
                 Some(Ending::RelayFailed(e)) => SessionError::Relay(e.clone()),
                 _ => SessionError::Stopped,
             }),

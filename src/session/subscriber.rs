@@ -41,33 +41,59 @@ use super::outbox::{Delivery, Outbox, Start};
 use super::sched;
 use crate::broker::{BrokerError, DirectSink, Subscription};
 
+/// Who writes the room to the client.
+pub(super) enum Writers {
+    /// The subscriber thread alone (a per-client subscription, the
+    /// in-process relay), with what it keeps track of. Boxed: the thread
+    /// rests with this in reach for the client's whole life, and its stack
+    /// must stay within two pages where it can.
+    Alone(Box<(Outbox, Delivery)>),
+    /// The subscriber thread, and the room's dispatcher while the client
+    /// keeps up (see [`direct`]).
+    WithDispatcher(Arc<direct::Shared>),
+}
+
+impl Writers {
+    /// Who will write to the client of `subscription`. Called on the start
+    /// thread, so that the shared outbox is allocated there: an idle
+    /// subscriber thread that never calls `malloc` has no malloc cache to
+    /// keep for the client's whole life.
+    pub(super) fn for_subscription(outbox: Outbox, subscription: &Subscription) -> Writers {
+        if !subscription.is_dispatched() {
+            return Writers::Alone(Box::new((outbox, Delivery::default())));
+        }
+        let shared = direct::Shared::new(outbox);
+        subscription.deliver_directly(Arc::clone(&shared) as Arc<dyn DirectSink>);
+        Writers::WithDispatcher(shared)
+    }
+}
+
 /// The thread's body.
 pub(super) fn run(
     subscription: Subscription,
-    outbox: Outbox,
+    writers: Writers,
     start: Start,
     reader_done: Receiver<()>,
 ) {
     // Woken with a room's message, wait for the waker to wake everyone.
     sched::wait_turn_when_woken();
     let mut start = Some(start);
-    if subscription.is_dispatched() {
-        // The room's dispatcher may write to the client too (see `direct`).
-        let shared = direct::Shared::new(outbox);
-        subscription.deliver_directly(Arc::clone(&shared) as Arc<dyn DirectSink>);
-        let result = catch(&shared.outbox, || {
-            subscription.run(|event| shared.on_event(&mut start, event))
-        });
-        shared
-            .outbox
-            .finish(&mut shared.lock().delivery, result, &reader_done);
-    } else {
-        // This thread alone writes the room to the client.
-        let mut delivery = Delivery::default();
-        let result = catch(&outbox, || {
-            subscription.run(|event| outbox.on_event(&mut delivery, &mut start, event))
-        });
-        outbox.finish(&mut delivery, result, &reader_done);
+    match writers {
+        Writers::Alone(mut alone) => {
+            let (outbox, delivery) = &mut *alone;
+            let result = catch(outbox, || {
+                subscription.run(|event| outbox.on_event(delivery, &mut start, event))
+            });
+            outbox.finish(delivery, result, &reader_done);
+        }
+        Writers::WithDispatcher(shared) => {
+            let result = catch(&shared.outbox, || {
+                subscription.run(|event| shared.on_event(&mut start, event))
+            });
+            shared
+                .outbox
+                .finish(&mut shared.lock().delivery, result, &reader_done);
+        }
     }
 }
 
