@@ -1,14 +1,9 @@
-//! threadchat's design in its simplest correct form: read this first.
-//!
-//! The Python tutorial app's protocol (room `global_room` on Redis, JSON with
+//! threadchat's design in its simplest correct form: read this first. The
+//! Python tutorial app's protocol (room `global_room` on Redis, JSON with
 //! `"nickname"` and `"message"`) on the card's shape: an accept loop; per
-//! client a reader thread (handshake, read, `PUBLISH`) and a subscriber thread
-//! (`SUBSCRIBE`, write), coordinated by crossbeam channels; one writer per
-//! socket, a `Mutex<WebSocket>` (a blocking WebSocket cannot be split, so the
-//! reader's own WebSocket writes nowhere and replies through the writer).
-//!
-//! Run: `cargo run --example minimal -- redis://127.0.0.1:6379 127.0.0.1:8000`.
-//! docs/ARCHITECTURE.md starts here, then adds what the real server adds.
+//! client a reader thread and a subscriber thread, coordinated by crossbeam
+//! channels; one writer per socket. docs/ARCHITECTURE.md starts here.
+//! Run: `cargo run --example minimal -- redis://127.0.0.1:6379 127.0.0.1:8000`
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -129,8 +124,7 @@ fn relay_room(
             Err(e) => return Err(e.into()),
         };
         // Like the original: forward the raw JSON, except our own messages.
-        let parsed = serde_json::from_str::<Value>(&payload).unwrap_or_default();
-        if parsed["nickname"].as_str() == Some(nickname) {
+        if serde_json::from_str::<Value>(&payload).unwrap_or_default()["nickname"] == nickname {
             continue;
         }
         let mut writer = writer.lock().unwrap();

@@ -2,7 +2,7 @@
 //! connection, and an orderly shutdown.
 //!
 //! Startup is split so tests can bind port 0 and ask which port they got
-//! (zero2prod's pattern): [`Server::bind`] binds, [`Server::local_addr`] tells,
+//! (zero2prod's pattern): [`Server::build`] connects the relay and binds, [`Server::local_addr`] tells,
 //! [`Server::run`] serves until [`ShutdownHandle::shutdown`] is called.
 //!
 //! **Bounds.** At most `max_connections` connections exist at once, counting
@@ -12,11 +12,11 @@
 //! **Thread lifecycle.** Every connection thread is named and its `JoinHandle`
 //! kept. The accept loop starts a connection's start thread and joins it
 //! once it has handed the connection to its reader thread (a
-//! [`Report::Reading`]); the reader thread's handle is kept until the
-//! connection is over ([`Report::Done`]), and joined then. While a start
+//! `Report::Reading`); the reader thread's handle is kept until the
+//! connection is over (`Report::Done`), and joined then. While a start
 //! thread may be waiting to be joined, `accept` waits at most
-//! [`REAP_INTERVAL`]; otherwise it blocks for as long as it likes. At most
-//! [`MAX_STARTING`] connections start at once. At shutdown the loop stops
+//! `REAP_INTERVAL`; otherwise it blocks for as long as it likes. At most
+//! `MAX_STARTING` connections start at once. At shutdown the loop stops
 //! accepting, asks every connection to close (1001), waits a grace period,
 //! cuts the sockets of any that have not finished, and joins them all.
 //!

@@ -11,7 +11,7 @@
 //! * `b`: 100 clients, 10 of them sending as fast as the server allows, 5 s.
 //! * `c`: 5,000 idle clients (`--idle-clients`) held 10 s, then one message
 //!   all must receive.
-//! * `d`, `e`, `f`: attacks, each against one bound (see [`attacks`]): a
+//! * `d`, `e`, `f`: attacks, each against one bound (see `loadgen/attacks.rs`): a
 //!   join storm over a history of the biggest messages, slow readers, a
 //!   flood of `/members` requests. They print a table of their own.
 //!
