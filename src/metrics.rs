@@ -83,20 +83,21 @@ impl Default for Metrics {
             registry: Registry::default(),
         };
         // The registry holds clones: each shares its value with the field.
+        // (It ends each help text with a period itself.)
         let gauges = [
             (
                 "connections_open",
-                "Chat connections open now.",
+                "Chat connections open now",
                 &metrics.connections_open,
             ),
             (
                 "subscriptions_down",
-                "Subscriptions lost and not yet restored.",
+                "Subscriptions lost and not yet restored",
                 &metrics.subscriptions_down,
             ),
             (
                 "rooms_in_memory",
-                "Rooms whose history and members the in-process relay holds.",
+                "Rooms whose history and members the in-process relay holds",
                 &metrics.rooms_in_memory,
             ),
         ];
@@ -108,57 +109,57 @@ impl Default for Metrics {
         let counters = [
             (
                 "connections",
-                "Chat connections ever opened.",
+                "Chat connections ever opened",
                 &metrics.connections_total,
             ),
             (
                 "messages_received",
-                "Chat messages received from clients.",
+                "Chat messages received from clients",
                 &metrics.messages_received,
             ),
             (
                 "messages_delivered",
-                "Chat frames written to clients.",
+                "Chat frames written to clients",
                 &metrics.messages_delivered,
             ),
             (
                 "payloads_skipped",
-                "Payloads on the room that were not chat messages.",
+                "Payloads on the room that were not chat messages",
                 &metrics.payloads_skipped,
             ),
             (
                 "slow_client_closes",
-                "Clients closed for not reading fast enough.",
+                "Clients closed for not reading fast enough",
                 &metrics.slow_client_closes,
             ),
             (
                 "rate_limited",
-                "Messages refused by the rate limit.",
+                "Messages refused by the rate limit",
                 &metrics.rate_limited,
             ),
             (
                 "subscriptions_lost",
-                "Subscriptions lost to a relay failure.",
+                "Subscriptions lost to a relay failure",
                 &metrics.subscriptions_lost,
             ),
             (
                 "redis_reconnects",
-                "Subscriptions restored after a loss.",
+                "Subscriptions restored after a loss",
                 &metrics.redis_reconnects,
             ),
             (
                 "publish_errors",
-                "Messages that could not be published.",
+                "Messages that could not be published",
                 &metrics.publish_errors,
             ),
             (
                 "protocol_closes",
-                "Connections closed for breaking the protocol or a limit.",
+                "Connections closed for breaking the protocol or a limit",
                 &metrics.protocol_closes,
             ),
             (
                 "panics",
-                "Connection threads that panicked.",
+                "Connection threads that panicked",
                 &metrics.panics,
             ),
         ];
@@ -169,7 +170,7 @@ impl Default for Metrics {
         }
         metrics.registry.register_with_unit(
             "threadchat_delivery_latency",
-            "From the sender's server receiving a message to writing it to a client.",
+            "From the sender's server receiving a message to writing it to a client",
             Unit::Seconds,
             metrics.delivery_latency.clone(),
         );
