@@ -244,8 +244,8 @@ fn close_by_server(
 /// client has more to say. Receipts are settled — failures reported to the
 /// client — when the client pauses (the reader calls
 /// [`settle`](Handler::settle) before blocking), or when [`PUBLISH_WINDOW`]
-/// are outstanding. A client that sends one message at a time hears about a
-/// failure before the reader waits for its next message, as before; order is
+/// are outstanding. A client that sends one message at a time still hears
+/// about a failure before the reader waits for its next message; order is
 /// kept by the broker (a room's messages take one lane).
 pub(super) struct ChatHandler<'a> {
     member: &'a Member,

@@ -20,8 +20,9 @@
 //!
 //! **Direct delivery.** Waking a client's subscriber thread for every
 //! message is the biggest cost of a delivery (a thread switch is dearer than
-//! the write itself). So a client whose subscriber thread has registered a
-//! [`DirectSink`](super::DirectSink) is written to by the dispatching thread
+//! the write itself). So a client that has registered a
+//! [`DirectSink`](super::DirectSink) (the session's `direct` module) is
+//! written to by the dispatching thread
 //! itself, without blocking, *whenever its queue is empty*: nothing is
 //! waiting that the new messages could overtake. Otherwise — the client is
 //! behind, not yet welcomed, or its socket is full — they are queued as
@@ -34,7 +35,7 @@
 //! together, so one write carries a batch. The in-process broker dispatches
 //! each message on its sender's thread as it is published; written directly,
 //! every message would be a write per client, where queued ones pile up and
-//! leave in batches (0.4 instead of 1 million deliveries/s in scenario b).
+//! leave in batches (docs/PERFORMANCE.md measures both).
 //!
 //! **Bounded, and cheap when idle.** A client may have at most
 //! [`QUEUE_LIMIT`] events waiting. One that is further behind is dropped from
