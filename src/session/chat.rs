@@ -31,7 +31,6 @@ use crate::protocol::{Kind, Member};
 pub(super) struct Chat {
     pub(super) conn: Arc<Conn>,
     pub(super) ctx: Arc<Context>,
-    pub(super) member: Member,
     pub(super) writer: Arc<Writer>,
     pub(super) reader: socket::ReadSide,
     pub(super) subscriber: SubscriberThread,
@@ -55,13 +54,13 @@ impl Chat {
         let Chat {
             conn,
             ctx,
-            member,
             writer,
             reader,
+            membership,
             ..
         } = self;
         let (conn, ctx, writer) = (&*conn, &*ctx, &*writer);
-        let mut handler = ChatHandler::new(member, conn, ctx);
+        let mut handler = ChatHandler::new(&membership.member, conn, ctx);
         // A panic here must not skip `leave` (which joins the subscriber
         // thread): catch it, record it, carry on.
         let ending = panic::catch_unwind(AssertUnwindSafe(|| {
@@ -91,7 +90,6 @@ impl Chat {
         let Chat {
             conn,
             ctx,
-            member,
             subscriber,
             membership,
             open,
@@ -103,6 +101,8 @@ impl Chat {
             .ending()
             .cloned()
             .unwrap_or(Ending::ConnectionLost("?".into()));
+        // For the log, once the client has left (and its membership is gone).
+        let member = membership.member.clone();
         membership.leave(&ending.leave_text());
         drop(open);
         if let Ending::TooSlow(_) = ending {
@@ -217,6 +217,7 @@ impl Drop for SubscriberThread {
 pub(super) struct Membership {
     conn: Arc<Conn>,
     ctx: Arc<Context>,
+    /// Who, in which room: the connection keeps no other copy.
     member: Member,
     /// Set once the client has left.
     left: bool,

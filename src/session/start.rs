@@ -145,7 +145,6 @@ fn start_chat(
     Ok(Chat {
         conn: Arc::clone(conn),
         ctx: Arc::clone(ctx),
-        member,
         writer,
         reader,
         subscriber,
