@@ -18,9 +18,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{RecvTimeoutError, Sender};
 
 use super::fanout::{Fanout, FanoutListener};
-use super::{Broker, BrokerError, Canceller, Event, Presence, Receipt, Settings, Subscription};
+use super::{
+    Broker, BrokerError, Canceller, Event, Log, Mark, MemberChange, Place, Presence, Receipt,
+    Settings, Subscription,
+};
 use crate::metrics::Metrics;
-use crate::protocol::{ChatMessage, ConnId, Incoming, Nickname, Room};
+use crate::protocol::{self, ConnId, Incoming, Room};
 
 /// Relays messages between the connections of this process.
 pub struct MemoryBroker {
@@ -42,9 +45,15 @@ struct Rooms {
 }
 
 struct RoomState {
-    history: VecDeque<Arc<[u8]>>,
-    /// Bytes in `history`.
-    history_bytes: usize,
+    /// The newest entries of the room's log, each with its place written
+    /// in: offsets `last - log.len() + 1 ..= last`.
+    log: VecDeque<Arc<[u8]>>,
+    /// Bytes in `log`.
+    log_bytes: usize,
+    /// The log's epoch: new for each room this process creates.
+    epoch: String,
+    /// The offset of the newest entry (0: none yet).
+    last: u64,
     /// (connection, nickname) of everyone in the room.
     members: Vec<(ConnId, String)>,
     /// The last message, join or leave: an empty room is freed
@@ -55,8 +64,10 @@ struct RoomState {
 impl Default for RoomState {
     fn default() -> Self {
         RoomState {
-            history: VecDeque::new(),
-            history_bytes: 0,
+            log: VecDeque::new(),
+            log_bytes: 0,
+            epoch: super::new_epoch(),
+            last: 0,
             members: Vec::new(),
             last_used: Instant::now(),
         }
@@ -132,25 +143,37 @@ impl Broker for MemoryBroker {
         self.settings.instance
     }
 
-    fn publish(&self, room: &Room, payload: Vec<u8>, record: bool) -> Receipt {
-        let incoming = Arc::new(Incoming::parse(&payload));
-        if record && self.settings.history > 0 {
-            let (max_count, max_bytes) = (self.settings.history, self.settings.history_bytes);
-            self.rooms.with(room, |state| {
-                state.history_bytes += payload.len();
-                state.history.push_back(payload.into());
-                // The oldest go first, until both bounds hold (a message
+    fn publish(&self, room: &Room, payload: Vec<u8>, change: MemberChange) -> Receipt {
+        let (max_count, max_bytes) = (self.settings.history, self.settings.history_bytes);
+        // Dispatched under the lock that gives the offset: offsets are
+        // the order every subscriber receives.
+        self.rooms.with(room, |state| {
+            state.last += 1;
+            let payload: Arc<[u8]> =
+                protocol::with_place(&payload, state.last, &state.epoch).into();
+            match change {
+                MemberChange::None => {}
+                MemberChange::Join(joined) => state
+                    .members
+                    .extend(joined.into_iter().map(|(c, n)| (c, n.as_str().to_owned()))),
+                MemberChange::Leave(left) => state.members.retain(|(c, _)| !left.contains(c)),
+            }
+            if max_count > 0 {
+                state.log_bytes += payload.len();
+                state.log.push_back(Arc::clone(&payload));
+                // The oldest go first, until both bounds hold (an entry
                 // bigger than the byte bound on its own is not kept).
-                while state.history.len() > max_count || state.history_bytes > max_bytes {
-                    let Some(old) = state.history.pop_front() else {
+                while state.log.len() > max_count || state.log_bytes > max_bytes {
+                    let Some(old) = state.log.pop_front() else {
                         break;
                     };
-                    state.history_bytes -= old.len();
+                    state.log_bytes -= old.len();
                 }
-            });
-        }
-        self.fanout
-            .dispatch(&room.channel(), None, Event::Message(incoming));
+            }
+            let incoming = Arc::new(Incoming::parse(&payload));
+            self.fanout
+                .dispatch(&room.channel(), None, Event::Message(incoming));
+        });
         Receipt::Settled(Ok(()))
     }
 
@@ -172,54 +195,37 @@ impl Broker for MemoryBroker {
         Ok(Subscription::new(Box::new(listener), Canceller::new(|| {})))
     }
 
-    fn history(&self, room: &Room) -> Result<Vec<Vec<u8>>, BrokerError> {
-        Ok(self
-            .rooms
-            .lock()
-            .get(room.name())
-            .map(|r| r.history.iter().map(|p| p.to_vec()).collect())
-            .unwrap_or_default())
-    }
-
-    fn history_mark(&self, room: &Room) -> Result<Option<String>, BrokerError> {
+    fn log(&self, room: &Room) -> Result<Log, BrokerError> {
         let rooms = self.rooms.lock();
-        let newest = rooms.get(room.name()).and_then(|r| r.history.back());
-        Ok(newest.and_then(|payload| ChatMessage::from_payload(payload).ok()?.id))
+        let Some(state) = rooms.get(room.name()) else {
+            return Ok(Log::default());
+        };
+        Ok(Log {
+            epoch: Some(state.epoch.clone()),
+            first: state.last + 1 - state.log.len() as u64,
+            entries: state.log.iter().map(|p| p.to_vec()).collect(),
+        })
     }
 
-    fn join(&self, room: &Room, conn: &ConnId, nickname: &Nickname) -> Result<(), BrokerError> {
-        self.rooms.with(room, |state| {
-            state
-                .members
-                .push((conn.clone(), nickname.as_str().to_owned()));
-        });
+    fn log_end(&self, room: &Room) -> Result<Option<Mark>, BrokerError> {
+        let rooms = self.rooms.lock();
+        Ok(rooms.get(room.name()).map(|state| Mark {
+            end: Place {
+                offset: state.last,
+                epoch: state.epoch.clone(),
+            },
+            first: state.last + 1 - state.log.len() as u64,
+        }))
+    }
+
+    fn enter(&self, room: &Room) -> Result<(), BrokerError> {
+        // The room exists (and so keeps its epoch) while anyone is in it.
+        self.rooms.with(room, |_| ());
         Ok(())
     }
 
-    fn leave(&self, room: &Room, conn: &ConnId) -> Result<(), BrokerError> {
-        // An empty room without history goes at once; one with history
-        // stays for `--room-ttl` (the sweeper frees it).
-        let mut rooms = self.rooms.lock();
-        if let Some(state) = rooms.get_mut(room.name()) {
-            state.members.retain(|(c, _)| c != conn);
-            state.last_used = Instant::now();
-            if state.members.is_empty() && state.history.is_empty() {
-                rooms.remove(room.name());
-            }
-        }
-        self.rooms.metrics.rooms_in_memory.set(rooms.len() as i64);
-        Ok(())
-    }
-
-    fn members(&self, room: &Room) -> Result<Vec<String>, BrokerError> {
-        let mut members: Vec<String> = self
-            .rooms
-            .lock()
-            .get(room.name())
-            .map(|r| r.members.iter().map(|(_, n)| n.clone()).collect())
-            .unwrap_or_default();
-        members.sort();
-        Ok(members)
+    fn exit(&self, _room: &Room) {
+        // The sweeper frees a room nobody is in once `--room-ttl` passes.
     }
 
     fn presence(&self, room: &Room, limit: usize) -> Result<Presence, BrokerError> {
@@ -235,9 +241,14 @@ impl Broker for MemoryBroker {
             names.truncate(limit);
         }
         names.sort_unstable();
+        let at = rooms.get(room.name()).map(|state| Place {
+            offset: state.last,
+            epoch: state.epoch.clone(),
+        });
         Ok(Presence {
             count: members.len(),
             nicknames: names.into_iter().map(str::to_owned).collect(),
+            at,
         })
     }
 
@@ -270,12 +281,14 @@ mod tests {
     use std::ops::ControlFlow;
     use std::time::Duration;
 
+    use crate::protocol::Nickname;
+
     fn broker(history: usize) -> MemoryBroker {
         MemoryBroker::new(
             &Settings {
                 instance: 1,
                 history,
-                history_bytes: 16,
+                history_bytes: 200,
                 room_ttl: Duration::from_millis(200),
                 max_payload: 1024,
                 subscriptions: Default::default(),
@@ -285,32 +298,67 @@ mod tests {
         .unwrap()
     }
 
+    /// A chat payload with this text.
+    fn chat(text: &str) -> Vec<u8> {
+        format!(r#"{{"nickname":"n","message":"{text}"}}"#).into_bytes()
+    }
+
+    /// The messages of a log's entries.
+    fn texts(log: &Log) -> Vec<String> {
+        let text = |p: &Vec<u8>| protocol::ChatMessage::from_payload(p).unwrap().message;
+        log.entries.iter().map(text).collect()
+    }
+
     #[test]
-    fn history_is_bounded_in_bytes_and_empty_rooms_expire() {
+    fn the_log_is_bounded_in_bytes_and_empty_rooms_expire() {
         let broker = broker(100);
         let room = Room::parse("r").unwrap();
-        for m in ["aaaaaa", "bbbbbb", "cccccc", &"d".repeat(40)] {
+        let publish = |m: &str| {
             broker
-                .publish(&room, m.as_bytes().to_vec(), true)
+                .publish(&room, chat(m), MemberChange::None)
                 .wait()
                 .unwrap();
-        }
-        // The 40-byte message is over the 16-byte bound on its own.
-        assert!(broker.history(&room).unwrap().is_empty());
+        };
+        publish(&"d".repeat(300));
+        // Over the byte bound on its own: published, not kept.
+        let log = broker.log(&room).unwrap();
+        assert!(log.entries.is_empty());
+        assert_eq!(log.first, 2);
+        // About 70 bytes each with their places: two fit in 200.
         for m in ["aaaaaa", "bbbbbb", "cccccc"] {
-            broker
-                .publish(&room, m.as_bytes().to_vec(), true)
-                .wait()
-                .unwrap();
+            publish(m);
         }
-        assert_eq!(
-            broker.history(&room).unwrap(),
-            vec![b"bbbbbb".to_vec(), b"cccccc".to_vec()]
-        );
+        let log = broker.log(&room).unwrap();
+        assert_eq!(texts(&log), ["bbbbbb", "cccccc"]);
+        assert_eq!(log.first, 3);
         assert_eq!(broker.rooms.metrics.rooms_in_memory.get(), 1);
         std::thread::sleep(Duration::from_millis(600));
-        assert!(broker.history(&room).unwrap().is_empty());
+        assert_eq!(broker.log(&room).unwrap(), Log::default());
         assert_eq!(broker.rooms.metrics.rooms_in_memory.get(), 0);
+    }
+
+    #[test]
+    fn offsets_count_every_entry_and_the_log_keeps_the_newest() {
+        let broker = broker(2);
+        let room = Room::global();
+        for m in ["a", "b", "c"] {
+            broker
+                .publish(&room, chat(m), MemberChange::None)
+                .wait()
+                .unwrap();
+        }
+        let log = broker.log(&room).unwrap();
+        assert_eq!(texts(&log), ["b", "c"]);
+        assert_eq!(log.first, 2);
+        let mark = broker.log_end(&room).unwrap().unwrap();
+        assert_eq!((mark.end.offset, mark.first), (3, 2));
+        let end = mark.end;
+        assert_eq!(Some(end.epoch.clone()), log.epoch);
+        let last = protocol::ChatMessage::from_payload(&log.entries[1]).unwrap();
+        assert_eq!(
+            last.at().map(|at| (at.offset, at.epoch.to_owned())),
+            Some((3, end.epoch))
+        );
     }
 
     #[test]
@@ -333,13 +381,16 @@ mod tests {
             })
         });
         ready_rx.recv().unwrap();
-        let payload = |text: &str| format!(r#"{{"nickname":"n","message":"{text}"}}"#).into_bytes();
         broker
-            .publish(&room, payload("hello"), false)
+            .publish(&room, chat("hello"), MemberChange::None)
             .wait()
             .unwrap();
         broker
-            .publish(&Room::parse("other").unwrap(), payload("nope"), false)
+            .publish(
+                &Room::parse("other").unwrap(),
+                chat("nope"),
+                MemberChange::None,
+            )
             .wait()
             .unwrap();
         assert_eq!(got_rx.recv().unwrap(), "hello");
@@ -357,7 +408,8 @@ mod tests {
         let result = sub.run(|event| {
             if let Event::Subscribed = event {
                 for _ in 0..=super::super::fanout::QUEUE_LIMIT {
-                    broker.publish(&room, b"x".to_vec(), false).wait().unwrap();
+                    let x = chat("x");
+                    broker.publish(&room, x, MemberChange::None).wait().unwrap();
                 }
                 published = true;
             }
@@ -368,32 +420,24 @@ mod tests {
     }
 
     #[test]
-    fn history_is_capped_and_members_listed() {
+    fn members_change_with_their_events_and_presence_says_where() {
         let broker = broker(2);
         let room = Room::global();
-        for m in ["a", "b", "c"] {
-            broker
-                .publish(&room, m.as_bytes().to_vec(), true)
-                .wait()
-                .unwrap();
-        }
-        broker
-            .publish(&room, b"event".to_vec(), false)
-            .wait()
-            .unwrap();
-        assert_eq!(
-            broker.history(&room).unwrap(),
-            vec![b"b".to_vec(), b"c".to_vec()]
-        );
         let (c1, c2) = (ConnId::new(1, 1), ConnId::new(1, 2));
-        broker
-            .join(&room, &c1, &Nickname::parse("zed").unwrap())
-            .unwrap();
-        broker
-            .join(&room, &c2, &Nickname::parse("amy").unwrap())
-            .unwrap();
-        assert_eq!(broker.members(&room).unwrap(), vec!["amy", "zed"]);
-        broker.leave(&room, &c1).unwrap();
-        assert_eq!(broker.members(&room).unwrap(), vec!["amy"]);
+        let (zed, amy) = (
+            Nickname::parse("zed").unwrap(),
+            Nickname::parse("amy").unwrap(),
+        );
+        let join = MemberChange::Join(vec![(c1.clone(), zed), (c2, amy)]);
+        broker.publish(&room, chat("joined"), join).wait().unwrap();
+        assert_eq!(
+            broker.presence(&room, 10).unwrap().nicknames,
+            ["amy", "zed"]
+        );
+        let leave = MemberChange::Leave(vec![c1]);
+        broker.publish(&room, chat("left"), leave).wait().unwrap();
+        let presence = broker.presence(&room, 10).unwrap();
+        assert_eq!(presence.nicknames, vec!["amy"]);
+        assert_eq!(presence.at.map(|at| at.offset), Some(2));
     }
 }

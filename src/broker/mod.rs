@@ -44,41 +44,43 @@ pub trait Broker: Send + Sync {
     /// connection ids, and what presence entries are kept alive by.
     fn instance(&self) -> u64;
 
-    /// Publishes `payload` on the room's channel. Returns at once (or when
-    /// the relay's queue has room): the [`Receipt`] tells whether the relay
-    /// accepted it (for Redis: once `PUBLISH` has been answered).
+    /// Logs `payload` in the room's log and publishes it on the room's
+    /// channel, in one step. Returns at once (or when the relay's queue has
+    /// room): the [`Receipt`] tells whether the relay accepted it (for
+    /// Redis: once the script that logs and publishes has been answered).
+    ///
+    /// The relay gives the payload the next offset of the room's log and
+    /// writes its place in front of its other fields (see
+    /// `protocol::with_place`), so offsets are in the order every instance
+    /// delivers them. The log keeps the newest `--history` entries within
+    /// `--history-bytes`; `change` is applied to the room's member list in
+    /// the same step, so the list and the log agree at every offset.
     ///
     /// A room's messages reach the relay in the order they were published,
     /// so one thread's messages arrive in the order it published them even
-    /// with many still unanswered. With `record`, the payload is also
-    /// appended to the room's history (before it is published, so a client
-    /// that joins meanwhile finds it in one or the other — or both, see
-    /// `ChatMessage::id`).
-    fn publish(&self, room: &Room, payload: Vec<u8>, record: bool) -> Receipt;
+    /// with many still unanswered.
+    fn publish(&self, room: &Room, payload: Vec<u8>, change: MemberChange) -> Receipt;
 
     /// Prepares a subscription of connection `conn` to the room. Nothing
     /// blocks yet: the subscriber thread starts it with [`Subscription::run`].
     fn subscribe(&self, room: &Room, conn: &ConnId) -> Result<Subscription, BrokerError>;
 
-    /// The room's recent history, oldest first.
-    fn history(&self, room: &Room) -> Result<Vec<Vec<u8>>, BrokerError>;
+    /// The room's log as it is now: the entries it still holds, oldest
+    /// first, and where it begins.
+    fn log(&self, room: &Room) -> Result<Log, BrokerError>;
 
-    /// The id of the newest message in the room's history right now
-    /// (`None`: the history is empty). Cheap: a joiner takes this mark as
-    /// soon as it is subscribed, and reads the history itself later,
-    /// sending it only up to the mark (see `session::welcome`).
-    fn history_mark(&self, room: &Room) -> Result<Option<String>, BrokerError>;
+    /// Where the room's log stands right now (`None`: the room has no log
+    /// yet). Cheap: a joiner takes this *mark* as soon as it is subscribed,
+    /// and reads the log itself later (when it holds anything), sending it
+    /// only up to the mark (see `session::welcome`).
+    fn log_end(&self, room: &Room) -> Result<Option<Mark>, BrokerError>;
 
-    /// Adds connection `conn` to the room's member list.
-    fn join(&self, room: &Room, conn: &ConnId, nickname: &Nickname) -> Result<(), BrokerError>;
+    /// A connection of this instance is in the room: its state must not
+    /// expire while it is (see `--room-ttl`).
+    fn enter(&self, room: &Room) -> Result<(), BrokerError>;
 
-    /// Removes connection `conn` from the room's member list.
-    fn leave(&self, room: &Room, conn: &ConnId) -> Result<(), BrokerError>;
-
-    /// The nicknames in the room (one per connection, sorted), across every
-    /// instance sharing the relay; members of instances that died are not
-    /// listed.
-    fn members(&self, room: &Room) -> Result<Vec<String>, BrokerError>;
+    /// A connection of this instance has left the room.
+    fn exit(&self, room: &Room);
 
     /// Who is in the room, for the presence frame a joiner gets: how many,
     /// and the sorted nicknames of at most `limit` of them (all of them in a
@@ -100,6 +102,67 @@ pub struct Presence {
     pub count: usize,
     /// Some (or all) of their nicknames, sorted.
     pub nicknames: Vec<String>,
+    /// The end of the room's log when the list was read: every join and
+    /// leave up to here is counted in it, none after.
+    pub at: Option<Place>,
+}
+
+/// A place in a room's log: an offset within an epoch (see
+/// `protocol::At`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Place {
+    /// From 1, one more for each entry.
+    pub offset: u64,
+    /// Changes when the log is lost, and offsets start again.
+    pub epoch: String,
+}
+
+/// Where a room's log stands (see [`Broker::log_end`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    /// The place of its newest entry.
+    pub end: Place,
+    /// The offset of the oldest entry it holds (`end.offset + 1` when it
+    /// holds none).
+    pub first: u64,
+}
+
+impl Mark {
+    /// Whether the log holds any entry.
+    pub fn holds_any(&self) -> bool {
+        self.first <= self.end.offset
+    }
+}
+
+/// A room's log, as read by [`Broker::log`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Log {
+    /// The log's epoch (`None`: the room has no log yet).
+    pub epoch: Option<String>,
+    /// The offset of the oldest entry it holds (one past the newest when it
+    /// holds none): a client that has seen everything up to `first - 1`
+    /// can be given everything it missed.
+    pub first: u64,
+    /// The payloads it holds, oldest first, each with its place written in.
+    pub entries: Vec<Vec<u8>>,
+}
+
+/// How a published event changes the room's member list (see
+/// [`Broker::publish`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum MemberChange {
+    /// A chat message: no change.
+    #[default]
+    None,
+    /// These connections joined, with these nicknames.
+    Join(Vec<(ConnId, Nickname)>),
+    /// These connections left.
+    Leave(Vec<ConnId>),
+}
+
+/// A fresh epoch for a log that starts (or starts again): random, short.
+pub fn new_epoch() -> String {
+    format!("{:012x}", random_u64() & 0xffff_ffff_ffff)
 }
 
 /// The relay's answer to one [`Broker::publish`], to be waited for.

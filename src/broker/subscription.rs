@@ -131,6 +131,11 @@ impl Subscription {
     /// when the subscriber fell too far behind). A subscription that is lost
     /// later is restored by the broker, with [`Event::Lost`] and
     /// [`Event::Subscribed`] telling the closure.
+    // Inlined: it sits on every subscriber thread's deepest call chain
+    // (delivering a frame), whose depth decides whether an idle thread's
+    // stack holds two pages or three (docs/PERFORMANCE.md, "The start
+    // thread").
+    #[inline]
     pub fn run(self, mut on_event: impl FnMut(Event) -> Flow) -> Result<(), BrokerError> {
         let stop = self.canceller.signal();
         self.listener.listen(&stop, &mut on_event)

@@ -125,8 +125,11 @@ pub struct Args {
     )]
     pub allow_origins: Vec<String>,
 
-    /// Chat messages kept per room and sent to each client that joins
-    /// (0: no history). Kept in Redis, or in memory with the in-process relay.
+    /// Entries of each room's log kept: chat messages, joins and leaves.
+    /// Each client that joins is sent its chat messages (the history), and
+    /// a client that reconnects with ?since= can recover what it missed
+    /// from it (0: none kept). Kept in Redis, or in memory with the
+    /// in-process relay.
     #[arg(
         long,
         env = "THREADCHAT_HISTORY",
@@ -135,9 +138,9 @@ pub struct Args {
     )]
     pub history: usize,
 
-    /// Most bytes of stored messages kept per room; the oldest messages go
-    /// first (a message bigger than this on its own is delivered but not
-    /// kept). Bounds what every joiner is sent, too.
+    /// Most bytes of each room's log kept; the oldest entries go first (one
+    /// bigger than this on its own is delivered but not kept). Bounds what
+    /// every joiner is sent, too.
     #[arg(
         long,
         env = "THREADCHAT_HISTORY_BYTES",

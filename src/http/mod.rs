@@ -21,7 +21,7 @@ mod head;
 #[cfg(test)]
 mod tests;
 
-use crate::protocol::{Format, Member, Nickname, Room, query_value};
+use crate::protocol::{Format, Member, Nickname, Resume, Room, query_value};
 use answer::respond;
 pub use answer::{HTML, JSON, answer, answer_with, is_disconnect, refuse, refuse_full};
 use checks::{check_origin, check_upgrade_request, forwarded_client, websocket_response};
@@ -111,8 +111,33 @@ fn member(segment: &str, query: &str) -> Result<Member, String> {
         nickname,
         room: room_param(query)?,
         format,
+        resume: resume_param(query)?,
     })
 }
+
+/// `?since=OFFSET&epoch=EPOCH`: where a reconnecting client left off. Both
+/// or neither.
+fn resume_param(query: &str) -> Result<Option<Resume>, String> {
+    match (query_param(query, "since")?, query_param(query, "epoch")?) {
+        (None, None) => Ok(None),
+        (Some(since), Some(epoch)) => {
+            let since = since
+                .parse()
+                .map_err(|_| format!("since must be a number (an offset), not {since:?}"))?;
+            let plausible = !epoch.is_empty()
+                && epoch.len() <= MAX_EPOCH_CHARS
+                && epoch.bytes().all(|b| b.is_ascii_alphanumeric());
+            if !plausible {
+                return Err(format!("epoch {epoch:?} is not one this server gave out"));
+            }
+            Ok(Some(Resume { since, epoch }))
+        }
+        _ => Err("since and epoch go together: give both or neither".into()),
+    }
+}
+
+/// Longest epoch accepted in `?epoch=` (the server's are 12 characters).
+const MAX_EPOCH_CHARS: usize = crate::protocol::MAX_EPOCH;
 
 /// Reads one HTTP request head on a fresh connection. When none can be read
 /// (the client left, was too slow, sent too much or garbage, or not a GET)

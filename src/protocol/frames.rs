@@ -16,6 +16,17 @@ pub enum Format {
     Text,
 }
 
+/// A place in a room's log: an offset within an epoch. Offsets count up by
+/// one per chat message, join or leave; the epoch changes when the log is
+/// lost (Redis flushed or replaced), and offsets then start again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct At<'a> {
+    /// The position in the log, from 1.
+    pub offset: u64,
+    /// Which log.
+    pub epoch: &'a str,
+}
+
 /// Makes text safe to show as one line in a terminal (`?format=text`):
 /// a newline becomes `↵`, so a multi-line message stays visibly one message
 /// and cannot forge lines of its own (`\n* alice left`); other control
@@ -43,6 +54,18 @@ pub fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// Whether a frame is live or sent again: from the history a joiner gets,
+/// or recovered for a client that reconnected (`?since=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replay {
+    /// Happening now.
+    Live,
+    /// From the room's history, sent at join.
+    History,
+    /// Missed while disconnected, sent at reconnect.
+    Recovered,
+}
+
 /// A frame sent by the server to a client.
 ///
 /// Every variant has string `"nickname"` and `"message"` fields, so a client
@@ -61,9 +84,19 @@ pub enum ServerFrame<'a> {
         /// When their server received it (ms since the Unix epoch), if known.
         #[serde(skip_serializing_if = "Option::is_none")]
         ts: Option<u64>,
+        /// Where it is in the room's log (absent for a payload published by
+        /// something other than threadchat, e.g. the original app).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+        /// The log's epoch, with `offset`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
         /// True for messages from the room's history, sent at join.
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         history: bool,
+        /// True for messages a reconnecting client missed, sent again.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        recovered: bool,
     },
     /// Someone (or, coalesced, several people) joined the room.
     Join {
@@ -80,6 +113,15 @@ pub enum ServerFrame<'a> {
         /// When several joined at once: how many.
         #[serde(skip_serializing_if = "Option::is_none")]
         count: Option<usize>,
+        /// Where it is in the room's log.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+        /// The log's epoch, with `offset`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
+        /// True for an event a reconnecting client missed, sent again.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        recovered: bool,
     },
     /// Someone (or, coalesced, several people) left the room.
     Leave {
@@ -97,6 +139,15 @@ pub enum ServerFrame<'a> {
         /// When several left at once: how many.
         #[serde(skip_serializing_if = "Option::is_none")]
         count: Option<usize>,
+        /// Where it is in the room's log.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+        /// The log's epoch, with `offset`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
+        /// True for an event a reconnecting client missed, sent again.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        recovered: bool,
     },
     /// Who is in the room (sent once, right after joining).
     Presence {
@@ -111,6 +162,31 @@ pub enum ServerFrame<'a> {
         members: &'a [String],
         /// How many connections are in the room.
         count: usize,
+        /// The point of the room's log this list reflects: a join or leave
+        /// at or before it is already counted here.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+        /// The log's epoch, with `offset`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
+    },
+    /// Sent to a client that connected with `?since=…&epoch=…`, after what
+    /// it missed: whether that was everything.
+    Recovery {
+        /// Always `"server"`.
+        nickname: &'a str,
+        /// What happened, for a person.
+        message: &'a str,
+        /// True when every message after `since` was sent again; false
+        /// when the log no longer reaches back that far or was reset (the
+        /// latest history was sent instead).
+        complete: bool,
+        /// Where the room's log stands now, if it has one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
+        /// The log's epoch, with `offset`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
     },
     /// News from the server about the connection (e.g. the relay was lost
     /// and restored).
@@ -153,9 +229,11 @@ impl<'a> ServerFrame<'a> {
     }
 
     /// The frame for a room event; `history` marks replayed chat messages.
-    pub fn from_event(event: &'a ChatMessage, history: bool) -> ServerFrame<'a> {
+    pub fn from_event(event: &'a ChatMessage, replay: Replay) -> ServerFrame<'a> {
         let (nickname, message, ts) = (event.nickname.as_str(), event.message.as_str(), event.ts);
         let (nicknames, count) = (event.nicknames.as_slice(), event.count);
+        let at = event.at();
+        let recovered = replay == Replay::Recovered;
         match event.kind {
             Kind::Join => ServerFrame::Join {
                 nickname,
@@ -163,6 +241,9 @@ impl<'a> ServerFrame<'a> {
                 ts,
                 nicknames,
                 count,
+                offset: at.map(|at| at.offset),
+                epoch: at.map(|at| at.epoch),
+                recovered,
             },
             Kind::Leave => ServerFrame::Leave {
                 nickname,
@@ -170,13 +251,19 @@ impl<'a> ServerFrame<'a> {
                 ts,
                 nicknames,
                 count,
+                offset: at.map(|at| at.offset),
+                epoch: at.map(|at| at.epoch),
+                recovered,
             },
             // `Other` never gets this far (`from_payload` refuses it).
             Kind::Chat | Kind::Other => ServerFrame::Chat {
                 nickname,
                 message,
                 ts,
-                history,
+                offset: at.map(|at| at.offset),
+                epoch: at.map(|at| at.epoch),
+                history: replay == Replay::History,
+                recovered,
             },
         }
     }
@@ -202,19 +289,36 @@ impl<'a> ServerFrame<'a> {
             ServerFrame::Chat {
                 nickname,
                 message,
-                history: false,
+                history: true,
                 ..
-            } => format!("{nickname}: {message}"),
+            } => format!("[history] {nickname}: {message}"),
+            ServerFrame::Chat {
+                nickname,
+                message,
+                recovered: true,
+                ..
+            } => format!("[recovered] {nickname}: {message}"),
             ServerFrame::Chat {
                 nickname, message, ..
-            } => format!("[history] {nickname}: {message}"),
+            } => format!("{nickname}: {message}"),
             ServerFrame::Join {
-                nickname, message, ..
+                nickname,
+                message,
+                recovered,
+                ..
             }
             | ServerFrame::Leave {
-                nickname, message, ..
-            } => format!("* {nickname} {message}"),
-            ServerFrame::Presence { message, .. } | ServerFrame::Notice { message, .. } => {
+                nickname,
+                message,
+                recovered,
+                ..
+            } => {
+                let tag = if *recovered { "[recovered] " } else { "" };
+                format!("{tag}* {nickname} {message}")
+            }
+            ServerFrame::Presence { message, .. }
+            | ServerFrame::Notice { message, .. }
+            | ServerFrame::Recovery { message, .. } => {
                 format!("* {message}")
             }
             ServerFrame::Error { message, .. } => format!("! {message}"),

@@ -279,4 +279,16 @@ pub struct Member {
     pub room: Room,
     /// From `?format=text`; JSON without it.
     pub format: Format,
+    /// From `?since=…&epoch=…`: a client reconnecting, and what it has.
+    pub resume: Option<Resume>,
+}
+
+/// Where a reconnecting client left off: the last offset it saw of its
+/// room's log, and that log's epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    /// The offset of the last message it saw.
+    pub since: u64,
+    /// The epoch that offset belongs to.
+    pub epoch: String,
 }

@@ -47,6 +47,91 @@ pub struct ChatMessage {
     /// `nicknames` lists, in a storm).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<usize>,
+    /// Its place in the room's log, written by the relay as it records and
+    /// publishes the payload (see [`with_place`]); absent in the original
+    /// app's payloads, which are therefore not recoverable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    /// The log's epoch (see [`At`](super::At)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<EpochName>,
+}
+
+/// An epoch as it appears in a payload: up to [`MAX_EPOCH`] letters and
+/// digits, kept inline. Every subscriber parses every payload it receives
+/// (with per-client subscriptions, a payload is parsed once per client):
+/// an epoch in a `String` would cost each of them an allocation more per
+/// message.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct EpochName {
+    len: u8,
+    bytes: [u8; MAX_EPOCH],
+}
+
+/// Longest epoch a payload may carry (threadchat's are 12 characters).
+pub const MAX_EPOCH: usize = 16;
+
+impl EpochName {
+    /// `text`, if it is a plausible epoch: 1 to [`MAX_EPOCH`] ASCII letters
+    /// and digits.
+    pub fn new(text: &str) -> Option<EpochName> {
+        let plausible = !text.is_empty()
+            && text.len() <= MAX_EPOCH
+            && text.bytes().all(|b| b.is_ascii_alphanumeric());
+        plausible.then(|| {
+            let mut bytes = [0; MAX_EPOCH];
+            bytes[..text.len()].copy_from_slice(text.as_bytes());
+            EpochName {
+                len: text.len() as u8,
+                bytes,
+            }
+        })
+    }
+
+    /// The epoch as text.
+    pub fn as_str(&self) -> &str {
+        // Only ASCII is ever stored (see `new`).
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for EpochName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl Serialize for EpochName {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for EpochName {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = EpochName;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "up to {MAX_EPOCH} letters and digits")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<EpochName, E> {
+                EpochName::new(text).ok_or_else(|| E::custom("not a plausible epoch"))
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
+/// `payload` (a JSON object) with `"offset"` and `"epoch"` written in front
+/// of its other fields: what the relay publishes and records. The Redis
+/// broker does the same in its Lua script, byte for byte.
+pub fn with_place(payload: &[u8], offset: u64, epoch: &str) -> Vec<u8> {
+    let rest = payload.strip_prefix(b"{").unwrap_or(payload);
+    let mut out = Vec::with_capacity(payload.len() + 48);
+    out.extend_from_slice(format!("{{\"offset\":{offset},\"epoch\":\"{epoch}\",").as_bytes());
+    out.extend_from_slice(rest);
+    out
 }
 
 /// Most nicknames a coalesced join or leave lists.
@@ -130,6 +215,8 @@ impl ChatMessage {
             ts: Some(unix_millis()),
             nicknames: Vec::new(),
             count: None,
+            offset: None,
+            epoch: None,
         }
     }
 
@@ -144,6 +231,8 @@ impl ChatMessage {
             ts: Some(unix_millis()),
             nicknames: Vec::new(),
             count: None,
+            offset: None,
+            epoch: None,
         }
     }
 
@@ -167,6 +256,8 @@ impl ChatMessage {
             ts: Some(unix_millis()),
             nicknames,
             count: Some(count),
+            offset: None,
+            epoch: None,
         }
     }
 
@@ -201,6 +292,14 @@ impl ChatMessage {
     /// The JSON published on the Redis channel.
     pub fn to_payload(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a struct of strings and integers always serializes")
+    }
+
+    /// Its place in the room's log, if it has one.
+    pub fn at(&self) -> Option<super::At<'_>> {
+        Some(super::At {
+            offset: self.offset?,
+            epoch: self.epoch.as_ref()?.as_str(),
+        })
     }
 
     /// True when this message was sent by connection `me`. (A coalesced
@@ -287,7 +386,7 @@ impl Incoming {
         };
         Some(
             cell.get_or_init(|| {
-                ServerFrame::from_event(message, false)
+                ServerFrame::from_event(message, super::Replay::Live)
                     .render(format)
                     .into()
             })

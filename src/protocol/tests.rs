@@ -107,7 +107,7 @@ fn events_and_unknown_types() {
     let payload = String::from_utf8(join.to_payload()).unwrap();
     assert!(payload.contains(r#""type":"join""#), "{payload}");
     assert_eq!(
-        ServerFrame::from_event(&join, false).to_text(),
+        ServerFrame::from_event(&join, Replay::Live).to_text(),
         "* carol joined"
     );
     assert!(matches!(
@@ -145,6 +145,8 @@ fn text_rendering() {
         room: "lobby",
         members: &members,
         count: 2,
+        offset: None,
+        epoch: None,
     };
     assert_eq!(presence.to_text(), "* in lobby: alice, bob");
     assert_eq!(ServerFrame::error("no").to_text(), "! no");
@@ -179,7 +181,7 @@ fn coalesced_joins_summarise_and_list_everyone() {
     assert_eq!(event.message, "joined");
     assert_eq!(event.id.as_deref(), Some("0000000000000007-0:join"));
     assert!(!event.is_from(&ConnId::new(7, 0)));
-    let frame = ServerFrame::from_event(&event, false);
+    let frame = ServerFrame::from_event(&event, Replay::Live);
     assert_eq!(frame.to_text(), "* ann, bea and 2 others joined");
     let json: serde_json::Value = serde_json::from_str(&frame.to_json()).unwrap();
     assert_eq!(
@@ -201,7 +203,7 @@ fn a_storm_of_joins_lists_some_and_counts_all() {
     assert_eq!(event.nicknames.len(), GROUP_LIST);
     assert_eq!(event.count, Some(30));
     let json: serde_json::Value =
-        serde_json::from_str(&ServerFrame::from_event(&event, false).to_json()).unwrap();
+        serde_json::from_str(&ServerFrame::from_event(&event, Replay::Live).to_json()).unwrap();
     assert_eq!(json["count"], 30);
     assert_eq!(json["nicknames"].as_array().unwrap().len(), GROUP_LIST);
 }
@@ -217,9 +219,11 @@ fn server_frames_keep_nickname_and_message() {
         ts: Some(5),
         nicknames: Vec::new(),
         count: None,
+        offset: None,
+        epoch: None,
     };
     let json: serde_json::Value =
-        serde_json::from_str(&ServerFrame::from_event(&msg, false).to_json()).unwrap();
+        serde_json::from_str(&ServerFrame::from_event(&msg, Replay::Live).to_json()).unwrap();
     assert_eq!(
         json,
         serde_json::json!({"type": "chat", "nickname": "bob", "message": "<b>hi</b>", "ts": 5})
@@ -277,4 +281,31 @@ mod properties {
             }
         }
     }
+}
+
+#[test]
+fn a_place_is_written_in_front_and_read_back() {
+    let nick = Nickname::parse("ann").unwrap();
+    let msg = ChatMessage::new(&nick, &ConnId::new(1, 2), 3, "hi".into());
+    let placed = with_place(&msg.to_payload(), 42, "e0e0");
+    assert!(placed.starts_with(br#"{"offset":42,"epoch":"e0e0","#));
+    let back = ChatMessage::from_payload(&placed).unwrap();
+    assert_eq!(
+        back.at(),
+        Some(At {
+            offset: 42,
+            epoch: "e0e0"
+        })
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&ServerFrame::from_event(&back, Replay::Recovered).to_json()).unwrap();
+    assert_eq!(
+        (json["offset"].clone(), json["epoch"].clone()),
+        (42.into(), "e0e0".into())
+    );
+    assert_eq!(json["recovered"], true);
+    assert_eq!(
+        ServerFrame::from_event(&back, Replay::Recovered).to_text(),
+        "[recovered] ann: hi"
+    );
 }

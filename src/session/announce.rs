@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use crate::broker::Broker;
+use crate::broker::{Broker, BrokerError, MemberChange};
 use crate::protocol::{ChatMessage, ConnId, Kind, Nickname, Room};
 
 /// The shortest window: at most one announcement per room per window.
@@ -70,11 +70,14 @@ pub struct Announcement {
     pub text: String,
 }
 
+/// What a waiting joiner is told: the id of the event that carried its
+/// join (a coalesced one has one), or why it could not be published.
+type Published = Result<Option<String>, BrokerError>;
+
 /// A request: the announcement, and whom to tell once it is published.
 struct Request {
     announcement: Announcement,
-    /// Told the id of the event that carried the announcement.
-    published: Option<Sender<Option<String>>>,
+    published: Option<Sender<Published>>,
 }
 
 /// The handle to the announcer thread.
@@ -97,17 +100,16 @@ impl Announcer {
         })
     }
 
-    /// Announces, and returns once the announcement is published (or could
-    /// not be: the relay is down, which the client is told about anyway).
-    /// Returns the id of the event that carried it, if it has one (a
-    /// coalesced one): the joiner skips that event when it arrives.
-    pub fn announce_and_wait(&self, announcement: Announcement) -> Option<String> {
+    /// Announces, and returns once the announcement is published (with
+    /// its member-list change), or could not be. Returns the id of the event
+    /// that carried it, if it has one (a coalesced one): the joiner skips
+    /// that event when it arrives.
+    pub fn announce_and_wait(&self, announcement: Announcement) -> Published {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        if self.send(announcement, Some(tx)) {
-            rx.recv().ok().flatten()
-        } else {
-            None
+        if !self.send(announcement, Some(tx)) {
+            return Err(BrokerError::Closed);
         }
+        rx.recv().unwrap_or(Err(BrokerError::Closed))
     }
 
     /// Announces without waiting.
@@ -115,7 +117,7 @@ impl Announcer {
         self.send(announcement, None);
     }
 
-    fn send(&self, announcement: Announcement, published: Option<Sender<Option<String>>>) -> bool {
+    fn send(&self, announcement: Announcement, published: Option<Sender<Published>>) -> bool {
         let request = Request {
             announcement,
             published,
@@ -221,7 +223,7 @@ fn publish_rooms(
 /// event. Then tells whoever waits.
 fn publish_room(broker: &dyn Broker, requests: Vec<Request>) {
     let mut start = 0;
-    let mut carried_by: Vec<Option<String>> = Vec::with_capacity(requests.len());
+    let mut carried_by: Vec<Published> = Vec::with_capacity(requests.len());
     while start < requests.len() {
         let kind = requests[start].announcement.kind;
         let end = requests[start..]
@@ -242,16 +244,29 @@ fn publish_room(broker: &dyn Broker, requests: Vec<Request>) {
                 &many[0].conn,
             ),
         };
-        carried_by.extend(run.iter().map(|_| event.id.clone()));
+        // The member list changes in the same step as the event is logged.
+        let change = match kind {
+            Kind::Join => MemberChange::Join(
+                run.iter()
+                    .map(|a| (a.conn.clone(), a.nickname.clone()))
+                    .collect(),
+            ),
+            _ => MemberChange::Leave(run.iter().map(|a| a.conn.clone()).collect()),
+        };
         let room = &run[0].room;
-        if let Err(e) = broker.publish(room, event.to_payload(), false).wait() {
+        let outcome = broker.publish(room, event.to_payload(), change).wait();
+        if let Err(e) = &outcome {
             log::debug!("could not announce {} {kind:?} in {room}: {e}", run.len());
         }
+        carried_by.extend(
+            run.iter()
+                .map(|_| outcome.clone().map(|()| event.id.clone())),
+        );
         start = end;
     }
-    for (request, id) in requests.into_iter().zip(carried_by) {
+    for (request, outcome) in requests.into_iter().zip(carried_by) {
         if let Some(published) = request.published {
-            let _ = published.send(id);
+            let _ = published.send(outcome);
         }
     }
 }

@@ -11,7 +11,6 @@
 //! drops them in that order: first the subscriber thread (so nothing more is
 //! written), then the socket, then the member list and the room's notice.
 
-use std::collections::HashSet;
 use std::net::Shutdown;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
@@ -19,12 +18,12 @@ use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::outbox::{Outbox, Start};
+use super::outbox::{Outbox, Start, Welcomed};
 use super::reader::{self, ChatHandler};
 use super::socket::{self, Writer};
 use super::subscriber;
 use super::{Conn, Context, Ending, SessionError, announce};
-use crate::broker::Subscription;
+use crate::broker::{BrokerError, Subscription};
 use crate::protocol::{Kind, Member};
 
 /// A chat connection after its start: welcomed, subscribed, on the list.
@@ -133,7 +132,7 @@ pub(super) struct SubscriberThread {
     /// The start-up "go", until it is sent (then dropped at once: an idle
     /// connection keeps no channel it no longer needs). Dropped unsent, it
     /// tells the subscriber that the client did not get that far.
-    go: Option<Sender<HashSet<String>>>,
+    go: Option<Sender<Welcomed>>,
     /// Dropped when the reader stops reading: the subscriber uses it to
     /// wait (bounded) for a close handshake to finish.
     reader_done: Option<Sender<()>>,
@@ -191,11 +190,11 @@ impl SubscriberThread {
         }
     }
 
-    /// Lets the subscriber deliver the room, skipping the messages with
-    /// these ids (sent already).
-    pub(super) fn go(&mut self, skip: HashSet<String>) {
+    /// Lets the subscriber deliver the room, skipping what the welcome
+    /// sent already.
+    pub(super) fn go(&mut self, welcomed: Welcomed) {
         if let Some(go) = self.go.take() {
-            let _ = go.send(skip);
+            let _ = go.send(welcomed);
         }
     }
 }
@@ -224,22 +223,40 @@ pub(super) struct Membership {
 }
 
 impl Membership {
-    /// Puts the client on its room's member list.
+    /// Puts the client on its room's member list, in the same step as its
+    /// join is logged and announced; returns once that is done, with the
+    /// id of the event that carried the join if it was a coalesced one
+    /// (the client skips it when it arrives: nobody is told of their own
+    /// arrival).
     pub(super) fn join(
         conn: &Arc<Conn>,
         ctx: &Arc<Context>,
         member: &Member,
-    ) -> Result<Membership, SessionError> {
-        if let Err(e) = ctx.broker.join(&member.room, &conn.id, &member.nickname) {
+    ) -> Result<(Membership, Option<String>), SessionError> {
+        let failed = |e: BrokerError| {
             conn.end(Ending::RelayFailed(e.clone()));
-            return Err(SessionError::Relay(e));
-        }
-        Ok(Membership {
+            SessionError::Relay(e)
+        };
+        ctx.broker.enter(&member.room).map_err(failed)?;
+        let mut membership = Membership {
             conn: Arc::clone(conn),
             ctx: Arc::clone(ctx),
             member: member.clone(),
             left: false,
-        })
+        };
+        let joined = announcement(conn, member, Kind::Join, "joined");
+        match ctx.announcer.announce_and_wait(joined) {
+            Ok(own_join) => Ok((membership, own_join)),
+            Err(e) => {
+                // Not joined, unless Redis may have done it all the same:
+                // then the guard's leave takes the client off again.
+                membership.left = !e.is_uncertain();
+                if membership.left {
+                    ctx.broker.exit(&member.room);
+                }
+                Err(failed(e))
+            }
+        }
     }
 
     /// Leaves, telling the room `text` ("left (timed out)").
@@ -254,13 +271,8 @@ impl Membership {
         let Membership {
             conn, ctx, member, ..
         } = &*self;
-        if let Err(e) = ctx.broker.leave(&member.room, &conn.id) {
-            log::debug!(
-                "{}: could not leave the member list of {}: {e}",
-                conn.id,
-                member.room
-            );
-        }
+        ctx.broker.exit(&member.room);
+        // Off the member list in the same step as the leave is announced.
         // Best effort: the room may be unreachable, which the client has
         // been told about already.
         ctx.announcer

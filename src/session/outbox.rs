@@ -14,7 +14,7 @@ use tungstenite::Message;
 
 use super::socket::Writer;
 use super::{Conn, Context, Ending};
-use crate::broker::Event;
+use crate::broker::{Event, Place};
 use crate::protocol::{ChatMessage, ConnId, Incoming, Kind, Member, ServerFrame, unix_millis};
 
 /// The subscriber thread's half of the start-up handshake.
@@ -22,9 +22,21 @@ pub(super) struct Start {
     /// Sent to once subscribed.
     pub(super) ready: Sender<()>,
     /// Received from once the client has its `101`, its history and who is
-    /// in the room, with the ids of messages not to deliver (see
-    /// [`Delivery::skip`]); disconnected if the client did not get that far.
-    pub(super) go: Receiver<HashSet<String>>,
+    /// in the room (see [`Welcomed`]); disconnected if the client did not
+    /// get that far.
+    pub(super) go: Receiver<Welcomed>,
+}
+
+/// What the welcome sent, so that nothing reaches the client twice.
+#[derive(Debug, Default)]
+pub(super) struct Welcomed {
+    /// The place in the room's log the welcome sent up to: what arrives live
+    /// at or before it (same epoch) was sent already.
+    pub(super) mark: Option<Place>,
+    /// Ids of messages not to deliver, each expected once: the coalesced
+    /// announcement of the client's own join (a single one carries the
+    /// client's `conn`: `is_from`).
+    pub(super) skip: HashSet<String>,
 }
 
 /// Everything needed to write the room to one client, that does not change.
@@ -38,10 +50,8 @@ pub(super) struct Outbox {
 /// What writing the room to one client keeps track of.
 #[derive(Default)]
 pub(super) struct Delivery {
-    /// Ids of messages not to deliver, each expected once: those already
-    /// sent from the history, and the coalesced announcement of the client's
-    /// own join (a single one carries the client's `conn`: `is_from`).
-    skip: HashSet<String>,
+    /// What the welcome sent.
+    welcomed: Welcomed,
     /// Whether the client has its `101` (so frames may be written).
     pub(super) upgraded: bool,
     /// Room messages waiting for the next flush (see [`Outbox::flush`]).
@@ -203,8 +213,8 @@ impl Outbox {
             return ControlFlow::Break(());
         }
         match start.go.recv() {
-            Ok(skip) => {
-                delivery.skip = skip;
+            Ok(welcomed) => {
+                delivery.welcomed = welcomed;
                 delivery.upgraded = true;
                 ControlFlow::Continue(())
             }
@@ -284,9 +294,16 @@ impl Outbox {
         if msg.is_from(&self.conn.id) {
             return Ok(());
         }
-        if !delivery.skip.is_empty()
+        let welcomed = &mut delivery.welcomed;
+        if let (Some(mark), Some(at)) = (&welcomed.mark, msg.at())
+            && at.epoch == mark.epoch
+            && at.offset <= mark.offset
+        {
+            return Ok(()); // Sent from the log already.
+        }
+        if !welcomed.skip.is_empty()
             && let Some(id) = &msg.id
-            && delivery.skip.remove(id)
+            && welcomed.skip.remove(id)
         {
             return Ok(());
         }

@@ -25,7 +25,7 @@ use super::liveness::Stalled;
 use super::rate::{RateLimiter, Verdict};
 use super::socket::{self, ReadSide, Writer};
 use super::{Conn, Context, Ending};
-use crate::broker::{BrokerError, Receipt};
+use crate::broker::{BrokerError, MemberChange, Receipt};
 use crate::protocol::Member;
 use crate::protocol::{ChatMessage, ServerFrame, clean_message, message_text};
 
@@ -414,10 +414,10 @@ impl Handler for ChatHandler<'_> {
             self.sent,
             body.into_owned(),
         );
-        let receipt = self
-            .ctx
-            .broker
-            .publish(&self.member.room, chat.to_payload(), true);
+        let receipt =
+            self.ctx
+                .broker
+                .publish(&self.member.room, chat.to_payload(), MemberChange::None);
         self.in_flight.push_back(InFlight { receipt, preview });
         Next::Continue
     }

@@ -11,11 +11,12 @@ use std::sync::Arc;
 
 use tungstenite::http::StatusCode;
 
-use super::chat::{Chat, Membership, Open, SubscriberThread, announcement};
+use super::chat::{Chat, Membership, Open, SubscriberThread};
+use super::outbox::Welcomed;
 use super::socket::{self, Writer};
 use super::{Conn, Context, SessionError, liveness, route, welcome};
 use crate::http::{self, Outcome, Target};
-use crate::protocol::{Kind, Member};
+use crate::protocol::Member;
 
 /// What a connection's start leaves for the rest of its life.
 pub(super) enum Started {
@@ -120,19 +121,18 @@ fn start_chat(
     conn.set_canceller(subscription.canceller());
     let mut subscriber = SubscriberThread::start(conn, ctx, &member, &writer, subscription)?;
     subscriber.wait_until_subscribed()?;
-    // The newest message in the history now: the welcome sends the history
+    // The end of the room's log now (the *mark*): the welcome sends the log
     // up to here, and whatever comes after reaches the client live.
-    let mark = ctx.broker.history_mark(&member.room);
-    let membership = Membership::join(conn, ctx, &member)?;
-    let own_join =
-        ctx.announcer
-            .announce_and_wait(announcement(conn, &member, Kind::Join, "joined"));
+    let mark = ctx.broker.log_end(&member.room);
+    let (membership, own_join) = Membership::join(conn, ctx, &member)?;
     http::accept(&conn.stream, response)?;
 
-    let mut skip = welcome::welcome(conn, ctx, &member, &writer, mark);
+    let mark = welcome::welcome(conn, ctx, &member, &writer, mark);
     // Nobody is told of their own arrival.
-    skip.extend(own_join);
-    subscriber.go(skip);
+    subscriber.go(Welcomed {
+        mark,
+        skip: own_join.into_iter().collect(),
+    });
     let open = Open::count(ctx);
     ctx.metrics.connections_total.inc();
     log::info!(

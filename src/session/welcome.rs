@@ -1,16 +1,25 @@
-//! What a client gets right after its `101`: the room's recent history,
-//! then who is in the room.
+//! What a client gets right after its `101`: the room's recent history
+//! (or, for a client reconnecting with `?since=`, everything it missed and
+//! whether that was everything), then who is in the room.
 //!
-//! **History without gap or duplicate.** As soon as the client is
-//! subscribed, before anything else, the connection takes the history's
-//! *mark*: the id of its newest message (`Broker::history_mark`). The
-//! welcome then reads the history and sends it up to the mark, no further.
-//! Every message up to the mark was in the history; every message after it
-//! was published after the subscription was live, so it reaches the client
-//! live. A message both sent from the history and delivered live (published
-//! between the subscription and the mark) is removed by id: `welcome`
-//! returns the ids it sent, and the subscriber thread skips them when they
-//! arrive live.
+//! **Without gap or duplicate.** As soon as the client is subscribed,
+//! before anything else, the connection takes the room log's *mark*: the
+//! place of its newest entry (`Broker::log_end`). The welcome then reads the
+//! log and sends it up to the mark, no further. Every entry up to the mark
+//! was in the log; every entry after it was published after the
+//! subscription was live, so it reaches the client live. What arrives live
+//! at or before the mark (published between the subscription and the mark)
+//! was sent already: the subscriber thread skips it by its offset.
+//!
+//! **Recovery.** A client that reconnects with `?since=N&epoch=E` gets every
+//! entry after offset `N` — chat messages, joins and leaves, marked
+//! `recovered` — if the log still holds them and is the same log (epoch
+//! `E`), then a `recovery` frame that says so. Otherwise it gets the latest
+//! history and a `recovery` frame that says what could not be recovered:
+//! never a silent gap.
+//!
+//! **Presence.** The presence frame says which offset of the log its list
+//! reflects: a join or leave at or before it is already counted.
 //!
 //! **Bounded memory.** A room's history is bounded in bytes
 //! (`--history-bytes`). A joiner holds none of it while it waits for its
@@ -26,16 +35,16 @@
 //! only spread the storm's freed memory over more of glibc's per-thread
 //! arenas, where it stays resident (docs/PERFORMANCE.md, scenario d).
 
-use std::collections::HashSet;
 use std::sync::{Condvar, Mutex};
 
 use tungstenite::Message;
 
 use super::socket::{TrySend, Writer};
 use super::{Conn, Context, Ending};
-use crate::broker::BrokerError;
-use crate::protocol::Member;
-use crate::protocol::{ChatMessage, PRESENCE_LIST, SERVER_NICKNAME, ServerFrame};
+use crate::broker::{BrokerError, Log, Mark, Place};
+use crate::protocol::{
+    ChatMessage, Kind, Member, PRESENCE_LIST, Replay, SERVER_NICKNAME, ServerFrame,
+};
 
 /// Most welcomes (a history read, rendered, and written as far as the
 /// socket takes it at once) under way together.
@@ -77,42 +86,37 @@ impl Drop for Turn<'_> {
     }
 }
 
-/// Reads the history and sends it up to `mark` (marked as history), then a
-/// presence frame. Returns the ids of the messages sent from the history.
-/// A failed write ends the connection (the reader then finds the socket
-/// closed).
+/// Sends the history up to `mark` (or, resuming, what the client missed,
+/// and a `recovery` frame), then a presence frame. Returns the mark, for
+/// the subscriber thread to skip what was sent already. A failed write ends
+/// the connection (the reader then finds the socket closed).
 pub(super) fn welcome(
     conn: &Conn,
     ctx: &Context,
     member: &Member,
     writer: &Writer,
-    mark: Result<Option<String>, BrokerError>,
-) -> HashSet<String> {
+    mark: Result<Option<Mark>, BrokerError>,
+) -> Option<Place> {
     let presence = presence(ctx, member);
-    let (from_history, mut unsent) = {
-        // A turn bounds the memory of histories read at once: with nothing
-        // to read (an empty history), none is needed.
-        let _turn = matches!(mark, Ok(Some(_))).then(|| ctx.welcomes.start());
-        let (history, ids, notice) = match mark.and_then(|mark| history(ctx, member, mark)) {
-            Ok((history, ids)) => (history, ids, None),
+    let sent_up_to = mark.as_ref().ok().cloned().flatten().map(|mark| mark.end);
+    let mut unsent = {
+        // A turn bounds the memory of logs read at once: with nothing to
+        // read (no log, or an empty one), none is needed.
+        let reads = matches!(&mark, Ok(Some(mark)) if mark.holds_any());
+        let _turn = reads.then(|| ctx.welcomes.start());
+        let mut frames = match mark.and_then(|mark| replay(ctx, member, mark.as_ref())) {
+            Ok(frames) => frames,
             Err(e) => {
                 let text = format!("could not load the room's history ({e})");
-                let notice = ServerFrame::notice(&text).render(member.format);
-                (Vec::new(), HashSet::new(), Some(Message::text(notice)))
+                let mut frames = vec![ServerFrame::notice(&text).render(member.format)];
+                if member.resume.is_some() {
+                    let message = "could not recover what you missed: the chat relay failed";
+                    frames.push(recovery(member, message, false, None));
+                }
+                frames.into_iter().map(Message::text).collect()
             }
         };
-        // Each payload is dropped once its frame is made.
-        let mut frames: Vec<Message> = history
-            .into_iter()
-            .filter_map(|payload| {
-                // Junk in the history was reported when it was published.
-                let msg = ChatMessage::from_payload(&payload).ok()?;
-                let frame = ServerFrame::from_event(&msg, true).render(member.format);
-                Some(Message::text(frame))
-            })
-            .chain(notice)
-            .chain([Message::text(presence)])
-            .collect();
+        frames.push(Message::text(presence));
         // What the socket takes at once. A client that does not read keeps
         // the rest waiting in its writer, not the turn.
         match writer.try_send_all(&mut frames) {
@@ -121,10 +125,10 @@ pub(super) fn welcome(
             TrySend::Busy => {}
             TrySend::Failed(e) => {
                 conn.end(Ending::from_write_error(&e));
-                return ids;
+                return sent_up_to;
             }
         }
-        (ids, frames)
+        frames
     };
     // The rest, blocking (up to the write timeout), with the turn free.
     match writer.send_all(unsent.drain(..)) {
@@ -132,39 +136,93 @@ pub(super) fn welcome(
         Ok(()) => writer.release_buffer(),
         Err(e) => conn.end(Ending::from_write_error(&e)),
     }
-    from_history
+    sent_up_to
 }
 
-/// The history up to `mark`, and the ids of its messages. A mark that is
-/// no longer in the history (it has moved on since) leaves nothing to
-/// send: what came after the mark reaches the client live.
-fn history(
+/// The frames of what the log holds up to `mark`: the history's chat
+/// messages; or, for a client resuming, every entry after what it has and a
+/// `recovery` frame saying whether that was everything.
+fn replay(
     ctx: &Context,
     member: &Member,
-    mark: Option<String>,
-) -> Result<(Vec<Vec<u8>>, HashSet<String>), BrokerError> {
-    /// Only the id: the rest of a payload is skipped, not copied.
-    #[derive(serde::Deserialize)]
-    struct Id {
-        id: Option<String>,
-    }
-    let Some(mark) = mark else {
-        return Ok((Vec::new(), HashSet::new()));
+    mark: Option<&Mark>,
+) -> Result<Vec<Message>, BrokerError> {
+    let log = match mark {
+        Some(mark) if mark.holds_any() => ctx.broker.log(&member.room)?,
+        // Nothing to read: what the mark says is all there is to know.
+        Some(mark) => Log {
+            epoch: Some(mark.end.epoch.clone()),
+            first: mark.first,
+            entries: Vec::new(),
+        },
+        None => Log::default(),
     };
-    let mut history = ctx.broker.history(&member.room)?;
-    let mut ids = HashSet::new();
-    for (at, payload) in history.iter().enumerate() {
-        let Ok(Id { id: Some(id) }) = serde_json::from_slice(payload) else {
-            continue;
+    let mark = mark.map(|mark| &mark.end);
+    // Entries up to the mark, of the mark's log: what comes after reaches
+    // the client live. Each payload is dropped once its frame is made.
+    let upto = |msg: &ChatMessage| matches!((msg.at(), mark), (Some(at), Some(mark)) if at.epoch == mark.epoch && at.offset <= mark.offset);
+    let entries = log
+        .entries
+        .into_iter()
+        // Junk in the log was reported when it was published.
+        .filter_map(|payload| ChatMessage::from_payload(&payload).ok())
+        .filter(upto);
+    let Some(resume) = &member.resume else {
+        return Ok(history(member, entries));
+    };
+    let same_log = mark.is_some_and(|mark| mark.epoch == resume.epoch)
+        && log.epoch.as_deref() == Some(resume.epoch.as_str());
+    let reaches = log.first <= resume.since.saturating_add(1)
+        && mark.is_some_and(|mark| resume.since <= mark.offset);
+    if same_log && reaches {
+        let missed: Vec<ChatMessage> = entries
+            .filter(|msg| msg.offset.is_some_and(|offset| offset > resume.since))
+            .collect();
+        let text = match missed.len() {
+            0 => "you missed nothing".to_owned(),
+            1 => "recovered the one message or event you missed".to_owned(),
+            n => format!("recovered the {n} messages and events you missed"),
         };
-        let last = id == mark;
-        ids.insert(id);
-        if last {
-            history.truncate(at + 1);
-            return Ok((history, ids));
-        }
+        let mut frames: Vec<Message> = missed
+            .iter()
+            .map(|msg| ServerFrame::from_event(msg, Replay::Recovered).render(member.format))
+            .map(Message::text)
+            .collect();
+        frames.push(Message::text(recovery(member, &text, true, mark)));
+        return Ok(frames);
     }
-    Ok((Vec::new(), HashSet::new()))
+    let why = if !same_log {
+        "the room's log was reset since (Redis lost it); the latest history is above"
+    } else if mark.is_some_and(|mark| resume.since > mark.offset) {
+        "that offset is not in the room's log; the latest history is above"
+    } else {
+        "the room's log no longer reaches back that far; the latest history is above"
+    };
+    let text = format!("could not recover everything you missed: {why}");
+    let mut frames = history(member, entries);
+    frames.push(Message::text(recovery(member, &text, false, mark)));
+    Ok(frames)
+}
+
+/// The chat messages among `entries`, as history frames.
+fn history(member: &Member, entries: impl Iterator<Item = ChatMessage>) -> Vec<Message> {
+    entries
+        .filter(|msg| msg.kind == Kind::Chat)
+        .map(|msg| ServerFrame::from_event(&msg, Replay::History).render(member.format))
+        .map(Message::text)
+        .collect()
+}
+
+/// A `recovery` frame.
+fn recovery(member: &Member, text: &str, complete: bool, at: Option<&Place>) -> String {
+    ServerFrame::Recovery {
+        nickname: SERVER_NICKNAME,
+        message: text,
+        complete,
+        offset: at.map(|at| at.offset),
+        epoch: at.map(|at| at.epoch.as_str()),
+    }
+    .render(member.format)
 }
 
 /// The presence frame: everyone in a small room, a count and some names in
@@ -190,6 +248,8 @@ fn presence(ctx: &Context, member: &Member) -> String {
         room: room.name(),
         members: &presence.nicknames,
         count: presence.count,
+        offset: presence.at.as_ref().map(|at| at.offset),
+        epoch: presence.at.as_ref().map(|at| at.epoch.as_str()),
     }
     .render(member.format)
 }

@@ -140,14 +140,48 @@ test("two pages and a WebSocket client chat; user text stays text", async () => 
   await Promise.all([ann.close(), ben.close(), cat.close()]);
 });
 
-test("the page reconnects when the server restarts", async () => {
-  const page = await openChat("dee", "");
+test("the page reconnects when the server restarts, and says what it could not recover", async () => {
+  const page = await openChat("dee", "restart");
+  const cli = wsClient(server.addr, "cli", "restart");
+  await cli.opened;
+  cli.ws.send("before the restart");
+  await until("dee sees it", async () => (await lines(page)).some((l) => l.includes("before the restart")));
   const port = Number(server.addr.split(":")[1]);
   await stopServer(server);
   await page.waitForSelector("#status:not(.online)", { timeout: PATIENCE });
+  // The in-process relay's log is gone with the process: a new epoch.
   server = await startServer(port);
   await page.waitForSelector("#status.online", { timeout: PATIENCE });
   await until("the page is back in the room", async () => (await members(page)).includes("dee"));
+  await until("the page says it could not recover everything", async () =>
+    (await page.$$eval("#messages li.gap", (items) => items.length)) === 1);
+  await page.close();
+});
+
+test("a page cut off while others chat shows each message once, in order, when it is back", async () => {
+  const page = await openChat("eve", "recover");
+  const cli = wsClient(server.addr, "fay", "recover");
+  await cli.opened;
+  cli.ws.send("one");
+  await until("eve sees one", async () => (await lines(page)).some((l) => l.includes("one")));
+  await page.fill("#text", "mine before the cut");
+  await page.click("#send");
+  await until("fay gets eve's message", () => cli.frames.some((f) => f.message === "mine before the cut"));
+  // The network drops: the page's socket closes, and the page reconnects
+  // by itself after its back-off (half a second at least).
+  await page.evaluate(() => socket.close(4000, "cut off"));
+  for (const text of ["two", "three", "four"]) cli.ws.send(text);
+  await until("eve is back and has four", async () => (await lines(page)).some((l) => l.includes("four")));
+  cli.ws.send("five");
+  await until("eve has five", async () => (await lines(page)).some((l) => l.includes("five")));
+  const chat = (await page.$$eval("#messages li.chat", (items) => items.map((li) => li.textContent)));
+  for (const text of ["one", "two", "three", "four", "five", "mine before the cut"]) {
+    assert.equal(chat.filter((l) => l.includes(text)).length, 1, `"${text}" once in ${JSON.stringify(chat)}`);
+  }
+  const order = ["one", "two", "three", "four", "five"].map((t) => chat.findIndex((l) => l.includes(t)));
+  assert.deepEqual(order, [...order].sort((a, b) => a - b), `in order: ${JSON.stringify(chat)}`);
+  assert.equal(await page.$$eval("#messages li.gap", (items) => items.length), 0);
+  cli.ws.close();
   await page.close();
 });
 

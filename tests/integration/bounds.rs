@@ -38,17 +38,12 @@ fn history_is_bounded_in_bytes(server: &Server) {
     while !bob.recv_chat().1.starts_with("9 ") {}
     bob.send("sync");
     alice.recv_chat();
-    let mut carol = server.client("carol");
-    let mut history = Vec::new();
-    loop {
-        let frame = carol.recv();
-        if frame["type"] == "presence" {
-            break;
-        }
-        if frame["history"] == true {
-            history.push(frame["message"].as_str().unwrap().to_owned());
-        }
-    }
+    let history: Vec<String> = server
+        .client("carol")
+        .recv_history()
+        .iter()
+        .map(|frame| frame["message"].as_str().unwrap().to_owned())
+        .collect();
     // About 1 KB each as stored: three fit in 4 KiB, the newest ones.
     assert!(
         (2..=4).contains(&history.len()),

@@ -12,6 +12,7 @@ mod http;
 mod interop;
 mod lifecycle;
 mod limits;
+mod recovery;
 mod redis_wire;
 mod rooms;
 mod startup;

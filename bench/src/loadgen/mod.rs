@@ -33,6 +33,11 @@ pub(crate) struct Args {
     /// The threadchat binary to test.
     #[arg(long, default_value = "target/release/threadchat")]
     threadchat: String,
+    /// Room log entries the server keeps (`--history`) in scenarios a, b
+    /// and c: 0, the default, measures relaying alone; 50, the server's
+    /// default, adds keeping the log.
+    #[arg(long, default_value_t = 0)]
+    history: usize,
 }
 
 /// Runs the scenarios the command line asks for and prints the tables.
@@ -56,7 +61,8 @@ pub fn main() -> anyhow::Result<()> {
                 attack_rows.push(row);
                 continue;
             }
-            let env = Env::start(&args, relay, &["--history", "0"])?;
+            let history = args.history.to_string();
+            let env = Env::start(&args, relay, &["--history", &history])?;
             let mut row = match scenario.as_str() {
                 "a" => fan_out(&env, 1000, 1, Pace::PerSecond(10), Duration::from_secs(10))?,
                 "b" => fan_out(&env, 100, 10, Pace::FlatOut, Duration::from_secs(5))?,

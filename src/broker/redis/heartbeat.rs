@@ -52,19 +52,13 @@ impl RedisBroker {
                     for room in &rooms {
                         cmds.extend(RedisBroker::refresh(room, room_ttl));
                     }
-                    let _ = lane.try_send(Job {
-                        cmds,
-                        reply: Reply::None,
-                    });
+                    let _ = lane.try_send(Job::commands(cmds, Reply::None));
                     // Is Redis there? A PING fails only when the connection
                     // does (an error reply to SET, say out of memory, would
                     // not mean the subscriptions are dead). A paused Redis
                     // is noticed by the publisher's I/O timeout.
                     let (answer_tx, answer) = crossbeam_channel::bounded(1);
-                    let ping = Job {
-                        cmds: vec![redis::cmd("PING")],
-                        reply: Reply::Values(answer_tx),
-                    };
+                    let ping = Job::commands(vec![redis::cmd("PING")], Reply::Values(answer_tx));
                     if lane.try_send(ping).is_ok() {
                         crossbeam_channel::select! {
                             recv(answer) -> answer => if let Ok(Err(e)) = answer {
@@ -87,10 +81,7 @@ impl RedisBroker {
                 // Gone on purpose: no need to wait for the key to expire.
                 let mut del = redis::cmd("DEL");
                 del.arg(&key);
-                let _ = lane.try_send(Job {
-                    cmds: vec![del],
-                    reply: Reply::None,
-                });
+                let _ = lane.try_send(Job::commands(vec![del], Reply::None));
             })
             .map_err(|e| BrokerError::Redis(format!("cannot start the heartbeat thread: {e}")))?;
         self.heartbeat_stop = Some(stop_tx);

@@ -33,18 +33,23 @@
 //! checks), on any lane: a job is a short list of commands and, when the
 //! caller waits, a channel for the answer.
 //!
-//! **Rooms' state in Redis.** A room's history is a list bounded in count
-//! and in bytes, with its size in bytes kept in a key beside it. A chat
-//! message is appended and published by one Lua script
-//! (`RECORD_AND_PUBLISH`, in `broker/scripts.rs`): Redis runs a script whole or not at all, so a
-//! message is either recorded *and* published, or neither — and when Redis
-//! refuses writes (`maxmemory` with `noeviction`), the sender is told so
-//! truthfully. The message is in the history before anyone can receive it.
-//! A room's members are a hash, connection id → nickname. Every instance
-//! refreshes a key `threadchat:instance:{id}` (30 s expiry) every 10 s from
-//! its heartbeat thread; members whose instance key has expired — the
-//! instance crashed or was killed — are left out of member lists and
-//! removed. Every per-room key expires `--room-ttl` after its last use:
+//! **Rooms' state in Redis** (key names in [`keys`]). A room's *log* is a
+//! list bounded in count and in bytes, with its size in bytes kept in a key
+//! beside it and its position (epoch, last offset given, first still held)
+//! in a hash. Every chat message, join and leave is given the next offset,
+//! logged, and published by one Lua script (`LOG_AND_PUBLISH`, in
+//! `scripts.rs`): Redis runs a script whole or not at all, so an event is
+//! logged *and* published, or neither — and when Redis refuses writes
+//! (`maxmemory` with `noeviction`), the sender is told so truthfully. The
+//! same script changes the member list (a hash, connection id → nickname)
+//! for a join or a leave, so the list agrees with the log at every offset.
+//! A publisher sends a run of one room's events that wait next to each
+//! other on its lane as one call of the script (`coalesce.rs`): one
+//! `EVALSHA` per message made Redis read too few messages per turn of its
+//! event loop. Every instance refreshes a key `threadchat:instance:{id}`
+//! (30 s expiry) every 10 s from its heartbeat thread; members whose
+//! instance key has expired — the instance crashed or was killed — are
+//! left out of member lists and removed. Every per-room key expires `--room-ttl` after its last use:
 //! each message and join refreshes it, and the heartbeat refreshes the keys
 //! of rooms that have members on this instance, so only abandoned rooms
 //! expire.
@@ -59,6 +64,7 @@
 //! the job senders; each publisher's `recv()` then fails, it leaves its loop,
 //! and the drop joins it.
 
+mod coalesce;
 mod heartbeat;
 mod keys;
 mod listener;
@@ -77,14 +83,16 @@ use crossbeam_channel::Sender;
 use redis::Client;
 
 use super::fanout::Fanout;
-use super::{Broker, BrokerError, Presence, Receipt, Settings, Subscription};
+use super::{
+    Broker, BrokerError, Log, Mark, MemberChange, Place, Presence, Receipt, Settings, Subscription,
+};
 use crate::config::Subscriptions;
 use crate::metrics::Metrics;
-use crate::protocol::{ConnId, Nickname, Room};
+use crate::protocol::{ConnId, Room};
+use coalesce::{Event, LogBounds, Work};
 use heartbeat::keep_alive;
 use listener::{RedisListener, SubscriptionSockets};
 use publisher::{Job, Publisher, Reply};
-use scripts::{HISTORY_MARK, RECORD_AND_PUBLISH, sha_of};
 use shared::{SharedFeeds, dispatchers_per_room};
 
 /// Publisher threads (and so publishing connections) per process.
@@ -159,6 +167,11 @@ impl RedisBroker {
             let publisher = Publisher {
                 client: client.clone(),
                 connection: None,
+                bounds: LogBounds {
+                    history: settings.history,
+                    history_bytes: settings.history_bytes,
+                    room_ttl: settings.room_ttl,
+                },
             };
             let handle = thread::Builder::new()
                 .name(name)
@@ -216,26 +229,31 @@ impl RedisBroker {
     /// Runs `cmds` on a query connection and waits for their replies.
     fn run(&self, cmds: Vec<redis::Cmd>) -> Result<Vec<redis::Value>, BrokerError> {
         let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
-        let job = Job {
-            cmds,
-            reply: Reply::Values(reply_tx),
-        };
+        let job = Job::commands(cmds, Reply::Values(reply_tx));
         let n = self.next_lane.fetch_add(1, Ordering::Relaxed);
         let queries = self.queries.get(n % POOL_SIZE).ok_or(BrokerError::Closed)?;
         queries.send(job).map_err(|_| BrokerError::Closed)?;
         reply_rx.recv().map_err(|_| BrokerError::Closed)?
     }
 
+    /// Runs `cmds` in one `MULTI`/`EXEC` transaction on a query connection
+    /// — Redis runs them with nothing in between — and reads their replies
+    /// as `T` (a tuple, one element per command).
+    fn transaction<T: redis::FromRedisValue>(
+        &self,
+        cmds: Vec<redis::Cmd>,
+    ) -> Result<T, BrokerError> {
+        let mut all = Vec::with_capacity(cmds.len() + 2);
+        all.push(redis::cmd("MULTI"));
+        all.extend(cmds);
+        all.push(redis::cmd("EXEC"));
+        from_value(self.run(all)?.pop())
+    }
+
     /// `PEXPIRE` for each of a room's keys: they live `--room-ttl` more.
     fn refresh(room: &Room, ttl: Duration) -> impl Iterator<Item = redis::Cmd> {
         let ttl = ttl.as_millis() as u64;
-        [
-            keys::members(room),
-            keys::history(room),
-            keys::history_bytes(room),
-        ]
-        .into_iter()
-        .map(move |key| {
+        keys::of_room(room).into_iter().map(move |key| {
             let mut pexpire = redis::cmd("PEXPIRE");
             pexpire.arg(key).arg(ttl);
             pexpire
@@ -244,114 +262,17 @@ impl RedisBroker {
 
     /// Runs `cmds` without waiting (or caring) for the outcome.
     fn run_detached(&self, cmds: Vec<redis::Cmd>) {
-        let _ = self.lane().try_send(Job {
-            cmds,
-            reply: Reply::None,
-        });
+        let _ = self.lane().try_send(Job::commands(cmds, Reply::None));
     }
 
-    fn instance_id(&self) -> String {
-        format!("{:016x}", self.settings.instance)
-    }
-}
-
-impl Broker for RedisBroker {
-    fn instance(&self) -> u64 {
-        self.settings.instance
-    }
-
-    fn publish(&self, room: &Room, payload: Vec<u8>, record: bool) -> Receipt {
-        let settings = &self.settings;
-        let cmd = if record && settings.history > 0 {
-            let mut eval = redis::cmd("EVALSHA");
-            eval.arg(sha_of(RECORD_AND_PUBLISH))
-                .arg(2)
-                .arg(keys::history(room))
-                .arg(keys::history_bytes(room))
-                .arg(payload)
-                .arg(settings.history)
-                .arg(settings.history_bytes)
-                .arg(settings.room_ttl.as_millis() as u64)
-                .arg(room.channel());
-            eval
-        } else {
-            let mut publish = redis::cmd("PUBLISH");
-            publish.arg(room.channel()).arg(payload);
-            publish
-        };
-        let (answer_tx, answer_rx) = crossbeam_channel::bounded(1);
-        let job = Job {
-            cmds: vec![cmd],
-            reply: Reply::Done(answer_tx),
-        };
-        // Blocks while the lane's queue is full: back-pressure on senders.
-        match self.room_lane(room).send(job) {
-            Ok(()) => Receipt::Pending(answer_rx),
-            Err(_) => Receipt::Settled(Err(BrokerError::Closed)),
-        }
-    }
-
-    fn history(&self, room: &Room) -> Result<Vec<Vec<u8>>, BrokerError> {
-        if self.settings.history == 0 {
-            return Ok(Vec::new());
-        }
-        let mut lrange = redis::cmd("LRANGE");
-        lrange.arg(keys::history(room)).arg(0).arg(-1);
-        let replies = self.run(vec![lrange])?;
-        redis::from_redis_value(replies.into_iter().next().unwrap_or(redis::Value::Nil))
-            .map_err(|e| BrokerError::Redis(e.to_string()))
-    }
-
-    fn history_mark(&self, room: &Room) -> Result<Option<String>, BrokerError> {
-        if self.settings.history == 0 {
-            return Ok(None);
-        }
-        let mut eval = redis::cmd("EVALSHA");
-        eval.arg(sha_of(HISTORY_MARK))
-            .arg(1)
-            .arg(keys::history(room));
-        let replies = self.run(vec![eval])?;
-        redis::from_redis_value(replies.into_iter().next().unwrap_or(redis::Value::Nil))
-            .map_err(|e| BrokerError::Redis(e.to_string()))
-    }
-
-    fn join(&self, room: &Room, conn: &ConnId, nickname: &Nickname) -> Result<(), BrokerError> {
-        let mut hset = redis::cmd("HSET");
-        hset.arg(keys::members(room))
-            .arg(conn.as_str())
-            .arg(nickname.as_str());
-        let mut cmds = vec![hset];
-        cmds.extend(RedisBroker::refresh(room, self.settings.room_ttl));
-        self.run(cmds)?;
-        let mut rooms = self.local_rooms.lock().unwrap_or_else(|p| p.into_inner());
-        *rooms.entry(room.clone()).or_default() += 1;
-        Ok(())
-    }
-
-    fn leave(&self, room: &Room, conn: &ConnId) -> Result<(), BrokerError> {
-        {
-            let mut rooms = self.local_rooms.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(count) = rooms.get_mut(room) {
-                *count -= 1;
-                if *count == 0 {
-                    rooms.remove(room);
-                }
-            }
-        }
-        let mut hdel = redis::cmd("HDEL");
-        hdel.arg(keys::members(room)).arg(conn.as_str());
-        let mut cmds = vec![hdel];
-        cmds.extend(RedisBroker::refresh(room, self.settings.room_ttl));
-        self.run(cmds).map(|_| ())
-    }
-
-    fn members(&self, room: &Room) -> Result<Vec<String>, BrokerError> {
-        let mut hgetall = redis::cmd("HGETALL");
-        hgetall.arg(keys::members(room));
-        let reply = self.run(vec![hgetall])?.into_iter().next();
-        let entries: Vec<(String, String)> =
-            redis::from_redis_value(reply.unwrap_or(redis::Value::Nil))
-                .map_err(|e| BrokerError::Redis(e.to_string()))?;
+    /// The nicknames of `entries` (connection, nickname) whose instance is
+    /// alive, sorted; members of instances that died are removed for
+    /// everyone.
+    fn live_members(
+        &self,
+        room: &Room,
+        entries: Vec<(String, String)>,
+    ) -> Result<Vec<String>, BrokerError> {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
@@ -395,36 +316,132 @@ impl Broker for RedisBroker {
         Ok(members)
     }
 
+    /// The oldest offset a room's log holds, from its position hash: with
+    /// no log kept (`--history 0`) the script does not keep `first`, and
+    /// it is always one past the last.
+    fn first(&self, first: u64, last: u64) -> u64 {
+        if self.settings.history == 0 {
+            last + 1
+        } else {
+            first
+        }
+    }
+
+    fn instance_id(&self) -> String {
+        format!("{:016x}", self.settings.instance)
+    }
+}
+
+impl Broker for RedisBroker {
+    fn instance(&self) -> u64 {
+        self.settings.instance
+    }
+
+    fn publish(&self, room: &Room, payload: Vec<u8>, change: MemberChange) -> Receipt {
+        let (answer_tx, answer_rx) = crossbeam_channel::bounded(1);
+        let job = Job {
+            work: Work::Event(Event {
+                room: room.clone(),
+                payload,
+                change,
+            }),
+            reply: Reply::Done(answer_tx),
+        };
+        // Blocks while the lane's queue is full: back-pressure on senders.
+        match self.room_lane(room).send(job) {
+            Ok(()) => Receipt::Pending(answer_rx),
+            Err(_) => Receipt::Settled(Err(BrokerError::Closed)),
+        }
+    }
+
+    fn log(&self, room: &Room) -> Result<Log, BrokerError> {
+        let position = position(room);
+        let mut entries = redis::cmd("LRANGE");
+        entries.arg(keys::log(room)).arg(0).arg(-1);
+        // Where the log begins, and what it holds, in one step.
+        let ((epoch, first, last), entries): (LogPosition, Vec<Vec<u8>>) =
+            self.transaction(vec![position, entries])?;
+        let Some(epoch) = epoch else {
+            return Ok(Log::default());
+        };
+        Ok(Log {
+            epoch: Some(epoch),
+            first: self.first(first.unwrap_or(1), last.unwrap_or(0)),
+            entries,
+        })
+    }
+
+    fn log_end(&self, room: &Room) -> Result<Option<Mark>, BrokerError> {
+        let reply = self.run(vec![position(room)])?.into_iter().next();
+        let (epoch, first, last): LogPosition = from_value(reply)?;
+        Ok(epoch.zip(last).map(|(epoch, offset)| Mark {
+            end: Place { offset, epoch },
+            first: self.first(first.unwrap_or(1), offset),
+        }))
+    }
+
+    fn enter(&self, room: &Room) -> Result<(), BrokerError> {
+        self.run(RedisBroker::refresh(room, self.settings.room_ttl).collect())?;
+        let mut rooms = self.local_rooms.lock().unwrap_or_else(|p| p.into_inner());
+        *rooms.entry(room.clone()).or_default() += 1;
+        Ok(())
+    }
+
+    fn exit(&self, room: &Room) {
+        let mut rooms = self.local_rooms.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = rooms.get_mut(room) {
+            *count -= 1;
+            if *count == 0 {
+                rooms.remove(room);
+            }
+        }
+    }
+
     fn presence(&self, room: &Room, limit: usize) -> Result<Presence, BrokerError> {
+        let members = keys::members(room);
+        // The room's size decides how it is listed: whole, or a sample (one
+        // HSCAN step) when big. A size that changes in between only makes
+        // the list a little longer or the sample a little shorter.
         let mut hlen = redis::cmd("HLEN");
-        hlen.arg(keys::members(room));
-        let reply = self.run(vec![hlen])?.into_iter().next();
-        let count: usize = redis::from_redis_value(reply.unwrap_or(redis::Value::Nil))
-            .map_err(|e| BrokerError::Redis(e.to_string()))?;
-        if count <= limit {
+        hlen.arg(&members);
+        let size: usize = from_value(self.run(vec![hlen.clone()])?.into_iter().next())?;
+        let whole = size <= limit;
+        let mut list = redis::cmd(if whole { "HGETALL" } else { "HSCAN" });
+        list.arg(&members);
+        if !whole {
+            list.arg(0).arg("COUNT").arg(limit);
+        }
+        let mut position = redis::cmd("HMGET");
+        position.arg(keys::meta(room)).arg("epoch").arg("last");
+        let ((epoch, last), count, list): ((Option<String>, Option<u64>), usize, redis::Value) =
+            self.transaction(vec![position, hlen, list])?;
+        let entries: Vec<(String, String)> = if whole {
+            from_value(Some(list))?
+        } else {
+            from_value::<(String, Vec<(String, String)>)>(Some(list))?.1
+        };
+        let at = epoch
+            .zip(last)
+            .map(|(epoch, offset)| Place { offset, epoch });
+        if whole {
             // Small room: the exact list, without members of dead instances.
-            let nicknames = self.members(room)?;
+            let nicknames = self.live_members(room, entries)?;
             return Ok(Presence {
                 count: nicknames.len(),
                 nicknames,
+                at,
             });
         }
         // Big room: the count, and a sample of names from one HSCAN step
         // (members of dead instances are cleaned up by full listings).
-        let mut hscan = redis::cmd("HSCAN");
-        hscan
-            .arg(keys::members(room))
-            .arg(0)
-            .arg("COUNT")
-            .arg(limit);
-        let reply = self.run(vec![hscan])?.into_iter().next();
-        let (_cursor, entries): (String, Vec<(String, String)>) =
-            redis::from_redis_value(reply.unwrap_or(redis::Value::Nil))
-                .map_err(|e| BrokerError::Redis(e.to_string()))?;
         let mut nicknames: Vec<String> = entries.into_iter().map(|(_, n)| n).collect();
         nicknames.sort();
         nicknames.truncate(limit);
-        Ok(Presence { count, nicknames })
+        Ok(Presence {
+            count,
+            nicknames,
+            at,
+        })
     }
 
     fn health(&self) -> Result<(), String> {
@@ -490,6 +507,27 @@ pub(super) fn redact(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// Reads a room log's position hash: its epoch, the first offset it holds,
+/// the last offset given (see [`LogPosition`]).
+fn position(room: &Room) -> redis::Cmd {
+    let mut hmget = redis::cmd("HMGET");
+    hmget
+        .arg(keys::meta(room))
+        .arg("epoch")
+        .arg("first")
+        .arg("last");
+    hmget
+}
+
+/// A log's position hash, as [`position`] reads it.
+type LogPosition = (Option<String>, Option<u64>, Option<u64>);
+
+/// A reply, read as `T`.
+fn from_value<T: redis::FromRedisValue>(reply: Option<redis::Value>) -> Result<T, BrokerError> {
+    redis::from_redis_value(reply.unwrap_or(redis::Value::Nil))
+        .map_err(|e| BrokerError::Redis(e.to_string()))
 }
 
 #[cfg(test)]

@@ -5,14 +5,25 @@
 use crossbeam_channel::{Receiver, Sender};
 use redis::{Client, Connection};
 
+use super::coalesce::{LogBounds, Plan, Work};
 use super::scripts::{SCRIPTS, is_no_script};
 use super::{CONNECT_TIMEOUT, IO_TIMEOUT, MAX_PIPELINE};
 use crate::broker::BrokerError;
 
-/// Commands waiting for a publisher thread.
+/// Work waiting for a publisher thread, and who waits for its answer.
 pub(super) struct Job {
-    pub(super) cmds: Vec<redis::Cmd>,
+    pub(super) work: Work,
     pub(super) reply: Reply,
+}
+
+impl Job {
+    /// A job of plain commands.
+    pub(super) fn commands(cmds: Vec<redis::Cmd>, reply: Reply) -> Job {
+        Job {
+            work: Work::Commands(cmds),
+            reply,
+        }
+    }
 }
 
 /// The outcome of one job: its commands' replies, or why it failed. An
@@ -57,6 +68,8 @@ impl Reply {
 pub(super) struct Publisher {
     pub(super) client: Client,
     pub(super) connection: Option<Connection>,
+    /// How the rooms' logs are bounded, for the events' script calls.
+    pub(super) bounds: LogBounds,
 }
 
 impl Publisher {
@@ -66,12 +79,10 @@ impl Publisher {
             let mut batch = Vec::with_capacity(16);
             batch.push(first);
             batch.extend(jobs.try_iter().take(MAX_PIPELINE - 1));
-            match self.execute(&batch) {
+            let plan = Plan::of(batch.iter().map(|job| &job.work), &self.bounds);
+            match self.execute(&plan) {
                 Ok(replies) => {
-                    let mut replies = replies.into_iter();
-                    for job in batch {
-                        let mine: Vec<redis::Value> =
-                            replies.by_ref().take(job.cmds.len()).collect();
+                    for (job, mine) in batch.into_iter().zip(plan.answers(&replies)) {
                         job.reply.send(job_result(mine));
                     }
                 }
@@ -85,8 +96,8 @@ impl Publisher {
         }
     }
 
-    /// Sends every job's commands as one pipeline; an error reply fails
-    /// only its own job (see [`job_result`]).
+    /// Sends a batch's commands as one pipeline; an error reply fails only
+    /// the jobs it answers (see [`job_result`]).
     ///
     /// A connection that turns out to have been closed (say Redis restarted
     /// since the last batch) is replaced, and the batch sent once more: the
@@ -94,15 +105,11 @@ impl Publisher {
     /// not answer in time is *not* sent again — a paused or overloaded
     /// Redis may still carry it out — and its outcome is
     /// [`BrokerError::Uncertain`].
-    pub(super) fn execute(&mut self, batch: &[Job]) -> Result<Vec<redis::Value>, BrokerError> {
-        if batch.iter().all(|job| job.cmds.is_empty()) {
+    pub(super) fn execute(&mut self, plan: &Plan) -> Result<Vec<redis::Value>, BrokerError> {
+        if plan.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for cmd in batch.iter().flat_map(|job| &job.cmds) {
-            pipe.add_command(cmd.clone());
-        }
+        let pipe = &plan.pipeline;
         let mut last_error = None;
         for _attempt in 0..2 {
             let con = self.connection()?;

@@ -95,6 +95,21 @@ impl Client {
         self
     }
 
+    /// Reads up to the member list sent at join, and returns the history
+    /// frames sent before it, oldest first.
+    pub fn recv_history(&mut self) -> Vec<Value> {
+        let mut history = Vec::new();
+        loop {
+            let frame = self.recv();
+            if frame["type"] == "presence" {
+                return history;
+            }
+            if frame["history"] == true {
+                history.push(frame);
+            }
+        }
+    }
+
     /// The next text frame as it is (for `?format=text`).
     pub fn recv_text(&mut self) -> String {
         loop {
