@@ -25,7 +25,9 @@ pub struct Args {
     pub port: u16,
 
     /// Redis to relay through: a host ("localhost"), host:port
-    /// ("10.0.0.5:6380"), or a URL ("redis://:secret@host:6379/2").
+    /// ("10.0.0.5:6380"), a URL ("redis://:secret@host:6379/2"), or
+    /// sentinels and the master they watch
+    /// ("redis+sentinel://s1:26379,s2:26379,s3:26379/mymaster").
     /// Without it, Redis on localhost:6379 is used if it answers; otherwise
     /// messages are relayed in-process (a single instance only).
     #[arg(long, env = "THREADCHAT_REDIS", value_name = "HOST[:PORT]|URL")]

@@ -273,14 +273,18 @@ fn redis_url(value: &str) -> Result<String, ConfigError> {
     }
     let url = if let Some((scheme, _)) = value.split_once("://") {
         match scheme {
-            "redis" | "redis+unix" | "unix" => value.to_owned(),
+            "redis" | "redis+unix" | "unix" | "redis+sentinel" => value.to_owned(),
             "rediss" => return Err(fail("TLS (rediss://) is not built into threadchat")),
             _ => return Err(fail("expected a host, host:port, or a redis:// URL")),
         }
     } else {
         format!("redis://{value}")
     };
-    redis::Client::open(url.as_str()).map_err(|e| fail(&e.to_string()))?;
+    // A Sentinel URL is read (and checked) by the broker, which asks the
+    // sentinels at start.
+    if !url.starts_with("redis+sentinel://") {
+        redis::Client::open(url.as_str()).map_err(|e| fail(&e.to_string()))?;
+    }
     Ok(url)
 }
 

@@ -15,5 +15,6 @@ mod limits;
 mod recovery;
 mod redis_wire;
 mod rooms;
+mod sentinel;
 mod startup;
 mod support;

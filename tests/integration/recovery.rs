@@ -158,12 +158,9 @@ fn a_client_that_comes_back_gets_everything_it_missed_in_process() {
 fn a_since_older_than_the_log_is_told_and_gets_the_latest() {
     let redis = Redis::start();
     let server = Server::with_redis_and(&redis, &["--history", "5", "--rate-limit", "0"]);
-    let mut alice = server.client("alice");
-    alice.settle();
-    let mut bob = server.client("bob");
-    bob.settle();
-    let mut away = server.client("away");
-    away.settle();
+    let mut alice = server.settled("alice");
+    let mut bob = server.settled("bob");
+    let mut away = server.settled("away");
     alice.send("first");
     bob.recv_chat();
     let place = place_of(&away.recv_live());
@@ -196,12 +193,9 @@ fn a_since_older_than_the_log_is_told_and_gets_the_latest() {
 fn a_flushed_redis_starts_a_new_epoch_and_says_so() {
     let redis = Redis::start();
     let server = Server::with_redis_and(&redis, &["--rate-limit", "0"]);
-    let mut alice = server.client("alice");
-    alice.settle();
-    let mut bob = server.client("bob");
-    bob.settle();
-    let mut away = server.client("away");
-    away.settle();
+    let mut alice = server.settled("alice");
+    let mut bob = server.settled("bob");
+    let mut away = server.settled("away");
     alice.send("before the flush");
     bob.recv_chat();
     let place = place_of(&away.recv_live());
@@ -231,8 +225,7 @@ fn a_flushed_redis_starts_a_new_epoch_and_says_so() {
 fn payloads_without_a_place_still_reach_everyone() {
     let redis = Redis::start();
     let server = Server::with_redis(&redis);
-    let mut alice = server.client("alice");
-    alice.settle();
+    let mut alice = server.settled("alice");
     let _: i64 = redis.query(&[
         "PUBLISH",
         "global_room",
@@ -249,20 +242,10 @@ fn payloads_without_a_place_still_reach_everyone() {
 fn presence_says_where_in_the_log_it_stands() {
     let server = Server::in_process();
     let mut alice = server.client("alice");
-    let presence = loop {
-        let frame = alice.recv();
-        if frame["type"] == "presence" {
-            break frame;
-        }
-    };
+    let presence = alice.recv_type("presence");
     let seen = presence["offset"].as_u64().expect("presence has an offset");
     let _carol = server.client("carol");
-    let join = loop {
-        let frame = alice.recv();
-        if frame["type"] == "join" {
-            break frame;
-        }
-    };
+    let join = alice.recv_type("join");
     assert_eq!(join["nickname"], "carol");
     assert!(
         join["offset"].as_u64().unwrap() > seen,
@@ -295,12 +278,9 @@ fn a_malformed_since_is_refused() {
 #[test]
 fn text_mode_marks_what_was_recovered() {
     let server = Server::in_process();
-    let mut alice = server.client("alice");
-    alice.settle();
-    let mut bob = server.client("bob");
-    bob.settle();
-    let mut away = server.client("away");
-    away.settle();
+    let mut alice = server.settled("alice");
+    let mut bob = server.settled("bob");
+    let mut away = server.settled("away");
     alice.send("first");
     let place = place_of(&away.recv_live());
     away.close();
@@ -339,10 +319,8 @@ fn a_burst_keeps_offsets_consecutive_and_the_log_within_its_bounds() {
             "0",
         ],
     );
-    let mut alice = server.client("alice");
-    alice.settle();
-    let mut bob = server.client("bob");
-    bob.settle();
+    let mut alice = server.settled("alice");
+    let mut bob = server.settled("bob");
     for i in 0..300 {
         alice.send(&format!("{i:03} {}", "x".repeat(100)));
     }
@@ -381,4 +359,39 @@ fn a_burst_keeps_offsets_consecutive_and_the_log_within_its_bounds() {
     assert!(!history.is_empty());
     assert!(history.windows(2).all(|w| w[1] == w[0] + 1), "{history:?}");
     assert_eq!(history.last(), offsets.last());
+}
+
+/// A Redis that restarts from a snapshot brings back an older log. The log
+/// starts again with a new epoch, so that new messages are not taken for
+/// ones already seen (their offsets come again), and a client coming back
+/// with its old place is told its place is gone.
+#[test]
+fn a_redis_restored_from_a_snapshot_starts_a_new_epoch() {
+    let redis = Redis::start();
+    let server = Server::with_redis_and(&redis, &["--rate-limit", "0"]);
+    let mut alice = server.settled("alice");
+    let mut bob = server.settled("bob");
+    alice.send("saved");
+    bob.recv_chat();
+    redis.command(&["SAVE"]);
+    alice.send("not saved");
+    let place = place_of(&bob.recv_live());
+
+    let port = redis.kill();
+    let _redis = Redis::start_on(port);
+    for client in [&mut alice, &mut bob] {
+        while !client.recv_server("notice").contains("reconnected") {}
+    }
+    alice.send("after the restart");
+    let frame = bob.recv_type("chat");
+    assert_eq!(frame["message"], "after the restart");
+    assert_ne!(
+        place_of(&frame).1,
+        place.1,
+        "the same epoch after a restore"
+    );
+
+    let mut back = resume(server.addr, "carol", &place);
+    let (_, recovery) = recovered(&mut back);
+    assert_eq!(recovery["complete"], false, "{recovery}");
 }

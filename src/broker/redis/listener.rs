@@ -1,10 +1,10 @@
 //! A blocking Redis subscription, and how it survives: reconnecting with
 //! back-off after a loss, and being restarted by the heartbeat.
 
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 
-use redis::Client;
+use super::topology::Topology;
 
 use super::pubsub::{PubSubConnection, Push};
 use super::{CONNECT_TIMEOUT, IO_TIMEOUT, MAX_BACKOFF, redact};
@@ -48,10 +48,20 @@ impl SubscriptionSockets {
 
     /// Shuts down every live subscription's socket; returns how many.
     pub(super) fn restart_all(&self) -> usize {
+        self.restart_where(|_| true)
+    }
+
+    /// Shuts down the live subscriptions connected anywhere but `address`
+    /// (`ip:port`: a new master); returns how many.
+    pub(super) fn restart_away_from(&self, address: &str) -> usize {
+        self.restart_where(|peer| peer.to_string() != address)
+    }
+
+    fn restart_where(&self, restart: impl Fn(SocketAddr) -> bool) -> usize {
         let tracked = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let mut restarted = 0;
         for current in tracked.currents.iter().filter_map(|c| c.upgrade()) {
-            if current.shut_down() {
+            if current.shut_down_if(&restart) {
                 restarted += 1;
             }
         }
@@ -62,8 +72,8 @@ impl SubscriptionSockets {
 /// A blocking Redis subscription: a client's own (per-client mode), or a
 /// room's shared one (shared mode, run by the room's feed thread).
 pub(super) struct RedisListener {
-    /// Where Redis is (and the password, if any).
-    info: redis::ConnectionInfo,
+    /// Where Redis is, asked at every (re)connection.
+    topology: Arc<Topology>,
     url: String,
     channel: String,
     /// The current connection's socket, for the canceller to shut down.
@@ -155,7 +165,7 @@ impl Drop for Down {
 impl RedisListener {
     /// A listener for `channel`, and the canceller that stops it.
     pub(super) fn new(
-        client: &Client,
+        topology: &Arc<Topology>,
         url: &str,
         channel: String,
         metrics: &Arc<Metrics>,
@@ -174,7 +184,7 @@ impl RedisListener {
             })
         };
         let listener = RedisListener {
-            info: client.get_connection_info().clone(),
+            topology: Arc::clone(topology),
             url: url.to_owned(),
             channel,
             current,
@@ -193,16 +203,22 @@ impl RedisListener {
         on_event: &mut dyn FnMut(Event) -> Flow,
         state: &mut ListenState,
     ) -> Result<(), BrokerError> {
-        let (mut con, socket) =
-            PubSubConnection::connect(&self.info, CONNECT_TIMEOUT, self.max_payload).map_err(
-                |e| BrokerError::Connect {
+        let info = self.topology.master()?.get_connection_info().clone();
+        let (mut con, socket) = PubSubConnection::connect(&info, CONNECT_TIMEOUT, self.max_payload)
+            .map_err(|e| {
+                self.topology.forget();
+                BrokerError::Connect {
                     url: redact(&self.url),
                     reason: e.to_string(),
-                },
-            )?;
+                }
+            })?;
         self.current.set(Some(socket));
         let result = self.receive(&mut con, stop, on_event, state);
         self.current.set(None);
+        if result.is_err() {
+            // Lost: the next connection asks where the master is now.
+            self.topology.forget();
+        }
         result
     }
 
@@ -284,12 +300,18 @@ impl CurrentSocket {
     /// Shuts the socket down, so that a read blocked on it returns at once;
     /// false when there is no connection right now.
     fn shut_down(&self) -> bool {
+        self.shut_down_if(|_| true)
+    }
+
+    /// [`shut_down`](Self::shut_down), if `restart` says so of the address
+    /// the socket is connected to (a socket with none is shut down).
+    fn shut_down_if(&self, restart: impl Fn(SocketAddr) -> bool) -> bool {
         match self.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            Some(stream) => {
+            Some(stream) if stream.peer_addr().map_or(true, &restart) => {
                 let _ = stream.shutdown(Shutdown::Both);
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 }
@@ -328,11 +350,11 @@ mod tests {
             // Hold the connection until the listener is cancelled.
             let _ = redis.read(&mut command);
         });
-        let client = Client::open(url.as_str()).unwrap();
+        let topology = Arc::new(Topology::parse(&url).unwrap());
         let metrics = Arc::new(Metrics::default());
         let subscriptions = SubscriptionSockets::default();
         let (listener, canceller) = RedisListener::new(
-            &client,
+            &topology,
             &url,
             "ch".into(),
             &metrics,

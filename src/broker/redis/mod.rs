@@ -65,6 +65,7 @@
 //! and the drop joins it.
 
 mod coalesce;
+mod failover;
 mod heartbeat;
 mod keys;
 mod listener;
@@ -72,6 +73,7 @@ mod publisher;
 mod pubsub;
 mod scripts;
 mod shared;
+mod topology;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -80,7 +82,6 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
-use redis::Client;
 
 use super::fanout::Fanout;
 use super::{
@@ -94,6 +95,7 @@ use heartbeat::keep_alive;
 use listener::{RedisListener, SubscriptionSockets};
 use publisher::{Job, Publisher, Reply};
 use shared::{SharedFeeds, dispatchers_per_room};
+pub use topology::Topology;
 
 /// Publisher threads (and so publishing connections) per process.
 pub const POOL_SIZE: usize = 2;
@@ -111,7 +113,9 @@ pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Relays through Redis.
 pub struct RedisBroker {
-    client: Client,
+    /// Where Redis is (one server, or a master named by sentinels): asked
+    /// afresh by every connection that opens or reopens.
+    topology: Arc<Topology>,
     url: String,
     /// One sender per publisher thread. Dropping them stops the publishers.
     lanes: Vec<Sender<Job>>,
@@ -133,6 +137,8 @@ pub struct RedisBroker {
     shared: Option<Arc<SharedFeeds>>,
     /// Every subscription's socket, for the heartbeat to restart them all.
     subscriptions: Arc<SubscriptionSockets>,
+    /// With Sentinel, the thread that hears of failovers (`failover.rs`).
+    watcher: Option<failover::Watcher>,
 }
 
 impl RedisBroker {
@@ -148,8 +154,9 @@ impl RedisBroker {
             url: url.to_owned(),
             reason: e.to_string(),
         };
-        let client = Client::open(url).map_err(connect_err)?;
-        let mut con = client
+        let topology = Arc::new(Topology::parse(url)?);
+        let mut con = topology
+            .master()?
             .get_connection_with_timeout(timeout)
             .map_err(connect_err)?;
         con.set_read_timeout(Some(timeout)).map_err(connect_err)?;
@@ -165,7 +172,8 @@ impl RedisBroker {
         for name in names {
             let (tx, rx) = crossbeam_channel::bounded(QUEUE_CAPACITY);
             let publisher = Publisher {
-                client: client.clone(),
+                topology: Arc::clone(&topology),
+                opened_at_move: 0,
                 connection: None,
                 bounds: LogBounds {
                     history: settings.history,
@@ -183,7 +191,7 @@ impl RedisBroker {
         }
         let queries = lanes.split_off(POOL_SIZE);
         let mut broker = RedisBroker {
-            client,
+            topology,
             url: url.to_owned(),
             lanes,
             queries,
@@ -196,12 +204,13 @@ impl RedisBroker {
             metrics: Arc::clone(metrics),
             shared: None,
             subscriptions: Arc::default(),
+            watcher: None,
         };
         if settings.subscriptions == Subscriptions::Shared {
             broker.shared = Some(Arc::new(SharedFeeds {
                 fanout: Arc::new(Fanout::new(false, dispatchers_per_room())),
                 feeds: Mutex::default(),
-                client: broker.client.clone(),
+                topology: Arc::clone(&broker.topology),
                 url: broker.url.clone(),
                 metrics: Arc::clone(metrics),
                 subscriptions: Arc::clone(&broker.subscriptions),
@@ -209,6 +218,7 @@ impl RedisBroker {
             }));
         }
         broker.start_heartbeat()?;
+        broker.watcher = failover::Watcher::start(&broker.topology, &broker.subscriptions)?;
         Ok(broker)
     }
 
@@ -464,7 +474,7 @@ impl Broker for RedisBroker {
             return shared.subscribe(room, conn);
         }
         let (listener, canceller) = RedisListener::new(
-            &self.client,
+            &self.topology,
             &self.url,
             room.channel(),
             &self.metrics,
@@ -476,12 +486,13 @@ impl Broker for RedisBroker {
     }
 
     fn describe(&self) -> String {
-        format!("Redis at {}", redact(&self.url))
+        self.topology.describe()
     }
 }
 
 impl Drop for RedisBroker {
     fn drop(&mut self) {
+        self.watcher.take();
         // Shutdown by dropping senders: the heartbeat leaves its loop (after
         // queueing the deletion of its key), then each publisher leaves its.
         self.heartbeat_stop.take();

@@ -3,10 +3,13 @@
 //! queued for it, pipelined.
 
 use crossbeam_channel::{Receiver, Sender};
-use redis::{Client, Connection};
+use std::sync::Arc;
+
+use redis::Connection;
 
 use super::coalesce::{LogBounds, Plan, Work};
-use super::scripts::{SCRIPTS, is_no_script};
+use super::scripts::{SCRIPTS, is_no_script, is_read_only};
+use super::topology::Topology;
 use super::{CONNECT_TIMEOUT, IO_TIMEOUT, MAX_PIPELINE};
 use crate::broker::BrokerError;
 
@@ -66,7 +69,11 @@ impl Reply {
 /// One publisher thread's state: its connection, opened lazily and reopened
 /// after a failure.
 pub(super) struct Publisher {
-    pub(super) client: Client,
+    /// Where Redis is, asked whenever the connection opens.
+    pub(super) topology: Arc<Topology>,
+    /// The topology's [`moves`](Topology::moves) when the connection
+    /// opened: if the master has moved since, the connection is reopened.
+    pub(super) opened_at_move: u64,
     pub(super) connection: Option<Connection>,
     /// How the rooms' logs are bounded, for the events' script calls.
     pub(super) bounds: LogBounds,
@@ -120,10 +127,17 @@ impl Publisher {
                     if replies.iter().any(is_no_script) {
                         self.connection = None;
                     }
+                    // A master turned replica (a Sentinel failover): the
+                    // next batch goes to the master the sentinels name.
+                    if replies.iter().any(is_read_only) {
+                        self.connection = None;
+                        self.topology.forget();
+                    }
                     return Ok(replies);
                 }
                 Err(e) => {
                     self.connection = None;
+                    self.topology.forget();
                     if e.is_timeout() {
                         return Err(BrokerError::Uncertain(e.to_string()));
                     }
@@ -139,9 +153,14 @@ impl Publisher {
 
     /// The thread's connection, opened (and the script loaded) if need be.
     pub(super) fn connection(&mut self) -> Result<&mut Connection, BrokerError> {
+        if self.opened_at_move != self.topology.moves() {
+            self.connection = None;
+        }
         if self.connection.is_none() {
+            self.opened_at_move = self.topology.moves();
             let con = self
-                .client
+                .topology
+                .master()?
                 .get_connection_with_timeout(CONNECT_TIMEOUT)
                 .and_then(|mut con| {
                     con.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -154,7 +173,10 @@ impl Publisher {
                     }
                     Ok(con)
                 })
-                .map_err(|e| BrokerError::Redis(e.to_string()))?;
+                .map_err(|e| {
+                    self.topology.forget();
+                    BrokerError::Redis(e.to_string())
+                })?;
             self.connection = Some(con);
         }
         Ok(self.connection.as_mut().expect("just set"))

@@ -34,6 +34,16 @@
 /// every joiner refresh them (see `RedisBroker::refresh`), so a message
 /// costs no `PEXPIRE`.
 ///
+/// **A new epoch for a restarted Redis.** The log's position hash keeps
+/// the `run_id` of the Redis process that wrote it. A Redis that restarts
+/// from a snapshot or an append-only file may bring back a log older than
+/// what clients have seen: offsets would be given a second time, and
+/// clients would skip the new messages as already seen. So a log written by
+/// another Redis process (a restart, or a failover to a replica) starts
+/// again, with a new epoch: clients that come back are told their place is
+/// gone rather than being given the wrong messages. (Reading `INFO server`
+/// costs Redis about 5 µs per call: per run of events, not per message.)
+///
 /// The first write (`HINCRBY`) comes before anything else is changed or
 /// published: when Redis refuses writes (`maxmemory`), it refuses that one
 /// and the script stops having done nothing. Returns how many events were
@@ -48,12 +58,14 @@ while i <= #ARGV do
   events[#events + 1] = {change = ARGV[i], from = i + 2, to = i + 1 + count, payload = ARGV[i + 2 + count]}
   i = i + 3 + count
 end
-local epoch = redis.call('HGET', meta, 'epoch')
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+local position = redis.call('HMGET', meta, 'epoch', 'run')
+local epoch = position[1]
 local last = redis.call('HINCRBY', meta, 'last', #events)
-if not epoch then
+if not epoch or position[2] ~= run then
   epoch = ARGV[5]
   redis.call('DEL', log, bytes_key)
-  redis.call('HSET', meta, 'epoch', epoch, 'last', #events, 'first', 1)
+  redis.call('HSET', meta, 'epoch', epoch, 'last', #events, 'first', 1, 'run', run)
   redis.call('PEXPIRE', meta, ttl)
   last = #events
 end
@@ -124,6 +136,11 @@ pub(super) fn sha_of(script: &'static str) -> &'static str {
 pub(super) fn is_no_script(value: &redis::Value) -> bool {
     matches!(value, redis::Value::ServerError(e)
         if e.kind() == Some(redis::ServerErrorKind::NoScript))
+}
+
+/// True for a `READONLY` error reply: the server is a replica now.
+pub(super) fn is_read_only(value: &redis::Value) -> bool {
+    matches!(value, redis::Value::ServerError(e) if e.code() == "READONLY")
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
-use redis::Client;
+use super::topology::Topology;
 
 use super::listener::{RedisListener, SubscriptionSockets};
 use crate::broker::fanout::{Fanout, FanoutListener, Source};
@@ -30,7 +30,8 @@ pub(super) struct SharedFeeds {
     /// Channel → its running feed. Locked while registering and
     /// unregistering, so a room's feed is started and stopped exactly once.
     pub(super) feeds: Mutex<HashMap<String, RoomFeed>>,
-    pub(super) client: Client,
+    /// Where Redis is.
+    pub(super) topology: Arc<Topology>,
     pub(super) url: String,
     pub(super) metrics: Arc<Metrics>,
     pub(super) subscriptions: Arc<SubscriptionSockets>,
@@ -101,7 +102,7 @@ impl SharedFeeds {
 
     fn start_feed(&self, channel: &str, generation: u64) -> Result<RoomFeed, BrokerError> {
         let (listener, canceller) = RedisListener::new(
-            &self.client,
+            &self.topology,
             &self.url,
             channel.to_owned(),
             &self.metrics,

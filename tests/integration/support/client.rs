@@ -66,6 +66,17 @@ impl Client {
         }
     }
 
+    /// The next frame of type `kind` (`"chat"`, `"join"`, …), skipping
+    /// any other.
+    pub fn recv_type(&mut self, kind: &str) -> Value {
+        loop {
+            let frame = self.recv();
+            if frame["type"] == kind {
+                return frame;
+            }
+        }
+    }
+
     /// The next frame that is not a room event (someone joining or leaving,
     /// the member list, the history sent at join).
     pub fn recv_live(&mut self) -> Value {
@@ -133,25 +144,25 @@ impl Client {
         )
     }
 
+    /// The next live frame if one arrives within `wait` (room events are
+    /// skipped).
+    pub fn recv_live_within(&mut self, wait: Duration) -> Option<Value> {
+        let live = |frame: &Value| {
+            !matches!(frame["type"].as_str(), Some("join" | "leave" | "presence"))
+                && frame["history"] != true
+        };
+        match self.read_within(wait, live) {
+            Ok(Message::Text(text)) => Some(serde_json::from_str(text.as_str()).unwrap()),
+            _ => None,
+        }
+    }
+
     /// Asserts that no chat, notice or error frame arrives within `quiet`
     /// (room events — joins, leaves, presence — are allowed).
     pub fn expect_nothing(&mut self, quiet: Duration) {
-        self.ws.get_ref().set_read_timeout(Some(quiet)).unwrap();
-        let result = loop {
-            match self.ws.read() {
-                Ok(Message::Text(text)) => {
-                    let frame: Value = serde_json::from_str(text.as_str()).unwrap();
-                    let room_event =
-                        matches!(frame["type"].as_str(), Some("join" | "leave" | "presence"));
-                    if !room_event {
-                        break Ok(Message::Text(text));
-                    }
-                }
-                other => break other,
-            }
-        };
-        self.ws.get_ref().set_read_timeout(Some(PATIENCE)).unwrap();
-        match result {
+        let wanted =
+            |frame: &Value| !matches!(frame["type"].as_str(), Some("join" | "leave" | "presence"));
+        match self.read_within(quiet, wanted) {
             Err(tungstenite::Error::Io(e))
                 if matches!(
                     e.kind(),
@@ -159,6 +170,29 @@ impl Client {
                 ) => {}
             other => panic!("expected silence, got {other:?}"),
         }
+    }
+
+    /// The first message within `wait` that is not a text frame `wanted`
+    /// passes over (or the error, a timeout among them).
+    fn read_within(
+        &mut self,
+        wait: Duration,
+        wanted: impl Fn(&Value) -> bool,
+    ) -> tungstenite::Result<Message> {
+        self.ws.get_ref().set_read_timeout(Some(wait)).unwrap();
+        let result = loop {
+            match self.ws.read() {
+                Ok(Message::Text(text)) => {
+                    let frame: Value = serde_json::from_str(text.as_str()).unwrap();
+                    if wanted(&frame) {
+                        break Ok(Message::Text(text));
+                    }
+                }
+                other => break other,
+            }
+        };
+        self.ws.get_ref().set_read_timeout(Some(PATIENCE)).unwrap();
+        result
     }
 
     /// Reads until the server closes; returns how.

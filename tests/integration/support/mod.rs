@@ -8,10 +8,12 @@
 
 mod client;
 mod redis_server;
+mod sentinel;
 mod server;
 
 pub use client::*;
 pub use redis_server::*;
+pub use sentinel::*;
 pub use server::*;
 
 use std::net::TcpListener;

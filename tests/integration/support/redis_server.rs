@@ -19,9 +19,23 @@ impl Redis {
 
     /// Starts (or restarts) Redis on a given port.
     pub fn start_on(port: u16) -> Redis {
+        Redis::start_with(port, &[])
+    }
+
+    /// Starts Redis on a given port with more options
+    /// (`["--replicaof", "127.0.0.1", "6380"]`).
+    pub fn start_with(port: u16, args: &[&str]) -> Redis {
+        // A folder of its own: a replica writes the data it receives to
+        // disk, and a Redis started where another left a dump.rdb would
+        // load it.
+        let dir = Redis::dir(port);
+        std::fs::create_dir_all(&dir).unwrap();
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&dir)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -39,6 +53,12 @@ impl Redis {
             thread::sleep(Duration::from_millis(20));
         }
         redis
+    }
+
+    /// The folder a Redis on `port` runs in (restarted on the same port,
+    /// it finds what it saved there).
+    pub fn dir(port: u16) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("threadchat-test-redis-{port}"))
     }
 
     pub fn url(&self) -> String {

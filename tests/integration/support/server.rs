@@ -112,6 +112,10 @@ impl Server {
     }
 
     /// Threads the server process has right now.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn thread_count(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/task", self.child.id()))
             .map(|d| d.count())
@@ -198,6 +202,14 @@ impl Server {
             assert!(Instant::now() < deadline, "threadchat did not exit");
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// A client of this server, past its history and presence: in the
+    /// room.
+    pub fn settled(&self, nickname: &str) -> Client {
+        let mut client = self.client(nickname);
+        client.settle();
+        client
     }
 
     /// A chat client named `nickname` (given raw, as it appears in the URL).

@@ -1,0 +1,174 @@
+//! The Sentinel watcher (`tc-sentinel`): hears of a failover the moment
+//! the sentinels make it, and moves every subscription to the new master.
+//!
+//! **Why a thread.** A failover that keeps the old master alive turns it
+//! into a replica of the new one. The sentinels then kill its ordinary
+//! clients (so publishers reconnect, and ask for the master again), but
+//! not its subscribers — and a subscriber of a replica keeps receiving
+//! what is published on the master, through replication, while nothing
+//! tells it that it is on the wrong server. So one thread per process
+//! subscribes to the sentinels' `+switch-master` channel, blocking like any
+//! subscriber; when the master it watches moves, it forgets the old
+//! master and shuts down every subscription's socket that is connected
+//! elsewhere ([`SubscriptionSockets::restart_away_from`]): each reconnects
+//! to the new master, and its clients get the usual "lost" and
+//! "reconnected" notices.
+//!
+//! It listens to one sentinel at a time, the next one when that one fails,
+//! waiting [`RETRY`] after a round where none answered. Dropping the
+//! [`Watcher`] shuts its socket down and joins the thread.
+
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::CONNECT_TIMEOUT;
+use super::listener::SubscriptionSockets;
+use super::pubsub::{PubSubConnection, Push};
+use super::topology::Topology;
+use crate::broker::BrokerError;
+
+/// The channel on which sentinels announce a new master:
+/// `NAME OLD_IP OLD_PORT NEW_IP NEW_PORT`.
+const SWITCH_MASTER: &str = "+switch-master";
+/// Wait after a round in which no sentinel could be listened to.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// The running watcher; dropping it stops it.
+pub(super) struct Watcher {
+    stopping: Arc<AtomicBool>,
+    socket: Arc<Mutex<Option<Arc<TcpStream>>>>,
+    /// Dropped to end a wait between rounds.
+    stop: Option<Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Watcher {
+    /// Starts watching, if `topology` is a Sentinel one.
+    pub(super) fn start(
+        topology: &Arc<Topology>,
+        subscriptions: &Arc<SubscriptionSockets>,
+    ) -> Result<Option<Watcher>, BrokerError> {
+        let Topology::Sentinel(sentinels) = &**topology else {
+            return Ok(None);
+        };
+        let addresses = sentinels.addresses().to_vec();
+        let master_name = sentinels.master_name().to_owned();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let socket: Arc<Mutex<Option<Arc<TcpStream>>>> = Arc::default();
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let watch = Watch {
+            topology: Arc::clone(topology),
+            subscriptions: Arc::clone(subscriptions),
+            addresses,
+            master_name,
+            stopping: Arc::clone(&stopping),
+            socket: Arc::clone(&socket),
+        };
+        let handle = thread::Builder::new()
+            .name("tc-sentinel".into())
+            .stack_size(crate::THREAD_STACK_SIZE)
+            .spawn(move || watch.run(&stopped))
+            .map_err(|e| BrokerError::Redis(format!("cannot start the Sentinel watcher: {e}")))?;
+        Ok(Some(Watcher {
+            stopping,
+            socket,
+            stop: Some(stop),
+            handle: Some(handle),
+        }))
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        if let Some(socket) = &*self.socket.lock().unwrap_or_else(|p| p.into_inner()) {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+        self.stop.take();
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// The watcher thread's state.
+struct Watch {
+    topology: Arc<Topology>,
+    subscriptions: Arc<SubscriptionSockets>,
+    addresses: Vec<String>,
+    master_name: String,
+    stopping: Arc<AtomicBool>,
+    socket: Arc<Mutex<Option<Arc<TcpStream>>>>,
+}
+
+impl Watch {
+    /// The thread's body: listen to each sentinel in turn until stopped.
+    fn run(self, stopped: &Receiver<()>) {
+        while !self.stopping.load(Ordering::SeqCst) {
+            for address in &self.addresses {
+                if self.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                // The one place this thread's errors are logged.
+                if let Err(e) = self.listen(address) {
+                    log::debug!("Sentinel {address}: {e}; trying the next one");
+                }
+            }
+            if stopped
+                .recv_timeout(RETRY)
+                .is_err_and(|e| e.is_disconnected())
+            {
+                return;
+            }
+        }
+    }
+
+    /// Listens to one sentinel until its connection fails or the watcher
+    /// stops.
+    fn listen(&self, address: &str) -> std::io::Result<()> {
+        let info = redis::IntoConnectionInfo::into_connection_info(format!("redis://{address}"))
+            .map_err(std::io::Error::other)?;
+        let (mut con, socket) = PubSubConnection::connect(&info, CONNECT_TIMEOUT, 4096)?;
+        *self.socket.lock().unwrap_or_else(|p| p.into_inner()) = Some(socket);
+        // Checked after the socket is where `drop` can shut it down.
+        if self.stopping.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        con.subscribe(&[SWITCH_MASTER])?;
+        loop {
+            con.wait()?;
+            if let Push::Message { channel, payload } = con.next()?
+                && channel == SWITCH_MASTER.as_bytes()
+            {
+                self.switched(&String::from_utf8_lossy(&payload));
+            }
+        }
+    }
+
+    /// A `+switch-master` message: if it is about our master, move.
+    fn switched(&self, message: &str) {
+        let words: Vec<&str> = message.split_whitespace().collect();
+        let [name, old_ip, old_port, new_ip, new_port] = words[..] else {
+            return;
+        };
+        if name != self.master_name {
+            return;
+        }
+        // Publishers and queries reopen their connections.
+        self.topology.moved();
+        // Those that reconnected to the new master already (the old one
+        // died, and took them with it) stay.
+        let n = self
+            .subscriptions
+            .restart_away_from(&format!("{new_ip}:{new_port}"));
+        log::warn!(
+            "Redis Sentinel: master {name:?} moved from {old_ip}:{old_port} to \
+             {new_ip}:{new_port}; moving {n} subscription(s)"
+        );
+    }
+}

@@ -1,0 +1,294 @@
+//! Where Redis is: one server, or a master that Redis Sentinel names.
+//!
+//! Every connection the broker opens — a publisher's, a query thread's, a
+//! subscription's — asks [`Topology::master`] for the server to connect
+//! to, each time it connects or reconnects. With one server that is always
+//! the same. With Sentinel (`--redis redis+sentinel://h1:p1,h2:p2/NAME`) it
+//! is whichever server the sentinels say is the master of `NAME`, checked
+//! with `ROLE` (during a failover a sentinel may still name the old one).
+//!
+//! **Following a failover needs nothing more.** A dead master drops every
+//! connection, and a master that a failover turns into a replica has every
+//! client connection killed by the sentinels (`CLIENT KILL TYPE normal` and
+//! `TYPE pubsub`): either way each connection fails, [`Topology::forget`]
+//! is called, and its reconnection (with back-off, and the same "lost" /
+//! "reconnected" notices as a Redis restart) asks the sentinels again. A
+//! write that a replica refuses (`READONLY`) makes the publisher forget its
+//! connection and the master the same way.
+//!
+//! The answer is kept for [`FRESH_FOR`], so that a thousand clients joining
+//! at once ask the sentinels once, not a thousand times.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::Client;
+
+use crate::broker::BrokerError;
+
+/// How long an answer from the sentinels is used without asking again
+/// (unless a connection fails first).
+pub(super) const FRESH_FOR: Duration = Duration::from_secs(1);
+/// How long one sentinel, or a master being checked, may take to answer.
+const SENTINEL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// One Redis server, or a master found through Sentinel.
+pub enum Topology {
+    /// One server, always the same (and its URL, for the log).
+    Single(Client, String),
+    /// A master named by sentinels.
+    Sentinel(Sentinels),
+}
+
+/// The sentinels of one master, and the master they named last.
+pub struct Sentinels {
+    /// `host:port` of each sentinel, asked in order.
+    addresses: Vec<String>,
+    /// The master's name in the sentinels' configuration.
+    master_name: String,
+    /// For the master: password and database (from the URL).
+    password: Option<String>,
+    db: i64,
+    /// The master found last, and when.
+    found: Mutex<Option<(String, Client, Instant)>>,
+    /// How many times the sentinels announced a new master.
+    moves: AtomicU64,
+}
+
+impl Topology {
+    /// Reads `url`: `redis://…` (one server) or
+    /// `redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT…]/MASTER[/DB]`.
+    /// Nothing is connected yet.
+    pub fn parse(url: &str) -> Result<Topology, BrokerError> {
+        let bad = |reason: String| BrokerError::Connect {
+            url: super::redact(url),
+            reason,
+        };
+        let Some(rest) = url.strip_prefix("redis+sentinel://") else {
+            return Client::open(url)
+                .map(|client| Topology::Single(client, url.to_owned()))
+                .map_err(|e| bad(e.to_string()));
+        };
+        let (password, rest) = match rest.rsplit_once('@') {
+            Some((auth, rest)) => {
+                let password = auth.split_once(':').map_or(auth, |(_, p)| p);
+                (Some(password.to_owned()).filter(|p| !p.is_empty()), rest)
+            }
+            None => (None, rest),
+        };
+        let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let (master_name, db) = path.split_once('/').unwrap_or((path, "0"));
+        if master_name.is_empty() {
+            return Err(bad(
+                "a Sentinel URL names the master: redis+sentinel://HOST:PORT,…/MASTER".into(),
+            ));
+        }
+        let db = db
+            .parse()
+            .map_err(|_| bad(format!("database {db:?} is not a number")))?;
+        let mut addresses = Vec::new();
+        for host in hosts.split(',').filter(|h| !h.is_empty()) {
+            let address = if host.contains(':') {
+                host.to_owned()
+            } else {
+                format!("{host}:26379")
+            };
+            let port_ok = address
+                .rsplit_once(':')
+                .is_some_and(|(_, port)| port.parse::<u16>().is_ok());
+            if !port_ok {
+                return Err(bad(format!("{host:?} is not HOST:PORT")));
+            }
+            addresses.push(address);
+        }
+        if addresses.is_empty() {
+            return Err(bad("no sentinel address".into()));
+        }
+        Ok(Topology::Sentinel(Sentinels {
+            addresses,
+            master_name: master_name.to_owned(),
+            password,
+            db,
+            found: Mutex::new(None),
+            moves: AtomicU64::new(0),
+        }))
+    }
+
+    /// A client for the server to connect to now.
+    pub fn master(&self) -> Result<Client, BrokerError> {
+        match self {
+            Topology::Single(client, _) => Ok(client.clone()),
+            Topology::Sentinel(sentinels) => sentinels.master().map(|(_, client)| client),
+        }
+    }
+
+    /// A connection failed: the next [`master`](Self::master) asks the
+    /// sentinels again.
+    pub fn forget(&self) {
+        if let Topology::Sentinel(sentinels) = self {
+            *sentinels.found.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+
+    /// The sentinels announced a new master: forget the old one, and tell
+    /// every connection opened before now to reopen (see [`moves`]). A
+    /// master that a failover keeps alive stays writable for seconds
+    /// before the sentinels demote it; a publisher still connected to it
+    /// would publish to nobody.
+    ///
+    /// [`moves`]: Self::moves
+    pub fn moved(&self) {
+        self.forget();
+        if let Topology::Sentinel(sentinels) = self {
+            sentinels.moves.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// How many times the master moved so far: a connection opened at an
+    /// older count is to the old master.
+    pub fn moves(&self) -> u64 {
+        match self {
+            Topology::Single(..) => 0,
+            Topology::Sentinel(sentinels) => sentinels.moves.load(Ordering::SeqCst),
+        }
+    }
+
+    /// What was found, for the start-up log.
+    pub fn describe(&self) -> String {
+        match self {
+            Topology::Single(_, url) => format!("Redis at {}", super::redact(url)),
+            Topology::Sentinel(sentinels) => {
+                let master = sentinels
+                    .master()
+                    .map(|(address, _)| address)
+                    .unwrap_or_else(|e| format!("unknown ({e})"));
+                format!(
+                    "Redis Sentinel: master {:?} at {master}, {} sentinel(s): {}",
+                    sentinels.master_name,
+                    sentinels.addresses.len(),
+                    sentinels.addresses.join(", ")
+                )
+            }
+        }
+    }
+}
+
+impl Sentinels {
+    /// `host:port` of each sentinel.
+    pub fn addresses(&self) -> &[String] {
+        &self.addresses
+    }
+
+    /// The master's name in the sentinels' configuration.
+    pub fn master_name(&self) -> &str {
+        &self.master_name
+    }
+
+    /// The master's address and a client for it: the last one found if it
+    /// is fresh, else asked of the sentinels.
+    fn master(&self) -> Result<(String, Client), BrokerError> {
+        let mut found = self.found.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((address, client, at)) = &*found
+            && at.elapsed() < FRESH_FOR
+        {
+            return Ok((address.clone(), client.clone()));
+        }
+        let (address, client) = self.ask()?;
+        log::debug!(
+            "the sentinels name {address} as master {:?}",
+            self.master_name
+        );
+        *found = Some((address.clone(), client.clone(), Instant::now()));
+        Ok((address, client))
+    }
+
+    /// Asks each sentinel in turn for the master, until one names a server
+    /// that says it is a master.
+    fn ask(&self) -> Result<(String, Client), BrokerError> {
+        let mut reasons = Vec::new();
+        for sentinel in &self.addresses {
+            match self.ask_one(sentinel) {
+                Ok(found) => return Ok(found),
+                Err(reason) => reasons.push(format!("{sentinel}: {reason}")),
+            }
+        }
+        Err(BrokerError::Connect {
+            url: format!(
+                "redis+sentinel://{}/{}",
+                self.addresses.join(","),
+                self.master_name
+            ),
+            reason: format!(
+                "no sentinel named a master for {:?} ({})",
+                self.master_name,
+                reasons.join("; ")
+            ),
+        })
+    }
+
+    fn ask_one(&self, sentinel: &str) -> Result<(String, Client), String> {
+        let client = Client::open(format!("redis://{sentinel}")).map_err(|e| e.to_string())?;
+        let mut con = client
+            .get_connection_with_timeout(SENTINEL_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        con.set_read_timeout(Some(SENTINEL_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        let named: Option<(String, u16)> = redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg(&self.master_name)
+            .query(&mut con)
+            .map_err(|e| e.to_string())?;
+        let (host, port) = named.ok_or("does not know this master")?;
+        let address = format!("{host}:{port}");
+        let auth = match &self.password {
+            Some(password) => format!(":{password}@"),
+            None => String::new(),
+        };
+        let master = Client::open(format!("redis://{auth}{address}/{}", self.db))
+            .map_err(|e| e.to_string())?;
+        let mut con = master
+            .get_connection_with_timeout(SENTINEL_TIMEOUT)
+            .map_err(|e| format!("master {address}: {e}"))?;
+        con.set_read_timeout(Some(SENTINEL_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        let role: Vec<redis::Value> = redis::cmd("ROLE")
+            .query(&mut con)
+            .map_err(|e| format!("master {address}: {e}"))?;
+        match role.first() {
+            Some(redis::Value::BulkString(role)) if role == b"master" => Ok((address, master)),
+            _ => Err(format!("{address} is not a master (yet)")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sentinel_urls_are_read() {
+        let Topology::Sentinel(s) =
+            Topology::parse("redis+sentinel://:pw@a:1,b:2,c/mymaster/3").unwrap()
+        else {
+            panic!("not a sentinel topology");
+        };
+        assert_eq!(s.addresses, ["a:1", "b:2", "c:26379"]);
+        assert_eq!(s.master_name, "mymaster");
+        assert_eq!(s.password.as_deref(), Some("pw"));
+        assert_eq!(s.db, 3);
+        assert!(matches!(
+            Topology::parse("redis://h:1").unwrap(),
+            Topology::Single(..)
+        ));
+        for bad in [
+            "redis+sentinel://a:1",
+            "redis+sentinel://a:1/",
+            "redis+sentinel:///m",
+            "redis+sentinel://a:x/m",
+            "redis+sentinel://a:1/m/x",
+        ] {
+            assert!(Topology::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

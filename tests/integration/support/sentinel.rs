@@ -1,0 +1,171 @@
+//! A master, its replica and three sentinels, all real `redis-server`
+//! processes on free ports, stopped on drop.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::Duration;
+
+use super::*;
+
+/// The name the sentinels know the master by.
+pub const MASTER_NAME: &str = "chat";
+
+/// A Sentinel setup owned by one test.
+pub struct Sentinels {
+    /// The first master and its replica (either may be killed).
+    pub servers: Vec<Option<Redis>>,
+    sentinels: Vec<Child>,
+    pub sentinel_ports: Vec<u16>,
+    dir: PathBuf,
+}
+
+impl Sentinels {
+    /// Starts a master, a replica in sync with it, and three sentinels that
+    /// know both and each other (quorum 2, a master is down after 1 s).
+    pub fn start() -> Sentinels {
+        let master = Redis::start();
+        let master_port = master.port.to_string();
+        let replica = Redis::start_with(free_port(), &["--replicaof", "127.0.0.1", &master_port]);
+        eventually("the replica in sync", || {
+            let info: String = replica.query(&["INFO", "replication"]);
+            info.contains("master_link_status:up")
+        });
+        let dir = std::env::temp_dir().join(format!("threadchat-sentinel-{}", free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut sentinels = Vec::new();
+        let mut sentinel_ports = Vec::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let file = dir.join(format!("sentinel-{port}.conf"));
+            std::fs::write(
+                &file,
+                format!(
+                    "port {port}\nbind 127.0.0.1\n\
+                     sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
+                     sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+                     sentinel failover-timeout {MASTER_NAME} 4000\n"
+                ),
+            )
+            .unwrap();
+            let child = Command::new("redis-server")
+                .arg(&file)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server runs sentinels too");
+            sentinels.push(child);
+            sentinel_ports.push(port);
+        }
+        let setup = Sentinels {
+            servers: vec![Some(master), Some(replica)],
+            sentinels,
+            sentinel_ports,
+            dir,
+        };
+        for &port in &setup.sentinel_ports {
+            eventually("each sentinel knows the replica and the others", || {
+                let replicas = query_sentinel::<Vec<redis::Value>>(port, "replicas");
+                let others = query_sentinel::<Vec<redis::Value>>(port, "sentinels");
+                matches!((replicas, others), (Some(r), Some(o)) if r.len() == 1 && o.len() == 2)
+            });
+        }
+        setup
+    }
+
+    /// `redis+sentinel://…/chat` for `--redis`.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .sentinel_ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        format!("redis+sentinel://{}/{MASTER_NAME}", hosts.join(","))
+    }
+
+    /// The port of the server the sentinels name as master.
+    pub fn master_port(&self) -> u16 {
+        let (_, port): (String, u16) = self
+            .sentinel_ports
+            .iter()
+            .find_map(|&port| {
+                let mut con = sentinel_connection(port)?;
+                redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(MASTER_NAME)
+                    .query(&mut con)
+                    .ok()
+            })
+            .expect("a sentinel names the master");
+        port
+    }
+
+    /// Kills the current master (SIGKILL); returns its port.
+    pub fn kill_master(&mut self) -> u16 {
+        let port = self.master_port();
+        let slot = self
+            .servers
+            .iter_mut()
+            .find(|s| s.as_ref().is_some_and(|s| s.port == port))
+            .expect("the master is one of ours");
+        slot.take().unwrap().kill()
+    }
+
+    /// Asks a sentinel for a failover now (the master is demoted to a
+    /// replica, not killed).
+    pub fn fail_over(&self) {
+        let mut con = sentinel_connection(self.sentinel_ports[0]).unwrap();
+        let _: () = redis::cmd("SENTINEL")
+            .arg("FAILOVER")
+            .arg(MASTER_NAME)
+            .query(&mut con)
+            .unwrap();
+    }
+
+    /// Waits until the sentinels name a master other than `old` that says
+    /// it is one.
+    pub fn wait_for_new_master(&self, old: u16) -> u16 {
+        let mut new = 0;
+        eventually("a new master", || {
+            new = self.master_port();
+            new != old
+                && self.servers.iter().flatten().any(|s| {
+                    s.port == new && {
+                        let role: Vec<redis::Value> = s.query(&["ROLE"]);
+                        matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master")
+                    }
+                })
+        });
+        new
+    }
+}
+
+impl Drop for Sentinels {
+    fn drop(&mut self) {
+        for child in &mut self.sentinels {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn sentinel_connection(port: u16) -> Option<redis::Connection> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    client
+        .get_connection_with_timeout(Duration::from_secs(1))
+        .ok()
+}
+
+/// `SENTINEL <what> chat` on the sentinel at `port`, if it answers.
+fn query_sentinel<T: redis::FromRedisValue>(port: u16, what: &str) -> Option<T> {
+    let mut con = sentinel_connection(port)?;
+    let answer = redis::cmd("SENTINEL")
+        .arg(what)
+        .arg(MASTER_NAME)
+        .query(&mut con)
+        .ok();
+    thread::sleep(Duration::from_millis(50));
+    answer
+}
