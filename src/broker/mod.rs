@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 
-use crate::config::{BrokerChoice, DEFAULT_REDIS_URL, Subscriptions};
+use crate::config::{BrokerChoice, DEFAULT_REDIS_URL, RedisTarget, Subscriptions};
 use crate::metrics::Metrics;
 use crate::protocol::{ConnId, Nickname, Room};
 
@@ -310,8 +310,8 @@ pub fn connect(
     metrics: &Arc<Metrics>,
 ) -> Result<Arc<dyn Broker>, BrokerError> {
     match choice {
-        BrokerChoice::Redis(url) => Ok(Arc::new(redis::RedisBroker::connect(
-            url,
+        BrokerChoice::Redis(target) => Ok(Arc::new(redis::RedisBroker::connect(
+            target,
             Duration::from_secs(3),
             settings,
             metrics,
@@ -319,7 +319,7 @@ pub fn connect(
         BrokerChoice::InProcess => Ok(Arc::new(memory::MemoryBroker::new(settings, metrics)?)),
         BrokerChoice::Auto => {
             match redis::RedisBroker::connect(
-                DEFAULT_REDIS_URL,
+                &RedisTarget::Server(DEFAULT_REDIS_URL.into()),
                 Duration::from_millis(500),
                 settings,
                 metrics,

@@ -19,12 +19,43 @@ pub use ceiling::{MAX_STARTING, THREADS_PER_CONNECTION, connection_ceiling};
 /// Where messages are relayed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BrokerChoice {
-    /// The Redis at this URL; failing to reach it at start is an error.
-    Redis(String),
+    /// This Redis; failing to reach it at start is an error.
+    Redis(RedisTarget),
     /// Redis on localhost:6379 if it answers, otherwise in-process.
     Auto,
     /// In-process, by request.
     InProcess,
+}
+
+/// Where Redis is, as `--redis` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server, by its URL (`redis://…`, or a Unix socket).
+    Server(String),
+    /// Sentinels, asked in turn where a master is.
+    Sentinel {
+        /// `host:port` of each sentinel.
+        sentinels: Vec<String>,
+        /// The master's name in the sentinels' configuration.
+        master: String,
+        /// The master's password, if it has one.
+        password: Option<String>,
+        /// The master's database number.
+        db: i64,
+    },
+}
+
+impl RedisTarget {
+    /// The target as a URL, for messages (a server's password included:
+    /// the broker redacts it).
+    pub fn url(&self) -> String {
+        match self {
+            RedisTarget::Server(url) => url.clone(),
+            RedisTarget::Sentinel {
+                sentinels, master, ..
+            } => format!("redis+sentinel://{}/{master}", sentinels.join(",")),
+        }
+    }
 }
 
 /// The URL tried when no `--redis` is given.
@@ -132,7 +163,7 @@ impl Config {
     pub fn from_args(args: Args) -> Result<Config, ConfigError> {
         let broker = match (&args.redis, args.in_process) {
             (_, true) => BrokerChoice::InProcess,
-            (Some(value), false) => BrokerChoice::Redis(redis_url(value)?),
+            (Some(value), false) => BrokerChoice::Redis(redis_target(value)?),
             (None, false) => BrokerChoice::Auto,
         };
 
@@ -262,7 +293,9 @@ impl Config {
 
 /// Turns what the user gave `--redis` into a Redis URL, as the original app
 /// did (`redis://{host}`), while also accepting full URLs.
-fn redis_url(value: &str) -> Result<String, ConfigError> {
+/// Reads `--redis`: a host, host:port, a `redis://` URL, or
+/// `redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT…]/MASTER[/DB]`.
+fn redis_target(value: &str) -> Result<RedisTarget, ConfigError> {
     let fail = |reason: &str| ConfigError::Redis {
         value: value.to_owned(),
         reason: reason.to_owned(),
@@ -271,21 +304,61 @@ fn redis_url(value: &str) -> Result<String, ConfigError> {
     if value.is_empty() {
         return Err(fail("empty"));
     }
-    let url = if let Some((scheme, _)) = value.split_once("://") {
+    let url = if let Some((scheme, rest)) = value.split_once("://") {
         match scheme {
-            "redis" | "redis+unix" | "unix" | "redis+sentinel" => value.to_owned(),
+            "redis" | "redis+unix" | "unix" => value.to_owned(),
+            "redis+sentinel" => return sentinel_target(rest).map_err(|reason| fail(&reason)),
             "rediss" => return Err(fail("TLS (rediss://) is not built into threadchat")),
             _ => return Err(fail("expected a host, host:port, or a redis:// URL")),
         }
     } else {
         format!("redis://{value}")
     };
-    // A Sentinel URL is read (and checked) by the broker, which asks the
-    // sentinels at start.
-    if !url.starts_with("redis+sentinel://") {
-        redis::Client::open(url.as_str()).map_err(|e| fail(&e.to_string()))?;
+    redis::Client::open(url.as_str()).map_err(|e| fail(&e.to_string()))?;
+    Ok(RedisTarget::Server(url))
+}
+
+/// The part of a Sentinel URL after `redis+sentinel://`.
+fn sentinel_target(rest: &str) -> Result<RedisTarget, String> {
+    let (password, rest) = match rest.rsplit_once('@') {
+        Some((auth, rest)) => {
+            let password = auth.split_once(':').map_or(auth, |(_, p)| p);
+            (Some(password.to_owned()).filter(|p| !p.is_empty()), rest)
+        }
+        None => (None, rest),
+    };
+    let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (master, db) = path.split_once('/').unwrap_or((path, "0"));
+    if master.is_empty() {
+        return Err("a Sentinel URL names the master: redis+sentinel://HOST:PORT,…/MASTER".into());
     }
-    Ok(url)
+    let db = db
+        .parse()
+        .map_err(|_| format!("database {db:?} is not a number"))?;
+    let mut sentinels = Vec::new();
+    for host in hosts.split(',').filter(|h| !h.is_empty()) {
+        let address = if host.contains(':') {
+            host.to_owned()
+        } else {
+            format!("{host}:26379")
+        };
+        let port_ok = address
+            .rsplit_once(':')
+            .is_some_and(|(_, port)| port.parse::<u16>().is_ok());
+        if !port_ok {
+            return Err(format!("{host:?} is not HOST:PORT"));
+        }
+        sentinels.push(address);
+    }
+    if sentinels.is_empty() {
+        return Err("no sentinel address".into());
+    }
+    Ok(RedisTarget::Sentinel {
+        sentinels,
+        master: master.to_owned(),
+        password,
+        db,
+    })
 }
 
 #[cfg(test)]
@@ -294,13 +367,42 @@ mod tests {
 
     #[test]
     fn redis_targets_like_the_original_and_urls() {
-        assert_eq!(redis_url("localhost").unwrap(), "redis://localhost");
-        assert_eq!(redis_url("10.1.2.3:6380").unwrap(), "redis://10.1.2.3:6380");
-        assert_eq!(redis_url("redis://:pw@h:1/2").unwrap(), "redis://:pw@h:1/2");
-        assert!(redis_url("").is_err());
-        assert!(redis_url("http://x").is_err());
-        assert!(redis_url("rediss://x").is_err());
-        assert!(redis_url("host:notaport").is_err());
+        let server = |url: &str| Some(RedisTarget::Server(url.to_owned()));
+        assert_eq!(redis_target("localhost").ok(), server("redis://localhost"));
+        assert_eq!(
+            redis_target("10.1.2.3:6380").ok(),
+            server("redis://10.1.2.3:6380")
+        );
+        assert_eq!(
+            redis_target("redis://:pw@h:1/2").ok(),
+            server("redis://:pw@h:1/2")
+        );
+        assert!(redis_target("").is_err());
+        assert!(redis_target("http://x").is_err());
+        assert!(redis_target("rediss://x").is_err());
+        assert!(redis_target("host:notaport").is_err());
+    }
+
+    #[test]
+    fn sentinel_urls_are_read() {
+        assert_eq!(
+            redis_target("redis+sentinel://:pw@a:1,b:2,c/mymaster/3").ok(),
+            Some(RedisTarget::Sentinel {
+                sentinels: vec!["a:1".into(), "b:2".into(), "c:26379".into()],
+                master: "mymaster".into(),
+                password: Some("pw".into()),
+                db: 3,
+            })
+        );
+        for bad in [
+            "redis+sentinel://a:1",
+            "redis+sentinel://a:1/",
+            "redis+sentinel:///m",
+            "redis+sentinel://a:x/m",
+            "redis+sentinel://a:1/m/x",
+        ] {
+            assert!(redis_target(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

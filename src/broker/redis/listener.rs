@@ -350,7 +350,8 @@ mod tests {
             // Hold the connection until the listener is cancelled.
             let _ = redis.read(&mut command);
         });
-        let topology = Arc::new(Topology::parse(&url).unwrap());
+        let target = crate::config::RedisTarget::Server(url.clone());
+        let topology = Arc::new(Topology::new(&target).unwrap());
         let metrics = Arc::new(Metrics::default());
         let subscriptions = SubscriptionSockets::default();
         let (listener, canceller) = RedisListener::new(

@@ -87,7 +87,7 @@ use super::fanout::Fanout;
 use super::{
     Broker, BrokerError, Log, Mark, MemberChange, Place, Presence, Receipt, Settings, Subscription,
 };
-use crate::config::Subscriptions;
+use crate::config::{RedisTarget, Subscriptions};
 use crate::metrics::Metrics;
 use crate::protocol::{ConnId, Room};
 use coalesce::{Event, LogBounds, Work};
@@ -142,19 +142,21 @@ pub struct RedisBroker {
 }
 
 impl RedisBroker {
-    /// Connects to the Redis at `url`, checks that it answers `PING` within
-    /// `timeout`, and starts the publisher threads.
+    /// Connects to the Redis `target` names (asking the sentinels, with
+    /// Sentinel), checks that it answers `PING` within `timeout`, and starts
+    /// the publisher threads.
     pub fn connect(
-        url: &str,
+        target: &RedisTarget,
         timeout: Duration,
         settings: &Settings,
         metrics: &Arc<Metrics>,
     ) -> Result<RedisBroker, BrokerError> {
+        let url = target.url();
         let connect_err = |e: redis::RedisError| BrokerError::Connect {
-            url: url.to_owned(),
+            url: url.clone(),
             reason: e.to_string(),
         };
-        let topology = Arc::new(Topology::parse(url)?);
+        let topology = Arc::new(Topology::new(target)?);
         let mut con = topology
             .master()?
             .get_connection_with_timeout(timeout)

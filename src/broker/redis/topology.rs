@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use redis::Client;
 
 use crate::broker::BrokerError;
+use crate::config::RedisTarget;
 
 /// How long an answer from the sentinels is used without asking again
 /// (unless a connection fails first).
@@ -57,62 +58,29 @@ pub struct Sentinels {
 }
 
 impl Topology {
-    /// Reads `url`: `redis://…` (one server) or
-    /// `redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT…]/MASTER[/DB]`.
-    /// Nothing is connected yet.
-    pub fn parse(url: &str) -> Result<Topology, BrokerError> {
-        let bad = |reason: String| BrokerError::Connect {
-            url: super::redact(url),
-            reason,
-        };
-        let Some(rest) = url.strip_prefix("redis+sentinel://") else {
-            return Client::open(url)
-                .map(|client| Topology::Single(client, url.to_owned()))
-                .map_err(|e| bad(e.to_string()));
-        };
-        let (password, rest) = match rest.rsplit_once('@') {
-            Some((auth, rest)) => {
-                let password = auth.split_once(':').map_or(auth, |(_, p)| p);
-                (Some(password.to_owned()).filter(|p| !p.is_empty()), rest)
-            }
-            None => (None, rest),
-        };
-        let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let (master_name, db) = path.split_once('/').unwrap_or((path, "0"));
-        if master_name.is_empty() {
-            return Err(bad(
-                "a Sentinel URL names the master: redis+sentinel://HOST:PORT,…/MASTER".into(),
-            ));
+    /// The topology `target` names. Nothing is connected yet.
+    pub fn new(target: &RedisTarget) -> Result<Topology, BrokerError> {
+        match target {
+            RedisTarget::Server(url) => Client::open(url.as_str())
+                .map(|client| Topology::Single(client, url.clone()))
+                .map_err(|e| BrokerError::Connect {
+                    url: super::redact(url),
+                    reason: e.to_string(),
+                }),
+            RedisTarget::Sentinel {
+                sentinels,
+                master,
+                password,
+                db,
+            } => Ok(Topology::Sentinel(Sentinels {
+                addresses: sentinels.clone(),
+                master_name: master.clone(),
+                password: password.clone(),
+                db: *db,
+                found: Mutex::new(None),
+                moves: AtomicU64::new(0),
+            })),
         }
-        let db = db
-            .parse()
-            .map_err(|_| bad(format!("database {db:?} is not a number")))?;
-        let mut addresses = Vec::new();
-        for host in hosts.split(',').filter(|h| !h.is_empty()) {
-            let address = if host.contains(':') {
-                host.to_owned()
-            } else {
-                format!("{host}:26379")
-            };
-            let port_ok = address
-                .rsplit_once(':')
-                .is_some_and(|(_, port)| port.parse::<u16>().is_ok());
-            if !port_ok {
-                return Err(bad(format!("{host:?} is not HOST:PORT")));
-            }
-            addresses.push(address);
-        }
-        if addresses.is_empty() {
-            return Err(bad("no sentinel address".into()));
-        }
-        Ok(Topology::Sentinel(Sentinels {
-            addresses,
-            master_name: master_name.to_owned(),
-            password,
-            db,
-            found: Mutex::new(None),
-            moves: AtomicU64::new(0),
-        }))
     }
 
     /// A client for the server to connect to now.
@@ -258,37 +226,6 @@ impl Sentinels {
         match role.first() {
             Some(redis::Value::BulkString(role)) if role == b"master" => Ok((address, master)),
             _ => Err(format!("{address} is not a master (yet)")),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sentinel_urls_are_read() {
-        let Topology::Sentinel(s) =
-            Topology::parse("redis+sentinel://:pw@a:1,b:2,c/mymaster/3").unwrap()
-        else {
-            panic!("not a sentinel topology");
-        };
-        assert_eq!(s.addresses, ["a:1", "b:2", "c:26379"]);
-        assert_eq!(s.master_name, "mymaster");
-        assert_eq!(s.password.as_deref(), Some("pw"));
-        assert_eq!(s.db, 3);
-        assert!(matches!(
-            Topology::parse("redis://h:1").unwrap(),
-            Topology::Single(..)
-        ));
-        for bad in [
-            "redis+sentinel://a:1",
-            "redis+sentinel://a:1/",
-            "redis+sentinel:///m",
-            "redis+sentinel://a:x/m",
-            "redis+sentinel://a:1/m/x",
-        ] {
-            assert!(Topology::parse(bad).is_err(), "{bad}");
         }
     }
 }
