@@ -179,3 +179,19 @@ fn a_password_protected_redis_works_in_both_modes() {
         assert_eq!(server.log_count("s3cret"), 0, "the password was logged");
     }
 }
+
+/// A Redis user that may not run `INFO` (a restricted ACL) still chats: the
+/// log's check for a restarted Redis is skipped, nothing else.
+#[test]
+fn a_redis_user_without_info_still_chats() {
+    let redis = Redis::start();
+    redis.command(&[
+        "ACL", "SETUSER", "chat", "on", ">secret", "~*", "&*", "+@all", "-info",
+    ]);
+    let url = format!("redis://chat:secret@127.0.0.1:{}", redis.port);
+    let server = Server::start(&["--redis", &url]);
+    let mut alice = server.settled("alice");
+    let mut bob = server.settled("bob");
+    alice.send("no INFO for me");
+    assert_eq!(bob.recv_chat().1, "no INFO for me");
+}

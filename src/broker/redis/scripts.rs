@@ -42,7 +42,9 @@
 /// another Redis process (a restart, or a failover to a replica) starts
 /// again, with a new epoch: clients that come back are told their place is
 /// gone rather than being given the wrong messages. (Reading `INFO server`
-/// costs Redis about 5 µs per call: per run of events, not per message.)
+/// costs Redis about 5 µs per call: per run of events, not per message. A
+/// Redis that refuses `INFO` — an ACL user without it, a renamed command —
+/// gets no such check, rather than refusing every message.)
 ///
 /// The first write (`HINCRBY`) comes before anything else is changed or
 /// published: when Redis refuses writes (`maxmemory`), it refuses that one
@@ -58,7 +60,8 @@ while i <= #ARGV do
   events[#events + 1] = {change = ARGV[i], from = i + 2, to = i + 1 + count, payload = ARGV[i + 2 + count]}
   i = i + 3 + count
 end
-local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+local info = redis.pcall('INFO', 'server')
+local run = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or ''
 local position = redis.call('HMGET', meta, 'epoch', 'run')
 local epoch = position[1]
 local last = redis.call('HINCRBY', meta, 'last', #events)
