@@ -32,9 +32,9 @@ fn redis_dies_and_comes_back_mid_chat(args: &[&str]) {
     let port = redis.kill();
     // (The answer to "before" may have been lost with Redis, though bob got
     // it: alice may be told it was not delivered, before or after the lost
-    // notice. See `next_notice` and `next_error`.)
-    assert!(next_notice(&mut alice).contains("lost the chat relay"));
-    assert!(next_notice(&mut bob).contains("lost the chat relay"));
+    // notice. See `Client::recv_notice` and `next_error`.)
+    assert!(alice.recv_notice().contains("lost the chat relay"));
+    assert!(bob.recv_notice().contains("lost the chat relay"));
     alice.send("while Redis is down");
     assert!(
         next_error(&mut alice).contains(r#"your message "while Redis is down" was not delivered"#)
@@ -51,8 +51,8 @@ fn redis_dies_and_comes_back_mid_chat(args: &[&str]) {
     assert_eq!(failed, 5);
 
     let redis = Redis::start_on(port);
-    assert!(next_notice(&mut alice).contains("reconnected"));
-    assert!(next_notice(&mut bob).contains("reconnected"));
+    assert!(alice.recv_notice().contains("reconnected"));
+    assert!(bob.recv_notice().contains("reconnected"));
     alice.send("after");
     assert_eq!(bob.recv_chat(), ("alice".into(), "after".into()));
     bob.send("welcome back");
@@ -74,7 +74,7 @@ fn redis_dies_and_comes_back_mid_chat(args: &[&str]) {
 }
 
 /// The next error frame's text, past one about "before", whose answer may
-/// have been lost with Redis (the ambiguous case of `next_notice`).
+/// have been lost with Redis (the ambiguous case of `Client::recv_notice`).
 fn next_error(client: &mut crate::support::Client) -> String {
     loop {
         let text = client.recv_server("error");
@@ -92,22 +92,6 @@ fn not_delivered(text: &str) -> usize {
         n.parse().unwrap_or_else(|_| panic!("{text}"))
     } else {
         panic!("not a delivery error: {text}")
-    }
-}
-
-/// The next notice, past any "not delivered" errors: a publish that was in
-/// flight when Redis died cannot be confirmed, so its sender is told too.
-fn next_notice(client: &mut crate::support::Client) -> String {
-    loop {
-        let frame = client.recv_live();
-        match frame["type"].as_str() {
-            Some("notice") => return frame["message"].as_str().unwrap().to_owned(),
-            Some("error") => {
-                let text = frame["message"].as_str().unwrap();
-                assert!(text.contains("not delivered"), "{text}");
-            }
-            _ => panic!("expected a notice, got {frame}"),
-        }
     }
 }
 
@@ -200,7 +184,7 @@ fn joining_while_redis_is_down_gets_503(args: &[&str]) {
     }
 
     let _redis = Redis::start_on(port);
-    assert!(next_notice(&mut alice).contains("reconnected"));
+    assert!(alice.recv_notice().contains("reconnected"));
     let mut bob = server.client("bob");
     bob.settle();
     alice.send("welcome, bob");

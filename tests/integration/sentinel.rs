@@ -26,19 +26,6 @@ fn alice_and_bob(server: &Server) -> (Client, Client) {
     (server.settled("alice"), server.settled("bob"))
 }
 
-/// The next notice, past errors about messages in flight when the relay
-/// was lost (their senders are told too).
-fn next_notice(client: &mut Client) -> String {
-    loop {
-        let frame = client.recv_live();
-        match frame["type"].as_str() {
-            Some("notice") => return frame["message"].as_str().unwrap().to_owned(),
-            Some("error") => {}
-            _ => panic!("expected a notice, got {frame}"),
-        }
-    }
-}
-
 /// The start-up log says which topology was found, and where the master is.
 fn clients_chat_through_the_master_the_sentinels_name(args: &[&str]) {
     let setup = Sentinels::start();
@@ -67,11 +54,11 @@ fn a_killed_master_is_followed_to_its_promoted_replica(args: &[&str]) {
     let threads = server.thread_count();
 
     let old = setup.kill_master();
-    assert!(next_notice(&mut alice).contains("lost the chat relay"));
-    assert!(next_notice(&mut bob).contains("lost the chat relay"));
+    assert!(alice.recv_notice().contains("lost the chat relay"));
+    assert!(bob.recv_notice().contains("lost the chat relay"));
     let new = setup.wait_for_new_master(old);
-    assert!(next_notice(&mut alice).contains("reconnected"));
-    assert!(next_notice(&mut bob).contains("reconnected"));
+    assert!(alice.recv_notice().contains("reconnected"));
+    assert!(bob.recv_notice().contains("reconnected"));
     alice.send("after the failover");
     assert_eq!(bob.recv_chat().1, "after the failover");
     bob.send("on the new master");
@@ -93,10 +80,10 @@ fn a_master_demoted_by_the_sentinels_is_left_for_the_new_one(args: &[&str]) {
     let new = setup.wait_for_new_master(old);
     let moved = server.wait_for_log("Redis Sentinel: master \"chat\" moved");
     assert!(moved.contains(&format!(":{new}")), "{moved}");
-    assert!(next_notice(&mut alice).contains("lost the chat relay"));
-    assert!(next_notice(&mut alice).contains("reconnected"));
-    assert!(next_notice(&mut bob).contains("lost the chat relay"));
-    assert!(next_notice(&mut bob).contains("reconnected"));
+    assert!(alice.recv_notice().contains("lost the chat relay"));
+    assert!(alice.recv_notice().contains("reconnected"));
+    assert!(bob.recv_notice().contains("lost the chat relay"));
+    assert!(bob.recv_notice().contains("reconnected"));
     // Published to the new master and delivered (messages refused by the
     // old one, if any, were reported to their sender).
     let delivered = (0..20).any(|i| {

@@ -99,6 +99,23 @@ impl Client {
         frame["message"].as_str().unwrap().to_owned()
     }
 
+    /// The next notice's text, past any "not delivered" errors: a message
+    /// in flight when the relay was lost cannot be confirmed, so its sender
+    /// is told too.
+    pub fn recv_notice(&mut self) -> String {
+        loop {
+            let frame = self.recv_live();
+            match frame["type"].as_str() {
+                Some("notice") => return frame["message"].as_str().unwrap().to_owned(),
+                Some("error") => {
+                    let text = frame["message"].as_str().unwrap();
+                    assert!(text.contains("not delivered"), "{text}");
+                }
+                _ => panic!("expected a notice, got {frame}"),
+            }
+        }
+    }
+
     /// Reads up to the member list sent at join: from then on, the client is
     /// fully in the room (history and member list delivered).
     pub fn settle(&mut self) -> &mut Client {

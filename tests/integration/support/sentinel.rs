@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::thread;
 use std::time::Duration;
 
 use super::*;
@@ -161,11 +160,9 @@ fn sentinel_connection(port: u16) -> Option<redis::Connection> {
 /// `SENTINEL <what> chat` on the sentinel at `port`, if it answers.
 fn query_sentinel<T: redis::FromRedisValue>(port: u16, what: &str) -> Option<T> {
     let mut con = sentinel_connection(port)?;
-    let answer = redis::cmd("SENTINEL")
+    redis::cmd("SENTINEL")
         .arg(what)
         .arg(MASTER_NAME)
         .query(&mut con)
-        .ok();
-    thread::sleep(Duration::from_millis(50));
-    answer
+        .ok()
 }
