@@ -17,7 +17,10 @@
 //! connection and the master the same way.
 //!
 //! The answer is kept for [`FRESH_FOR`], so that a thousand clients joining
-//! at once ask the sentinels once, not a thousand times.
+//! at once ask the sentinels once, not a thousand times; and a failed
+//! connection only marks it stale, asked again at most every
+//! [`ASK_AT_MOST_EVERY`], so that a thousand subscriptions lost at once do
+//! not ask a thousand times either.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +34,8 @@ use crate::config::RedisTarget;
 /// How long an answer from the sentinels is used without asking again
 /// (unless a connection fails first).
 pub(super) const FRESH_FOR: Duration = Duration::from_secs(1);
+/// How soon a stale answer may be asked again.
+pub(super) const ASK_AT_MOST_EVERY: Duration = Duration::from_millis(100);
 /// How long one sentinel, or a master being checked, may take to answer.
 const SENTINEL_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -42,6 +47,16 @@ pub enum Topology {
     Sentinel(Sentinels),
 }
 
+/// What the sentinels answered last.
+struct Found {
+    address: String,
+    client: Client,
+    /// When they answered.
+    at: Instant,
+    /// A connection to it failed since.
+    stale: bool,
+}
+
 /// The sentinels of one master, and the master they named last.
 pub struct Sentinels {
     /// `host:port` of each sentinel, asked in order.
@@ -51,8 +66,8 @@ pub struct Sentinels {
     /// For the master: password and database (from the URL).
     password: Option<String>,
     db: i64,
-    /// The master found last, and when.
-    found: Mutex<Option<(String, Client, Instant)>>,
+    /// The master found last.
+    found: Mutex<Option<Found>>,
     /// How many times the sentinels announced a new master.
     moves: AtomicU64,
 }
@@ -91,11 +106,14 @@ impl Topology {
         }
     }
 
-    /// A connection failed: the next [`master`](Self::master) asks the
-    /// sentinels again.
+    /// A connection failed: the answer is stale, and the next
+    /// [`master`](Self::master) asks the sentinels again (at most every
+    /// [`ASK_AT_MOST_EVERY`]).
     pub fn forget(&self) {
-        if let Topology::Sentinel(sentinels) = self {
-            *sentinels.found.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if let Topology::Sentinel(sentinels) = self
+            && let Some(found) = &mut *sentinels.found.lock().unwrap_or_else(|p| p.into_inner())
+        {
+            found.stale = true;
         }
     }
 
@@ -107,8 +125,9 @@ impl Topology {
     ///
     /// [`moves`]: Self::moves
     pub fn moved(&self) {
-        self.forget();
         if let Topology::Sentinel(sentinels) = self {
+            // Not merely stale: nobody may connect to the old master again.
+            *sentinels.found.lock().unwrap_or_else(|p| p.into_inner()) = None;
             sentinels.moves.fetch_add(1, Ordering::SeqCst);
         }
     }
@@ -157,17 +176,23 @@ impl Sentinels {
     /// is fresh, else asked of the sentinels.
     fn master(&self) -> Result<(String, Client), BrokerError> {
         let mut found = self.found.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((address, client, at)) = &*found
-            && at.elapsed() < FRESH_FOR
-        {
-            return Ok((address.clone(), client.clone()));
+        if let Some(last) = &*found {
+            let age = last.at.elapsed();
+            if age < ASK_AT_MOST_EVERY || (age < FRESH_FOR && !last.stale) {
+                return Ok((last.address.clone(), last.client.clone()));
+            }
         }
         let (address, client) = self.ask()?;
         log::debug!(
             "the sentinels name {address} as master {:?}",
             self.master_name
         );
-        *found = Some((address.clone(), client.clone(), Instant::now()));
+        *found = Some(Found {
+            address: address.clone(),
+            client: client.clone(),
+            at: Instant::now(),
+            stale: false,
+        });
         Ok((address, client))
     }
 
