@@ -14,12 +14,15 @@
 #   make bench                  load scenarios a, b, c against a release build, with
 #                               each relay (starts its own redis-server); one relay:
 #                               BROKER=redis|redis-shared|memory; SCENARIOS=a,b;
-#                               the attacks: SCENARIOS=d,e,f (docs/PERFORMANCE.md)
+#                               the attacks: SCENARIOS=d,e,f; then many rooms on one
+#                               Redis and on a 3-master Redis Cluster (scenarios g, h;
+#                               CLUSTER_SCENARIOS= skips them, make bench-cluster runs
+#                               only them) (docs/PERFORMANCE.md)
 
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: run build test lint check-macos fmt interop conformance browser-test bench require-redis
+.PHONY: run build test lint check-macos fmt interop conformance browser-test bench bench-cluster require-redis
 
 run:
 	$(CARGO) run --release --bin threadchat -- $(ARGS)
@@ -62,9 +65,17 @@ browser-test:
 
 BROKER ?= all
 SCENARIOS ?= a,b,c
+CLUSTER_SCENARIOS ?= g,h
+CLUSTER_BROKERS = redis,redis-cluster,redis-shared,redis-cluster-shared
 bench: require-redis
 	$(CARGO) build --release --workspace --bins
 	./target/release/loadgen --broker $(BROKER) --scenario $(SCENARIOS)
+	if [ -n "$(CLUSTER_SCENARIOS)" ]; then \
+	  ./target/release/loadgen --broker $(CLUSTER_BROKERS) --scenario $(CLUSTER_SCENARIOS); fi
+
+bench-cluster: require-redis
+	$(CARGO) build --release --workspace --bins
+	./target/release/loadgen --broker $(CLUSTER_BROKERS) --scenario g,h
 
 require-redis:
 	@scripts/need-redis.sh

@@ -5,7 +5,7 @@
 # otherwise prints the command to run.
 set -eu
 
-command -v redis-server >/dev/null 2>&1 && exit 0
+command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 && exit 0
 
 echo "redis-server is not installed; the tests start their own Redis on a free port."
 if command -v apt-get >/dev/null 2>&1; then

@@ -27,7 +27,8 @@ pub struct Args {
     /// Redis to relay through: a host ("localhost"), host:port
     /// ("10.0.0.5:6380"), a URL ("redis://:secret@host:6379/2"), or
     /// sentinels and the master they watch
-    /// ("redis+sentinel://s1:26379,s2:26379,s3:26379/mymaster").
+    /// ("redis+sentinel://s1:26379,s2:26379,s3:26379/mymaster"), or seed
+    /// nodes of a Redis Cluster ("redis+cluster://n1:7000,n2:7000").
     /// Without it, Redis on localhost:6379 is used if it answers; otherwise
     /// messages are relayed in-process (a single instance only).
     #[arg(long, env = "THREADCHAT_REDIS", value_name = "HOST[:PORT]|URL")]

@@ -43,6 +43,13 @@ pub enum RedisTarget {
         /// The master's database number.
         db: i64,
     },
+    /// A Redis Cluster, found through any of its seed nodes.
+    Cluster {
+        /// `host:port` of each seed node, asked in turn for the slot map.
+        seeds: Vec<String>,
+        /// The nodes' password, if they have one.
+        password: Option<String>,
+    },
 }
 
 impl RedisTarget {
@@ -54,6 +61,7 @@ impl RedisTarget {
             RedisTarget::Sentinel {
                 sentinels, master, ..
             } => format!("redis+sentinel://{}/{master}", sentinels.join(",")),
+            RedisTarget::Cluster { seeds, .. } => format!("redis+cluster://{}", seeds.join(",")),
         }
     }
 }
@@ -291,10 +299,10 @@ impl Config {
     }
 }
 
-/// Turns what the user gave `--redis` into a Redis URL, as the original app
-/// did (`redis://{host}`), while also accepting full URLs.
-/// Reads `--redis`: a host, host:port, a `redis://` URL, or
-/// `redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT…]/MASTER[/DB]`.
+/// Reads `--redis`: a host or host:port, as the original app took it
+/// (`redis://{host}`); a `redis://` URL;
+/// `redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT…]/MASTER[/DB]`; or
+/// `redis+cluster://[:PASSWORD@]HOST:PORT[,HOST:PORT…]`.
 fn redis_target(value: &str) -> Result<RedisTarget, ConfigError> {
     let fail = |reason: &str| ConfigError::Redis {
         value: value.to_owned(),
@@ -308,6 +316,7 @@ fn redis_target(value: &str) -> Result<RedisTarget, ConfigError> {
         match scheme {
             "redis" | "redis+unix" | "unix" => value.to_owned(),
             "redis+sentinel" => return sentinel_target(rest).map_err(|reason| fail(&reason)),
+            "redis+cluster" => return cluster_target(rest).map_err(|reason| fail(&reason)),
             "rediss" => return Err(fail("TLS (rediss://) is not built into threadchat")),
             _ => return Err(fail("expected a host, host:port, or a redis:// URL")),
         }
@@ -320,13 +329,7 @@ fn redis_target(value: &str) -> Result<RedisTarget, ConfigError> {
 
 /// The part of a Sentinel URL after `redis+sentinel://`.
 fn sentinel_target(rest: &str) -> Result<RedisTarget, String> {
-    let (password, rest) = match rest.rsplit_once('@') {
-        Some((auth, rest)) => {
-            let password = auth.split_once(':').map_or(auth, |(_, p)| p);
-            (Some(password.to_owned()).filter(|p| !p.is_empty()), rest)
-        }
-        None => (None, rest),
-    };
+    let (password, rest) = password_of(rest);
     let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
     let (master, db) = path.split_once('/').unwrap_or((path, "0"));
     if master.is_empty() {
@@ -335,30 +338,60 @@ fn sentinel_target(rest: &str) -> Result<RedisTarget, String> {
     let db = db
         .parse()
         .map_err(|_| format!("database {db:?} is not a number"))?;
-    let mut sentinels = Vec::new();
-    for host in hosts.split(',').filter(|h| !h.is_empty()) {
-        let address = if host.contains(':') {
-            host.to_owned()
-        } else {
-            format!("{host}:26379")
-        };
-        let port_ok = address
-            .rsplit_once(':')
-            .is_some_and(|(_, port)| port.parse::<u16>().is_ok());
-        if !port_ok {
-            return Err(format!("{host:?} is not HOST:PORT"));
-        }
-        sentinels.push(address);
-    }
-    if sentinels.is_empty() {
-        return Err("no sentinel address".into());
-    }
     Ok(RedisTarget::Sentinel {
-        sentinels,
+        sentinels: addresses(hosts, Some(26379), "sentinel")?,
         master: master.to_owned(),
         password,
         db,
     })
+}
+
+/// The part of a Cluster URL after `redis+cluster://`: seed nodes, each
+/// with its port (a cluster has one database, so there is no path).
+fn cluster_target(rest: &str) -> Result<RedisTarget, String> {
+    let (password, rest) = password_of(rest);
+    let hosts = rest.strip_suffix('/').unwrap_or(rest);
+    if hosts.contains('/') {
+        return Err("a cluster has one database: redis+cluster://HOST:PORT,… has no path".into());
+    }
+    Ok(RedisTarget::Cluster {
+        seeds: addresses(hosts, None, "seed node")?,
+        password,
+    })
+}
+
+/// Splits `[[USER]:PASSWORD@]REST` (an empty password is none).
+fn password_of(rest: &str) -> (Option<String>, &str) {
+    match rest.rsplit_once('@') {
+        Some((auth, rest)) => {
+            let password = auth.split_once(':').map_or(auth, |(_, p)| p);
+            (Some(password.to_owned()).filter(|p| !p.is_empty()), rest)
+        }
+        None => (None, rest),
+    }
+}
+
+/// `HOST:PORT,HOST:PORT,…` as a list (a missing port is `default_port`,
+/// if there is one); at least one.
+fn addresses(hosts: &str, default_port: Option<u16>, what: &str) -> Result<Vec<String>, String> {
+    let mut addresses = Vec::new();
+    for host in hosts.split(',').filter(|h| !h.is_empty()) {
+        let address = match default_port {
+            Some(port) if !host.contains(':') => format!("{host}:{port}"),
+            _ => host.to_owned(),
+        };
+        let port_ok = address
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !port_ok {
+            return Err(format!("{what} {host:?} is not HOST:PORT"));
+        }
+        addresses.push(address);
+    }
+    if addresses.is_empty() {
+        return Err(format!("no {what} address"));
+    }
+    Ok(addresses)
 }
 
 #[cfg(test)]
@@ -400,6 +433,26 @@ mod tests {
             "redis+sentinel:///m",
             "redis+sentinel://a:x/m",
             "redis+sentinel://a:1/m/x",
+        ] {
+            assert!(redis_target(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cluster_urls_are_read() {
+        assert_eq!(
+            redis_target("redis+cluster://:pw@a:1,b:2/").ok(),
+            Some(RedisTarget::Cluster {
+                seeds: vec!["a:1".into(), "b:2".into()],
+                password: Some("pw".into()),
+            })
+        );
+        for bad in [
+            "redis+cluster://",
+            "redis+cluster://a",
+            "redis+cluster://a:1/0",
+            "redis+cluster://:7000",
+            "redis+cluster://a:70000",
         ] {
             assert!(redis_target(bad).is_err(), "{bad}");
         }

@@ -158,9 +158,20 @@ fn replay(
         None => Log::default(),
     };
     let mark = mark.map(|mark| &mark.end);
-    // Entries up to the mark, of the mark's log: what comes after reaches
-    // the client live. Each payload is dropped once its frame is made.
-    let upto = |msg: &ChatMessage| matches!((msg.at(), mark), (Some(at), Some(mark)) if at.epoch == mark.epoch && at.offset <= mark.offset);
+    // Entries up to the mark: what comes after reaches the client live. A
+    // log may hold entries of an earlier epoch before those of the mark's
+    // (a Redis restarted or failed over, or a cluster moved the room, and
+    // the log was kept): they come before the mark. Each payload is
+    // dropped once its frame is made.
+    let mut in_marks_epoch = false;
+    let upto = move |msg: &ChatMessage| match (msg.at(), mark) {
+        (Some(at), Some(mark)) if at.epoch == mark.epoch => {
+            in_marks_epoch = true;
+            at.offset <= mark.offset
+        }
+        (Some(_), Some(_)) => !in_marks_epoch,
+        _ => false,
+    };
     let entries = log
         .entries
         .into_iter()
@@ -192,7 +203,8 @@ fn replay(
         return Ok(frames);
     }
     let why = if !same_log {
-        "the room's log was reset since (Redis lost it); the latest history is above"
+        "the room's log was reset since (Redis was flushed, restarted or failed \
+         over, or the room moved to another master); the latest history is above"
     } else if mark.is_some_and(|mark| resume.since > mark.offset) {
         "that offset is not in the room's log; the latest history is above"
     } else {

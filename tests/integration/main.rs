@@ -6,6 +6,7 @@
 mod bounds;
 mod bounds_relay;
 mod chat;
+mod cluster;
 mod example;
 mod faults;
 mod http;

@@ -2,7 +2,6 @@
 //! follows a failover — the master killed, or demoted by the sentinels —
 //! with the same notices as a Redis restart, in both subscription modes.
 
-use std::process::Command;
 use std::time::Duration;
 
 use crate::support::{Client, Sentinels, Server, free_port, in_both_subscription_modes};
@@ -13,14 +12,6 @@ in_both_subscription_modes!(
     a_master_demoted_by_the_sentinels_is_left_for_the_new_one,
 );
 
-/// Starts threadchat on `setup`'s sentinels, with `args`.
-fn server(setup: &Sentinels, args: &[&str]) -> Server {
-    let url = setup.url();
-    let mut all = vec!["--redis", url.as_str(), "--rate-limit", "0"];
-    all.extend_from_slice(args);
-    Server::start(&all)
-}
-
 /// Two settled clients.
 fn alice_and_bob(server: &Server) -> (Client, Client) {
     (server.settled("alice"), server.settled("bob"))
@@ -29,7 +20,7 @@ fn alice_and_bob(server: &Server) -> (Client, Client) {
 /// The start-up log says which topology was found, and where the master is.
 fn clients_chat_through_the_master_the_sentinels_name(args: &[&str]) {
     let setup = Sentinels::start();
-    let server = server(&setup, args);
+    let server = Server::on_redis(&setup.url(), args);
     let line = server.wait_for_log("relay: Redis Sentinel");
     assert!(
         line.contains(&format!(
@@ -47,7 +38,7 @@ fn clients_chat_through_the_master_the_sentinels_name(args: &[&str]) {
 /// told the relay was lost, then restored, and chats again.
 fn a_killed_master_is_followed_to_its_promoted_replica(args: &[&str]) {
     let mut setup = Sentinels::start();
-    let server = server(&setup, args);
+    let server = Server::on_redis(&setup.url(), args);
     let (mut alice, mut bob) = alice_and_bob(&server);
     alice.send("before");
     assert_eq!(bob.recv_chat().1, "before");
@@ -72,7 +63,7 @@ fn a_killed_master_is_followed_to_its_promoted_replica(args: &[&str]) {
 /// the old one would be refused: it is read-only now).
 fn a_master_demoted_by_the_sentinels_is_left_for_the_new_one(args: &[&str]) {
     let setup = Sentinels::start();
-    let server = server(&setup, args);
+    let server = Server::on_redis(&setup.url(), args);
     let (mut alice, mut bob) = alice_and_bob(&server);
     let old = setup.master_port();
 
@@ -106,14 +97,6 @@ fn a_wrong_sentinel_setup_is_one_clear_error_at_start() {
         (nobody.as_str(), "no sentinel named a master"),
         ("redis+sentinel://127.0.0.1:1", "names the master"),
     ] {
-        let output = Command::new(env!("CARGO_BIN_EXE_threadchat"))
-            .args(["--port", "0", "--redis", url])
-            .env_remove("THREADCHAT_REDIS")
-            .output()
-            .unwrap();
-        assert!(!output.status.success(), "{url}");
-        let err = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(err.contains(expected), "{url}: {err}");
+        Server::fails_on_redis(url, expected);
     }
 }

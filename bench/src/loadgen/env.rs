@@ -11,47 +11,75 @@ use anyhow::Context;
 
 use super::Args;
 
-/// A redis-server and a threadchat, stopped on drop.
+/// The Redis servers (none, one, or a cluster's masters) and a threadchat,
+/// stopped on drop.
 pub(crate) struct Env {
-    pub(crate) redis: Option<Child>,
-    pub(crate) redis_port: Option<u16>,
+    /// Every redis-server, with its port.
+    pub(crate) redis: Vec<(Child, u16)>,
     pub(crate) server: Child,
     pub(crate) addr: SocketAddr,
 }
 
+/// Masters of the cluster that relay `redis-cluster` starts (Redis
+/// Cluster's minimum; no replicas: they would only take CPU here).
+pub(crate) const CLUSTER_MASTERS: usize = 3;
+
 impl Env {
-    /// Starts Redis (for a Redis relay) and threadchat with `extra`
-    /// arguments (which must say `--history`).
+    /// Starts Redis (for a Redis relay: one server, or with
+    /// `redis-cluster…` a cluster of [`CLUSTER_MASTERS`] masters without
+    /// replicas) and threadchat with `extra` arguments (which must say
+    /// `--history`).
     pub(crate) fn start(args: &Args, broker: &str, extra: &[&str]) -> anyhow::Result<Env> {
         let mut relay = vec!["--in-process".to_owned()];
-        let mut redis = None;
-        let mut redis_port = None;
-        if broker.starts_with("redis") {
-            let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-            redis = Some(
-                Command::new("redis-server")
-                    .args([
-                        "--port",
-                        &port.to_string(),
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                    ])
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .context("redis-server")?,
+        let mut redis = Vec::new();
+        if broker.starts_with("redis-cluster") {
+            for _ in 0..CLUSTER_MASTERS {
+                let port = cluster_port()?;
+                redis.push((
+                    start_redis(
+                        port,
+                        &[
+                            "--cluster-enabled",
+                            "yes",
+                            "--cluster-config-file",
+                            &format!("nodes-{port}.conf"),
+                        ],
+                    )?,
+                    port,
+                ));
+            }
+            let nodes: Vec<String> = redis
+                .iter()
+                .map(|(_, port)| format!("127.0.0.1:{port}"))
+                .collect();
+            let created = Command::new("redis-cli")
+                .args(["--cluster", "create"])
+                .args(&nodes)
+                .args(["--cluster-replicas", "0", "--cluster-yes"])
+                .output()
+                .context("redis-cli")?;
+            anyhow::ensure!(
+                created.status.success(),
+                "redis-cli --cluster create failed"
             );
             let deadline = Instant::now() + Duration::from_secs(10);
-            while TcpStream::connect(("127.0.0.1", port)).is_err() {
-                anyhow::ensure!(Instant::now() < deadline, "redis-server did not start");
-                thread::sleep(Duration::from_millis(20));
+            for (_, port) in &redis {
+                while !info(*port, "CLUSTER INFO").contains("cluster_state:ok") {
+                    anyhow::ensure!(Instant::now() < deadline, "the cluster did not form");
+                    thread::sleep(Duration::from_millis(50));
+                }
             }
-            redis_port = Some(port);
+            relay = vec![
+                "--redis".into(),
+                format!("redis+cluster://{}", nodes.join(",")),
+            ];
+        } else if broker.starts_with("redis") {
+            let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            redis.push((start_redis(port, &[])?, port));
             relay = vec!["--redis".into(), format!("127.0.0.1:{port}")];
-            if broker == "redis-shared" {
-                relay.extend(["--subscriptions".into(), "shared".into()]);
-            }
+        }
+        if broker.ends_with("-shared") {
+            relay.extend(["--subscriptions".into(), "shared".into()]);
         }
         // Every client comes from 127.0.0.1. (Asked only of a build that
         // has the limit, so that this load generator can measure an older
@@ -77,7 +105,6 @@ impl Env {
         let addr = wait_for_port(server.id())?;
         Ok(Env {
             redis,
-            redis_port,
             server,
             addr,
         })
@@ -87,42 +114,99 @@ impl Env {
         self.server.id()
     }
 
-    /// CPU ticks of the Redis server, if there is one.
-    pub(crate) fn redis_ticks(&self) -> Option<u64> {
-        self.redis.as_ref().map(|r| cpu_ticks(r.id()))
+    /// CPU ticks of each Redis server (none without Redis).
+    pub(crate) fn redis_ticks(&self) -> Vec<u64> {
+        self.redis.iter().map(|(r, _)| cpu_ticks(r.id())).collect()
     }
 
-    /// A Redis URL for this environment's Redis, if it has one.
+    /// A Redis URL for this environment's (first) Redis, if it has one.
     pub(crate) fn redis_url(&self) -> Option<String> {
-        Some(format!("redis://127.0.0.1:{}", self.redis_port?))
+        Some(format!("redis://127.0.0.1:{}", self.redis.first()?.1))
     }
 
-    /// How many clients are connected to Redis (`INFO clients`).
+    /// How many clients are connected to Redis (`INFO clients`, summed
+    /// over a cluster's masters).
     pub(crate) fn redis_connections(&self) -> Option<u64> {
-        use std::io::{Read, Write};
-        let mut stream = TcpStream::connect(("127.0.0.1", self.redis_port?)).ok()?;
-        stream.write_all(b"INFO clients\r\n").ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        let mut reply = vec![0; 4096];
-        let n = stream.read(&mut reply).ok()?;
-        let text = String::from_utf8_lossy(&reply[..n]);
-        let line = text.lines().find(|l| l.starts_with("connected_clients:"))?;
-        // Not counting this query's own connection.
-        line["connected_clients:".len()..]
-            .trim()
-            .parse::<u64>()
-            .ok()?
-            .checked_sub(1)
+        if self.redis.is_empty() {
+            return None;
+        }
+        self.redis
+            .iter()
+            .map(|(_, port)| {
+                let text = info(*port, "INFO clients");
+                let line = text.lines().find(|l| l.starts_with("connected_clients:"))?;
+                // Not counting this query's own connection.
+                line["connected_clients:".len()..]
+                    .trim()
+                    .parse::<u64>()
+                    .ok()?
+                    .checked_sub(1)
+            })
+            .sum()
     }
+}
+
+/// Starts a redis-server on `port` (no persistence) and waits for it.
+fn start_redis(port: u16, more: &[&str]) -> anyhow::Result<Child> {
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--dir", &std::env::temp_dir().to_string_lossy()])
+        .args(more)
+        .stdout(Stdio::null())
+        .spawn()
+        .context("redis-server")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "redis-server did not start");
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child)
+}
+
+/// A free port whose cluster-bus port (+10,000) is free too.
+fn cluster_port() -> anyhow::Result<u16> {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if port <= 55_535 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return Ok(port);
+        }
+    }
+}
+
+/// The text a Redis on `port` answers to an inline command (`INFO
+/// clients`), or "" if it does not.
+fn info(port: u16, command: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream
+        .write_all(format!("{command}\r\n").as_bytes())
+        .is_err()
+    {
+        return String::new();
+    }
+    let mut reply = vec![0; 8192];
+    let n = stream.read(&mut reply).unwrap_or(0);
+    String::from_utf8_lossy(&reply[..n]).into_owned()
 }
 
 impl Drop for Env {
     fn drop(&mut self) {
         let _ = self.server.kill();
         let _ = self.server.wait();
-        if let Some(redis) = &mut self.redis {
+        for (redis, port) in &mut self.redis {
             let _ = redis.kill();
             let _ = redis.wait();
+            let _ = std::fs::remove_file(std::env::temp_dir().join(format!("nodes-{port}.conf")));
         }
     }
 }

@@ -57,7 +57,7 @@ impl Row {
                 }
             })),
             opt(self.deliveries_per_s.map(|d| format!("{d:.0}"))),
-            opt(self.cpu.map(|cpu| cpu.render())),
+            opt(self.cpu.as_ref().map(Cpu::render)),
             opt(self.redis_connections.map(|n| n.to_string())),
             opt(self.rss_per_client_kib.map(|k| format!("{k:.1} KiB"))),
             opt(self.kernel_per_client_kib.map(|(stack, tables, slab)| {
@@ -75,17 +75,29 @@ impl Row {
 /// scenario can reach: in (a), 1% of a core over the 10 s is 1 ms of CPU per
 /// message, and the last of a message's 999 frames cannot be read before
 /// the sum has been spent, divided among the cores.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub(crate) struct Cpu {
     pub(crate) server: f64,
-    pub(crate) redis: Option<f64>,
+    /// Each Redis server (a cluster's masters: one figure each).
+    pub(crate) redis: Vec<f64>,
     /// This load generator: its senders and receivers.
     pub(crate) load: f64,
 }
 
 impl Cpu {
     pub(crate) fn render(&self) -> String {
-        let redis = self.redis.map_or("–".into(), |r| format!("{r:.0}%"));
+        let redis = match &self.redis[..] {
+            [] => "–".to_owned(),
+            [one] => format!("{one:.0}%"),
+            shards => {
+                let each: Vec<String> = shards.iter().map(|r| format!("{r:.0}")).collect();
+                format!(
+                    "{}% ({}%)",
+                    shards.iter().sum::<f64>().round(),
+                    each.join(" + ")
+                )
+            }
+        };
         format!("{:.0}% / {redis} / {:.0}%", self.server, self.load)
     }
 }

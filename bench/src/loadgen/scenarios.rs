@@ -1,5 +1,5 @@
-//! Scenarios a and b (a room fanning out, [`fan_out`]) and c (idle clients,
-//! [`idle`]).
+//! Scenarios a and b (a room fanning out, [`fan_out`]), g and h (many
+//! rooms fanning out at once, the same function) and c (idle clients, [`idle`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
@@ -18,17 +18,54 @@ pub(crate) enum Pace {
     FlatOut,
 }
 
-/// `clients` clients in one room; the first `senders` send for `duration`.
+/// How a fan-out scenario lays out its clients: `rooms` rooms of
+/// `per_room` clients, the first `senders` of each sending.
+pub(crate) struct Rooms {
+    pub(crate) rooms: usize,
+    pub(crate) per_room: usize,
+    pub(crate) senders: usize,
+}
+
+impl Rooms {
+    /// One room.
+    pub(crate) fn one(clients: usize, senders: usize) -> Rooms {
+        Rooms {
+            rooms: 1,
+            per_room: clients,
+            senders,
+        }
+    }
+}
+
+/// `layout.rooms` rooms of `layout.per_room` clients; the first
+/// `layout.senders` of each room send for `duration`. Clients are numbered
+/// room by room, and senders likewise (sender `s` is in room
+/// `s / layout.senders`).
 pub(crate) fn fan_out(
     env: &Env,
-    clients: usize,
-    senders: usize,
+    layout: Rooms,
     pace: Pace,
     duration: Duration,
 ) -> anyhow::Result<Row> {
-    let room = "bench";
+    let Rooms {
+        rooms,
+        per_room,
+        senders: senders_per_room,
+    } = layout;
+    let (clients, senders) = (rooms * per_room, rooms * senders_per_room);
     let started = Instant::now();
-    let (sockets, handshake) = connect_all(env.addr, clients, room)?;
+    let mut sockets = Vec::with_capacity(clients);
+    let mut handshake = String::new();
+    for room in 0..rooms {
+        let name = if rooms == 1 {
+            "bench".to_owned()
+        } else {
+            format!("bench-{room}")
+        };
+        let (more, summary) = connect_all(env.addr, per_room, &name)?;
+        sockets.extend(more);
+        handshake = summary;
+    }
     let connect_time = started.elapsed();
 
     let stop_reading = Arc::new(AtomicBool::new(false));
@@ -47,7 +84,10 @@ pub(crate) fn fan_out(
     let mut writers = Vec::new();
     let go = Arc::new(Barrier::new(senders + 1));
     for (i, ws) in sockets.into_iter().enumerate() {
-        if i < senders {
+        let (room, k) = (i / per_room, i % per_room);
+        if k < senders_per_room {
+            // This client's number among all senders.
+            let s = room * senders_per_room + k;
             // A write-only WebSocket on a clone of the socket, so sending
             // and receiving go on independently. The clone shares the
             // receiver's non-blocking mode, hence `send`. (Two writers on one
@@ -59,7 +99,7 @@ pub(crate) fn fan_out(
                 None,
             );
             let (count, go, progress) =
-                (Arc::clone(&sent[i]), Arc::clone(&go), Arc::clone(&progress));
+                (Arc::clone(&sent[s]), Arc::clone(&go), Arc::clone(&progress));
             let pace = match pace {
                 Pace::PerSecond(n) => Some(Duration::from_secs(1) / n),
                 Pace::FlatOut => None,
@@ -72,11 +112,12 @@ pub(crate) fn fan_out(
                         let end = Instant::now() + duration;
                         let mut seq = 0u64;
                         // The slowest reader's progress on this sender
-                        // (a sender does not read its own messages).
+                        // (a sender does not read its own messages, nor
+                        // anyone outside its room).
                         let slowest = || {
-                            (0..clients)
+                            (room * per_room..(room + 1) * per_room)
                                 .filter(|&r| r != i)
-                                .map(|r| progress[r * senders + i].load(Ordering::Relaxed))
+                                .map(|r| progress[r * senders + s].load(Ordering::Relaxed))
                                 .min()
                                 .unwrap_or(u64::MAX)
                         };
@@ -89,7 +130,7 @@ pub(crate) fn fan_out(
                                 thread::sleep(Duration::from_micros(200));
                                 continue;
                             }
-                            let text = format!("{i}:{seq}:{}", now_micros());
+                            let text = format!("{s}:{seq}:{}", now_micros());
                             if send(&mut out, Message::text(text)).is_err() {
                                 break;
                             }
@@ -139,10 +180,12 @@ pub(crate) fn fan_out(
     let send_time = last_change.duration_since(t0);
     let cpu = cpu_ticks(env.pid()) - cpu0;
     let load_cpu = cpu_ticks(std::process::id()) - load_cpu0;
-    let redis_cpu = env
+    let redis_cpu: Vec<u64> = env
         .redis_ticks()
+        .into_iter()
         .zip(redis_cpu0)
-        .map(|(now, then)| now - then);
+        .map(|(now, then)| now - then)
+        .collect();
     stop_reading.store(true, Ordering::Relaxed);
     let mut seen: Vec<Seen> = Vec::with_capacity(clients);
     for reader in readers {
@@ -152,29 +195,31 @@ pub(crate) fn fan_out(
         seen.extend(group);
     }
     let sent_total: Vec<u64> = sent.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-    let mut row = summarize(clients, senders, &sent_total, &seen, send_time);
+    let mut row = summarize(clients, per_room, &sent_total, &seen, send_time);
     row.connect = connect_time;
     row.handshake = handshake;
     let window = send_time.as_secs_f64();
     row.cpu = Some(Cpu {
         server: cpu as f64 / window,
-        redis: redis_cpu.map(|t| t as f64 / window),
+        redis: redis_cpu.iter().map(|&t| t as f64 / window).collect(),
         load: load_cpu as f64 / window,
     });
+    row.senders = senders;
     row.redis_connections = redis_connections;
     Ok(row)
 }
 
+/// The row of a fan-out: `clients` in rooms of `per_room`.
 pub(crate) fn summarize(
     clients: usize,
-    senders: usize,
+    per_room: usize,
     sent: &[u64],
     seen: &[Seen],
     sending: Duration,
 ) -> Row {
     let sent_total: u64 = sent.iter().sum();
-    // Each message goes to everyone but its sender.
-    let expected = sent_total * (clients as u64 - 1);
+    // Each message goes to everyone in its room but its sender.
+    let expected = sent_total * (per_room as u64 - 1);
     let received: u64 = seen.iter().map(|s| s.received).sum();
     let mut lat: Vec<u64> = seen
         .iter()
@@ -189,7 +234,6 @@ pub(crate) fn summarize(
     };
     Row {
         clients,
-        senders,
         delivered: received,
         expected,
         duplicates: Some(seen.iter().map(|s| s.duplicates).sum()),

@@ -61,12 +61,14 @@ pub(super) struct Event {
     pub(super) change: MemberChange,
 }
 
-/// What a publisher needs of the broker's settings: how logs are bounded.
+/// What a publisher needs of the broker's settings: how logs are bounded,
+/// and whether rooms publish on shard channels (a Redis Cluster).
 #[derive(Debug, Clone, Copy)]
-pub(super) struct LogBounds {
+pub(super) struct ScriptSettings {
     pub(super) history: usize,
     pub(super) history_bytes: usize,
     pub(super) room_ttl: Duration,
+    pub(super) sharded: bool,
 }
 
 /// A batch of jobs laid out as one pipeline, and which of its replies
@@ -96,7 +98,7 @@ struct OpenRun<'a> {
 impl Plan {
     /// Lays out a batch of jobs' work: other commands as they are, runs of
     /// one room's events as one script call each.
-    pub(super) fn of<'a>(batch: impl Iterator<Item = &'a Work>, bounds: &LogBounds) -> Plan {
+    pub(super) fn of<'a>(batch: impl Iterator<Item = &'a Work>, bounds: &ScriptSettings) -> Plan {
         let mut pipeline = redis::pipe();
         pipeline.ignore_errors();
         let mut commands = 0;
@@ -167,7 +169,7 @@ impl Plan {
 
 /// A script call's head: the room's keys, the bounds, the channel, and an
 /// epoch in case the log starts afresh.
-fn head(room: &Room, bounds: &LogBounds) -> redis::Cmd {
+fn head(room: &Room, bounds: &ScriptSettings) -> redis::Cmd {
     let mut eval = redis::cmd("EVALSHA");
     eval.arg(sha_of(LOG_AND_PUBLISH)).arg(4);
     for key in keys::of_room(room) {
@@ -176,8 +178,9 @@ fn head(room: &Room, bounds: &LogBounds) -> redis::Cmd {
     eval.arg(bounds.history)
         .arg(bounds.history_bytes)
         .arg(bounds.room_ttl.as_millis() as u64)
-        .arg(room.channel())
-        .arg(new_epoch());
+        .arg(keys::channel(room, bounds.sharded))
+        .arg(new_epoch())
+        .arg(if bounds.sharded { "sharded" } else { "classic" });
     eval
 }
 

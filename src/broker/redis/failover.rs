@@ -139,7 +139,7 @@ impl Watch {
         if self.stopping.load(Ordering::SeqCst) {
             return Ok(());
         }
-        con.subscribe(&[SWITCH_MASTER])?;
+        con.subscribe(&[SWITCH_MASTER], false)?;
         loop {
             con.wait()?;
             if let Push::Message { channel, payload } = con.next()?

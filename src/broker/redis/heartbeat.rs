@@ -1,13 +1,15 @@
 //! The heartbeat thread (`tc-heartbeat`): every [`HEARTBEAT`] it marks this
 //! instance alive, refreshes the keys of rooms with members here (so they
-//! do not expire while in use), and checks that Redis answers; when it does
-//! not, it restarts every subscription (see [`SubscriptionSockets`](super::listener::SubscriptionSockets)).
+//! do not expire while in use), and checks that Redis answers — on a
+//! cluster, every master; when one does not, it restarts the subscriptions
+//! connected to it (see [`SubscriptionSockets`](super::listener::SubscriptionSockets)).
 
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use super::RedisBroker;
+use super::cluster::Route;
 use super::keys;
 use super::publisher::{Job, Reply};
 use crate::broker::BrokerError;
@@ -34,6 +36,7 @@ impl RedisBroker {
         let lane = self.lanes[0].clone();
         let key = keys::instance(&self.instance_id());
         let subscriptions = Arc::clone(&self.subscriptions);
+        let topology = Arc::clone(&self.topology);
         let local_rooms = Arc::clone(&self.local_rooms);
         let room_ttl = self.settings.room_ttl;
         // Rooms in use must be refreshed well within their time to live.
@@ -42,33 +45,56 @@ impl RedisBroker {
             .name("tc-heartbeat".into())
             .stack_size(crate::THREAD_STACK_SIZE)
             .spawn(move || {
-                loop {
-                    // Rooms in use here do not expire.
-                    let mut cmds = vec![keep_alive(&key)];
+                'beat: loop {
+                    // This instance is alive, and rooms in use here do not
+                    // expire: a job per room (on a cluster each room is in
+                    // a slot of its own), one queue slot each.
+                    let _ = lane.try_send(Job::commands(
+                        Route::key(&key),
+                        vec![keep_alive(&key)],
+                        Reply::None,
+                    ));
                     let rooms: Vec<Room> = {
                         let rooms = local_rooms.lock().unwrap_or_else(|p| p.into_inner());
                         rooms.keys().cloned().collect()
                     };
                     for room in &rooms {
-                        cmds.extend(RedisBroker::refresh(room, room_ttl));
+                        let refresh = RedisBroker::refresh(room, room_ttl).collect();
+                        let job = Job::commands(Route::room(room), refresh, Reply::None);
+                        // A full lane waits, not the rooms: on a busy lane
+                        // a heartbeat may take its time.
+                        if lane.send_timeout(job, every).is_err() {
+                            break;
+                        }
                     }
-                    let _ = lane.try_send(Job::commands(cmds, Reply::None));
-                    // Is Redis there? A PING fails only when the connection
-                    // does (an error reply to SET, say out of memory, would
-                    // not mean the subscriptions are dead). A paused Redis
-                    // is noticed by the publisher's I/O timeout.
-                    let (answer_tx, answer) = crossbeam_channel::bounded(1);
-                    let ping = Job::commands(vec![redis::cmd("PING")], Reply::Values(answer_tx));
-                    if lane.try_send(ping).is_ok() {
+                    // Is Redis there — every master of a cluster? A PING
+                    // fails only when the connection does (an error reply
+                    // to SET, say out of memory, would not mean the
+                    // subscriptions are dead). A paused Redis is noticed by
+                    // the publisher's I/O timeout.
+                    for (address, route) in topology.masters().unwrap_or_default() {
+                        let (answer_tx, answer) = crossbeam_channel::bounded(1);
+                        let ping = Job::commands(
+                            route,
+                            vec![redis::cmd("PING")],
+                            Reply::Values(answer_tx),
+                        );
+                        if lane.try_send(ping).is_err() {
+                            continue;
+                        }
                         crossbeam_channel::select! {
                             recv(answer) -> answer => if let Ok(Err(e)) = answer {
-                                let n = subscriptions.restart_all();
+                                let n = match &address {
+                                    Some(address) => subscriptions.restart_at(address),
+                                    None => subscriptions.restart_all(),
+                                };
+                                let which = address.as_deref().unwrap_or("Redis");
                                 log::warn!(
-                                    "Redis did not answer the heartbeat ({e}); \
+                                    "{which} did not answer the heartbeat ({e}); \
                                      restarting {n} subscription(s)"
                                 );
                             },
-                            recv(stop_rx) -> _ => break,
+                            recv(stop_rx) -> _ => break 'beat,
                         }
                     }
                     // Shutdown by dropping the sender: recv fails at once.
@@ -81,7 +107,7 @@ impl RedisBroker {
                 // Gone on purpose: no need to wait for the key to expire.
                 let mut del = redis::cmd("DEL");
                 del.arg(&key);
-                let _ = lane.try_send(Job::commands(vec![del], Reply::None));
+                let _ = lane.try_send(Job::commands(Route::key(&key), vec![del], Reply::None));
             })
             .map_err(|e| BrokerError::Redis(format!("cannot start the heartbeat thread: {e}")))?;
         self.heartbeat_stop = Some(stop_tx);

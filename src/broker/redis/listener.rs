@@ -4,13 +4,13 @@
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 
-use super::topology::Topology;
-
+use super::cluster::{Redirect, Route};
 use super::pubsub::{PubSubConnection, Push};
-use super::{CONNECT_TIMEOUT, IO_TIMEOUT, MAX_BACKOFF, redact};
+use super::topology::Topology;
+use super::{CONNECT_TIMEOUT, IO_TIMEOUT, MAX_BACKOFF, MAX_REDIRECTS, redact};
 use crate::broker::{Backoff, BrokerError, Canceller, Event, Flow, Listen, StopSignal};
 use crate::metrics::Metrics;
-use crate::protocol::Incoming;
+use crate::protocol::{Incoming, Room};
 
 /// Every subscription socket of a broker (weakly: a listener's `Current`),
 /// so that one failed liveness check restarts them all.
@@ -57,6 +57,12 @@ impl SubscriptionSockets {
         self.restart_where(|peer| peer.to_string() != address)
     }
 
+    /// Shuts down the live subscriptions connected to `address` (`ip:port`:
+    /// a cluster's master that does not answer); returns how many.
+    pub(super) fn restart_at(&self, address: &str) -> usize {
+        self.restart_where(|peer| peer.to_string() == address)
+    }
+
     fn restart_where(&self, restart: impl Fn(SocketAddr) -> bool) -> usize {
         let tracked = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let mut restarted = 0;
@@ -76,6 +82,10 @@ pub(super) struct RedisListener {
     topology: Arc<Topology>,
     url: String,
     channel: String,
+    /// Where the channel is (on a cluster, the room's slot).
+    route: Route,
+    /// On a cluster: sharded pub/sub (`SSUBSCRIBE`).
+    sharded: bool,
     /// The current connection's socket, for the canceller to shut down.
     current: Current,
     metrics: Arc<Metrics>,
@@ -143,6 +153,8 @@ pub(super) struct ListenState {
     ever_subscribed: bool,
     /// Present while the subscription is lost and not yet restored.
     down: Option<Down>,
+    /// The last attempt was told its slot is served elsewhere (`MOVED`).
+    redirected: bool,
 }
 
 /// A subscription that is down, counted in `subscriptions_down` for as
@@ -163,11 +175,11 @@ impl Drop for Down {
 }
 
 impl RedisListener {
-    /// A listener for `channel`, and the canceller that stops it.
+    /// A listener for `room`'s channel, and the canceller that stops it.
     pub(super) fn new(
         topology: &Arc<Topology>,
         url: &str,
-        channel: String,
+        room: &Room,
         metrics: &Arc<Metrics>,
         subscriptions: &SubscriptionSockets,
         shared: bool,
@@ -186,7 +198,9 @@ impl RedisListener {
         let listener = RedisListener {
             topology: Arc::clone(topology),
             url: url.to_owned(),
-            channel,
+            channel: topology.channel(room),
+            route: Route::room(room),
+            sharded: topology.is_cluster(),
             current,
             metrics: Arc::clone(metrics),
             shared,
@@ -196,14 +210,38 @@ impl RedisListener {
     }
 
     /// One connection's worth of subscription: connect, subscribe, deliver.
-    /// Returns `Ok` when stopped, `Err` when the connection fails.
+    /// Returns `Ok` when stopped, `Err` when the connection fails. A
+    /// cluster's `MOVED` at subscribing is followed at once (a few times):
+    /// it is not a loss, only a slot map that was out of date.
     pub(super) fn connection(
         &self,
         stop: &StopSignal,
         on_event: &mut dyn FnMut(Event) -> Flow,
         state: &mut ListenState,
     ) -> Result<(), BrokerError> {
-        let info = self.topology.master()?.get_connection_info().clone();
+        let mut result = self.attempt(stop, on_event, state);
+        for _ in 0..MAX_REDIRECTS {
+            if !std::mem::take(&mut state.redirected) {
+                break;
+            }
+            result = self.attempt(stop, on_event, state);
+        }
+        result
+    }
+
+    /// One connection to the node the topology names now.
+    fn attempt(
+        &self,
+        stop: &StopSignal,
+        on_event: &mut dyn FnMut(Event) -> Flow,
+        state: &mut ListenState,
+    ) -> Result<(), BrokerError> {
+        let info = self
+            .topology
+            .node(self.route)?
+            .1
+            .get_connection_info()
+            .clone();
         let (mut con, socket) = PubSubConnection::connect(&info, CONNECT_TIMEOUT, self.max_payload)
             .map_err(|e| {
                 self.topology.forget();
@@ -231,7 +269,13 @@ impl RedisListener {
     ) -> Result<(), BrokerError> {
         let lost = |e: std::io::Error| BrokerError::Redis(e.to_string());
         con.set_read_timeout(Some(IO_TIMEOUT)).map_err(lost)?;
-        con.subscribe(&[&self.channel]).map_err(lost)?;
+        if let Err(e) = con.subscribe(&[&self.channel], self.sharded) {
+            if let Some(redirect) = Redirect::in_message(&e.to_string()) {
+                self.topology.redirected(&redirect);
+                state.redirected = true;
+            }
+            return Err(lost(e));
+        }
         // From now on the connection is silent while the room is: no read
         // timeout. A Redis that stops answering is noticed by the heartbeat,
         // which shuts this socket down (see `SubscriptionSockets`).
@@ -265,6 +309,13 @@ impl RedisListener {
                 }
                 Push::Oversized { channel, len } if channel == self.channel.as_bytes() => {
                     Some(Incoming::oversized(len))
+                }
+                Push::Unsubscribed { channel } if channel == self.channel.as_bytes() => {
+                    // A cluster moved the room's slot to another master
+                    // (a resharding, a failover): subscribe there.
+                    return Err(BrokerError::Redis(
+                        "the Redis Cluster moved the room to another master".into(),
+                    ));
                 }
                 _ => None,
             };
@@ -339,11 +390,14 @@ mod tests {
             let mut command = [0u8; 256];
             let _ = redis.read(&mut command).unwrap(); // SUBSCRIBE ch
             redis
-                .write_all(b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n")
+                .write_all(b"*3\r\n$9\r\nsubscribe\r\n$18\r\nthreadchat:room:ch\r\n:1\r\n")
                 .unwrap();
             let payload = br#"{"nickname":"ann","message":"hi"}"#;
-            let mut both =
-                format!("*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n${}\r\n", payload.len()).into_bytes();
+            let mut both = format!(
+                "*3\r\n$7\r\nmessage\r\n$18\r\nthreadchat:room:ch\r\n${}\r\n",
+                payload.len()
+            )
+            .into_bytes();
             both.extend_from_slice(payload);
             both.extend_from_slice(b"\r\n*2\r\n$4\r\npong\r\n$0\r\n\r\n");
             redis.write_all(&both).unwrap();
@@ -357,7 +411,7 @@ mod tests {
         let (listener, canceller) = RedisListener::new(
             &topology,
             &url,
-            "ch".into(),
+            &Room::parse("ch").unwrap(),
             &metrics,
             &subscriptions,
             false,

@@ -18,6 +18,13 @@
 //! is never pinged: the heartbeat thread checks Redis once for all of them
 //! (`listener::SubscriptionSockets`).
 //!
+//! **Where Redis is** ([`Topology`]): one server, a master that Redis
+//! Sentinel names (`failover.rs` follows a failover), or the masters of a
+//! Redis Cluster (`cluster.rs`: a room lives on the master of its slot,
+//! its subscriptions use sharded pub/sub there, and publishers keep a
+//! connection per master). Every connection asks it where to go each time
+//! it (re)connects.
+//!
 //! **Publishing.** Opening a Redis connection per client for publishing would
 //! double Redis's client count. Instead [`POOL_SIZE`] publisher threads each
 //! own one connection and a bounded job queue (a *lane*). A publisher takes
@@ -64,6 +71,7 @@
 //! the job senders; each publisher's `recv()` then fails, it leaves its loop,
 //! and the drop joins it.
 
+mod cluster;
 mod coalesce;
 mod failover;
 mod heartbeat;
@@ -90,7 +98,8 @@ use super::{
 use crate::config::{RedisTarget, Subscriptions};
 use crate::metrics::Metrics;
 use crate::protocol::{ConnId, Room};
-use coalesce::{Event, LogBounds, Work};
+use cluster::Route;
+use coalesce::{Event, ScriptSettings};
 use heartbeat::keep_alive;
 use listener::{RedisListener, SubscriptionSockets};
 use publisher::{Job, Publisher, Reply};
@@ -108,6 +117,13 @@ const QUEUE_CAPACITY: usize = 1024;
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a publishing connection waits for Redis to answer.
 pub(super) const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How soon a failed connection may ask again where Redis is (the
+/// sentinels, or a cluster's slot map): thousands of subscriptions lost at
+/// once ask once.
+pub(super) const ASK_AT_MOST_EVERY: Duration = Duration::from_millis(100);
+/// How many times a Redis Cluster may send one job or subscription
+/// elsewhere (`MOVED`, `ASK`, `TRYAGAIN`) before it counts as failed.
+pub(super) const MAX_REDIRECTS: usize = 5;
 /// Longest back-off between attempts to restore a lost subscription.
 pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -157,14 +173,43 @@ impl RedisBroker {
             reason: e.to_string(),
         };
         let topology = Arc::new(Topology::new(target)?);
-        let mut con = topology
-            .master()?
-            .get_connection_with_timeout(timeout)
-            .map_err(connect_err)?;
-        con.set_read_timeout(Some(timeout)).map_err(connect_err)?;
-        redis::cmd("PING")
-            .query::<String>(&mut con)
-            .map_err(connect_err)?;
+        // Every master answers (a cluster has several).
+        for (address, route) in topology.masters()? {
+            let mut con = topology
+                .node(route)?
+                .1
+                .get_connection_with_timeout(timeout)
+                .map_err(connect_err)?;
+            con.set_read_timeout(Some(timeout)).map_err(connect_err)?;
+            redis::cmd("PING")
+                .query::<String>(&mut con)
+                .map_err(connect_err)?;
+            // Sharded pub/sub came with Redis 7.
+            if let Some(address) = address {
+                let info: String = redis::cmd("INFO")
+                    .arg("server")
+                    .query(&mut con)
+                    .map_err(connect_err)?;
+                let version = info
+                    .lines()
+                    .find_map(|line| line.strip_prefix("redis_version:"))
+                    .unwrap_or("?");
+                if version
+                    .split('.')
+                    .next()
+                    .and_then(|major| major.parse::<u32>().ok())
+                    < Some(7)
+                {
+                    return Err(BrokerError::Connect {
+                        url: url.clone(),
+                        reason: format!(
+                            "{address} runs Redis {version}: a cluster needs Redis 7 or later \
+                             (sharded pub/sub)"
+                        ),
+                    });
+                }
+            }
+        }
 
         let mut lanes = Vec::with_capacity(POOL_SIZE + 1);
         let mut publishers = Vec::with_capacity(POOL_SIZE + 1);
@@ -176,11 +221,12 @@ impl RedisBroker {
             let publisher = Publisher {
                 topology: Arc::clone(&topology),
                 opened_at_move: 0,
-                connection: None,
-                bounds: LogBounds {
+                connections: HashMap::new(),
+                bounds: ScriptSettings {
                     history: settings.history,
                     history_bytes: settings.history_bytes,
                     room_ttl: settings.room_ttl,
+                    sharded: topology.is_cluster(),
                 },
             };
             let handle = thread::Builder::new()
@@ -238,28 +284,49 @@ impl RedisBroker {
         &self.lanes[hash as usize % self.lanes.len()]
     }
 
-    /// Runs `cmds` on a query connection and waits for their replies.
-    fn run(&self, cmds: Vec<redis::Cmd>) -> Result<Vec<redis::Value>, BrokerError> {
-        let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
-        let job = Job::commands(cmds, Reply::Values(reply_tx));
+    /// Runs `cmds` (all for `route`) on a query connection and waits for
+    /// their replies.
+    fn run(&self, route: Route, cmds: Vec<redis::Cmd>) -> Result<Vec<redis::Value>, BrokerError> {
+        self.run_each(vec![(route, cmds)])?
+            .pop()
+            .ok_or(BrokerError::Closed)
+    }
+
+    /// Runs each list of commands (each for its route: on a cluster they
+    /// may be on different masters) as a job of its own on one query
+    /// connection, and waits for all their replies.
+    fn run_each(
+        &self,
+        jobs: Vec<(Route, Vec<redis::Cmd>)>,
+    ) -> Result<Vec<Vec<redis::Value>>, BrokerError> {
         let n = self.next_lane.fetch_add(1, Ordering::Relaxed);
         let queries = self.queries.get(n % POOL_SIZE).ok_or(BrokerError::Closed)?;
-        queries.send(job).map_err(|_| BrokerError::Closed)?;
-        reply_rx.recv().map_err(|_| BrokerError::Closed)?
+        let mut answers = Vec::with_capacity(jobs.len());
+        for (route, cmds) in jobs {
+            let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
+            let job = Job::commands(route, cmds, Reply::Values(reply_tx));
+            queries.send(job).map_err(|_| BrokerError::Closed)?;
+            answers.push(reply_rx);
+        }
+        answers
+            .into_iter()
+            .map(|answer| answer.recv().map_err(|_| BrokerError::Closed)?)
+            .collect()
     }
 
     /// Runs `cmds` in one `MULTI`/`EXEC` transaction on a query connection
     /// — Redis runs them with nothing in between — and reads their replies
-    /// as `T` (a tuple, one element per command).
+    /// as `T` (a tuple, one element per command). They are all of `room`.
     fn transaction<T: redis::FromRedisValue>(
         &self,
+        room: &Room,
         cmds: Vec<redis::Cmd>,
     ) -> Result<T, BrokerError> {
         let mut all = Vec::with_capacity(cmds.len() + 2);
         all.push(redis::cmd("MULTI"));
         all.extend(cmds);
         all.push(redis::cmd("EXEC"));
-        from_value(self.run(all)?.pop())
+        from_value(self.run(Route::room(room), all)?.pop())
     }
 
     /// `PEXPIRE` for each of a room's keys: they live `--room-ttl` more.
@@ -272,9 +339,12 @@ impl RedisBroker {
         })
     }
 
-    /// Runs `cmds` without waiting (or caring) for the outcome.
-    fn run_detached(&self, cmds: Vec<redis::Cmd>) {
-        let _ = self.lane().try_send(Job::commands(cmds, Reply::None));
+    /// Runs `cmds` (all for `route`) without waiting (or caring) for the
+    /// outcome.
+    fn run_detached(&self, route: Route, cmds: Vec<redis::Cmd>) {
+        let _ = self
+            .lane()
+            .try_send(Job::commands(route, cmds, Reply::None));
     }
 
     /// The nicknames of `entries` (connection, nickname) whose instance is
@@ -288,7 +358,8 @@ impl RedisBroker {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        // Which instances are alive? One EXISTS per distinct instance.
+        // Which instances are alive? One EXISTS per distinct instance, each
+        // a job of its own: on a cluster their keys are on any master.
         let mut instances: Vec<&str> = entries
             .iter()
             .filter_map(|(conn, _)| ConnId::instance_of(conn))
@@ -298,15 +369,16 @@ impl RedisBroker {
         let checks = instances
             .iter()
             .map(|i| {
+                let key = keys::instance(i);
                 let mut exists = redis::cmd("EXISTS");
-                exists.arg(keys::instance(i));
-                exists
+                exists.arg(&key);
+                (Route::key(&key), vec![exists])
             })
             .collect();
         let alive: Vec<bool> = self
-            .run(checks)?
+            .run_each(checks)?
             .into_iter()
-            .map(|v| redis::from_redis_value::<bool>(v).unwrap_or(false))
+            .map(|v| from_value::<bool>(v.into_iter().next()).unwrap_or(false))
             .collect();
         let is_alive = |conn: &str| {
             ConnId::instance_of(conn)
@@ -321,7 +393,7 @@ impl RedisBroker {
             for (conn, _) in &ghosts {
                 hdel.arg(conn);
             }
-            self.run_detached(vec![hdel]);
+            self.run_detached(Route::room(room), vec![hdel]);
         }
         let mut members: Vec<String> = live.into_iter().map(|(_, n)| n.clone()).collect();
         members.sort();
@@ -351,14 +423,12 @@ impl Broker for RedisBroker {
 
     fn publish(&self, room: &Room, payload: Vec<u8>, change: MemberChange) -> Receipt {
         let (answer_tx, answer_rx) = crossbeam_channel::bounded(1);
-        let job = Job {
-            work: Work::Event(Event {
-                room: room.clone(),
-                payload,
-                change,
-            }),
-            reply: Reply::Done(answer_tx),
+        let event = Event {
+            room: room.clone(),
+            payload,
+            change,
         };
+        let job = Job::event(event, Reply::Done(answer_tx));
         // Blocks while the lane's queue is full: back-pressure on senders.
         match self.room_lane(room).send(job) {
             Ok(()) => Receipt::Pending(answer_rx),
@@ -372,7 +442,7 @@ impl Broker for RedisBroker {
         entries.arg(keys::log(room)).arg(0).arg(-1);
         // Where the log begins, and what it holds, in one step.
         let ((epoch, first, last), entries): (LogPosition, Vec<Vec<u8>>) =
-            self.transaction(vec![position, entries])?;
+            self.transaction(room, vec![position, entries])?;
         let Some(epoch) = epoch else {
             return Ok(Log::default());
         };
@@ -384,7 +454,10 @@ impl Broker for RedisBroker {
     }
 
     fn log_end(&self, room: &Room) -> Result<Option<Mark>, BrokerError> {
-        let reply = self.run(vec![position(room)])?.into_iter().next();
+        let reply = self
+            .run(Route::room(room), vec![position(room)])?
+            .into_iter()
+            .next();
         let (epoch, first, last): LogPosition = from_value(reply)?;
         Ok(epoch.zip(last).map(|(epoch, offset)| Mark {
             end: Place { offset, epoch },
@@ -393,7 +466,8 @@ impl Broker for RedisBroker {
     }
 
     fn enter(&self, room: &Room) -> Result<(), BrokerError> {
-        self.run(RedisBroker::refresh(room, self.settings.room_ttl).collect())?;
+        let refresh = RedisBroker::refresh(room, self.settings.room_ttl).collect();
+        self.run(Route::room(room), refresh)?;
         let mut rooms = self.local_rooms.lock().unwrap_or_else(|p| p.into_inner());
         *rooms.entry(room.clone()).or_default() += 1;
         Ok(())
@@ -416,7 +490,11 @@ impl Broker for RedisBroker {
         // the list a little longer or the sample a little shorter.
         let mut hlen = redis::cmd("HLEN");
         hlen.arg(&members);
-        let size: usize = from_value(self.run(vec![hlen.clone()])?.into_iter().next())?;
+        let size: usize = from_value(
+            self.run(Route::room(room), vec![hlen.clone()])?
+                .into_iter()
+                .next(),
+        )?;
         let whole = size <= limit;
         let mut list = redis::cmd(if whole { "HGETALL" } else { "HSCAN" });
         list.arg(&members);
@@ -426,7 +504,7 @@ impl Broker for RedisBroker {
         let mut position = redis::cmd("HMGET");
         position.arg(keys::meta(room)).arg("epoch").arg("last");
         let ((epoch, last), count, list): ((Option<String>, Option<u64>), usize, redis::Value) =
-            self.transaction(vec![position, hlen, list])?;
+            self.transaction(room, vec![position, hlen, list])?;
         let entries: Vec<(String, String)> = if whole {
             from_value(Some(list))?
         } else {
@@ -460,7 +538,8 @@ impl Broker for RedisBroker {
         // A write, not only a PING: a Redis at `maxmemory` answers PING but
         // refuses every message. (It refreshes this instance's liveness key,
         // which the heartbeat does anyway.)
-        match self.run(vec![keep_alive(&keys::instance(&self.instance_id()))]) {
+        let key = keys::instance(&self.instance_id());
+        match self.run(Route::key(&key), vec![keep_alive(&key)]) {
             Ok(_) => {}
             Err(BrokerError::Refused(e)) => return Err(format!("Redis refuses writes: {e}")),
             Err(e) => return Err(format!("Redis does not answer: {e}")),
@@ -478,7 +557,7 @@ impl Broker for RedisBroker {
         let (listener, canceller) = RedisListener::new(
             &self.topology,
             &self.url,
-            room.channel(),
+            room,
             &self.metrics,
             &self.subscriptions,
             false,

@@ -17,6 +17,9 @@
 //! by the `redis` crate), and read RESP2 replies, which here are arrays of
 //! bulk strings and integers (`["message", channel, payload]`,
 //! `["subscribe", channel, count]`, `["pong", ""]` for a `PING` sent on it).
+//! On a Redis Cluster a subscription is *sharded* (`SSUBSCRIBE`): the same
+//! with `smessage` and `ssubscribe`, and one more push, `sunsubscribe`,
+//! which the server sends when the channel's slot moves away.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -74,6 +77,12 @@ pub(crate) enum Push {
         channel: Vec<u8>,
         /// The payload's length.
         len: usize,
+    },
+    /// The server ended the subscription to `channel`: a cluster moved
+    /// its slot to another node (`sunsubscribe`, unasked).
+    Unsubscribed {
+        /// The channel.
+        channel: Vec<u8>,
     },
     /// Anything else: subscription confirmations, the answer to a `PING`.
     Other,
@@ -145,17 +154,23 @@ impl PubSubConnection {
         Ok((connection, stream))
     }
 
-    /// Subscribes to `channels` and waits for each confirmation.
-    pub(crate) fn subscribe(&mut self, channels: &[&str]) -> io::Result<()> {
-        let mut subscribe = redis::cmd("SUBSCRIBE");
+    /// Subscribes to `channels` (shard channels, `sharded`) and waits for
+    /// each confirmation.
+    pub(crate) fn subscribe(&mut self, channels: &[&str], sharded: bool) -> io::Result<()> {
+        let (command, confirmed): (_, &[u8]) = if sharded {
+            ("SSUBSCRIBE", b"ssubscribe")
+        } else {
+            ("SUBSCRIBE", b"subscribe")
+        };
+        let mut subscribe = redis::cmd(command);
         for channel in channels {
             subscribe.arg(*channel);
         }
         self.send(&subscribe)?;
         for _ in channels {
             match self.read_reply()? {
-                Reply::Array(items)
-                    if items.first() == Some(&Reply::Bulk(b"subscribe".to_vec())) => {}
+                Reply::Array(items) if matches!(items.first(), Some(Reply::Bulk(kind)) if kind == confirmed) =>
+                    {}
                 other => return Err(protocol_error(&format!("unexpected reply {other:?}"))),
             }
         }
@@ -185,16 +200,20 @@ impl PubSubConnection {
             return Ok(Push::Other);
         };
         let mut items = items.into_iter();
+        let is_message = |kind: &[u8]| kind == b"message" || kind == b"smessage";
         match (items.next(), items.next(), items.next()) {
             (Some(Reply::Bulk(kind)), Some(Reply::Bulk(channel)), Some(Reply::Bulk(payload)))
-                if kind == b"message" =>
+                if is_message(&kind) =>
             {
                 Ok(Push::Message { channel, payload })
             }
             (Some(Reply::Bulk(kind)), Some(Reply::Bulk(channel)), Some(Reply::Oversized(len)))
-                if kind == b"message" =>
+                if is_message(&kind) =>
             {
                 Ok(Push::Oversized { channel, len })
+            }
+            (Some(Reply::Bulk(kind)), Some(Reply::Bulk(channel)), _) if kind == b"sunsubscribe" => {
+                Ok(Push::Unsubscribed { channel })
             }
             _ => Ok(Push::Other),
         }

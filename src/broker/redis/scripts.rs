@@ -24,7 +24,9 @@
 /// `KEYS`: the log, its size in bytes, its position (`epoch`, `last`,
 /// `first`), the member list. `ARGV`: the most entries and bytes to keep,
 /// the room's time to live (ms), the channel, an epoch for a log that
-/// starts afresh; then each event as its change (`""`, `join` or `leave`),
+/// starts afresh, `sharded` on a Redis Cluster (the script then
+/// `SPUBLISH`es on the room's shard channel, which is in the keys' slot;
+/// see `cluster.rs`) or `classic`; then each event as its change (`""`, `join` or `leave`),
 /// how many connection arguments follow, those (connection ids, with their
 /// nicknames for a join), and its payload. Each payload gets the next
 /// offset and the epoch written in front of its fields; the oldest entries
@@ -37,14 +39,18 @@
 /// **A new epoch for a restarted Redis.** The log's position hash keeps
 /// the `run_id` of the Redis process that wrote it. A Redis that restarts
 /// from a snapshot or an append-only file may bring back a log older than
-/// what clients have seen: offsets would be given a second time, and
-/// clients would skip the new messages as already seen. So a log written by
-/// another Redis process (a restart, or a failover to a replica) starts
-/// again, with a new epoch: clients that come back are told their place is
-/// gone rather than being given the wrong messages. (Reading `INFO server`
-/// costs Redis about 5 µs per call: per run of events, not per message. A
-/// Redis that refuses `INFO` — an ACL user without it, a renamed command —
-/// gets no such check, rather than refusing every message.)
+/// what clients have seen, and a replica promoted by a failover may lack
+/// the last writes: offsets would be given a second time, and clients
+/// would skip the new messages as already seen. So a log written by
+/// another Redis process takes a new epoch: clients that come back are told
+/// their place is gone rather than being given the wrong messages. The log
+/// itself is kept, its offsets going on from where it stands: on a Redis
+/// Cluster a room's keys also move to another master whole (a resharding
+/// `MIGRATE`s them), and its history should not be lost with the move.
+/// (Reading `INFO server` costs Redis about 5 µs per call: per run of
+/// events, not per message. A Redis that refuses `INFO` — an ACL user
+/// without it, a renamed command — gets no such check, rather than
+/// refusing every message.)
 ///
 /// The first write (`HINCRBY`) comes before anything else is changed or
 /// published: when Redis refuses writes (`maxmemory`), it refuses that one
@@ -54,7 +60,8 @@ pub const LOG_AND_PUBLISH: &str = r#"
 local log, bytes_key, meta, members = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local max_count, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2])
 local ttl, channel = ARGV[3], ARGV[4]
-local events, i = {}, 6
+local publish = ARGV[6] == 'sharded' and 'SPUBLISH' or 'PUBLISH'
+local events, i = {}, 7
 while i <= #ARGV do
   local count = tonumber(ARGV[i + 1])
   events[#events + 1] = {change = ARGV[i], from = i + 2, to = i + 1 + count, payload = ARGV[i + 2 + count]}
@@ -65,12 +72,15 @@ local run = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or ''
 local position = redis.call('HMGET', meta, 'epoch', 'run')
 local epoch = position[1]
 local last = redis.call('HINCRBY', meta, 'last', #events)
-if not epoch or position[2] ~= run then
+if not epoch then
   epoch = ARGV[5]
   redis.call('DEL', log, bytes_key)
   redis.call('HSET', meta, 'epoch', epoch, 'last', #events, 'first', 1, 'run', run)
   redis.call('PEXPIRE', meta, ttl)
   last = #events
+elseif position[2] ~= run then
+  epoch = ARGV[5]
+  redis.call('HSET', meta, 'epoch', epoch, 'run', run)
 end
 local head = ',"epoch":"' .. epoch .. '",'
 local payloads, added = {}, 0
@@ -117,7 +127,7 @@ if max_count > 0 then
   end
   if dropped > 0 then redis.call('HINCRBY', meta, 'first', dropped) end
 end
-for _, payload in ipairs(payloads) do redis.call('PUBLISH', channel, payload) end
+for _, payload in ipairs(payloads) do redis.call(publish, channel, payload) end
 return #payloads
 "#;
 

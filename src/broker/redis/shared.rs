@@ -75,7 +75,7 @@ impl SharedFeeds {
             let mut feeds = self.feeds();
             let registered = self.fanout.register(&channel, conn);
             if let Some(generation) = registered.new_channel {
-                match self.start_feed(&channel, generation) {
+                match self.start_feed(room, &channel, generation) {
                     Ok(feed) => {
                         feeds.insert(channel.clone(), feed);
                     }
@@ -100,11 +100,17 @@ impl SharedFeeds {
         Ok(Subscription::new(Box::new(listener), Canceller::new(|| {})).with_direct(direct))
     }
 
-    fn start_feed(&self, channel: &str, generation: u64) -> Result<RoomFeed, BrokerError> {
+    /// Starts `room`'s feed; `channel` is its key among the feeds.
+    fn start_feed(
+        &self,
+        room: &Room,
+        channel: &str,
+        generation: u64,
+    ) -> Result<RoomFeed, BrokerError> {
         let (listener, canceller) = RedisListener::new(
             &self.topology,
             &self.url,
-            channel.to_owned(),
+            room,
             &self.metrics,
             &self.subscriptions,
             true,

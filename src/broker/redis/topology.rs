@@ -1,8 +1,10 @@
-//! Where Redis is: one server, or a master that Redis Sentinel names.
+//! Where Redis is: one server, a master that Redis Sentinel names, or the
+//! masters of a Redis Cluster (`cluster.rs`).
 //!
 //! Every connection the broker opens — a publisher's, a query thread's, a
-//! subscription's — asks [`Topology::master`] for the server to connect
-//! to, each time it connects or reconnects. With one server that is always
+//! subscription's — asks [`Topology::node`] for the server to connect
+//! to, each time it connects or reconnects (on a cluster: the master of
+//! the slot its commands or its room's channel are in). With one server that is always
 //! the same. With Sentinel (`--redis redis+sentinel://h1:p1,h2:p2/NAME`) it
 //! is whichever server the sentinels say is the master of `NAME`, checked
 //! with `ROLE` (during a failover a sentinel may still name the old one).
@@ -28,14 +30,16 @@ use std::time::{Duration, Instant};
 
 use redis::Client;
 
+use super::ASK_AT_MOST_EVERY;
+use super::cluster::{Cluster, Redirect, Route};
+use super::keys;
 use crate::broker::BrokerError;
 use crate::config::RedisTarget;
+use crate::protocol::Room;
 
 /// How long an answer from the sentinels is used without asking again
 /// (unless a connection fails first).
 pub(super) const FRESH_FOR: Duration = Duration::from_secs(1);
-/// How soon a stale answer may be asked again.
-pub(super) const ASK_AT_MOST_EVERY: Duration = Duration::from_millis(100);
 /// How long one sentinel, or a master being checked, may take to answer.
 const SENTINEL_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -45,6 +49,8 @@ pub enum Topology {
     Single(Client, String),
     /// A master named by sentinels.
     Sentinel(Sentinels),
+    /// The masters of a cluster, each serving some of the slots.
+    Cluster(Cluster),
 }
 
 /// What the sentinels answered last.
@@ -95,14 +101,61 @@ impl Topology {
                 found: Mutex::new(None),
                 moves: AtomicU64::new(0),
             })),
+            RedisTarget::Cluster { seeds, password } => {
+                Cluster::connect(seeds, password.as_deref()).map(Topology::Cluster)
+            }
         }
     }
 
-    /// A client for the server to connect to now.
-    pub fn master(&self) -> Result<Client, BrokerError> {
+    /// The server to connect to now for commands that go to `route`, as
+    /// its address and a client for it. Only a cluster has more than one.
+    pub(super) fn node(&self, route: Route) -> Result<(String, Client), BrokerError> {
         match self {
-            Topology::Single(client, _) => Ok(client.clone()),
-            Topology::Sentinel(sentinels) => sentinels.master().map(|(_, client)| client),
+            Topology::Single(client, url) => Ok((url.clone(), client.clone())),
+            Topology::Sentinel(sentinels) => sentinels.master(),
+            Topology::Cluster(cluster) => cluster.node(route),
+        }
+    }
+
+    /// A client for the server at `address` (where an `ASK` sends a
+    /// command).
+    pub(super) fn client(&self, address: &str) -> Result<Client, BrokerError> {
+        match self {
+            Topology::Cluster(cluster) => cluster.client(address),
+            _ => self.node(Route::Any).map(|(_, client)| client),
+        }
+    }
+
+    /// Every master, each with a route to it (and its address, on a
+    /// cluster): what the heartbeat checks.
+    pub(super) fn masters(&self) -> Result<Vec<(Option<String>, Route)>, BrokerError> {
+        match self {
+            Topology::Cluster(cluster) => Ok(cluster
+                .masters()?
+                .into_iter()
+                .map(|(address, route)| (Some(address), route))
+                .collect()),
+            _ => Ok(vec![(None, Route::Any)]),
+        }
+    }
+
+    /// True for a cluster: rooms use sharded pub/sub (`SSUBSCRIBE`,
+    /// `SPUBLISH`).
+    pub(super) fn is_cluster(&self) -> bool {
+        matches!(self, Topology::Cluster(_))
+    }
+
+    /// The channel `room`'s messages travel on: on a cluster a shard
+    /// channel in the room's slot, otherwise the protocol's channel.
+    pub(super) fn channel(&self, room: &Room) -> String {
+        keys::channel(room, self.is_cluster())
+    }
+
+    /// A cluster answered that a command belongs elsewhere: for a `MOVED`,
+    /// the slot map says so from now on.
+    pub(super) fn redirected(&self, redirect: &Redirect) {
+        if let (Topology::Cluster(cluster), Redirect::Moved(slot, address)) = (self, redirect) {
+            cluster.moved(*slot, address);
         }
     }
 
@@ -110,10 +163,15 @@ impl Topology {
     /// [`master`](Self::master) asks the sentinels again (at most every
     /// [`ASK_AT_MOST_EVERY`]).
     pub fn forget(&self) {
-        if let Topology::Sentinel(sentinels) = self
-            && let Some(found) = &mut *sentinels.found.lock().unwrap_or_else(|p| p.into_inner())
-        {
-            found.stale = true;
+        match self {
+            Topology::Single(..) => {}
+            Topology::Sentinel(sentinels) => {
+                if let Some(found) = &mut *sentinels.found.lock().unwrap_or_else(|p| p.into_inner())
+                {
+                    found.stale = true;
+                }
+            }
+            Topology::Cluster(cluster) => cluster.forget(),
         }
     }
 
@@ -136,7 +194,7 @@ impl Topology {
     /// older count is to the old master.
     pub fn moves(&self) -> u64 {
         match self {
-            Topology::Single(..) => 0,
+            Topology::Single(..) | Topology::Cluster(_) => 0,
             Topology::Sentinel(sentinels) => sentinels.moves.load(Ordering::SeqCst),
         }
     }
@@ -157,6 +215,7 @@ impl Topology {
                     sentinels.addresses.join(", ")
                 )
             }
+            Topology::Cluster(cluster) => cluster.describe(),
         }
     }
 }
@@ -174,7 +233,7 @@ impl Sentinels {
 
     /// The master's address and a client for it: the last one found if it
     /// is fresh, else asked of the sentinels.
-    fn master(&self) -> Result<(String, Client), BrokerError> {
+    pub(super) fn master(&self) -> Result<(String, Client), BrokerError> {
         let mut found = self.found.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(last) = &*found {
             let age = last.at.elapsed();

@@ -7,11 +7,13 @@
 #![allow(dead_code)]
 
 mod client;
+mod cluster;
 mod redis_server;
 mod sentinel;
 mod server;
 
 pub use client::*;
+pub use cluster::*;
 pub use redis_server::*;
 pub use sentinel::*;
 pub use server::*;

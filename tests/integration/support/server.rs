@@ -39,6 +39,28 @@ impl Server {
         Server::start_with_env(args, &[])
     }
 
+    /// Starts the binary on the Redis `url` names (a Sentinel or Cluster
+    /// URL, say), without a rate limit, with extra arguments.
+    pub fn on_redis(url: &str, args: &[&str]) -> Server {
+        let mut all = vec!["--redis", url, "--rate-limit", "0"];
+        all.extend_from_slice(args);
+        Server::start(&all)
+    }
+
+    /// Runs the binary on the Redis `url` names, which must fail at start
+    /// with one line of error that contains `expected`.
+    pub fn fails_on_redis(url: &str, expected: &str) {
+        let output = Command::new(env!("CARGO_BIN_EXE_threadchat"))
+            .args(["--port", "0", "--redis", url])
+            .env_remove("THREADCHAT_REDIS")
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{url}");
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(expected), "{url}: {err}");
+    }
+
     /// Like [`Server::start`], with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_threadchat"));
