@@ -244,19 +244,24 @@ impl Cluster {
     /// The address of the master for `route`, and a client for it.
     pub(super) fn node(&self, route: Route) -> Result<(String, Client), BrokerError> {
         let map = self.map()?;
-        let slot = match route {
-            Route::Slot(slot) => slot,
-            Route::Any => {
-                return map
-                    .masters
-                    .first()
-                    .cloned()
-                    .ok_or_else(|| self.no_master(0));
-            }
+        let found = match route {
+            Route::Slot(slot) => map.master(slot),
+            Route::Any => map.masters.first(),
         };
-        map.master(slot)
-            .cloned()
-            .ok_or_else(|| self.no_master(slot))
+        found.cloned().ok_or_else(|| self.no_master(route))
+    }
+
+    /// The address of the master for `route` (what a publisher groups its
+    /// jobs by: no client is made).
+    pub(super) fn address(&self, route: Route) -> Result<String, BrokerError> {
+        let map = self.map()?;
+        let found = match route {
+            Route::Slot(slot) => map.master(slot),
+            Route::Any => map.masters.first(),
+        };
+        found
+            .map(|(address, _)| address.clone())
+            .ok_or_else(|| self.no_master(route))
     }
 
     /// A client for the node at `address` (an `ASK` names one that may not
@@ -412,10 +417,13 @@ impl Cluster {
         Client::open(format!("redis://{auth}{address}")).map_err(|e| e.to_string())
     }
 
-    fn no_master(&self, slot: u16) -> BrokerError {
-        BrokerError::Redis(format!(
-            "no master serves slot {slot} of the Redis Cluster right now"
-        ))
+    fn no_master(&self, route: Route) -> BrokerError {
+        BrokerError::Redis(match route {
+            Route::Slot(slot) => {
+                format!("no master serves slot {slot} of the Redis Cluster right now")
+            }
+            Route::Any => "the Redis Cluster has no master right now".to_owned(),
+        })
     }
 
     fn error(&self, reason: String) -> BrokerError {

@@ -179,16 +179,16 @@ impl Publisher {
                     address,
                     asking: true,
                 },
-                None if !self.topology.is_cluster() => Destination {
-                    address: THE_SERVER.to_owned(),
-                    asking: false,
-                },
-                None => match self.topology.node(job.route) {
-                    Ok((address, _)) => Destination {
+                None => match self.topology.cluster_address(job.route) {
+                    None => Destination {
+                        address: THE_SERVER.to_owned(),
+                        asking: false,
+                    },
+                    Some(Ok(address)) => Destination {
                         address,
                         asking: false,
                     },
-                    Err(e) => {
+                    Some(Err(e)) => {
                         job.reply.send(Err(e));
                         continue;
                     }

@@ -117,6 +117,16 @@ impl Topology {
         }
     }
 
+    /// The address of the node for `route` on a cluster (what publishers
+    /// group jobs by); `None` for one server or Sentinel's master, where
+    /// every job goes to the same place.
+    pub(super) fn cluster_address(&self, route: Route) -> Option<Result<String, BrokerError>> {
+        match self {
+            Topology::Cluster(cluster) => Some(cluster.address(route)),
+            _ => None,
+        }
+    }
+
     /// A client for the server at `address` (where an `ASK` sends a
     /// command).
     pub(super) fn client(&self, address: &str) -> Result<Client, BrokerError> {
