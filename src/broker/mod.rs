@@ -235,6 +235,10 @@ pub enum BrokerError {
     /// carried out (a paused or overloaded Redis carries it out later).
     #[error("Redis did not answer in time ({0})")]
     Uncertain(String),
+    /// A Redis Cluster serves the room's slot elsewhere now (a resharding
+    /// or a failover): the subscription is made again there.
+    #[error("the Redis Cluster moved the room to another master")]
+    Moved,
     /// The relay is shutting down.
     #[error("the relay is shutting down")]
     Closed,

@@ -207,6 +207,11 @@ struct Known {
     at: Instant,
     /// A connection failed, or a slot moved, since.
     stale: bool,
+    /// Masters that a connection failed to reach since one last did. While
+    /// the map names one, it stays stale: the cluster has not yet promoted
+    /// its replica (it takes the node timeout and an election), and the map
+    /// is asked again until it has, rather than until the next failure.
+    unreachable: Vec<String>,
 }
 
 /// A Redis Cluster: its seed nodes and the slot map asked of them.
@@ -280,11 +285,31 @@ impl Cluster {
             .collect())
     }
 
-    /// A connection failed: the map may be wrong, and is asked again (at
-    /// most every [`ASK_AT_MOST_EVERY`]).
+    /// The map may be wrong (a subscription was told its slot moved): it
+    /// is asked again (at most every [`ASK_AT_MOST_EVERY`]).
     pub(super) fn forget(&self) {
         if let Some(known) = &mut *self.lock() {
             known.stale = true;
+        }
+    }
+
+    /// A connection to `address` failed: the map is asked again until it no
+    /// longer names it as a master, or a connection reaches it.
+    pub(super) fn unreachable(&self, address: &str) {
+        if let Some(known) = &mut *self.lock() {
+            known.stale = true;
+            if !known.unreachable.iter().any(|a| a == address) {
+                known.unreachable.push(address.to_owned());
+            }
+        }
+    }
+
+    /// A connection to `address` was made.
+    pub(super) fn reached(&self, address: &str) {
+        if let Some(known) = &mut *self.lock()
+            && !known.unreachable.is_empty()
+        {
+            known.unreachable.retain(|a| a != address);
         }
     }
 
@@ -344,14 +369,26 @@ impl Cluster {
         {
             return Ok(Arc::clone(&last.map));
         }
-        // Ask the masters of the last map first, then the seeds.
-        let mut nodes: Vec<String> = known
+        // Ask the masters of the last map first, then the seeds, and those
+        // that could not be reached last (a dead host may take the whole
+        // timeout to say so).
+        let unreachable = known
+            .as_ref()
+            .map(|k| k.unreachable.clone())
+            .unwrap_or_default();
+        let masters: Vec<String> = known
             .as_ref()
             .map(|k| k.map.masters.iter().map(|(a, _)| a.clone()).collect())
             .unwrap_or_default();
-        for seed in &self.seeds {
-            if !nodes.contains(seed) {
-                nodes.push(seed.clone());
+        let mut nodes: Vec<String> = Vec::new();
+        for node in masters.iter().chain(&self.seeds) {
+            if !unreachable.contains(node) && !nodes.contains(node) {
+                nodes.push(node.clone());
+            }
+        }
+        for node in &unreachable {
+            if !nodes.contains(node) {
+                nodes.push(node.clone());
             }
         }
         let mut reasons = Vec::new();
@@ -359,10 +396,15 @@ impl Cluster {
             match self.ask(node) {
                 Ok(map) => {
                     let map = Arc::new(map);
+                    // Unreachable masters that are masters no more are
+                    // forgotten; one that still is keeps the map stale.
+                    let mut unreachable = unreachable;
+                    unreachable.retain(|a| map.masters.iter().any(|(m, _)| m == a));
                     *known = Some(Known {
                         map: Arc::clone(&map),
                         at: Instant::now(),
-                        stale: false,
+                        stale: !unreachable.is_empty(),
+                        unreachable,
                     });
                     return Ok(map);
                 }

@@ -236,26 +236,26 @@ impl RedisListener {
         on_event: &mut dyn FnMut(Event) -> Flow,
         state: &mut ListenState,
     ) -> Result<(), BrokerError> {
-        let info = self
-            .topology
-            .node(self.route)?
-            .1
-            .get_connection_info()
-            .clone();
+        let (address, client) = self.topology.node(self.route)?;
+        let info = client.get_connection_info().clone();
         let (mut con, socket) = PubSubConnection::connect(&info, CONNECT_TIMEOUT, self.max_payload)
             .map_err(|e| {
-                self.topology.forget();
+                self.topology.unreachable(&address);
                 BrokerError::Connect {
                     url: redact(&self.url),
                     reason: e.to_string(),
                 }
             })?;
+        self.topology.reached(&address);
         self.current.set(Some(socket));
         let result = self.receive(&mut con, stop, on_event, state);
         self.current.set(None);
-        if result.is_err() {
+        match &result {
+            // Moved by the cluster: the server is fine, the map is not.
+            Err(BrokerError::Moved) => self.topology.forget(),
             // Lost: the next connection asks where the master is now.
-            self.topology.forget();
+            Err(_) => self.topology.unreachable(&address),
+            Ok(()) => {}
         }
         result
     }
@@ -273,6 +273,7 @@ impl RedisListener {
             if let Some(redirect) = Redirect::in_message(&e.to_string()) {
                 self.topology.redirected(&redirect);
                 state.redirected = true;
+                return Err(BrokerError::Moved);
             }
             return Err(lost(e));
         }
@@ -313,9 +314,7 @@ impl RedisListener {
                 Push::Unsubscribed { channel } if channel == self.channel.as_bytes() => {
                     // A cluster moved the room's slot to another master
                     // (a resharding, a failover): subscribe there.
-                    return Err(BrokerError::Redis(
-                        "the Redis Cluster moved the room to another master".into(),
-                    ));
+                    return Err(BrokerError::Moved);
                 }
                 _ => None,
             };

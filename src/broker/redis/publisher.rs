@@ -286,7 +286,7 @@ impl Publisher {
                 }
                 Err(e) => {
                     self.connections.remove(address);
-                    self.topology.forget();
+                    self.topology.unreachable(address);
                     if e.is_timeout() {
                         return Err(BrokerError::Uncertain(e.to_string()));
                     }
@@ -327,9 +327,10 @@ impl Publisher {
                     Ok(con)
                 })
                 .map_err(|e| {
-                    self.topology.forget();
+                    self.topology.unreachable(address);
                     BrokerError::Redis(e.to_string())
                 })?;
+            self.topology.reached(address);
             self.connections.insert(address.to_owned(), con);
         }
         Ok(self.connections.get_mut(address).expect("just opened"))

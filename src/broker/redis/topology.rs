@@ -169,9 +169,27 @@ impl Topology {
         }
     }
 
-    /// A connection failed: the answer is stale, and the next
-    /// [`master`](Self::master) asks the sentinels again (at most every
-    /// [`ASK_AT_MOST_EVERY`]).
+    /// A connection to `address` failed: the answer is stale, and the
+    /// next [`node`](Self::node) asks the sentinels (or the cluster) again,
+    /// at most every [`ASK_AT_MOST_EVERY`]; a cluster's map stays stale
+    /// while it names `address` as a master and nobody has reached it.
+    pub(super) fn unreachable(&self, address: &str) {
+        match self {
+            Topology::Cluster(cluster) => cluster.unreachable(address),
+            _ => self.forget(),
+        }
+    }
+
+    /// A connection to `address` was made (see [`unreachable`](Self::unreachable)).
+    pub(super) fn reached(&self, address: &str) {
+        if let Topology::Cluster(cluster) = self {
+            cluster.reached(address);
+        }
+    }
+
+    /// What was found may be out of date (a server turned replica, a
+    /// cluster's slot moved): the next [`node`](Self::node) asks again, at
+    /// most every [`ASK_AT_MOST_EVERY`].
     pub fn forget(&self) {
         match self {
             Topology::Single(..) => {}
