@@ -311,6 +311,15 @@ impl Publisher {
             let client = if address == THE_SERVER {
                 self.topology.node(Route::Any)?.1
             } else {
+                // A cluster's new master: connections to nodes that are no
+                // longer masters (a failed-over one, say) are closed.
+                if let Ok(masters) = self.topology.masters() {
+                    self.connections.retain(|kept, _| {
+                        masters
+                            .iter()
+                            .any(|(m, _)| m.as_deref() == Some(kept.as_str()))
+                    });
+                }
                 self.topology.client(address)?
             };
             let con = client
