@@ -47,14 +47,17 @@
 //!   in `broker::redis::shared`) and in-process (`broker::memory`); the
 //!   in-process fan-out (`broker::fanout`).
 //! * `metrics` — counters, served at `/metrics`.
+//! * `auth` — who is speaking: signed tokens checked against the configured
+//!   key (opt-in), and signing them for `threadchat token`.
 //!
-//! Only [`config`] and [`server`] are public: the binary needs nothing
-//! else, and what nobody uses, the compiler reports.
+//! Only [`auth`], [`config`] and [`server`] are public: the binary needs
+//! nothing else, and what nobody uses, the compiler reports.
 
 // One `unsafe` block in the whole server: `session::sched`.
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod auth;
 mod broker;
 pub mod config;
 mod http;

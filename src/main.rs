@@ -14,12 +14,22 @@ use simplelog::{
 };
 
 use threadchat::THREAD_STACK_SIZE;
-use threadchat::config::{Args, Config};
+use threadchat::auth::Signer;
+use threadchat::config::{Args, Command, Config};
 use threadchat::server::{Server, ShutdownHandle};
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(args) {
+    let mut args = Args::parse();
+    let result = match args.command.take() {
+        Some(Command::Token {
+            name,
+            lifetime,
+            rooms,
+            private_key,
+        }) => print_token(&args, &name, lifetime, &rooms, private_key.as_deref()),
+        None => run(args),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the error and its causes.
@@ -62,6 +72,39 @@ fn run(args: Args) -> anyhow::Result<()> {
     // Ends `watch_signals`' loop, so the thread can be joined.
     signal_handle.close();
     let _ = signal_thread.join();
+    Ok(())
+}
+
+/// `threadchat token NAME`: prints a token signed with the configured key.
+fn print_token(
+    args: &Args,
+    name: &str,
+    lifetime: u64,
+    rooms: &[String],
+    private_key: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let signer = match private_key {
+        Some(file) => {
+            let pem = std::fs::read(file)
+                .with_context(|| format!("cannot read --private-key {}", file.display()))?;
+            Signer::private_key(&pem).map_err(anyhow::Error::msg)?
+        }
+        None => {
+            let secret = threadchat::config::auth_secret(args.auth_secret_file.as_deref())?
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "no key to sign with: give --auth-secret-file FILE (or set {}), \
+                         or --private-key FILE",
+                        threadchat::config::AUTH_SECRET_ENV
+                    )
+                })?;
+            Signer::hmac(&secret).map_err(anyhow::Error::msg)?
+        }
+    };
+    let token = signer
+        .sign(name, std::time::Duration::from_secs(lifetime), rooms)
+        .map_err(anyhow::Error::msg)?;
+    println!("{token}");
     Ok(())
 }
 

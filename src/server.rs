@@ -169,6 +169,7 @@ impl Server {
                 welcomes: Welcomes::default(),
                 per_ip: PerIp::new(config.limits.max_connections_per_ip),
                 members: Default::default(),
+                auth: config.auth.clone(),
                 panic_trigger: test_panic_trigger(),
             }),
             shutdown: ShutdownHandle {

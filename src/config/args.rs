@@ -205,6 +205,36 @@ pub struct Args {
     )]
     pub trusted_proxies: Vec<std::net::IpAddr>,
 
+    /// Require a token (a JWT) on every chat connection and `/members`,
+    /// signed with the HMAC secret (HS256) in this file. The secret may
+    /// also come from the environment variable THREADCHAT_AUTH_SECRET;
+    /// never on the command line, where `ps` shows it. At least 32 bytes.
+    #[arg(
+        long,
+        env = "THREADCHAT_AUTH_SECRET_FILE",
+        value_name = "FILE",
+        conflicts_with = "auth_public_key"
+    )]
+    pub auth_secret_file: Option<PathBuf>,
+
+    /// Require a token signed with the private half of this public key
+    /// (PEM): an RSA key takes RS256 tokens, an Ed25519 key EdDSA tokens.
+    #[arg(long, env = "THREADCHAT_AUTH_PUBLIC_KEY", value_name = "FILE")]
+    pub auth_public_key: Option<PathBuf>,
+
+    /// Clock difference allowed on a token's `exp` and `nbf`, in seconds.
+    #[arg(
+        long,
+        env = "THREADCHAT_AUTH_LEEWAY",
+        default_value_t = 30,
+        value_name = "SECS"
+    )]
+    pub auth_leeway: u64,
+
+    /// What to do instead of serving (`threadchat token NAME`).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// How clients subscribe to Redis: `per-client` (each client its own
     /// SUBSCRIBE connection; Redis fans out) or `shared` (one SUBSCRIBE per
     /// room per process; this process fans out). See docs/PERFORMANCE.md.
@@ -233,6 +263,29 @@ pub enum Subscriptions {
     /// Each process has one `SUBSCRIBE` connection per room and fans out to
     /// its clients itself.
     Shared,
+}
+
+/// Commands besides serving.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Print a token for NAME, signed with the configured key (the HMAC
+    /// secret from --auth-secret-file, given before `token`, or
+    /// THREADCHAT_AUTH_SECRET; or --private-key), to try authentication
+    /// with websocat.
+    Token {
+        /// Who the token says the holder is (its `sub`).
+        name: String,
+        /// How long the token is valid, in seconds.
+        #[arg(long, default_value_t = 3600, value_name = "SECS")]
+        lifetime: u64,
+        /// A room the token may join (repeat for more; without it, any).
+        #[arg(long = "room", value_name = "ROOM")]
+        rooms: Vec<String>,
+        /// Sign with this PEM private key (RSA: RS256; Ed25519: EdDSA)
+        /// instead of the HMAC secret.
+        #[arg(long, value_name = "FILE")]
+        private_key: Option<PathBuf>,
+    },
 }
 
 /// Log verbosity, as accepted by `--log-level`.

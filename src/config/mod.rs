@@ -7,13 +7,16 @@
 //! so no other module ever sees an unchecked option. Errors are a
 //! [`ConfigError`] whose text is one line a person can act on.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::auth::Auth;
 
 mod args;
 mod ceiling;
 
-pub use args::{Args, LogLevel, Subscriptions};
+pub use args::{Args, Command, LogLevel, Subscriptions};
 pub use ceiling::{MAX_STARTING, THREADS_PER_CONNECTION, connection_ceiling};
 
 /// Where messages are relayed.
@@ -107,6 +110,8 @@ pub struct Limits {
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// With a key configured, the tokens clients must present.
+    pub auth: Option<Arc<Auth>>,
     /// Host (name or address) to listen on.
     pub host: String,
     /// Port to listen on; 0 lets the OS pick.
@@ -154,6 +159,9 @@ pub enum ConfigError {
     /// A negative or non-finite `--rate-limit`.
     #[error("invalid --rate-limit {0}: messages per second, 0 for no limit")]
     Rate(f64),
+    /// A key for tokens that cannot be read or used.
+    #[error("{0}")]
+    Auth(String),
     /// A numeric option out of its range.
     #[error("invalid {option} {value}: {reason}")]
     Range {
@@ -262,7 +270,9 @@ impl Config {
             r => return Err(ConfigError::Rate(r)),
         };
 
+        let auth = auth(&args)?.map(Arc::new);
         Ok(Config {
+            auth,
             host: args.host,
             port: args.port,
             broker,
@@ -296,6 +306,51 @@ impl Config {
                 trusted_proxies: args.trusted_proxies,
             },
         })
+    }
+}
+
+/// The environment variable that may hold the HMAC secret itself.
+pub const AUTH_SECRET_ENV: &str = "THREADCHAT_AUTH_SECRET";
+
+/// The HMAC secret for tokens: from `--auth-secret-file` (trailing
+/// newlines dropped), else from [`AUTH_SECRET_ENV`]; `None` if neither.
+pub fn auth_secret(file: Option<&Path>) -> Result<Option<Vec<u8>>, ConfigError> {
+    if let Some(file) = file {
+        let mut secret = std::fs::read(file).map_err(|e| {
+            ConfigError::Auth(format!(
+                "cannot read --auth-secret-file {}: {e}",
+                file.display()
+            ))
+        })?;
+        while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            secret.pop();
+        }
+        return Ok(Some(secret));
+    }
+    Ok(std::env::var_os(AUTH_SECRET_ENV)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.into_encoded_bytes()))
+}
+
+/// The key tokens are checked against, if authentication is on.
+fn auth(args: &Args) -> Result<Option<Auth>, ConfigError> {
+    let leeway = Duration::from_secs(args.auth_leeway);
+    if let Some(file) = &args.auth_public_key {
+        let pem = std::fs::read(file).map_err(|e| {
+            ConfigError::Auth(format!(
+                "cannot read --auth-public-key {}: {e}",
+                file.display()
+            ))
+        })?;
+        return Auth::public_key(&pem, leeway)
+            .map(Some)
+            .map_err(|e| ConfigError::Auth(format!("--auth-public-key {}: {e}", file.display())));
+    }
+    match auth_secret(args.auth_secret_file.as_deref())? {
+        Some(secret) => Auth::hmac(&secret, leeway)
+            .map(Some)
+            .map_err(ConfigError::Auth),
+        None => Ok(None),
     }
 }
 

@@ -84,6 +84,24 @@ impl Request {
     pub fn query(&self) -> &str {
         self.head.query()
     }
+
+    /// The token the client presents, if any: `?token=…` (what a browser
+    /// can send), else an `Authorization: Bearer …` header.
+    pub fn bearer_token(&self) -> Result<Option<String>, String> {
+        if let Some(token) = query_param(self.query(), "token")? {
+            return Ok(Some(token));
+        }
+        let Some(value) = self.head.header("Authorization") else {
+            return Ok(None);
+        };
+        let value = std::str::from_utf8(value).map_err(|_| "Authorization is not text")?;
+        match value.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("Bearer") => {
+                Ok(Some(token.trim().to_owned()))
+            }
+            _ => Err("Authorization must be `Bearer TOKEN`".into()),
+        }
+    }
 }
 
 /// The decoded value of `key` in a query string, if present.

@@ -99,6 +99,8 @@ pub struct Context {
     pub per_ip: Arc<per_ip::PerIp>,
     /// Recent `GET /members` answers.
     pub members: route::MembersCache,
+    /// With authentication on, the key tokens are checked against.
+    pub auth: Option<Arc<crate::auth::Auth>>,
     /// Debug builds only: a chat message with exactly this text makes the
     /// reader thread panic (set by `THREADCHAT_TEST_PANIC`; tests use it to
     /// check that a panic closes only its own connection).

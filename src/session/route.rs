@@ -42,10 +42,26 @@ pub(super) fn serve(stream: &TcpStream, ctx: &Context) -> io::Result<Outcome> {
             let text = ctx.metrics.render();
             return http::answer_with(stream, StatusCode::OK, crate::metrics::CONTENT_TYPE, &text);
         }
-        "/members" => return members(stream, ctx, request.query()),
+        "/members" => {
+            let room = match http::room_param(request.query()) {
+                Ok(room) => room,
+                Err(reason) => return http::answer(stream, StatusCode::BAD_REQUEST, &reason),
+            };
+            if let Err((status, reason)) = admit(ctx, &request, None, &room) {
+                return http::answer(stream, status, &reason);
+            }
+            return members(stream, ctx, &room, request.query());
+        }
         "/echo" if limits.echo_endpoint => Target::Echo,
         path => match http::chat_target(path, request.query()) {
-            Some(Ok(member)) => Target::Chat(member),
+            Some(Ok(member)) => {
+                if let Err((status, reason)) =
+                    admit(ctx, &request, Some(member.nickname.as_str()), &member.room)
+                {
+                    return http::answer(stream, status, &reason);
+                }
+                Target::Chat(member)
+            }
             Some(Err(reason)) => return http::answer(stream, StatusCode::BAD_REQUEST, &reason),
             None => {
                 return http::answer(
@@ -68,11 +84,7 @@ pub(super) fn serve(stream: &TcpStream, ctx: &Context) -> io::Result<Outcome> {
 /// [`MEMBERS_CACHE_TTL`] (see [`MembersCache`]), and with Redis the
 /// question goes over a query connection, never queued behind a
 /// `PUBLISH`.
-fn members(stream: &TcpStream, ctx: &Context, query: &str) -> io::Result<Outcome> {
-    let room = match http::room_param(query) {
-        Ok(room) => room,
-        Err(reason) => return http::answer(stream, StatusCode::BAD_REQUEST, &reason),
-    };
+fn members(stream: &TcpStream, ctx: &Context, room: &Room, query: &str) -> io::Result<Outcome> {
     let limit = match http::query_param(query, "limit") {
         Ok(None) => DEFAULT_MEMBERS_LIMIT,
         Ok(Some(n)) => match n.parse::<usize>() {
@@ -86,11 +98,49 @@ fn members(stream: &TcpStream, ctx: &Context, query: &str) -> io::Result<Outcome
     };
     match ctx
         .members
-        .get(&room, limit, || ctx.broker.presence(&room, limit))
+        .get(room, limit, || ctx.broker.presence(room, limit))
     {
         Ok(body) => http::answer_with(stream, StatusCode::OK, http::JSON, &body),
         Err(e) => http::answer(stream, StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
+}
+
+/// With authentication on, whether the request's token lets it in: to
+/// `room`, as `nickname` for a chat. `401` without a valid token, `403`
+/// for a nickname that is not the token's or a room it does not allow.
+fn admit(
+    ctx: &Context,
+    request: &http::Request,
+    nickname: Option<&str>,
+    room: &Room,
+) -> Result<(), (StatusCode, String)> {
+    let Some(auth) = &ctx.auth else {
+        return Ok(());
+    };
+    let token = request
+        .bearer_token()
+        .map_err(|reason| (StatusCode::BAD_REQUEST, reason))?;
+    let identity = auth
+        .check(token.as_deref())
+        .map_err(|e| (StatusCode::UNAUTHORIZED, e.to_string()))?;
+    if let Some(nickname) = nickname
+        && nickname != identity.name
+    {
+        return Err((
+            StatusCode::FORBIDDEN,
+            format!(
+                "this token is for {:?}, not {nickname:?}: connect to /chat/{}",
+                identity.name, identity.name
+            ),
+        ));
+    }
+    if !identity.may_join(room.name()) {
+        return Err((
+            StatusCode::FORBIDDEN,
+            format!("this token does not allow room {:?}", room.name()),
+        ));
+    }
+    Ok(())
 }
 
 /// Names a `/members` answer lists unless asked for more.

@@ -1,0 +1,167 @@
+//! Tokens valid and not, against each kind of key.
+
+use super::*;
+
+const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+const ED_PRIVATE: &[u8] = include_bytes!("../../tests/keys/ed25519.pem");
+const ED_PUBLIC: &[u8] = include_bytes!("../../tests/keys/ed25519.pub.pem");
+const RSA_PRIVATE: &[u8] = include_bytes!("../../tests/keys/rsa.pem");
+const RSA_PUBLIC: &[u8] = include_bytes!("../../tests/keys/rsa.pub.pem");
+const LEEWAY: Duration = Duration::from_secs(5);
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A token with these claims, signed by `signer`.
+fn token(signer: &Signer, claims: &Claims) -> String {
+    jsonwebtoken::encode(&Header::new(signer.algorithm), claims, &signer.key).unwrap()
+}
+
+fn claims(sub: &str, exp: u64) -> Claims {
+    Claims {
+        sub: sub.into(),
+        name: None,
+        rooms: None,
+        exp,
+        nbf: None,
+    }
+}
+
+#[test]
+fn each_kind_of_key_checks_its_own_tokens() {
+    let pairs = [
+        (
+            Signer::hmac(SECRET).unwrap(),
+            Auth::hmac(SECRET, LEEWAY).unwrap(),
+        ),
+        (
+            Signer::private_key(ED_PRIVATE).unwrap(),
+            Auth::public_key(ED_PUBLIC, LEEWAY).unwrap(),
+        ),
+        (
+            Signer::private_key(RSA_PRIVATE).unwrap(),
+            Auth::public_key(RSA_PUBLIC, LEEWAY).unwrap(),
+        ),
+    ];
+    for (signer, auth) in &pairs {
+        let signed = signer
+            .sign("alice", Duration::from_secs(60), &["lobby".into()])
+            .unwrap();
+        let identity = auth.check(Some(&signed)).unwrap();
+        assert_eq!(identity.name, "alice");
+        assert!(identity.may_join("lobby"));
+        assert!(!identity.may_join("elsewhere"));
+        assert!(identity.lifetime(LEEWAY) > Duration::from_secs(60));
+    }
+    assert_eq!(pairs[1].1.algorithm(), "EdDSA");
+    assert_eq!(pairs[2].1.algorithm(), "RS256");
+}
+
+#[test]
+fn the_name_claim_wins_over_sub() {
+    let signer = Signer::hmac(SECRET).unwrap();
+    let mut named = claims("u-17", now() + 60);
+    named.name = Some("alice".into());
+    let auth = Auth::hmac(SECRET, LEEWAY).unwrap();
+    assert_eq!(
+        auth.check(Some(&token(&signer, &named))).unwrap().name,
+        "alice"
+    );
+}
+
+#[test]
+fn expired_and_early_tokens_are_refused_past_the_leeway() {
+    let signer = Signer::hmac(SECRET).unwrap();
+    let auth = Auth::hmac(SECRET, LEEWAY).unwrap();
+    let expired = token(&signer, &claims("alice", now() - 60));
+    assert_eq!(auth.check(Some(&expired)), Err(AuthError::Expired));
+    let just_expired = token(&signer, &claims("alice", now() - 2));
+    assert!(auth.check(Some(&just_expired)).is_ok(), "within the leeway");
+    let mut early = claims("alice", now() + 600);
+    early.nbf = Some(now() + 60);
+    assert_eq!(
+        auth.check(Some(&token(&signer, &early))),
+        Err(AuthError::NotYetValid)
+    );
+}
+
+#[test]
+fn a_wrong_key_or_a_changed_payload_is_a_bad_signature() {
+    let auth = Auth::hmac(SECRET, LEEWAY).unwrap();
+    let other = Signer::hmac(b"another secret of at least 32 bytes!").unwrap();
+    let signed = other.sign("alice", Duration::from_secs(60), &[]).unwrap();
+    assert_eq!(auth.check(Some(&signed)), Err(AuthError::BadSignature));
+
+    let signed = Signer::hmac(SECRET)
+        .unwrap()
+        .sign("alice", Duration::from_secs(60), &[])
+        .unwrap();
+    let parts: Vec<&str> = signed.split('.').collect();
+    let forged = base64_url(&serde_json::to_vec(&claims("mallory", now() + 60)).unwrap());
+    let tampered = format!("{}.{forged}.{}", parts[0], parts[2]);
+    assert_eq!(auth.check(Some(&tampered)), Err(AuthError::BadSignature));
+}
+
+#[test]
+fn the_key_fixes_the_algorithm() {
+    // `alg: none`, unsigned.
+    let auth = Auth::hmac(SECRET, LEEWAY).unwrap();
+    let header = base64_url(br#"{"alg":"none","typ":"JWT"}"#);
+    let body = base64_url(&serde_json::to_vec(&claims("alice", now() + 60)).unwrap());
+    let unsigned = format!("{header}.{body}.");
+    assert!(auth.check(Some(&unsigned)).is_err());
+
+    // An HMAC token "signed" with the public key, which anyone has: the
+    // classic algorithm confusion.
+    let rsa = Auth::public_key(RSA_PUBLIC, LEEWAY).unwrap();
+    let confused = Signer::hmac(RSA_PUBLIC)
+        .unwrap()
+        .sign("alice", Duration::from_secs(60), &[])
+        .unwrap();
+    assert_eq!(
+        rsa.check(Some(&confused)),
+        Err(AuthError::WrongAlgorithm("RS256"))
+    );
+    // An EdDSA token against an RSA key.
+    let ed = Signer::private_key(ED_PRIVATE)
+        .unwrap()
+        .sign("alice", Duration::from_secs(60), &[])
+        .unwrap();
+    assert_eq!(
+        rsa.check(Some(&ed)),
+        Err(AuthError::WrongAlgorithm("RS256"))
+    );
+}
+
+#[test]
+fn missing_malformed_and_weak() {
+    let auth = Auth::hmac(SECRET, LEEWAY).unwrap();
+    assert_eq!(auth.check(None), Err(AuthError::Missing));
+    assert_eq!(auth.check(Some("")), Err(AuthError::Missing));
+    assert!(matches!(
+        auth.check(Some("not.a.jwt")),
+        Err(AuthError::Malformed(_))
+    ));
+    assert!(Auth::hmac(b"short", LEEWAY).is_err());
+    assert!(Auth::public_key(b"-----BEGIN NOTHING-----", LEEWAY).is_err());
+}
+
+/// Base64url without padding, as JWTs use.
+fn base64_url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}

@@ -1,0 +1,259 @@
+//! Opt-in token authentication: a token (a JWT signed with the configured
+//! key) says who the client is; without a valid one the upgrade and
+//! `/members` are refused, with a reason.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::json;
+
+use crate::support::{Client, Server};
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+/// A file holding the HMAC secret, for `--auth-secret-file`.
+fn secret_file() -> PathBuf {
+    let path = std::env::temp_dir().join(format!("threadchat-test-secret-{}", std::process::id()));
+    std::fs::write(&path, format!("{SECRET}\n")).unwrap();
+    path
+}
+
+fn key(name: &str) -> String {
+    format!("{}/tests/keys/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A server that requires HMAC-signed tokens.
+fn hmac_server() -> Server {
+    let file = secret_file();
+    Server::start(&["--in-process", "--auth-secret-file", file.to_str().unwrap()])
+}
+
+/// `threadchat token …` with the test secret: what a person would run.
+fn token_from_cli(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_threadchat"))
+        .arg("token")
+        .args(args)
+        .env("THREADCHAT_AUTH_SECRET", SECRET)
+        .env_remove("THREADCHAT_AUTH_SECRET_FILE")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+/// A token with these claims, signed with the test secret.
+fn hmac_token(claims: serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+/// An upgrade request to `path` with `extra` headers: status line and body.
+fn upgrade(server: &Server, path: &str, extra: &str) -> (String, String) {
+    server.http(&format!(
+        "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+    ))
+}
+
+/// The same token works in the query (browsers) and in a header (websocat
+/// `-H`), and the two clients chat.
+#[test]
+fn a_valid_token_in_the_query_or_a_header_lets_its_holder_chat() {
+    let server = hmac_server();
+    let alice = token_from_cli(&["alice"]);
+    let mut alice = Client::connect_path(server.addr, &format!("/chat/alice?token={alice}"));
+    alice.settle();
+    let bob = token_from_cli(&["bob"]);
+    let (status, _) = upgrade(
+        &server,
+        "/chat/bob",
+        &format!("Authorization: Bearer {bob}\r\n"),
+    );
+    assert!(status.contains(" 101 "), "{status}");
+    let mut bob = Client::connect_path(server.addr, &format!("/chat/bob?token={bob}"));
+    bob.settle();
+    alice.send("hello, verified bob");
+    assert_eq!(
+        bob.recv_chat(),
+        ("alice".to_owned(), "hello, verified bob".to_owned())
+    );
+}
+
+/// Every way a token can be wrong is a 401 with its reason, and no
+/// WebSocket.
+#[test]
+fn invalid_tokens_are_refused_with_401_and_a_reason() {
+    let server = hmac_server();
+    let valid = token_from_cli(&["alice"]);
+    let mut parts: Vec<String> = valid.split('.').map(str::to_owned).collect();
+    // Another payload under alice's signature.
+    let forged = hmac_token(json!({"sub": "mallory", "exp": now() + 60}));
+    parts[1] = forged.split('.').nth(1).unwrap().to_owned();
+    let tampered = parts.join(".");
+    let other_key = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": "alice", "exp": now() + 60}),
+        &EncodingKey::from_secret(b"another secret, also 32 bytes long").unwrap(),
+    )
+    .unwrap();
+    let unsigned = format!(
+        "{}.{}.",
+        "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0", // {"alg":"none","typ":"JWT"}
+        forged.split('.').nth(1).unwrap()
+    );
+    let cases = [
+        (String::new(), "a token is required"),
+        (
+            hmac_token(json!({"sub": "alice", "exp": now() - 3600})),
+            "expired",
+        ),
+        (
+            hmac_token(json!({"sub": "alice", "exp": now() + 3600, "nbf": now() + 600})),
+            "not valid yet",
+        ),
+        (other_key, "signature"),
+        (tampered, "signature"),
+        (unsigned, "token"),
+        ("garbage".to_owned(), "malformed"),
+    ];
+    for (token, reason) in cases {
+        let path = if token.is_empty() {
+            "/chat/alice".to_owned()
+        } else {
+            format!("/chat/alice?token={token}")
+        };
+        let (status, body) = upgrade(&server, &path, "");
+        assert!(status.contains(" 401 "), "{token}: {status}");
+        assert!(body.contains(reason), "{token}: {body}");
+    }
+}
+
+/// With a public key, only tokens signed with its private half pass: an
+/// HMAC token "signed" with the public key (which anyone can read) is
+/// refused — the algorithm is the key's, never the token's.
+#[test]
+fn a_public_key_takes_only_its_own_algorithm() {
+    for (public, private) in [
+        ("rsa.pub.pem", "rsa.pem"),
+        ("ed25519.pub.pem", "ed25519.pem"),
+    ] {
+        let server = Server::start(&["--in-process", "--auth-public-key", &key(public)]);
+        let output = Command::new(env!("CARGO_BIN_EXE_threadchat"))
+            .args(["token", "alice", "--private-key", &key(private)])
+            .output()
+            .unwrap();
+        let signed = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+        let mut alice = Client::connect_path(server.addr, &format!("/chat/alice?token={signed}"));
+        alice.settle();
+
+        let public_pem = std::fs::read(key(public)).unwrap();
+        let confused = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &json!({"sub": "alice", "exp": now() + 60}),
+            &EncodingKey::from_secret(&public_pem).unwrap(),
+        )
+        .unwrap();
+        let (status, body) = upgrade(&server, &format!("/chat/alice?token={confused}"), "");
+        assert!(status.contains(" 401 "), "{status}");
+        assert!(body.contains("algorithm"), "{body}");
+    }
+}
+
+/// The token decides who you are: another nickname in the path is
+/// refused, not replaced; a `rooms` claim limits where the token goes.
+#[test]
+fn the_token_decides_the_nickname_and_the_rooms() {
+    let server = hmac_server();
+    let alice = token_from_cli(&["alice", "--room", "lobby"]);
+    let (status, body) = upgrade(
+        &server,
+        &format!("/chat/mallory?room=lobby&token={alice}"),
+        "",
+    );
+    assert!(status.contains(" 403 "), "{status}");
+    assert!(body.contains("for \"alice\""), "{body}");
+    let (status, body) = upgrade(
+        &server,
+        &format!("/chat/alice?room=kitchen&token={alice}"),
+        "",
+    );
+    assert!(status.contains(" 403 "), "{status}");
+    assert!(body.contains("does not allow room \"kitchen\""), "{body}");
+    let mut ok = Client::connect_path(
+        server.addr,
+        &format!("/chat/alice?room=lobby&token={alice}"),
+    );
+    ok.settle();
+}
+
+/// `/members` needs a token too (and one that allows the room).
+#[test]
+fn members_needs_a_token() {
+    let server = hmac_server();
+    let alice = token_from_cli(&["alice"]);
+    let mut client = Client::connect_path(server.addr, &format!("/chat/alice?token={alice}"));
+    client.settle();
+    let (status, body) = server.get("/members");
+    assert!(status.contains(" 401 "), "{status}");
+    assert!(body.contains("a token is required"), "{body}");
+    let (status, body) = server.get(&format!("/members?token={alice}"));
+    assert!(status.contains(" 200 "), "{status}");
+    assert!(body.contains("\"alice\""), "{body}");
+    let (status, _) = server.http(&format!(
+        "GET /members HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {alice}\r\n\r\n"
+    ));
+    assert!(status.contains(" 200 "), "{status}");
+}
+
+/// A key that is missing, unreadable or too weak is one clear error at
+/// start, and `threadchat token` without a key says what it needs.
+#[test]
+fn bad_keys_are_one_clear_error() {
+    let short = std::env::temp_dir().join(format!("threadchat-test-short-{}", std::process::id()));
+    std::fs::write(&short, "short").unwrap();
+    for (args, expected) in [
+        (
+            vec!["--auth-secret-file", "/nonexistent/secret"],
+            "cannot read --auth-secret-file",
+        ),
+        (
+            vec!["--auth-secret-file", short.to_str().unwrap()],
+            "at least 32",
+        ),
+        (
+            vec!["--auth-public-key", &key("README.md")],
+            "not an RSA or Ed25519 public key",
+        ),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_threadchat"))
+            .args(["--port", "0", "--in-process"])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_threadchat"))
+        .args(["token", "alice"])
+        .env_remove("THREADCHAT_AUTH_SECRET")
+        .env_remove("THREADCHAT_AUTH_SECRET_FILE")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no key to sign with"));
+}
