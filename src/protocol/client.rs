@@ -32,6 +32,26 @@ pub fn message_text(frame: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Borrowed(frame)
 }
 
+/// The token in a client's `{"type": "token", "token": "…"}` frame (a
+/// fresh token, sent before the one it connected with expires), if the
+/// frame is one.
+pub fn token_refresh(frame: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct TokenFrame {
+        #[serde(rename = "type")]
+        kind: String,
+        token: String,
+    }
+    // Cheap pre-check so chat messages never go through this parser.
+    if !frame.trim_start().starts_with('{') || !frame.contains("\"token\"") {
+        return None;
+    }
+    serde_json::from_str::<TokenFrame>(frame)
+        .ok()
+        .filter(|f| f.kind == "token")
+        .map(|f| f.token)
+}
+
 /// Why a client's chat message was refused (the connection stays open).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MessageError {

@@ -25,9 +25,10 @@ use super::liveness::Stalled;
 use super::rate::{RateLimiter, Verdict};
 use super::socket::{self, ReadSide, Writer};
 use super::{Conn, Context, Ending};
+use crate::auth::time_left;
 use crate::broker::{BrokerError, MemberChange, Receipt};
 use crate::protocol::Member;
-use crate::protocol::{ChatMessage, ServerFrame, clean_message, message_text};
+use crate::protocol::{ChatMessage, ServerFrame, clean_message, message_text, token_refresh};
 
 /// What a [`Handler`] wants after a data message.
 pub(super) enum Next {
@@ -47,6 +48,18 @@ pub(super) trait Handler {
     /// Whether [`settle`](Self::settle) has anything to do.
     fn unsettled(&self) -> bool {
         false
+    }
+
+    /// When the handler must act even if the client says nothing (a
+    /// token's expiry): the reader wakes then, and calls
+    /// [`on_deadline`](Self::on_deadline).
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+
+    /// The [`deadline`](Self::deadline) has passed.
+    fn on_deadline(&mut self, _writer: &Writer) -> Next {
+        Next::Continue
     }
 
     /// Called when the client has sent nothing more yet, before the reader
@@ -76,6 +89,15 @@ pub(super) fn read_loop(
                 return ending;
             }
         }
+        if let Some(deadline) = handler.deadline() {
+            if Instant::now() >= deadline {
+                let next = handler.on_deadline(writer);
+                if let Some(ending) = act_on(next, reader, writer, conn, ctx) {
+                    return ending;
+                }
+            }
+            reader.get_mut().wake_by(handler.deadline());
+        }
         let message = match reader.read() {
             Ok(message) => {
                 last_heard = Instant::now();
@@ -94,6 +116,13 @@ pub(super) fn read_loop(
                 );
             }
             Err(WsError::Io(e)) if is_timeout(&e) => {
+                // Woken for the handler's deadline, not for silence.
+                if handler
+                    .deadline()
+                    .is_some_and(|deadline| Instant::now() >= deadline)
+                {
+                    continue;
+                }
                 if last_heard.elapsed() >= limits.idle_timeout {
                     let reason = format!(
                         "idle timeout: no data or pong for {}s",
@@ -256,6 +285,9 @@ pub(super) struct ChatHandler<'a> {
     sent: u64,
     /// Published messages whose answer has not been looked at, oldest first.
     in_flight: VecDeque<InFlight>,
+    /// With authentication on, when the client's token expires (leeway
+    /// included): the connection is closed then, unless a fresh token came.
+    token_expires: Option<Instant>,
 }
 
 /// The most messages of one client published and not yet answered.
@@ -274,6 +306,10 @@ impl<'a> ChatHandler<'a> {
             .limits
             .rate_limit
             .map(|rate| RateLimiter::new(rate, ctx.limits.rate_burst, Instant::now()));
+        let token_expires = match (&ctx.auth, member.token_expires) {
+            (Some(auth), Some(exp)) => Some(Instant::now() + time_left(exp, auth.leeway())),
+            _ => None,
+        };
         ChatHandler {
             member,
             conn,
@@ -281,6 +317,41 @@ impl<'a> ChatHandler<'a> {
             limiter,
             sent: 0,
             in_flight: VecDeque::new(),
+            token_expires,
+        }
+    }
+
+    /// A `{"type": "token"}` frame: a fresh token for this connection. It
+    /// must be valid and for the same user and room; then the connection
+    /// lives until the new one expires. A token that is not is refused
+    /// with an error frame, and the old one still runs out.
+    fn refresh(&mut self, token: &str, writer: &Writer) -> Next {
+        let Some(auth) = &self.ctx.auth else {
+            return self.error(writer, "this server does not use tokens");
+        };
+        let checked = auth
+            .check(Some(token))
+            .map_err(|e| e.to_string())
+            .and_then(|identity| {
+                super::route::may_speak_as(
+                    &identity,
+                    Some(self.member.nickname.as_str()),
+                    &self.member.room,
+                )
+                .map(|()| identity)
+            });
+        match checked {
+            Ok(identity) => {
+                let left = identity.lifetime(auth.leeway());
+                self.token_expires = Some(Instant::now() + left);
+                let text = format!("token refreshed: valid for {} more seconds", left.as_secs());
+                let frame = ServerFrame::notice(&text).render(self.member.format);
+                match writer.send(Message::text(frame)) {
+                    Ok(()) => Next::Continue,
+                    Err(e) => Next::End(Ending::from_write_error(&e)),
+                }
+            }
+            Err(reason) => self.error(writer, &format!("your new token was refused: {reason}")),
         }
     }
 
@@ -350,6 +421,17 @@ impl<'a> ChatHandler<'a> {
 }
 
 impl Handler for ChatHandler<'_> {
+    fn deadline(&self) -> Option<Instant> {
+        self.token_expires
+    }
+
+    fn on_deadline(&mut self, _writer: &Writer) -> Next {
+        Next::Refuse(
+            CloseCode::Policy,
+            "token expired: send {\"type\": \"token\", \"token\": …} before it does".into(),
+        )
+    }
+
     fn on_message(&mut self, message: Message, writer: &Writer) -> Next {
         let text = match message {
             Message::Text(text) => text,
@@ -360,6 +442,9 @@ impl Handler for ChatHandler<'_> {
                 );
             }
         };
+        if let Some(token) = token_refresh(text.as_str()) {
+            return self.refresh(&token, writer);
+        }
         let body = message_text(text.as_str());
         let body = match clean_message(&body) {
             Ok(body) => body,

@@ -15,6 +15,7 @@ use std::time::Instant;
 use tungstenite::http::StatusCode;
 
 use super::Context;
+use crate::auth::Identity;
 use crate::broker::{BrokerError, Presence};
 use crate::http::{self, Outcome, Target};
 use crate::protocol::Room;
@@ -47,18 +48,17 @@ pub(super) fn serve(stream: &TcpStream, ctx: &Context) -> io::Result<Outcome> {
                 Ok(room) => room,
                 Err(reason) => return http::answer(stream, StatusCode::BAD_REQUEST, &reason),
             };
-            if let Err((status, reason)) = admit(ctx, &request, None, &room) {
+            if let Err((status, reason)) = admit(ctx, &request, None, &room).map(drop) {
                 return http::answer(stream, status, &reason);
             }
             return members(stream, ctx, &room, request.query());
         }
         "/echo" if limits.echo_endpoint => Target::Echo,
         path => match http::chat_target(path, request.query()) {
-            Some(Ok(member)) => {
-                if let Err((status, reason)) =
-                    admit(ctx, &request, Some(member.nickname.as_str()), &member.room)
-                {
-                    return http::answer(stream, status, &reason);
+            Some(Ok(mut member)) => {
+                match admit(ctx, &request, Some(member.nickname.as_str()), &member.room) {
+                    Ok(identity) => member.token_expires = identity.map(|i| i.expires),
+                    Err((status, reason)) => return http::answer(stream, status, &reason),
                 }
                 Target::Chat(member)
             }
@@ -106,16 +106,17 @@ fn members(stream: &TcpStream, ctx: &Context, room: &Room, query: &str) -> io::R
 }
 
 /// With authentication on, whether the request's token lets it in: to
-/// `room`, as `nickname` for a chat. `401` without a valid token, `403`
-/// for a nickname that is not the token's or a room it does not allow.
+/// `room`, as `nickname` for a chat; and who it is. `401` without a valid
+/// token, `403` for a nickname that is not the token's or a room it does
+/// not allow. Without authentication, anyone, as anyone (`None`).
 fn admit(
     ctx: &Context,
     request: &http::Request,
     nickname: Option<&str>,
     room: &Room,
-) -> Result<(), (StatusCode, String)> {
+) -> Result<Option<Identity>, (StatusCode, String)> {
     let Some(auth) = &ctx.auth else {
-        return Ok(());
+        return Ok(None);
     };
     let token = request
         .bearer_token()
@@ -123,22 +124,27 @@ fn admit(
     let identity = auth
         .check(token.as_deref())
         .map_err(|e| (StatusCode::UNAUTHORIZED, e.to_string()))?;
+    may_speak_as(&identity, nickname, room).map_err(|reason| (StatusCode::FORBIDDEN, reason))?;
+    Ok(Some(identity))
+}
+
+/// Whether a valid token's `identity` may be `nickname` (if one is asked)
+/// in `room`; why not, if not.
+pub(super) fn may_speak_as(
+    identity: &Identity,
+    nickname: Option<&str>,
+    room: &Room,
+) -> Result<(), String> {
     if let Some(nickname) = nickname
         && nickname != identity.name
     {
-        return Err((
-            StatusCode::FORBIDDEN,
-            format!(
-                "this token is for {:?}, not {nickname:?}: connect to /chat/{}",
-                identity.name, identity.name
-            ),
+        return Err(format!(
+            "this token is for {:?}, not {nickname:?}: connect to /chat/{}",
+            identity.name, identity.name
         ));
     }
     if !identity.may_join(room.name()) {
-        return Err((
-            StatusCode::FORBIDDEN,
-            format!("this token does not allow room {:?}", room.name()),
-        ));
+        return Err(format!("this token does not allow room {:?}", room.name()));
     }
     Ok(())
 }

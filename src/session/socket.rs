@@ -65,11 +65,19 @@ pub struct ReadHalf {
     watch: FrameWatch,
     /// How long a read waits when no message is open (the ping interval).
     idle_wait: Duration,
+    /// A read waits no later than this either (a token's expiry).
+    wake_by: Option<Instant>,
     /// The read timeout this half last gave the socket.
     applied: Option<Duration>,
 }
 
 impl ReadHalf {
+    /// Makes reads wait no later than `at` (a timeout then, as for the
+    /// ping interval), or lifts that bound.
+    pub fn wake_by(&mut self, at: Option<Instant>) {
+        self.wake_by = at;
+    }
+
     /// Gives the socket the read timeout it needs now, if it differs from
     /// the last one (a system call only when a message is open, or ends).
     fn wait_at_most(&mut self, wait: Duration) -> io::Result<()> {
@@ -86,10 +94,11 @@ impl Read for ReadHalf {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let now = Instant::now();
         self.watch.check(now).map_err(Stalled::into_io)?;
-        match self.watch.deadline() {
-            Some(deadline) => self.wait_at_most((deadline - now).min(self.idle_wait))?,
-            None => self.wait_at_most(self.idle_wait)?,
+        let mut wait = self.idle_wait;
+        for deadline in [self.watch.deadline(), self.wake_by].into_iter().flatten() {
+            wait = wait.min(deadline.saturating_duration_since(now));
         }
+        self.wait_at_most(wait)?;
         let n = self.stream.read(buf)?;
         self.watch
             .feed(&buf[..n], Instant::now())
@@ -279,6 +288,7 @@ pub fn split(
         stream: shared.clone(),
         watch,
         idle_wait: limits.idle_wait,
+        wake_by: None,
         applied: Some(limits.idle_wait),
     };
     let reader = WebSocket::from_partially_read(half, leftover, Role::Server, Some(read_config));

@@ -257,3 +257,49 @@ fn bad_keys_are_one_clear_error() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("no key to sign with"));
 }
+
+/// A connection whose token expires is closed with a reason; one that sent
+/// a fresh token first stays; a fresh token for someone else is refused
+/// and changes nothing.
+#[test]
+fn an_expiring_token_closes_its_connection_unless_refreshed() {
+    let file = secret_file();
+    let server = Server::start(&[
+        "--in-process",
+        "--auth-secret-file",
+        file.to_str().unwrap(),
+        "--auth-leeway",
+        "0",
+    ]);
+    let short = token_from_cli(&["alice", "--lifetime", "2"]);
+    let mut expiring = Client::connect_path(server.addr, &format!("/chat/alice?token={short}"));
+    expiring.settle();
+    let short = token_from_cli(&["bob", "--lifetime", "2"]);
+    let mut refreshed = Client::connect_path(server.addr, &format!("/chat/bob?token={short}"));
+    refreshed.settle();
+
+    let carol = token_from_cli(&["carol"]);
+    refreshed.send(&json!({"type": "token", "token": carol}).to_string());
+    let refused = refreshed.recv_server("error");
+    assert!(refused.contains("for \"carol\""), "{refused}");
+    let fresh = token_from_cli(&["bob", "--lifetime", "60"]);
+    refreshed.send(&json!({"type": "token", "token": fresh}).to_string());
+    assert!(refreshed.recv_notice().contains("token refreshed"));
+
+    match expiring.recv_close() {
+        crate::support::Closed::Frame(code, reason) => {
+            assert_eq!(code, 1008);
+            assert!(reason.contains("token expired"), "{reason}");
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    refreshed.send("still here");
+    refreshed.expect_nothing(std::time::Duration::from_millis(1500));
+    let mut dave = Client::connect_path(
+        server.addr,
+        &format!("/chat/dave?token={}", token_from_cli(&["dave"])),
+    );
+    dave.settle();
+    refreshed.send("after alice's token ran out");
+    assert_eq!(dave.recv_chat().1, "after alice's token ran out");
+}
