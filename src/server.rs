@@ -170,6 +170,13 @@ impl Server {
                 per_ip: PerIp::new(config.limits.max_connections_per_ip),
                 members: Default::default(),
                 auth: config.auth.clone(),
+                per_user: crate::session::per_user::PerUser::new(
+                    config.limits.max_connections_per_user,
+                    config
+                        .limits
+                        .rate_limit
+                        .map(|rate| (rate, config.limits.rate_burst)),
+                ),
                 panic_trigger: test_panic_trigger(),
             }),
             shutdown: ShutdownHandle {

@@ -222,6 +222,17 @@ pub struct Args {
     #[arg(long, env = "THREADCHAT_AUTH_PUBLIC_KEY", value_name = "FILE")]
     pub auth_public_key: Option<PathBuf>,
 
+    /// With authentication on, most connections one user (a token's
+    /// name) may hold on this instance (0: no limit). Its messages share
+    /// one --rate-limit across them.
+    #[arg(
+        long,
+        env = "THREADCHAT_MAX_CONNECTIONS_PER_USER",
+        default_value_t = 10,
+        value_name = "N"
+    )]
+    pub max_connections_per_user: usize,
+
     /// Clock difference allowed on a token's `exp` and `nbf`, in seconds.
     #[arg(
         long,

@@ -105,6 +105,8 @@ pub struct Limits {
     pub max_connections_per_ip: Option<usize>,
     /// Reverse proxies whose forwarding headers are believed.
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// With authentication on, most connections per user; `None`: no limit.
+    pub max_connections_per_user: Option<usize>,
 }
 
 /// The validated configuration.
@@ -304,6 +306,8 @@ impl Config {
                 max_connections_per_ip: (args.max_connections_per_ip > 0)
                     .then_some(args.max_connections_per_ip),
                 trusted_proxies: args.trusted_proxies,
+                max_connections_per_user: (args.max_connections_per_user > 0)
+                    .then_some(args.max_connections_per_user),
             },
         })
     }

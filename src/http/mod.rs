@@ -130,7 +130,7 @@ fn member(segment: &str, query: &str) -> Result<Member, String> {
         room: room_param(query)?,
         format,
         resume: resume_param(query)?,
-        token_expires: None,
+        identity: None,
     })
 }
 

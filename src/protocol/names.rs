@@ -281,9 +281,8 @@ pub struct Member {
     pub format: Format,
     /// From `?since=…&epoch=…`: a client reconnecting, and what it has.
     pub resume: Option<Resume>,
-    /// With authentication on, when the client's token expires (seconds
-    /// since the Unix epoch), unless it sends a fresh one first.
-    pub token_expires: Option<u64>,
+    /// With authentication on, who the client's token says it is.
+    pub identity: Option<crate::auth::Identity>,
 }
 
 /// Where a reconnecting client left off: the last offset it saw of its

@@ -36,6 +36,9 @@ pub struct Conn {
     /// forwarded address is known (never both). Given back when the `Conn`
     /// is dropped, with the socket: when the connection's last thread ends.
     pub(super) slot: OnceLock<per_ip::Slot>,
+    /// With authentication on, this connection's place among its user's
+    /// (see [`per_user`](super::per_user)), with the user's rate limiter.
+    pub(super) user_slot: OnceLock<super::per_user::UserSlot>,
 }
 
 /// Why a connection ended, as logged in its "left" line.
@@ -170,6 +173,7 @@ impl Conn {
             ending: OnceLock::new(),
             canceller: OnceLock::new(),
             slot: slot.map(OnceLock::from).unwrap_or_default(),
+            user_slot: OnceLock::new(),
         }
     }
 

@@ -58,6 +58,7 @@ mod junk;
 pub mod liveness;
 mod outbox;
 pub mod per_ip;
+pub mod per_user;
 mod rate;
 mod reader;
 mod route;
@@ -101,6 +102,8 @@ pub struct Context {
     pub members: route::MembersCache,
     /// With authentication on, the key tokens are checked against.
     pub auth: Option<Arc<crate::auth::Auth>>,
+    /// With authentication on, each user's connections and rate limit.
+    pub per_user: Arc<per_user::PerUser>,
     /// Debug builds only: a chat message with exactly this text makes the
     /// reader thread panic (set by `THREADCHAT_TEST_PANIC`; tests use it to
     /// check that a panic closes only its own connection).

@@ -25,7 +25,6 @@ use super::liveness::Stalled;
 use super::rate::{RateLimiter, Verdict};
 use super::socket::{self, ReadSide, Writer};
 use super::{Conn, Context, Ending};
-use crate::auth::time_left;
 use crate::broker::{BrokerError, MemberChange, Receipt};
 use crate::protocol::Member;
 use crate::protocol::{ChatMessage, ServerFrame, clean_message, message_text, token_refresh};
@@ -280,7 +279,7 @@ pub(super) struct ChatHandler<'a> {
     member: &'a Member,
     conn: &'a Conn,
     ctx: &'a Context,
-    limiter: Option<RateLimiter>,
+    limiter: Option<Limiter>,
     /// Messages sent so far: numbers each message's id.
     sent: u64,
     /// Published messages whose answer has not been looked at, oldest first.
@@ -288,6 +287,25 @@ pub(super) struct ChatHandler<'a> {
     /// With authentication on, when the client's token expires (leeway
     /// included): the connection is closed then, unless a fresh token came.
     token_expires: Option<Instant>,
+}
+
+/// A connection's rate limiter: its own, or its user's, shared by all of
+/// the user's connections here (with authentication on, see
+/// [`per_user`](super::per_user)).
+enum Limiter {
+    Own(RateLimiter),
+    Shared(std::sync::Arc<std::sync::Mutex<RateLimiter>>),
+}
+
+impl Limiter {
+    fn check(&mut self, now: Instant) -> Verdict {
+        match self {
+            Limiter::Own(limiter) => limiter.check(now),
+            Limiter::Shared(limiter) => {
+                limiter.lock().unwrap_or_else(|p| p.into_inner()).check(now)
+            }
+        }
+    }
 }
 
 /// The most messages of one client published and not yet answered.
@@ -302,12 +320,19 @@ struct InFlight {
 
 impl<'a> ChatHandler<'a> {
     pub(super) fn new(member: &'a Member, conn: &'a Conn, ctx: &'a Context) -> Self {
-        let limiter = ctx
-            .limits
-            .rate_limit
-            .map(|rate| RateLimiter::new(rate, ctx.limits.rate_burst, Instant::now()));
-        let token_expires = match (&ctx.auth, member.token_expires) {
-            (Some(auth), Some(exp)) => Some(Instant::now() + time_left(exp, auth.leeway())),
+        // An authenticated user's connections share one limiter.
+        let limiter = match conn.user_slot.get() {
+            Some(slot) => slot.limiter.clone().map(Limiter::Shared),
+            None => ctx.limits.rate_limit.map(|rate| {
+                Limiter::Own(RateLimiter::new(
+                    rate,
+                    ctx.limits.rate_burst,
+                    Instant::now(),
+                ))
+            }),
+        };
+        let token_expires = match (&ctx.auth, &member.identity) {
+            (Some(auth), Some(identity)) => Some(Instant::now() + identity.lifetime(auth.leeway())),
             _ => None,
         };
         ChatHandler {

@@ -57,7 +57,7 @@ pub(super) fn serve(stream: &TcpStream, ctx: &Context) -> io::Result<Outcome> {
         path => match http::chat_target(path, request.query()) {
             Some(Ok(mut member)) => {
                 match admit(ctx, &request, Some(member.nickname.as_str()), &member.room) {
-                    Ok(identity) => member.token_expires = identity.map(|i| i.expires),
+                    Ok(identity) => member.identity = identity,
                     Err((status, reason)) => return http::answer(stream, status, &reason),
                 }
                 Target::Chat(member)

@@ -76,6 +76,32 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
             }
         }
     }
+    // An authenticated user: one more of its connections, if it may.
+    if let http::Target::Chat(member) = &target
+        && let Some(identity) = &member.identity
+    {
+        match ctx.per_user.take(&identity.name) {
+            Ok(slot) => {
+                let _ = conn.user_slot.set(slot);
+            }
+            Err(limit) => {
+                log::warn!(
+                    "refused {}: {} has {limit} connections",
+                    conn.peer,
+                    identity.name
+                );
+                let _ = http::refuse(
+                    &conn.stream,
+                    StatusCode::TOO_MANY_REQUESTS,
+                    &format!(
+                        "too many connections for {:?}: at most {limit} on this server",
+                        identity.name
+                    ),
+                );
+                return Ok(Started::Done);
+            }
+        }
+    }
     conn.stream.set_nodelay(true)?;
     socket2::SockRef::from(&*conn.stream).set_send_buffer_size(SEND_BUFFER)?;
     let limits = socket::ReadLimits {

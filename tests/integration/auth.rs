@@ -303,3 +303,55 @@ fn an_expiring_token_closes_its_connection_unless_refreshed() {
     refreshed.send("after alice's token ran out");
     assert_eq!(dave.recv_chat().1, "after alice's token ran out");
 }
+
+/// Limits count per user, across its connections: a third connection is
+/// refused (429), and the rate limit is one budget for all of them, while
+/// another user has its own.
+#[test]
+fn limits_are_per_user_across_connections() {
+    let file = secret_file();
+    let server = Server::start(&[
+        "--in-process",
+        "--auth-secret-file",
+        file.to_str().unwrap(),
+        "--max-connections-per-user",
+        "2",
+        "--rate-limit",
+        "0.1",
+        "--rate-burst",
+        "2",
+    ]);
+    let alice = token_from_cli(&["alice"]);
+    let path = format!("/chat/alice?token={alice}");
+    let mut first = Client::connect_path(server.addr, &path);
+    first.settle();
+    let mut second = Client::connect_path(server.addr, &path);
+    second.settle();
+    let (status, body) = upgrade(&server, &path, "");
+    assert!(status.contains(" 429 "), "{status}");
+    assert!(body.contains("at most 2"), "{body}");
+
+    let bob = token_from_cli(&["bob"]);
+    let mut bob = Client::connect_path(server.addr, &format!("/chat/bob?token={bob}"));
+    bob.settle();
+    // Alice's burst of 2 is spent by her first connection…
+    first.send("one");
+    first.send("two");
+    assert_eq!(bob.recv_chat().1, "one");
+    assert_eq!(bob.recv_chat().1, "two");
+    // …so her second connection has none left; Bob's budget is his own.
+    second.send("three");
+    let refused = second.recv_type("error");
+    assert!(
+        refused["message"].as_str().unwrap().contains("rate limit"),
+        "{refused}"
+    );
+    bob.send("bob's own");
+    assert_eq!(first.recv_chat().1, "bob's own");
+
+    // A connection closed gives its place back.
+    first.close();
+    crate::support::eventually("alice's place is free again", || {
+        upgrade(&server, &path, "").0.contains(" 101 ")
+    });
+}
