@@ -36,6 +36,9 @@ pub struct MemoryBroker {
     /// Dropped to stop the sweeper thread, which the drop then joins.
     sweeper_stop: Option<Sender<()>>,
     sweeper: Option<JoinHandle<()>>,
+    /// (room, nickname) → the connection that claimed it
+    /// (`--unique-nicknames`).
+    nicknames: Mutex<HashMap<(String, String), ConnId>>,
 }
 
 /// Every room's state, and the gauge that counts them.
@@ -125,6 +128,7 @@ impl MemoryBroker {
             rooms,
             sweeper_stop: Some(stop_tx),
             sweeper: Some(sweeper),
+            nicknames: Mutex::default(),
         })
     }
 }
@@ -254,6 +258,27 @@ impl Broker for MemoryBroker {
 
     fn health(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    fn claim_nickname(
+        &self,
+        room: &Room,
+        nickname: &str,
+        conn: &ConnId,
+    ) -> Result<bool, BrokerError> {
+        let mut names = self.nicknames.lock().unwrap_or_else(|p| p.into_inner());
+        let holder = names
+            .entry((room.name().to_owned(), nickname.to_owned()))
+            .or_insert_with(|| conn.clone());
+        Ok(holder == conn)
+    }
+
+    fn release_nickname(&self, room: &Room, nickname: &str, conn: &ConnId) {
+        let mut names = self.nicknames.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (room.name().to_owned(), nickname.to_owned());
+        if names.get(&key) == Some(conn) {
+            names.remove(&key);
+        }
     }
 
     fn describe(&self) -> String {

@@ -91,6 +91,19 @@ pub trait Broker: Send + Sync {
     /// Whether the relay really works right now; if not, why.
     fn health(&self) -> Result<(), String>;
 
+    /// Claims `nickname` in `room` for connection `conn`
+    /// (`--unique-nicknames`): false if another live connection holds it.
+    /// A name held by a connection of an instance that died is taken over.
+    fn claim_nickname(
+        &self,
+        room: &Room,
+        nickname: &str,
+        conn: &ConnId,
+    ) -> Result<bool, BrokerError>;
+
+    /// Gives back a claimed nickname (only if `conn` still holds it).
+    fn release_nickname(&self, room: &Room, nickname: &str, conn: &ConnId);
+
     /// A short description for the start-up log, e.g. `Redis at redis://…`.
     fn describe(&self) -> String;
 }

@@ -233,6 +233,11 @@ pub struct Args {
     )]
     pub max_connections_per_user: usize,
 
+    /// A nickname may be used by one connection at a time in a room
+    /// (across instances): a second one gets 409.
+    #[arg(long, env = "THREADCHAT_UNIQUE_NICKNAMES")]
+    pub unique_nicknames: bool,
+
     /// Clock difference allowed on a token's `exp` and `nbf`, in seconds.
     #[arg(
         long,

@@ -107,6 +107,8 @@ pub struct Limits {
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// With authentication on, most connections per user; `None`: no limit.
     pub max_connections_per_user: Option<usize>,
+    /// One connection per nickname in a room (`--unique-nicknames`).
+    pub unique_nicknames: bool,
 }
 
 /// The validated configuration.
@@ -308,6 +310,7 @@ impl Config {
                 trusted_proxies: args.trusted_proxies,
                 max_connections_per_user: (args.max_connections_per_user > 0)
                     .then_some(args.max_connections_per_user),
+                unique_nicknames: args.unique_nicknames,
             },
         })
     }

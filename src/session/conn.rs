@@ -39,6 +39,9 @@ pub struct Conn {
     /// With authentication on, this connection's place among its user's
     /// (see [`per_user`](super::per_user)), with the user's rate limiter.
     pub(super) user_slot: OnceLock<super::per_user::UserSlot>,
+    /// With `--unique-nicknames`, this connection's claim on its nickname
+    /// in its room; given back when the `Conn` is dropped.
+    pub(super) nickname_claim: OnceLock<super::unique::NicknameClaim>,
 }
 
 /// Why a connection ended, as logged in its "left" line.
@@ -174,6 +177,7 @@ impl Conn {
             canceller: OnceLock::new(),
             slot: slot.map(OnceLock::from).unwrap_or_default(),
             user_slot: OnceLock::new(),
+            nickname_claim: OnceLock::new(),
         }
     }
 

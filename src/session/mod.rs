@@ -66,6 +66,7 @@ mod sched;
 pub mod socket;
 mod start;
 mod subscriber;
+pub mod unique;
 pub mod welcome;
 
 use std::panic::{self, AssertUnwindSafe};

@@ -14,6 +14,7 @@ use tungstenite::http::StatusCode;
 use super::chat::{Chat, Membership, Open, SubscriberThread};
 use super::outbox::Welcomed;
 use super::socket::{self, Writer};
+use super::unique::NicknameClaim;
 use super::{Conn, Context, SessionError, liveness, route, welcome};
 use crate::http::{self, Outcome, Target};
 use crate::protocol::Member;
@@ -100,6 +101,33 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
                 );
                 return Ok(Started::Done);
             }
+        }
+    }
+    // One connection per nickname in a room, if asked.
+    if let http::Target::Chat(member) = &target
+        && ctx.limits.unique_nicknames
+    {
+        let nickname = member.nickname.as_str();
+        let refusal = match NicknameClaim::take(&ctx.broker, &member.room, nickname, &conn.id) {
+            Ok(Some(claim)) => {
+                let _ = conn.nickname_claim.set(claim);
+                None
+            }
+            Ok(None) => Some((
+                StatusCode::CONFLICT,
+                format!(
+                    "the nickname {nickname:?} is taken in {}; choose another",
+                    member.room
+                ),
+            )),
+            Err(e) => Some((
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("chat relay unavailable ({e}); try again later"),
+            )),
+        };
+        if let Some((status, reason)) = refusal {
+            let _ = http::refuse(&conn.stream, status, &reason);
+            return Ok(Started::Done);
         }
     }
     conn.stream.set_nodelay(true)?;

@@ -77,12 +77,8 @@ fn a_valid_token_in_the_query_or_a_header_lets_its_holder_chat() {
     let mut alice = Client::connect_path(server.addr, &format!("/chat/alice?token={alice}"));
     alice.settle();
     let bob = token_from_cli(&["bob"]);
-    let (status, _) = upgrade(
-        &server,
-        "/chat/bob",
-        &format!("Authorization: Bearer {bob}\r\n"),
-    );
-    assert!(status.contains(" 101 "), "{status}");
+    let header = server.raw_upgrade("/chat/bob", &format!("Authorization: Bearer {bob}\r\n"));
+    assert!(header.is_ok(), "{header:?}");
     let mut bob = Client::connect_path(server.addr, &format!("/chat/bob?token={bob}"));
     bob.settle();
     alice.send("hello, verified bob");
@@ -352,6 +348,51 @@ fn limits_are_per_user_across_connections() {
     // A connection closed gives its place back.
     first.close();
     crate::support::eventually("alice's place is free again", || {
-        upgrade(&server, &path, "").0.contains(" 101 ")
+        Client::try_connect_path(server.addr, &path).is_ok()
+    });
+}
+
+/// Without authentication, `--unique-nicknames` keeps a nickname to one
+/// connection per room, across instances on one Redis: a second gets 409;
+/// another room is fine; the name is free again once its holder leaves.
+/// Without the flag, nothing changes: two connections may share a name.
+#[test]
+fn unique_nicknames_are_one_connection_per_room_across_instances() {
+    let redis = crate::support::Redis::start();
+    let url = redis.url();
+    let first = Server::start(&["--redis", &url, "--unique-nicknames"]);
+    let second = Server::start(&["--redis", &url, "--unique-nicknames"]);
+    let mut alice = Client::connect_path(first.addr, "/chat/alice?room=lobby");
+    alice.settle();
+    for server in [&first, &second] {
+        let (status, body) = upgrade(server, "/chat/alice?room=lobby", "");
+        assert!(status.contains(" 409 "), "{status}");
+        assert!(body.contains("\"alice\" is taken in lobby"), "{body}");
+    }
+    let mut elsewhere = Client::connect_path(second.addr, "/chat/alice?room=kitchen");
+    elsewhere.settle();
+    alice.close();
+    crate::support::eventually("alice is free again in the lobby", || {
+        Client::try_connect_path(second.addr, "/chat/alice?room=lobby").is_ok()
+    });
+
+    let plain = Server::with_redis(&redis);
+    let mut one = Client::connect_path(plain.addr, "/chat/bob");
+    one.settle();
+    let mut two = Client::connect_path(plain.addr, "/chat/bob");
+    two.settle();
+}
+
+/// The same in-process.
+#[test]
+fn unique_nicknames_in_process() {
+    let server = Server::start(&["--in-process", "--unique-nicknames"]);
+    let mut alice = Client::connect_path(server.addr, "/chat/alice");
+    alice.settle();
+    let (status, _) = upgrade(&server, "/chat/alice", "");
+    assert!(status.contains(" 409 "), "{status}");
+    alice.close();
+    crate::support::eventually("alice is free again", || {
+        Client::try_connect_path(server.addr, "/chat/alice").is_ok()
     });
 }

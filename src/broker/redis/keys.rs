@@ -54,9 +54,26 @@ pub(super) fn members(room: &Room) -> String {
     format!("threadchat:{{{}}}:members", tag(room))
 }
 
-/// Every key of a room, for refreshing their time to live.
+/// The keys of a room's log script, in its `KEYS` order.
 pub(super) fn of_room(room: &Room) -> [String; 4] {
     [log(room), log_bytes(room), meta(room), members(room)]
+}
+
+/// The key of a room's claimed nicknames (`--unique-nicknames`: a hash,
+/// nickname → connection id).
+pub(super) fn nicknames(room: &Room) -> String {
+    format!("threadchat:{{{}}}:nicknames", tag(room))
+}
+
+/// Every key of a room, for refreshing their time to live.
+pub(super) fn to_refresh(room: &Room) -> [String; 5] {
+    [
+        log(room),
+        log_bytes(room),
+        meta(room),
+        members(room),
+        nicknames(room),
+    ]
 }
 
 /// The channel of `room`: its shard channel on a cluster (`sharded`),
@@ -100,7 +117,7 @@ mod tests {
             } else {
                 Room::parse(name).unwrap()
             };
-            let mut keys = of_room(&room).to_vec();
+            let mut keys = to_refresh(&room).to_vec();
             keys.push(shard_channel(&room));
             let slots: Vec<u16> = keys.iter().map(|k| slot(k.as_bytes())).collect();
             assert!(slots.iter().all(|s| *s == slots[0]), "{name}: {keys:?}");

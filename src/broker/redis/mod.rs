@@ -332,7 +332,7 @@ impl RedisBroker {
     /// `PEXPIRE` for each of a room's keys: they live `--room-ttl` more.
     fn refresh(room: &Room, ttl: Duration) -> impl Iterator<Item = redis::Cmd> {
         let ttl = ttl.as_millis() as u64;
-        keys::of_room(room).into_iter().map(move |key| {
+        keys::to_refresh(room).into_iter().map(move |key| {
             let mut pexpire = redis::cmd("PEXPIRE");
             pexpire.arg(key).arg(ttl);
             pexpire
@@ -358,28 +358,13 @@ impl RedisBroker {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        // Which instances are alive? One EXISTS per distinct instance, each
-        // a job of its own: on a cluster their keys are on any master.
         let mut instances: Vec<&str> = entries
             .iter()
             .filter_map(|(conn, _)| ConnId::instance_of(conn))
             .collect();
         instances.sort_unstable();
         instances.dedup();
-        let checks = instances
-            .iter()
-            .map(|i| {
-                let key = keys::instance(i);
-                let mut exists = redis::cmd("EXISTS");
-                exists.arg(&key);
-                (Route::key(&key), vec![exists])
-            })
-            .collect();
-        let alive: Vec<bool> = self
-            .run_each(checks)?
-            .into_iter()
-            .map(|v| from_value::<bool>(v.into_iter().next()).unwrap_or(false))
-            .collect();
+        let alive = self.alive(&instances)?;
         let is_alive = |conn: &str| {
             ConnId::instance_of(conn)
                 .and_then(|i| instances.binary_search(&i).ok())
@@ -398,6 +383,39 @@ impl RedisBroker {
         let mut members: Vec<String> = live.into_iter().map(|(_, n)| n.clone()).collect();
         members.sort();
         Ok(members)
+    }
+
+    /// Which of `instances` are alive (their liveness key exists): one
+    /// `EXISTS` each, each a job of its own, since on a cluster their keys
+    /// are on any master.
+    fn alive(&self, instances: &[&str]) -> Result<Vec<bool>, BrokerError> {
+        let checks = instances
+            .iter()
+            .map(|i| {
+                let key = keys::instance(i);
+                let mut exists = redis::cmd("EXISTS");
+                exists.arg(&key);
+                (Route::key(&key), vec![exists])
+            })
+            .collect();
+        Ok(self
+            .run_each(checks)?
+            .into_iter()
+            .map(|v| from_value::<bool>(v.into_iter().next()).unwrap_or(false))
+            .collect())
+    }
+
+    /// Runs [`SWAP_FIELD`](scripts::SWAP_FIELD) on a room's claimed
+    /// nicknames: `nickname` from `from` to `to` (empty: given back).
+    fn swap_nickname(room: &Room, nickname: &str, from: &str, to: &str) -> redis::Cmd {
+        let mut swap = redis::cmd("EVALSHA");
+        swap.arg(scripts::sha_of(scripts::SWAP_FIELD))
+            .arg(1)
+            .arg(keys::nicknames(room))
+            .arg(nickname)
+            .arg(from)
+            .arg(to);
+        swap
     }
 
     /// The oldest offset a room's log holds, from its position hash: with
@@ -564,6 +582,45 @@ impl Broker for RedisBroker {
             self.settings.max_payload,
         );
         Ok(Subscription::new(Box::new(listener), canceller))
+    }
+
+    fn claim_nickname(
+        &self,
+        room: &Room,
+        nickname: &str,
+        conn: &ConnId,
+    ) -> Result<bool, BrokerError> {
+        let names = keys::nicknames(room);
+        let mut claim = redis::cmd("HSETNX");
+        claim.arg(&names).arg(nickname).arg(conn.as_str());
+        let mut expire = redis::cmd("PEXPIRE");
+        expire
+            .arg(&names)
+            .arg(self.settings.room_ttl.as_millis() as u64);
+        let mut holder = redis::cmd("HGET");
+        holder.arg(&names).arg(nickname);
+        let (claimed, _, holder): (bool, bool, Option<String>) =
+            self.transaction(room, vec![claim, expire, holder])?;
+        let holder = match holder {
+            _ if claimed => return Ok(true),
+            Some(holder) if holder == conn.as_str() => return Ok(true),
+            Some(holder) => holder,
+            // Given back in between: try once more.
+            None => return self.claim_nickname(room, nickname, conn),
+        };
+        // Held: by a live connection, unless its instance died.
+        let instance = ConnId::instance_of(&holder).unwrap_or_default();
+        if self.alive(&[instance])?.first().copied().unwrap_or(true) {
+            return Ok(false);
+        }
+        let swap = RedisBroker::swap_nickname(room, nickname, &holder, conn.as_str());
+        let reply = self.run(Route::room(room), vec![swap])?.into_iter().next();
+        from_value::<bool>(reply)
+    }
+
+    fn release_nickname(&self, room: &Room, nickname: &str, conn: &ConnId) {
+        let swap = RedisBroker::swap_nickname(room, nickname, conn.as_str(), "");
+        self.run_detached(Route::room(room), vec![swap]);
     }
 
     fn describe(&self) -> String {

@@ -1,4 +1,4 @@
-//! The Lua script the Redis broker runs, and how it names it.
+//! The Lua scripts the Redis broker runs, and how it names them.
 //!
 //! Redis runs a script whole, with nothing else in between, and a script
 //! that is refused (at `maxmemory`, say) does nothing at all. One step needs
@@ -131,12 +131,27 @@ for _, payload in ipairs(payloads) do redis.call(publish, channel, payload) end
 return #payloads
 "#;
 
+/// Compare-and-swap on one field of a hash: if `KEYS[1]`'s field
+/// `ARGV[1]` holds `ARGV[2]`, it becomes `ARGV[3]` (or is deleted, if that
+/// is empty). Returns 1 if it did. A claimed nickname
+/// (`--unique-nicknames`) is given back only by its holder, and taken over
+/// from a dead instance only if nobody took it first.
+pub const SWAP_FIELD: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+end
+return 1
+"#;
+
 /// The scripts every connection loads (`SCRIPT LOAD`) when it opens.
-pub(super) const SCRIPTS: [&str; 1] = [LOG_AND_PUBLISH];
+pub(super) const SCRIPTS: [&str; 2] = [LOG_AND_PUBLISH, SWAP_FIELD];
 
 /// The SHA1 by which Redis knows one of [`SCRIPTS`] once loaded.
 pub(super) fn sha_of(script: &'static str) -> &'static str {
-    static SHAS: std::sync::OnceLock<[String; 1]> = std::sync::OnceLock::new();
+    static SHAS: std::sync::OnceLock<[String; 2]> = std::sync::OnceLock::new();
     let shas = SHAS.get_or_init(|| SCRIPTS.map(|s| redis::Script::new(s).get_hash().to_owned()));
     let index = SCRIPTS
         .iter()
