@@ -32,6 +32,11 @@ pub(super) fn serve(stream: &TcpStream, ctx: &Context) -> io::Result<Outcome> {
         Err(answered) => return Ok(answered),
     };
     let target = match request.path() {
+        "/" if ctx.auth.is_some() => {
+            // The page asks for a token when the server requires one.
+            let page = INDEX_HTML.replacen("<body>", "<body data-auth=\"required\">", 1);
+            return http::answer_with(stream, StatusCode::OK, http::HTML, &page);
+        }
         "/" => return http::answer_with(stream, StatusCode::OK, http::HTML, INDEX_HTML),
         "/healthz" => {
             return match ctx.broker.health() {

@@ -8,7 +8,7 @@
 // Run with `make browser-test` (builds threadchat, installs playwright-core).
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { mkdirSync } from "node:fs";
 import { chromium } from "playwright-core";
 
@@ -17,10 +17,11 @@ const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const PATIENCE = 15_000;
 
 /** Starts threadchat (in-process relay) and resolves with its address. */
-function startServer(port = 0) {
+function startServer(port = 0, more = [], env = process.env) {
   return new Promise((resolve, reject) => {
-    const child = spawn(BIN, ["--host", "127.0.0.1", "--port", String(port), "--in-process"], {
+    const child = spawn(BIN, ["--host", "127.0.0.1", "--port", String(port), "--in-process", ...more], {
       stdio: ["ignore", "ignore", "pipe"],
+      env,
     });
     let log = "";
     child.stderr.setEncoding("utf8");
@@ -268,4 +269,34 @@ test("on a phone and on a desktop, everything is reachable; one's own messages a
   await phone.page.screenshot({ path: target("web-client-phone.png") });
   await phone.context.close();
   await desk.context.close();
+});
+
+test("a server that requires tokens asks for one; a wrong one is shown, not retried", async () => {
+  const secret = "0123456789abcdef0123456789abcdef";
+  const env = { ...process.env, THREADCHAT_AUTH_SECRET: secret };
+  const guarded = await startServer(0, [], env);
+  try {
+    const token = spawnSync(BIN, ["token", "ann"], { env, encoding: "utf8" }).stdout.trim();
+    const page = await browser.newPage();
+    await page.goto(`http://${guarded.addr}/`);
+    assert.ok(await page.isVisible("#token"), "the token field is shown");
+    // The nickname comes from the token.
+    await page.fill("#token", token);
+    await page.click("#join");
+    await page.waitForSelector("#status.online", { timeout: PATIENCE });
+    assert.equal(await page.inputValue("#nickname"), "ann");
+
+    const wrong = await browser.newPage();
+    await wrong.goto(`http://${guarded.addr}/`);
+    await wrong.fill("#nickname", "ben");
+    await wrong.fill("#token", "not-a-token");
+    await wrong.click("#join");
+    await until("the refusal is shown", async () =>
+      (await lines(wrong)).some((line) => line.includes("not let in") && line.includes("malformed")));
+    assert.ok(await wrong.isVisible("#join-form"), "back at the form, not retrying");
+    await page.close();
+    await wrong.close();
+  } finally {
+    await stopServer(guarded);
+  }
 });
