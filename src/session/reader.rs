@@ -467,7 +467,11 @@ impl Handler for ChatHandler<'_> {
                 );
             }
         };
-        if let Some(token) = token_refresh(text.as_str()) {
+        // Only a server that uses tokens reads token frames: elsewhere that
+        // text is a chat message like any other.
+        if self.ctx.auth.is_some()
+            && let Some(token) = token_refresh(text.as_str())
+        {
             return self.refresh(&token, writer);
         }
         let body = message_text(text.as_str());

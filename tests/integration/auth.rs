@@ -396,3 +396,15 @@ fn unique_nicknames_in_process() {
         Client::try_connect_path(server.addr, "/chat/alice").is_ok()
     });
 }
+
+/// Without authentication nothing changes: a frame that looks like a token
+/// refresh is a chat message like any other.
+#[test]
+fn without_tokens_a_token_frame_is_just_a_message() {
+    let server = Server::start(&["--in-process"]);
+    let mut alice = server.settled("alice");
+    let mut bob = server.settled("bob");
+    let frame = json!({"type": "token", "token": "x"}).to_string();
+    alice.send(&frame);
+    assert_eq!(bob.recv_chat().1, frame);
+}
