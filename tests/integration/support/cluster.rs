@@ -29,27 +29,34 @@ impl Cluster {
     pub fn start() -> Cluster {
         let nodes: Vec<Redis> = (0..6)
             .map(|_| {
-                let port = free_cluster_port();
-                // A node's folder may hold the cluster state of an earlier
-                // test's node on the same port.
-                let _ = std::fs::remove_file(Redis::dir(port).join("nodes.conf"));
-                Redis::start_with(
-                    port,
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        "nodes.conf",
-                        "--cluster-node-timeout",
-                        "1000",
-                        // A replica syncs at once (not after 5 s, waiting
-                        // for others), and may always be promoted.
-                        "--repl-diskless-sync-delay",
-                        "0",
-                        "--cluster-replica-validity-factor",
-                        "0",
-                    ],
-                )
+                loop {
+                    let port = free_cluster_port();
+                    // A node's folder may hold the cluster state of an earlier
+                    // test's node on the same port.
+                    let _ = std::fs::remove_file(Redis::dir(port).join("nodes.conf"));
+                    // Another test may take the port (or the bus port) first:
+                    // then try another.
+                    let node = Redis::try_start_with(
+                        port,
+                        &[
+                            "--cluster-enabled",
+                            "yes",
+                            "--cluster-config-file",
+                            "nodes.conf",
+                            "--cluster-node-timeout",
+                            "1000",
+                            // A replica syncs at once (not after 5 s, waiting
+                            // for others), and may always be promoted.
+                            "--repl-diskless-sync-delay",
+                            "0",
+                            "--cluster-replica-validity-factor",
+                            "0",
+                        ],
+                    );
+                    if let Some(node) = node {
+                        break node;
+                    }
+                }
             })
             .collect();
         let addresses: Vec<String> = nodes

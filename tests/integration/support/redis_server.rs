@@ -25,6 +25,15 @@ impl Redis {
     /// Starts Redis on a given port with more options
     /// (`["--replicaof", "127.0.0.1", "6380"]`).
     pub fn start_with(port: u16, args: &[&str]) -> Redis {
+        Redis::try_start_with(port, args).unwrap_or_else(|| {
+            panic!("port {port} is another process's: the Redis there is not the one started")
+        })
+    }
+
+    /// [`start_with`](Self::start_with), or `None` if what answers on the
+    /// port is not the Redis just started: tests run at once, and a free
+    /// port found by one may be taken by another before its Redis binds it.
+    pub fn try_start_with(port: u16, args: &[&str]) -> Option<Redis> {
         // A folder of its own: a replica writes the data it receives to
         // disk, and a Redis started where another left a dump.rdb would
         // load it.
@@ -43,16 +52,25 @@ impl Redis {
                 "redis-server not found: the tests start their own Redis. \
                  Install it (e.g. `apt-get install redis-server`)",
             );
-        let redis = Redis { child, port };
+        let mut redis = Redis { child, port };
         let deadline = Instant::now() + PATIENCE;
-        while redis.connection().is_none() {
+        let mut con = loop {
+            if let Some(con) = redis.connection() {
+                break con;
+            }
+            if let Ok(Some(_)) = redis.child.try_wait() {
+                return None; // it could not bind the port
+            }
             assert!(
                 Instant::now() < deadline,
                 "redis-server did not start on port {port}"
             );
             thread::sleep(Duration::from_millis(20));
-        }
-        redis
+        };
+        // The one answering is ours.
+        let info: String = redis::cmd("INFO").arg("server").query(&mut con).ok()?;
+        let pid = format!("process_id:{}", redis.child.id());
+        info.lines().any(|line| line.trim() == pid).then_some(redis)
     }
 
     /// The folder a Redis on `port` runs in (restarted on the same port,
