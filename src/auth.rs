@@ -99,7 +99,6 @@ pub enum AuthError {
 }
 
 /// A configured key, and how tokens are checked against it.
-#[derive(Clone)]
 pub struct Auth {
     decoding: DecodingKey,
     algorithm: Algorithm,

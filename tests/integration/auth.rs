@@ -234,15 +234,9 @@ fn bad_keys_are_one_clear_error() {
             "not an RSA or Ed25519 public key",
         ),
     ] {
-        let output = Command::new(env!("CARGO_BIN_EXE_threadchat"))
-            .args(["--port", "0", "--in-process"])
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(!output.status.success());
-        let err = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(err.contains(expected), "{args:?}: {err}");
+        let mut args = args;
+        args.push("--in-process");
+        Server::fails_to_start(&args, expected);
     }
     let output = Command::new(env!("CARGO_BIN_EXE_threadchat"))
         .args(["token", "alice"])

@@ -19,15 +19,8 @@ fn stderr(output: &Output) -> String {
 
 #[test]
 fn an_unreachable_redis_is_one_clear_error() {
-    let port = free_port().to_string();
-    let output = run(&["--port", "0", "--redis", &format!("127.0.0.1:{port}")]);
-    assert!(!output.status.success());
-    let err = stderr(&output);
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(
-        err.contains("cannot reach Redis at redis://127.0.0.1:"),
-        "{err}"
-    );
+    let redis = format!("127.0.0.1:{}", free_port());
+    Server::fails_on_redis(&redis, "cannot reach Redis at redis://127.0.0.1:");
 }
 
 #[test]

@@ -248,25 +248,27 @@ impl Cluster {
 
     /// The address of the master for `route`, and a client for it.
     pub(super) fn node(&self, route: Route) -> Result<(String, Client), BrokerError> {
-        let map = self.map()?;
-        let found = match route {
-            Route::Slot(slot) => map.master(slot),
-            Route::Any => map.masters.first(),
-        };
-        found.cloned().ok_or_else(|| self.no_master(route))
+        self.with_master(route, |found| found.clone())
     }
 
     /// The address of the master for `route` (what a publisher groups its
     /// jobs by: no client is made).
     pub(super) fn address(&self, route: Route) -> Result<String, BrokerError> {
+        self.with_master(route, |(address, _)| address.clone())
+    }
+
+    /// `take` of the master for `route` (its address and client).
+    fn with_master<T>(
+        &self,
+        route: Route,
+        take: impl FnOnce(&(String, Client)) -> T,
+    ) -> Result<T, BrokerError> {
         let map = self.map()?;
         let found = match route {
             Route::Slot(slot) => map.master(slot),
             Route::Any => map.masters.first(),
         };
-        found
-            .map(|(address, _)| address.clone())
-            .ok_or_else(|| self.no_master(route))
+        found.map(take).ok_or_else(|| self.no_master(route))
     }
 
     /// A client for the node at `address` (an `ASK` names one that may not

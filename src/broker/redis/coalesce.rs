@@ -172,7 +172,7 @@ impl Plan {
 fn head(room: &Room, bounds: &ScriptSettings) -> redis::Cmd {
     let mut eval = redis::cmd("EVALSHA");
     eval.arg(sha_of(LOG_AND_PUBLISH)).arg(4);
-    for key in keys::of_room(room) {
+    for key in keys::of_script(room) {
         eval.arg(key);
     }
     eval.arg(bounds.history)

@@ -55,7 +55,7 @@ pub(super) fn members(room: &Room) -> String {
 }
 
 /// The keys of a room's log script, in its `KEYS` order.
-pub(super) fn of_room(room: &Room) -> [String; 4] {
+pub(super) fn of_script(room: &Room) -> [String; 4] {
     [log(room), log_bytes(room), meta(room), members(room)]
 }
 

@@ -50,15 +50,23 @@ impl Server {
     /// Runs the binary on the Redis `url` names, which must fail at start
     /// with one line of error that contains `expected`.
     pub fn fails_on_redis(url: &str, expected: &str) {
+        Server::fails_to_start(&["--redis", url], expected);
+    }
+
+    /// Runs the binary (port 0, no `THREADCHAT_REDIS`) with `args`, which
+    /// must make it fail at start with one line of error that contains
+    /// `expected`.
+    pub fn fails_to_start(args: &[&str], expected: &str) {
         let output = Command::new(env!("CARGO_BIN_EXE_threadchat"))
-            .args(["--port", "0", "--redis", url])
+            .args(["--port", "0"])
+            .args(args)
             .env_remove("THREADCHAT_REDIS")
             .output()
             .unwrap();
-        assert!(!output.status.success(), "{url}");
+        assert!(!output.status.success(), "{args:?}");
         let err = String::from_utf8_lossy(&output.stderr);
         assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(err.contains(expected), "{url}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
     }
 
     /// Like [`Server::start`], with extra environment variables.
