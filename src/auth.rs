@@ -46,15 +46,9 @@ impl Identity {
     /// How long from now until the token expires, leeway included (zero
     /// if it has).
     pub fn lifetime(&self, leeway: Duration) -> Duration {
-        time_left(self.expires, leeway)
+        let end = UNIX_EPOCH + Duration::from_secs(self.expires) + leeway;
+        end.duration_since(SystemTime::now()).unwrap_or_default()
     }
-}
-
-/// How long from now until `exp` (seconds since the Unix epoch) plus
-/// `leeway`; zero if that has passed.
-pub fn time_left(exp: u64, leeway: Duration) -> Duration {
-    let end = UNIX_EPOCH + Duration::from_secs(exp) + leeway;
-    end.duration_since(SystemTime::now()).unwrap_or_default()
 }
 
 /// The claims threadchat reads (and `threadchat token` writes).
