@@ -1,11 +1,19 @@
 #!/bin/sh
-# Makes sure the redis-server program is installed: the tests and the
+# Makes sure redis-server and redis-cli (Redis 7 or newer) are installed: the tests and the
 # benchmarks start their own Redis on a free port (nothing is started by
 # hand, and 6379 is never used). Installs it when it can, and says so;
 # otherwise prints the command to run.
 set -eu
 
-command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 && exit 0
+if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then
+  # Sharded pub/sub (the Redis Cluster tests) came with Redis 7.
+  major=$(redis-server --version | sed -n 's/.*v=\([0-9]*\)\..*/\1/p')
+  if [ "${major:-0}" -lt 7 ]; then
+    echo "redis-server $(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p') is too old: the tests need Redis 7 or newer."
+    exit 1
+  fi
+  exit 0
+fi
 
 echo "redis-server is not installed; the tests start their own Redis on a free port."
 if command -v apt-get >/dev/null 2>&1; then
