@@ -36,6 +36,9 @@ pub struct Metrics {
     pub messages_delivered: Counter,
     /// Payloads on the room that were not chat messages.
     pub payloads_skipped: Counter,
+    /// Payloads delivered without their place in the room's log: not the
+    /// place the log gives next (a forged `offset`), counted once per client.
+    pub payloads_unplaced: Counter,
     /// Clients closed for not reading fast enough.
     pub slow_client_closes: Counter,
     /// Messages refused by the per-connection rate limit.
@@ -70,6 +73,7 @@ impl Default for Metrics {
             messages_received: Counter::default(),
             messages_delivered: Counter::default(),
             payloads_skipped: Counter::default(),
+            payloads_unplaced: Counter::default(),
             slow_client_closes: Counter::default(),
             rate_limited: Counter::default(),
             subscriptions_lost: Counter::default(),
@@ -126,6 +130,11 @@ impl Default for Metrics {
                 "payloads_skipped",
                 "Payloads on the room that were not chat messages",
                 &metrics.payloads_skipped,
+            ),
+            (
+                "payloads_unplaced",
+                "Payloads delivered without their place: not the one the room's log gives next",
+                &metrics.payloads_unplaced,
             ),
             (
                 "slow_client_closes",

@@ -48,9 +48,13 @@ struct Rooms {
 }
 
 struct RoomState {
-    /// The newest entries of the room's log, each with its place written
-    /// in: offsets `last - log.len() + 1 ..= last`.
-    log: VecDeque<Arc<[u8]>>,
+    /// The newest chat messages of the room's log, each with its offset
+    /// and with its place written in (joins and leaves take offsets, but are
+    /// not kept: they never push chat out of the history).
+    log: VecDeque<(u64, Arc<[u8]>)>,
+    /// One past the newest entry the log dropped: it holds every chat
+    /// message from there on.
+    first: u64,
     /// Bytes in `log`.
     log_bytes: usize,
     /// The log's epoch: new for each room this process creates.
@@ -69,10 +73,23 @@ impl Default for RoomState {
         RoomState {
             log: VecDeque::new(),
             log_bytes: 0,
+            first: 1,
             epoch: super::new_epoch(),
             last: 0,
             members: Vec::new(),
             last_used: Instant::now(),
+        }
+    }
+}
+
+impl RoomState {
+    /// The oldest offset the log holds every chat message from: with no
+    /// log kept (`--history 0`), always one past the last.
+    fn first(&self, history: usize) -> u64 {
+        if history == 0 {
+            self.last + 1
+        } else {
+            self.first
         }
     }
 }
@@ -155,6 +172,7 @@ impl Broker for MemoryBroker {
             state.last += 1;
             let payload: Arc<[u8]> =
                 protocol::with_place(&payload, state.last, &state.epoch).into();
+            let chat = matches!(change, MemberChange::None);
             match change {
                 MemberChange::None => {}
                 MemberChange::Join(joined) => state
@@ -162,19 +180,20 @@ impl Broker for MemoryBroker {
                     .extend(joined.into_iter().map(|(c, n)| (c, n.as_str().to_owned()))),
                 MemberChange::Leave(left) => state.members.retain(|(c, _)| !left.contains(c)),
             }
-            if max_count > 0 {
+            if max_count > 0 && chat {
                 state.log_bytes += payload.len();
-                state.log.push_back(Arc::clone(&payload));
+                state.log.push_back((state.last, Arc::clone(&payload)));
                 // The oldest go first, until both bounds hold (an entry
                 // bigger than the byte bound on its own is not kept).
                 while state.log.len() > max_count || state.log_bytes > max_bytes {
-                    let Some(old) = state.log.pop_front() else {
+                    let Some((offset, old)) = state.log.pop_front() else {
                         break;
                     };
                     state.log_bytes -= old.len();
+                    state.first = offset + 1;
                 }
             }
-            let incoming = Arc::new(Incoming::parse(&payload));
+            let incoming = Arc::new(Incoming::parse(&payload, std::time::Instant::now()));
             self.fanout
                 .dispatch(&room.channel(), None, Event::Message(incoming));
         });
@@ -206,8 +225,8 @@ impl Broker for MemoryBroker {
         };
         Ok(Log {
             epoch: Some(state.epoch.clone()),
-            first: state.last + 1 - state.log.len() as u64,
-            entries: state.log.iter().map(|p| p.to_vec()).collect(),
+            first: state.first(self.settings.history),
+            entries: state.log.iter().map(|(_, p)| p.to_vec()).collect(),
         })
     }
 
@@ -218,7 +237,7 @@ impl Broker for MemoryBroker {
                 offset: state.last,
                 epoch: state.epoch.clone(),
             },
-            first: state.last + 1 - state.log.len() as u64,
+            first: state.first(self.settings.history),
         }))
     }
 

@@ -3,7 +3,7 @@
 //! client it goes to.
 
 use std::sync::OnceLock;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tungstenite::Utf8Bytes;
@@ -35,7 +35,10 @@ pub struct ChatMessage {
     /// joiner can skip the one that announced it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
-    /// When the sending server received it: milliseconds since the Unix epoch.
+    /// When the sending server received it: milliseconds since the Unix
+    /// epoch. The sender's claim, shown to clients and used for the latency
+    /// histogram only: it never decides anything (a payload is evidence,
+    /// not authority; see [`Incoming::waiting_since`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ts: Option<u64>,
     /// For a coalesced join or leave: who it is about, at most
@@ -332,6 +335,9 @@ pub(super) fn summarize(nicknames: &[String]) -> String {
 pub struct Incoming {
     /// The parsed message, or why the payload is not one.
     message: Result<ChatMessage, Junk>,
+    /// Since when it has been waiting here for its clients (see
+    /// [`waiting_since`](Self::waiting_since)).
+    since: Instant,
     /// The live frame in each format, encoded on first use.
     json: OnceLock<Utf8Bytes>,
     text: OnceLock<Utf8Bytes>,
@@ -348,27 +354,55 @@ pub struct Junk {
 
 impl Incoming {
     /// A payload skipped unread because it is `len` bytes, over the limit.
-    pub fn oversized(len: usize) -> Incoming {
+    pub fn oversized(len: usize, since: Instant) -> Incoming {
         Incoming {
             message: Err(Junk {
                 error: PayloadError::TooBig(len),
                 payload: Vec::new(),
             }),
+            since,
             json: OnceLock::new(),
             text: OnceLock::new(),
         }
     }
 
-    /// Parses a payload read from a room's channel.
-    pub fn parse(payload: &[u8]) -> Incoming {
+    /// Parses a payload read from a room's channel, waiting here since
+    /// `since` (see [`waiting_since`](Self::waiting_since)).
+    pub fn parse(payload: &[u8], since: Instant) -> Incoming {
         Incoming {
             message: ChatMessage::from_payload(payload).map_err(|error| Junk {
                 error,
                 payload: payload.to_vec(),
             }),
+            since,
             json: OnceLock::new(),
             text: OnceLock::new(),
         }
+    }
+
+    /// The frame a client gets for this live message without its place in
+    /// the log (see `session::outbox`'s `Expect`): rendered for this one
+    /// client, since it is rare.
+    pub fn frame_without_place(&self, format: Format) -> Option<Utf8Bytes> {
+        let mut message = self.message.as_ref().ok()?.clone();
+        (message.offset, message.epoch) = (None, None);
+        Some(
+            ServerFrame::from_event(&message, super::Replay::Live)
+                .render(format)
+                .into(),
+        )
+    }
+
+    /// Since when this message has been waiting on this instance, by this
+    /// instance's own clock: how far behind the room a client that takes it
+    /// now is. Whoever receives it sets it — the in-process relay when it
+    /// is published, a listener when it reads it from Redis (a listener
+    /// that has been behind Redis since before then gives the moment it
+    /// fell behind: see `RedisListener`). Never the payload's own `ts`,
+    /// which anyone who can publish can forge, and another instance's
+    /// clock can step.
+    pub fn waiting_since(&self) -> Instant {
+        self.since
     }
 
     /// The chat message, or the junk it turned out to be.

@@ -233,6 +233,17 @@ impl Conn {
             .stream
             .set_write_timeout(Some(Duration::from_millis(50)));
     }
+
+    /// Ends the connection abortively: the socket is reset when it is
+    /// closed (`SO_LINGER` of zero), and the reader is woken now. For a
+    /// client that is not reading: a graceful close would leave what is
+    /// queued for it to the kernel, which keeps trying to send it for
+    /// minutes, and the client would see the end only after reading it all.
+    /// A reset frees the queue at once and reaches the client at once.
+    pub(super) fn abort(&self) {
+        let _ = socket2::SockRef::from(&*self.stream).set_linger(Some(Duration::ZERO));
+        let _ = self.stream.shutdown(Shutdown::Read);
+    }
 }
 
 /// Errors that end a session and are worth a log line of their own.

@@ -21,7 +21,7 @@ use super::Ending;
 use super::outbox::{Delivery, Outbox, Start};
 use super::socket::TrySend;
 use crate::broker::{Direct, DirectSink, Event};
-use crate::protocol::{Incoming, unix_millis};
+use crate::protocol::Incoming;
 
 /// A client's [`Outbox`], shared by its subscriber thread and its room's
 /// dispatcher.
@@ -83,7 +83,7 @@ impl DirectSink for Shared {
             return Direct::Declined;
         }
         let (outbox, delivery) = (&self.outbox, &mut state.delivery);
-        let now = unix_millis();
+        let now = std::time::Instant::now();
         for incoming in messages {
             if let Err(ending) = outbox.take(delivery, incoming, now) {
                 state.failed = Some(ending);

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::net::Shutdown;
 use std::ops::ControlFlow;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use tungstenite::Message;
@@ -15,7 +15,7 @@ use tungstenite::Message;
 use super::socket::Writer;
 use super::{Conn, Context, Ending};
 use crate::broker::{Event, Place};
-use crate::protocol::{ChatMessage, ConnId, Incoming, Kind, Member, ServerFrame, unix_millis};
+use crate::protocol::{At, Incoming, Kind, Member, ServerFrame, unix_millis};
 
 /// The subscriber thread's half of the start-up handshake.
 pub(super) struct Start {
@@ -54,76 +54,110 @@ pub(super) struct Delivery {
     welcomed: Welcomed,
     /// Whether the client has its `101` (so frames may be written).
     pub(super) upgraded: bool,
+    /// When the client was welcomed: what waited for it before then waited
+    /// for the welcome, not for the client.
+    welcomed_at: Option<Instant>,
     /// Room messages waiting for the next flush (see [`Outbox::flush`]).
     pub(super) pending: Vec<Message>,
     /// The send time (`ts`) of each chat message in `pending`, for the
     /// latency histogram.
     pending_stamps: Vec<Option<u64>>,
-    /// How far behind the room the client is.
-    lag: Lag,
+    /// Where the next message of the room's log must be, for its place to
+    /// be passed on.
+    expect: Expect,
 }
 
-/// How far behind the room a client is, from the messages it is sent.
+/// Which place in the room's log the next message must have.
 ///
-/// The write deadline (see `socket::WriteHalf`) catches a client whose
-/// socket stops taking data. A client that reads, but slower than the room
-/// speaks, is caught here: each live message carries when its sender's
-/// server received it (`ts`), so the time between that and the moment the
-/// message is taken for this client is how long it waited for the client —
-/// in Redis's buffer for it (per-client subscriptions), in its queue
-/// (shared, in-process), or behind earlier writes. Past `--write-timeout`,
-/// the client is closed as too slow, before Redis's own output-buffer limit
-/// drops the subscription (and with it, the client's messages).
+/// A client keeps the place of the last message it got and comes back
+/// with it (`?since=`), and the web page hides what it has seen already by
+/// it: a place is an instruction to the client. But anyone who can publish
+/// on the room's channel can write any `offset` and `epoch` into a payload.
+/// So a place is passed on only when it is one the log's own sequence can
+/// give next: the log hands out offsets one by one, and this connection
+/// receives them in that order. A payload at any other place is delivered
+/// without one (and counted): a forged offset cannot move a client's place
+/// ahead, nor hide what follows it.
 ///
-/// Clocks of different instances need not agree: the wait is measured
-/// against the quickest message seen from the same instance (at most
-/// [`LAG_INSTANCES`] of them are followed), so a constant clock offset
-/// cancels out. Messages without `ts` (the original app's) are not judged.
-/// The baselines live inline, keyed by a hash of the instance: following
-/// the room costs an idle client no allocation (each one on a subscriber
-/// thread would stay in that thread's malloc cache).
-#[derive(Default)]
-struct Lag {
-    /// (hash of an instance, least `arrival - ts` seen from it, in ms).
-    baselines: [(u64, i64); LAG_INSTANCES],
-    /// How many of `baselines` are in use.
-    len: usize,
+/// A log can also start afresh under a subscription that stays (a flushed
+/// or evicted log): a new epoch's offset 1 is always a place the log can
+/// give. Since anyone could forge that one too, the chain it replaces is
+/// kept as well, and a message that continues either chain is placed: a
+/// forged fresh start moves a client's place for one message at most.
+#[derive(Debug, Default)]
+struct Expect {
+    /// The chain followed now, and the one before it.
+    chains: [Option<Chain>; 2],
 }
 
-/// Most sending instances a client's [`Lag`] follows.
-const LAG_INSTANCES: usize = 8;
+/// The place expected next in one epoch.
+#[derive(Debug)]
+enum Chain {
+    /// This offset in this epoch.
+    At { epoch: String, next: u64 },
+    /// Whatever place comes (see [`Expect::unknown`]).
+    Any,
+}
 
-impl Lag {
-    /// How much later than its instance's quickest this message arrives,
-    /// in ms. It runs for every message to every client: a hash of a few
-    /// instructions, no allocation.
-    #[inline(never)]
-    fn behind(&mut self, msg: &ChatMessage, now_ms: u64) -> u64 {
-        let Some(ts) = msg.ts else { return 0 };
-        let sender = msg.conn.as_deref().or(msg.id.as_deref()).unwrap_or("");
-        let instance = ConnId::instance_of(sender).unwrap_or(sender);
-        // FNV-1a: instances are few, and a collision only merges two
-        // baselines.
-        let key = instance
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-                (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-            });
-        let offset = now_ms as i64 - ts as i64;
-        let known = &mut self.baselines[..self.len];
-        match known.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, base)) => {
-                *base = (*base).min(offset);
-                (offset - *base) as u64
-            }
-            None => {
-                if self.len < LAG_INSTANCES {
-                    self.baselines[self.len] = (key, offset);
-                    self.len += 1;
-                }
-                0
-            }
+impl Chain {
+    fn after(at: At<'_>) -> Option<Chain> {
+        Some(Chain::At {
+            epoch: at.epoch.to_owned(),
+            next: at.offset.saturating_add(1),
+        })
+    }
+
+    fn continues(chain: &Option<Chain>, at: At<'_>) -> bool {
+        match chain {
+            Some(Chain::At { epoch, next }) => *epoch == at.epoch && *next == at.offset,
+            Some(Chain::Any) => true,
+            None => false,
         }
+    }
+}
+
+impl Expect {
+    /// After the welcome, which sent the log up to `mark` (none: the room
+    /// has no log yet, and its first message will start one).
+    fn after(mark: Option<&Place>) -> Expect {
+        let chain = mark.map(|mark| Chain::At {
+            epoch: mark.epoch.clone(),
+            next: mark.offset + 1,
+        });
+        Expect {
+            chains: [chain, None],
+        }
+    }
+
+    /// Not known: the subscription was lost and restored, and what was
+    /// published meanwhile never came. The next place seen is taken as it
+    /// comes.
+    fn unknown() -> Expect {
+        Expect {
+            chains: [Some(Chain::Any), None],
+        }
+    }
+
+    /// Whether `at` is a place the log can give next; if it is, the one
+    /// after it is expected from now on.
+    fn take(&mut self, at: At<'_>) -> bool {
+        let [current, previous] = &mut self.chains;
+        let placed = if Chain::continues(current, at) {
+            true
+        } else if Chain::continues(previous, at) {
+            std::mem::swap(current, previous);
+            true
+        } else if at.offset == 1 {
+            // A log starting afresh.
+            *previous = current.take();
+            true
+        } else {
+            false
+        };
+        if placed {
+            *current = Chain::after(at);
+        }
+        placed
     }
 }
 
@@ -137,8 +171,8 @@ const MAX_BATCH: usize = 64;
 /// This thread ended while the reader still reads: close the connection.
 fn say_goodbye(conn: &Conn, ctx: &Context, writer: &Writer, reader_done: &Receiver<()>) {
     let ending = conn.ending();
+    let stuck = matches!(ending, Some(Ending::TooSlow(_)));
     if let Some(frame) = ending.and_then(Ending::close_frame) {
-        let stuck = matches!(ending, Some(Ending::TooSlow(_)));
         if stuck {
             // It is not reading: one short try, no waiting for a reply.
             conn.shorten_write_timeout();
@@ -147,7 +181,11 @@ fn say_goodbye(conn: &Conn, ctx: &Context, writer: &Writer, reader_done: &Receiv
             let _ = reader_done.recv_timeout(ctx.limits.close_grace);
         }
     }
-    let _ = conn.stream.shutdown(Shutdown::Both);
+    if stuck {
+        conn.abort();
+    } else {
+        let _ = conn.stream.shutdown(Shutdown::Both);
+    }
 }
 
 impl Outbox {
@@ -162,9 +200,9 @@ impl Outbox {
             Event::Subscribed => match start.take() {
                 Some(start) => self.start(delivery, start),
                 None => {
-                    // Messages held up by the outage say nothing of the
-                    // client: judge its lag afresh.
-                    delivery.lag = Lag::default();
+                    // What was published meanwhile never came: the next
+                    // place is not known.
+                    delivery.expect = Expect::unknown();
                     self.notice(
                         delivery,
                         "reconnected to the chat relay; messages sent while it was \
@@ -214,8 +252,10 @@ impl Outbox {
         }
         match start.go.recv() {
             Ok(welcomed) => {
+                delivery.expect = Expect::after(welcomed.mark.as_ref());
                 delivery.welcomed = welcomed;
                 delivery.upgraded = true;
+                delivery.welcomed_at = Some(Instant::now());
                 ControlFlow::Continue(())
             }
             Err(_) => ControlFlow::Break(()),
@@ -251,7 +291,7 @@ impl Outbox {
     /// The rest is written by [`flush`](Self::flush), when the listener has
     /// nothing more waiting.
     fn deliver(&self, delivery: &mut Delivery, incoming: &Incoming) -> ControlFlow<()> {
-        if let Err(ending) = self.take(delivery, incoming, unix_millis()) {
+        if let Err(ending) = self.take(delivery, incoming, Instant::now()) {
             self.conn.end(ending);
             return ControlFlow::Break(());
         }
@@ -263,13 +303,14 @@ impl Outbox {
 
     /// Adds one message from the room to `pending`, unless it is junk, the
     /// client's own, or already sent from the history. Fails when the
-    /// client has fallen more than `--write-timeout` behind (see [`Lag`]).
-    /// `now_ms` is the time it is taken (read once for a batch).
+    /// message has waited here for the client more than `--write-timeout`
+    /// ([`Incoming::waiting_since`]: this instance's own clock, never the
+    /// payload's). `now` is the time it is taken (read once for a batch).
     pub(super) fn take(
         &self,
         delivery: &mut Delivery,
         incoming: &Incoming,
-        now_ms: u64,
+        now: Instant,
     ) -> Result<(), Ending> {
         let msg = match incoming.message() {
             Ok(msg) => msg,
@@ -284,31 +325,47 @@ impl Outbox {
                 return Ok(());
             }
         };
-        let behind = Duration::from_millis(delivery.lag.behind(msg, now_ms));
+        let waiting_since = match delivery.welcomed_at {
+            Some(welcomed) => incoming.waiting_since().max(welcomed),
+            None => incoming.waiting_since(),
+        };
+        let behind = now.saturating_duration_since(waiting_since);
         if behind > self.ctx.limits.write_timeout {
             return Err(Ending::TooSlow(format!(
                 "{:.1}s behind the room (--write-timeout)",
                 behind.as_secs_f64()
             )));
         }
+        let mut placed = true;
+        if let Some(at) = msg.at() {
+            if let Some(mark) = &delivery.welcomed.mark
+                && at.epoch == mark.epoch
+                && at.offset <= mark.offset
+            {
+                return Ok(()); // Sent from the log already.
+            }
+            placed = delivery.expect.take(at);
+            if !placed {
+                self.ctx.metrics.payloads_unplaced.inc();
+            }
+        }
         if msg.is_from(&self.conn.id) {
             return Ok(());
         }
         let welcomed = &mut delivery.welcomed;
-        if let (Some(mark), Some(at)) = (&welcomed.mark, msg.at())
-            && at.epoch == mark.epoch
-            && at.offset <= mark.offset
-        {
-            return Ok(()); // Sent from the log already.
-        }
         if !welcomed.skip.is_empty()
             && let Some(id) = &msg.id
             && welcomed.skip.remove(id)
         {
             return Ok(());
         }
-        // Encoded once per format for everyone; this is a shared reference.
-        let Some(text) = incoming.frame(self.member.format) else {
+        let text = if placed {
+            // Encoded once per format for everyone; this is a shared reference.
+            incoming.frame(self.member.format)
+        } else {
+            incoming.frame_without_place(self.member.format)
+        };
+        let Some(text) = text else {
             return Ok(());
         };
         delivery.pending.push(Message::Text(text));
@@ -340,5 +397,54 @@ impl Outbox {
         for ts in delivery.pending_stamps.drain(..).flatten() {
             metrics.delivery_latency.observe(now.saturating_sub(ts));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(offset: u64, epoch: &str) -> At<'_> {
+        At { offset, epoch }
+    }
+
+    /// Only the log's own sequence moves a place: a forged offset far
+    /// ahead is not placed, and the genuine message after it still is.
+    #[test]
+    fn a_forged_offset_is_not_placed() {
+        let mark = Place {
+            offset: 10,
+            epoch: "e".into(),
+        };
+        let mut expect = Expect::after(Some(&mark));
+        assert!(expect.take(at(11, "e")));
+        assert!(!expect.take(at((1 << 53) - 2, "e")));
+        assert!(!expect.take(at(12, "forged")));
+        assert!(expect.take(at(12, "e")));
+    }
+
+    /// A log that starts afresh (a new epoch's offset 1) is followed; a
+    /// forged fresh start moves the place for one message, then the
+    /// genuine chain goes on.
+    #[test]
+    fn a_fresh_log_is_followed_and_a_forged_one_does_not_stick() {
+        let mut expect = Expect::after(None);
+        assert!(!expect.take(at(5, "e")));
+        assert!(expect.take(at(1, "e")));
+        assert!(expect.take(at(2, "e")));
+        assert!(expect.take(at(1, "forged")));
+        assert!(expect.take(at(3, "e")));
+        assert!(expect.take(at(4, "e")));
+        // A forged chain can only go on from 1, a step at a time.
+        assert!(!expect.take(at(9, "forged")));
+    }
+
+    /// After a lost subscription the next place is taken as it comes.
+    #[test]
+    fn after_an_outage_the_next_place_is_taken() {
+        let mut expect = Expect::unknown();
+        assert!(expect.take(at(40, "e")));
+        assert!(!expect.take(at(45, "e")));
+        assert!(expect.take(at(41, "e")));
     }
 }

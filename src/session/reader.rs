@@ -23,7 +23,7 @@ use tungstenite::{Bytes, Error as WsError, Message};
 use super::conn::truncate;
 use super::liveness::Stalled;
 use super::rate::{RateLimiter, Verdict};
-use super::socket::{self, ReadSide, Writer};
+use super::socket::{ReadSide, Writer};
 use super::{Conn, Context, Ending};
 use crate::broker::{BrokerError, MemberChange, Receipt};
 use crate::protocol::Member;
@@ -82,7 +82,7 @@ pub(super) fn read_loop(
     loop {
         // About to block for the client (at least as far as the kernel
         // knows): the handler must not leave anything waiting meanwhile.
-        if handler.unsettled() && !socket::has_input(&conn.stream) {
+        if handler.unsettled() && !crate::net::has_input(&conn.stream) {
             let next = handler.settle(writer);
             if let Some(ending) = act_on(next, reader, writer, conn, ctx) {
                 return ending;

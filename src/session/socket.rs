@@ -28,7 +28,6 @@
 
 pub use crate::net::SharedStream;
 use std::io::{self, Read, Write};
-use std::mem::MaybeUninit;
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,21 +36,6 @@ use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Error, Message, WebSocket};
 
 use super::liveness::{self, FrameWatch, Stalled};
-
-/// Whether a read of `stream` would return without blocking: the client has
-/// sent bytes not read yet, has closed, or the socket failed. It peeks at the
-/// kernel's receive queue (`MSG_PEEK | MSG_DONTWAIT`), so nothing is consumed
-/// and the socket stays in blocking mode for everyone else. Bytes already in
-/// tungstenite's own buffer are not seen.
-pub fn has_input(stream: &TcpStream) -> bool {
-    let mut byte = [MaybeUninit::<u8>::uninit()];
-    let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
-    match socket2::SockRef::from(stream).recv_with_flags(&mut byte, flags) {
-        // Data, or 0 for the end of the stream: a read returns either way.
-        Ok(_) => true,
-        Err(e) => e.kind() != io::ErrorKind::WouldBlock,
-    }
-}
 
 /// The reading side of the socket. Writes are discarded: see the module doc.
 ///

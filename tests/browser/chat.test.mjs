@@ -9,6 +9,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
+import { createServer } from "node:net";
 import { mkdirSync } from "node:fs";
 import { chromium } from "playwright-core";
 
@@ -16,10 +17,12 @@ const BIN = process.env.THREADCHAT_BIN ?? new URL("../../target/debug/threadchat
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const PATIENCE = 15_000;
 
-/** Starts threadchat (in-process relay) and resolves with its address. */
+/** Starts threadchat (in-process relay, unless `more` names a Redis) and
+ * resolves with its address. */
 function startServer(port = 0, more = [], env = process.env) {
+  const relay = more.includes("--redis") ? [] : ["--in-process"];
   return new Promise((resolve, reject) => {
-    const child = spawn(BIN, ["--host", "127.0.0.1", "--port", String(port), "--in-process", ...more], {
+    const child = spawn(BIN, ["--host", "127.0.0.1", "--port", String(port), ...relay, ...more], {
       stdio: ["ignore", "ignore", "pipe"],
       env,
     });
@@ -81,9 +84,9 @@ after(async () => {
   if (server) await stopServer(server);
 });
 
-async function openChat(nickname, room) {
+async function openChat(nickname, room, addr = server.addr) {
   const page = await browser.newPage();
-  await page.goto(`http://${server.addr}/`);
+  await page.goto(`http://${addr}/`);
   await page.fill("#nickname", nickname);
   await page.fill("#room", room);
   await page.click("#join");
@@ -184,6 +187,55 @@ test("a page cut off while others chat shows each message once, in order, when i
   assert.equal(await page.$$eval("#messages li.gap", (items) => items.length), 0);
   cli.ws.close();
   await page.close();
+});
+
+/** A port nobody listens on now. */
+function freePort() {
+  return new Promise((resolve) => {
+    const probe = createServer().listen(0, "127.0.0.1", () => {
+      const { port } = probe.address();
+      probe.close(() => resolve(port));
+    });
+  });
+}
+
+test("a forged offset on the room's channel hides nothing on the page", async () => {
+  const redisPort = await freePort();
+  const redis = spawn("redis-server", ["--port", String(redisPort), "--bind", "127.0.0.1",
+    "--save", "", "--appendonly", "no"], { stdio: "ignore" });
+  const redisCli = (...args) => spawnSync("redis-cli", ["-p", String(redisPort), ...args], { encoding: "utf8" });
+  await until("redis answers", () => redisCli("PING").stdout?.trim() === "PONG");
+  const relay = await startServer(0, ["--redis", `redis://127.0.0.1:${redisPort}`]);
+  try {
+    const page = await openChat("gus", "forged", relay.addr);
+    const cli = wsClient(relay.addr, "hal", "forged");
+    const spy = wsClient(relay.addr, "spy", "forged");
+    await Promise.all([cli.opened, spy.opened]);
+    cli.ws.send("genuine 1");
+    await until("spy has genuine 1", () => spy.frames.some((f) => f.message === "genuine 1"));
+    const { epoch } = spy.frames.find((f) => f.message === "genuine 1");
+    // Anyone who can PUBLISH can put any place in a payload.
+    const forged = JSON.stringify({ nickname: "mallory", message: "far ahead", offset: 2 ** 53 - 2, epoch });
+    redisCli("PUBLISH", "threadchat:room:forged", forged);
+    for (const text of ["genuine 2", "genuine 3"]) cli.ws.send(text);
+    await until("gus has genuine 3", async () => (await lines(page)).some((l) => l.includes("genuine 3")));
+    // Cut off and back: the history it gets back is shown too.
+    await page.evaluate(() => socket.close(4000, "cut off"));
+    await page.waitForSelector("#status:not(.online)", { timeout: PATIENCE });
+    await page.waitForSelector("#status.online", { timeout: PATIENCE });
+    cli.ws.send("genuine 4");
+    await until("gus has genuine 4", async () => (await lines(page)).some((l) => l.includes("genuine 4")));
+    const chat = await page.$$eval("#messages li.chat", (items) => items.map((li) => li.textContent));
+    for (const text of ["genuine 1", "genuine 2", "genuine 3", "genuine 4", "far ahead"]) {
+      assert.equal(chat.filter((l) => l.includes(text)).length, 1, `"${text}" once in ${JSON.stringify(chat)}`);
+    }
+    cli.ws.close();
+    spy.ws.close();
+    await page.close();
+  } finally {
+    await stopServer(relay);
+    redis.kill("SIGKILL");
+  }
 });
 
 test("a page that is left leaves the room; restored from the back/forward cache, it comes back", async () => {

@@ -8,6 +8,7 @@ mod bounds;
 mod bounds_relay;
 mod chat;
 mod cluster;
+mod evidence;
 mod example;
 mod faults;
 mod http;

@@ -44,7 +44,10 @@ fn direct_delivery_never_overtakes_the_queue() {
     assert!(sub.deliver_directly(Arc::clone(&sink) as Arc<dyn DirectSink>));
     let publish = |text: &str| {
         let payload = format!(r#"{{"nickname":"n","message":"{text}"}}"#);
-        let message = Arc::new(Incoming::parse(payload.as_bytes()));
+        let message = Arc::new(Incoming::parse(
+            payload.as_bytes(),
+            std::time::Instant::now(),
+        ));
         fanout.dispatch("room", None, Event::Message(message));
     };
     // Declined (as a client not yet welcomed declines): queued.
@@ -112,7 +115,10 @@ fn each_dispatcher_serves_its_shard() {
     let (third, fourth) = (register(3), register(4));
     assert!(third.inbox.live);
     assert!(!fourth.inbox.live);
-    let message = Arc::new(Incoming::parse(br#"{"nickname":"n","message":"m"}"#));
+    let message = Arc::new(Incoming::parse(
+        br#"{"nickname":"n","message":"m"}"#,
+        std::time::Instant::now(),
+    ));
     fanout.dispatch("room", from(1), Event::Message(message));
     let lengths = [&first, &second, &third, &fourth].map(|r| r.inbox.rx.len());
     assert_eq!(lengths, [1, 1, 0, 1]);

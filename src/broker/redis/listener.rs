@@ -3,9 +3,10 @@
 
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::cluster::{Redirect, Route};
-use super::pubsub::{PubSubConnection, Push};
+use super::pubsub::{PubSubConnection, Push, Waited};
 use super::topology::Topology;
 use super::{CONNECT_TIMEOUT, IO_TIMEOUT, MAX_BACKOFF, MAX_REDIRECTS, redact};
 use crate::broker::{Backoff, BrokerError, Canceller, Event, Flow, Listen, StopSignal};
@@ -293,23 +294,36 @@ impl RedisListener {
         if stop.is_stopped() || on_event(Event::Subscribed).is_break() {
             return Ok(());
         }
+        let mut behind = Behind::default();
         loop {
             // Cancelling shuts the socket down, so this returns at once.
-            if let Err(e) = con.wait() {
-                if stop.is_stopped() {
-                    return Ok(());
+            match con.wait() {
+                Ok(Waited::CaughtUp) => behind.caught_up(),
+                Ok(Waited::MaybeBehind) => {
+                    if behind.wants_probe(Instant::now()) {
+                        con.ping().map_err(lost)?;
+                    }
                 }
-                return Err(lost(e));
+                Err(e) => {
+                    if stop.is_stopped() {
+                        return Ok(());
+                    }
+                    return Err(lost(e));
+                }
             }
             if stop.is_stopped() {
                 return Ok(());
             }
             let incoming = match con.next().map_err(lost)? {
                 Push::Message { channel, payload } if channel == self.channel.as_bytes() => {
-                    Some(Incoming::parse(&payload))
+                    Some(Incoming::parse(&payload, behind.since(Instant::now())))
                 }
                 Push::Oversized { channel, len } if channel == self.channel.as_bytes() => {
-                    Some(Incoming::oversized(len))
+                    Some(Incoming::oversized(len, behind.since(Instant::now())))
+                }
+                Push::Pong => {
+                    behind.ponged(Instant::now());
+                    None
                 }
                 Push::Unsubscribed { channel } if channel == self.channel.as_bytes() => {
                     // A cluster moved the room's slot to another master
@@ -330,6 +344,65 @@ impl RedisListener {
             if !con.has_buffered() && on_event(Event::Idle).is_break() {
                 return Ok(());
             }
+        }
+    }
+}
+
+/// How long what a listener reads has waited behind Redis: this instance's
+/// own measure of how far behind the room its clients are (a payload's
+/// `ts` is the sender's word, and anyone who can publish can forge it).
+///
+/// A listener that has handled everything it read, with nothing more in its
+/// socket, is caught up: what it reads next has just arrived. One that is
+/// not may have more waiting in Redis, which cannot be seen from here. So
+/// it asks: at most every [`PROBE_EVERY`] it sends a `PING` on the
+/// subscription, and Redis answers in line, behind everything it had queued.
+/// While the answer is on its way, everything read was queued before it,
+/// so has waited at least since the `PING` went; once it is here, how long
+/// it took is how long a message waits now.
+#[derive(Debug, Default)]
+struct Behind {
+    /// When the unanswered `PING` was sent.
+    probe: Option<Instant>,
+    /// When the last one was sent.
+    last_probe: Option<Instant>,
+    /// How long the last answer took (zero once caught up).
+    measured: Duration,
+}
+
+/// Most often a listener that is behind asks Redis how far (see [`Behind`]).
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+
+impl Behind {
+    fn caught_up(&mut self) {
+        // An answer not seen by now is not coming (nothing is queued).
+        self.probe = None;
+        self.measured = Duration::ZERO;
+    }
+
+    /// Whether to send a `PING` now (and if so, it counts as sent).
+    fn wants_probe(&mut self, now: Instant) -> bool {
+        let due = self.probe.is_none()
+            && self
+                .last_probe
+                .is_none_or(|last| now.saturating_duration_since(last) >= PROBE_EVERY);
+        if due {
+            (self.probe, self.last_probe) = (Some(now), Some(now));
+        }
+        due
+    }
+
+    fn ponged(&mut self, now: Instant) {
+        if let Some(sent) = self.probe.take() {
+            self.measured = now.saturating_duration_since(sent);
+        }
+    }
+
+    /// Since when a message read `now` has been waiting, at least.
+    fn since(&self, now: Instant) -> Instant {
+        match self.probe {
+            Some(sent) => sent,
+            None => now.checked_sub(self.measured).unwrap_or(now),
         }
     }
 }

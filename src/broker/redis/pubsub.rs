@@ -60,6 +60,17 @@ pub(crate) enum Reply {
     Oversized(usize),
 }
 
+/// What [`PubSubConnection::wait`] learnt of how far behind Redis its
+/// reader is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Waited {
+    /// Nothing was left to read: whatever Redis had for this subscription
+    /// had been handled.
+    CaughtUp,
+    /// More may be queued, in the socket or in Redis.
+    MaybeBehind,
+}
+
 /// What arrives on a subscribed connection.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Push {
@@ -85,6 +96,10 @@ pub(crate) enum Push {
         channel: Vec<u8>,
     },
     /// Anything else: subscription confirmations, the answer to a `PING`.
+    /// The reply to a [`ping`](PubSubConnection::ping): it came in line
+    /// behind everything Redis had queued for this connection before it.
+    Pong,
+    /// Anything else.
     Other,
 }
 
@@ -177,19 +192,39 @@ impl PubSubConnection {
         Ok(())
     }
 
+    /// Sends a `PING` on the subscribed connection. Redis answers it in
+    /// line, after everything it has queued for this connection: how long
+    /// its [`Push::Pong`] takes is how long a message waits behind Redis
+    /// right now.
+    pub(crate) fn ping(&mut self) -> io::Result<()> {
+        self.send(&redis::cmd("PING"))
+    }
+
     /// How long a read waits for Redis (`None`: forever).
     pub(crate) fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         self.stream.set_read_timeout(timeout)
     }
 
-    /// Waits until something arrives. A timeout here (see
-    /// [`set_read_timeout`](Self::set_read_timeout)) means a quiet
-    /// connection, and nothing has been consumed.
-    pub(crate) fn wait(&mut self) -> io::Result<()> {
+    /// Waits until something arrives, and says whether Redis had sent
+    /// nothing more than what was already here ([`Waited::CaughtUp`]). A
+    /// timeout here (see [`set_read_timeout`](Self::set_read_timeout))
+    /// means a quiet connection, and nothing has been consumed.
+    ///
+    /// Caught up means that everything read so far is handled and the
+    /// socket has nothing more queued (one peek at the kernel's queue, only
+    /// when the buffer is empty): whatever Redis had for this subscription
+    /// was here. Bytes still buffered, or queued in the socket, say nothing:
+    /// more may wait in Redis too.
+    pub(crate) fn wait(&mut self) -> io::Result<Waited> {
+        let waited = if self.reader.buffer().is_empty() && !crate::net::has_input(&self.stream) {
+            Waited::CaughtUp
+        } else {
+            Waited::MaybeBehind
+        };
         if self.reader.fill_buf()?.is_empty() {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        Ok(())
+        Ok(waited)
     }
 
     /// The next push. Call [`wait`](Self::wait) first to tell a quiet
@@ -215,6 +250,7 @@ impl PubSubConnection {
             (Some(Reply::Bulk(kind)), Some(Reply::Bulk(channel)), _) if kind == b"sunsubscribe" => {
                 Ok(Push::Unsubscribed { channel })
             }
+            (Some(Reply::Bulk(kind)), _, None) if kind == b"pong" => Ok(Push::Pong),
             _ => Ok(Push::Other),
         }
     }

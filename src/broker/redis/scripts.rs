@@ -14,8 +14,9 @@
 //! Redis about 100 µs. Every connection loads the script when it opens
 //! (`SCRIPT LOAD`), and commands call it by SHA1 (`EVALSHA`).
 
-/// Logs a run of events of one room in its room's log, changes the room's
-/// member list for the joins and leaves among them, and publishes each:
+/// Logs the chat messages of a run of events of one room in its room's
+/// log, changes the room's member list for the joins and leaves among
+/// them, and publishes each:
 /// one step that Redis carries out whole or not at all, so offsets are the
 /// order in which every subscriber receives, and the member list agrees
 /// with the log at every offset. (One event is a run of one; why runs, see
@@ -29,8 +30,12 @@
 /// see `cluster.rs`) or `classic`; then each event as its change (`""`, `join` or `leave`),
 /// how many connection arguments follow, those (connection ids, with their
 /// nicknames for a join), and its payload. Each payload gets the next
-/// offset and the epoch written in front of its fields; the oldest entries
-/// go until both bounds hold, and `first` follows them (with no log kept,
+/// offset and the epoch written in front of its fields. Only chat messages
+/// are kept in the log: joins and leaves take offsets (the member list
+/// agrees with the log at each), but never push chat out of the history.
+/// The oldest entries go until both bounds hold, and `first` is one past
+/// the newest entry gone: the log holds every chat message from `first` on
+/// (with no log kept,
 /// `first` is not kept either: it is always `last + 1`). A key gets its
 /// time to live when it is created, or changed by a join; the heartbeat and
 /// every joiner refresh them (see `RedisBroker::refresh`), so a message
@@ -83,7 +88,7 @@ elseif position[2] ~= run then
   redis.call('HSET', meta, 'epoch', epoch, 'run', run)
 end
 local head = ',"epoch":"' .. epoch .. '",'
-local payloads, added = {}, 0
+local payloads, logged, added = {}, {}, 0
 for k, event in ipairs(events) do
   if event.change == 'join' then
     for j = event.from, event.to, 2 do redis.call('HSET', members, ARGV[j], ARGV[j + 1]) end
@@ -93,23 +98,27 @@ for k, event in ipairs(events) do
   end
   local payload = '{"offset":' .. (last - #events + k) .. head .. string.sub(event.payload, 2)
   payloads[k] = payload
-  added = added + #payload
+  if event.change == '' then
+    logged[#logged + 1] = payload
+    added = added + #payload
+  end
 end
-if max_count > 0 then
-  local n = redis.call('RPUSH', log, unpack(payloads))
+if max_count > 0 and #logged > 0 then
+  local n = redis.call('RPUSH', log, unpack(logged))
   local bytes
-  if n == #payloads then
+  if n == #logged then
     bytes = added
     redis.call('SET', bytes_key, bytes, 'PX', ttl)
     redis.call('PEXPIRE', log, ttl)
   else
     bytes = redis.call('INCRBY', bytes_key, added)
   end
-  local dropped, freed = 0, 0
+  local dropped, freed, newest_gone = 0, 0, nil
   if n > max_count then
     for _, old in ipairs(redis.call('LPOP', log, n - max_count)) do
       freed = freed + #old
       dropped = dropped + 1
+      newest_gone = old
     end
     n = n - dropped
   end
@@ -118,6 +127,7 @@ if max_count > 0 then
     if not old then break end
     freed = freed + #old
     dropped = dropped + 1
+    newest_gone = old
     n = n - 1
   end
   if n == 0 then
@@ -125,7 +135,10 @@ if max_count > 0 then
   elseif freed > 0 then
     redis.call('DECRBY', bytes_key, freed)
   end
-  if dropped > 0 then redis.call('HINCRBY', meta, 'first', dropped) end
+  if newest_gone then
+    local gone = tonumber(string.match(newest_gone, '^{"offset":(%d+)'))
+    if gone then redis.call('HSET', meta, 'first', gone + 1) end
+  end
 end
 for _, payload in ipairs(payloads) do redis.call(publish, channel, payload) end
 return #payloads
