@@ -59,11 +59,14 @@ impl Chat {
             ..
         } = self;
         let (conn, ctx, writer) = (&*conn, &*ctx, &*writer);
-        let mut handler = ChatHandler::new(&membership.member, conn, ctx);
-        // A panic here must not skip `leave` (which joins the subscriber
-        // thread): catch it, record it, carry on.
+        // A panic here (in the handler's making, the read loop, or the
+        // last answers' collection) must not skip `leave` (which joins the
+        // subscriber thread): catch it, record it, close with 1011.
         let ending = panic::catch_unwind(AssertUnwindSafe(|| {
-            reader::read_loop(reader, writer, conn, ctx, &mut handler)
+            let mut handler = ChatHandler::new(&membership.member, conn, ctx);
+            let ending = reader::read_loop(reader, writer, conn, ctx, &mut handler);
+            handler.finish();
+            ending
         }))
         .unwrap_or_else(|_| {
             ctx.metrics.panics.inc();
@@ -76,7 +79,6 @@ impl Chat {
             let _ = writer.close(Ending::Panicked.close_frame());
             Ending::Panicked
         });
-        handler.finish();
         ending
     }
 

@@ -149,6 +149,7 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
             .inspect_err(|_| refuse_upgrade(conn)),
         Target::Echo => {
             http::accept(&conn.stream, &response)?;
+            conn.upgraded(&writer);
             Ok(Started::Echo {
                 writer,
                 reader: Box::new(reader),
@@ -180,6 +181,7 @@ fn start_chat(
     let mark = ctx.broker.log_end(&member.room);
     let (membership, own_join) = Membership::join(conn, ctx, &member)?;
     http::accept(&conn.stream, response)?;
+    conn.upgraded(&writer);
 
     let mark = welcome::welcome(conn, ctx, &member, &writer, mark);
     // Nobody is told of their own arrival.
