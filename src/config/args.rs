@@ -238,6 +238,17 @@ pub struct Args {
     #[arg(long, env = "THREADCHAT_UNIQUE_NICKNAMES")]
     pub unique_nicknames: bool,
 
+    /// With --unique-nicknames, most nicknames one IP address may hold at
+    /// once on this instance, across rooms (0: no limit); past it, HTTP
+    /// 429. Behind a reverse proxy, see --trusted-proxy.
+    #[arg(
+        long,
+        env = "THREADCHAT_MAX_NICKNAMES_PER_IP",
+        default_value_t = 10,
+        value_name = "N"
+    )]
+    pub max_nicknames_per_ip: usize,
+
     /// With authentication on, the `aud` every token must carry (one of
     /// its values, if a list): tokens a shared identity provider minted
     /// for other services are refused. `threadchat token` writes it too.

@@ -109,6 +109,8 @@ pub struct Limits {
     pub max_connections_per_user: Option<usize>,
     /// One connection per nickname in a room (`--unique-nicknames`).
     pub unique_nicknames: bool,
+    /// With unique nicknames, most held per address; `None`: no limit.
+    pub max_nicknames_per_ip: Option<usize>,
 }
 
 /// The validated configuration.
@@ -311,6 +313,8 @@ impl Config {
                 max_connections_per_user: (args.max_connections_per_user > 0)
                     .then_some(args.max_connections_per_user),
                 unique_nicknames: args.unique_nicknames,
+                max_nicknames_per_ip: (args.max_nicknames_per_ip > 0)
+                    .then_some(args.max_nicknames_per_ip),
             },
         })
     }

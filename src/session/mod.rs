@@ -105,6 +105,8 @@ pub struct Context {
     pub auth: Option<Arc<crate::auth::Auth>>,
     /// With authentication on, each user's connections and rate limit.
     pub per_user: Arc<per_user::PerUser>,
+    /// With `--unique-nicknames`, how many names each address holds.
+    pub claims_per_ip: Arc<unique::ClaimsPerIp>,
     /// Debug builds only: a chat message with exactly this text makes the
     /// reader thread panic, a client with this nickname its start thread
     /// (while welcoming it). Set by `THREADCHAT_TEST_PANIC`; tests use it
