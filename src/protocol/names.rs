@@ -24,8 +24,9 @@ pub const GLOBAL_ROOM: &str = "global_room";
 pub const MAX_NICKNAME_CHARS: usize = 32;
 
 /// The longest summary nickname of a coalesced join or leave accepted from
-/// a payload ("alice, bob and 48 others"), in characters.
-pub const MAX_SUMMARY_CHARS: usize = 2 * MAX_NICKNAME_CHARS + 32;
+/// a payload, in characters: three names ("alice, bob and carol") or two
+/// and a count ("alice, bob and 48 others").
+pub const MAX_SUMMARY_CHARS: usize = 3 * MAX_NICKNAME_CHARS + 32;
 
 /// What the text format (`?format=text`) starts the server's own lines
 /// with: `* ` (joins, leaves, notices, presence), `! ` (errors), `[`

@@ -5,9 +5,9 @@
 //! **Names are compared as people read them.** The claim is held under the
 //! name's [`skeleton`] (NFKC, case folded, UTS #39 confusables), so `Alice`,
 //! `ALICE`, Cyrillic `аlice` and full-width `ａｌｉｃｅ` are all the name
-//! `alice`; the name shown stays as typed. A name that mixes scripts
-//! ([`mixes_scripts`]) is refused outright (400): with uniqueness
-//! promised, a look-alike is an impersonation.
+//! `alice`; the name shown stays as typed. A free name that mixes scripts
+//! ([`mixes_scripts`]) is refused too (400): with uniqueness promised, a
+//! look-alike is an impersonation (of a name in use, it is told `409`).
 //!
 //! The claim lives in the relay (with Redis, a hash per room, so instances
 //! agree), is taken atomically (`HSETNX`), and is given back when the
@@ -91,12 +91,6 @@ pub(super) fn admit(
         return Ok(());
     }
     let nickname = member.nickname.as_str();
-    if mixes_scripts(nickname) {
-        return Err((
-            StatusCode::BAD_REQUEST,
-            format!("nickname {nickname:?} {}", NameError::MixedScripts),
-        ));
-    }
     let place = match ctx.claims_per_ip.take(address) {
         Ok(place) => place,
         Err(limit) => {
@@ -111,6 +105,12 @@ pub(super) fn admit(
         }
     };
     match NicknameClaim::take(&ctx.broker, &member.room, nickname, &conn.id) {
+        // Checked once the name is known to be free: a look-alike of a
+        // name in use is told it is taken.
+        Ok(Some(_)) if mixes_scripts(nickname) => Err((
+            StatusCode::BAD_REQUEST,
+            format!("nickname {nickname:?} {}", NameError::MixedScripts),
+        )),
         Ok(Some(mut claim)) => {
             claim.place = place;
             let _ = conn.nickname_claim.set(claim);
