@@ -17,6 +17,15 @@
 //! A token must carry `exp`; `exp` and `nbf` are honoured with
 //! [`Auth::leeway`] of clock difference. A `rooms` claim, when present,
 //! lists the only rooms the token may join.
+//!
+//! **Audience and issuer.** A shared identity provider signs tokens for
+//! many services with one key. With `--auth-audience` (`--auth-issuer`)
+//! set, a token must carry that `aud` (`iss`): a token minted for another
+//! service is refused, not taken for a login here.
+//!
+//! **Time claims** (`exp`, `nbf`, `iat`) are whole seconds from 0 to
+//! [`MAX_TIME`] (the end of year 9999); anything else is a malformed token,
+//! so no later arithmetic on them can overflow.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -31,9 +40,19 @@ pub struct Identity {
     pub name: String,
     /// The only rooms the token may join (`None`: any).
     pub rooms: Option<Vec<String>>,
-    /// When the token expires (its `exp`, in seconds since the Unix epoch).
+    /// When the token expires (its `exp`, in seconds since the Unix epoch;
+    /// at most [`MAX_TIME`]).
     pub expires: u64,
 }
+
+/// The latest time a token's `exp`, `nbf` or `iat` may name: the end of
+/// year 9999, in seconds since the Unix epoch. Far beyond any real token,
+/// and far below what `SystemTime` and `Instant` arithmetic can hold.
+pub const MAX_TIME: u64 = 253_402_300_799;
+
+/// The most clock difference `--auth-leeway` may allow, in seconds (a
+/// day): more would make expiry meaningless.
+pub const MAX_LEEWAY: u64 = 86_400;
 
 impl Identity {
     /// Whether the token lets its holder into `room`.
@@ -44,10 +63,14 @@ impl Identity {
     }
 
     /// How long from now until the token expires, leeway included (zero
-    /// if it has).
+    /// if it has). Checked arithmetic: a time past what the clock can hold
+    /// counts as expired, never a panic.
     pub fn lifetime(&self, leeway: Duration) -> Duration {
-        let end = UNIX_EPOCH + Duration::from_secs(self.expires) + leeway;
-        end.duration_since(SystemTime::now()).unwrap_or_default()
+        UNIX_EPOCH
+            .checked_add(Duration::from_secs(self.expires))
+            .and_then(|end| end.checked_add(leeway))
+            .and_then(|end| end.duration_since(SystemTime::now()).ok())
+            .unwrap_or_default()
     }
 }
 
@@ -67,6 +90,17 @@ pub struct Claims {
     /// Not valid before, in seconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<u64>,
+    /// When it was issued, in seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    /// Who it is for (written by `threadchat token`; when checking,
+    /// `jsonwebtoken` reads it, as a string or a list).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+    /// Who issued it (written by `threadchat token`; when checking,
+    /// `jsonwebtoken` reads it).
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
 }
 
 /// Why a token was refused, in words for the client.
@@ -87,6 +121,16 @@ pub enum AuthError {
     /// The signature does not match (another key, or a changed payload).
     #[error("the token's signature is not valid")]
     BadSignature,
+    /// `--auth-audience` is set and the token is for someone else.
+    #[error("the token is not for this server: its aud is not {0:?}")]
+    WrongAudience(String),
+    /// `--auth-issuer` is set and someone else issued the token.
+    #[error("the token is not from the expected issuer: its iss is not {0:?}")]
+    WrongIssuer(String),
+    /// A claim this server requires is missing (`exp`, `sub`, and `aud` or
+    /// `iss` when configured).
+    #[error("the token has no {0:?} claim, which this server requires")]
+    MissingClaim(String),
     /// Not a JWT, or without the claims threadchat needs.
     #[error("the token is malformed: {0}")]
     Malformed(String),
@@ -98,6 +142,10 @@ pub struct Auth {
     algorithm: Algorithm,
     validation: Validation,
     leeway: Duration,
+    /// The `aud` a token must carry (`--auth-audience`), if any.
+    audience: Option<String>,
+    /// The `iss` a token must carry (`--auth-issuer`), if any.
+    issuer: Option<String>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -136,17 +184,39 @@ impl Auth {
 
     fn with(decoding: DecodingKey, algorithm: Algorithm, leeway: Duration) -> Auth {
         let mut validation = Validation::new(algorithm);
-        validation.leeway = leeway.as_secs();
+        // `jsonwebtoken` subtracts the leeway from the time now.
+        validation.leeway = leeway.as_secs().min(MAX_LEEWAY);
         validation.validate_nbf = true;
-        // No audience is configured: a token's `aud` is not checked.
+        // Until an audience is configured (`expecting`), `aud` is not checked.
         validation.validate_aud = false;
         validation.set_required_spec_claims(&["exp", "sub"]);
         Auth {
             decoding,
             algorithm,
             validation,
-            leeway,
+            leeway: Duration::from_secs(leeway.as_secs().min(MAX_LEEWAY)),
+            audience: None,
+            issuer: None,
         }
+    }
+
+    /// Requires tokens to carry this `aud` (one of its values, if a list)
+    /// and this `iss`, for each that is given.
+    pub fn expecting(mut self, audience: Option<&str>, issuer: Option<&str>) -> Auth {
+        let mut required = vec!["exp", "sub"];
+        if let Some(audience) = audience {
+            self.validation.set_audience(&[audience]);
+            self.validation.validate_aud = true;
+            required.push("aud");
+        }
+        if let Some(issuer) = issuer {
+            self.validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        self.validation.set_required_spec_claims(&required);
+        self.audience = audience.map(str::to_owned);
+        self.issuer = issuer.map(str::to_owned);
+        self
     }
 
     /// How much clock difference `exp` and `nbf` allow.
@@ -170,9 +240,27 @@ impl Auth {
                     AuthError::WrongAlgorithm(self.algorithm())
                 }
                 ErrorKind::InvalidSignature => AuthError::BadSignature,
+                ErrorKind::InvalidAudience => {
+                    AuthError::WrongAudience(self.audience.clone().unwrap_or_default())
+                }
+                ErrorKind::InvalidIssuer => {
+                    AuthError::WrongIssuer(self.issuer.clone().unwrap_or_default())
+                }
+                ErrorKind::MissingRequiredClaim(claim) => AuthError::MissingClaim(claim.clone()),
                 _ => AuthError::Malformed(e.to_string()),
             })?;
         let claims = data.claims;
+        for (claim, time) in [
+            ("exp", Some(claims.exp)),
+            ("nbf", claims.nbf),
+            ("iat", claims.iat),
+        ] {
+            if time.is_some_and(|t| t > MAX_TIME) {
+                return Err(AuthError::Malformed(format!(
+                    "its {claim} is past the year 9999"
+                )));
+            }
+        }
         let name = claims.name.unwrap_or(claims.sub);
         if name.is_empty() {
             return Err(AuthError::Malformed("its name is empty".into()));
@@ -190,33 +278,45 @@ impl Auth {
 pub struct Signer {
     key: EncodingKey,
     algorithm: Algorithm,
+    /// The `aud` written into tokens, if any.
+    audience: Option<String>,
+    /// The `iss` written into tokens, if any.
+    issuer: Option<String>,
 }
 
 impl Signer {
     /// Signs with an HMAC `secret` (HS256).
     pub fn hmac(secret: &[u8]) -> Result<Signer, String> {
         EncodingKey::from_secret(secret)
-            .map(|key| Signer {
-                key,
-                algorithm: Algorithm::HS256,
-            })
+            .map(|key| Signer::with(key, Algorithm::HS256))
             .map_err(|e| e.to_string())
     }
 
     /// Signs with a PEM private key: Ed25519 (EdDSA) or RSA (RS256).
     pub fn private_key(pem: &[u8]) -> Result<Signer, String> {
         if let Ok(key) = EncodingKey::from_ed_pem(pem) {
-            return Ok(Signer {
-                key,
-                algorithm: Algorithm::EdDSA,
-            });
+            return Ok(Signer::with(key, Algorithm::EdDSA));
         }
         EncodingKey::from_rsa_pem(pem)
-            .map(|key| Signer {
-                key,
-                algorithm: Algorithm::RS256,
-            })
+            .map(|key| Signer::with(key, Algorithm::RS256))
             .map_err(|e| format!("not an RSA or Ed25519 private key in PEM form ({e})"))
+    }
+
+    fn with(key: EncodingKey, algorithm: Algorithm) -> Signer {
+        Signer {
+            key,
+            algorithm,
+            audience: None,
+            issuer: None,
+        }
+    }
+
+    /// Writes this `aud` and `iss` into every token, for each that is
+    /// given (what a server with `--auth-audience`/`--auth-issuer` needs).
+    pub fn stamping(mut self, audience: Option<&str>, issuer: Option<&str>) -> Signer {
+        self.audience = audience.map(str::to_owned);
+        self.issuer = issuer.map(str::to_owned);
+        self
     }
 
     /// A token for `name`, valid for `lifetime` from now, limited to
@@ -224,13 +324,24 @@ impl Signer {
     pub fn sign(&self, name: &str, lifetime: Duration, rooms: &[String]) -> Result<String, String> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .as_secs();
+        let exp = now.saturating_add(lifetime.as_secs());
+        if exp > MAX_TIME {
+            return Err(format!(
+                "a lifetime of {}s ends past the year 9999",
+                lifetime.as_secs()
+            ));
+        }
         let claims = Claims {
             sub: name.to_owned(),
             name: None,
             rooms: (!rooms.is_empty()).then(|| rooms.to_vec()),
-            exp: (now + lifetime).as_secs(),
+            exp,
             nbf: None,
+            iat: Some(now),
+            aud: self.audience.clone(),
+            iss: self.issuer.clone(),
         };
         jsonwebtoken::encode(&Header::new(self.algorithm), &claims, &self.key)
             .map_err(|e| e.to_string())

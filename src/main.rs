@@ -102,6 +102,7 @@ fn print_token(
         }
     };
     let token = signer
+        .stamping(args.auth_audience.as_deref(), args.auth_issuer.as_deref())
         .sign(name, std::time::Duration::from_secs(lifetime), rooms)
         .map_err(anyhow::Error::msg)?;
     println!("{token}");

@@ -170,6 +170,9 @@ impl Server {
                 per_ip: PerIp::new(config.limits.max_connections_per_ip),
                 members: Default::default(),
                 auth: config.auth.clone(),
+                claims_per_ip: crate::session::unique::ClaimsPerIp::new(
+                    config.limits.max_nicknames_per_ip,
+                ),
                 per_user: crate::session::per_user::PerUser::new(
                     config.limits.max_connections_per_user,
                     config

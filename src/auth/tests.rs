@@ -28,7 +28,20 @@ fn claims(sub: &str, exp: u64) -> Claims {
         rooms: None,
         exp,
         nbf: None,
+        iat: None,
+        aud: None,
+        iss: None,
     }
+}
+
+/// A token with these raw JSON claims, signed with `SECRET`.
+fn raw_token(claims: serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET).unwrap(),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -148,6 +161,113 @@ fn missing_malformed_and_weak() {
     ));
     assert!(Auth::hmac(b"short", LEEWAY).is_err());
     assert!(Auth::public_key(b"-----BEGIN NOTHING-----", LEEWAY).is_err());
+}
+
+/// Time claims out of range (`exp` 2^63, past `u64`, negative, a
+/// fraction; the same for `nbf` and `iat`) are refused as malformed, and
+/// nothing computed from an accepted token can overflow.
+#[test]
+fn time_claims_out_of_range_are_refused_never_a_panic() {
+    use serde_json::json;
+    let auth = Auth::hmac(SECRET, LEEWAY).unwrap();
+    let later = now() + 60;
+    let cases = [
+        json!({"sub": "a", "exp": 1u64 << 63}),
+        json!({"sub": "a", "exp": u64::MAX}),
+        json!({"sub": "a", "exp": 1e30}),
+        json!({"sub": "a", "exp": -1}),
+        json!({"sub": "a", "exp": later as f64 + 0.5}),
+        json!({"sub": "a", "exp": MAX_TIME + 1}),
+        json!({"sub": "a", "exp": later, "nbf": -5}),
+        json!({"sub": "a", "exp": later, "nbf": u64::MAX}),
+        json!({"sub": "a", "exp": later, "iat": 1u64 << 63}),
+        json!({"sub": "a", "exp": later, "iat": -1}),
+    ];
+    for claims in cases {
+        let refused = auth.check(Some(&raw_token(claims.clone())));
+        assert!(
+            matches!(
+                refused,
+                Err(AuthError::Malformed(_) | AuthError::NotYetValid)
+            ),
+            "{claims}: {refused:?}"
+        );
+    }
+    // The latest time allowed is fine, and its lifetime is computed.
+    let identity = auth
+        .check(Some(&raw_token(json!({"sub": "a", "exp": MAX_TIME}))))
+        .unwrap();
+    assert!(identity.lifetime(LEEWAY) > Duration::from_secs(200 * 365 * 86_400));
+    // Even an `Identity` made by hand with an absurd time does not panic.
+    let absurd = Identity {
+        name: "a".into(),
+        rooms: None,
+        expires: u64::MAX,
+    };
+    assert_eq!(absurd.lifetime(Duration::MAX), Duration::ZERO);
+}
+
+/// With an audience and an issuer configured, a token must carry both:
+/// one for another service, from another issuer, or without them is
+/// refused with the reason; `Signer::stamping` writes what is needed.
+#[test]
+fn audience_and_issuer_are_enforced_when_configured() {
+    use serde_json::json;
+    let auth = Auth::hmac(SECRET, LEEWAY)
+        .unwrap()
+        .expecting(Some("threadchat"), Some("https://id.example"));
+    let exp = now() + 60;
+    let good = raw_token(
+        json!({"sub": "a", "exp": exp, "aud": "threadchat", "iss": "https://id.example"}),
+    );
+    assert!(auth.check(Some(&good)).is_ok());
+    let listed = raw_token(
+        json!({"sub": "a", "exp": exp, "aud": ["wiki", "threadchat"], "iss": "https://id.example"}),
+    );
+    assert!(
+        auth.check(Some(&listed)).is_ok(),
+        "one of several audiences"
+    );
+    let cases = [
+        (
+            json!({"sub": "a", "exp": exp, "aud": "wiki", "iss": "https://id.example"}),
+            AuthError::WrongAudience("threadchat".into()),
+        ),
+        (
+            json!({"sub": "a", "exp": exp, "aud": "threadchat", "iss": "https://evil.example"}),
+            AuthError::WrongIssuer("https://id.example".into()),
+        ),
+        (
+            json!({"sub": "a", "exp": exp, "iss": "https://id.example"}),
+            AuthError::MissingClaim("aud".into()),
+        ),
+        (
+            json!({"sub": "a", "exp": exp, "aud": "threadchat"}),
+            AuthError::MissingClaim("iss".into()),
+        ),
+    ];
+    for (claims, expected) in cases {
+        assert_eq!(
+            auth.check(Some(&raw_token(claims.clone()))),
+            Err(expected),
+            "{claims}"
+        );
+    }
+    let stamped = Signer::hmac(SECRET)
+        .unwrap()
+        .stamping(Some("threadchat"), Some("https://id.example"))
+        .sign("alice", Duration::from_secs(60), &[])
+        .unwrap();
+    assert_eq!(auth.check(Some(&stamped)).unwrap().name, "alice");
+    let plain = Signer::hmac(SECRET)
+        .unwrap()
+        .sign("alice", Duration::from_secs(60), &[])
+        .unwrap();
+    assert!(auth.check(Some(&plain)).is_err());
+    // Without configuration, neither is checked (as before).
+    let open = Auth::hmac(SECRET, LEEWAY).unwrap();
+    assert!(open.check(Some(&stamped)).is_ok());
+    assert!(open.check(Some(&plain)).is_ok());
 }
 
 /// Base64url without padding, as JWTs use.

@@ -238,7 +238,30 @@ pub struct Args {
     #[arg(long, env = "THREADCHAT_UNIQUE_NICKNAMES")]
     pub unique_nicknames: bool,
 
-    /// Clock difference allowed on a token's `exp` and `nbf`, in seconds.
+    /// With --unique-nicknames, most nicknames one IP address may hold at
+    /// once on this instance, across rooms (0: no limit); past it, HTTP
+    /// 429. Behind a reverse proxy, see --trusted-proxy.
+    #[arg(
+        long,
+        env = "THREADCHAT_MAX_NICKNAMES_PER_IP",
+        default_value_t = 10,
+        value_name = "N"
+    )]
+    pub max_nicknames_per_ip: usize,
+
+    /// With authentication on, the `aud` every token must carry (one of
+    /// its values, if a list): tokens a shared identity provider minted
+    /// for other services are refused. `threadchat token` writes it too.
+    #[arg(long, env = "THREADCHAT_AUTH_AUDIENCE", value_name = "AUD")]
+    pub auth_audience: Option<String>,
+
+    /// With authentication on, the `iss` every token must carry.
+    /// `threadchat token` writes it too.
+    #[arg(long, env = "THREADCHAT_AUTH_ISSUER", value_name = "ISS")]
+    pub auth_issuer: Option<String>,
+
+    /// Clock difference allowed on a token's `exp` and `nbf`, in seconds
+    /// (at most 86400).
     #[arg(
         long,
         env = "THREADCHAT_AUTH_LEEWAY",
@@ -287,7 +310,9 @@ pub enum Command {
     /// Print a token for NAME, signed with the configured key (the HMAC
     /// secret from --auth-secret-file, given before `token`, or
     /// THREADCHAT_AUTH_SECRET; or --private-key), to try authentication
-    /// with websocat.
+    /// with websocat. It carries the server's --auth-audience and
+    /// --auth-issuer (given before `token`, or from their environment
+    /// variables), so the server it is configured like accepts it.
     Token {
         /// Who the token says the holder is (its `sub`).
         name: String,

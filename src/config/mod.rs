@@ -109,6 +109,8 @@ pub struct Limits {
     pub max_connections_per_user: Option<usize>,
     /// One connection per nickname in a room (`--unique-nicknames`).
     pub unique_nicknames: bool,
+    /// With unique nicknames, most held per address; `None`: no limit.
+    pub max_nicknames_per_ip: Option<usize>,
 }
 
 /// The validated configuration.
@@ -311,6 +313,8 @@ impl Config {
                 max_connections_per_user: (args.max_connections_per_user > 0)
                     .then_some(args.max_connections_per_user),
                 unique_nicknames: args.unique_nicknames,
+                max_nicknames_per_ip: (args.max_nicknames_per_ip > 0)
+                    .then_some(args.max_nicknames_per_ip),
             },
         })
     }
@@ -341,6 +345,32 @@ pub fn auth_secret(file: Option<&Path>) -> Result<Option<Vec<u8>>, ConfigError> 
 
 /// The key tokens are checked against, if authentication is on.
 fn auth(args: &Args) -> Result<Option<Auth>, ConfigError> {
+    let auth = key(args)?;
+    if auth.is_none() && (args.auth_audience.is_some() || args.auth_issuer.is_some()) {
+        return Err(ConfigError::Auth(
+            "--auth-audience and --auth-issuer need a key: \
+             --auth-secret-file or --auth-public-key"
+                .into(),
+        ));
+    }
+    let nonempty = |value: &Option<String>, flag: &str| match value.as_deref() {
+        Some("") => Err(ConfigError::Auth(format!("{flag} is empty"))),
+        other => Ok(other.map(str::to_owned)),
+    };
+    let audience = nonempty(&args.auth_audience, "--auth-audience")?;
+    let issuer = nonempty(&args.auth_issuer, "--auth-issuer")?;
+    Ok(auth.map(|auth| auth.expecting(audience.as_deref(), issuer.as_deref())))
+}
+
+/// The key tokens are checked against, if one is configured.
+fn key(args: &Args) -> Result<Option<Auth>, ConfigError> {
+    if args.auth_leeway > crate::auth::MAX_LEEWAY {
+        return Err(ConfigError::Auth(format!(
+            "--auth-leeway {} is more than a day ({} seconds)",
+            args.auth_leeway,
+            crate::auth::MAX_LEEWAY
+        )));
+    }
     let leeway = Duration::from_secs(args.auth_leeway);
     if let Some(file) = &args.auth_public_key {
         let pem = std::fs::read(file).map_err(|e| {

@@ -1,7 +1,19 @@
 //! Names that come from a URL: nicknames and rooms (validated and
 //! percent-decoded once), and the connection ids that tell clients apart.
+//!
+//! **Nicknames people cannot mistake.** A nickname is shown to others, so
+//! besides being one visible line it may not pass for the server: not
+//! `server` (nor a look-alike), not starting like a server line of the
+//! text format, not containing the `": "` that ends a name in a chat line
+//! (see [`forges_a_line`]). With `--unique-nicknames` two names are the
+//! same name when they read the same ([`skeleton`]), and a name that mixes
+//! scripts ([`mixes_scripts`]) is refused.
 
 use std::fmt;
+
+use unicode_normalization::UnicodeNormalization;
+use unicode_security::MixedScript;
+use unicode_security::mixed_script::AugmentedScriptSet;
 
 use super::{Format, SERVER_NICKNAME};
 
@@ -10,6 +22,23 @@ pub const GLOBAL_ROOM: &str = "global_room";
 
 /// The longest nickname accepted, in characters (Unicode scalar values).
 pub const MAX_NICKNAME_CHARS: usize = 32;
+
+/// The longest summary nickname of a coalesced join or leave accepted from
+/// a payload, in characters: three names ("alice, bob and carol") or two
+/// and a count ("alice, bob and 48 others").
+pub const MAX_SUMMARY_CHARS: usize = 3 * MAX_NICKNAME_CHARS + 32;
+
+/// What the text format (`?format=text`) starts the server's own lines
+/// with: `* ` (joins, leaves, notices, presence), `! ` (errors), `[`
+/// (`[history]`, `[recovered]`). A nickname may not start with one (nor
+/// with a look-alike), so that a chat line (`name: text`) never starts as
+/// a server line does.
+pub const SERVER_LINE_LEADS: [char; 3] = ['*', '!', '['];
+
+/// What ends the nickname in a chat line of the text format (`bob: hi`);
+/// a nickname may not contain it, so the first one in a line is the end of
+/// the name.
+pub const NAME_SEPARATOR: &str = ": ";
 
 /// A nickname that has passed validation.
 ///
@@ -47,19 +76,35 @@ pub enum NameError {
     /// plain space, or a blank-looking filler.
     #[error("contains an invisible or look-alike character (U+{0:04X})")]
     Invisible(u32),
-    /// A name the server uses for its own frames.
+    /// A name the server uses for its own frames (or a look-alike).
     #[error("is reserved for the server")]
     Reserved,
+    /// Starts like a server line of the text format (or a look-alike).
+    #[error("starts with {0:?}, which marks the server's own lines")]
+    ServerLine(char),
+    /// Contains the `": "` that ends a name in a chat line.
+    #[error("contains \": \", which ends a name in a chat line")]
+    Separator,
+    /// A coalesced join's summary that does not start with its first name.
+    #[error("does not start with the first name it summarises")]
+    NotASummary,
+    /// Mixes scripts, as look-alikes do (Latin `a` beside Cyrillic `а`);
+    /// refused with `--unique-nicknames`.
+    #[error(
+        "mixes letters of different scripts (such as Latin and Cyrillic), as look-alike names do"
+    )]
+    MixedScripts,
 }
 
-/// The rule nicknames and room names share: 1 to [`MAX_NICKNAME_CHARS`]
-/// characters, no control characters, no invisible characters (see
-/// [`is_invisible`]), no white space at either end.
-fn validate_name(raw: &str) -> Result<(), NameError> {
+/// The rule nicknames and room names share: 1 to `max` characters
+/// ([`MAX_NICKNAME_CHARS`] but for a summary), no control characters, no
+/// invisible characters (see [`is_invisible`]), no white space at either
+/// end.
+fn validate_name(raw: &str, max: usize) -> Result<(), NameError> {
     if raw.is_empty() {
         return Err(NameError::Empty);
     }
-    if raw.chars().count() > MAX_NICKNAME_CHARS {
+    if raw.chars().count() > max {
         return Err(NameError::TooLong);
     }
     if raw.chars().any(char::is_control) {
@@ -112,22 +157,121 @@ pub fn is_invisible(c: char) -> bool {
         )
 }
 
+/// Whether a nickname would pass for the server: refused if it is
+/// [`SERVER_NICKNAME`], starts with one of [`SERVER_LINE_LEADS`], or
+/// contains [`NAME_SEPARATOR`] — as typed, or once read as people read it
+/// (its [`skeleton`]: `ｓｅｒｖｅｒ`, `ѕerver`, `＊ in lobby`, `∗ x` are
+/// refused too).
+///
+/// This is the smallest rule that makes every server line of the text
+/// format unforgeable: a chat line is `name: text` (or `[history] name:
+/// text`), a server line starts with `*`, `!` or `[`; with a name that
+/// cannot start so, nor hold `": "`, the first characters of a line say
+/// who wrote it.
+pub fn forges_a_line(raw: &str) -> Result<(), NameError> {
+    let check = |name: &str| {
+        if name.eq_ignore_ascii_case(SERVER_NICKNAME) {
+            return Err(NameError::Reserved);
+        }
+        if let Some(lead) = name
+            .chars()
+            .next()
+            .filter(|c| SERVER_LINE_LEADS.contains(c))
+        {
+            return Err(NameError::ServerLine(lead));
+        }
+        if name.contains(NAME_SEPARATOR) {
+            return Err(NameError::Separator);
+        }
+        Ok(())
+    };
+    check(raw)?;
+    // ASCII reads as itself (the skeleton only lowercases it and maps
+    // letters and digits to letters: see the tests), so only other text is
+    // read again.
+    if !raw.is_ascii() {
+        check(&skeleton(raw)).map_err(|e| match e {
+            // Name the character as typed, not its reading.
+            NameError::ServerLine(_) => {
+                NameError::ServerLine(raw.chars().next().unwrap_or_default())
+            }
+            e => e,
+        })?;
+    }
+    Ok(())
+}
+
+/// A name as people read it, to compare names by: Unicode NFKC (full-width
+/// and other compatibility forms become plain ones), case folded
+/// (upper-casing then lower-casing, so `ß` is `ss`), then the UTS #39
+/// confusables skeleton (Cyrillic `а` is Latin `a`, `0` is `O`), lower-cased
+/// once more. `Alice`, `ALICE`, `аlice` and `ａｌｉｃｅ` all read `alice`.
+/// Case is folded first, so a capital `I` standing for an `l` (`aIice`)
+/// reads as `i`: the price of `ALICE` reading as `alice`.
+///
+/// Never shown to anyone: it is the key a claimed nickname is held under
+/// (`--unique-nicknames`).
+pub fn skeleton(name: &str) -> String {
+    let folded: String = name
+        .nfkc()
+        .flat_map(char::to_uppercase)
+        .flat_map(char::to_lowercase)
+        .collect();
+    unicode_security::skeleton(&folded)
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+/// Whether a name mixes letters of scripts that are not used together
+/// (UTS #39 mixed-script detection): `pаypal` with a Cyrillic `а` does;
+/// digits, spaces and punctuation belong to every script and do not count.
+/// Latin beside Han, Kana or Hangul is allowed, as Japanese, Chinese and
+/// Korean names mix them (UTS #39 "highly restrictive").
+pub fn mixes_scripts(name: &str) -> bool {
+    if name.is_single_script() {
+        return false;
+    }
+    let latin = AugmentedScriptSet::for_char('a');
+    let mut rest = AugmentedScriptSet::default();
+    for c in name.chars() {
+        let set = AugmentedScriptSet::for_char(c);
+        let mut shared = set;
+        shared.intersect_with(latin);
+        if shared.is_empty() {
+            rest.intersect_with(set);
+        }
+    }
+    !(rest.hanb || rest.jpan || rest.kore)
+}
+
 impl Nickname {
-    /// Validates an already-decoded nickname. Besides the shared rule, the
-    /// server's own name ([`SERVER_NICKNAME`], in any case) is refused: a
-    /// client called `server` could pass its words off as the server's.
+    /// Validates an already-decoded nickname. Besides the shared rule, a
+    /// name that would pass for the server is refused (see
+    /// [`forges_a_line`]): a client called `server` could pass its words
+    /// off as the server's.
     pub fn parse(raw: &str) -> Result<Nickname, NameError> {
         Nickname::check(raw)?;
         Ok(Nickname(raw.to_owned()))
     }
 
-    /// Whether `raw` is a valid nickname, without making one (no
-    /// allocation: it runs on every subscriber thread for the names in
-    /// every coalesced join).
+    /// Whether `raw` is a valid nickname, without making one. It runs on
+    /// every subscriber thread for every payload's nickname: an ASCII name
+    /// (the usual) is checked without allocating.
     pub fn check(raw: &str) -> Result<(), NameError> {
-        validate_name(raw)?;
-        if raw.eq_ignore_ascii_case(SERVER_NICKNAME) {
-            return Err(NameError::Reserved);
+        validate_name(raw, MAX_NICKNAME_CHARS)?;
+        forges_a_line(raw)
+    }
+
+    /// Whether `raw` may stand as the summary nickname of a coalesced join
+    /// or leave from a payload ("alice, bob and 48 others"), whose first
+    /// listed name is `first`: up to [`MAX_SUMMARY_CHARS`] long, it starts
+    /// with `first`, itself a valid nickname (so the summary starts as a
+    /// nickname may). A summary made of valid nicknames always passes.
+    pub fn check_summary(raw: &str, first: &str) -> Result<(), NameError> {
+        validate_name(raw, MAX_SUMMARY_CHARS)?;
+        Nickname::check(first)?;
+        if !raw.starts_with(first) {
+            return Err(NameError::NotASummary);
         }
         Ok(())
     }
@@ -207,9 +351,9 @@ impl Room {
         Room(GLOBAL_ROOM.to_owned())
     }
 
-    /// Validates a decoded room name (the same rule as nicknames).
+    /// Validates a decoded room name (the shared rule of nicknames).
     pub fn parse(raw: &str) -> Result<Room, NameError> {
-        validate_name(raw)?;
+        validate_name(raw, MAX_NICKNAME_CHARS)?;
         Ok(Room(raw.to_owned()))
     }
 

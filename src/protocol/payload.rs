@@ -8,7 +8,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tungstenite::Utf8Bytes;
 
-use super::{ConnId, Format, MAX_NICKNAME_CHARS, Nickname, ServerFrame, is_invisible};
+use super::{ConnId, Format, Nickname, ServerFrame};
 
 /// What happens in a room, as published on its Redis channel: a chat
 /// message, or someone joining or leaving.
@@ -174,7 +174,9 @@ impl Kind {
 /// Redis (the original app's clients, in the interop set-up) can publish
 /// there. A payload is delivered only if it is no bigger than threadchat
 /// itself would publish, is a chat message, join or leave, and names a
-/// plausible nickname; lists are cut to what the server itself sends.
+/// nickname a client could take ([`Nickname::check`]: not `server`, not
+/// one that starts like a server line); lists are cut to what the server
+/// itself sends.
 #[derive(Debug, thiserror::Error)]
 pub enum PayloadError {
     /// Not a JSON object with string `"nickname"` and `"message"` fields.
@@ -187,15 +189,11 @@ pub enum PayloadError {
     /// A `"type"` this version does not know.
     #[error("unknown type")]
     UnknownType,
-    /// The nickname is empty, too long, or has control characters.
-    #[error("implausible nickname")]
-    BadNickname,
+    /// The nickname is one a client could not take (empty, too long,
+    /// invisible characters, `server`, a server line's start, …).
+    #[error("nickname not allowed: it {0}")]
+    BadNickname(super::NameError),
 }
-
-/// The longest `"nickname"` accepted in a payload, in characters: a
-/// nickname, or the summary of a coalesced join ("alice, bob and 48
-/// others").
-const MAX_PAYLOAD_NICKNAME_CHARS: usize = 2 * MAX_NICKNAME_CHARS + 32;
 
 /// The largest payload accepted from a room's channel, for clients whose
 /// messages may be `max_message` bytes: what threadchat itself publishes
@@ -278,13 +276,16 @@ impl ChatMessage {
         if message.kind == Kind::Other {
             return Err(PayloadError::UnknownType);
         }
-        let nickname = &message.nickname;
-        if nickname.is_empty()
-            || nickname.chars().count() > MAX_PAYLOAD_NICKNAME_CHARS
-            || nickname.chars().any(|c| c.is_control() || is_invisible(c))
-        {
-            return Err(PayloadError::BadNickname);
-        }
+        // The rule a client's nickname obeys; the summary of a coalesced
+        // join or leave ("alice, bob and 48 others", made of such names)
+        // may be longer.
+        let checked = if message.count.is_some() && message.kind != Kind::Chat {
+            let first = message.nicknames.first().map_or("", String::as_str);
+            Nickname::check_summary(&message.nickname, first)
+        } else {
+            Nickname::check(&message.nickname)
+        };
+        checked.map_err(PayloadError::BadNickname)?;
         message.nicknames.truncate(GROUP_LIST);
         message
             .nicknames

@@ -46,6 +46,108 @@ fn nickname_rules() {
     assert!(Nickname::parse(&"é".repeat(32)).is_ok());
 }
 
+/// Names that would pass for the server's own lines of the text format,
+/// or for the server, are refused — as typed and as read (look-alikes).
+#[test]
+fn nicknames_cannot_pass_for_the_server() {
+    use NameError::*;
+    for (name, refusal) in [
+        ("server", Reserved),
+        ("SERVER", Reserved),
+        ("ｓｅｒｖｅｒ", Reserved),
+        ("ѕerver", Reserved), // Cyrillic ѕ
+        ("! rate limit", ServerLine('!')),
+        ("* in lobby", ServerLine('*')),
+        ("*bob", ServerLine('*')),
+        ("[history] bob", ServerLine('[')),
+        ("＊ in lobby", ServerLine('＊')), // full-width asterisk
+        ("∗ in lobby", ServerLine('∗')),   // asterisk operator
+        ("！ error", ServerLine('！')),
+        ("bob: hi", Separator),
+        ("bob：hi", Separator), // full-width colon, then no space: NFKC's
+    ] {
+        let got = Nickname::parse(name);
+        if name == "bob：hi" {
+            assert!(got.is_ok(), "{name}: {got:?}");
+            continue;
+        }
+        assert_eq!(got, Err(refusal), "{name}");
+    }
+    for fine in [
+        "bob!",
+        "a*b",
+        "x[1]",
+        "servers",
+        "the server",
+        "joe: ",
+        "a:b",
+        "élodie",
+        "田中",
+    ] {
+        let got = Nickname::parse(fine.trim());
+        assert!(got.is_ok(), "{fine}: {got:?}");
+    }
+}
+
+/// The ASCII shortcut of `forges_a_line` holds: read as people read it, an
+/// ASCII character reads as a server line's lead or a `:` exactly when it
+/// is one, and the letters of `server` read as themselves, so an ASCII
+/// name forges a line exactly when it does as typed.
+#[test]
+fn ascii_reads_as_itself_where_it_matters() {
+    for c in (0x20u8..0x7f).map(char::from) {
+        let read = skeleton(&c.to_string());
+        let lead_or_separator = SERVER_LINE_LEADS.contains(&c) || c == ':';
+        assert_eq!(
+            read.chars()
+                .any(|r| SERVER_LINE_LEADS.contains(&r) || r == ':'),
+            lead_or_separator,
+            "{c:?} reads as {read:?}"
+        );
+    }
+    for c in "server".chars() {
+        assert_eq!(skeleton(&c.to_string()), c.to_string());
+    }
+}
+
+/// Names that read the same have one skeleton; names that do not, not.
+#[test]
+fn look_alikes_share_a_skeleton() {
+    let alice = skeleton("alice");
+    for same in ["Alice", "ALICE", "аlice", "ａｌｉｃｅ", "ALİCE"] {
+        if same == "ALİCE" {
+            // Turkish dotted capital I folds to i + a combining dot.
+            assert_ne!(skeleton(same), alice);
+            continue;
+        }
+        assert_eq!(skeleton(same), alice, "{same}");
+    }
+    assert_eq!(skeleton("b0b"), skeleton("BOB"));
+    assert_eq!(skeleton("straße"), skeleton("STRASSE"));
+    assert_ne!(skeleton("alice"), skeleton("alicia"));
+    assert_ne!(skeleton("bob"), skeleton("rob"));
+}
+
+/// Latin beside Cyrillic or Greek in one name mixes scripts; one script,
+/// or Latin beside Han and Kana (as Japanese names are), does not.
+#[test]
+fn mixed_scripts_are_detected() {
+    for mixed in ["аlice", "pаypal", "Ωmega-x", "bob日本語ру"] {
+        assert!(mixes_scripts(mixed), "{mixed}");
+    }
+    for single in [
+        "alice",
+        "Élodie",
+        "алиса",
+        "Ωμέγα",
+        "田中さん",
+        "Tanaka 田中",
+        "bob_2 (x)",
+    ] {
+        assert!(!mixes_scripts(single), "{single}");
+    }
+}
+
 #[test]
 fn client_json_message_is_unwrapped() {
     assert_eq!(
@@ -164,9 +266,24 @@ fn junk_payloads_are_errors() {
         br#"{"nickname": 1, "message": "x"}"#,
         br#"[1,2]"#,
         b"\xff\xfe",
+        // Nicknames no client could take.
+        br#"{"nickname": "server", "message": "x"}"#,
+        br#"{"nickname": "Server", "message": "x"}"#,
+        br#"{"nickname": "! rate limit", "message": "x"}"#,
+        br#"{"nickname": "* in lobby", "message": "x"}"#,
+        br#"{"nickname": "[history] bob", "message": "x"}"#,
+        br#"{"nickname": "bob: hi", "message": "x"}"#,
+        br#"{"type": "join", "nickname": "* alice", "message": "joined"}"#,
+        br#"{"type": "join", "nickname": "server and 2 others", "message": "joined", "count": 3}"#,
+        br#"{"type": "join", "nickname": "server and 2 others", "message": "joined", "count": 3, "nicknames": ["server", "a", "b"]}"#,
+        br#"{"type": "join", "nickname": "* x and 2 others", "message": "joined", "count": 3, "nicknames": ["ann", "a", "b"]}"#,
+        br#"{"nickname": "abcdefghijklmnopqrstuvwxyzabcdefg", "message": "too long"}"#,
     ] {
         assert!(ChatMessage::from_payload(junk).is_err(), "{junk:?}");
     }
+    // A coalesced join's summary may be longer than a nickname.
+    let summary = br#"{"type": "join", "nickname": "abcdefghijklmnopqrstuvwxyzabcdef, abcdefghijklmnopqrstuvwxyzabcdef and 9 others", "message": "joined", "count": 11, "nicknames": ["abcdefghijklmnopqrstuvwxyzabcdef"]}"#;
+    assert!(ChatMessage::from_payload(summary).is_ok());
 }
 
 #[test]
@@ -270,6 +387,15 @@ mod properties {
         fn percent_escapes_never_panic(segment in "(%[0-9a-fA-FzZ]{0,2}|[a-z ]){0,40}") {
             if let Ok(nickname) = Nickname::from_path_segment(&segment) {
                 prop_assert!(Nickname::parse(nickname.as_str()).is_ok());
+            }
+        }
+
+        #[test]
+        fn summaries_of_valid_names_are_valid(names in proptest::collection::vec("[^\\p{Cc}]{1,32}", 1..6)) {
+            let names: Vec<String> = names.into_iter().filter(|n| Nickname::check(n).is_ok()).collect();
+            if !names.is_empty() {
+                let event = ChatMessage::group_event(Kind::Join, names, &ConnId::new(7, 7));
+                prop_assert!(ChatMessage::from_payload(&event.to_payload()).is_ok(), "{}", event.nickname);
             }
         }
 

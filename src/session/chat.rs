@@ -59,25 +59,21 @@ impl Chat {
             ..
         } = self;
         let (conn, ctx, writer) = (&*conn, &*ctx, &*writer);
-        let mut handler = ChatHandler::new(&membership.member, conn, ctx);
-        // A panic here must not skip `leave` (which joins the subscriber
-        // thread): catch it, record it, carry on.
-        let ending = panic::catch_unwind(AssertUnwindSafe(|| {
-            reader::read_loop(reader, writer, conn, ctx, &mut handler)
+        // A panic here (in the handler's making, the read loop, or the
+        // last answers' collection) must not skip `leave` (which joins the
+        // subscriber thread): catch it, record it, close with 1011.
+        panic::catch_unwind(AssertUnwindSafe(|| {
+            let mut handler = ChatHandler::new(&membership.member, conn, ctx);
+            let ending = reader::read_loop(reader, writer, conn, ctx, &mut handler);
+            handler.finish();
+            ending
         }))
         .unwrap_or_else(|_| {
-            ctx.metrics.panics.inc();
-            log::error!(
-                "{} ({}): reader thread panicked; closing it",
-                conn.peer,
-                conn.id
-            );
-            conn.shorten_write_timeout();
-            let _ = writer.close(Ending::Panicked.close_frame());
+            // Counted, logged, and the client told (1011) through `writer`,
+            // which the connection holds since its upgrade.
+            conn.panicked(&ctx.metrics, "reader");
             Ending::Panicked
-        });
-        handler.finish();
-        ending
+        })
     }
 
     /// Ends the chat: stops the subscriber thread, closes the socket, takes

@@ -42,6 +42,10 @@ pub struct Conn {
     /// With `--unique-nicknames`, this connection's claim on its nickname
     /// in its room; given back when the `Conn` is dropped.
     pub(super) nickname_claim: OnceLock<super::unique::NicknameClaim>,
+    /// The WebSocket's one writer, set once the `101` is sent: a panic
+    /// after that is told to the client as a close frame (1011), before
+    /// it as an HTTP 500.
+    upgraded: OnceLock<Arc<super::socket::Writer>>,
 }
 
 /// Why a connection ended, as logged in its "left" line.
@@ -178,6 +182,39 @@ impl Conn {
             slot: slot.map(OnceLock::from).unwrap_or_default(),
             user_slot: OnceLock::new(),
             nickname_claim: OnceLock::new(),
+            upgraded: OnceLock::new(),
+        }
+    }
+
+    /// The `101` is sent: from now on the client hears through `writer`.
+    pub(super) fn upgraded(&self, writer: &Arc<super::socket::Writer>) {
+        let _ = self.upgraded.set(Arc::clone(writer));
+    }
+
+    /// A thread serving the connection panicked (`thread` says which, for
+    /// the log): counted in `threadchat_panics_total`, and the client told
+    /// as documented — a close frame with 1011 once upgraded, else an
+    /// HTTP 500 — best effort, with a short write timeout.
+    pub(super) fn panicked(&self, metrics: &crate::metrics::Metrics, thread: &str) {
+        metrics.panics.inc();
+        log::error!(
+            "{} ({}): {thread} thread panicked; closing it",
+            self.peer,
+            self.id
+        );
+        self.end(Ending::Panicked);
+        self.shorten_write_timeout();
+        match self.upgraded.get() {
+            Some(writer) => {
+                let _ = writer.close(Ending::Panicked.close_frame());
+            }
+            None => {
+                let _ = http::refuse(
+                    &self.stream,
+                    tungstenite::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "server error",
+                );
+            }
         }
     }
 

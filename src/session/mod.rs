@@ -105,9 +105,12 @@ pub struct Context {
     pub auth: Option<Arc<crate::auth::Auth>>,
     /// With authentication on, each user's connections and rate limit.
     pub per_user: Arc<per_user::PerUser>,
+    /// With `--unique-nicknames`, how many names each address holds.
+    pub claims_per_ip: Arc<unique::ClaimsPerIp>,
     /// Debug builds only: a chat message with exactly this text makes the
-    /// reader thread panic (set by `THREADCHAT_TEST_PANIC`; tests use it to
-    /// check that a panic closes only its own connection).
+    /// reader thread panic, a client with this nickname its start thread
+    /// (while welcoming it). Set by `THREADCHAT_TEST_PANIC`; tests use it
+    /// to check that a panic closes only its own connection.
     pub panic_trigger: Option<String>,
 }
 
@@ -147,16 +150,26 @@ pub const START_STACK_SIZE: usize = 5 * crate::THREAD_STACK_SIZE;
 /// a chat, hands the rest to a new reader thread.
 pub fn run(conn: Arc<Conn>, ctx: Arc<Context>, reports: Sender<Report>) {
     let started = panic::catch_unwind(AssertUnwindSafe(|| start::start(&conn, &ctx)))
-        .unwrap_or(Err(SessionError::Panicked));
+        .unwrap_or_else(|_| {
+            conn.panicked(&ctx.metrics, "start");
+            Err(SessionError::Panicked)
+        });
     let result = match started {
         Ok(Started::Chat(chat)) => {
             let (seq, conn2, reports2) = (conn.seq, Arc::clone(&conn), reports.clone());
+            let ctx2 = Arc::clone(&ctx);
             let reader = thread::Builder::new()
                 .name(format!("tc-read-{seq}"))
                 .stack_size(crate::THREAD_STACK_SIZE)
                 .spawn(move || {
+                    // The read loop catches its own panics; this catches
+                    // the rest of the reader's life (leaving the room).
                     let read = panic::catch_unwind(AssertUnwindSafe(|| chat.run()));
-                    finish(&conn2, read.map_err(|_| SessionError::Panicked), &reports2);
+                    let read = read.map_err(|_| {
+                        conn2.panicked(&ctx2.metrics, "reader");
+                        SessionError::Panicked
+                    });
+                    finish(&conn2, read, &reports2);
                 });
             match reader {
                 Ok(reader) => {

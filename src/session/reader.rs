@@ -308,6 +308,13 @@ impl Limiter {
     }
 }
 
+/// The instant `left` from now; now if that is past what `Instant` holds
+/// (a token's time is bounded well below that: see `auth::MAX_TIME`).
+fn deadline_in(left: std::time::Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(left).unwrap_or(now)
+}
+
 /// The most messages of one client published and not yet answered.
 const PUBLISH_WINDOW: usize = 64;
 
@@ -332,7 +339,7 @@ impl<'a> ChatHandler<'a> {
             }),
         };
         let token_expires = match (&ctx.auth, &member.identity) {
-            (Some(auth), Some(identity)) => Some(Instant::now() + identity.lifetime(auth.leeway())),
+            (Some(auth), Some(identity)) => Some(deadline_in(identity.lifetime(auth.leeway()))),
             _ => None,
         };
         ChatHandler {
@@ -368,7 +375,7 @@ impl<'a> ChatHandler<'a> {
         match checked {
             Ok(identity) => {
                 let left = identity.lifetime(auth.leeway());
-                self.token_expires = Some(Instant::now() + left);
+                self.token_expires = Some(deadline_in(left));
                 let text = format!("token refreshed: valid for {} more seconds", left.as_secs());
                 let frame = ServerFrame::notice(&text).render(self.member.format);
                 match writer.send(Message::text(frame)) {
@@ -435,6 +442,37 @@ impl<'a> ChatHandler<'a> {
         failed
     }
 
+    /// Takes one frame from the rate limit: `None` if it may go on, else
+    /// what to do instead — tell the client the first time over the limit
+    /// (`what` says what became of the frame), then drop quietly, and
+    /// close a client that keeps flooding.
+    fn spend(&mut self, what: &str, writer: &Writer) -> Option<Next> {
+        let limiter = self.limiter.as_mut()?;
+        match limiter.check(Instant::now()) {
+            Verdict::Allowed => None,
+            Verdict::Refused { first } => {
+                self.ctx.metrics.rate_limited.inc();
+                if !first {
+                    return Some(Next::Continue);
+                }
+                let limits = &self.ctx.limits;
+                let text = format!(
+                    "rate limit: at most {} messages per second (bursts of {}); {what}",
+                    limits.rate_limit.unwrap_or_default(),
+                    limits.rate_burst
+                );
+                Some(self.error(writer, &text))
+            }
+            Verdict::Flooding => {
+                self.ctx.metrics.rate_limited.inc();
+                Some(Next::Refuse(
+                    CloseCode::Policy,
+                    "flooding: too many messages over the rate limit".into(),
+                ))
+            }
+        }
+    }
+
     /// Tells the client something went wrong with what it sent.
     fn error(&self, writer: &Writer, text: &str) -> Next {
         let frame = ServerFrame::error(text).render(self.member.format);
@@ -472,6 +510,11 @@ impl Handler for ChatHandler<'_> {
         if self.ctx.auth.is_some()
             && let Some(token) = token_refresh(text.as_str())
         {
+            // A refresh is a frame like a message: it takes from the same
+            // budget (checking a signature costs more than a publish).
+            if let Some(refused) = self.spend("this token was not read", writer) {
+                return refused;
+            }
             return self.refresh(&token, writer);
         }
         let body = message_text(text.as_str());
@@ -485,31 +528,8 @@ impl Handler for ChatHandler<'_> {
         if self.ctx.panic_trigger.as_deref() == Some(&*body) {
             panic!("panic requested by THREADCHAT_TEST_PANIC");
         }
-        if let Some(limiter) = &mut self.limiter {
-            match limiter.check(Instant::now()) {
-                Verdict::Allowed => {}
-                Verdict::Refused { first } => {
-                    self.ctx.metrics.rate_limited.inc();
-                    if !first {
-                        return Next::Continue;
-                    }
-                    let limits = &self.ctx.limits;
-                    let text = format!(
-                        "rate limit: at most {} messages per second (bursts of {}); \
-                         this message was not delivered",
-                        limits.rate_limit.unwrap_or_default(),
-                        limits.rate_burst
-                    );
-                    return self.error(writer, &text);
-                }
-                Verdict::Flooding => {
-                    self.ctx.metrics.rate_limited.inc();
-                    return Next::Refuse(
-                        CloseCode::Policy,
-                        "flooding: too many messages over the rate limit".into(),
-                    );
-                }
-            }
+        if let Some(refused) = self.spend("this message was not delivered", writer) {
+            return refused;
         }
         if self.in_flight.len() >= PUBLISH_WINDOW {
             let next = self.wait_for(1, writer);

@@ -14,8 +14,7 @@ use tungstenite::http::StatusCode;
 use super::chat::{Chat, Membership, Open, SubscriberThread};
 use super::outbox::Welcomed;
 use super::socket::{self, Writer};
-use super::unique::NicknameClaim;
-use super::{Conn, Context, SessionError, liveness, route, welcome};
+use super::{Conn, Context, SessionError, liveness, route, unique, welcome};
 use crate::http::{self, Outcome, Target};
 use crate::protocol::Member;
 
@@ -105,30 +104,11 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
     }
     // One connection per nickname in a room, if asked.
     if let http::Target::Chat(member) = &target
-        && ctx.limits.unique_nicknames
+        && let Err((status, reason)) =
+            unique::admit(conn, ctx, member, forwarded_for.unwrap_or(conn.peer.ip()))
     {
-        let nickname = member.nickname.as_str();
-        let refusal = match NicknameClaim::take(&ctx.broker, &member.room, nickname, &conn.id) {
-            Ok(Some(claim)) => {
-                let _ = conn.nickname_claim.set(claim);
-                None
-            }
-            Ok(None) => Some((
-                StatusCode::CONFLICT,
-                format!(
-                    "the nickname {nickname:?} is taken in {}; choose another",
-                    member.room
-                ),
-            )),
-            Err(e) => Some((
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("chat relay unavailable ({e}); try again later"),
-            )),
-        };
-        if let Some((status, reason)) = refusal {
-            let _ = http::refuse(&conn.stream, status, &reason);
-            return Ok(Started::Done);
-        }
+        let _ = http::refuse(&conn.stream, status, &reason);
+        return Ok(Started::Done);
     }
     conn.stream.set_nodelay(true)?;
     socket2::SockRef::from(&*conn.stream).set_send_buffer_size(SEND_BUFFER)?;
@@ -149,6 +129,7 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
             .inspect_err(|_| refuse_upgrade(conn)),
         Target::Echo => {
             http::accept(&conn.stream, &response)?;
+            conn.upgraded(&writer);
             Ok(Started::Echo {
                 writer,
                 reader: Box::new(reader),
@@ -180,6 +161,7 @@ fn start_chat(
     let mark = ctx.broker.log_end(&member.room);
     let (membership, own_join) = Membership::join(conn, ctx, &member)?;
     http::accept(&conn.stream, response)?;
+    conn.upgraded(&writer);
 
     let mark = welcome::welcome(conn, ctx, &member, &writer, mark);
     // Nobody is told of their own arrival.

@@ -97,6 +97,9 @@ pub(super) fn welcome(
     writer: &Writer,
     mark: Result<Option<Mark>, BrokerError>,
 ) -> Option<Place> {
+    if ctx.panic_trigger.as_deref() == Some(member.nickname.as_str()) {
+        panic!("panic requested by THREADCHAT_TEST_PANIC (start thread)");
+    }
     let presence = presence(ctx, member);
     let sent_up_to = mark.as_ref().ok().cloned().flatten().map(|mark| mark.end);
     let mut unsent = {

@@ -402,3 +402,138 @@ fn without_tokens_a_token_frame_is_just_a_message() {
     alice.send(&frame);
     assert_eq!(bob.recv_chat().1, frame);
 }
+
+/// Time claims no clock can hold (`exp` 2^63, a huge `nbf` or `iat`) are a
+/// 401 with a reason, never a panic: nothing is counted in
+/// `threadchat_panics_total`, and the server goes on serving.
+#[test]
+fn absurd_time_claims_are_401_never_a_panic() {
+    let server = hmac_server();
+    let huge = 1u64 << 63;
+    for claims in [
+        json!({"sub": "alice", "exp": huge}),
+        json!({"sub": "alice", "exp": u64::MAX}),
+        json!({"sub": "alice", "exp": -1}),
+        json!({"sub": "alice", "exp": now() + 60, "nbf": -1}),
+        json!({"sub": "alice", "exp": now() + 60, "iat": huge}),
+    ] {
+        let token = hmac_token(claims.clone());
+        let (status, body) = upgrade(&server, &format!("/chat/alice?token={token}"), "");
+        assert!(status.contains(" 401 "), "{claims}: {status}");
+        assert!(body.contains("malformed"), "{claims}: {body}");
+    }
+    let mut alice = Client::connect_path(
+        server.addr,
+        &format!("/chat/alice?token={}", token_from_cli(&["alice"])),
+    );
+    alice.settle();
+    // A refresh with such a token is refused the same way, on the open
+    // connection.
+    let absurd = hmac_token(json!({"sub": "alice", "exp": huge}));
+    alice.send(&json!({"type": "token", "token": absurd}).to_string());
+    let refused = alice.recv_server("error");
+    assert!(refused.contains("malformed"), "{refused}");
+    assert_eq!(server.metric("threadchat_panics_total"), 0);
+}
+
+/// With `--auth-audience` and `--auth-issuer`, a token minted for another
+/// service (or by another issuer, or without the claims) is a 401 saying
+/// so; `threadchat token`, configured the same way, mints tokens that pass.
+#[test]
+fn audience_and_issuer_are_enforced_when_set() {
+    let file = secret_file();
+    let server = Server::start_with_env(
+        &[
+            "--in-process",
+            "--auth-secret-file",
+            file.to_str().unwrap(),
+            "--auth-audience",
+            "chat",
+        ],
+        &[("THREADCHAT_AUTH_ISSUER", "https://id.example")],
+    );
+    let exp = now() + 60;
+    for (claims, reason) in [
+        (
+            json!({"sub": "alice", "exp": exp, "aud": "wiki", "iss": "https://id.example"}),
+            "its aud is not \"chat\"",
+        ),
+        (
+            json!({"sub": "alice", "exp": exp, "aud": "chat", "iss": "https://other.example"}),
+            "its iss is not \"https://id.example\"",
+        ),
+        (
+            json!({"sub": "alice", "exp": exp, "iss": "https://id.example"}),
+            "no \"aud\" claim",
+        ),
+        (
+            json!({"sub": "alice", "exp": exp, "aud": "chat"}),
+            "no \"iss\" claim",
+        ),
+    ] {
+        let token = hmac_token(claims.clone());
+        let (status, body) = upgrade(&server, &format!("/chat/alice?token={token}"), "");
+        assert!(status.contains(" 401 "), "{claims}: {status}");
+        assert!(body.contains(reason), "{claims}: {body}");
+    }
+    let plain = token_from_cli(&["alice"]);
+    let (status, _) = upgrade(&server, &format!("/chat/alice?token={plain}"), "");
+    assert!(status.contains(" 401 "), "{status}");
+    let output = Command::new(env!("CARGO_BIN_EXE_threadchat"))
+        .args([
+            "--auth-audience",
+            "chat",
+            "--auth-issuer",
+            "https://id.example",
+        ])
+        .args(["token", "alice"])
+        .env("THREADCHAT_AUTH_SECRET", SECRET)
+        .env_remove("THREADCHAT_AUTH_SECRET_FILE")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stamped = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let mut alice = Client::connect_path(server.addr, &format!("/chat/alice?token={stamped}"));
+    alice.settle();
+}
+
+/// A token refresh is a frame like a message: it takes from the same rate
+/// limit, is refused past it (with the same error, once), and a client
+/// that keeps sending refreshes into an empty budget is closed as a
+/// flooder.
+#[test]
+fn token_refreshes_count_against_the_rate_limit() {
+    let file = secret_file();
+    let server = Server::start(&[
+        "--in-process",
+        "--auth-secret-file",
+        file.to_str().unwrap(),
+        "--rate-limit",
+        "0.1",
+        "--rate-burst",
+        "2",
+    ]);
+    let token = token_from_cli(&["alice"]);
+    let mut alice = Client::connect_path(server.addr, &format!("/chat/alice?token={token}"));
+    alice.settle();
+    let refresh = json!({"type": "token", "token": token}).to_string();
+    alice.send(&refresh);
+    alice.send(&refresh);
+    assert!(alice.recv_notice().contains("token refreshed"));
+    assert!(alice.recv_notice().contains("token refreshed"));
+    alice.send(&refresh);
+    let refused = alice.recv_server("error");
+    assert!(refused.contains("rate limit"), "{refused}");
+    assert!(refused.contains("this token was not read"), "{refused}");
+    for _ in 0..20 {
+        alice.send(&refresh);
+    }
+    match alice.recv_close() {
+        crate::support::Closed::Frame(code, reason) => {
+            assert_eq!(code, 1008);
+            assert!(reason.contains("flooding"), "{reason}");
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    assert!(server.metric("threadchat_rate_limited_total") >= 3);
+}

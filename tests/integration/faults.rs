@@ -139,7 +139,8 @@ fn a_silently_dead_redis_is_detected(args: &[&str]) {
     assert_eq!(alice.recv_chat().1, "hello again");
 }
 
-/// A panic in one connection's thread closes that connection only.
+/// A panic in one connection's thread (its reader, or its start thread)
+/// closes that connection only, with 1011, and is counted.
 #[test]
 fn a_panic_closes_only_its_own_connection() {
     let server = Server::start_with_env(&["--in-process"], &[("THREADCHAT_TEST_PANIC", "boom")]);
@@ -158,6 +159,19 @@ fn a_panic_closes_only_its_own_connection() {
     let mut carol = server.client("carol");
     carol.send("new people can join");
     assert_eq!(alice.recv_chat().1, "new people can join");
+    assert_eq!(bob.recv_chat().1, "new people can join");
+
+    // A panic on a start thread, once the client has its `101` (while it
+    // is welcomed): the same close, counted the same.
+    let mut early = crate::support::Client::connect(server.addr, "boom");
+    assert_eq!(
+        early.recv_close(),
+        Closed::Frame(1011, "server error".into())
+    );
+    server.wait_for_log("start thread panicked");
+    assert_eq!(server.metric("threadchat_panics_total"), 2);
+    alice.send("still unaffected");
+    assert_eq!(bob.recv_chat().1, "still unaffected");
     eventually("the panicked connection's threads are gone", || {
         // main, signals, announcer, the in-process relay's sweeper, and
         // two threads per client

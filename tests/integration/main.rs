@@ -15,6 +15,7 @@ mod http;
 mod interop;
 mod lifecycle;
 mod limits;
+mod names;
 mod recovery;
 mod redis_wire;
 mod rooms;
