@@ -317,6 +317,8 @@ mod tests {
                 room_ttl: Duration::from_millis(200),
                 max_payload: 1024,
                 subscriptions: Default::default(),
+                capacity: crate::capacity::Capacity::unlimited(),
+                idle_rooms_bytes: 64 * 1024 * 1024,
             },
             &Arc::default(),
         )

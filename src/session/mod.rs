@@ -56,6 +56,7 @@ mod conn;
 mod direct;
 mod junk;
 pub mod liveness;
+pub mod new_rooms;
 mod outbox;
 pub mod per_ip;
 pub mod per_user;
@@ -105,6 +106,8 @@ pub struct Context {
     pub auth: Option<Arc<crate::auth::Auth>>,
     /// With authentication on, each user's connections and rate limit.
     pub per_user: Arc<per_user::PerUser>,
+    /// Rooms each address may still create (`--new-rooms-per-minute`).
+    pub new_rooms: new_rooms::NewRooms,
     /// Debug builds only: a chat message with exactly this text makes the
     /// reader thread panic (set by `THREADCHAT_TEST_PANIC`; tests use it to
     /// check that a panic closes only its own connection).

@@ -16,6 +16,7 @@ mod lifecycle;
 mod limits;
 mod recovery;
 mod redis_wire;
+mod room_bounds;
 mod rooms;
 mod sentinel;
 mod startup;

@@ -264,6 +264,7 @@ impl RedisBroker {
                 metrics: Arc::clone(metrics),
                 subscriptions: Arc::clone(&broker.subscriptions),
                 max_payload: settings.max_payload,
+                capacity: Arc::clone(&settings.capacity),
             }));
         }
         broker.start_heartbeat()?;
