@@ -6,7 +6,7 @@
 
 use std::net::TcpStream;
 
-use crate::support::{Client, PATIENCE, Redis, Server, eventually, with_both_brokers};
+use crate::support::{Client, Cluster, PATIENCE, Redis, Server, eventually, with_both_brokers};
 
 /// Joins `room` as `nickname` from the local address `ip` (all of
 /// 127.0.0.0/8 is this machine): the HTTP refusal, if any.
@@ -116,4 +116,86 @@ fn one_address_may_create_only_so_many_rooms(server: &Server) {
     let mut other = join_from(server, "127.0.0.3", "other", "new-3").unwrap();
     other.send("hello");
     assert!(server.get("/healthz").0.contains("200"));
+}
+
+/// A room's worth of log: one message of 20,000 characters.
+fn big() -> String {
+    "h".repeat(20_000)
+}
+
+/// `keeper` stays in `held` (one big message in its log) while eight
+/// rooms each get one big message and are left: 160 KB of rooms nobody is
+/// in, past a budget of 64 KiB.
+fn fill_idle_rooms(server: &Server) -> Client {
+    let mut keeper = join_from(server, "127.0.0.1", "keeper", "held").unwrap();
+    keeper.settle();
+    keeper.send(&big());
+    for i in 0..8 {
+        let mut visitor = join_from(server, "127.0.0.1", "visitor", &format!("idle-{i}")).unwrap();
+        visitor.settle();
+        visitor.send(&big());
+        visitor.close();
+    }
+    keeper
+}
+
+/// The chat messages a joiner of `room` is sent as history.
+fn history_of(server: &Server, room: &str) -> usize {
+    let mut joiner = join_from(server, "127.0.0.1", "joiner", room).unwrap();
+    let history = joiner.recv_history();
+    joiner.close();
+    history.iter().filter(|frame| frame["message"] == big()).count()
+}
+
+/// Then the oldest rooms nobody is in are forgotten (a joiner gets no
+/// history), the newest are kept (a joiner gets it), and the room
+/// somebody stayed in keeps its history however old.
+fn only_the_recent_idle_rooms_keep_their_history(server: &Server, keeper: Client) {
+    assert_eq!(history_of(server, "idle-7"), 1, "the newest is kept");
+    assert_eq!(history_of(server, "idle-0"), 0, "the oldest is forgotten");
+    assert_eq!(history_of(server, "held"), 1, "a room with members is kept");
+    drop(keeper);
+    assert!(server.get("/healthz").0.contains("200"));
+}
+
+#[test]
+fn idle_rooms_past_their_budget_are_forgotten_in_process() {
+    let server = Server::start(&["--in-process", "--idle-rooms-bytes", "65536"]);
+    let keeper = fill_idle_rooms(&server);
+    // held and about three idle rooms of 20 KB.
+    eventually("the oldest idle rooms are forgotten", || {
+        server.metric("threadchat_rooms_in_memory") <= 5
+    });
+    only_the_recent_idle_rooms_keep_their_history(&server, keeper);
+}
+
+#[test]
+fn idle_rooms_past_their_budget_are_forgotten_in_redis() {
+    let redis = Redis::start();
+    let server = Server::with_redis_and(&redis, &["--idle-rooms-bytes", "65536"]);
+    let keeper = fill_idle_rooms(&server);
+    let logs = |room: &str| redis.keys(&format!("threadchat:{{{room}}}:*")).len();
+    eventually("the oldest idle rooms are forgotten", || {
+        logs("idle-0") == 0 && logs("idle-3") == 0
+    });
+    assert!(logs("idle-7") > 0);
+    only_the_recent_idle_rooms_keep_their_history(&server, keeper);
+}
+
+/// The same on a Redis Cluster, where the index is in one slot and the
+/// rooms in slots of their own, on several masters.
+#[test]
+fn idle_rooms_past_their_budget_are_forgotten_on_a_cluster() {
+    let cluster = Cluster::start();
+    let server = Server::on_redis(&cluster.url(), &["--idle-rooms-bytes", "65536"]);
+    let keeper = fill_idle_rooms(&server);
+    let logs = |room: &str| {
+        let master = cluster.node(cluster.master_of_room(room));
+        master.keys(&format!("threadchat:{{{room}}}:*")).len()
+    };
+    eventually("the oldest idle rooms are forgotten", || {
+        logs("idle-0") == 0 && logs("idle-3") == 0
+    });
+    assert!(logs("idle-7") > 0);
+    only_the_recent_idle_rooms_keep_their_history(&server, keeper);
 }
