@@ -487,7 +487,10 @@ mod tests {
             .map(|room| broker.log_end(room).unwrap().is_some())
             .collect();
         assert_eq!(kept.iter().filter(|k| **k).count(), 4, "{kept:?}");
-        assert!(kept[16..].iter().all(|k| *k), "the newest are kept: {kept:?}");
+        assert!(
+            kept[16..].iter().all(|k| *k),
+            "the newest are kept: {kept:?}"
+        );
         assert_eq!(texts(&broker.log(&occupied).unwrap()).len(), 1);
         // Once nobody is in it, it is idle, last used when left: four
         // newer rooms push it out.

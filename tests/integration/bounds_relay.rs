@@ -122,10 +122,8 @@ fn forged_and_oversized_payloads_are_skipped(mode: &[&str]) {
 fn room_state_expires_in_redis() {
     let redis = Redis::start();
     // One address creating 1,000 rooms: past --new-rooms-per-minute.
-    let server = Server::with_redis_and(
-        &redis,
-        &["--room-ttl", "4", "--new-rooms-per-minute", "0"],
-    );
+    let server =
+        Server::with_redis_and(&redis, &["--room-ttl", "4", "--new-rooms-per-minute", "0"]);
     let mut stayer = Client::connect_path(server.addr, "/chat/stayer?room=kept");
     stayer.settle();
     stayer.send("remember me");

@@ -58,7 +58,12 @@ fn rooms_past_the_thread_budget_are_refused_and_the_server_goes_on() {
     let mut loners = Vec::new();
     let mut refusals = Vec::new();
     for i in 0..8 {
-        match join_from(&server, "127.0.0.1", &format!("l{i}"), &format!("alone-{i}")) {
+        match join_from(
+            &server,
+            "127.0.0.1",
+            &format!("l{i}"),
+            &format!("alone-{i}"),
+        ) {
             Ok(loner) if refusals.is_empty() => loners.push(loner),
             Ok(_) => panic!("l{i} got in after a refusal"),
             Err(refusal) => refusals.push(refusal),
@@ -66,11 +71,14 @@ fn rooms_past_the_thread_budget_are_refused_and_the_server_goes_on() {
     }
     // lobby: 2 connections and a feed (3 descriptors); each loner 2 more.
     assert_eq!(loners.len(), 3, "refused: {refusals:?}");
-    assert!(refusals.iter().all(|(status, _)| *status == 503), "{refusals:?}");
     assert!(
-        refusals
-            .iter()
-            .any(|(_, reason)| reason.contains("server full: no thread left to follow another room")),
+        refusals.iter().all(|(status, _)| *status == 503),
+        "{refusals:?}"
+    );
+    assert!(
+        refusals.iter().any(
+            |(_, reason)| reason.contains("server full: no thread left to follow another room")
+        ),
         "{refusals:?}"
     );
     assert!(server.get("/healthz").0.contains("200"));
@@ -108,7 +116,10 @@ fn one_address_may_create_only_so_many_rooms(server: &Server) {
         .err()
         .expect("a fourth new room is refused");
     assert_eq!(status, 429);
-    assert!(reason.contains("too many new rooms from your address"), "{reason}");
+    assert!(
+        reason.contains("too many new rooms from your address"),
+        "{reason}"
+    );
     // Rooms that exist cost nothing.
     let mut again = join_from(server, "127.0.0.2", "rover2", "new-0").unwrap();
     again.send("an old room");
@@ -144,7 +155,10 @@ fn history_of(server: &Server, room: &str) -> usize {
     let mut joiner = join_from(server, "127.0.0.1", "joiner", room).unwrap();
     let history = joiner.recv_history();
     joiner.close();
-    history.iter().filter(|frame| frame["message"] == big()).count()
+    history
+        .iter()
+        .filter(|frame| frame["message"] == big())
+        .count()
 }
 
 /// Then the oldest rooms nobody is in are forgotten (a joiner gets no

@@ -300,7 +300,10 @@ fn room_rotation(args: &Args, relay: &str) -> anyhow::Result<String> {
         "{} rooms created, {} refused; Redis {}; RSS +{:.1} MB (peak +{:.1} MB)",
         created.load(Ordering::Relaxed),
         refused.load(Ordering::Relaxed),
-        redis_growth.map_or("-".to_owned(), |b| format!("+{:.1} MB", b as f64 / 1048576.0)),
+        redis_growth.map_or("-".to_owned(), |b| format!(
+            "+{:.1} MB",
+            b as f64 / 1048576.0
+        )),
         mb(rss_after - rss_before),
         mb(peak_kb - rss_before),
     ))

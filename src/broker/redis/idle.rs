@@ -32,10 +32,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 
 use super::cluster::Route;
+use super::from_value;
 use super::keys;
 use super::publisher::{Job, Reply};
 use super::scripts::{FORGET_ROOM, IDLE_INDEX, sha_of};
-use super::from_value;
 use crate::broker::BrokerError;
 use crate::protocol::Room;
 

@@ -9,9 +9,9 @@ use crossbeam_channel::Sender;
 
 use super::listener::{RedisListener, SubscriptionSockets};
 use super::topology::Topology;
-use crate::capacity::{Capacity, Cost, Reservation};
 use crate::broker::fanout::{Fanout, FanoutListener, Source};
 use crate::broker::{BrokerError, Canceller, Event, Flow, Listen, Subscription};
+use crate::capacity::{Capacity, Cost, Reservation};
 use crate::metrics::Metrics;
 use crate::protocol::{ConnId, Room};
 
@@ -166,7 +166,10 @@ impl SharedFeeds {
                 let result = listener.listen(&stop, &mut |event| delivery.take(event));
                 // The one place this thread's errors are logged.
                 if let Err(e) = result {
-                    log::error!("the shared subscription to {} failed: {e}", delivery.channel);
+                    log::error!(
+                        "the shared subscription to {} failed: {e}",
+                        delivery.channel
+                    );
                 }
                 delivery.finish();
             })
@@ -250,7 +253,8 @@ impl Delivery {
             shard: None,
         };
         let events = std::mem::take(&mut self.pending);
-        self.fanout.dispatch_all(&self.channel, Some(source), events);
+        self.fanout
+            .dispatch_all(&self.channel, Some(source), events);
         if self.fanout.shards() > 1 && self.fanout.subscribers(&self.channel) > SMALL_ROOM {
             self.dispatchers = self.start_dispatchers();
         }
