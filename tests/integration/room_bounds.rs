@@ -53,6 +53,10 @@ fn rooms_past_the_thread_budget_are_refused_and_the_server_goes_on() {
     let mut bob = join_from(&server, "127.0.0.1", "bob", "lobby").unwrap();
     alice.send("before");
     assert_eq!(bob.recv_chat().1, "before");
+    // Once alice's and bob's start threads are gone.
+    let starting =
+        || (server.thread_policies().iter()).any(|(name, _)| name.starts_with("tc-start"));
+    eventually("the start threads end", || !starting());
     let threads = server.thread_count();
 
     let mut loners = Vec::new();
