@@ -35,6 +35,17 @@ pub struct NewRooms {
 struct Bucket {
     tokens: f64,
     last: Instant,
+    /// Refused since its last room: refusals in a row are logged once.
+    refused: bool,
+}
+
+/// Why a new room was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// Until the address may create one again.
+    pub wait: Duration,
+    /// The first refusal since the address's last new room (the one to log).
+    pub first: bool,
 }
 
 impl NewRooms {
@@ -52,9 +63,9 @@ impl NewRooms {
         self.per_minute.is_some()
     }
 
-    /// Takes one new room for `ip` at `now`: `Err` with the seconds until
-    /// the next one if its bucket is empty.
-    pub fn take(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+    /// Takes one new room for `ip` at `now`: `Err` with the time until the
+    /// next one if its bucket is empty.
+    pub fn take(&self, ip: IpAddr, now: Instant) -> Result<(), Refused> {
         let Some(per_minute) = self.per_minute else {
             return Ok(());
         };
@@ -67,14 +78,19 @@ impl NewRooms {
         let bucket = buckets.entry(ip).or_insert(Bucket {
             tokens: capacity,
             last: now,
+            refused: false,
         });
         bucket.tokens = Bucket::refilled(*bucket, now, per_second, capacity);
         bucket.last = now;
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
+            bucket.refused = false;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / per_second))
+            Err(Refused {
+                wait: Duration::from_secs_f64((1.0 - bucket.tokens) / per_second),
+                first: !std::mem::replace(&mut bucket.refused, true),
+            })
         }
     }
 }
@@ -87,11 +103,15 @@ pub(super) fn admit(ctx: &Context, room: &Room, ip: IpAddr) -> Result<(), String
     if !ctx.new_rooms.is_limited() || !matches!(ctx.broker.log_end(room), Ok(None)) {
         return Ok(());
     }
-    ctx.new_rooms.take(ip, Instant::now()).map_err(|wait| {
-        log::warn!("refused {ip}: --new-rooms-per-minute reached (joining {room})");
+    ctx.new_rooms.take(ip, Instant::now()).map_err(|refused| {
+        // Once per run of refusals: an address rotating rooms does not
+        // flood the log either.
+        if refused.first {
+            log::warn!("refused {ip}: --new-rooms-per-minute reached (joining {room})");
+        }
         format!(
             "too many new rooms from your address; try again in {} s, or join a room that exists",
-            wait.as_secs() + 1
+            refused.wait.as_secs() + 1
         )
     })
 }
@@ -115,8 +135,10 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(rooms.take(a, t0), Ok(()));
         }
-        let wait = rooms.take(a, t0).unwrap_err();
-        assert_eq!(wait.as_secs(), 20, "3 a minute: one every 20 s");
+        let refused = rooms.take(a, t0).unwrap_err();
+        assert_eq!(refused.wait.as_secs(), 20, "3 a minute: one every 20 s");
+        assert!(refused.first);
+        assert!(!rooms.take(a, t0).unwrap_err().first, "logged once");
         assert_eq!(rooms.take(b, t0), Ok(()));
         assert_eq!(rooms.take(a, t0 + Duration::from_secs(21)), Ok(()));
         assert!(rooms.take(a, t0 + Duration::from_secs(21)).is_err());
