@@ -46,6 +46,8 @@
 //! * `broker` — the relay: Redis (`broker::redis`, with shared subscriptions
 //!   in `broker::redis::shared`) and in-process (`broker::memory`); the
 //!   in-process fan-out (`broker::fanout`).
+//! * `capacity` — the process's budget of threads and descriptors, which
+//!   connections and rooms' feeds reserve from before they start threads.
 //! * `metrics` — counters, served at `/metrics`.
 //! * `auth` — who is speaking: signed tokens checked against the configured
 //!   key (opt-in), and signing them for `threadchat token`.
@@ -59,6 +61,7 @@
 
 pub mod auth;
 mod broker;
+mod capacity;
 pub mod config;
 mod http;
 mod metrics;

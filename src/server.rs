@@ -6,8 +6,11 @@
 //! [`Server::run`] serves until [`ShutdownHandle::shutdown`] is called.
 //!
 //! **Bounds.** At most `max_connections` connections exist at once, counting
-//! those still in their HTTP handshake. Past it, the accept loop itself writes
-//! `503 Service Unavailable` and closes: no thread is spent on the refused.
+//! those still in their HTTP handshake, and each reserves its threads and
+//! descriptors from the process's budget ([`crate::capacity`]), which
+//! rooms' shared feeds draw on too. Past either, the accept loop itself
+//! writes `503 Service Unavailable` and closes: no thread is spent on the
+//! refused.
 //!
 //! **Thread lifecycle.** Every connection thread is named and its `JoinHandle`
 //! kept. The accept loop starts a connection's start thread and joins it
@@ -36,8 +39,9 @@ use crossbeam_channel::{Receiver, Sender};
 use socket2::{Domain, Socket, Type};
 
 use crate::broker::{self, Broker, BrokerError};
+use crate::capacity::{Capacity, Cost, Reservation};
 use crate::config::Config;
-use crate::config::MAX_STARTING;
+use crate::config::{MAX_STARTING, THREADS_PER_CONNECTION};
 use crate::http;
 use crate::metrics::Metrics;
 use crate::session::announce::Announcer;
@@ -50,6 +54,10 @@ pub struct Server {
     listener: TcpListener,
     local_addr: SocketAddr,
     ctx: Arc<Context>,
+    /// The budget of threads and descriptors each connection reserves from.
+    capacity: Arc<Capacity>,
+    /// What one connection reserves.
+    connection_cost: Cost,
     shutdown: ShutdownHandle,
     /// Random per process: makes connection ids unique across instances.
     instance: u64,
@@ -114,6 +122,13 @@ impl Server {
     /// Redis, or in-process), then the listening socket.
     pub fn build(config: &Config) -> Result<Server, ServerError> {
         let metrics = Arc::new(Metrics::default());
+        // `max_connections` connections' worth of threads and descriptors:
+        // the ceiling's own terms (see `config::connection_ceiling`).
+        let connections = config.limits.max_connections;
+        let capacity = Capacity::new(Cost::new(
+            connections.saturating_mul(THREADS_PER_CONNECTION),
+            connections.saturating_mul(config.fds_per_connection),
+        ));
         let settings = broker::Settings {
             instance: broker::random_u64(),
             history: config.history,
@@ -121,9 +136,11 @@ impl Server {
             room_ttl: config.room_ttl,
             max_payload: crate::protocol::max_payload(config.limits.max_message_size),
             subscriptions: config.subscriptions,
+            capacity: Arc::clone(&capacity),
+            idle_rooms_bytes: config.idle_rooms_bytes,
         };
         let broker = broker::connect(&config.broker, &settings, &metrics)?;
-        Server::bind(config, broker, metrics)
+        Server::bind(config, broker, metrics, capacity)
     }
 
     /// What relays the messages, for a person ("Redis at …, per-client
@@ -137,6 +154,7 @@ impl Server {
         config: &Config,
         broker: Arc<dyn Broker>,
         metrics: Arc<Metrics>,
+        capacity: Arc<Capacity>,
     ) -> Result<Server, ServerError> {
         let addr = format!("{}:{}", config.host, config.port);
         let bind_err = |source| ServerError::Bind {
@@ -159,6 +177,8 @@ impl Server {
             instance: broker.instance(),
             listener,
             local_addr,
+            capacity,
+            connection_cost: Cost::new(THREADS_PER_CONNECTION, config.fds_per_connection),
             ctx: Arc::new(Context {
                 announcer: Announcer::start(Arc::clone(&broker))
                     .map_err(|e| ServerError::Spawn("announcer", e))?,
@@ -179,6 +199,9 @@ impl Server {
                         .limits
                         .rate_limit
                         .map(|rate| (rate, config.limits.rate_burst)),
+                ),
+                new_rooms: crate::session::new_rooms::NewRooms::new(
+                    config.limits.new_rooms_per_minute,
                 ),
                 panic_trigger: test_panic_trigger(),
             }),
@@ -257,6 +280,15 @@ impl Server {
                 http::refuse_full(&stream, "server full; try again later");
                 continue;
             }
+            // Rooms' feeds draw on the same budget (shared subscriptions).
+            let Some(reserved) = self.capacity.reserve(self.connection_cost) else {
+                log::warn!(
+                    "refused {peer}: the threads and descriptors of {max} connections are in \
+                     use, counting rooms' feeds (--max-connections)"
+                );
+                http::refuse_full(&stream, "server full; try again later");
+                continue;
+            };
             // A trusted proxy's clients are counted by the address it
             // forwards, once their request is read (see `session::per_ip`).
             let slot = if self.ctx.limits.trusted_proxies.contains(&peer.ip()) {
@@ -282,7 +314,7 @@ impl Server {
             next_seq += 1;
             let conn = Arc::new(Conn::new(self.instance, next_seq, peer, stream, slot));
             match spawn_start(Arc::clone(&conn), Arc::clone(&self.ctx), reports_tx.clone()) {
-                Ok(start) => registry.add(&conn, start),
+                Ok(start) => registry.add(&conn, start, reserved),
                 Err(e) => {
                     log::error!("refused {peer}: cannot start a thread: {e}");
                     conn.force_close();
@@ -332,6 +364,9 @@ struct Entry {
     start: Option<JoinHandle<()>>,
     /// The reader thread, once the start has handed over to it.
     reader: Option<JoinHandle<()>>,
+    /// The connection's share of the budget, given back once its threads
+    /// are joined (with the entry).
+    _reserved: Reservation,
 }
 
 /// The live connections, owned by the accept loop.
@@ -344,11 +379,12 @@ struct Registry {
 }
 
 impl Registry {
-    fn add(&mut self, conn: &Arc<Conn>, start: JoinHandle<()>) {
+    fn add(&mut self, conn: &Arc<Conn>, start: JoinHandle<()>, reserved: Reservation) {
         let entry = Entry {
             conn: Arc::downgrade(conn),
             start: Some(start),
             reader: None,
+            _reserved: reserved,
         };
         self.active.insert(conn.seq, entry);
         self.starting += 1;

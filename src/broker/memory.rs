@@ -8,9 +8,10 @@
 //! like the channels, under the same bounds as in Redis: a room's history
 //! is bounded in count and in bytes, and a room nobody is in is freed
 //! `--room-ttl` after its last use, by a small sweeper thread
-//! (`tc-expire`).
+//! (`tc-expire`), or sooner when the rooms nobody is in hold more than
+//! `--idle-rooms-bytes` together: the least recently used go first.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -43,8 +44,27 @@ pub struct MemoryBroker {
 
 /// Every room's state, and the gauge that counts them.
 struct Rooms {
-    state: Mutex<HashMap<String, RoomState>>,
+    state: Mutex<Table>,
     metrics: Arc<Metrics>,
+    /// Most bytes the rooms nobody is in may hold together
+    /// (`--idle-rooms-bytes`).
+    idle_budget: usize,
+}
+
+/// What each room costs besides its log (its state, name and map entry),
+/// counted against `--idle-rooms-bytes` so that empty logs are not free.
+const ROOM_OVERHEAD: usize = 256;
+
+/// The rooms, and those nobody is in in the order they were last used.
+#[derive(Default)]
+struct Table {
+    rooms: HashMap<String, RoomState>,
+    /// Rooms nobody is in, least recently used first: use number → name.
+    idle: BTreeMap<u64, String>,
+    /// What the rooms in `idle` hold together.
+    idle_bytes: usize,
+    /// Counts uses, to order `idle`.
+    uses: u64,
 }
 
 struct RoomState {
@@ -66,6 +86,12 @@ struct RoomState {
     /// The last message, join or leave: an empty room is freed
     /// `--room-ttl` after it.
     last_used: Instant,
+    /// Connections of this process in the room (`Broker::enter`): a room
+    /// with any is never freed.
+    present: usize,
+    /// While nobody is in it: its place in `Table::idle`, and the bytes it
+    /// was counted for there.
+    idle: Option<(u64, usize)>,
 }
 
 impl Default for RoomState {
@@ -78,6 +104,58 @@ impl Default for RoomState {
             last: 0,
             members: Vec::new(),
             last_used: Instant::now(),
+            present: 0,
+            idle: None,
+        }
+    }
+}
+
+impl RoomState {
+    /// Nobody is in it: it may be freed.
+    fn is_idle(&self) -> bool {
+        self.present == 0 && self.members.is_empty()
+    }
+}
+
+impl Table {
+    /// Takes `name` out of the idle rooms (it is being used).
+    fn unindex(&mut self, name: &str) {
+        if let Some((uses, bytes)) = self.rooms.get_mut(name).and_then(|s| s.idle.take()) {
+            self.idle.remove(&uses);
+            self.idle_bytes -= bytes;
+        }
+    }
+
+    /// Puts `name` among the idle rooms, as the most recently used, if
+    /// nobody is in it.
+    fn index(&mut self, name: &str) {
+        self.uses += 1;
+        let uses = self.uses;
+        let Some(state) = self.rooms.get_mut(name).filter(|s| s.is_idle()) else {
+            return;
+        };
+        let bytes = state.log_bytes + name.len() + ROOM_OVERHEAD;
+        state.idle = Some((uses, bytes));
+        self.idle.insert(uses, name.to_owned());
+        self.idle_bytes += bytes;
+    }
+
+    /// Frees `name`.
+    fn remove(&mut self, name: &str) {
+        self.unindex(name);
+        self.rooms.remove(name);
+    }
+
+    /// Frees the least recently used idle rooms until they fit in `budget`.
+    fn evict(&mut self, budget: usize) {
+        while self.idle_bytes > budget {
+            let Some((_, name)) = self.idle.pop_first() else {
+                break;
+            };
+            if let Some((_, bytes)) = self.rooms.remove(&name).and_then(|s| s.idle) {
+                self.idle_bytes -= bytes;
+            }
+            log::debug!("forgot room {name}: --idle-rooms-bytes reached");
         }
     }
 }
@@ -95,25 +173,36 @@ impl RoomState {
 }
 
 impl Rooms {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, RoomState>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs `f` on the room's state (created if need be), marked as used.
+    /// Runs `f` on the room's state (created if need be), marked as used;
+    /// then frees idle rooms past the budget.
     fn with<T>(&self, room: &Room, f: impl FnOnce(&mut RoomState) -> T) -> T {
-        let mut rooms = self.lock();
-        let state = rooms.entry(room.name().to_owned()).or_default();
+        let mut table = self.lock();
+        let name = room.name();
+        table.unindex(name);
+        let state = table.rooms.entry(name.to_owned()).or_default();
         state.last_used = Instant::now();
         let result = f(state);
-        self.metrics.rooms_in_memory.set(rooms.len() as i64);
+        table.index(name);
+        table.evict(self.idle_budget);
+        self.metrics.rooms_in_memory.set(table.rooms.len() as i64);
         result
     }
 
     /// Frees the rooms that nobody is in and nobody used for `ttl`.
     fn expire(&self, ttl: Duration) {
-        let mut rooms = self.lock();
-        rooms.retain(|_, state| !state.members.is_empty() || state.last_used.elapsed() < ttl);
-        self.metrics.rooms_in_memory.set(rooms.len() as i64);
+        let mut table = self.lock();
+        let expired: Vec<String> = (table.rooms.iter())
+            .filter(|(_, state)| state.is_idle() && state.last_used.elapsed() >= ttl)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in expired {
+            table.remove(&name);
+        }
+        self.metrics.rooms_in_memory.set(table.rooms.len() as i64);
     }
 }
 
@@ -123,6 +212,7 @@ impl MemoryBroker {
         let rooms = Arc::new(Rooms {
             state: Mutex::default(),
             metrics: Arc::clone(metrics),
+            idle_budget: settings.idle_rooms_bytes,
         });
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let ttl = settings.room_ttl;
@@ -219,8 +309,8 @@ impl Broker for MemoryBroker {
     }
 
     fn log(&self, room: &Room) -> Result<Log, BrokerError> {
-        let rooms = self.rooms.lock();
-        let Some(state) = rooms.get(room.name()) else {
+        let table = self.rooms.lock();
+        let Some(state) = table.rooms.get(room.name()) else {
             return Ok(Log::default());
         };
         Ok(Log {
@@ -231,8 +321,8 @@ impl Broker for MemoryBroker {
     }
 
     fn log_end(&self, room: &Room) -> Result<Option<Mark>, BrokerError> {
-        let rooms = self.rooms.lock();
-        Ok(rooms.get(room.name()).map(|state| Mark {
+        let table = self.rooms.lock();
+        Ok(table.rooms.get(room.name()).map(|state| Mark {
             end: Place {
                 offset: state.last,
                 epoch: state.epoch.clone(),
@@ -243,16 +333,21 @@ impl Broker for MemoryBroker {
 
     fn enter(&self, room: &Room) -> Result<(), BrokerError> {
         // The room exists (and so keeps its epoch) while anyone is in it.
-        self.rooms.with(room, |_| ());
+        self.rooms.with(room, |state| state.present += 1);
         Ok(())
     }
 
-    fn exit(&self, _room: &Room) {
-        // The sweeper frees a room nobody is in once `--room-ttl` passes.
+    fn exit(&self, room: &Room) {
+        // Once nobody is in it, the room is idle: freed by the sweeper once
+        // `--room-ttl` passes, or sooner past `--idle-rooms-bytes`.
+        self.rooms.with(room, |state| {
+            state.present = state.present.saturating_sub(1);
+        });
     }
 
     fn presence(&self, room: &Room, limit: usize) -> Result<Presence, BrokerError> {
-        let rooms = self.rooms.lock();
+        let table = self.rooms.lock();
+        let rooms = &table.rooms;
         let members = rooms
             .get(room.name())
             .map(|r| r.members.as_slice())
@@ -336,6 +431,8 @@ mod tests {
                 room_ttl: Duration::from_millis(200),
                 max_payload: 1024,
                 subscriptions: Default::default(),
+                capacity: crate::capacity::Capacity::unlimited(),
+                idle_rooms_bytes: 64 * 1024 * 1024,
             },
             &Arc::default(),
         )
@@ -379,6 +476,53 @@ mod tests {
         std::thread::sleep(Duration::from_millis(600));
         assert_eq!(broker.log(&room).unwrap(), Log::default());
         assert_eq!(broker.rooms.metrics.rooms_in_memory.get(), 0);
+    }
+
+    /// Past `--idle-rooms-bytes`, the least recently used rooms nobody is
+    /// in are forgotten first; a room somebody is in never is.
+    #[test]
+    fn idle_rooms_past_the_budget_are_forgotten_oldest_first() {
+        let broker = MemoryBroker::new(
+            &Settings {
+                idle_rooms_bytes: 2_000,
+                ..broker(100).settings.clone()
+            },
+            &Arc::default(),
+        )
+        .unwrap();
+        let occupied = Room::parse("occupied").unwrap();
+        broker.enter(&occupied).unwrap();
+        let rooms: Vec<Room> = (0..20)
+            .map(|i| Room::parse(&format!("r{i}")).unwrap())
+            .collect();
+        for room in std::iter::once(&occupied).chain(&rooms) {
+            broker
+                .publish(room, chat(&"x".repeat(100)), MemberChange::None)
+                .wait()
+                .unwrap();
+        }
+        // About 160 + 258 bytes per room: four fit in 2,000.
+        let kept: Vec<bool> = (rooms.iter())
+            .map(|room| broker.log_end(room).unwrap().is_some())
+            .collect();
+        assert_eq!(kept.iter().filter(|k| **k).count(), 4, "{kept:?}");
+        assert!(
+            kept[16..].iter().all(|k| *k),
+            "the newest are kept: {kept:?}"
+        );
+        assert_eq!(texts(&broker.log(&occupied).unwrap()).len(), 1);
+        // Once nobody is in it, it is idle, last used when left: four
+        // newer rooms push it out.
+        broker.exit(&occupied);
+        assert!(broker.log_end(&occupied).unwrap().is_some());
+        for i in 0..4 {
+            let newer = Room::parse(&format!("newer{i}")).unwrap();
+            broker
+                .publish(&newer, chat(&"x".repeat(100)), MemberChange::None)
+                .wait()
+                .unwrap();
+        }
+        assert!(broker.log_end(&occupied).unwrap().is_none());
     }
 
     #[test]

@@ -220,6 +220,12 @@ pub struct Settings {
     pub max_payload: usize,
     /// How the Redis broker subscribes (the in-process broker ignores it).
     pub subscriptions: Subscriptions,
+    /// The process's budget of threads and descriptors: a room's shared
+    /// feed reserves from it (see [`crate::capacity`]).
+    pub(crate) capacity: Arc<crate::capacity::Capacity>,
+    /// Most bytes held for rooms nobody is in (their logs and state): past
+    /// it the least recently used go first (`--idle-rooms-bytes`).
+    pub idle_rooms_bytes: usize,
 }
 
 /// Why the relay failed. `Clone`, because one failed pipeline answers many
@@ -255,6 +261,11 @@ pub enum BrokerError {
     /// The relay is shutting down.
     #[error("the relay is shutting down")]
     Closed,
+    /// Taking this client would pass the process's budget of threads or
+    /// descriptors (see [`crate::capacity`]): it is refused, nobody else
+    /// is hurt.
+    #[error("server full: {0}")]
+    Full(String),
 }
 
 impl BrokerError {

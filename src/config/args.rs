@@ -153,15 +153,38 @@ pub struct Args {
     pub history_bytes: usize,
 
     /// Seconds a room's state (history, member list) outlives its last use
-    /// (a message, a join or leave, or members still in it). Then it expires,
-    /// in Redis and in-process alike.
+    /// (a message, a join or leave, or members still in it): so how long an
+    /// empty room is kept for people who come back. Then it expires, in
+    /// Redis and in-process alike.
     #[arg(
         long,
         env = "THREADCHAT_ROOM_TTL",
-        default_value_t = 86_400.0,
+        default_value_t = 3_600.0,
         value_name = "SECONDS"
     )]
     pub room_ttl: f64,
+
+    /// Most bytes held for rooms nobody is in (their logs), across all
+    /// rooms; past it the least recently used empty rooms are forgotten
+    /// first. A room with members is never forgotten.
+    #[arg(
+        long,
+        env = "THREADCHAT_IDLE_ROOMS_BYTES",
+        default_value_t = 64 * 1024 * 1024,
+        value_name = "BYTES"
+    )]
+    pub idle_rooms_bytes: usize,
+
+    /// Rooms one IP address may create per minute (a room is new when it
+    /// has no log yet), with a burst of as many (0: no limit). Past it,
+    /// joining a new room is refused with HTTP 429.
+    #[arg(
+        long,
+        env = "THREADCHAT_NEW_ROOMS_PER_MINUTE",
+        default_value_t = 30,
+        value_name = "N"
+    )]
+    pub new_rooms_per_minute: u32,
 
     /// Seconds a client may take to finish a message it has begun sending
     /// (all its frames); a client that trickles is closed with code 1008.

@@ -111,6 +111,8 @@ pub struct Limits {
     pub unique_nicknames: bool,
     /// With unique nicknames, most held per address; `None`: no limit.
     pub max_nicknames_per_ip: Option<usize>,
+    /// Rooms one address may create per minute; `None`: no limit.
+    pub new_rooms_per_minute: Option<u32>,
 }
 
 /// The validated configuration.
@@ -136,8 +138,15 @@ pub struct Config {
     pub history_bytes: usize,
     /// How long a room's state outlives its last use.
     pub room_ttl: Duration,
+    /// Most bytes held for rooms nobody is in (`--idle-rooms-bytes`).
+    pub idle_rooms_bytes: usize,
     /// How clients subscribe to Redis.
     pub subscriptions: Subscriptions,
+    /// File descriptors each connection holds (its socket, and with
+    /// per-client subscriptions its Redis connection): with
+    /// [`THREADS_PER_CONNECTION`], what `max_connections` connections'
+    /// budget of threads and descriptors is made of.
+    pub fds_per_connection: usize,
 }
 
 /// An option value that cannot be used. The text is the whole error message.
@@ -254,6 +263,13 @@ impl Config {
                 reason: "must be between 1 KiB and 64 MiB".into(),
             });
         }
+        if args.idle_rooms_bytes < 64 * 1024 {
+            return Err(ConfigError::Range {
+                option: "--idle-rooms-bytes",
+                value: args.idle_rooms_bytes,
+                reason: "must be at least 64 KiB".into(),
+            });
+        }
         if !(1..=1_000_000).contains(&args.max_fragments) {
             return Err(ConfigError::Range {
                 option: "--max-fragments",
@@ -287,7 +303,9 @@ impl Config {
             history: args.history,
             history_bytes: args.history_bytes,
             room_ttl,
+            idle_rooms_bytes: args.idle_rooms_bytes,
             subscriptions: args.subscriptions,
+            fds_per_connection,
             limits: Limits {
                 max_connections,
                 max_message_size: args.max_message_size,
@@ -315,6 +333,8 @@ impl Config {
                 unique_nicknames: args.unique_nicknames,
                 max_nicknames_per_ip: (args.max_nicknames_per_ip > 0)
                     .then_some(args.max_nicknames_per_ip),
+                new_rooms_per_minute: (args.new_rooms_per_minute > 0)
+                    .then_some(args.new_rooms_per_minute),
             },
         })
     }

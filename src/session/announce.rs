@@ -288,6 +288,8 @@ mod tests {
             room_ttl: std::time::Duration::from_secs(60),
             max_payload: 4096,
             subscriptions: Default::default(),
+            capacity: crate::capacity::Capacity::unlimited(),
+            idle_rooms_bytes: 64 * 1024 * 1024,
         };
         let broker: Arc<dyn Broker> =
             Arc::new(MemoryBroker::new(&settings, &Arc::default()).unwrap());

@@ -56,6 +56,7 @@ mod conn;
 mod direct;
 mod junk;
 pub mod liveness;
+pub mod new_rooms;
 mod outbox;
 pub mod per_ip;
 pub mod per_user;
@@ -107,6 +108,8 @@ pub struct Context {
     pub per_user: Arc<per_user::PerUser>,
     /// With `--unique-nicknames`, how many names each address holds.
     pub claims_per_ip: Arc<unique::ClaimsPerIp>,
+    /// Rooms each address may still create (`--new-rooms-per-minute`).
+    pub new_rooms: new_rooms::NewRooms,
     /// Debug builds only: a chat message with exactly this text makes the
     /// reader thread panic, a client with this nickname its start thread
     /// (while welcoming it). Set by `THREADCHAT_TEST_PANIC`; tests use it

@@ -14,7 +14,7 @@ use tungstenite::http::StatusCode;
 use super::chat::{Chat, Membership, Open, SubscriberThread};
 use super::outbox::Welcomed;
 use super::socket::{self, Writer};
-use super::{Conn, Context, SessionError, liveness, route, unique, welcome};
+use super::{Conn, Context, SessionError, liveness, new_rooms, route, unique, welcome};
 use crate::http::{self, Outcome, Target};
 use crate::protocol::Member;
 
@@ -57,6 +57,7 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
         leftover,
         forwarded_for,
     } = *upgrade;
+    let client_ip = forwarded_for.unwrap_or(conn.peer.ip());
     // Through a trusted proxy: count the client by its own address.
     if let Some(ip) = forwarded_for {
         match ctx.per_ip.take(ip) {
@@ -102,6 +103,13 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
             }
         }
     }
+    // A new room costs one of its address's new rooms.
+    if let http::Target::Chat(member) = &target
+        && let Err(reason) = new_rooms::admit(ctx, &member.room, client_ip)
+    {
+        let _ = http::refuse(&conn.stream, StatusCode::TOO_MANY_REQUESTS, &reason);
+        return Ok(Started::Done);
+    }
     // One connection per nickname in a room, if asked.
     if let http::Target::Chat(member) = &target
         && let Err((status, reason)) =
@@ -126,7 +134,7 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
     match target {
         Target::Chat(member) => start_chat(conn, ctx, member, &response, writer, reader)
             .map(|chat| Started::Chat(Box::new(chat)))
-            .inspect_err(|_| refuse_upgrade(conn)),
+            .inspect_err(|e| refuse_upgrade(conn, e)),
         Target::Echo => {
             http::accept(&conn.stream, &response)?;
             conn.upgraded(&writer);
@@ -190,12 +198,14 @@ fn start_chat(
 }
 
 /// Answers an upgrade request with 503 instead of 101: the chat relay could
-/// not take this client.
-fn refuse_upgrade(conn: &Conn) {
-    let _ = http::refuse(
-        &conn.stream,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "chat relay unavailable; try again later",
-    );
+/// not take this client (or the process has no budget left for its room).
+fn refuse_upgrade(conn: &Conn, error: &SessionError) {
+    let reason = match error {
+        SessionError::Relay(full @ crate::broker::BrokerError::Full(_)) => {
+            format!("{full}; try again later")
+        }
+        _ => "chat relay unavailable; try again later".to_owned(),
+    };
+    let _ = http::refuse(&conn.stream, StatusCode::SERVICE_UNAVAILABLE, &reason);
     let _ = conn.stream.shutdown(Shutdown::Both);
 }

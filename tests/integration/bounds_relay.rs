@@ -121,7 +121,9 @@ fn forged_and_oversized_payloads_are_skipped(mode: &[&str]) {
 #[test]
 fn room_state_expires_in_redis() {
     let redis = Redis::start();
-    let server = Server::with_redis_and(&redis, &["--room-ttl", "4"]);
+    // One address creating 1,000 rooms: past --new-rooms-per-minute.
+    let server =
+        Server::with_redis_and(&redis, &["--room-ttl", "4", "--new-rooms-per-minute", "0"]);
     let mut stayer = Client::connect_path(server.addr, "/chat/stayer?room=kept");
     stayer.settle();
     stayer.send("remember me");
@@ -155,7 +157,13 @@ fn room_state_expires_in_redis() {
 /// The same in-process: emptied rooms are freed after `--room-ttl`.
 #[test]
 fn room_state_expires_in_process() {
-    let server = Server::start(&["--in-process", "--room-ttl", "2"]);
+    let server = Server::start(&[
+        "--in-process",
+        "--room-ttl",
+        "2",
+        "--new-rooms-per-minute",
+        "0",
+    ]);
     use_and_leave_rooms(&server, 1000);
     assert!(server.metric("threadchat_rooms_in_memory") > 0);
     eventually("emptied rooms are freed", || {

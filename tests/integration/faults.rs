@@ -65,8 +65,9 @@ fn redis_dies_and_comes_back_mid_chat(args: &[&str]) {
 
     alice.close();
     bob.close();
-    // main, signals, announcer, heartbeat, 2 publishers, 2 query threads
-    eventually("threads back to baseline", || server.thread_count() == 8);
+    // main, signals, announcer, heartbeat, 2 publishers, 2 query threads,
+    // the idle rooms' keeper
+    eventually("threads back to baseline", || server.thread_count() == 9);
     eventually(
         "Redis connections back to the publishers and queries",
         || redis.client_count() <= 4,

@@ -18,6 +18,7 @@ mod limits;
 mod names;
 mod recovery;
 mod redis_wire;
+mod room_bounds;
 mod rooms;
 mod sentinel;
 mod startup;

@@ -20,6 +20,12 @@
 //!   fast as they can, while two clients chat in another room at 20
 //!   messages a second. Reported: the chat's latency without and with the
 //!   flood (target: no change beyond noise). Redis relays only.
+//! * `j`: **room rotation.** One address, 8 connections, each opening a
+//!   fresh room and sending two of the costliest messages (64,000 `"`)
+//!   there, then the next room, for 30 s, with the server's default
+//!   `--new-rooms-per-minute`. Reported: rooms created and refused, Redis's
+//!   `used_memory` growth and the server's RSS growth (targets: at most
+//!   +64 MB each).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -39,6 +45,7 @@ pub(crate) enum Attack {
     JoinStorm,
     SlowReaders,
     MembersFlood,
+    RoomRotation,
 }
 
 /// One line of the attacks' table.
@@ -67,6 +74,7 @@ impl Attack {
             "d" => Some(Attack::JoinStorm),
             "e" => Some(Attack::SlowReaders),
             "f" => Some(Attack::MembersFlood),
+            "j" => Some(Attack::RoomRotation),
             _ => None,
         }
     }
@@ -88,6 +96,11 @@ impl Attack {
                 "f: /members flood, 10,000 members",
                 "chat latency unchanged",
                 members_flood(args, relay)?,
+            ),
+            Attack::RoomRotation => (
+                "j: room rotation, 8 connections, 30 s",
+                "Redis ≤ +64 MB; RSS ≤ +64 MB",
+                room_rotation(args, relay)?,
             ),
         };
         Ok(AttackRow {
@@ -232,6 +245,68 @@ fn joiner(
             history_bytes.fetch_add(t.len() as u64, Ordering::Relaxed);
         }
     }
+}
+
+/// Scenario j.
+fn room_rotation(args: &Args, relay: &str) -> anyhow::Result<String> {
+    const CONNECTIONS: usize = 8;
+    const ATTACK: Duration = Duration::from_secs(30);
+    // Asked explicitly, so that the load generator leaves it on.
+    let env = Env::start(args, relay, &["--new-rooms-per-minute", "30"])?;
+    let redis_before = redis_used_memory(&env).unwrap_or(0);
+    let rss_before = rss_kb(env.pid()) as i64;
+    let peak = PeakRss::watch(env.pid());
+    let created = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + ATTACK;
+    let attackers: Vec<_> = (0..CONNECTIONS)
+        .map(|c| {
+            let (created, refused, addr) = (Arc::clone(&created), Arc::clone(&refused), env.addr);
+            thread::spawn(move || {
+                let text = "\"".repeat(64_000);
+                let mut n = 0;
+                while Instant::now() < deadline {
+                    n += 1;
+                    match connect(addr, &format!("r{c}"), &format!("rot-{c}-{n}")) {
+                        Ok(mut ws) => {
+                            created.fetch_add(1, Ordering::Relaxed);
+                            for _ in 0..2 {
+                                let _ = ws.send(Message::text(text.as_str()));
+                            }
+                            let _ = ws.close(None);
+                            while ws.read().is_ok() {}
+                        }
+                        Err(_) => {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                            // Refused (429): try the next name at once,
+                            // as an attacker would, but let the CPU breathe.
+                            thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for attacker in attackers {
+        let _ = attacker.join();
+    }
+    // Leaves and idle-room bookkeeping settle.
+    thread::sleep(Duration::from_secs(3));
+    let redis_growth = redis_used_memory(&env).map(|after| after as i64 - redis_before as i64);
+    let peak_kb = peak.peak_kb() as i64;
+    drop(peak);
+    let rss_after = rss_kb(env.pid()) as i64;
+    Ok(format!(
+        "{} rooms created, {} refused; Redis {}; RSS +{:.1} MB (peak +{:.1} MB)",
+        created.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+        redis_growth.map_or("-".to_owned(), |b| format!(
+            "+{:.1} MB",
+            b as f64 / 1048576.0
+        )),
+        mb(rss_after - rss_before),
+        mb(peak_kb - rss_before),
+    ))
 }
 
 /// Scenario e.

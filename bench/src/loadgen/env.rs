@@ -87,6 +87,13 @@ impl Env {
         if supports(&args.threadchat, "--max-connections-per-ip") {
             relay.extend(["--max-connections-per-ip".into(), "0".into()]);
         }
+        // Nor would they create their rooms from one address (but where a
+        // scenario asks for the limit, scenario j).
+        if !extra.contains(&"--new-rooms-per-minute")
+            && supports(&args.threadchat, "--new-rooms-per-minute")
+        {
+            relay.extend(["--new-rooms-per-minute".into(), "0".into()]);
+        }
         let mut server = Command::new(&args.threadchat)
             .args(["--host", "127.0.0.1", "--port", "0", "--rate-limit", "0"])
             .args(["--log-level", "warn"])

@@ -100,17 +100,18 @@ struct Shard {
     subscribers: Vec<Subscriber>,
 }
 
-/// Who is dispatching: one of the dispatcher threads of a channel's source.
-/// Each serves one shard of the channel's subscribers, so a big room's
-/// writes are spread over the machine's cores; a client always belongs to
-/// the same shard, so it gets its messages in order.
+/// Who is dispatching: a channel's source, through one of its dispatcher
+/// threads or by itself. A dispatcher serves one shard of the channel's
+/// subscribers, so a big room's writes are spread over the machine's cores;
+/// a client always belongs to the same shard, so it gets its messages in
+/// order. A small room's source serves every shard itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Source {
     /// The channel's generation this source was started for (a stopped
     /// source must not deliver into a channel created again meanwhile).
     pub(crate) generation: u64,
-    /// The shard this dispatcher serves.
-    pub(crate) shard: usize,
+    /// The shard this dispatcher serves (`None`: all of them).
+    pub(crate) shard: Option<usize>,
 }
 
 /// What a client's queue holds: one event, or a run of messages that the
@@ -345,6 +346,14 @@ impl Fanout {
         }
     }
 
+    /// How many clients are subscribed to `channel`.
+    pub(crate) fn subscribers(&self, channel: &str) -> usize {
+        let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+        channels.get(channel).map_or(0, |entry| {
+            entry.shards.iter().map(|s| s.subscribers.len()).sum()
+        })
+    }
+
     /// The number of channels with subscribers (for tests).
     #[cfg(test)]
     pub(crate) fn channel_count(&self) -> usize {
@@ -359,9 +368,12 @@ impl Channel {
         source.is_none_or(|s| s.generation == self.generation)
     }
 
-    /// Which shards `source` serves: its own, or all of them without one.
+    /// Which shards `source` serves: its own, or all of them.
     fn served_by(&self, source: Option<Source>) -> Range<usize> {
-        source.map_or(0..self.shards.len(), |s| s.shard..s.shard + 1)
+        match source.and_then(|s| s.shard) {
+            Some(shard) => shard..shard + 1,
+            None => 0..self.shards.len(),
+        }
     }
 
     /// Offers `queued` to everyone `source` serves; returns who is too far

@@ -106,7 +106,12 @@ fn each_dispatcher_serves_its_shard() {
     let register = |seq| fanout.register("room", &ConnId::new(1, seq));
     let (first, second) = (register(1), register(2));
     let generation = first.new_channel.expect("a new channel");
-    let from = |shard| Some(Source { generation, shard });
+    let from = |shard| {
+        Some(Source {
+            generation,
+            shard: Some(shard),
+        })
+    };
     fanout.dispatch("room", from(0), Event::Subscribed);
     assert_eq!(first.inbox.rx.len(), 1);
     assert_eq!(second.inbox.rx.len(), 0);

@@ -97,6 +97,13 @@ fn shard_channel(room: &Room) -> String {
     }
 }
 
+/// The keys of the index of idle rooms (see `idle.rs`): a sorted set
+/// (room → when it was left), a hash (room → its bytes) and their total.
+/// One hash tag, so one script changes all three on a cluster.
+pub(super) fn idle_rooms() -> [String; 3] {
+    ["lru", "sizes", "total"].map(|part| format!("threadchat:{{idle-rooms}}:{part}"))
+}
+
 /// The key that says an instance is alive.
 pub(super) fn instance(instance: &str) -> String {
     format!("threadchat:instance:{instance}")
@@ -122,6 +129,8 @@ mod tests {
             let slots: Vec<u16> = keys.iter().map(|k| slot(k.as_bytes())).collect();
             assert!(slots.iter().all(|s| *s == slots[0]), "{name}: {keys:?}");
         }
+        let index: Vec<u16> = idle_rooms().iter().map(|k| slot(k.as_bytes())).collect();
+        assert!(index.iter().all(|s| *s == index[0]));
         assert_ne!(
             tag(&Room::parse("}").unwrap()),
             tag(&Room::parse("%7D").unwrap())

@@ -75,6 +75,7 @@ mod cluster;
 mod coalesce;
 mod failover;
 mod heartbeat;
+mod idle;
 mod keys;
 mod listener;
 mod members;
@@ -156,6 +157,9 @@ pub struct RedisBroker {
     subscriptions: Arc<SubscriptionSockets>,
     /// With Sentinel, the thread that hears of failovers (`failover.rs`).
     watcher: Option<failover::Watcher>,
+    /// The thread that keeps rooms nobody is in under their budget
+    /// (`idle.rs`).
+    idle: Option<idle::IdleRooms>,
 }
 
 impl RedisBroker {
@@ -254,6 +258,7 @@ impl RedisBroker {
             shared: None,
             subscriptions: Arc::default(),
             watcher: None,
+            idle: None,
         };
         if settings.subscriptions == Subscriptions::Shared {
             broker.shared = Some(Arc::new(SharedFeeds {
@@ -264,9 +269,16 @@ impl RedisBroker {
                 metrics: Arc::clone(metrics),
                 subscriptions: Arc::clone(&broker.subscriptions),
                 max_payload: settings.max_payload,
+                capacity: Arc::clone(&settings.capacity),
             }));
         }
         broker.start_heartbeat()?;
+        broker.idle = Some(idle::IdleRooms::start(
+            broker.queries.clone(),
+            Arc::clone(&broker.local_rooms),
+            settings.idle_rooms_bytes,
+            settings.room_ttl,
+        )?);
         broker.watcher = failover::Watcher::start(&broker.topology, &broker.subscriptions)?;
         Ok(broker)
     }
@@ -417,7 +429,13 @@ impl Broker for RedisBroker {
         let refresh = RedisBroker::refresh(room, self.settings.room_ttl).collect();
         self.run(Route::room(room), refresh)?;
         let mut rooms = self.local_rooms.lock().unwrap_or_else(|p| p.into_inner());
-        *rooms.entry(room.clone()).or_default() += 1;
+        let count = rooms.entry(room.clone()).or_default();
+        *count += 1;
+        if *count == 1
+            && let Some(idle) = &self.idle
+        {
+            idle.entered(room);
+        }
         Ok(())
     }
 
@@ -427,6 +445,9 @@ impl Broker for RedisBroker {
             *count -= 1;
             if *count == 0 {
                 rooms.remove(room);
+                if let Some(idle) = &self.idle {
+                    idle.left(room);
+                }
             }
         }
     }
@@ -494,6 +515,8 @@ impl Drop for RedisBroker {
         if let Some(handle) = self.heartbeat.take() {
             let _ = handle.join();
         }
+        // Before the lanes it uses are closed.
+        self.idle.take();
         self.shared.take();
         self.lanes.clear();
         self.queries.clear();

@@ -159,12 +159,65 @@ end
 return 1
 "#;
 
+/// Changes the index of idle rooms (`idle.rs`), all of whose keys are in
+/// one slot: `KEYS` the sorted set (room → when it was left, in ms), the
+/// hash (room → bytes) and their total; `ARGV` the room, its bytes (`-1`:
+/// it is no longer idle, take it out), the budget in bytes and the rooms'
+/// time to live in ms. Entries older than that go first (their rooms have
+/// expired); then the least recently left go until the total fits the
+/// budget. The index's keys live a time to live after their last change.
+/// Returns the rooms evicted (not the expired), for the caller to forget.
+pub const IDLE_INDEX: &str = r#"
+local lru, sizes, total = KEYS[1], KEYS[2], KEYS[3]
+local room, bytes = ARGV[1], tonumber(ARGV[2])
+local budget, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local function forget(name)
+  local old = redis.call('HGET', sizes, name)
+  if old then
+    redis.call('HDEL', sizes, name)
+    redis.call('DECRBY', total, old)
+  end
+  redis.call('ZREM', lru, name)
+end
+for _, name in ipairs(redis.call('ZRANGE', lru, '-inf', now - ttl, 'BYSCORE')) do
+  forget(name)
+end
+forget(room)
+if bytes >= 0 then
+  redis.call('ZADD', lru, now, room)
+  redis.call('HSET', sizes, room, bytes)
+  redis.call('INCRBY', total, bytes)
+end
+local evicted = {}
+while tonumber(redis.call('GET', total) or '0') > budget do
+  local oldest = redis.call('ZRANGE', lru, 0, 0)[1]
+  if not oldest then break end
+  forget(oldest)
+  evicted[#evicted + 1] = oldest
+end
+-- Unchanged for a time to live, every entry is stale: the index goes too.
+for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl) end
+return evicted
+"#;
+
+/// Forgets an idle room evicted from the index: deletes its log, its
+/// position and its claimed nicknames — unless its member list says
+/// somebody is in it now (checked in the same step). `KEYS`: the room's
+/// keys in `keys::to_refresh` order. Returns 1 if it was forgotten.
+pub const FORGET_ROOM: &str = r#"
+if redis.call('HLEN', KEYS[4]) > 0 then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[5])
+return 1
+"#;
+
 /// The scripts every connection loads (`SCRIPT LOAD`) when it opens.
-pub(super) const SCRIPTS: [&str; 2] = [LOG_AND_PUBLISH, SWAP_FIELD];
+pub(super) const SCRIPTS: [&str; 4] = [LOG_AND_PUBLISH, SWAP_FIELD, IDLE_INDEX, FORGET_ROOM];
 
 /// The SHA1 by which Redis knows one of [`SCRIPTS`] once loaded.
 pub(super) fn sha_of(script: &'static str) -> &'static str {
-    static SHAS: std::sync::OnceLock<[String; 2]> = std::sync::OnceLock::new();
+    static SHAS: std::sync::OnceLock<[String; 4]> = std::sync::OnceLock::new();
     let shas = SHAS.get_or_init(|| SCRIPTS.map(|s| redis::Script::new(s).get_hash().to_owned()));
     let index = SCRIPTS
         .iter()

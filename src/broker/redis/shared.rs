@@ -5,26 +5,34 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
-use super::topology::Topology;
+use crossbeam_channel::Sender;
 
 use super::listener::{RedisListener, SubscriptionSockets};
+use super::topology::Topology;
 use crate::broker::fanout::{Fanout, FanoutListener, Source};
 use crate::broker::{BrokerError, Canceller, Event, Flow, Listen, Subscription};
+use crate::capacity::{Capacity, Cost, Reservation};
 use crate::metrics::Metrics;
 use crate::protocol::{ConnId, Room};
 
 /// Shared-subscription mode: one Redis subscription per room per process,
-/// held by the room's *listener thread* (`tc-room-N`). Its *dispatcher
-/// threads* (`tc-fan-N-S`, one per core, up to [`MAX_DISPATCHERS`]) each
-/// hand what the reader received to their shard of the room's clients here,
-/// batching whatever arrived together: a message to a big room is written
-/// on every core at once.
+/// held by the room's *listener thread* (`tc-room-N`), which hands what it
+/// receives to the room's clients here, batching whatever arrived together.
+///
+/// A room costs one thread and one Redis connection, reserved from the
+/// process's budget ([`Capacity`]) before they are started: past the
+/// budget the client that would start a room's feed is refused (a 503),
+/// where spawning would have risked the process. Only a room with more than
+/// [`SMALL_ROOM`] clients here gets *dispatcher threads* (`tc-fan-N-S`, one
+/// per core, up to [`MAX_DISPATCHERS`]), reserved from the budget too, so
+/// that a message to a big room is written on every core at once; a
+/// listener that cannot have them goes on delivering itself.
 ///
 /// The first client of a room starts its feed; the last one to leave stops
-/// it and joins its thread. A client arriving while the feed is subscribed
-/// is subscribed at once; one arriving earlier waits for the feed's first
-/// `Subscribed` (or is refused, as in per-client mode, if the feed's first
-/// attempt fails).
+/// it and joins its thread (which joins its dispatchers). A client arriving
+/// while the feed is subscribed is subscribed at once; one arriving earlier
+/// waits for the feed's first `Subscribed` (or is refused, as in
+/// per-client mode, if the feed's first attempt fails).
 pub(super) struct SharedFeeds {
     pub(super) fanout: Arc<Fanout>,
     /// Channel → its running feed. Locked while registering and
@@ -36,19 +44,34 @@ pub(super) struct SharedFeeds {
     pub(super) metrics: Arc<Metrics>,
     pub(super) subscriptions: Arc<SubscriptionSockets>,
     pub(super) max_payload: usize,
+    /// The process's budget of threads and descriptors.
+    pub(super) capacity: Arc<Capacity>,
 }
 
-/// A room's running feed: a listener thread and its dispatcher threads.
+/// A room's running feed: its listener thread (which owns the dispatcher
+/// threads, if the room has any).
 pub(super) struct RoomFeed {
     canceller: Canceller,
     reader: JoinHandle<()>,
-    dispatchers: Vec<JoinHandle<()>>,
+    /// The listener's thread and Redis connection in the budget, given back
+    /// once it is joined.
+    _reserved: Reservation,
 }
 
 /// Most dispatcher threads per room: one per core, up to this many.
 const MAX_DISPATCHERS: usize = 4;
 
-/// How many dispatcher threads each room gets.
+/// Clients a room may have here while its listener delivers to them
+/// itself; past it the room gets dispatcher threads. One thread writes to
+/// this many clients in well under a millisecond (most writes go directly
+/// to the socket, see `fanout`), so only bigger rooms gain from more cores.
+pub(super) const SMALL_ROOM: usize = 64;
+
+/// What a room's feed reserves from the budget: the listener thread and
+/// its Redis connection.
+const FEED_COST: Cost = Cost::new(1, 1);
+
+/// How many dispatcher threads a big room gets.
 pub(super) fn dispatchers_per_room() -> usize {
     thread::available_parallelism()
         .map_or(1, usize::from)
@@ -107,6 +130,13 @@ impl SharedFeeds {
         channel: &str,
         generation: u64,
     ) -> Result<RoomFeed, BrokerError> {
+        let reserved = self.capacity.reserve(FEED_COST).ok_or_else(|| {
+            BrokerError::Full(
+                "no thread left to follow another room (each room in use here takes one; \
+                 see --max-connections)"
+                    .into(),
+            )
+        })?;
         let (listener, canceller) = RedisListener::new(
             &self.topology,
             &self.url,
@@ -118,19 +148,144 @@ impl SharedFeeds {
         );
         let listener = Box::new(listener);
         let stop = canceller.signal();
-        let spawn_error = |e| BrokerError::Redis(format!("cannot start a room's feed thread: {e}"));
-        // The dispatchers: each takes whatever the reader has queued for it
-        // and hands it to its shard of the room's clients as one batch. They
-        // end when the reader does (it drops their queues' senders).
-        let mut senders = Vec::new();
-        let mut dispatchers = Vec::new();
-        for shard in 0..self.fanout.shards() {
+        let mut delivery = Delivery {
+            fanout: Arc::clone(&self.fanout),
+            channel: channel.to_owned(),
+            generation,
+            capacity: Arc::clone(&self.capacity),
+            pending: Vec::new(),
+            dispatchers: None,
+            declined: false,
+        };
+        // The listener: blocks on the room's Redis subscription and hands
+        // out what it receives, itself or through its dispatchers.
+        let reader = thread::Builder::new()
+            .name(format!("tc-room-{generation}"))
+            .stack_size(crate::THREAD_STACK_SIZE)
+            .spawn(move || {
+                let result = listener.listen(&stop, &mut |event| delivery.take(event));
+                // The one place this thread's errors are logged.
+                if let Err(e) = result {
+                    log::error!(
+                        "the shared subscription to {} failed: {e}",
+                        delivery.channel
+                    );
+                }
+                delivery.finish();
+            })
+            .map_err(|e| BrokerError::Redis(format!("cannot start a room's feed thread: {e}")))?;
+        Ok(RoomFeed {
+            canceller,
+            reader,
+            _reserved: reserved,
+        })
+    }
+}
+
+/// How a room's listener hands out what it receives: itself, in batches of
+/// what arrived together, while the room is small; through dispatcher
+/// threads once it is big (see [`SharedFeeds`]).
+struct Delivery {
+    fanout: Arc<Fanout>,
+    channel: String,
+    generation: u64,
+    capacity: Arc<Capacity>,
+    /// Received and not yet handed out (while delivering itself).
+    pending: Vec<Event>,
+    /// The room's dispatcher threads, once it has them.
+    dispatchers: Option<Dispatchers>,
+    /// The budget had no room for dispatchers (said once in the log).
+    declined: bool,
+}
+
+/// A big room's dispatcher threads: each takes whatever the listener has
+/// queued for it and hands it to its shard of the room's clients as one
+/// batch. They end when the listener drops their queues' senders.
+struct Dispatchers {
+    senders: Vec<Sender<Event>>,
+    threads: Vec<JoinHandle<()>>,
+    /// Their threads in the budget, given back once they are joined.
+    _reserved: Reservation,
+}
+
+impl Delivery {
+    /// Takes one event from the listener.
+    fn take(&mut self, event: Event) -> Flow {
+        if let Some(dispatchers) = &self.dispatchers {
+            // If one falls behind, the listener blocks on its queue, and
+            // Redis buffers.
+            if !matches!(event, Event::Idle) {
+                for events in &dispatchers.senders {
+                    if events.send(event.clone()).is_err() {
+                        return Flow::Break(());
+                    }
+                }
+            }
+            return Flow::Continue(());
+        }
+        match event {
+            // Nothing more has arrived: hand out what has.
+            Event::Idle => self.flush(),
+            Event::Message(_) => {
+                self.pending.push(event);
+                if self.pending.len() >= MAX_DISPATCH {
+                    self.flush();
+                }
+            }
+            // `Subscribed` and `Lost` are awaited by joiners: at once.
+            control => {
+                self.pending.push(control);
+                self.flush();
+            }
+        }
+        Flow::Continue(())
+    }
+
+    /// Hands out what is pending, to every shard; then, if the room has
+    /// grown big, starts its dispatchers (after the flush: whatever they
+    /// hand out comes after what the listener did).
+    fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let source = Source {
+            generation: self.generation,
+            shard: None,
+        };
+        let events = std::mem::take(&mut self.pending);
+        self.fanout
+            .dispatch_all(&self.channel, Some(source), events);
+        if self.fanout.shards() > 1 && self.fanout.subscribers(&self.channel) > SMALL_ROOM {
+            self.dispatchers = self.start_dispatchers();
+        }
+    }
+
+    /// The room's dispatcher threads, if the budget allows them and the OS
+    /// starts them all.
+    fn start_dispatchers(&mut self) -> Option<Dispatchers> {
+        let shards = self.fanout.shards();
+        let Some(reserved) = self.capacity.reserve(Cost::new(shards, 0)) else {
+            if !std::mem::replace(&mut self.declined, true) {
+                log::warn!(
+                    "{} is big, but the thread budget has no room for its dispatchers: \
+                     its listener goes on delivering alone",
+                    self.channel
+                );
+            }
+            return None;
+        };
+        let mut senders = Vec::with_capacity(shards);
+        let mut threads = Vec::with_capacity(shards);
+        for shard in 0..shards {
             let (events_tx, events_rx) = crossbeam_channel::bounded::<Event>(FEED_QUEUE);
             let fanout = Arc::clone(&self.fanout);
-            let channel = channel.to_owned();
-            let source = Source { generation, shard };
+            let channel = self.channel.clone();
+            let source = Source {
+                generation: self.generation,
+                shard: Some(shard),
+            };
             let dispatcher = thread::Builder::new()
-                .name(format!("tc-fan-{generation}-{shard}"))
+                .name(format!("tc-fan-{}-{shard}", self.generation))
                 .stack_size(crate::THREAD_STACK_SIZE)
                 .spawn(move || {
                     while let Ok(first) = events_rx.recv() {
@@ -143,53 +298,32 @@ impl SharedFeeds {
             match dispatcher {
                 Ok(dispatcher) => {
                     senders.push(events_tx);
-                    dispatchers.push(dispatcher);
+                    threads.push(dispatcher);
                 }
                 Err(e) => {
+                    log::error!("cannot start a dispatcher of {}: {e}", self.channel);
                     drop(senders);
-                    join_all(dispatchers);
-                    return Err(spawn_error(e));
+                    join_all(threads);
+                    return None;
                 }
             }
         }
-        // The reader: blocks on the room's Redis subscription, and queues
-        // each event for every dispatcher. If one falls behind, the reader
-        // blocks on its queue, and Redis buffers.
-        let channel = channel.to_owned();
-        let reader = thread::Builder::new()
-            .name(format!("tc-room-{generation}"))
-            .stack_size(crate::THREAD_STACK_SIZE)
-            .spawn(move || {
-                let result = listener.listen(&stop, &mut |event| match event {
-                    Event::Idle => Flow::Continue(()),
-                    event => {
-                        for events in &senders {
-                            if events.send(event.clone()).is_err() {
-                                return Flow::Break(());
-                            }
-                        }
-                        Flow::Continue(())
-                    }
-                });
-                // The one place this thread's errors are logged.
-                if let Err(e) = result {
-                    log::error!("the shared subscription to {channel} failed: {e}");
-                }
-            });
-        let reader = match reader {
-            Ok(reader) => reader,
-            Err(e) => {
-                // The queues' senders are gone with the closure: the
-                // dispatchers end.
-                join_all(dispatchers);
-                return Err(spawn_error(e));
-            }
-        };
-        Ok(RoomFeed {
-            canceller,
-            reader,
-            dispatchers,
+        Some(Dispatchers {
+            senders,
+            threads,
+            _reserved: reserved,
         })
+    }
+
+    /// The listener is done: its dispatchers end, and are joined.
+    fn finish(mut self) {
+        self.flush();
+        if let Some(dispatchers) = self.dispatchers.take() {
+            drop(dispatchers.senders);
+            if join_all(dispatchers.threads) {
+                log::error!("a dispatcher of {} panicked", self.channel);
+            }
+        }
     }
 }
 
@@ -222,10 +356,9 @@ impl Drop for FeedRegistration {
         };
         if let Some(feed) = stopped {
             feed.canceller.cancel();
-            // The reader first: its end ends the dispatchers.
-            let reader_panicked = feed.reader.join().is_err();
-            if join_all(feed.dispatchers) || reader_panicked {
-                log::error!("a feed thread of {} panicked", self.channel);
+            // It joins its dispatchers before it ends.
+            if feed.reader.join().is_err() {
+                log::error!("the feed thread of {} panicked", self.channel);
             }
         }
     }

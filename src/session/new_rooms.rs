@@ -1,0 +1,147 @@
+//! How many rooms one client address may create (`--new-rooms-per-minute`).
+//!
+//! Each room's log is bounded, but without this nothing bounds how many
+//! rooms one address fills: a handful of connections, each opening a fresh
+//! room and filling its log, would add hundreds of megabytes a minute to
+//! Redis (or to the process). So each address has a token bucket of new
+//! rooms: `per_minute` at once, refilled at `per_minute` a minute. A room
+//! is new when it has no log yet; joining a room that exists costs nothing.
+//! A join that would create a room with the bucket empty is refused with
+//! HTTP 429 before anything is started for it.
+//!
+//! The buckets of addresses that have not created a room for a minute are
+//! full again, and are forgotten, so the table stays small.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::Context;
+use crate::protocol::Room;
+
+/// Addresses kept before the full buckets are swept out.
+const SWEEP_AT: usize = 4096;
+
+/// Every address's bucket of new rooms.
+#[derive(Debug)]
+pub struct NewRooms {
+    /// Rooms per minute, and in a burst; `None`: no limit.
+    per_minute: Option<u32>,
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+    /// Refused since its last room: refusals in a row are logged once.
+    refused: bool,
+}
+
+/// Why a new room was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// Until the address may create one again.
+    pub wait: Duration,
+    /// The first refusal since the address's last new room (the one to log).
+    pub first: bool,
+}
+
+impl NewRooms {
+    /// Buckets of `per_minute` new rooms (`None`: no limit).
+    pub fn new(per_minute: Option<u32>) -> NewRooms {
+        NewRooms {
+            per_minute,
+            buckets: Mutex::default(),
+        }
+    }
+
+    /// Whether a limit is set at all (if not, nobody needs to ask whether
+    /// a room is new).
+    pub fn is_limited(&self) -> bool {
+        self.per_minute.is_some()
+    }
+
+    /// Takes one new room for `ip` at `now`: `Err` with the time until the
+    /// next one if its bucket is empty.
+    pub fn take(&self, ip: IpAddr, now: Instant) -> Result<(), Refused> {
+        let Some(per_minute) = self.per_minute else {
+            return Ok(());
+        };
+        let capacity = f64::from(per_minute);
+        let per_second = capacity / 60.0;
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= SWEEP_AT {
+            buckets.retain(|_, b| Bucket::refilled(*b, now, per_second, capacity) < capacity);
+        }
+        let bucket = buckets.entry(ip).or_insert(Bucket {
+            tokens: capacity,
+            last: now,
+            refused: false,
+        });
+        bucket.tokens = Bucket::refilled(*bucket, now, per_second, capacity);
+        bucket.last = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            bucket.refused = false;
+            Ok(())
+        } else {
+            Err(Refused {
+                wait: Duration::from_secs_f64((1.0 - bucket.tokens) / per_second),
+                first: !std::mem::replace(&mut bucket.refused, true),
+            })
+        }
+    }
+}
+
+/// Whether a client from `ip` may join `room`: `Err` with the reason to
+/// give it (with a 429) when the room is new and `ip` may create no more
+/// rooms for now. A relay that cannot tell whether the room exists lets
+/// the join go on (it fails on its own, with its own reason).
+pub(super) fn admit(ctx: &Context, room: &Room, ip: IpAddr) -> Result<(), String> {
+    if !ctx.new_rooms.is_limited() || !matches!(ctx.broker.log_end(room), Ok(None)) {
+        return Ok(());
+    }
+    ctx.new_rooms.take(ip, Instant::now()).map_err(|refused| {
+        // Once per run of refusals: an address rotating rooms does not
+        // flood the log either.
+        if refused.first {
+            log::warn!("refused {ip}: --new-rooms-per-minute reached (joining {room})");
+        }
+        format!(
+            "too many new rooms from your address; try again in {} s, or join a room that exists",
+            refused.wait.as_secs() + 1
+        )
+    })
+}
+
+impl Bucket {
+    fn refilled(self, now: Instant, per_second: f64, capacity: f64) -> f64 {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        (self.tokens + elapsed * per_second).min(capacity)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_address_has_its_own_bucket_which_refills() {
+        let rooms = NewRooms::new(Some(3));
+        let (a, b): (IpAddr, IpAddr) = ("127.0.0.2".parse().unwrap(), "::1".parse().unwrap());
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(rooms.take(a, t0), Ok(()));
+        }
+        let refused = rooms.take(a, t0).unwrap_err();
+        assert_eq!(refused.wait.as_secs(), 20, "3 a minute: one every 20 s");
+        assert!(refused.first);
+        assert!(!rooms.take(a, t0).unwrap_err().first, "logged once");
+        assert_eq!(rooms.take(b, t0), Ok(()));
+        assert_eq!(rooms.take(a, t0 + Duration::from_secs(21)), Ok(()));
+        assert!(rooms.take(a, t0 + Duration::from_secs(21)).is_err());
+        assert!(NewRooms::new(None).take(a, t0).is_ok());
+    }
+}
