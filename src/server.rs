@@ -8,6 +8,9 @@
 //! **Bounds.** At most `max_connections` connections exist at once, counting
 //! those still in their HTTP handshake. Past it, the accept loop itself writes
 //! `503 Service Unavailable` and closes: no thread is spent on the refused.
+//! The same goes for an address past its connection cap, or with too many
+//! connections still in their start ([`session::starting`]). Refusals are
+//! counted and their log lines summed up ([`session::refusals`]).
 //!
 //! **Thread lifecycle.** Every connection thread is named and its `JoinHandle`
 //! kept. The accept loop starts a connection's start thread and joins it
@@ -16,7 +19,7 @@
 //! connection is over (`Report::Done`), and joined then. While a start
 //! thread may be waiting to be joined, `accept` waits at most
 //! `REAP_INTERVAL`; otherwise it blocks for as long as it likes. At most
-//! `MAX_STARTING` connections start at once. At shutdown the loop stops
+//! `--max-starting` connections start at once. At shutdown the loop stops
 //! accepting, asks every connection to close (1001), waits a grace period,
 //! cuts the sockets of any that have not finished, and joins them all.
 //!
@@ -37,11 +40,13 @@ use socket2::{Domain, Socket, Type};
 
 use crate::broker::{self, Broker, BrokerError};
 use crate::config::Config;
-use crate::config::MAX_STARTING;
 use crate::http;
 use crate::metrics::Metrics;
 use crate::session::announce::Announcer;
 use crate::session::per_ip::PerIp;
+use crate::session::rate::AddressLimiters;
+use crate::session::refusals::{Refusal, Refusals};
+use crate::session::starting::Starting;
 use crate::session::welcome::Welcomes;
 use crate::session::{self, Conn, Context, JunkLog, Report, START_STACK_SIZE};
 
@@ -138,6 +143,7 @@ impl Server {
         broker: Arc<dyn Broker>,
         metrics: Arc<Metrics>,
     ) -> Result<Server, ServerError> {
+        Refusals::register(&metrics);
         let addr = format!("{}:{}", config.host, config.port);
         let bind_err = |source| ServerError::Bind {
             addr: addr.clone(),
@@ -177,6 +183,16 @@ impl Server {
                         .rate_limit
                         .map(|rate| (rate, config.limits.rate_burst)),
                 ),
+                starting: Starting::new(
+                    config.limits.max_starting,
+                    config.limits.max_starting_per_ip,
+                    config.limits.handshake_timeout,
+                ),
+                address_rates: config
+                    .limits
+                    .rate_limit
+                    .map(|rate| AddressLimiters::new(rate, config.limits.rate_burst)),
+                refusals: Refusals::default(),
                 panic_trigger: test_panic_trigger(),
             }),
             shutdown: ShutdownHandle {
@@ -206,7 +222,6 @@ impl Server {
             reports,
         };
         let mut reaping = false;
-        let max = self.ctx.limits.max_connections;
         let mut next_seq: u64 = 0;
         let mut backoff = Duration::from_millis(10);
 
@@ -224,7 +239,7 @@ impl Server {
                 break;
             }
             registry.reap();
-            while registry.starting >= MAX_STARTING {
+            while registry.starting >= self.ctx.limits.max_starting {
                 registry.wait_for_one();
             }
             let (stream, peer) = match accepted {
@@ -249,39 +264,26 @@ impl Server {
                     continue;
                 }
             };
-            if registry.active.len() >= max {
-                log::warn!("refused {peer}: {max} connections already open (--max-connections)");
-                http::refuse_full(&stream, "server full; try again later");
+            let Some((slot, start_slot)) = self.admit(&stream, peer, registry.active.len()) else {
                 continue;
-            }
-            // A trusted proxy's clients are counted by the address it
-            // forwards, once their request is read (see `session::per_ip`).
-            let slot = if self.ctx.limits.trusted_proxies.contains(&peer.ip()) {
-                None
-            } else {
-                match self.ctx.per_ip.take(peer.ip()) {
-                    Some(slot) => slot,
-                    None => {
-                        let hint = if peer.ip().is_loopback() {
-                            " (behind a reverse proxy on this host? pass --trusted-proxy)"
-                        } else {
-                            ""
-                        };
-                        log::warn!("refused {peer}: --max-connections-per-ip reached{hint}");
-                        http::refuse_full(
-                            &stream,
-                            "too many connections from your address; try again later",
-                        );
-                        continue;
-                    }
-                }
             };
             next_seq += 1;
-            let conn = Arc::new(Conn::new(self.instance, next_seq, peer, stream, slot));
+            let conn = Arc::new(Conn::new(
+                self.instance,
+                next_seq,
+                peer,
+                stream,
+                slot,
+                start_slot,
+            ));
             match spawn_start(Arc::clone(&conn), Arc::clone(&self.ctx), reports_tx.clone()) {
                 Ok(start) => registry.add(&conn, start),
                 Err(e) => {
-                    log::error!("refused {peer}: cannot start a thread: {e}");
+                    self.ctx.refusals.refused(
+                        &self.ctx.metrics,
+                        Refusal::NoThread,
+                        &format!("{peer} ({e})"),
+                    );
                     conn.force_close();
                 }
             }
@@ -295,6 +297,58 @@ impl Server {
             Err(_) => log::warn!("a connection outlived shutdown"),
         }
         log::info!("stopped");
+    }
+}
+
+impl Server {
+    /// Whether a connection from `peer`, with `open` connections open, may
+    /// be served: its places (in its address's count, and among the
+    /// connections in their start), or `None` after answering it 503.
+    fn admit(
+        &self,
+        stream: &TcpStream,
+        peer: SocketAddr,
+        open: usize,
+    ) -> Option<(Option<session::per_ip::Slot>, session::starting::StartSlot)> {
+        let ctx = &self.ctx;
+        let refuse = |reason: Refusal, why: &str| {
+            let hint = if reason != Refusal::ServerFull && peer.ip().is_loopback() {
+                " (behind a reverse proxy on this host? pass --trusted-proxy)"
+            } else {
+                ""
+            };
+            ctx.refusals
+                .refused(&ctx.metrics, reason, &format!("{peer}{hint}"));
+            http::refuse_full(stream, why);
+            None
+        };
+        if open >= ctx.limits.max_connections {
+            return refuse(Refusal::ServerFull, "server full; try again later");
+        }
+        // A trusted proxy's clients are counted by the address it
+        // forwards, once their request is read (see `session::per_ip`).
+        let proxy = ctx.limits.trusted_proxies.contains(&peer.ip());
+        let slot = if proxy {
+            None
+        } else {
+            match ctx.per_ip.take(peer.ip()) {
+                Some(slot) => slot,
+                None => {
+                    return refuse(
+                        Refusal::PerAddress,
+                        "too many connections from your address; try again later",
+                    );
+                }
+            }
+        };
+        match ctx.starting.take(peer.ip(), !proxy) {
+            Some(start_slot) => Some((slot, start_slot)),
+            None => refuse(
+                Refusal::StartingPerAddress,
+                "too many connections from your address are still starting \
+                 (not sending their request); try again later",
+            ),
+        }
     }
 }
 

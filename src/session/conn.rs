@@ -5,7 +5,7 @@
 use std::fmt;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tungstenite::protocol::CloseFrame;
@@ -42,6 +42,12 @@ pub struct Conn {
     /// With `--unique-nicknames`, this connection's claim on its nickname
     /// in its room; given back when the `Conn` is dropped.
     pub(super) nickname_claim: OnceLock<super::unique::NicknameClaim>,
+    /// Its place among the connections in their start (see
+    /// [`starting`](super::starting)), until its request is read.
+    start_slot: Mutex<Option<super::starting::StartSlot>>,
+    /// With a rate limit and no token, its share of its address's limiter
+    /// (the forwarded address, through a trusted proxy).
+    pub(super) address_rate: OnceLock<super::rate::AddressShare>,
 }
 
 /// Why a connection ended, as logged in its "left" line.
@@ -167,6 +173,7 @@ impl Conn {
         peer: SocketAddr,
         stream: TcpStream,
         slot: Option<per_ip::Slot>,
+        start_slot: super::starting::StartSlot,
     ) -> Conn {
         Conn {
             seq,
@@ -178,7 +185,27 @@ impl Conn {
             slot: slot.map(OnceLock::from).unwrap_or_default(),
             user_slot: OnceLock::new(),
             nickname_claim: OnceLock::new(),
+            start_slot: Mutex::new(Some(start_slot)),
+            address_rate: OnceLock::new(),
         }
+    }
+
+    /// How long this connection has to send its request head (shorter
+    /// when many connections were starting as it came: see
+    /// [`starting`](super::starting)).
+    pub(super) fn head_timeout(&self) -> Option<Duration> {
+        let slot = self.start_slot.lock().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref().map(|slot| slot.head_timeout)
+    }
+
+    /// Its request has been read: gives its start place back.
+    pub(super) fn request_read(&self) {
+        let slot = self
+            .start_slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(slot);
     }
 
     /// Records why the connection ends, unless a reason is already recorded.

@@ -59,12 +59,14 @@ pub mod liveness;
 mod outbox;
 pub mod per_ip;
 pub mod per_user;
-mod rate;
+pub mod rate;
 mod reader;
+pub mod refusals;
 mod route;
 mod sched;
 pub mod socket;
 mod start;
+pub mod starting;
 mod subscriber;
 pub mod unique;
 pub mod welcome;
@@ -105,6 +107,13 @@ pub struct Context {
     pub auth: Option<Arc<crate::auth::Auth>>,
     /// With authentication on, each user's connections and rate limit.
     pub per_user: Arc<per_user::PerUser>,
+    /// Connections in their start, per address (`--max-starting-per-ip`).
+    pub starting: Arc<starting::Starting>,
+    /// With a rate limit, each address's limiter, shared by its
+    /// connections (users have theirs in `per_user`).
+    pub address_rates: Option<Arc<rate::AddressLimiters>>,
+    /// Counts refusals and keeps them from flooding the log.
+    pub refusals: refusals::Refusals,
     /// Debug builds only: a chat message with exactly this text makes the
     /// reader thread panic (set by `THREADCHAT_TEST_PANIC`; tests use it to
     /// check that a panic closes only its own connection).

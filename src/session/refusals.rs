@@ -1,0 +1,136 @@
+//! Connections refused before they are served, counted and logged without
+//! letting the log become the attack: one host opening connections as fast
+//! as it can is refused tens of thousands of times a second, and a warning
+//! for each would write megabytes a second.
+//!
+//! Every refusal is counted in `/metrics`
+//! (`threadchat_connections_refused_total{reason="…"}`). The log gets the
+//! first refusal of a reason at once, then at most one line per reason
+//! every [`LOG_EVERY`], summing up the refusals since the last line
+//! ("refused 3214 connection(s) in the last 10 s: …"). Refusals after the
+//! last line of a burst are in the metric, and in the next line if the
+//! reason comes back.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::metrics::{Metrics, RefusalLabels};
+
+/// At most one log line per reason this often.
+pub const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Why a connection was refused before it was served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `--max-connections` connections are open.
+    ServerFull,
+    /// The client's address holds `--max-connections-per-ip`.
+    PerAddress,
+    /// The client's address has `--max-starting-per-ip` connections that
+    /// have not sent their request head yet.
+    StartingPerAddress,
+    /// With tokens, the user holds `--max-connections-per-user`.
+    PerUser,
+    /// No thread could be started for the connection.
+    NoThread,
+}
+
+const ALL: [Refusal; 5] = [
+    Refusal::ServerFull,
+    Refusal::PerAddress,
+    Refusal::StartingPerAddress,
+    Refusal::PerUser,
+    Refusal::NoThread,
+];
+
+impl Refusal {
+    /// The metric's `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::ServerFull => "server_full",
+            Refusal::PerAddress => "per_address",
+            Refusal::StartingPerAddress => "starting_per_address",
+            Refusal::PerUser => "per_user",
+            Refusal::NoThread => "no_thread",
+        }
+    }
+
+    /// For the log: which limit, by its option.
+    fn describe(self) -> &'static str {
+        match self {
+            Refusal::ServerFull => "server full (--max-connections)",
+            Refusal::PerAddress => "per-address cap (--max-connections-per-ip)",
+            Refusal::StartingPerAddress => {
+                "too many connections from one address still starting (--max-starting-per-ip)"
+            }
+            Refusal::PerUser => "per-user cap (--max-connections-per-user)",
+            Refusal::NoThread => "cannot start a thread",
+        }
+    }
+}
+
+/// Counts refusals and writes their summaries to the log.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    tallies: Mutex<[Tally; ALL.len()]>,
+}
+
+/// One reason's refusals since its last log line.
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    /// When the last line for this reason was written.
+    logged: Option<Instant>,
+    /// Refusals since then.
+    count: u64,
+}
+
+impl Refusals {
+    /// Makes every reason appear in `/metrics`, at 0, before any refusal.
+    pub fn register(metrics: &Metrics) {
+        for reason in ALL {
+            let _ = metrics.connections_refused.get_or_create(&RefusalLabels {
+                reason: reason.label(),
+            });
+        }
+    }
+
+    /// Counts one refusal of `who` (an address, with whatever the log
+    /// should say about it), and logs if this reason is due a line.
+    pub fn refused(&self, metrics: &Metrics, reason: Refusal, who: &dyn std::fmt::Display) {
+        metrics
+            .connections_refused
+            .get_or_create(&RefusalLabels {
+                reason: reason.label(),
+            })
+            .inc();
+        let now = Instant::now();
+        let (count, since) = {
+            let mut tallies = self.tallies.lock().unwrap_or_else(|p| p.into_inner());
+            let tally = &mut tallies[reason as usize];
+            tally.count += 1;
+            if tally
+                .logged
+                .is_some_and(|at| now.duration_since(at) < LOG_EVERY)
+            {
+                return;
+            }
+            let since = tally.logged.map(|at| now.duration_since(at));
+            let count = std::mem::take(&mut tally.count);
+            tally.logged = Some(now);
+            (count, since)
+        };
+        match since {
+            // The first of a reason, or the first after a quiet spell.
+            Some(since) if count > 1 => log::warn!(
+                "refused {count} connections in the last {} s: {} (latest: {who})",
+                since.as_secs(),
+                reason.describe()
+            ),
+            _ => log::warn!(
+                "refused {who}: {} (more refusals for this reason are summed up every {} s)",
+                reason.describe(),
+                LOG_EVERY.as_secs()
+            ),
+        }
+    }
+}
