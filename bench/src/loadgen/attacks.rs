@@ -20,6 +20,10 @@
 //!   fast as they can, while two clients chat in another room at 20
 //!   messages a second. Reported: the chat's latency without and with the
 //!   flood (target: no change beyond noise). Redis relays only.
+//! * `i`: **silent starts from many addresses** ([`super::silent`]): 11,
+//!   then 40 addresses × 100 connections that never send their request,
+//!   reopened when cut, while another address times `/healthz` (target:
+//!   p50 ≤ 50 ms).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -39,6 +43,7 @@ pub(crate) enum Attack {
     JoinStorm,
     SlowReaders,
     MembersFlood,
+    SilentStarts,
 }
 
 /// One line of the attacks' table.
@@ -67,6 +72,7 @@ impl Attack {
             "d" => Some(Attack::JoinStorm),
             "e" => Some(Attack::SlowReaders),
             "f" => Some(Attack::MembersFlood),
+            "i" => Some(Attack::SilentStarts),
             _ => None,
         }
     }
@@ -88,6 +94,11 @@ impl Attack {
                 "f: /members flood, 10,000 members",
                 "chat latency unchanged",
                 members_flood(args, relay)?,
+            ),
+            Attack::SilentStarts => (
+                "i: silent starts, 11 and 40 addresses × 100",
+                "/healthz p50 ≤ 50 ms",
+                super::silent::silent_starts(args, relay)?,
             ),
         };
         Ok(AttackRow {
@@ -459,7 +470,7 @@ fn get(addr: SocketAddr, path: &str) -> Option<Vec<u8>> {
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
     stream.write_all(request.as_bytes()).ok()?;
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).ok()?;
