@@ -9,8 +9,11 @@
 //! those still in their HTTP handshake. Past it, the accept loop itself writes
 //! `503 Service Unavailable` and closes: no thread is spent on the refused.
 //! The same goes for an address past its connection cap, or with too many
-//! connections still in their start ([`session::starting`]). Refusals are
-//! counted and their log lines summed up ([`session::refusals`]).
+//! connections still in their start (`session::starting`); except that a
+//! connection refused for its address's caps gets its 503 a second later,
+//! held without a thread, so that reconnecting at once cannot make the
+//! refusals a flood. Refusals are counted and their log lines summed up
+//! (`session::refusals`).
 //!
 //! **Thread lifecycle.** Every connection thread is named and its `JoinHandle`
 //! kept. The accept loop starts a connection's start thread and joins it
@@ -45,7 +48,7 @@ use crate::metrics::Metrics;
 use crate::session::announce::Announcer;
 use crate::session::per_ip::PerIp;
 use crate::session::rate::AddressLimiters;
-use crate::session::refusals::{Refusal, Refusals};
+use crate::session::refusals::{Held, Refusal, Refusals};
 use crate::session::starting::Starting;
 use crate::session::welcome::Welcomes;
 use crate::session::{self, Conn, Context, JunkLog, Report, START_STACK_SIZE};
@@ -222,13 +225,16 @@ impl Server {
             reports,
         };
         let mut reaping = false;
+        let mut held = Held::default();
         let mut next_seq: u64 = 0;
         let mut backoff = Duration::from_millis(10);
 
         loop {
-            // Start threads waiting to be joined: wake up to join them.
-            if reaping != (registry.starting > 0) {
-                reaping = registry.starting > 0;
+            // Start threads waiting to be joined, or refused connections
+            // waiting for their answer: wake up for them.
+            let waking = registry.starting > 0 || !held.is_empty();
+            if reaping != waking {
+                reaping = waking;
                 let wait = reaping.then_some(REAP_INTERVAL);
                 if let Err(e) = socket2::SockRef::from(&self.listener).set_read_timeout(wait) {
                     log::warn!("cannot set the accept timeout: {e}");
@@ -239,6 +245,7 @@ impl Server {
                 break;
             }
             registry.reap();
+            held.answer_due();
             while registry.starting >= self.ctx.limits.max_starting {
                 registry.wait_for_one();
             }
@@ -264,8 +271,27 @@ impl Server {
                     continue;
                 }
             };
-            let Some((slot, start_slot)) = self.admit(&stream, peer, registry.active.len()) else {
-                continue;
+            let open = registry.active.len();
+            let (slot, start_slot) = match self.admit(peer, open) {
+                Ok(slots) => slots,
+                Err((reason, why)) => {
+                    let hint = if reason.is_held() && peer.ip().is_loopback() {
+                        " (behind a reverse proxy on this host? pass --trusted-proxy)"
+                    } else {
+                        ""
+                    };
+                    let ctx = &self.ctx;
+                    ctx.refusals
+                        .refused(&ctx.metrics, reason, &format!("{peer}{hint}"));
+                    if reason.is_held() {
+                        // Each held connection takes the descriptor of a
+                        // connection the server has room for.
+                        held.refuse(stream, why, ctx.limits.max_connections.saturating_sub(open));
+                    } else {
+                        http::refuse_full(&stream, why);
+                    }
+                    continue;
+                }
             };
             next_seq += 1;
             let conn = Arc::new(Conn::new(
@@ -303,27 +329,18 @@ impl Server {
 impl Server {
     /// Whether a connection from `peer`, with `open` connections open, may
     /// be served: its places (in its address's count, and among the
-    /// connections in their start), or `None` after answering it 503.
+    /// connections in their start), or why not and what to answer.
     fn admit(
         &self,
-        stream: &TcpStream,
         peer: SocketAddr,
         open: usize,
-    ) -> Option<(Option<session::per_ip::Slot>, session::starting::StartSlot)> {
+    ) -> Result<
+        (Option<session::per_ip::Slot>, session::starting::StartSlot),
+        (Refusal, &'static str),
+    > {
         let ctx = &self.ctx;
-        let refuse = |reason: Refusal, why: &str| {
-            let hint = if reason != Refusal::ServerFull && peer.ip().is_loopback() {
-                " (behind a reverse proxy on this host? pass --trusted-proxy)"
-            } else {
-                ""
-            };
-            ctx.refusals
-                .refused(&ctx.metrics, reason, &format!("{peer}{hint}"));
-            http::refuse_full(stream, why);
-            None
-        };
         if open >= ctx.limits.max_connections {
-            return refuse(Refusal::ServerFull, "server full; try again later");
+            return Err((Refusal::ServerFull, "server full; try again later"));
         }
         // A trusted proxy's clients are counted by the address it
         // forwards, once their request is read (see `session::per_ip`).
@@ -331,24 +348,17 @@ impl Server {
         let slot = if proxy {
             None
         } else {
-            match ctx.per_ip.take(peer.ip()) {
-                Some(slot) => slot,
-                None => {
-                    return refuse(
-                        Refusal::PerAddress,
-                        "too many connections from your address; try again later",
-                    );
-                }
-            }
+            ctx.per_ip.take(peer.ip()).ok_or((
+                Refusal::PerAddress,
+                "too many connections from your address; try again later",
+            ))?
         };
-        match ctx.starting.take(peer.ip(), !proxy) {
-            Some(start_slot) => Some((slot, start_slot)),
-            None => refuse(
-                Refusal::StartingPerAddress,
-                "too many connections from your address are still starting \
-                 (not sending their request); try again later",
-            ),
-        }
+        let start_slot = ctx.starting.take(peer.ip(), !proxy).ok_or((
+            Refusal::StartingPerAddress,
+            "too many connections from your address are still starting \
+             (not sending their request); try again later",
+        ))?;
+        Ok((slot, start_slot))
     }
 }
 

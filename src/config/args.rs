@@ -195,7 +195,7 @@ pub struct Args {
 
     /// Most connections from one IP address (an IPv6 /64) that may be in
     /// their start at once: connected, their request head not yet read (0:
-    /// no limit). Past it, HTTP 503 at once. Real clients send their head
+    /// no limit). Past it, HTTP 503 (after 1 s). Real clients send their head
     /// straight away; this bounds what silent connections from one host
     /// can hold.
     #[arg(

@@ -3,7 +3,8 @@
 //!
 //! Without it one host can take every connection slot the server has. The
 //! accept loop takes a [`Slot`] for each connection's address before it
-//! spends a thread on it, and answers 503 when the address has none left.
+//! spends a thread on it, and answers 503 when the address has none left
+//! (a second later: see [`refusals`](super::refusals)).
 //! A connection through a trusted reverse proxy is counted by the address
 //! the proxy forwarded instead, once its request head has been read (the
 //! proxy itself is not counted: all its clients share its address).

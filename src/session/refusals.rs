@@ -10,10 +10,23 @@
 //! ("refused 3214 connection(s) in the last 10 s: …"). Refusals after the
 //! last line of a burst are in the metric, and in the next line if the
 //! reason comes back.
+//!
+//! **Held refusals.** A client refused for its address's caps that
+//! reconnects at once would be refused again at once, as fast as it can
+//! reconnect, and the accept loop would spend its time on it while the
+//! kernel queues everyone else's connections behind. So such a connection
+//! is [`Held`]: kept open, unread, without a thread, and answered its 503
+//! [`HOLD`] later. Its client waits instead of reconnecting. At most
+//! [`MAX_HELD`] are held, and never more than the connections the server
+//! has room for (each takes a file descriptor a connection could use);
+//! past that, refusals are answered at once.
 
+use std::collections::VecDeque;
+use std::net::TcpStream;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::http;
 use crate::metrics::{Metrics, RefusalLabels};
 
 /// At most one log line per reason this often.
@@ -44,6 +57,13 @@ const ALL: [Refusal; 5] = [
 ];
 
 impl Refusal {
+    /// Whether the refused connection is [`Held`] before its answer: a
+    /// refusal for the client's own address, which it could otherwise
+    /// turn into a flood by reconnecting.
+    pub fn is_held(self) -> bool {
+        matches!(self, Refusal::PerAddress | Refusal::StartingPerAddress)
+    }
+
     /// The metric's `reason` label.
     pub fn label(self) -> &'static str {
         match self {
@@ -132,5 +152,44 @@ impl Refusals {
                 LOG_EVERY.as_secs()
             ),
         }
+    }
+}
+
+/// How long a refused connection is held before its 503.
+pub const HOLD: Duration = Duration::from_secs(1);
+/// Most refused connections held at once.
+pub const MAX_HELD: usize = 4096;
+
+/// Refused connections waiting for their answer, oldest first. Owned by the
+/// accept loop, which answers them as they come due.
+#[derive(Debug, Default)]
+pub struct Held {
+    queue: VecDeque<(Instant, TcpStream, &'static str)>,
+}
+
+impl Held {
+    /// Holds `stream`, to be refused with `why` after [`HOLD`], if fewer
+    /// than `room` (and [`MAX_HELD`]) are held; otherwise answers it now.
+    pub fn refuse(&mut self, stream: TcpStream, why: &'static str, room: usize) {
+        if self.queue.len() < room.min(MAX_HELD) {
+            self.queue.push_back((Instant::now() + HOLD, stream, why));
+        } else {
+            http::refuse_full(&stream, why);
+        }
+    }
+
+    /// Answers (and closes) every held connection whose time has come.
+    pub fn answer_due(&mut self) {
+        let now = Instant::now();
+        while self.queue.front().is_some_and(|(due, _, _)| *due <= now) {
+            if let Some((_, stream, why)) = self.queue.pop_front() {
+                http::refuse_full(&stream, why);
+            }
+        }
+    }
+
+    /// Whether any connection is held.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
     }
 }

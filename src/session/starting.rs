@@ -8,7 +8,8 @@
 //!
 //! * **Per address** (`--max-starting-per-ip`, counted as
 //!   [`address_key`] says: IPv6 per /64): past it, the connection gets 503
-//!   at once. A real client sends its head as soon as it has connected, so
+//!   (held a second first: see [`refusals`](super::refusals)), and no
+//!   thread. A real client sends its head as soon as it has connected, so
 //!   it holds its place for a moment; only silent or trickling ones pile
 //!   up. A trusted proxy is not counted (its clients share its address).
 //! * **A shorter head timeout under pressure**: once more than half of the

@@ -39,7 +39,8 @@ fn ask_from(server: &Server, ip: &str, request: &str) -> String {
 /// Silent connections from several addresses cannot keep another
 /// address's `/healthz` from being answered: each address may hold only
 /// `--max-starting-per-ip` connections in their start (the next ones get
-/// 503 at once), and once half of the start places are taken, new
+/// 503, after a second's wait that keeps them from reconnecting at once),
+/// and once half of the start places are taken, new
 /// connections get a short head timeout (408 after 1 s, not the 60 s
 /// configured), so the places come free.
 #[test]
@@ -56,8 +57,8 @@ fn silent_starts_from_several_addresses_do_not_keep_others_out() {
     let addresses = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"];
     // Opened in order, so accepted in order: 2 of each address start (the
     // first four with the full timeout, the next four pressed), the others
-    // are refused at once, at least until the last address, which finds
-    // every place taken and waits for one.
+    // are refused, at least until the last address, which finds every
+    // place taken and waits for one.
     let silent: Vec<Vec<TcpStream>> = addresses
         .iter()
         .map(|ip| (0..4).map(|_| from(&server, ip)).collect())
@@ -150,8 +151,10 @@ fn refusals_are_summed_up_in_the_log_and_all_counted() {
         "60",
     ]);
     let _holder = from(&server, "127.0.0.2");
-    for _ in 0..200 {
-        let refused = answer(&from(&server, "127.0.0.2"));
+    // All at once: each refusal is answered a second after it is made.
+    let refused: Vec<TcpStream> = (0..200).map(|_| from(&server, "127.0.0.2")).collect();
+    for stream in &refused {
+        let refused = answer(stream);
         assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
     }
     assert_eq!(
