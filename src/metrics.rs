@@ -14,8 +14,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::{Registry, Unit};
 
 /// A number that only goes up. (Written with a `_total` suffix.)
@@ -57,6 +58,9 @@ pub struct Metrics {
     pub protocol_closes: Counter,
     /// Connection threads (or subscriber threads) that panicked.
     pub panics: Counter,
+    /// Connections refused before they were served, by reason (see
+    /// `session::refusals`).
+    pub connections_refused: Family<RefusalLabels, Counter>,
     /// From the sending server receiving a message to this server writing
     /// it to a client, in milliseconds (wall clocks: across instances, clock
     /// skew shows up here).
@@ -83,6 +87,7 @@ impl Default for Metrics {
             publish_errors: Counter::default(),
             protocol_closes: Counter::default(),
             panics: Counter::default(),
+            connections_refused: Family::default(),
             delivery_latency: Histogram::default(),
             registry: Registry::default(),
         };
@@ -177,6 +182,11 @@ impl Default for Metrics {
                 .registry
                 .register(format!("threadchat_{name}"), help, counter.clone());
         }
+        metrics.registry.register(
+            "threadchat_connections_refused",
+            "Connections refused before they were served, by reason",
+            metrics.connections_refused.clone(),
+        );
         metrics.registry.register_with_unit(
             "threadchat_delivery_latency",
             "From the sender's server receiving a message to writing it to a client",
@@ -195,6 +205,13 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// The label of `threadchat_connections_refused_total`: why.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// The reason, e.g. `per_address`.
+    pub reason: &'static str,
 }
 
 /// The `Content-Type` of [`Metrics::render`]'s text.

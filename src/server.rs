@@ -10,7 +10,12 @@
 //! descriptors from the process's budget ([`crate::capacity`]), which
 //! rooms' shared feeds draw on too. Past either, the accept loop itself
 //! writes `503 Service Unavailable` and closes: no thread is spent on the
-//! refused.
+//! refused. The same goes for an address past its connection cap, or with
+//! too many connections still in their start (`session::starting`); except
+//! that a connection refused for its address's caps gets its 503 a second
+//! later, held without a thread, so that reconnecting at once cannot make
+//! the refusals a flood. Refusals are counted and their log lines summed up
+//! (`session::refusals`).
 //!
 //! **Thread lifecycle.** Every connection thread is named and its `JoinHandle`
 //! kept. The accept loop starts a connection's start thread and joins it
@@ -19,7 +24,7 @@
 //! connection is over (`Report::Done`), and joined then. While a start
 //! thread may be waiting to be joined, `accept` waits at most
 //! `REAP_INTERVAL`; otherwise it blocks for as long as it likes. At most
-//! `MAX_STARTING` connections start at once. At shutdown the loop stops
+//! `--max-starting` connections start at once. At shutdown the loop stops
 //! accepting, asks every connection to close (1001), waits a grace period,
 //! cuts the sockets of any that have not finished, and joins them all.
 //!
@@ -41,11 +46,14 @@ use socket2::{Domain, Socket, Type};
 use crate::broker::{self, Broker, BrokerError};
 use crate::capacity::{Capacity, Cost, Reservation};
 use crate::config::Config;
-use crate::config::{MAX_STARTING, THREADS_PER_CONNECTION};
+use crate::config::THREADS_PER_CONNECTION;
 use crate::http;
 use crate::metrics::Metrics;
 use crate::session::announce::Announcer;
 use crate::session::per_ip::PerIp;
+use crate::session::rate::AddressLimiters;
+use crate::session::refusals::{Held, Refusal, Refusals};
+use crate::session::starting::Starting;
 use crate::session::welcome::Welcomes;
 use crate::session::{self, Conn, Context, JunkLog, Report, START_STACK_SIZE};
 
@@ -156,6 +164,7 @@ impl Server {
         metrics: Arc<Metrics>,
         capacity: Arc<Capacity>,
     ) -> Result<Server, ServerError> {
+        Refusals::register(&metrics);
         let addr = format!("{}:{}", config.host, config.port);
         let bind_err = |source| ServerError::Bind {
             addr: addr.clone(),
@@ -203,6 +212,16 @@ impl Server {
                 new_rooms: crate::session::new_rooms::NewRooms::new(
                     config.limits.new_rooms_per_minute,
                 ),
+                starting: Starting::new(
+                    config.limits.max_starting,
+                    config.limits.max_starting_per_ip,
+                    config.limits.handshake_timeout,
+                ),
+                address_rates: config
+                    .limits
+                    .rate_limit
+                    .map(|rate| AddressLimiters::new(rate, config.limits.rate_burst)),
+                refusals: Refusals::default(),
                 panic_trigger: test_panic_trigger(),
             }),
             shutdown: ShutdownHandle {
@@ -232,14 +251,16 @@ impl Server {
             reports,
         };
         let mut reaping = false;
-        let max = self.ctx.limits.max_connections;
+        let mut held = Held::default();
         let mut next_seq: u64 = 0;
         let mut backoff = Duration::from_millis(10);
 
         loop {
-            // Start threads waiting to be joined: wake up to join them.
-            if reaping != (registry.starting > 0) {
-                reaping = registry.starting > 0;
+            // Start threads waiting to be joined, or refused connections
+            // waiting for their answer: wake up for them.
+            let waking = registry.starting > 0 || !held.is_empty();
+            if reaping != waking {
+                reaping = waking;
                 let wait = reaping.then_some(REAP_INTERVAL);
                 if let Err(e) = socket2::SockRef::from(&self.listener).set_read_timeout(wait) {
                     log::warn!("cannot set the accept timeout: {e}");
@@ -250,7 +271,8 @@ impl Server {
                 break;
             }
             registry.reap();
-            while registry.starting >= MAX_STARTING {
+            held.answer_due();
+            while registry.starting >= self.ctx.limits.max_starting {
                 registry.wait_for_one();
             }
             let (stream, peer) = match accepted {
@@ -275,48 +297,45 @@ impl Server {
                     continue;
                 }
             };
-            if registry.active.len() >= max {
-                log::warn!("refused {peer}: {max} connections already open (--max-connections)");
-                http::refuse_full(&stream, "server full; try again later");
-                continue;
-            }
-            // Rooms' feeds draw on the same budget (shared subscriptions).
-            let Some(reserved) = self.capacity.reserve(self.connection_cost) else {
-                log::warn!(
-                    "refused {peer}: the threads and descriptors of {max} connections are in \
-                     use, counting rooms' feeds (--max-connections)"
-                );
-                http::refuse_full(&stream, "server full; try again later");
-                continue;
-            };
-            // A trusted proxy's clients are counted by the address it
-            // forwards, once their request is read (see `session::per_ip`).
-            let slot = if self.ctx.limits.trusted_proxies.contains(&peer.ip()) {
-                None
-            } else {
-                match self.ctx.per_ip.take(peer.ip()) {
-                    Some(slot) => slot,
-                    None => {
-                        let hint = if peer.ip().is_loopback() {
-                            " (behind a reverse proxy on this host? pass --trusted-proxy)"
-                        } else {
-                            ""
-                        };
-                        log::warn!("refused {peer}: --max-connections-per-ip reached{hint}");
-                        http::refuse_full(
-                            &stream,
-                            "too many connections from your address; try again later",
-                        );
-                        continue;
+            let open = registry.active.len();
+            let (slot, start_slot, reserved) = match self.admit(peer, open) {
+                Ok(slots) => slots,
+                Err((reason, why)) => {
+                    let hint = if reason.is_held() && peer.ip().is_loopback() {
+                        " (behind a reverse proxy on this host? pass --trusted-proxy)"
+                    } else {
+                        ""
+                    };
+                    let ctx = &self.ctx;
+                    ctx.refusals
+                        .refused(&ctx.metrics, reason, &format!("{peer}{hint}"));
+                    if reason.is_held() {
+                        // Each held connection takes the descriptor of a
+                        // connection the server has room for.
+                        held.refuse(stream, why, ctx.limits.max_connections.saturating_sub(open));
+                    } else {
+                        http::refuse_full(&stream, why);
                     }
+                    continue;
                 }
             };
             next_seq += 1;
-            let conn = Arc::new(Conn::new(self.instance, next_seq, peer, stream, slot));
+            let conn = Arc::new(Conn::new(
+                self.instance,
+                next_seq,
+                peer,
+                stream,
+                slot,
+                start_slot,
+            ));
             match spawn_start(Arc::clone(&conn), Arc::clone(&self.ctx), reports_tx.clone()) {
                 Ok(start) => registry.add(&conn, start, reserved),
                 Err(e) => {
-                    log::error!("refused {peer}: cannot start a thread: {e}");
+                    self.ctx.refusals.refused(
+                        &self.ctx.metrics,
+                        Refusal::NoThread,
+                        &format!("{peer} ({e})"),
+                    );
                     conn.force_close();
                 }
             }
@@ -330,6 +349,51 @@ impl Server {
             Err(_) => log::warn!("a connection outlived shutdown"),
         }
         log::info!("stopped");
+    }
+}
+
+impl Server {
+    /// Whether a connection from `peer`, with `open` connections open, may
+    /// be served: its places (in its address's count, and among the
+    /// connections in their start), or why not and what to answer.
+    fn admit(
+        &self,
+        peer: SocketAddr,
+        open: usize,
+    ) -> Result<
+        (
+            Option<session::per_ip::Slot>,
+            session::starting::StartSlot,
+            Reservation,
+        ),
+        (Refusal, &'static str),
+    > {
+        let ctx = &self.ctx;
+        if open >= ctx.limits.max_connections {
+            return Err((Refusal::ServerFull, "server full; try again later"));
+        }
+        // Rooms' feeds draw on the same budget (shared subscriptions).
+        let reserved = self
+            .capacity
+            .reserve(self.connection_cost)
+            .ok_or((Refusal::ServerFull, "server full; try again later"))?;
+        // A trusted proxy's clients are counted by the address it
+        // forwards, once their request is read (see `session::per_ip`).
+        let proxy = ctx.limits.trusted_proxies.contains(&peer.ip());
+        let slot = if proxy {
+            None
+        } else {
+            ctx.per_ip.take(peer.ip()).ok_or((
+                Refusal::PerAddress,
+                "too many connections from your address; try again later",
+            ))?
+        };
+        let start_slot = ctx.starting.take(peer.ip(), !proxy).ok_or((
+            Refusal::StartingPerAddress,
+            "too many connections from your address are still starting \
+             (not sending their request); try again later",
+        ))?;
+        Ok((slot, start_slot, reserved))
     }
 }
 

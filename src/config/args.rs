@@ -216,6 +216,44 @@ pub struct Args {
     )]
     pub max_connections_per_ip: usize,
 
+    /// Most connections from one IP address (an IPv6 /64) that may be in
+    /// their start at once: connected, their request head not yet read (0:
+    /// no limit). Past it, HTTP 503 (after 1 s). Real clients send their head
+    /// straight away; this bounds what silent connections from one host
+    /// can hold.
+    #[arg(
+        long,
+        env = "THREADCHAT_MAX_STARTING_PER_IP",
+        default_value_t = 16,
+        value_name = "N"
+    )]
+    pub max_starting_per_ip: usize,
+
+    /// Most connections in their start at once (from 1 to 1024); past it,
+    /// the server stops accepting until one has started. Once more than
+    /// half are taken, new connections get 1 s (or --handshake-timeout, if
+    /// shorter) to send their request head.
+    #[arg(
+        long,
+        env = "THREADCHAT_MAX_STARTING",
+        default_value_t = crate::config::MAX_STARTING,
+        value_name = "N"
+    )]
+    pub max_starting: usize,
+
+    /// A host name this server answers to, in the Host header of the page,
+    /// an upgrade, /members and /metrics (repeatable, or comma-separated).
+    /// IP literals, "localhost" and the --host name are always answered;
+    /// "*" answers any Host (behind a proxy that rewrites it). Others get
+    /// HTTP 421: this stops DNS rebinding.
+    #[arg(
+        long = "allowed-host",
+        env = "THREADCHAT_ALLOWED_HOSTS",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub allowed_hosts: Vec<String>,
+
     /// The address of a reverse proxy whose X-Forwarded-For (the address it
     /// appended, the last one) and X-Forwarded-Proto are believed: its
     /// clients are counted by their own address for

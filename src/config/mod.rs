@@ -113,6 +113,13 @@ pub struct Limits {
     pub max_nicknames_per_ip: Option<usize>,
     /// Rooms one address may create per minute; `None`: no limit.
     pub new_rooms_per_minute: Option<u32>,
+    /// Most connections in their start at once (`--max-starting`).
+    pub max_starting: usize,
+    /// Most connections from one address in their start; `None`: no limit.
+    pub max_starting_per_ip: Option<usize>,
+    /// Host names answered besides IP literals and `localhost`, lower-case
+    /// (`*`: any).
+    pub allowed_hosts: Vec<String>,
 }
 
 /// The validated configuration.
@@ -292,6 +299,24 @@ impl Config {
             r => return Err(ConfigError::Rate(r)),
         };
 
+        if !(1..=MAX_STARTING).contains(&args.max_starting) {
+            return Err(ConfigError::Range {
+                option: "--max-starting",
+                value: args.max_starting,
+                reason: format!("must be between 1 and {MAX_STARTING}"),
+            });
+        }
+        let mut allowed_hosts: Vec<String> = args
+            .allowed_hosts
+            .iter()
+            .map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect();
+        // The name given to listen on is one the server answers to.
+        if args.host.parse::<std::net::IpAddr>().is_err() {
+            allowed_hosts.push(args.host.trim_end_matches('.').to_ascii_lowercase());
+        }
+
         let auth = auth(&args)?.map(Arc::new);
         Ok(Config {
             auth,
@@ -335,6 +360,10 @@ impl Config {
                     .then_some(args.max_nicknames_per_ip),
                 new_rooms_per_minute: (args.new_rooms_per_minute > 0)
                     .then_some(args.new_rooms_per_minute),
+                max_starting: args.max_starting,
+                max_starting_per_ip: (args.max_starting_per_ip > 0)
+                    .then_some(args.max_starting_per_ip),
+                allowed_hosts,
             },
         })
     }

@@ -21,7 +21,18 @@ pub fn answer_with(
     content_type: &str,
     body: &str,
 ) -> io::Result<Outcome> {
-    write_response_with(stream, status, content_type, body)?;
+    answer_with_headers(stream, status, content_type, "", body)
+}
+
+/// Like [`answer_with`], with extra header lines (each ending in `\r\n`).
+pub fn answer_with_headers(
+    stream: &TcpStream,
+    status: StatusCode,
+    content_type: &str,
+    headers: &str,
+    body: &str,
+) -> io::Result<Outcome> {
+    write_response(stream, status, content_type, headers, body)?;
     linger_close(stream);
     Ok(Outcome::Answered(status))
 }
@@ -70,7 +81,17 @@ pub(super) fn write_response_with(
     content_type: &str,
     body: &str,
 ) -> io::Result<()> {
-    let mut extra = String::new();
+    write_response(stream, status, content_type, "", body)
+}
+
+fn write_response(
+    stream: &TcpStream,
+    status: StatusCode,
+    content_type: &str,
+    headers: &str,
+    body: &str,
+) -> io::Result<()> {
+    let mut extra = headers.to_owned();
     if status == StatusCode::UPGRADE_REQUIRED {
         extra.push_str("Upgrade: websocket\r\nConnection: Upgrade, close\r\n");
     } else {

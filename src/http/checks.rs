@@ -35,13 +35,49 @@ pub(super) fn check_upgrade_request(head: &RequestHead) -> Result<(), &'static s
 
 /// The client's address as the trusted proxy saw it: the last entry of
 /// `X-Forwarded-For` (the one that proxy appended; entries before it were
-/// written by the client and prove nothing).
+/// written by the client and prove nothing). Every line of the header
+/// counts, joined in order: a proxy that adds a line of its own (HAProxy's
+/// `option forwardfor`) puts the client's address last, after whatever
+/// line the client sent itself.
 pub(super) fn forwarded_client(head: &RequestHead) -> Option<IpAddr> {
-    let value = std::str::from_utf8(head.header("X-Forwarded-For")?).ok()?;
+    let value = head.header_list("X-Forwarded-For")?;
     let last = value.rsplit(',').next()?.trim();
     last.parse()
         .ok()
         .or_else(|| last.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+}
+
+/// The Host policy, against DNS rebinding: a page on the attacker's name,
+/// re-pointed at this server, is same-origin with itself, so the browser
+/// sends its own name as `Host` (and as `Origin`, which then passes
+/// [`check_origin`]). So a request must name a host this server answers
+/// to: any IP literal (a rebinding attack always uses a name), `localhost`,
+/// or a name in `allowed` (`--allowed-host`; `*`: any). Without `Host`
+/// (HTTP/1.0), nothing to check: browsers always send one.
+pub(super) fn check_host(head: &RequestHead, allowed: &[String]) -> Result<(), String> {
+    let Some(host) = head.header("Host") else {
+        return Ok(());
+    };
+    let host = String::from_utf8_lossy(host);
+    let host = host.trim();
+    let name = match host_and_port(host, "http") {
+        Some((name, _)) => name,
+        None => return Err(format!("Host {host:?} is not host[:port]")),
+    };
+    let name = name.trim_end_matches('.');
+    let literal = name
+        .strip_prefix('[')
+        .and_then(|n| n.strip_suffix(']'))
+        .unwrap_or(name);
+    if literal.parse::<IpAddr>().is_ok()
+        || name == "localhost"
+        || allowed.iter().any(|a| a == "*" || a == name)
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "this server does not answer to {name:?} (start it with --allowed-host {name})"
+    ))
 }
 
 /// The browser-origin policy. Browsers send `Origin` with every WebSocket

@@ -3,10 +3,9 @@
 
 use std::io::{self, Read};
 use std::net::TcpStream;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::is_disconnect;
-use crate::config::Limits;
 
 /// Longest request head accepted, in bytes; a longer one gets 431.
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -30,6 +29,23 @@ impl RequestHead {
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_slice())
+    }
+
+    /// Every line of header `name`, in order, joined with `, ` (RFC 9110
+    /// section 5.3: a list header sent on several lines is one list);
+    /// `None` without any such line or if one is not text.
+    pub(super) fn header_list(&self, name: &str) -> Option<String> {
+        let mut lines = self
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| std::str::from_utf8(v).ok());
+        let mut joined = lines.next()??.to_owned();
+        for line in lines {
+            joined.push_str(", ");
+            joined.push_str(line?);
+        }
+        Some(joined)
     }
 
     /// The path part of the target, without the query string.
@@ -59,15 +75,16 @@ pub(super) enum HeadError {
     Io(io::Error),
 }
 
-/// Reads until the end of the request head, within the size and time limits.
+/// Reads until the end of the request head, within the size limit and
+/// `timeout`.
 ///
 /// The time limit covers the whole head, not each read: a client trickling one
 /// byte every few seconds (slowloris) is still cut off on time.
 pub(super) fn read_head(
     stream: &TcpStream,
-    limits: &Limits,
+    timeout: Duration,
 ) -> Result<(RequestHead, Vec<u8>), HeadError> {
-    let deadline = Instant::now() + limits.handshake_timeout;
+    let deadline = Instant::now() + timeout;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {

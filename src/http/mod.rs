@@ -23,8 +23,12 @@ mod tests;
 
 use crate::protocol::{Format, Member, Nickname, Resume, Room, query_value};
 use answer::respond;
-pub use answer::{HTML, JSON, answer, answer_with, is_disconnect, refuse, refuse_full};
-use checks::{check_origin, check_upgrade_request, forwarded_client, websocket_response};
+pub use answer::{
+    HTML, JSON, answer, answer_with, answer_with_headers, is_disconnect, refuse, refuse_full,
+};
+use checks::{
+    check_host, check_origin, check_upgrade_request, forwarded_client, websocket_response,
+};
 use head::{HeadError, RequestHead, read_head};
 
 /// How the HTTP exchange ended.
@@ -83,6 +87,12 @@ impl Request {
     /// The query string (after `?`), or "".
     pub fn query(&self) -> &str {
         self.head.query()
+    }
+
+    /// Whether the request's `Host` is one this server answers to (see
+    /// `--allowed-host`); why not, if not.
+    pub fn check_host(&self, allowed: &[String]) -> Result<(), String> {
+        check_host(&self.head, allowed)
     }
 
     /// The token the client presents, if any: `?token=…` (what a browser
@@ -158,11 +168,14 @@ fn resume_param(query: &str) -> Result<Option<Resume>, String> {
 /// Longest epoch accepted in `?epoch=` (the server's are 12 characters).
 const MAX_EPOCH_CHARS: usize = crate::protocol::MAX_EPOCH;
 
-/// Reads one HTTP request head on a fresh connection. When none can be read
-/// (the client left, was too slow, sent too much or garbage, or not a GET)
-/// the client has been answered: the `Err` says how.
-pub fn read_request(stream: &TcpStream, limits: &Limits) -> io::Result<Result<Request, Outcome>> {
-    let (head, leftover) = match read_head(stream, limits) {
+/// Reads one HTTP request head on a fresh connection, within `timeout`.
+/// When none can be read (the client left, was too slow, sent too much or
+/// garbage, or not a GET) the client has been answered: the `Err` says how.
+pub fn read_request(
+    stream: &TcpStream,
+    timeout: std::time::Duration,
+) -> io::Result<Result<Request, Outcome>> {
+    let (head, leftover) = match read_head(stream, timeout) {
         Ok(parsed) => parsed,
         Err(HeadError::Closed) => return Ok(Err(Outcome::Abandoned)),
         Err(HeadError::Timeout) => {

@@ -113,6 +113,18 @@ fn the_proxy_appends_the_last_forwarded_address() {
     assert_eq!(forwarded_client(&head_with(&[])), None);
 }
 
+/// A proxy that adds its own line (HAProxy's `option forwardfor`): the
+/// client's own line comes first and proves nothing.
+#[test]
+fn every_forwarded_line_counts_and_the_last_entry_wins() {
+    let head = head_with(&[
+        ("X-Forwarded-For", "6.6.6.6"),
+        ("Host", "h"),
+        ("x-forwarded-for", "10.0.0.7"),
+    ]);
+    assert_eq!(forwarded_client(&head), Some("10.0.0.7".parse().unwrap()));
+}
+
 #[test]
 fn garbage_is_malformed() {
     assert!(matches!(
@@ -167,4 +179,38 @@ mod properties {
             }
         }
     }
+}
+
+/// DNS rebinding: only IP literals, `localhost` and allowed names pass.
+#[test]
+fn hosts_the_server_does_not_answer_to_are_refused() {
+    let allowed = vec!["chat.example".to_owned()];
+    for good in [
+        "127.0.0.1:8000",
+        "10.1.2.3",
+        "[::1]:8000",
+        "[2001:db8::1]",
+        "localhost:8000",
+        "LOCALHOST",
+        "chat.example",
+        "Chat.Example.:443",
+    ] {
+        assert!(
+            check_host(&head_with(&[("Host", good)]), &allowed).is_ok(),
+            "{good}"
+        );
+    }
+    for bad in [
+        "evil.example",
+        "evil.example:8000",
+        "127.0.0.1.evil.example",
+        "x:y",
+    ] {
+        assert!(
+            check_host(&head_with(&[("Host", bad)]), &allowed).is_err(),
+            "{bad}"
+        );
+    }
+    assert!(check_host(&head_with(&[("Host", "evil.example")]), &["*".to_owned()]).is_ok());
+    assert!(check_host(&head_with(&[]), &[]).is_ok());
 }

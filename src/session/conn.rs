@@ -5,7 +5,7 @@
 use std::fmt;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tungstenite::protocol::CloseFrame;
@@ -46,6 +46,12 @@ pub struct Conn {
     /// after that is told to the client as a close frame (1011), before
     /// it as an HTTP 500.
     upgraded: OnceLock<Arc<super::socket::Writer>>,
+    /// Its place among the connections in their start (see
+    /// [`starting`](super::starting)), until its request is read.
+    start_slot: Mutex<Option<super::starting::StartSlot>>,
+    /// With a rate limit and no token, its share of its address's limiter
+    /// (the forwarded address, through a trusted proxy).
+    pub(super) address_rate: OnceLock<super::rate::AddressShare>,
 }
 
 /// Why a connection ended, as logged in its "left" line.
@@ -171,6 +177,7 @@ impl Conn {
         peer: SocketAddr,
         stream: TcpStream,
         slot: Option<per_ip::Slot>,
+        start_slot: super::starting::StartSlot,
     ) -> Conn {
         Conn {
             seq,
@@ -183,6 +190,8 @@ impl Conn {
             user_slot: OnceLock::new(),
             nickname_claim: OnceLock::new(),
             upgraded: OnceLock::new(),
+            start_slot: Mutex::new(Some(start_slot)),
+            address_rate: OnceLock::new(),
         }
     }
 
@@ -218,9 +227,33 @@ impl Conn {
         }
     }
 
+    /// How long this connection has to send its request head (shorter
+    /// when many connections were starting as it came: see
+    /// [`starting`](super::starting)).
+    pub(super) fn head_timeout(&self) -> Option<Duration> {
+        let slot = self.start_slot.lock().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref().map(|slot| slot.head_timeout)
+    }
+
+    /// Its request has been read: gives its start place back.
+    pub(super) fn request_read(&self) {
+        let slot = self
+            .start_slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(slot);
+    }
+
     /// Records why the connection ends, unless a reason is already recorded.
+    ///
+    /// A client too slow is to be reset when its socket closes, whoever
+    /// closes it (see [`abort`](Self::abort)).
     pub fn end(&self, ending: Ending) {
-        let _ = self.ending.set(ending);
+        let too_slow = matches!(ending, Ending::TooSlow(_));
+        if self.ending.set(ending).is_ok() && too_slow {
+            let _ = socket2::SockRef::from(&*self.stream).set_linger(Some(Duration::ZERO));
+        }
     }
 
     /// Why the connection ended (or is ending), if decided.

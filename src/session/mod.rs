@@ -60,12 +60,14 @@ pub mod new_rooms;
 mod outbox;
 pub mod per_ip;
 pub mod per_user;
-mod rate;
+pub mod rate;
 mod reader;
+pub mod refusals;
 mod route;
 mod sched;
 pub mod socket;
 mod start;
+pub mod starting;
 mod subscriber;
 pub mod unique;
 pub mod welcome;
@@ -110,6 +112,13 @@ pub struct Context {
     pub claims_per_ip: Arc<unique::ClaimsPerIp>,
     /// Rooms each address may still create (`--new-rooms-per-minute`).
     pub new_rooms: new_rooms::NewRooms,
+    /// Connections in their start, per address (`--max-starting-per-ip`).
+    pub starting: Arc<starting::Starting>,
+    /// With a rate limit, each address's limiter, shared by its
+    /// connections (users have theirs in `per_user`).
+    pub address_rates: Option<Arc<rate::AddressLimiters>>,
+    /// Counts refusals and keeps them from flooding the log.
+    pub refusals: refusals::Refusals,
     /// Debug builds only: a chat message with exactly this text makes the
     /// reader thread panic, a client with this nickname its start thread
     /// (while welcoming it). Set by `THREADCHAT_TEST_PANIC`; tests use it

@@ -3,16 +3,22 @@
 //!
 //! Without it one host can take every connection slot the server has. The
 //! accept loop takes a [`Slot`] for each connection's address before it
-//! spends a thread on it, and answers 503 when the address has none left.
+//! spends a thread on it, and answers 503 when the address has none left
+//! (a second later: see [`refusals`](super::refusals)).
 //! A connection through a trusted reverse proxy is counted by the address
 //! the proxy forwarded instead, once its request head has been read (the
 //! proxy itself is not counted: all its clients share its address).
 //!
 //! A slot is held by the connection's [`Conn`](super::Conn) and given back
 //! when it is dropped, that is when the connection's last thread ends.
+//!
+//! **What an address is.** An IPv4 address is one client. An IPv6 host
+//! usually holds a whole /64 (and can use any address in it), so IPv6
+//! addresses are counted by their /64 ([`address_key`]); an IPv4-mapped
+//! IPv6 address is its IPv4 address.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 
 /// Connections per address, under a limit.
@@ -39,12 +45,14 @@ impl PerIp {
         })
     }
 
-    /// A slot for one more connection from `ip`: `Some(None)` when there is
-    /// no limit, `None` when `ip` has used up its slots.
+    /// A slot for one more connection from `ip` (counted by its
+    /// [`address_key`]): `Some(None)` when there is no limit, `None` when
+    /// the address has used up its slots.
     pub fn take(self: &Arc<Self>, ip: IpAddr) -> Option<Option<Slot>> {
         let Some(limit) = self.limit else {
             return Some(None);
         };
+        let ip = address_key(ip);
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let count = counts.entry(ip).or_default();
         if *count >= limit {
@@ -61,7 +69,20 @@ impl PerIp {
     #[cfg(test)]
     pub fn count(&self, ip: IpAddr) -> usize {
         let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        counts.get(&ip).copied().unwrap_or(0)
+        counts.get(&address_key(ip)).copied().unwrap_or(0)
+    }
+}
+
+/// What a client address is counted as: an IPv4 address as itself, an
+/// IPv6 address as its /64 (the first 64 bits, the rest zero), an
+/// IPv4-mapped IPv6 address as its IPv4 address.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
     }
 }
 
@@ -93,5 +114,25 @@ mod tests {
         assert_eq!(per_ip.count(ip), 1);
         assert!(per_ip.take(ip).is_some());
         assert!(PerIp::new(None).take(ip).unwrap().is_none());
+    }
+
+    #[test]
+    fn ipv6_is_counted_per_64() {
+        let per_ip = PerIp::new(Some(2));
+        let _a = per_ip.take("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        let _b = per_ip
+            .take("2001:db8:1:2:ffff::9".parse().unwrap())
+            .unwrap();
+        // Same /64: refused; another /64: its own count.
+        assert!(
+            per_ip
+                .take("2001:db8:1:2:abcd::1".parse().unwrap())
+                .is_none()
+        );
+        assert!(per_ip.take("2001:db8:1:3::1".parse().unwrap()).is_some());
+        assert_eq!(
+            address_key("::ffff:10.0.0.1".parse().unwrap()),
+            "10.0.0.1".parse::<IpAddr>().unwrap()
+        );
     }
 }

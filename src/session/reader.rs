@@ -122,6 +122,11 @@ pub(super) fn read_loop(
                 {
                     continue;
                 }
+                // Mid-message: not silent. The message's own deadline
+                // (`--message-timeout`) ends a trickle, with its reason.
+                if reader.get_ref().message_open() {
+                    continue;
+                }
                 if last_heard.elapsed() >= limits.idle_timeout {
                     let reason = format!(
                         "idle timeout: no data or pong for {}s",
@@ -289,22 +294,14 @@ pub(super) struct ChatHandler<'a> {
     token_expires: Option<Instant>,
 }
 
-/// A connection's rate limiter: its own, or its user's, shared by all of
-/// the user's connections here (with authentication on, see
-/// [`per_user`](super::per_user)).
-enum Limiter {
-    Own(RateLimiter),
-    Shared(std::sync::Arc<std::sync::Mutex<RateLimiter>>),
-}
+/// A connection's rate limiter, shared with its user's or its address's
+/// other connections.
+#[derive(Debug)]
+struct Limiter(std::sync::Arc<std::sync::Mutex<RateLimiter>>);
 
 impl Limiter {
     fn check(&mut self, now: Instant) -> Verdict {
-        match self {
-            Limiter::Own(limiter) => limiter.check(now),
-            Limiter::Shared(limiter) => {
-                limiter.lock().unwrap_or_else(|p| p.into_inner()).check(now)
-            }
-        }
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).check(now)
     }
 }
 
@@ -327,17 +324,16 @@ struct InFlight {
 
 impl<'a> ChatHandler<'a> {
     pub(super) fn new(member: &'a Member, conn: &'a Conn, ctx: &'a Context) -> Self {
-        // An authenticated user's connections share one limiter.
+        // An authenticated user's connections share one limiter; without
+        // tokens, an address's connections do.
         let limiter = match conn.user_slot.get() {
-            Some(slot) => slot.limiter.clone().map(Limiter::Shared),
-            None => ctx.limits.rate_limit.map(|rate| {
-                Limiter::Own(RateLimiter::new(
-                    rate,
-                    ctx.limits.rate_burst,
-                    Instant::now(),
-                ))
-            }),
-        };
+            Some(slot) => slot.limiter.clone(),
+            None => conn
+                .address_rate
+                .get()
+                .map(|share| std::sync::Arc::clone(&share.limiter)),
+        }
+        .map(Limiter);
         let token_expires = match (&ctx.auth, &member.identity) {
             (Some(auth), Some(identity)) => Some(deadline_in(identity.lifetime(auth.leeway()))),
             _ => None,

@@ -6,6 +6,12 @@
 //!   — the counters; `/members?room=` — who is in a room.
 //! * `/chat/{nickname}` — the chat (a WebSocket upgrade); `/echo` — the
 //!   echo endpoint, when `--echo-endpoint` is on.
+//!
+//! Every path but `/healthz` must be asked for under a `Host` the server
+//! answers to (`--allowed-host`; 421 otherwise), so that a page on another
+//! name, re-pointed at this server by DNS rebinding, can neither chat nor
+//! read `/members` or `/metrics`. `/healthz` is left open: probes often
+//! send any Host, and it tells nothing but whether the relay works.
 
 use std::collections::HashMap;
 use std::io;
@@ -23,21 +29,72 @@ use crate::protocol::Room;
 /// The web page served at `/`.
 const INDEX_HTML: &str = include_str!("web/index.html");
 
-/// Reads one request and answers it, unless it is a valid WebSocket
-/// upgrade (see [`Outcome::Upgrade`]).
-pub(super) fn serve(stream: &TcpStream, ctx: &Context) -> io::Result<Outcome> {
+/// The page's security headers. Its Content-Security-Policy allows only
+/// what the page is: its own inline script and style (by their hashes),
+/// connections to its own origin (`'self'` covers `ws:`/`wss:` to the same
+/// host and port), nothing else; it may not be framed.
+static PAGE_HEADERS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let script = inline_hash(INDEX_HTML, "<script>", "</script>");
+    let style = inline_hash(INDEX_HTML, "<style>", "</style>");
+    format!(
+        "Content-Security-Policy: default-src 'none'; script-src '{script}'; \
+         style-src '{style}'; connect-src 'self'; base-uri 'none'; form-action 'none'; \
+         frame-ancestors 'none'\r\n\
+         X-Frame-Options: DENY\r\n\
+         X-Content-Type-Options: nosniff\r\n\
+         Referrer-Policy: no-referrer\r\n\
+         Cache-Control: no-cache\r\n"
+    )
+});
+
+/// `sha256-…` of the text between the first `open` and the next `close`
+/// in `page`, as a CSP source.
+fn inline_hash(page: &str, open: &str, close: &str) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let text = page
+        .split_once(open)
+        .and_then(|(_, rest)| rest.split_once(close))
+        .map_or("", |(text, _)| text);
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    format!(
+        "sha256-{}",
+        base64::engine::general_purpose::STANDARD.encode(digest)
+    )
+}
+
+/// Reads one request (within `head_timeout`) and answers it, unless it is
+/// a valid WebSocket upgrade (see [`Outcome::Upgrade`]).
+pub(super) fn serve(
+    stream: &TcpStream,
+    ctx: &Context,
+    head_timeout: std::time::Duration,
+) -> io::Result<Outcome> {
     let limits = &ctx.limits;
-    let request = match http::read_request(stream, limits)? {
+    let request = match http::read_request(stream, head_timeout)? {
         Ok(request) => request,
         Err(answered) => return Ok(answered),
     };
+    if request.path() != "/healthz"
+        && let Err(reason) = request.check_host(&limits.allowed_hosts)
+    {
+        return http::answer(stream, StatusCode::MISDIRECTED_REQUEST, &reason);
+    }
     let target = match request.path() {
-        "/" if ctx.auth.is_some() => {
+        "/" => {
             // The page asks for a token when the server requires one.
-            let page = INDEX_HTML.replacen("<body>", "<body data-auth=\"required\">", 1);
-            return http::answer_with(stream, StatusCode::OK, http::HTML, &page);
+            let page = match ctx.auth {
+                Some(_) => INDEX_HTML.replacen("<body>", "<body data-auth=\"required\">", 1),
+                None => INDEX_HTML.to_owned(),
+            };
+            return http::answer_with_headers(
+                stream,
+                StatusCode::OK,
+                http::HTML,
+                &PAGE_HEADERS,
+                &page,
+            );
         }
-        "/" => return http::answer_with(stream, StatusCode::OK, http::HTML, INDEX_HTML),
         "/healthz" => {
             return match ctx.broker.health() {
                 Ok(()) => http::answer(stream, StatusCode::OK, "ok"),

@@ -62,6 +62,12 @@ impl ReadHalf {
         self.wake_by = at;
     }
 
+    /// Whether a message (or control frame) has begun and not ended: the
+    /// client is sending, however slowly.
+    pub fn message_open(&self) -> bool {
+        self.watch.deadline().is_some()
+    }
+
     /// Gives the socket the read timeout it needs now, if it differs from
     /// the last one (a system call only when a message is open, or ends).
     fn wait_at_most(&mut self, wait: Duration) -> io::Result<()> {
@@ -83,7 +89,20 @@ impl Read for ReadHalf {
             wait = wait.min(deadline.saturating_duration_since(now));
         }
         self.wait_at_most(wait)?;
-        let n = self.stream.read(buf)?;
+        let n = match self.stream.read(buf) {
+            // Woken by the open message's deadline: the client is
+            // trickling, not silent, and is told so.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                self.watch.check(Instant::now()).map_err(Stalled::into_io)?;
+                return Err(e);
+            }
+            read => read?,
+        };
         self.watch
             .feed(&buf[..n], Instant::now())
             .map_err(Stalled::into_io)?;

@@ -13,6 +13,7 @@ use tungstenite::http::StatusCode;
 
 use super::chat::{Chat, Membership, Open, SubscriberThread};
 use super::outbox::Welcomed;
+use super::refusals::Refusal;
 use super::socket::{self, Writer};
 use super::{Conn, Context, SessionError, liveness, new_rooms, route, unique, welcome};
 use crate::http::{self, Outcome, Target};
@@ -43,7 +44,11 @@ const SEND_BUFFER: usize = 256 * 1024;
 /// The connection's start: the HTTP request and, for a chat connection,
 /// everything up to its welcome (see [`start_chat`]).
 pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, SessionError> {
-    let upgrade = match route::serve(&conn.stream, ctx)? {
+    let head_timeout = conn.head_timeout().unwrap_or(ctx.limits.handshake_timeout);
+    let served = route::serve(&conn.stream, ctx, head_timeout);
+    // Read and answered (or routed to the upgrade): no longer starting.
+    conn.request_read();
+    let upgrade = match served? {
         Outcome::Upgrade(upgrade) => upgrade,
         Outcome::Answered(status) => {
             log::debug!("{}: answered HTTP {status}", conn.peer);
@@ -67,7 +72,9 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
                 }
             }
             None => {
-                log::warn!("refused {ip} (via {}): --max-connections-per-ip", conn.peer);
+                let who = format!("{ip} (via {})", conn.peer);
+                ctx.refusals
+                    .refused(&ctx.metrics, Refusal::PerAddress, &who);
                 let _ = http::refuse(
                     &conn.stream,
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -86,11 +93,8 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
                 let _ = conn.user_slot.set(slot);
             }
             Err(limit) => {
-                log::warn!(
-                    "refused {}: {} has {limit} connections",
-                    conn.peer,
-                    identity.name
-                );
+                let who = format!("{} ({})", conn.peer, identity.name);
+                ctx.refusals.refused(&ctx.metrics, Refusal::PerUser, &who);
                 let _ = http::refuse(
                     &conn.stream,
                     StatusCode::TOO_MANY_REQUESTS,
@@ -109,6 +113,14 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
     {
         let _ = http::refuse(&conn.stream, StatusCode::TOO_MANY_REQUESTS, &reason);
         return Ok(Started::Done);
+    }
+    // Without a token, a client's messages share its address's budget.
+    if conn.user_slot.get().is_none()
+        && let Some(rates) = &ctx.address_rates
+    {
+        let _ = conn
+            .address_rate
+            .set(rates.share(forwarded_for.unwrap_or(conn.peer.ip())));
     }
     // One connection per nickname in a room, if asked.
     if let http::Target::Chat(member) = &target

@@ -63,7 +63,7 @@ fn hmac_token(claims: serde_json::Value) -> String {
 /// An upgrade request to `path` with `extra` headers: status line and body.
 fn upgrade(server: &Server, path: &str, extra: &str) -> (String, String) {
     server.http(&format!(
-        "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
     ))
 }
@@ -209,7 +209,7 @@ fn members_needs_a_token() {
     assert!(status.contains(" 200 "), "{status}");
     assert!(body.contains("\"alice\""), "{body}");
     let (status, _) = server.http(&format!(
-        "GET /members HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {alice}\r\n\r\n"
+        "GET /members HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {alice}\r\n\r\n"
     ));
     assert!(status.contains(" 200 "), "{status}");
 }

@@ -279,7 +279,7 @@ fn connections_per_address_are_limited() {
     eventually("the lurkers' slots are free again", || {
         let mut stream = from("127.0.0.2");
         stream
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
             .unwrap();
         let mut answer = String::new();
         let _ = stream.read_to_string(&mut answer);
@@ -341,17 +341,19 @@ fn sloppy_upgrades_are_refused() {
                    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
     for (request, why) in [
         (
-            format!("GET /chat/a HTTP/1.0\r\nHost: h\r\n{upgrade}\r\n"),
+            format!("GET /chat/a HTTP/1.0\r\nHost: localhost\r\n{upgrade}\r\n"),
             "HTTP/1.1",
         ),
         (format!("GET /chat/a HTTP/1.1\r\n{upgrade}\r\n"), "Host"),
         (
-            format!("GET /chat/a HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n{upgrade}\r\nhello"),
+            format!(
+                "GET /chat/a HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n{upgrade}\r\nhello"
+            ),
             "no body",
         ),
         (
             format!(
-                "GET /chat/a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n{upgrade}\r\n0\r\n\r\n"
+                "GET /chat/a HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n{upgrade}\r\n0\r\n\r\n"
             ),
             "no body",
         ),

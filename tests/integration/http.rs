@@ -44,7 +44,7 @@ fn invalid_nicknames_get_400_with_a_reason() {
     ];
     for (path, reason) in cases {
         let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
         );
         let (status, body) = server.http(&request);
@@ -57,7 +57,7 @@ fn invalid_nicknames_get_400_with_a_reason() {
 fn a_broken_upgrade_request_gets_400() {
     let server = Server::in_process();
     let (status, body) =
-        server.http("GET /chat/alice HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\n\r\n");
+        server.http("GET /chat/alice HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\r\n");
     assert_eq!(status, "HTTP/1.1 400 Bad Request");
     assert!(body.contains("WebSocket upgrade"), "{body}");
 }
@@ -65,7 +65,8 @@ fn a_broken_upgrade_request_gets_400() {
 #[test]
 fn other_methods_get_405() {
     let server = Server::in_process();
-    let (status, _) = server.http("POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n");
+    let (status, _) =
+        server.http("POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n");
     assert_eq!(status, "HTTP/1.1 405 Method Not Allowed");
 }
 

@@ -84,7 +84,8 @@ fn a_client_that_keeps_flooding_is_closed_with_1008() {
         other => panic!("expected 1008, got {other:?}"),
     }
     assert_eq!(bob.recv_chat().1, "spam 0");
-    let mut alice = server.client("alice");
+    // From another address: the flooder's address has spent its budget.
+    let mut alice = Client::connect_from(server.addr, "127.0.0.2", "alice");
     alice.send("unaffected");
     assert_eq!(bob.recv_chat().1, "unaffected");
 }
@@ -160,10 +161,17 @@ fn browser_pages_from_other_origins_are_refused() {
 }
 
 /// 1,000 connections that open and send nothing do not stop anyone else.
-/// (From one address: the per-address limit, tested in `bounds`, is off.)
+/// (From one address: the per-address limits, tested in `bounds` and
+/// `admission`, are off.)
 #[test]
 fn slowloris_connections_do_not_keep_others_out() {
-    let server = Server::start(&["--in-process", "--max-connections-per-ip", "0"]);
+    let server = Server::start(&[
+        "--in-process",
+        "--max-connections-per-ip",
+        "0",
+        "--max-starting-per-ip",
+        "0",
+    ]);
     let lurkers: Vec<TcpStream> = (0..1000)
         .map(|_| TcpStream::connect(server.addr).unwrap())
         .collect();
@@ -182,7 +190,7 @@ fn a_request_head_that_never_ends_gets_408() {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     stream
-        .write_all(b"GET /chat/slow HTTP/1.1\r\nHost: x\r\n")
+        .write_all(b"GET /chat/slow HTTP/1.1\r\nHost: localhost\r\n")
         .unwrap();
     let mut response = String::new();
     let _ = std::io::Read::read_to_string(&mut stream, &mut response);

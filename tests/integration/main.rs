@@ -3,6 +3,7 @@
 //! Each test starts its own `redis-server` on a free port (never 6379) and its
 //! own `threadchat` on port 0, then talks to it as a user would.
 
+mod admission;
 mod auth;
 mod bounds;
 mod bounds_relay;

@@ -264,7 +264,7 @@ fn a_malformed_since_is_refused() {
         ("/chat/x?since=1&epoch=a%20b", "epoch"),
     ] {
         let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
         );
         let (status, body) = server.http(&request);

@@ -20,6 +20,10 @@
 //!   fast as they can, while two clients chat in another room at 20
 //!   messages a second. Reported: the chat's latency without and with the
 //!   flood (target: no change beyond noise). Redis relays only.
+//! * `i`: **silent starts from many addresses** ([`super::silent`]): 11,
+//!   then 40 addresses × 100 connections that never send their request,
+//!   reopened when cut, while another address times `/healthz` (target:
+//!   p50 ≤ 50 ms).
 //! * `j`: **room rotation.** One address, 8 connections, each opening a
 //!   fresh room and sending two of the costliest messages (64,000 `"`)
 //!   there, then the next room, for 30 s, with the server's default
@@ -45,6 +49,7 @@ pub(crate) enum Attack {
     JoinStorm,
     SlowReaders,
     MembersFlood,
+    SilentStarts,
     RoomRotation,
 }
 
@@ -74,6 +79,7 @@ impl Attack {
             "d" => Some(Attack::JoinStorm),
             "e" => Some(Attack::SlowReaders),
             "f" => Some(Attack::MembersFlood),
+            "i" => Some(Attack::SilentStarts),
             "j" => Some(Attack::RoomRotation),
             _ => None,
         }
@@ -96,6 +102,11 @@ impl Attack {
                 "f: /members flood, 10,000 members",
                 "chat latency unchanged",
                 members_flood(args, relay)?,
+            ),
+            Attack::SilentStarts => (
+                "i: silent starts, 11 and 40 addresses × 100",
+                "/healthz p50 ≤ 50 ms",
+                super::silent::silent_starts(args, relay)?,
             ),
             Attack::RoomRotation => (
                 "j: room rotation, 8 connections, 30 s",
@@ -534,7 +545,7 @@ fn get(addr: SocketAddr, path: &str) -> Option<Vec<u8>> {
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
     stream.write_all(request.as_bytes()).ok()?;
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).ok()?;

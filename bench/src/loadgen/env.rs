@@ -30,6 +30,22 @@ impl Env {
     /// replicas) and threadchat with `extra` arguments (which must say
     /// `--history`).
     pub(crate) fn start(args: &Args, broker: &str, extra: &[&str]) -> anyhow::Result<Env> {
+        Env::start_with(args, broker, extra, false)
+    }
+
+    /// Like [`Env::start`], with the server's own per-address limits
+    /// (`--max-connections-per-ip`, `--max-starting-per-ip`) left on: for
+    /// the attacks that come from several addresses.
+    pub(crate) fn start_limited(args: &Args, broker: &str, extra: &[&str]) -> anyhow::Result<Env> {
+        Env::start_with(args, broker, extra, true)
+    }
+
+    fn start_with(
+        args: &Args,
+        broker: &str,
+        extra: &[&str],
+        per_address_limits: bool,
+    ) -> anyhow::Result<Env> {
         let mut relay = vec!["--in-process".to_owned()];
         let mut redis = Vec::new();
         if broker.starts_with("redis-cluster") {
@@ -84,8 +100,10 @@ impl Env {
         // Every client comes from 127.0.0.1. (Asked only of a build that
         // has the limit, so that this load generator can measure an older
         // build too, for a before-and-after table.)
-        if supports(&args.threadchat, "--max-connections-per-ip") {
-            relay.extend(["--max-connections-per-ip".into(), "0".into()]);
+        for flag in ["--max-connections-per-ip", "--max-starting-per-ip"] {
+            if !per_address_limits && supports(&args.threadchat, flag) {
+                relay.extend([flag.into(), "0".into()]);
+            }
         }
         // Nor would they create their rooms from one address (but where a
         // scenario asks for the limit, scenario j).

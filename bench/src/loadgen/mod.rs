@@ -6,6 +6,7 @@ mod env;
 mod receive;
 mod report;
 mod scenarios;
+mod silent;
 
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use scenarios::{Pace, Rooms, fan_out, idle};
 #[command(about = "Load generator for threadchat (see `make bench`)")]
 pub(crate) struct Args {
     /// Scenarios to run: a, b, c; g and h (many rooms); the attacks d, e,
-    /// f and j (room rotation) (comma-separated).
+    /// f, i (silent starts) and j (room rotation) (comma-separated).
     #[arg(long, default_value = "a,b,c", value_delimiter = ',')]
     scenario: Vec<String>,
     /// Relays (comma-separated): redis (per-client subscriptions),

@@ -24,6 +24,22 @@ impl Client {
         Client::try_connect_path(addr, &format!("/chat/{nickname}"))
     }
 
+    /// A chat client connecting from the local address `ip` (127.0.0.x:
+    /// another client address, as far as the server can tell).
+    pub fn connect_from(addr: SocketAddr, ip: &str, nickname: &str) -> Client {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let local: SocketAddr = format!("{ip}:0").parse().unwrap();
+        socket.bind(&local.into()).unwrap();
+        socket.connect(&addr.into()).unwrap();
+        let stream = TcpStream::from(socket);
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let url = format!("ws://{addr}/chat/{nickname}");
+        let (ws, _) = tungstenite::client(url, stream)
+            .unwrap_or_else(|e| panic!("connect as {nickname} from {ip}: {e}"));
+        Client { ws }
+    }
+
     /// A WebSocket to any path.
     pub fn connect_path(addr: SocketAddr, path: &str) -> Client {
         Client::try_connect_path(addr, path).unwrap_or_else(|e| panic!("connect to {path}: {e}"))

@@ -266,7 +266,7 @@ impl Server {
 
     /// `GET path` and return the status line and body.
     pub fn get(&self, path: &str) -> (String, String) {
-        self.http(&format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n"))
+        self.http(&format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n"))
     }
 }
 
