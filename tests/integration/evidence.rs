@@ -38,8 +38,8 @@ fn instance_id(server: &Server) -> String {
 
 /// The payloads that closed whole rooms while the lag check trusted `ts`:
 /// a made-up sender's message stamped now and then one stamped a minute
-/// ago; and one naming the real instance stamped an hour ahead (a sender
-/// whose clock stepped), followed by genuine messages.
+/// ago; and ones naming the real instance stamped an hour ahead and an hour
+/// behind (a sender whose clock stepped), followed by genuine messages.
 fn forged_clocks(instance: &str) -> Vec<String> {
     let now = unix_millis();
     [
@@ -47,6 +47,8 @@ fn forged_clocks(instance: &str) -> Vec<String> {
         json!({"nickname": "mallory", "message": "late", "conn": "f00d-1", "ts": now - 60_000}),
         json!({"nickname": "mallory", "message": "ahead", "conn": format!("{instance}-999"),
                "ts": now + 3_600_000}),
+        json!({"nickname": "mallory", "message": "behind", "conn": format!("{instance}-998"),
+               "ts": now - 3_600_000}),
     ]
     .iter()
     .map(Value::to_string)

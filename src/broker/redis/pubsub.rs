@@ -111,6 +111,9 @@ pub(crate) struct PubSubConnection {
     /// Longest payload kept; longer ones are read past (see
     /// [`Push::Oversized`]).
     max_payload: usize,
+    /// Whether the last read [`wait`](Self::wait) made drained the socket
+    /// (took less than the buffer holds).
+    drained: bool,
 }
 
 impl PubSubConnection {
@@ -154,6 +157,7 @@ impl PubSubConnection {
             reader: BufReader::with_capacity(BUFFER, SharedStream(Arc::clone(&stream))),
             stream: Arc::clone(&stream),
             max_payload,
+            drained: false,
         };
         let settings = info.redis_settings();
         if let Some(password) = settings.password() {
@@ -210,19 +214,24 @@ impl PubSubConnection {
     /// timeout here (see [`set_read_timeout`](Self::set_read_timeout))
     /// means a quiet connection, and nothing has been consumed.
     ///
-    /// Caught up means that everything read so far is handled and the
-    /// socket has nothing more queued (one peek at the kernel's queue, only
-    /// when the buffer is empty): whatever Redis had for this subscription
-    /// was here. Bytes still buffered, or queued in the socket, say nothing:
-    /// more may wait in Redis too.
+    /// Caught up means that everything read so far is handled and nothing
+    /// older is queued: the last read here took less than the buffer holds
+    /// (it drained the socket, so what came since is newer), or, after a
+    /// read that filled the buffer, one peek at the kernel's queue finds it
+    /// empty. Bytes still buffered say nothing: more may wait in Redis too.
     pub(crate) fn wait(&mut self) -> io::Result<Waited> {
-        let waited = if self.reader.buffer().is_empty() && !crate::net::has_input(&self.stream) {
+        let empty = self.reader.buffer().is_empty();
+        let waited = if empty && (self.drained || !crate::net::has_input(&self.stream)) {
             Waited::CaughtUp
         } else {
             Waited::MaybeBehind
         };
-        if self.reader.fill_buf()?.is_empty() {
+        let got = self.reader.fill_buf()?.len();
+        if got == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        if empty {
+            self.drained = got < self.reader.capacity();
         }
         Ok(waited)
     }
