@@ -75,6 +75,11 @@ pub trait Broker: Send + Sync {
     /// only up to the mark (see `session::welcome`).
     fn log_end(&self, room: &Room) -> Result<Option<Mark>, BrokerError>;
 
+    /// The key that tells the places of `room`'s log in `epoch` from
+    /// forged ones. A blocking call at most once a second per room (cached
+    /// otherwise): a connection asks only when a place's epoch is new to it.
+    fn place_key(&self, room: &Room, epoch: &str) -> PlaceKey;
+
     /// A connection of this instance is in the room: its state must not
     /// expire while it is (see `--room-ttl`).
     fn enter(&self, room: &Room) -> Result<(), BrokerError>;
@@ -128,6 +133,20 @@ pub struct Place {
     pub offset: u64,
     /// Changes when the log is lost, and offsets start again.
     pub epoch: String,
+}
+
+/// What a relay can tell a connection about the places on a room's
+/// channel: which are the log's own (see `session::outbox`'s `Expect`).
+#[derive(Debug, Clone)]
+pub enum PlaceKey {
+    /// Nobody else can publish here (the in-process relay): every place
+    /// is the log's.
+    Trusted,
+    /// The epoch's key: a place is the log's if its tag matches
+    /// ([`crate::protocol::ChatMessage::tagged_by`]).
+    Key(Arc<str>),
+    /// Not known now: no place in the epoch can be vouched for.
+    Unknown,
 }
 
 /// Where a room's log stands (see [`Broker::log_end`]).

@@ -58,10 +58,15 @@ pub struct ChatMessage {
     /// The log's epoch (see [`At`](super::At)).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<EpochName>,
+    /// Proof that the place was given by the log, not written by whoever
+    /// published (see [`tagged_by`](Self::tagged_by)); Redis only. Never
+    /// passed on to clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<EpochName>,
 }
 
-/// An epoch as it appears in a payload: up to [`MAX_EPOCH`] letters and
-/// digits, kept inline. Every subscriber parses every payload it receives
+/// An epoch (or a place's tag) as it appears in a payload: up to
+/// [`MAX_EPOCH`] letters and digits, kept inline. Every subscriber parses every payload it receives
 /// (with per-client subscriptions, a payload is parsed once per client):
 /// an epoch in a `String` would cost each of them an allocation more per
 /// message.
@@ -218,6 +223,7 @@ impl ChatMessage {
             count: None,
             offset: None,
             epoch: None,
+            tag: None,
         }
     }
 
@@ -234,6 +240,7 @@ impl ChatMessage {
             count: None,
             offset: None,
             epoch: None,
+            tag: None,
         }
     }
 
@@ -259,6 +266,7 @@ impl ChatMessage {
             count: Some(count),
             offset: None,
             epoch: None,
+            tag: None,
         }
     }
 
@@ -304,6 +312,39 @@ impl ChatMessage {
             offset: self.offset?,
             epoch: self.epoch.as_ref()?.as_str(),
         })
+    }
+
+    /// Whether its tag proves its place was given by the log whose epoch
+    /// has `key`: the tag is the first 16 hex digits of the SHA-1 of
+    /// `{key}:{epoch}:{offset}`, which the log's Lua script writes in
+    /// (`broker::redis::scripts`) and only the log's keeper knows how to.
+    pub fn tagged_by(&self, key: &str) -> bool {
+        let (Some(at), Some(tag)) = (self.at(), &self.tag) else {
+            return false;
+        };
+        let mut sha = sha1_smol::Sha1::new();
+        sha.update(key.as_bytes());
+        sha.update(b":");
+        sha.update(at.epoch.as_bytes());
+        sha.update(b":");
+        let mut digits = [0u8; 20];
+        let mut start = digits.len();
+        let mut n = at.offset;
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        sha.update(&digits[start..]);
+        let digest = sha.digest().bytes();
+        let expected = digest[..8].iter().flat_map(|b| {
+            let hex = b"0123456789abcdef";
+            [hex[usize::from(b >> 4)], hex[usize::from(b & 15)]]
+        });
+        tag.as_str().len() == 16 && tag.as_str().bytes().eq(expected)
     }
 
     /// True when this message was sent by connection `me`. (A coalesced

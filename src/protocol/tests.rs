@@ -337,6 +337,7 @@ fn server_frames_keep_nickname_and_message() {
         nicknames: Vec::new(),
         count: None,
         offset: None,
+        tag: None,
         epoch: None,
     };
     let json: serde_json::Value =

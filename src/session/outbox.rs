@@ -14,8 +14,8 @@ use tungstenite::Message;
 
 use super::socket::Writer;
 use super::{Conn, Context, Ending};
-use crate::broker::{Event, Place};
-use crate::protocol::{At, Incoming, Kind, Member, ServerFrame, unix_millis};
+use crate::broker::{Event, Place, PlaceKey};
+use crate::protocol::{At, ChatMessage, Incoming, Kind, Member, ServerFrame, unix_millis};
 
 /// The subscriber thread's half of the start-up handshake.
 pub(super) struct Start {
@@ -67,97 +67,91 @@ pub(super) struct Delivery {
     expect: Expect,
 }
 
-/// Which place in the room's log the next message must have.
+/// Which places in the room's log may come next, and how a place is known
+/// to be the log's own.
 ///
 /// A client keeps the place of the last message it got and comes back
 /// with it (`?since=`), and the web page hides what it has seen already by
 /// it: a place is an instruction to the client. But anyone who can publish
-/// on the room's channel can write any `offset` and `epoch` into a payload.
-/// So a place is passed on only when it is one the log's own sequence can
-/// give next: the log hands out offsets one by one, and this connection
-/// receives them in that order. A payload at any other place is delivered
-/// without one (and counted): a forged offset cannot move a client's place
-/// ahead, nor hide what follows it.
+/// on the room's channel can write any `offset` and `epoch` into a payload,
+/// the next one included. So a place is passed on only when it is
 ///
-/// A log can also start afresh under a subscription that stays (a flushed
-/// or evicted log): a new epoch's offset 1 is always a place the log can
-/// give. Since anyone could forge that one too, the chain it replaces is
-/// kept as well, and a message that continues either chain is placed: a
-/// forged fresh start moves a client's place for one message at most.
+/// * the log's own: its tag matches the epoch's key, which only the log's
+///   keeper knows ([`ChatMessage::tagged_by`], [`PlaceKey`]) — so nobody
+///   can write a place the log has not given yet; and
+/// * not behind the last one passed on in the same epoch — so nobody can
+///   move a client back by replaying a place the log gave before.
+///
+/// Any other payload is delivered without a place (and counted): a forged
+/// place cannot move a client's place, nor hide what follows it. A gap
+/// (a message of the room skipped as junk) or a new epoch (a log that
+/// starts afresh) is followed as the log gives it.
 #[derive(Debug, Default)]
 struct Expect {
-    /// The chain followed now, and the one before it.
-    chains: [Option<Chain>; 2],
-}
-
-/// The place expected next in one epoch.
-#[derive(Debug)]
-enum Chain {
-    /// This offset in this epoch.
-    At { epoch: String, next: u64 },
-    /// Whatever place comes (see [`Expect::unknown`]).
-    Any,
-}
-
-impl Chain {
-    fn after(at: At<'_>) -> Option<Chain> {
-        Some(Chain::At {
-            epoch: at.epoch.to_owned(),
-            next: at.offset.saturating_add(1),
-        })
-    }
-
-    fn continues(chain: &Option<Chain>, at: At<'_>) -> bool {
-        match chain {
-            Some(Chain::At { epoch, next }) => *epoch == at.epoch && *next == at.offset,
-            Some(Chain::Any) => true,
-            None => false,
-        }
-    }
+    /// The epoch followed and the least offset it may give next (none:
+    /// not known, after a lost subscription or in a room that had no log).
+    next: Option<(String, u64)>,
+    /// The key of the epoch last vouched for, and that epoch.
+    key: Option<(String, PlaceKey)>,
 }
 
 impl Expect {
-    /// After the welcome, which sent the log up to `mark` (none: the room
-    /// has no log yet, and its first message will start one).
+    /// After the welcome, which sent the log up to `mark`.
     fn after(mark: Option<&Place>) -> Expect {
-        let chain = mark.map(|mark| Chain::At {
-            epoch: mark.epoch.clone(),
-            next: mark.offset + 1,
-        });
         Expect {
-            chains: [chain, None],
+            next: mark.map(|mark| (mark.epoch.clone(), mark.offset + 1)),
+            key: None,
         }
     }
 
-    /// Not known: the subscription was lost and restored, and what was
-    /// published meanwhile never came. The next place seen is taken as it
-    /// comes.
-    fn unknown() -> Expect {
-        Expect {
-            chains: [Some(Chain::Any), None],
-        }
+    /// The subscription was restored: what came meanwhile never came.
+    fn lost(&mut self) {
+        self.next = None;
     }
 
-    /// Whether `at` is a place the log can give next; if it is, the one
-    /// after it is expected from now on.
-    fn take(&mut self, at: At<'_>) -> bool {
-        let [current, previous] = &mut self.chains;
-        let placed = if Chain::continues(current, at) {
-            true
-        } else if Chain::continues(previous, at) {
-            std::mem::swap(current, previous);
-            true
-        } else if at.offset == 1 {
-            // A log starting afresh.
-            *previous = current.take();
-            true
-        } else {
-            false
+    /// Whether `msg`'s place (`at`) may be passed on; if it is, nothing
+    /// before the one after it may be from now on. `vouch` asks the relay
+    /// for the key of an epoch this connection has none for.
+    fn take(
+        &mut self,
+        msg: &ChatMessage,
+        at: At<'_>,
+        vouch: impl FnOnce(&str) -> PlaceKey,
+    ) -> bool {
+        let behind =
+            matches!(&self.next, Some((epoch, next)) if epoch == at.epoch && at.offset < *next);
+        if behind || !self.vouched(msg, at, vouch) {
+            return false;
+        }
+        self.next = Some((at.epoch.to_owned(), at.offset.saturating_add(1)));
+        true
+    }
+
+    /// Whether the relay vouches for `msg`'s place.
+    fn vouched(
+        &mut self,
+        msg: &ChatMessage,
+        at: At<'_>,
+        vouch: impl FnOnce(&str) -> PlaceKey,
+    ) -> bool {
+        let key = match &self.key {
+            Some((epoch, key)) if epoch == at.epoch => key.clone(),
+            _ => {
+                let key = vouch(at.epoch);
+                // An unknown key is asked for again next time (the relay
+                // answers that from its cache, at most once a second
+                // from Redis).
+                if !matches!(key, PlaceKey::Unknown) {
+                    self.key = Some((at.epoch.to_owned(), key.clone()));
+                }
+                key
+            }
         };
-        if placed {
-            *current = Chain::after(at);
+        match key {
+            PlaceKey::Trusted => true,
+            PlaceKey::Key(key) => msg.tagged_by(&key),
+            PlaceKey::Unknown => false,
         }
-        placed
     }
 }
 
@@ -202,7 +196,7 @@ impl Outbox {
                 None => {
                     // What was published meanwhile never came: the next
                     // place is not known.
-                    delivery.expect = Expect::unknown();
+                    delivery.expect.lost();
                     self.notice(
                         delivery,
                         "reconnected to the chat relay; messages sent while it was \
@@ -344,7 +338,10 @@ impl Outbox {
             {
                 return Ok(()); // Sent from the log already.
             }
-            placed = delivery.expect.take(at);
+            let (broker, room) = (&self.ctx.broker, &self.member.room);
+            placed = delivery
+                .expect
+                .take(msg, at, |epoch| broker.place_key(room, epoch));
             if !placed {
                 self.ctx.metrics.payloads_unplaced.inc();
             }
@@ -404,47 +401,72 @@ impl Outbox {
 mod tests {
     use super::*;
 
-    fn at(offset: u64, epoch: &str) -> At<'_> {
-        At { offset, epoch }
+    fn msg(offset: u64, epoch: &str) -> ChatMessage {
+        let json =
+            format!(r#"{{"nickname":"n","message":"m","offset":{offset},"epoch":"{epoch}"}}"#);
+        ChatMessage::from_payload(json.as_bytes()).unwrap()
     }
 
-    /// Only the log's own sequence moves a place: a forged offset far
-    /// ahead is not placed, and the genuine message after it still is.
+    fn take(expect: &mut Expect, offset: u64, epoch: &str) -> bool {
+        let msg = msg(offset, epoch);
+        expect.take(&msg, msg.at().unwrap(), |_| PlaceKey::Trusted)
+    }
+
+    /// A place the log gave before is not passed on again; gaps and a
+    /// log that starts afresh are followed.
     #[test]
-    fn a_forged_offset_is_not_placed() {
+    fn a_place_behind_is_not_placed() {
         let mark = Place {
             offset: 10,
             epoch: "e".into(),
         };
         let mut expect = Expect::after(Some(&mark));
-        assert!(expect.take(at(11, "e")));
-        assert!(!expect.take(at((1 << 53) - 2, "e")));
-        assert!(!expect.take(at(12, "forged")));
-        assert!(expect.take(at(12, "e")));
+        assert!(take(&mut expect, 11, "e"));
+        assert!(!take(&mut expect, 11, "e"));
+        assert!(!take(&mut expect, 3, "e"));
+        assert!(take(&mut expect, 14, "e"));
+        assert!(take(&mut expect, 1, "fresh"));
+        assert!(take(&mut expect, 2, "fresh"));
     }
 
-    /// A log that starts afresh (a new epoch's offset 1) is followed; a
-    /// forged fresh start moves the place for one message, then the
-    /// genuine chain goes on.
+    /// In sequence is not enough: the next offset, written by anyone, is
+    /// placed only with the tag of the epoch's key.
     #[test]
-    fn a_fresh_log_is_followed_and_a_forged_one_does_not_stick() {
-        let mut expect = Expect::after(None);
-        assert!(!expect.take(at(5, "e")));
-        assert!(expect.take(at(1, "e")));
-        assert!(expect.take(at(2, "e")));
-        assert!(expect.take(at(1, "forged")));
-        assert!(expect.take(at(3, "e")));
-        assert!(expect.take(at(4, "e")));
-        // A forged chain can only go on from 1, a step at a time.
-        assert!(!expect.take(at(9, "forged")));
+    fn only_the_logs_tag_places_a_message() {
+        let mut expect = Expect::after(Some(&Place {
+            offset: 3,
+            epoch: "e".into(),
+        }));
+        let key = PlaceKey::Key("secret".into());
+        let forged = msg(4, "e");
+        assert!(!expect.take(&forged, forged.at().unwrap(), |_| key.clone()));
+        let tag = {
+            let digest = sha1_smol::Sha1::from("secret:e:4").digest().to_string();
+            digest[..16].to_owned()
+        };
+        let json =
+            format!(r#"{{"nickname":"n","message":"m","offset":4,"epoch":"e","tag":"{tag}"}}"#);
+        let genuine = ChatMessage::from_payload(json.as_bytes()).unwrap();
+        assert!(expect.take(&genuine, genuine.at().unwrap(), |_| key.clone()));
+        // Unknown keys vouch for nothing.
+        let next = msg(5, "e");
+        let mut unknown = Expect::after(Some(&Place {
+            offset: 4,
+            epoch: "e".into(),
+        }));
+        assert!(!unknown.take(&next, next.at().unwrap(), |_| PlaceKey::Unknown));
     }
 
-    /// After a lost subscription the next place is taken as it comes.
+    /// After a lost subscription the next place vouched for is taken.
     #[test]
     fn after_an_outage_the_next_place_is_taken() {
-        let mut expect = Expect::unknown();
-        assert!(expect.take(at(40, "e")));
-        assert!(!expect.take(at(45, "e")));
-        assert!(expect.take(at(41, "e")));
+        let mut expect = Expect::after(Some(&Place {
+            offset: 50,
+            epoch: "e".into(),
+        }));
+        expect.lost();
+        assert!(take(&mut expect, 40, "e"));
+        assert!(!take(&mut expect, 39, "e"));
+        assert!(take(&mut expect, 41, "e"));
     }
 }

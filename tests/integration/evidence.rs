@@ -12,7 +12,11 @@ use crate::support::{
     Client, Cluster, Redis, Server, in_both_subscription_modes, with_both_brokers,
 };
 
-in_both_subscription_modes!(a_forged_ts_closes_nobody, a_forged_offset_moves_no_place,);
+in_both_subscription_modes!(
+    a_forged_ts_closes_nobody,
+    a_forged_offset_moves_no_place,
+    forged_next_offsets_cannot_take_a_place_over,
+);
 
 with_both_brokers!(
     joins_and_leaves_never_push_chat_out_of_the_history => ["--history", "10", "--rate-limit", "0"],
@@ -137,13 +141,65 @@ fn a_forged_offset_moves_no_place(mode: &[&str]) {
     assert_eq!(second["message"], "second");
     assert_eq!(place(&second), Some((offset + 1, epoch.clone())));
     assert!(server.metric("threadchat_payloads_unplaced_total") >= 1);
-    // A forged fresh start moves a place for one message at most.
+    // Nor does a forged fresh start (a new epoch's offset 1).
     let fresh = json!({"nickname": "mallory", "message": "new log",
                        "offset": 1, "epoch": "forged"});
     redis.publish("global_room", &fresh.to_string());
-    assert_eq!(bob.recv_live()["message"], "new log");
+    let seen = bob.recv_live();
+    assert_eq!((&seen["message"], place(&seen)), (&json!("new log"), None));
     alice.send("third");
     assert_eq!(place(&bob.recv_live()), Some((offset + 2, epoch)));
+}
+
+/// The offsets the log will give next, published first by someone else
+/// with the room's real epoch, are not the log's: the client's place stays
+/// where the log put it, and when it comes back with it, it recovers every
+/// message it missed, complete.
+fn forged_next_offsets_cannot_take_a_place_over(mode: &[&str]) {
+    let redis = Redis::start();
+    let args = [&["--rate-limit", "0", "--history", "100"], mode].concat();
+    let server = Server::with_redis_and(&redis, &args);
+    let mut alice = server.settled("alice");
+    let mut victim = server.settled("victim");
+    let mut witness = server.settled("witness");
+    alice.send("genuine first");
+    let (offset, epoch) = place(&victim.recv_live()).expect("a place");
+    for k in offset + 1..=offset + 20 {
+        let forged = json!({"nickname": "mallory", "message": "spam",
+                            "offset": k, "epoch": epoch});
+        redis.publish("global_room", &forged.to_string());
+    }
+    let mut last = (offset, epoch.clone());
+    for _ in 0..20 {
+        let frame = victim.recv_live();
+        assert_eq!(place(&frame), None, "forged, so without a place: {frame}");
+    }
+    alice.send("genuine second");
+    let frame = victim.recv_live();
+    assert_eq!(place(&frame), Some((offset + 1, epoch.clone())), "{frame}");
+    last.0 = offset + 1;
+    victim.close();
+    let said: Vec<String> = (0..30).map(|i| format!("missed {i}")).collect();
+    for message in &said {
+        alice.send(message);
+    }
+    // Logged once the witness has them all.
+    while witness.recv_chat().1 != "missed 29" {}
+    let mut back = Client::connect_path(
+        server.addr,
+        &format!("/chat/victim?since={}&epoch={}", last.0, last.1),
+    );
+    let mut recovered = Vec::new();
+    let recovery = loop {
+        let frame = back.recv();
+        match frame["type"].as_str() {
+            Some("recovery") => break frame,
+            Some("chat") => recovered.push(frame["message"].as_str().unwrap().to_owned()),
+            _ => {}
+        }
+    };
+    assert_eq!(recovery["complete"], true, "{recovery}");
+    assert_eq!(recovered, said);
 }
 
 /// 30 connect/close cycles, nothing said: a joiner still gets the room's

@@ -180,7 +180,8 @@ fn head(room: &Room, bounds: &ScriptSettings) -> redis::Cmd {
         .arg(bounds.room_ttl.as_millis() as u64)
         .arg(keys::channel(room, bounds.sharded))
         .arg(new_epoch())
-        .arg(if bounds.sharded { "sharded" } else { "classic" });
+        .arg(if bounds.sharded { "sharded" } else { "classic" })
+        .arg(super::new_place_key());
     eval
 }
 

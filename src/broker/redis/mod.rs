@@ -79,6 +79,7 @@ mod idle;
 mod keys;
 mod listener;
 mod members;
+mod place_keys;
 mod publisher;
 mod pubsub;
 mod scripts;
@@ -95,7 +96,8 @@ use crossbeam_channel::Sender;
 
 use super::fanout::Fanout;
 use super::{
-    Broker, BrokerError, Log, Mark, MemberChange, Place, Presence, Receipt, Settings, Subscription,
+    Broker, BrokerError, Log, Mark, MemberChange, Place, PlaceKey, Presence, Receipt, Settings,
+    Subscription, random_u64,
 };
 use crate::config::{RedisTarget, Subscriptions};
 use crate::metrics::Metrics;
@@ -160,6 +162,8 @@ pub struct RedisBroker {
     /// The thread that keeps rooms nobody is in under their budget
     /// (`idle.rs`).
     idle: Option<idle::IdleRooms>,
+    /// Each room's place key, as last read (`place_keys.rs`).
+    place_keys: place_keys::PlaceKeys,
 }
 
 impl RedisBroker {
@@ -251,6 +255,7 @@ impl RedisBroker {
             next_lane: AtomicUsize::new(0),
             publishers,
             local_rooms: Arc::default(),
+            place_keys: Default::default(),
             heartbeat_stop: None,
             heartbeat: None,
             settings: settings.clone(),
@@ -425,6 +430,15 @@ impl Broker for RedisBroker {
         }))
     }
 
+    fn place_key(&self, room: &Room, epoch: &str) -> PlaceKey {
+        self.place_keys.get(room, epoch, || {
+            let mut hmget = redis::cmd("HMGET");
+            hmget.arg(keys::meta(room)).arg("epoch").arg("key");
+            let reply = self.run(Route::room(room), vec![hmget]).ok()?;
+            from_value(reply.into_iter().next()).ok()
+        })
+    }
+
     fn enter(&self, room: &Room) -> Result<(), BrokerError> {
         let refresh = RedisBroker::refresh(room, self.settings.room_ttl).collect();
         self.run(Route::room(room), refresh)?;
@@ -445,6 +459,7 @@ impl Broker for RedisBroker {
             *count -= 1;
             if *count == 0 {
                 rooms.remove(room);
+                self.place_keys.forget(room);
                 if let Some(idle) = &self.idle {
                     idle.left(room);
                 }
@@ -536,6 +551,12 @@ pub(super) fn redact(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
+}
+
+/// A secret key for a log epoch that starts (see `scripts::LOG_AND_PUBLISH`):
+/// 128 random bits, in hex.
+fn new_place_key() -> String {
+    format!("{:016x}{:016x}", random_u64(), random_u64())
 }
 
 /// Reads a room log's position hash: its epoch, the first offset it holds,

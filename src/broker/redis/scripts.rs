@@ -27,7 +27,8 @@
 /// the room's time to live (ms), the channel, an epoch for a log that
 /// starts afresh, `sharded` on a Redis Cluster (the script then
 /// `SPUBLISH`es on the room's shard channel, which is in the keys' slot;
-/// see `cluster.rs`) or `classic`; then each event as its change (`""`, `join` or `leave`),
+/// see `cluster.rs`) or `classic`, a place key for a log that starts
+/// afresh (see below); then each event as its change (`""`, `join` or `leave`),
 /// how many connection arguments follow, those (connection ids, with their
 /// nicknames for a join), and its payload. Each payload gets the next
 /// offset and the epoch written in front of its fields. Only chat messages
@@ -40,6 +41,13 @@
 /// time to live when it is created, or changed by a join; the heartbeat and
 /// every joiner refresh them (see `RedisBroker::refresh`), so a message
 /// costs no `PEXPIRE`.
+///
+/// **Places that cannot be forged.** Anyone who can publish on a room's
+/// channel can write any offset into a payload, the next one included. So
+/// each payload also gets a `tag`: the first 16 hex digits of the SHA-1 of
+/// the epoch's secret key (kept in the position hash, never published),
+/// the epoch and the offset. An instance reads the key from Redis and
+/// passes a place on only with its tag (`RedisBroker::vouches`).
 ///
 /// **A new epoch for a restarted Redis.** The log's position hash keeps
 /// the `run_id` of the Redis process that wrote it. A Redis that restarts
@@ -66,7 +74,7 @@ local log, bytes_key, meta, members = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local max_count, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2])
 local ttl, channel = ARGV[3], ARGV[4]
 local publish = ARGV[6] == 'sharded' and 'SPUBLISH' or 'PUBLISH'
-local events, i = {}, 7
+local events, i = {}, 8
 while i <= #ARGV do
   local count = tonumber(ARGV[i + 1])
   events[#events + 1] = {change = ARGV[i], from = i + 2, to = i + 1 + count, payload = ARGV[i + 2 + count]}
@@ -74,20 +82,20 @@ while i <= #ARGV do
 end
 local info = redis.pcall('INFO', 'server')
 local run = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or ''
-local position = redis.call('HMGET', meta, 'epoch', 'run')
-local epoch = position[1]
+local position = redis.call('HMGET', meta, 'epoch', 'run', 'key')
+local epoch, key = position[1], position[3]
 local last = redis.call('HINCRBY', meta, 'last', #events)
 if not epoch then
-  epoch = ARGV[5]
+  epoch, key = ARGV[5], ARGV[7]
   redis.call('DEL', log, bytes_key)
-  redis.call('HSET', meta, 'epoch', epoch, 'last', #events, 'first', 1, 'run', run)
+  redis.call('HSET', meta, 'epoch', epoch, 'last', #events, 'first', 1, 'run', run, 'key', key)
   redis.call('PEXPIRE', meta, ttl)
   last = #events
-elseif position[2] ~= run then
-  epoch = ARGV[5]
-  redis.call('HSET', meta, 'epoch', epoch, 'run', run)
+elseif position[2] ~= run or not key then
+  epoch, key = ARGV[5], ARGV[7]
+  redis.call('HSET', meta, 'epoch', epoch, 'run', run, 'key', key)
 end
-local head = ',"epoch":"' .. epoch .. '",'
+local head = ',"epoch":"' .. epoch .. '","tag":"'
 local payloads, logged, added = {}, {}, 0
 for k, event in ipairs(events) do
   if event.change == 'join' then
@@ -96,7 +104,9 @@ for k, event in ipairs(events) do
   elseif event.change == 'leave' then
     for j = event.from, event.to do redis.call('HDEL', members, ARGV[j]) end
   end
-  local payload = '{"offset":' .. (last - #events + k) .. head .. string.sub(event.payload, 2)
+  local offset = last - #events + k
+  local tag = string.sub(redis.sha1hex(key .. ':' .. epoch .. ':' .. offset), 1, 16)
+  local payload = '{"offset":' .. offset .. head .. tag .. '",' .. string.sub(event.payload, 2)
   payloads[k] = payload
   if event.change == '' then
     logged[#logged + 1] = payload
