@@ -107,7 +107,7 @@ pub enum ServerFrame<'a> {
         /// When (ms since the Unix epoch).
         #[serde(skip_serializing_if = "Option::is_none")]
         ts: Option<u64>,
-        /// When several joined at once: who (at most [`GROUP_LIST`]).
+        /// When several joined at once: who (at most [`GROUP_LIST`](super::GROUP_LIST)).
         #[serde(skip_serializing_if = "<[String]>::is_empty")]
         nicknames: &'a [String],
         /// When several joined at once: how many.
@@ -133,7 +133,7 @@ pub enum ServerFrame<'a> {
         /// When (ms since the Unix epoch).
         #[serde(skip_serializing_if = "Option::is_none")]
         ts: Option<u64>,
-        /// When several left at once: who (at most [`GROUP_LIST`]).
+        /// When several left at once: who (at most [`GROUP_LIST`](super::GROUP_LIST)).
         #[serde(skip_serializing_if = "<[String]>::is_empty")]
         nicknames: &'a [String],
         /// When several left at once: how many.

@@ -198,7 +198,7 @@ pub enum PayloadError {
 /// The largest payload accepted from a room's channel, for clients whose
 /// messages may be `max_message` bytes: what threadchat itself publishes
 /// for such a message (JSON escaping at most doubles the text, see
-/// [`clean_message`]) and its other fields. Anything bigger is skipped
+/// [`clean_message`](super::clean_message)) and its other fields. Anything bigger is skipped
 /// without being read into memory.
 pub fn max_payload(max_message: usize) -> usize {
     2 * max_message + 4096

@@ -22,9 +22,9 @@ use crate::protocol::{Incoming, Room};
 /// subscription with its own PING cost a wake-up per client every few
 /// seconds — 1.9% of a core for 5,000 idle per-client subscriptions. All of
 /// a process's subscriptions go to the same Redis, so the heartbeat thread
-/// checks it once every [`HEARTBEAT`] for all of them; when Redis does not
-/// answer, it shuts every subscription socket down, and each listener
-/// reconnects as after any loss. A single connection that dies silently
+/// checks it once every `heartbeat::HEARTBEAT` for all of them; when Redis
+/// does not answer, it shuts every subscription socket down, and each
+/// listener reconnects as after any loss. A single connection that dies silently
 /// while Redis is fine is the kernel's business: subscription sockets have
 /// TCP keepalive (see `pubsub::PubSubConnection::connect`).
 #[derive(Default)]
