@@ -244,7 +244,7 @@ impl Outbox {
         }
     }
 
-    /// The start-up handshake: tell the first thread "ready", then wait for
+    /// The start-up handshake: tell the start thread "ready", then wait for
     /// "go", which comes with the ids to skip.
     fn start(&self, delivery: &mut Delivery, start: Start) -> ControlFlow<()> {
         if start.ready.send(()).is_err() {

@@ -4,9 +4,10 @@
 //! [`Outbox`], which:
 //!
 //! * `Subscribed` (the first time): the start-up handshake — tell the
-//!   connection's first thread "ready", wait for "go". Meanwhile that thread
-//!   sends the `101`, the history and who is in the room (see [`welcome`](super::welcome)); room
-//!   messages wait in the subscription until then.
+//!   connection's start thread "ready", wait for "go". Meanwhile that thread
+//!   sends the `101`, the history and who is in the room (see
+//!   [`welcome`](super::welcome)); room messages wait in the subscription
+//!   until then.
 //! * `Message`: skip junk (one warning per payload, not per client), the
 //!   client's own messages and events, and messages it already got from the
 //!   history; queue the rest, already encoded, for the client.

@@ -29,7 +29,7 @@ fn leaving_releases_everything(leave: fn(crate::support::Client)) {
     for c in &mut clients[1..] {
         c.recv_chat();
     }
-    // Each connection's first thread ends a moment after handing the
+    // Each connection's start thread ends a moment after handing the
     // connection to its reader thread.
     eventually("two threads per client", || {
         server.thread_count() == threads + 2 * 5
