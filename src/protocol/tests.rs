@@ -435,3 +435,36 @@ fn a_place_is_written_in_front_and_read_back() {
         "[recovered] ann: hi"
     );
 }
+
+#[test]
+fn join_and_leave_frames_keep_their_json_and_text() {
+    let payload = |kind: &str| {
+        format!(
+            r#"{{"type":"{kind}","nickname":"ann and bea","message":"{kind}s","ts":5,"nicknames":["ann","bea"],"count":2,"offset":7,"epoch":"e1"}}"#
+        )
+    };
+    for kind in ["join", "leave"] {
+        let event = ChatMessage::from_payload(payload(kind).as_bytes()).unwrap();
+        let frame = ServerFrame::from_event(&event, Replay::Recovered);
+        assert_eq!(
+            frame.to_json(),
+            format!(
+                r#"{{"type":"{kind}","nickname":"ann and bea","message":"{kind}s","ts":5,"nicknames":["ann","bea"],"count":2,"offset":7,"epoch":"e1","recovered":true}}"#
+            )
+        );
+        assert_eq!(
+            frame.to_text(),
+            format!("[recovered] * ann and bea {kind}s")
+        );
+        let live = ServerFrame::from_event(&event, Replay::Live);
+        assert_eq!(live.to_text(), format!("* ann and bea {kind}s"));
+        let bare = ChatMessage::from_payload(
+            format!(r#"{{"type":"{kind}","nickname":"cy","message":"m"}}"#).as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            ServerFrame::from_event(&bare, Replay::Live).to_json(),
+            format!(r#"{{"type":"{kind}","nickname":"cy","message":"m"}}"#)
+        );
+    }
+}
