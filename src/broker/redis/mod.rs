@@ -482,7 +482,7 @@ impl Broker for RedisBroker {
             room,
             &self.metrics,
             &self.subscriptions,
-            false,
+            Subscriptions::PerClient,
             self.settings.max_payload,
         );
         Ok(Subscription::new(Box::new(listener), canceller))

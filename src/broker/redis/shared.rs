@@ -12,6 +12,7 @@ use super::topology::Topology;
 use crate::broker::fanout::{Fanout, FanoutListener, Source};
 use crate::broker::{BrokerError, Canceller, Event, Flow, Listen, Subscription};
 use crate::capacity::{Capacity, Cost, Reservation};
+use crate::config::Subscriptions;
 use crate::metrics::Metrics;
 use crate::protocol::{ConnId, Room};
 
@@ -143,7 +144,7 @@ impl SharedFeeds {
             room,
             &self.metrics,
             &self.subscriptions,
-            true,
+            Subscriptions::Shared,
             self.max_payload,
         );
         let listener = Box::new(listener);
