@@ -13,8 +13,8 @@ use super::{ConnId, Format, Nickname, ServerFrame};
 /// What happens in a room, as published on its Redis channel: a chat
 /// message, or someone joining or leaving.
 ///
-/// `nickname` and `message` are what the original app's readers need (they
-/// forward any payload whose nickname is not their client's own). The other
+/// `nickname` and `message` are what the original app's subscribers need
+/// (they forward any payload whose nickname is not their client's own). The other
 /// fields are threadchat's additions; payloads from the original app lack
 /// them, so they are optional when reading.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

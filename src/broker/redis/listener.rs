@@ -78,7 +78,7 @@ impl SubscriptionSockets {
 }
 
 /// A blocking Redis subscription: a client's own (per-client mode), or a
-/// room's shared one (shared mode, run by the room's feed thread).
+/// room's shared one (shared mode, run by the room's listener thread).
 pub(super) struct RedisListener {
     /// Where Redis is, asked at every (re)connection.
     topology: Arc<Topology>,
