@@ -230,7 +230,7 @@ impl Outbox {
         if let Err(ending) = result {
             self.conn.end(ending);
         }
-        // Before the upgrade there is no reader yet; the connection's first
+        // Before the upgrade there is no reader yet; the connection's start
         // thread answers HTTP.
         if delivery.upgraded
             && let Err(TryRecvError::Empty) = reader_done.try_recv()
