@@ -4,7 +4,8 @@
 #   make run ARGS="--port 9000" pass options through (see: make run ARGS=--help)
 #   make test                   all tests; they start their own redis-server
 #                               (installed first when missing, if it can be)
-#   make lint                   formatting check and clippy, warnings are errors
+#   make lint                   formatting check, clippy and rustdoc (every
+#                               intra-doc link resolves), warnings are errors
 #   make check-macos            every package type-checks for macOS (x86_64)
 #   make interop                chat between threadchat and the Python original
 #                               (installs FastAPI, uvicorn, redis in a venv)
@@ -36,6 +37,7 @@ test: require-redis
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --document-private-items
 
 # Linux-only parts (SCHED_BATCH, the load generator's epoll) sit behind cfg;
 # this keeps a learner's Mac building.

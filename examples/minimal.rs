@@ -2,7 +2,10 @@
 //! Python tutorial app's protocol (room `global_room` on Redis, JSON with
 //! `"nickname"` and `"message"`) on the card's shape: an accept loop; per
 //! client a reader thread and a subscriber thread, coordinated by crossbeam
-//! channels; one writer per socket. docs/ARCHITECTURE.md starts here.
+//! channels; one writer per socket. (The card calls the thread blocked on
+//! Redis "the reader" and the one blocked on the WebSocket "the writer":
+//! here they are the subscriber and the reader.) docs/ARCHITECTURE.md
+//! starts here.
 //! Run: `cargo run --example minimal -- redis://127.0.0.1:6379 127.0.0.1:8000`
 
 use std::io::{self, Read, Write};

@@ -17,7 +17,9 @@
 //! * A `std::net::TcpListener` accepts ([`server`]). Each client gets a
 //!   **reader thread**, which blocks in `WebSocket::read` and publishes what
 //!   the client says, and a **subscriber thread**, which blocks on the
-//!   client's own Redis subscription and writes what the room says.
+//!   client's own Redis subscription and writes what the room says. (The
+//!   card calls the thread blocked on Redis "the reader" and the one blocked
+//!   on the WebSocket "the writer": threadchat's subscriber and reader.)
 //! * The two coordinate through crossbeam channels: "subscribed", "go",
 //!   "the reader is done", and whoever ends first wakes the other.
 //! * Exactly one `WebSocket` writes to a socket: a blocking WebSocket cannot

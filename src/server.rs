@@ -7,7 +7,7 @@
 //!
 //! **Bounds.** At most `max_connections` connections exist at once, counting
 //! those still in their HTTP handshake, and each reserves its threads and
-//! descriptors from the process's budget ([`crate::capacity`]), which
+//! descriptors from the process's budget (`crate::capacity`), which
 //! rooms' shared feeds draw on too. Past either, the accept loop itself
 //! writes `503 Service Unavailable` and closes: no thread is spent on the
 //! refused. The same goes for an address past its connection cap, or with

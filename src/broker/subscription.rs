@@ -15,7 +15,7 @@ use crate::protocol::Incoming;
 /// What a running subscription hands to its closure.
 ///
 /// Owned and cheap to clone: the same `Event` is queued for every client of
-/// a room when one subscription feeds many (see [`fanout`]).
+/// a room when one subscription feeds many (see [`fanout`](super::fanout)).
 #[derive(Debug, Clone)]
 pub enum Event {
     /// The subscription is active: from now on, every message published on the
@@ -36,7 +36,7 @@ pub enum Event {
 
 /// A client that the thread dispatching its room's messages may write to
 /// itself, without waking the client's subscriber thread (see
-/// [`fanout`]'s *direct delivery*). The session implements it.
+/// [`fanout`](super::fanout)'s *direct delivery*). The session implements it.
 pub trait DirectSink: Send + Sync {
     /// Takes `messages` for the client without ever blocking, or declines
     /// them. Called only while the client has nothing queued.

@@ -126,6 +126,8 @@ pub struct Args {
         value_name = "ORIGIN",
         value_delimiter = ','
     )]
+    // This doc is also `--help`'s text, where `<…>` around the URL would show.
+    #[allow(rustdoc::bare_urls)]
     pub allow_origins: Vec<String>,
 
     /// Entries of each room's log kept: chat messages, joins and leaves.

@@ -1,55 +1,139 @@
 //! What a client's text frame says, and what of it may be published.
 
-use serde::Deserialize;
+use std::borrow::Cow;
 
-/// Extracts the chat text from a client's text frame.
-///
-/// * A JSON object with a string `"message"` field: that string. Any
-///   `"nickname"` the client put in the object is ignored — the server, never
-///   the client, decides who is speaking.
-/// * Anything else (plain words typed into websocat, JSON of another shape): the
-///   frame's text itself.
-///
-/// One trailing line ending is removed first: websocat sends each typed line
-/// with the `\n` of the Enter key, and the line should arrive as typed.
-///
-/// `{"nickname":"mallory","message":"hi"}` is "hi"; `hello there\n` is
-/// "hello there"; `{"text":"hi"}` is itself (see the tests).
-pub fn message_text(frame: &str) -> std::borrow::Cow<'_, str> {
-    /// Only the field we need; serde skips the rest without allocating it.
-    #[derive(Deserialize)]
-    struct ClientJson {
-        message: String,
-    }
-    let frame = frame.strip_suffix('\n').unwrap_or(frame);
-    let frame = frame.strip_suffix('\r').unwrap_or(frame);
-    // Cheap pre-check so plain text never goes through the JSON parser.
-    if frame.trim_start().starts_with('{')
-        && let Ok(parsed) = serde_json::from_str::<ClientJson>(frame)
-    {
-        return std::borrow::Cow::Owned(parsed.message);
-    }
-    std::borrow::Cow::Borrowed(frame)
+use serde::Deserialize;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+
+/// What a client's text frame says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientFrame<'a> {
+    /// Something to say to the room, not checked yet (see [`clean_message`]).
+    ///
+    /// * A JSON object with a string `"message"` field: that string. Any
+    ///   `"nickname"` the client put in the object is ignored — the server,
+    ///   never the client, decides who is speaking.
+    /// * Anything else (plain words typed into websocat, JSON of another
+    ///   shape): the frame's text itself.
+    ///
+    /// One trailing line ending is removed first: websocat sends each typed
+    /// line with the `\n` of the Enter key, and the line should arrive as
+    /// typed.
+    ///
+    /// `{"nickname":"mallory","message":"hi"}` is "hi"; `hello there\n` is
+    /// "hello there"; `{"text":"hi"}` is itself (see the tests).
+    Chat(Cow<'a, str>),
+    /// A fresh token, sent before the one it connected with expires:
+    /// `{"type": "token", "token": "…"}`. Only where tokens are read:
+    /// elsewhere that text is a chat message like any other.
+    TokenRefresh(String),
 }
 
-/// The token in a client's `{"type": "token", "token": "…"}` frame (a
-/// fresh token, sent before the one it connected with expires), if the
-/// frame is one.
-pub fn token_refresh(frame: &str) -> Option<String> {
-    #[derive(Deserialize)]
-    struct TokenFrame {
-        #[serde(rename = "type")]
-        kind: String,
-        token: String,
+impl<'a> ClientFrame<'a> {
+    /// Reads a client's text frame; `tokens` says whether this server reads
+    /// token frames.
+    pub fn parse(frame: &'a str, tokens: bool) -> ClientFrame<'a> {
+        let frame = frame.strip_suffix('\n').unwrap_or(frame);
+        let frame = frame.strip_suffix('\r').unwrap_or(frame);
+        // Cheap pre-check so plain text never goes through the JSON parser.
+        if frame.trim_start().starts_with('{')
+            && let Ok(json) = serde_json::from_str::<ClientJson>(frame)
+        {
+            if tokens
+                && let (Field::One(Some(kind)), Field::One(Some(token))) = (&json.kind, json.token)
+                && kind == "token"
+            {
+                return ClientFrame::TokenRefresh(token);
+            }
+            if let Field::One(Some(message)) = json.message {
+                return ClientFrame::Chat(Cow::Owned(message));
+            }
+        }
+        ClientFrame::Chat(Cow::Borrowed(frame))
     }
-    // Cheap pre-check so chat messages never go through this parser.
-    if !frame.trim_start().starts_with('{') || !frame.contains("\"token\"") {
-        return None;
+}
+
+/// The fields of a client's JSON frame that mean something; serde skips the
+/// rest without allocating it.
+#[derive(Default)]
+struct ClientJson {
+    kind: Field,
+    token: Field,
+    message: Field,
+}
+
+/// One field of [`ClientJson`]. A field counts only when it appears once,
+/// as a string: `{"message": 5}` is a frame's text, not a message, and a
+/// frame that says `"message"` twice says nothing as a message (but may
+/// still be a token frame).
+#[derive(Default)]
+enum Field {
+    /// Not there.
+    #[default]
+    Absent,
+    /// Once: the string, or `None` for a value of another type.
+    One(Option<String>),
+    /// More than once.
+    Repeated,
+}
+
+impl<'de> Deserialize<'de> for ClientJson {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(ClientJsonVisitor)
     }
-    serde_json::from_str::<TokenFrame>(frame)
-        .ok()
-        .filter(|f| f.kind == "token")
-        .map(|f| f.token)
+}
+
+struct ClientJsonVisitor;
+
+impl<'de> Visitor<'de> for ClientJsonVisitor {
+    type Value = ClientJson;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ClientJson, A::Error> {
+        let mut json = ClientJson::default();
+        while let Some(key) = map.next_key::<Key>()? {
+            let field = match key {
+                Key::Type => &mut json.kind,
+                Key::Token => &mut json.token,
+                Key::Message => &mut json.message,
+                Key::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            let value = match map.next_value::<StringOrOther>()? {
+                StringOrOther::String(text) => Some(text),
+                StringOrOther::Other(_) => None,
+            };
+            *field = match field {
+                Field::Absent => Field::One(value),
+                _ => Field::Repeated,
+            };
+        }
+        Ok(json)
+    }
+}
+
+/// A key of a client's JSON frame (read without allocating it).
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "lowercase")]
+enum Key {
+    Type,
+    Token,
+    Message,
+    #[serde(other)]
+    Other,
+}
+
+/// A JSON value: a string, or of another type (skipped).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StringOrOther {
+    String(String),
+    Other(IgnoredAny),
 }
 
 /// Why a client's chat message was refused (the connection stays open).

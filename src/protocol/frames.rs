@@ -99,56 +99,9 @@ pub enum ServerFrame<'a> {
         recovered: bool,
     },
     /// Someone (or, coalesced, several people) joined the room.
-    Join {
-        /// Who (a summary when several).
-        nickname: &'a str,
-        /// Always "joined".
-        message: &'a str,
-        /// When (ms since the Unix epoch).
-        #[serde(skip_serializing_if = "Option::is_none")]
-        ts: Option<u64>,
-        /// When several joined at once: who (at most [`GROUP_LIST`]).
-        #[serde(skip_serializing_if = "<[String]>::is_empty")]
-        nicknames: &'a [String],
-        /// When several joined at once: how many.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        count: Option<usize>,
-        /// Where it is in the room's log.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        offset: Option<u64>,
-        /// The log's epoch, with `offset`.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        epoch: Option<&'a str>,
-        /// True for an event a reconnecting client missed, sent again.
-        #[serde(skip_serializing_if = "std::ops::Not::not")]
-        recovered: bool,
-    },
+    Join(MemberEvent<'a>),
     /// Someone (or, coalesced, several people) left the room.
-    Leave {
-        /// Who (a summary when several).
-        nickname: &'a str,
-        /// "left", with the reason in parentheses when it was not their
-        /// choice (for one person).
-        message: &'a str,
-        /// When (ms since the Unix epoch).
-        #[serde(skip_serializing_if = "Option::is_none")]
-        ts: Option<u64>,
-        /// When several left at once: who (at most [`GROUP_LIST`]).
-        #[serde(skip_serializing_if = "<[String]>::is_empty")]
-        nicknames: &'a [String],
-        /// When several left at once: how many.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        count: Option<usize>,
-        /// Where it is in the room's log.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        offset: Option<u64>,
-        /// The log's epoch, with `offset`.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        epoch: Option<&'a str>,
-        /// True for an event a reconnecting client missed, sent again.
-        #[serde(skip_serializing_if = "std::ops::Not::not")]
-        recovered: bool,
-    },
+    Leave(MemberEvent<'a>),
     /// Who is in the room (sent once, right after joining).
     Presence {
         /// Always `"server"`.
@@ -205,6 +158,36 @@ pub enum ServerFrame<'a> {
     },
 }
 
+/// A join or a leave: what [`ServerFrame::Join`] and [`ServerFrame::Leave`]
+/// carry, besides their `"type"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemberEvent<'a> {
+    /// Who (a summary when several).
+    pub nickname: &'a str,
+    /// "joined"; or "left", with the reason in parentheses when it was not
+    /// their choice (for one person).
+    pub message: &'a str,
+    /// When (ms since the Unix epoch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ts: Option<u64>,
+    /// When several joined or left at once: who (at most
+    /// [`GROUP_LIST`](super::GROUP_LIST)).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub nicknames: &'a [String],
+    /// When several joined or left at once: how many.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<usize>,
+    /// Where it is in the room's log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    /// The log's epoch, with `offset`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<&'a str>,
+    /// True for an event a reconnecting client missed, sent again.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub recovered: bool,
+}
+
 /// Most nicknames listed in a presence frame.
 pub const PRESENCE_LIST: usize = 100;
 
@@ -234,27 +217,19 @@ impl<'a> ServerFrame<'a> {
         let (nicknames, count) = (event.nicknames.as_slice(), event.count);
         let at = event.at();
         let recovered = replay == Replay::Recovered;
+        let member_event = || MemberEvent {
+            nickname,
+            message,
+            ts,
+            nicknames,
+            count,
+            offset: at.map(|at| at.offset),
+            epoch: at.map(|at| at.epoch),
+            recovered,
+        };
         match event.kind {
-            Kind::Join => ServerFrame::Join {
-                nickname,
-                message,
-                ts,
-                nicknames,
-                count,
-                offset: at.map(|at| at.offset),
-                epoch: at.map(|at| at.epoch),
-                recovered,
-            },
-            Kind::Leave => ServerFrame::Leave {
-                nickname,
-                message,
-                ts,
-                nicknames,
-                count,
-                offset: at.map(|at| at.offset),
-                epoch: at.map(|at| at.epoch),
-                recovered,
-            },
+            Kind::Join => ServerFrame::Join(member_event()),
+            Kind::Leave => ServerFrame::Leave(member_event()),
             // `Other` never gets this far (`from_payload` refuses it).
             Kind::Chat | Kind::Other => ServerFrame::Chat {
                 nickname,
@@ -301,20 +276,9 @@ impl<'a> ServerFrame<'a> {
             ServerFrame::Chat {
                 nickname, message, ..
             } => format!("{nickname}: {message}"),
-            ServerFrame::Join {
-                nickname,
-                message,
-                recovered,
-                ..
-            }
-            | ServerFrame::Leave {
-                nickname,
-                message,
-                recovered,
-                ..
-            } => {
-                let tag = if *recovered { "[recovered] " } else { "" };
-                format!("{tag}* {nickname} {message}")
+            ServerFrame::Join(event) | ServerFrame::Leave(event) => {
+                let tag = if event.recovered { "[recovered] " } else { "" };
+                format!("{tag}* {} {}", event.nickname, event.message)
             }
             ServerFrame::Presence { message, .. }
             | ServerFrame::Notice { message, .. }

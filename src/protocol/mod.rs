@@ -7,9 +7,10 @@
 //! * [`Nickname`] — a validated, percent-decoded nickname from `/chat/{nickname}`.
 //! * [`ConnId`] — an identity for one WebSocket connection, unique across every
 //!   instance sharing a Redis, used to suppress echo of a client's own messages.
-//! * [`message_text`] — what a client's text frame means: the `"message"` of a
-//!   JSON object (the original Python app's clients send
-//!   `{"nickname": "alice", "message": "hi"}`), or the frame's text itself.
+//! * [`ClientFrame`] — what a client's text frame means: chat text (the
+//!   `"message"` of a JSON object, as the original Python app's clients send
+//!   `{"nickname": "alice", "message": "hi"}`, or the frame's text itself),
+//!   or a fresh token.
 //! * [`ChatMessage`] — the payload published on the Redis channel. It is a
 //!   superset of what the original app publishes, so the two interoperate.
 //! * [`ServerFrame`] — every JSON text frame the server sends to a client.

@@ -382,7 +382,7 @@ impl fmt::Display for Room {
 /// share a Redis: a random per-process instance id plus a per-process counter,
 /// e.g. `3f9c2a71d0b4e856-17`.
 ///
-/// Every published [`ChatMessage`] carries its sender's `ConnId`; a receiving
+/// Every published [`ChatMessage`](super::ChatMessage) carries its sender's `ConnId`; a receiving
 /// connection drops the message if the id is its own. Nicknames cannot do this
 /// job: two people may both call themselves "carol", and each must see the
 /// other's messages.

@@ -13,8 +13,8 @@ use super::{ConnId, Format, Nickname, ServerFrame};
 /// What happens in a room, as published on its Redis channel: a chat
 /// message, or someone joining or leaving.
 ///
-/// `nickname` and `message` are what the original app's readers need (they
-/// forward any payload whose nickname is not their client's own). The other
+/// `nickname` and `message` are what the original app's subscribers need
+/// (they forward any payload whose nickname is not their client's own). The other
 /// fields are threadchat's additions; payloads from the original app lack
 /// them, so they are optional when reading.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,7 +203,7 @@ pub enum PayloadError {
 /// The largest payload accepted from a room's channel, for clients whose
 /// messages may be `max_message` bytes: what threadchat itself publishes
 /// for such a message (JSON escaping at most doubles the text, see
-/// [`clean_message`]) and its other fields. Anything bigger is skipped
+/// [`clean_message`](super::clean_message)) and its other fields. Anything bigger is skipped
 /// without being read into memory.
 pub fn max_payload(max_message: usize) -> usize {
     2 * max_message + 4096

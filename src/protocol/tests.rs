@@ -4,6 +4,18 @@
 use super::payload::summarize;
 use super::*;
 
+/// The chat text of a client's frame, which is the same on a server that
+/// reads token frames as on one that does not.
+fn message_text(frame: &str) -> String {
+    let chat = |tokens| match ClientFrame::parse(frame, tokens) {
+        ClientFrame::Chat(text) => text.into_owned(),
+        other => panic!("{frame:?} is not chat: {other:?}"),
+    };
+    let text = chat(false);
+    assert_eq!(chat(true), text, "{frame:?}");
+    text
+}
+
 #[test]
 fn what_a_client_frame_says() {
     assert_eq!(
@@ -360,7 +372,8 @@ mod properties {
     proptest! {
         #[test]
         fn client_frames_never_panic(frame in any::<String>()) {
-            let _ = message_text(&frame);
+            let _ = ClientFrame::parse(&frame, false);
+            let _ = ClientFrame::parse(&frame, true);
         }
 
         #[test]
@@ -435,4 +448,96 @@ fn a_place_is_written_in_front_and_read_back() {
         ServerFrame::from_event(&back, Replay::Recovered).to_text(),
         "[recovered] ann: hi"
     );
+}
+
+#[test]
+fn join_and_leave_frames_keep_their_json_and_text() {
+    let payload = |kind: &str| {
+        format!(
+            r#"{{"type":"{kind}","nickname":"ann and bea","message":"{kind}s","ts":5,"nicknames":["ann","bea"],"count":2,"offset":7,"epoch":"e1"}}"#
+        )
+    };
+    for kind in ["join", "leave"] {
+        let event = ChatMessage::from_payload(payload(kind).as_bytes()).unwrap();
+        let frame = ServerFrame::from_event(&event, Replay::Recovered);
+        assert_eq!(
+            frame.to_json(),
+            format!(
+                r#"{{"type":"{kind}","nickname":"ann and bea","message":"{kind}s","ts":5,"nicknames":["ann","bea"],"count":2,"offset":7,"epoch":"e1","recovered":true}}"#
+            )
+        );
+        assert_eq!(
+            frame.to_text(),
+            format!("[recovered] * ann and bea {kind}s")
+        );
+        let live = ServerFrame::from_event(&event, Replay::Live);
+        assert_eq!(live.to_text(), format!("* ann and bea {kind}s"));
+        let bare = ChatMessage::from_payload(
+            format!(r#"{{"type":"{kind}","nickname":"cy","message":"m"}}"#).as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            ServerFrame::from_event(&bare, Replay::Live).to_json(),
+            format!(r#"{{"type":"{kind}","nickname":"cy","message":"m"}}"#)
+        );
+    }
+}
+
+#[test]
+fn a_token_frame_refreshes_only_where_tokens_are_read() {
+    let refresh = |frame: &str| ClientFrame::TokenRefresh(frame.into());
+    let chat = |text: &'static str| ClientFrame::Chat(text.into());
+    for (frame, with_tokens, without) in [
+        (
+            r#"{"type":"token","token":"t1"}"#,
+            refresh("t1"),
+            chat(r#"{"type":"token","token":"t1"}"#),
+        ),
+        // A token frame's "message" says nothing where tokens are read.
+        (
+            r#"{"type":"token","token":"t1","message":"hi"}"#,
+            refresh("t1"),
+            chat("hi"),
+        ),
+        (
+            "{\"type\":\"token\",\"token\":\"t1\"}\r\n",
+            refresh("t1"),
+            chat(r#"{"type":"token","token":"t1"}"#),
+        ),
+        // Not a token frame: the type, the token's type, a field said twice.
+        (
+            r#"{"type":"chat","token":"t1","message":"hi"}"#,
+            chat("hi"),
+            chat("hi"),
+        ),
+        (
+            r#"{"type":"token","token":5}"#,
+            chat(r#"{"type":"token","token":5}"#),
+            chat(r#"{"type":"token","token":5}"#),
+        ),
+        (
+            r#"{"type":"token","type":"token","token":"t1","message":"hi"}"#,
+            chat("hi"),
+            chat("hi"),
+        ),
+        // A message said twice, or not as a string, is no message.
+        (
+            r#"{"message":"a","message":"b"}"#,
+            chat(r#"{"message":"a","message":"b"}"#),
+            chat(r#"{"message":"a","message":"b"}"#),
+        ),
+        (
+            r#"{"type":"token","token":"t1","message":"a","message":"b"}"#,
+            refresh("t1"),
+            chat(r#"{"type":"token","token":"t1","message":"a","message":"b"}"#),
+        ),
+        (
+            r#"{"message":"hi","token":[1,{"a":2}],"type":null}"#,
+            chat("hi"),
+            chat("hi"),
+        ),
+    ] {
+        assert_eq!(ClientFrame::parse(frame, true), with_tokens, "{frame}");
+        assert_eq!(ClientFrame::parse(frame, false), without, "{frame}");
+    }
 }

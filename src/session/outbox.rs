@@ -224,7 +224,7 @@ impl Outbox {
         if let Err(ending) = result {
             self.conn.end(ending);
         }
-        // Before the upgrade there is no reader yet; the connection's first
+        // Before the upgrade there is no reader yet; the connection's start
         // thread answers HTTP.
         if delivery.upgraded
             && let Err(TryRecvError::Empty) = reader_done.try_recv()
@@ -238,7 +238,7 @@ impl Outbox {
         }
     }
 
-    /// The start-up handshake: tell the first thread "ready", then wait for
+    /// The start-up handshake: tell the start thread "ready", then wait for
     /// "go", which comes with the ids to skip.
     fn start(&self, delivery: &mut Delivery, start: Start) -> ControlFlow<()> {
         if start.ready.send(()).is_err() {

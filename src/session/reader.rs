@@ -27,7 +27,7 @@ use super::socket::{ReadSide, Writer};
 use super::{Conn, Context, Ending};
 use crate::broker::{BrokerError, MemberChange, Receipt};
 use crate::protocol::Member;
-use crate::protocol::{ChatMessage, ServerFrame, clean_message, message_text, token_refresh};
+use crate::protocol::{ChatMessage, ClientFrame, ServerFrame, clean_message};
 
 /// What a [`Handler`] wants after a data message.
 pub(super) enum Next {
@@ -503,17 +503,18 @@ impl Handler for ChatHandler<'_> {
         };
         // Only a server that uses tokens reads token frames: elsewhere that
         // text is a chat message like any other.
-        if self.ctx.auth.is_some()
-            && let Some(token) = token_refresh(text.as_str())
-        {
-            // A refresh is a frame like a message: it takes from the same
-            // budget (checking a signature costs more than a publish).
-            if let Some(refused) = self.spend("this token was not read", writer) {
-                return refused;
+        let body = match ClientFrame::parse(text.as_str(), self.ctx.auth.is_some()) {
+            ClientFrame::Chat(body) => body,
+            ClientFrame::TokenRefresh(token) => {
+                // A refresh is a frame like a message: it takes from the
+                // same budget (checking a signature costs more than a
+                // publish).
+                if let Some(refused) = self.spend("this token was not read", writer) {
+                    return refused;
+                }
+                return self.refresh(&token, writer);
             }
-            return self.refresh(&token, writer);
-        }
-        let body = message_text(text.as_str());
+        };
         let body = match clean_message(&body) {
             Ok(body) => body,
             Err(e) => return self.error(writer, &e.to_string()),

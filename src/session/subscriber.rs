@@ -1,12 +1,13 @@
 //! The subscriber thread: delivers the room to one client, live.
 //!
 //! It blocks in `Subscription::run` and hands each event to the client's
-//! [`Outbox`](super::outbox::Outbox), which:
+//! [`Outbox`], which:
 //!
 //! * `Subscribed` (the first time): the start-up handshake — tell the
-//!   connection's first thread "ready", wait for "go". Meanwhile that thread
-//!   sends the `101`, the history and who is in the room (see [`welcome`](super::welcome)); room
-//!   messages wait in the subscription until then.
+//!   connection's start thread "ready", wait for "go". Meanwhile that thread
+//!   sends the `101`, the history and who is in the room (see
+//!   [`welcome`](super::welcome)); room messages wait in the subscription
+//!   until then.
 //! * `Message`: skip junk (one warning per payload, not per client), the
 //!   client's own messages and events, and messages it already got from the
 //!   history; queue the rest, already encoded, for the client.
@@ -19,7 +20,7 @@
 //! client, and keeps what that needs (the [`Delivery`]) to itself. Where a
 //! room's messages are dispatched in-process (shared subscriptions, the
 //! in-process relay), the dispatcher may write to the client too: that is
-//! [`direct`](super::direct)'s business, and the only place with a lock.
+//! [`direct`]'s business, and the only place with a lock.
 //!
 //! This thread does only what repeats. What happens once per connection
 //! happens on the connection's start thread, which ends after it (see

@@ -29,7 +29,7 @@ fn leaving_releases_everything(leave: fn(crate::support::Client)) {
     for c in &mut clients[1..] {
         c.recv_chat();
     }
-    // Each connection's first thread ends a moment after handing the
+    // Each connection's start thread ends a moment after handing the
     // connection to its reader thread.
     eventually("two threads per client", || {
         server.thread_count() == threads + 2 * 5
@@ -145,7 +145,7 @@ fn nothing_is_logged_per_message_at_info() {
 
 /// SIGTERM: every client is told in words that the server is going away,
 /// then gets close 1001, and the process exits 0. (With shared
-/// subscriptions, rooms' feed threads, the announcer and the publishers all
+/// subscriptions, rooms' listener threads, the announcer and the publishers all
 /// have to wind down in order.)
 fn sigterm_closes_every_client_with_1001_and_exits_0(args: &[&str]) {
     let redis = Redis::start();

@@ -7,7 +7,7 @@
 //!   [`Fanout::dispatch`];
 //! * the Redis broker in *shared-subscription* mode, where one thread per room
 //!   holds the process's only `SUBSCRIBE` for that room and dispatches what it
-//!   receives (see `redis.rs`).
+//!   receives (see `broker/redis/shared.rs`).
 //!
 //! Either way a client's subscriber thread keeps the design's shape: it
 //! blocks on its own crossbeam receiver ([`FanoutListener`]), exactly as it

@@ -30,7 +30,7 @@ pub(super) fn keep_alive(key: &str) -> redis::Cmd {
 
 impl RedisBroker {
     /// Starts the thread that keeps this instance's liveness key fresh and
-    /// checks that Redis answers (see [`SubscriptionSockets`]).
+    /// checks that Redis answers (see [`SubscriptionSockets`](super::listener::SubscriptionSockets)).
     pub(super) fn start_heartbeat(&mut self) -> Result<(), BrokerError> {
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let lane = self.lanes[0].clone();

@@ -10,6 +10,7 @@ use super::pubsub::{PubSubConnection, Push, Waited};
 use super::topology::Topology;
 use super::{CONNECT_TIMEOUT, IO_TIMEOUT, MAX_BACKOFF, MAX_REDIRECTS, redact};
 use crate::broker::{Backoff, BrokerError, Canceller, Event, Flow, Listen, StopSignal};
+use crate::config::Subscriptions;
 use crate::metrics::Metrics;
 use crate::protocol::{Incoming, Room};
 
@@ -22,9 +23,9 @@ use crate::protocol::{Incoming, Room};
 /// subscription with its own PING cost a wake-up per client every few
 /// seconds — 1.9% of a core for 5,000 idle per-client subscriptions. All of
 /// a process's subscriptions go to the same Redis, so the heartbeat thread
-/// checks it once every [`HEARTBEAT`] for all of them; when Redis does not
-/// answer, it shuts every subscription socket down, and each listener
-/// reconnects as after any loss. A single connection that dies silently
+/// checks it once every `heartbeat::HEARTBEAT` for all of them; when Redis
+/// does not answer, it shuts every subscription socket down, and each
+/// listener reconnects as after any loss. A single connection that dies silently
 /// while Redis is fine is the kernel's business: subscription sockets have
 /// TCP keepalive (see `pubsub::PubSubConnection::connect`).
 #[derive(Default)]
@@ -77,7 +78,7 @@ impl SubscriptionSockets {
 }
 
 /// A blocking Redis subscription: a client's own (per-client mode), or a
-/// room's shared one (shared mode, run by the room's feed thread).
+/// room's shared one (shared mode, run by the room's listener thread).
 pub(super) struct RedisListener {
     /// Where Redis is, asked at every (re)connection.
     topology: Arc<Topology>,
@@ -90,10 +91,12 @@ pub(super) struct RedisListener {
     /// The current connection's socket, for the canceller to shut down.
     current: Current,
     metrics: Arc<Metrics>,
-    /// A room's shared subscription: it never gives up (clients come and
-    /// go; it stops when the last one leaves), and reports every failed
-    /// attempt, not only the loss of a live subscription.
-    shared: bool,
+    /// Whose subscription this is. A client's own (`PerClient`) gives up
+    /// if it never got going, so that the client is refused. A room's
+    /// (`Shared`) never gives up (clients come and go; it stops when the
+    /// last one leaves), and reports every failed attempt, not only the
+    /// loss of a live subscription.
+    mode: Subscriptions,
     /// Longest payload read into memory (see [`Push::Oversized`]).
     max_payload: usize,
 }
@@ -118,7 +121,7 @@ impl Listen for RedisListener {
             if stop.is_stopped() {
                 return Ok(());
             }
-            if !state.ever_subscribed && !self.shared {
+            if !state.ever_subscribed && self.mode == Subscriptions::PerClient {
                 // Never got going: the caller refuses the client instead.
                 return Err(error);
             }
@@ -130,7 +133,7 @@ impl Listen for RedisListener {
                     return Ok(());
                 }
                 backoff.reset();
-            } else if self.shared {
+            } else if self.mode == Subscriptions::Shared {
                 // A room's shared subscription serves clients that are
                 // waiting to join: each failed attempt tells them.
                 if on_event(Event::Lost(Arc::new(error))).is_break() {
@@ -183,7 +186,7 @@ impl RedisListener {
         room: &Room,
         metrics: &Arc<Metrics>,
         subscriptions: &SubscriptionSockets,
-        shared: bool,
+        mode: Subscriptions,
         max_payload: usize,
     ) -> (RedisListener, Canceller) {
         let current = Current::default();
@@ -204,7 +207,7 @@ impl RedisListener {
             sharded: topology.is_cluster(),
             current,
             metrics: Arc::clone(metrics),
-            shared,
+            mode,
             max_payload,
         };
         (listener, canceller)
@@ -486,7 +489,7 @@ mod tests {
             &Room::parse("ch").unwrap(),
             &metrics,
             &subscriptions,
-            false,
+            Subscriptions::PerClient,
             1024,
         );
         let subscription = Subscription::new(Box::new(listener), canceller.clone());

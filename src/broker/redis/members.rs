@@ -183,7 +183,7 @@ impl RedisBroker {
     }
 }
 
-/// Runs [`SWAP_FIELD`](super::scripts::SWAP_FIELD) on a room's claimed
+/// Runs [`SWAP_FIELD`] on a room's claimed
 /// nicknames: `nickname` from `from` to `to` (empty: given back).
 fn swap_nickname(room: &Room, nickname: &str, from: &str, to: &str) -> redis::Cmd {
     let mut swap = redis::cmd("EVALSHA");

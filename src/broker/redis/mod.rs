@@ -7,10 +7,10 @@
 //! room's clients on this instance, and its dispatcher fans out over their
 //! queues (`SharedFeeds` below, and [`fanout`](super::fanout)).
 //!
-//! A subscription is read by hand ([`pubsub`](super::pubsub)) rather than
+//! A subscription is read by hand ([`pubsub`]) rather than
 //! with the `redis` crate's `PubSub`, whose blocking `get_message` cannot be
 //! interrupted and cannot tell whether more messages are already buffered.
-//! Owning the socket, [`Canceller::cancel`] sets a flag and shuts the socket
+//! Owning the socket, [`Canceller::cancel`](crate::broker::subscription::Canceller::cancel) sets a flag and shuts the socket
 //! down: the blocked read returns at once. The listener checks the flag only
 //! after its socket is registered with the canceller and `SUBSCRIBE` is
 //! acknowledged, so a cancel can never fall in a gap. (`CLIENT KILL` would
@@ -497,7 +497,7 @@ impl Broker for RedisBroker {
             room,
             &self.metrics,
             &self.subscriptions,
-            false,
+            Subscriptions::PerClient,
             self.settings.max_payload,
         );
         Ok(Subscription::new(Box::new(listener), canceller))

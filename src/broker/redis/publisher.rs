@@ -73,7 +73,7 @@ pub(super) enum Reply {
     None,
     /// A caller that wants the replies, one per command.
     Values(Sender<Result<Vec<redis::Value>, BrokerError>>),
-    /// A publisher's [`Receipt`]: only success or failure.
+    /// A publisher's [`Receipt`](crate::broker::Receipt): only success or failure.
     Done(Sender<Result<(), BrokerError>>),
 }
 

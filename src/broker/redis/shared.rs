@@ -12,6 +12,7 @@ use super::topology::Topology;
 use crate::broker::fanout::{Fanout, FanoutListener, Source};
 use crate::broker::{BrokerError, Canceller, Event, Flow, Listen, Subscription};
 use crate::capacity::{Capacity, Cost, Reservation};
+use crate::config::Subscriptions;
 use crate::metrics::Metrics;
 use crate::protocol::{ConnId, Room};
 
@@ -52,7 +53,7 @@ pub(super) struct SharedFeeds {
 /// threads, if the room has any).
 pub(super) struct RoomFeed {
     canceller: Canceller,
-    reader: JoinHandle<()>,
+    listener_thread: JoinHandle<()>,
     /// The listener's thread and Redis connection in the budget, given back
     /// once it is joined.
     _reserved: Reservation,
@@ -143,7 +144,7 @@ impl SharedFeeds {
             room,
             &self.metrics,
             &self.subscriptions,
-            true,
+            Subscriptions::Shared,
             self.max_payload,
         );
         let listener = Box::new(listener);
@@ -159,7 +160,7 @@ impl SharedFeeds {
         };
         // The listener: blocks on the room's Redis subscription and hands
         // out what it receives, itself or through its dispatchers.
-        let reader = thread::Builder::new()
+        let listener_thread = thread::Builder::new()
             .name(format!("tc-room-{generation}"))
             .stack_size(crate::THREAD_STACK_SIZE)
             .spawn(move || {
@@ -173,10 +174,12 @@ impl SharedFeeds {
                 }
                 delivery.finish();
             })
-            .map_err(|e| BrokerError::Redis(format!("cannot start a room's feed thread: {e}")))?;
+            .map_err(|e| {
+                BrokerError::Redis(format!("cannot start a room's listener thread: {e}"))
+            })?;
         Ok(RoomFeed {
             canceller,
-            reader,
+            listener_thread,
             _reserved: reserved,
         })
     }
@@ -357,8 +360,8 @@ impl Drop for FeedRegistration {
         if let Some(feed) = stopped {
             feed.canceller.cancel();
             // It joins its dispatchers before it ends.
-            if feed.reader.join().is_err() {
-                log::error!("the feed thread of {} panicked", self.channel);
+            if feed.listener_thread.join().is_err() {
+                log::error!("the listener thread of {} panicked", self.channel);
             }
         }
     }

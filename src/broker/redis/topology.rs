@@ -43,7 +43,8 @@ pub(super) const FRESH_FOR: Duration = Duration::from_secs(1);
 /// How long one sentinel, or a master being checked, may take to answer.
 const SENTINEL_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// One Redis server, or a master found through Sentinel.
+/// One Redis server, a master found through Sentinel, or the masters of a
+/// Redis Cluster.
 pub enum Topology {
     /// One server, always the same (and its URL, for the log).
     Single(Client, String),
