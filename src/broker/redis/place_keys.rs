@@ -32,7 +32,8 @@ struct Known {
 impl PlaceKeys {
     /// The key of `room`'s log in `epoch`: from what was last read, or
     /// from `read` (the position hash's epoch and key, from Redis) when
-    /// that is another epoch and was read more than [`REREAD_AFTER`] ago.
+    /// that is another epoch and fewer than [`READS_PER_SECOND`] reads were
+    /// made in the last second.
     pub(super) fn get(
         &self,
         room: &Room,
