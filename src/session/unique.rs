@@ -18,7 +18,8 @@
 //! **Claims per address are bounded** (`--max-nicknames-per-ip`): one
 //! address holds at most that many claims at once on this instance, across
 //! rooms; past it, `429`. Otherwise one address could squat every name
-//! people want. Per instance, as `--max-connections-per-ip` is.
+//! people want. Per instance, as `--max-connections-per-ip` is, and counted
+//! as it is ([`address_key`]: IPv6 per /64).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -26,6 +27,7 @@ use std::sync::{Arc, Mutex};
 
 use tungstenite::http::StatusCode;
 
+use super::per_ip::{AddressKey, address_key};
 use super::{Conn, Context};
 use crate::broker::{Broker, BrokerError};
 use crate::protocol::{ConnId, Member, NameError, Room, mixes_scripts, skeleton};
@@ -136,14 +138,14 @@ pub(super) fn admit(
 pub struct ClaimsPerIp {
     /// Most claims per address (`None`: no limit).
     limit: Option<usize>,
-    held: Mutex<HashMap<IpAddr, usize>>,
+    held: Mutex<HashMap<AddressKey, usize>>,
 }
 
 /// One claim's place in its address's count; given back on drop.
 #[derive(Debug)]
 struct AddressPlace {
     owner: Arc<ClaimsPerIp>,
-    address: IpAddr,
+    address: AddressKey,
 }
 
 impl ClaimsPerIp {
@@ -155,12 +157,14 @@ impl ClaimsPerIp {
         })
     }
 
-    /// A place for one more claim of `address` (`None` when nothing is
-    /// counted), or the limit it has reached.
+    /// A place for one more claim of `address` (counted by its
+    /// [`address_key`]; `None` when nothing is counted), or the limit it has
+    /// reached.
     fn take(self: &Arc<Self>, address: IpAddr) -> Result<Option<AddressPlace>, usize> {
         let Some(limit) = self.limit else {
             return Ok(None);
         };
+        let address = address_key(address);
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let count = held.entry(address).or_default();
         if *count >= limit {
@@ -206,5 +210,17 @@ mod tests {
         drop((b, c, d));
         assert!(claims.held.lock().unwrap().is_empty());
         assert!(ClaimsPerIp::new(None).take(one).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_ipv6_host_is_counted_by_its_64() {
+        let claims = ClaimsPerIp::new(Some(2));
+        let in_64 = |n: u16| IpAddr::from([0x2001, 0xdb8, 1, 2, 0, 0, 0, n]);
+        let _a = claims.take(in_64(1)).unwrap();
+        let _b = claims.take(in_64(2)).unwrap();
+        assert_eq!(claims.take(in_64(3)).unwrap_err(), 2, "same /64");
+        let _c = claims
+            .take(IpAddr::from([0x2001, 0xdb8, 1, 3, 0, 0, 0, 1]))
+            .unwrap();
     }
 }

@@ -110,6 +110,40 @@ fn the_proxys_own_forwarded_line_counts() {
     let _c = via("10.0.0.2").unwrap();
 }
 
+/// An IPv6 host holds a whole /64: forwarded addresses in one /64 are one
+/// client for the new rooms it may create and the nicknames it may hold,
+/// as for its connections; the next /64 is another client.
+#[test]
+fn an_ipv6_64_is_one_address_for_rooms_and_names() {
+    let proxy = ["--in-process", "--trusted-proxy", "127.0.0.1"];
+    let via = |server: &Server, ip: &str, path: &str| {
+        server.raw_upgrade(path, &format!("X-Forwarded-For: {ip}\r\n"))
+    };
+    let rooms = Server::start(&[&proxy[..], &["--new-rooms-per-minute", "3"]].concat());
+    let _held: Vec<TcpStream> = (1..=3)
+        .map(|n| via(&rooms, &format!("2001:db8:1:2::{n}"), &format!("/chat/r?room=new-{n}")))
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let refused = via(&rooms, "2001:db8:1:2::4", "/chat/r?room=new-4").unwrap_err();
+    assert!(refused.contains("429"), "{refused}");
+    let _other = via(&rooms, "2001:db8:1:3::4", "/chat/r?room=new-4").unwrap();
+
+    let names = Server::start(
+        &[
+            &proxy[..],
+            &["--unique-nicknames", "--max-nicknames-per-ip", "3"],
+        ]
+        .concat(),
+    );
+    let _held: Vec<TcpStream> = (1..=3)
+        .map(|n| via(&names, &format!("2001:db8:1:2::{n}"), &format!("/chat/n{n}")))
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let refused = via(&names, "2001:db8:1:2:abcd::4", "/chat/n4").unwrap_err();
+    assert!(refused.contains("429"), "{refused}");
+    let _other = via(&names, "2001:db8:1:3::4", "/chat/n4").unwrap();
+}
+
 /// All connections from one address share one message budget: two of them
 /// together get the burst once, not twice; another address has its own.
 #[test]
