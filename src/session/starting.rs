@@ -142,7 +142,14 @@ mod tests {
         drop(a1);
         assert!(starting.take(a, true).is_some());
         drop(b1);
-        assert!(!starting.counts.lock().unwrap().by_address.contains_key(&address_key(b)));
+        assert!(
+            !starting
+                .counts
+                .lock()
+                .unwrap()
+                .by_address
+                .contains_key(&address_key(b))
+        );
     }
 
     #[test]

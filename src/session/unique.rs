@@ -2,10 +2,13 @@
 //! nickname in its room before it is let in, and a second connection asking
 //! for a name that is taken there gets `409 Conflict`.
 //!
-//! **Names are compared as people read them.** The claim is held under the
-//! name's [`skeleton`] (NFKC, case folded, UTS #39 confusables), so `Alice`,
-//! `ALICE`, Cyrillic `аlice` and full-width `ａｌｉｃｅ` are all the name
-//! `alice`; the name shown stays as typed. A free name that mixes scripts
+//! **Names are compared as people read them.** The claim is held under
+//! each of the name's [`readings`] (NFKC, small capitals, case folded, UTS
+//! #39 confusables; a capital `I` read both as `i` and as `l`), so `Alice`,
+//! `ALICE`, `aIice`, Cyrillic `аlice`, full-width `ａｌｉｃｅ` and `ᴀʟɪᴄᴇ` are
+//! all the name `alice`; the name shown stays as typed. Each reading is
+//! claimed atomically on its own: a name is let in only with all of them,
+//! and gives back those it got when one is taken. A free name that mixes scripts
 //! ([`mixes_scripts`]) is refused too (400): with uniqueness promised, a
 //! look-alike is an impersonation (of a name in use, it is told `409`).
 //!
@@ -30,52 +33,59 @@ use tungstenite::http::StatusCode;
 use super::per_ip::{AddressKey, address_key};
 use super::{Conn, Context};
 use crate::broker::{Broker, BrokerError};
-use crate::protocol::{ConnId, Member, NameError, Room, mixes_scripts, skeleton};
+use crate::protocol::{ConnId, Member, NameError, Room, mixes_scripts, readings};
 
 /// A claimed nickname, given back on drop.
 pub struct NicknameClaim {
     broker: Arc<dyn Broker>,
     room: Room,
-    /// The name's skeleton: what the claim is held under.
-    key: String,
+    /// The name's readings held: what the claim is held under.
+    keys: Vec<String>,
     conn: ConnId,
     /// Its place in its address's count (`None`: not counted).
     place: Option<AddressPlace>,
 }
 
 impl NicknameClaim {
-    /// Claims `nickname` (as read: its [`skeleton`]) in `room` for `conn`:
-    /// `Ok(None)` if someone else holds it.
+    /// Claims `nickname` (as read: each of its [`readings`]) in `room` for
+    /// `conn`: `Ok(None)` if someone else holds one of them.
     pub fn take(
         broker: &Arc<dyn Broker>,
         room: &Room,
         nickname: &str,
         conn: &ConnId,
     ) -> Result<Option<NicknameClaim>, BrokerError> {
-        let key = skeleton(nickname);
-        if !broker.claim_nickname(room, &key, conn)? {
-            return Ok(None);
-        }
-        Ok(Some(NicknameClaim {
+        let mut claim = NicknameClaim {
             broker: Arc::clone(broker),
             room: room.clone(),
-            key,
+            keys: Vec::new(),
             conn: conn.clone(),
             place: None,
-        }))
+        };
+        // In one order (sorted), so two names sharing readings race for
+        // the same one first. What was taken before a refusal is given back
+        // as `claim` drops.
+        for key in readings(nickname) {
+            if !broker.claim_nickname(room, &key, conn)? {
+                return Ok(None);
+            }
+            claim.keys.push(key);
+        }
+        Ok(Some(claim))
     }
 }
 
 impl std::fmt::Debug for NicknameClaim {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "NicknameClaim({:?} in {})", self.key, self.room)
+        write!(f, "NicknameClaim({:?} in {})", self.keys, self.room)
     }
 }
 
 impl Drop for NicknameClaim {
     fn drop(&mut self) {
-        self.broker
-            .release_nickname(&self.room, &self.key, &self.conn);
+        for key in &self.keys {
+            self.broker.release_nickname(&self.room, key, &self.conn);
+        }
     }
 }
 

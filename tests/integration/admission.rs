@@ -121,7 +121,13 @@ fn an_ipv6_64_is_one_address_for_rooms_and_names() {
     };
     let rooms = Server::start(&[&proxy[..], &["--new-rooms-per-minute", "3"]].concat());
     let _held: Vec<TcpStream> = (1..=3)
-        .map(|n| via(&rooms, &format!("2001:db8:1:2::{n}"), &format!("/chat/r?room=new-{n}")))
+        .map(|n| {
+            via(
+                &rooms,
+                &format!("2001:db8:1:2::{n}"),
+                &format!("/chat/r?room=new-{n}"),
+            )
+        })
         .collect::<Result<_, _>>()
         .unwrap();
     let refused = via(&rooms, "2001:db8:1:2::4", "/chat/r?room=new-4").unwrap_err();
@@ -136,7 +142,13 @@ fn an_ipv6_64_is_one_address_for_rooms_and_names() {
         .concat(),
     );
     let _held: Vec<TcpStream> = (1..=3)
-        .map(|n| via(&names, &format!("2001:db8:1:2::{n}"), &format!("/chat/n{n}")))
+        .map(|n| {
+            via(
+                &names,
+                &format!("2001:db8:1:2::{n}"),
+                &format!("/chat/n{n}"),
+            )
+        })
         .collect::<Result<_, _>>()
         .unwrap();
     let refused = via(&names, "2001:db8:1:2:abcd::4", "/chat/n4").unwrap_err();
