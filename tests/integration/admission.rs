@@ -326,6 +326,25 @@ fn only_hosts_the_server_answers_to_are_served() {
     assert_eq!(status, "HTTP/1.1 200 OK");
 }
 
+/// A request with two `Host` lines is refused with 400 (RFC 9112: which
+/// one counts is anyone's guess), whichever comes first and whatever the
+/// request; one `Host` line is served as usual.
+#[test]
+fn two_host_lines_are_a_bad_request() {
+    let server = Server::start(&["--in-process"]);
+    for (first, second) in [("127.0.0.1", "evil.example"), ("evil.example", "127.0.0.1")] {
+        let upgrade = server.raw_upgrade("/chat/alice", &format!("Host: {second}\r\n"));
+        let refused = upgrade.expect_err("an upgrade with two Host lines");
+        assert!(refused.contains("400"), "{refused}");
+        let (status, body) = server.http(&format!(
+            "GET / HTTP/1.1\r\nHost: {first}\r\nHost: {second}\r\n\r\n"
+        ));
+        assert_eq!(status, "HTTP/1.1 400 Bad Request", "{first}, {second}");
+        assert!(body.contains("one Host header"), "{body}");
+    }
+    server.settled("alice");
+}
+
 /// The page says what it may do: nothing but its own script and style and
 /// connections to its own origin, never inside a frame.
 #[test]
