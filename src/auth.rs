@@ -15,7 +15,8 @@
 //! and turns its answers into reasons a person can act on.
 //!
 //! A token must carry `exp`; `exp` and `nbf` are honoured with
-//! [`Auth::leeway`] of clock difference. A `rooms` claim, when present,
+//! [`Auth::leeway`] of clock difference. An `iss` is a string, or the
+//! token is malformed. A `rooms` claim, when present,
 //! lists the only rooms the token may join.
 //!
 //! **Audience and issuer.** A shared identity provider signs tokens for
@@ -98,8 +99,10 @@ pub struct Claims {
     #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub aud: Option<String>,
     /// Who issued it (written by `threadchat token`; when checking,
-    /// `jsonwebtoken` reads it).
-    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    /// `jsonwebtoken` compares it with `--auth-issuer`). Read here too, so
+    /// that an `iss` that is not a string (RFC 7519: one StringOrURI; say
+    /// a list) makes the token malformed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
 }
 
@@ -186,7 +189,9 @@ impl Auth {
         let mut validation = Validation::new(algorithm);
         // `jsonwebtoken` subtracts the leeway from the time now.
         validation.leeway = leeway.as_secs().min(MAX_LEEWAY);
-        validation.validate_nbf = true;
+        // `nbf` is checked in `check`, after its range: an `nbf` past the
+        // year 9999 is a malformed token, not one that is "not valid yet".
+        validation.validate_nbf = false;
         // Until an audience is configured (`expecting`), `aud` is not checked.
         validation.validate_aud = false;
         validation.set_required_spec_claims(&["exp", "sub"]);
@@ -260,6 +265,15 @@ impl Auth {
                     "its {claim} is past the year 9999"
                 )));
             }
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        if claims
+            .nbf
+            .is_some_and(|nbf| nbf > now.saturating_add(self.leeway.as_secs()))
+        {
+            return Err(AuthError::NotYetValid);
         }
         let name = claims.name.unwrap_or(claims.sub);
         if name.is_empty() {

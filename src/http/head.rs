@@ -71,6 +71,8 @@ pub(super) enum HeadError {
     TooLarge,
     /// Not HTTP/1.x.
     Malformed(httparse::Error),
+    /// HTTP/1.x, but a request no server may act on (the reason).
+    Invalid(&'static str),
     /// Another I/O error.
     Io(io::Error),
 }
@@ -133,6 +135,19 @@ pub(super) fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, Vec<u8>)>, H
     };
     if len > MAX_HEAD_BYTES {
         return Err(HeadError::TooLarge);
+    }
+    // RFC 9112 section 3.2: a request with more than one Host line is
+    // answered 400. Which one would count is anyone's guess, and a proxy
+    // in front may have checked the other.
+    let hosts = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("Host"))
+        .count();
+    if hosts > 1 {
+        return Err(HeadError::Invalid(
+            "a request has one Host header, not several",
+        ));
     }
     let head = RequestHead {
         method: req.method.unwrap_or_default().to_owned(),

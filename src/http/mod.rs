@@ -203,6 +203,9 @@ pub fn read_request(
             )
             .map(Err);
         }
+        Err(HeadError::Invalid(reason)) => {
+            return answer(stream, StatusCode::BAD_REQUEST, reason).map(Err);
+        }
         Err(HeadError::Io(e)) => return Err(e),
     };
     if head.method != "GET" {

@@ -134,6 +134,19 @@ fn garbage_is_malformed() {
 }
 
 #[test]
+fn two_host_lines_are_invalid() {
+    assert!(matches!(
+        parse_head(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nhost: evil.example\r\n\r\n"),
+        Err(HeadError::Invalid(_))
+    ));
+    assert!(
+        parse_head(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .unwrap()
+            .is_some()
+    );
+}
+
+#[test]
 fn too_many_headers_is_too_large() {
     let mut req = b"GET / HTTP/1.1\r\n".to_vec();
     for i in 0..=MAX_HEADERS {

@@ -3,10 +3,10 @@
 //!
 //! **Nicknames people cannot mistake.** A nickname is shown to others, so
 //! besides being one visible line it may not pass for the server: not
-//! `server` (nor a look-alike), not starting like a server line of the
-//! text format, not containing the `": "` that ends a name in a chat line
-//! (see [`forges_a_line`]). With `--unique-nicknames` two names are the
-//! same name when they read the same ([`skeleton`]), and a name that mixes
+//! `server` (nor a look-alike), starting with a letter or digit so as
+//! never to start like a server line of the text format, not containing
+//! the `": "` that ends a name in a chat line (see [`forges_a_line`]). With `--unique-nicknames` two names are the
+//! same name when they read the same ([`readings`]), and a name that mixes
 //! scripts ([`mixes_scripts`]) is refused.
 
 use std::fmt;
@@ -30,9 +30,9 @@ pub const MAX_SUMMARY_CHARS: usize = 3 * MAX_NICKNAME_CHARS + 32;
 
 /// What the text format (`?format=text`) starts the server's own lines
 /// with: `* ` (joins, leaves, notices, presence), `! ` (errors), `[`
-/// (`[history]`, `[recovered]`). A nickname may not start with one (nor
-/// with a look-alike), so that a chat line (`name: text`) never starts as
-/// a server line does.
+/// (`[history]`, `[recovered]`). A nickname starts with a letter or digit
+/// that does not read as one of these, so that a chat line (`name: text`)
+/// never starts as a server line does.
 pub const SERVER_LINE_LEADS: [char; 3] = ['*', '!', '['];
 
 /// What ends the nickname in a chat line of the text format (`bob: hi`);
@@ -79,8 +79,12 @@ pub enum NameError {
     /// A name the server uses for its own frames (or a look-alike).
     #[error("is reserved for the server")]
     Reserved,
-    /// Starts like a server line of the text format (or a look-alike).
-    #[error("starts with {0:?}, which marks the server's own lines")]
+    /// Does not start with a letter or digit, or starts with one that
+    /// reads as a server line's mark: it could pass for a server line.
+    #[error(
+        "starts with {0:?}: a nickname starts with a letter or digit, so that it never looks \
+         like the server's own lines (which start with `*`, `!` or `[`)"
+    )]
     ServerLine(char),
     /// Contains the `": "` that ends a name in a chat line.
     #[error("contains \": \", which ends a name in a chat line")]
@@ -157,18 +161,28 @@ pub fn is_invisible(c: char) -> bool {
         )
 }
 
-/// Whether a nickname would pass for the server: refused if it is
-/// [`SERVER_NICKNAME`], starts with one of [`SERVER_LINE_LEADS`], or
-/// contains [`NAME_SEPARATOR`] — as typed, or once read as people read it
-/// (its [`skeleton`]: `ｓｅｒｖｅｒ`, `ѕerver`, `＊ in lobby`, `∗ x` are
-/// refused too).
+/// Whether a nickname would pass for the server: refused if it does not
+/// start with a letter or digit (Unicode alphanumeric), if it is
+/// [`SERVER_NICKNAME`] (also once its accents are dropped: `SERVEŔ`), if
+/// it contains [`NAME_SEPARATOR`], or if one of its [`readings`] starts
+/// with one of [`SERVER_LINE_LEADS`] or is (with its accents dropped)
+/// `server`: `ｓｅｒｖｅｒ`, `ѕerver`, `ꜱᴇʀᴠᴇʀ`, `serveṙ` are refused
+/// too.
 ///
 /// This is the smallest rule that makes every server line of the text
 /// format unforgeable: a chat line is `name: text` (or `[history] name:
 /// text`), a server line starts with `*`, `!` or `[`; with a name that
 /// cannot start so, nor hold `": "`, the first characters of a line say
-/// who wrote it.
+/// who wrote it. A letter or digit first, rather than "not `*`, `!` or
+/// `[`": there are hundreds of symbols that look like one of them (`✱`,
+/// `❗`, `⁅`, `〔`, `⟦`) and no list of them to trust; so no nickname
+/// starts with punctuation, a symbol or an emoji (`_bob` neither).
 pub fn forges_a_line(raw: &str) -> Result<(), NameError> {
+    if let Some(first) = raw.chars().next()
+        && !first.is_alphanumeric()
+    {
+        return Err(NameError::ServerLine(first));
+    }
     let check = |name: &str| {
         if name.eq_ignore_ascii_case(SERVER_NICKNAME) {
             return Err(NameError::Reserved);
@@ -186,40 +200,121 @@ pub fn forges_a_line(raw: &str) -> Result<(), NameError> {
         Ok(())
     };
     check(raw)?;
-    // ASCII reads as itself (the skeleton only lowercases it and maps
-    // letters and digits to letters: see the tests), so only other text is
-    // read again.
+    // ASCII reads as itself where it matters (see the tests), so only
+    // other text is read again.
     if !raw.is_ascii() {
-        check(&skeleton(raw)).map_err(|e| match e {
-            // Name the character as typed, not its reading.
-            NameError::ServerLine(_) => {
-                NameError::ServerLine(raw.chars().next().unwrap_or_default())
+        for reading in readings(raw) {
+            check(&reading).map_err(|e| match e {
+                // Name the character as typed, not its reading.
+                NameError::ServerLine(_) => {
+                    NameError::ServerLine(raw.chars().next().unwrap_or_default())
+                }
+                e => e,
+            })?;
+            if without_marks(&reading) == SERVER_NICKNAME {
+                return Err(NameError::Reserved);
             }
-            e => e,
-        })?;
+        }
     }
     Ok(())
 }
 
-/// A name as people read it, to compare names by: Unicode NFKC (full-width
-/// and other compatibility forms become plain ones), case folded
-/// (upper-casing then lower-casing, so `ß` is `ss`), then the UTS #39
-/// confusables skeleton (Cyrillic `а` is Latin `a`, `0` is `O`), lower-cased
-/// once more. `Alice`, `ALICE`, `аlice` and `ａｌｉｃｅ` all read `alice`.
-/// Case is folded first, so a capital `I` standing for an `l` (`aIice`)
-/// reads as `i`: the price of `ALICE` reading as `alice`.
+/// The ways a name can be read, to compare names by: two names read the
+/// same when they share a reading. Sorted, one or two.
 ///
-/// Never shown to anyone: it is the key a claimed nickname is held under
-/// (`--unique-nicknames`).
-pub fn skeleton(name: &str) -> String {
-    let folded: String = name
-        .nfkc()
+/// A reading is Unicode NFKC (full-width and other compatibility forms
+/// become plain ones), small capitals as capitals (`ᴀʟɪᴄᴇ` is `ALICE`),
+/// case folded (upper-casing then lower-casing, so `ß` is `ss`; the dot of
+/// a Turkish `İ` is dropped), then the UTS #39 confusables skeleton
+/// (Cyrillic `а` is Latin `a`, `0` is `O`), lower-cased once more.
+///
+/// A capital `I` is read two ways: as an `i` (`ALICE` reads `alice`), and
+/// as the `l` it is drawn like in many fonts (`aIice` reads `alice`). So
+/// there are two readings: case folded first, and the skeleton taken
+/// first, then case folded and the skeleton taken again. `Alice`, `ALICE`,
+/// `aIice`, `ALİCE`, `ᴀʟɪᴄᴇ`, `аlice` and `ａｌｉｃｅ` all read `alice`.
+///
+/// Never shown to anyone: a claimed nickname is held under each of its
+/// readings (`--unique-nicknames`).
+pub fn readings(name: &str) -> Vec<String> {
+    let mut plain = String::with_capacity(name.len());
+    for c in name.nfkc() {
+        match small_capital(c) {
+            Some(capital) => plain.push_str(capital),
+            None => plain.push(c),
+        }
+    }
+    let confusables_first: String = unicode_security::skeleton(&plain).collect();
+    let mut readings = vec![read_folded(&plain), read_folded(&confusables_first)];
+    readings.sort();
+    readings.dedup();
+    readings
+}
+
+/// `text` case folded, then its UTS #39 skeleton, lower-cased.
+fn read_folded(text: &str) -> String {
+    let mut folded = String::with_capacity(text.len());
+    for c in text
+        .chars()
         .flat_map(char::to_uppercase)
         .flat_map(char::to_lowercase)
-        .collect();
+    {
+        // `İ` lower-cases to `i` and a combining dot above: the dot the
+        // `i` has anyway.
+        if c == '\u{0307}' && folded.ends_with(['i', 'j']) {
+            continue;
+        }
+        folded.push(c);
+    }
     unicode_security::skeleton(&folded)
         .flat_map(char::to_lowercase)
         .collect()
+}
+
+/// A reading without its combining marks (accents, dots): what is left to
+/// compare with [`SERVER_NICKNAME`], which an accent over a letter does not
+/// make another name to the eye. (A skeleton is in NFD: the marks are
+/// apart from their letters.)
+fn without_marks(reading: &str) -> String {
+    reading
+        .nfd()
+        .filter(|&c| !unicode_normalization::char::is_combining_mark(c))
+        .collect()
+}
+
+/// The Latin small capitals (`ᴀ`, `ʟ`, `ꜱ`) as the capitals they are drawn
+/// as; the UTS #39 confusables leave most of them alone.
+fn small_capital(c: char) -> Option<&'static str> {
+    Some(match c {
+        'ᴀ' => "A",
+        'ᴁ' => "AE",
+        'ʙ' => "B",
+        'ᴄ' => "C",
+        'ᴅ' => "D",
+        'ᴇ' => "E",
+        'ꜰ' => "F",
+        'ɢ' => "G",
+        'ʜ' => "H",
+        'ɪ' | '\u{A7AE}' => "I",
+        'ᴊ' => "J",
+        'ᴋ' => "K",
+        'ʟ' => "L",
+        'ᴍ' => "M",
+        'ɴ' => "N",
+        'ᴏ' => "O",
+        'ɶ' => "OE",
+        'ᴘ' => "P",
+        'ꞯ' => "Q",
+        'ʀ' => "R",
+        'ꜱ' => "S",
+        'ᴛ' => "T",
+        'ᴜ' => "U",
+        'ᴠ' => "V",
+        'ᴡ' => "W",
+        'ʏ' => "Y",
+        'ᴢ' => "Z",
+        _ => return None,
+    })
 }
 
 /// Whether a name mixes letters of scripts that are not used together

@@ -179,9 +179,9 @@ impl Kind {
 /// Redis (the original app's clients, in the interop set-up) can publish
 /// there. A payload is delivered only if it is no bigger than threadchat
 /// itself would publish, is a chat message, join or leave, and names a
-/// nickname a client could take ([`Nickname::check`]: not `server`, not
-/// one that starts like a server line); lists are cut to what the server
-/// itself sends.
+/// nickname a client could take ([`Nickname::check`]: not `server` nor a
+/// look-alike, starting with a letter or digit); lists are cut to what the
+/// server itself sends.
 #[derive(Debug, thiserror::Error)]
 pub enum PayloadError {
     /// Not a JSON object with string `"nickname"` and `"message"` fields.

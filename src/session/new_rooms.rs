@@ -9,6 +9,10 @@
 //! A join that would create a room with the bucket empty is refused with
 //! HTTP 429 before anything is started for it.
 //!
+//! An address is counted as [`address_key`] says (IPv6 per /64), as every
+//! per-address bound is: otherwise an IPv6 host would get a bucket for
+//! each of its 2^64 addresses.
+//!
 //! The buckets of addresses that have not created a room for a minute are
 //! full again, and are forgotten, so the table stays small.
 
@@ -18,6 +22,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::Context;
+use super::per_ip::{AddressKey, address_key};
 use crate::protocol::Room;
 
 /// Addresses kept before the full buckets are swept out.
@@ -28,7 +33,7 @@ const SWEEP_AT: usize = 4096;
 pub struct NewRooms {
     /// Rooms per minute, and in a burst; `None`: no limit.
     per_minute: Option<u32>,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    buckets: Mutex<HashMap<AddressKey, Bucket>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -63,8 +68,8 @@ impl NewRooms {
         self.per_minute.is_some()
     }
 
-    /// Takes one new room for `ip` at `now`: `Err` with the time until the
-    /// next one if its bucket is empty.
+    /// Takes one new room for `ip` (counted by its [`address_key`]) at
+    /// `now`: `Err` with the time until the next one if its bucket is empty.
     pub fn take(&self, ip: IpAddr, now: Instant) -> Result<(), Refused> {
         let Some(per_minute) = self.per_minute else {
             return Ok(());
@@ -75,7 +80,7 @@ impl NewRooms {
         if buckets.len() >= SWEEP_AT {
             buckets.retain(|_, b| Bucket::refilled(*b, now, per_second, capacity) < capacity);
         }
-        let bucket = buckets.entry(ip).or_insert(Bucket {
+        let bucket = buckets.entry(address_key(ip)).or_insert(Bucket {
             tokens: capacity,
             last: now,
             refused: false,
@@ -143,5 +148,17 @@ mod tests {
         assert_eq!(rooms.take(a, t0 + Duration::from_secs(21)), Ok(()));
         assert!(rooms.take(a, t0 + Duration::from_secs(21)).is_err());
         assert!(NewRooms::new(None).take(a, t0).is_ok());
+    }
+
+    #[test]
+    fn an_ipv6_host_has_one_bucket_for_its_64() {
+        let rooms = NewRooms::new(Some(2));
+        let t0 = Instant::now();
+        let in_64 = |n: u16| IpAddr::from([0x2001, 0xdb8, 1, 2, 0, 0, 0, n]);
+        assert_eq!(rooms.take(in_64(1), t0), Ok(()));
+        assert_eq!(rooms.take(in_64(2), t0), Ok(()));
+        assert!(rooms.take(in_64(3), t0).is_err(), "same /64, same bucket");
+        let next_64 = IpAddr::from([0x2001, 0xdb8, 1, 3, 0, 0, 0, 1]);
+        assert_eq!(rooms.take(next_64, t0), Ok(()));
     }
 }

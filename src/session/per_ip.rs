@@ -15,7 +15,10 @@
 //! **What an address is.** An IPv4 address is one client. An IPv6 host
 //! usually holds a whole /64 (and can use any address in it), so IPv6
 //! addresses are counted by their /64 ([`address_key`]); an IPv4-mapped
-//! IPv6 address is its IPv4 address.
+//! IPv6 address is its IPv4 address. Every per-address bound (here, the
+//! starting places, the message budget, the new rooms, the nickname
+//! claims) keys its table on an [`AddressKey`], which only [`address_key`]
+//! makes, so none can count a raw address by mistake.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -25,14 +28,14 @@ use std::sync::{Arc, Mutex};
 #[derive(Debug)]
 pub struct PerIp {
     limit: Option<usize>,
-    counts: Mutex<HashMap<IpAddr, usize>>,
+    counts: Mutex<HashMap<AddressKey, usize>>,
 }
 
 /// One connection's place in its address's count; given back on drop.
 #[derive(Debug)]
 pub struct Slot {
     owner: Arc<PerIp>,
-    ip: IpAddr,
+    ip: AddressKey,
 }
 
 impl PerIp {
@@ -73,17 +76,22 @@ impl PerIp {
     }
 }
 
+/// A client address as the per-address bounds count it (see
+/// [`address_key`]): one client, whichever of its addresses it used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AddressKey(IpAddr);
+
 /// What a client address is counted as: an IPv4 address as itself, an
 /// IPv6 address as its /64 (the first 64 bits, the rest zero), an
 /// IPv4-mapped IPv6 address as its IPv4 address.
-pub fn address_key(ip: IpAddr) -> IpAddr {
-    match ip {
+pub fn address_key(ip: IpAddr) -> AddressKey {
+    AddressKey(match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
             None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
         },
-    }
+    })
 }
 
 impl Drop for Slot {
@@ -132,7 +140,7 @@ mod tests {
         assert!(per_ip.take("2001:db8:1:3::1".parse().unwrap()).is_some());
         assert_eq!(
             address_key("::ffff:10.0.0.1".parse().unwrap()),
-            "10.0.0.1".parse::<IpAddr>().unwrap()
+            address_key("10.0.0.1".parse().unwrap())
         );
     }
 }

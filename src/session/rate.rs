@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use super::per_ip::address_key;
+use super::per_ip::{AddressKey, address_key};
 
 /// The fewest consecutive refusals that count as flooding.
 pub const MIN_FLOOD_STRIKES: u32 = 10;
@@ -87,7 +87,7 @@ pub struct AddressLimiters {
     rate: f64,
     burst: u32,
     /// Per address: its connections, and their limiter.
-    limiters: Mutex<HashMap<IpAddr, (usize, SharedLimiter)>>,
+    limiters: Mutex<HashMap<AddressKey, (usize, SharedLimiter)>>,
 }
 
 /// A limiter shared by several connections.
@@ -97,7 +97,7 @@ pub type SharedLimiter = Arc<Mutex<RateLimiter>>;
 #[derive(Debug)]
 pub struct AddressShare {
     owner: Arc<AddressLimiters>,
-    key: IpAddr,
+    key: AddressKey,
     /// The address's limiter.
     pub limiter: SharedLimiter,
 }

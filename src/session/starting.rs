@@ -26,7 +26,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::per_ip::address_key;
+use super::per_ip::{AddressKey, address_key};
 
 /// The head timeout of a connection accepted while more than half of the
 /// start places are taken: long enough for any real client, which sends
@@ -47,7 +47,7 @@ pub struct Starting {
 
 #[derive(Debug, Default)]
 struct Counts {
-    by_address: HashMap<IpAddr, usize>,
+    by_address: HashMap<AddressKey, usize>,
     total: usize,
 }
 
@@ -56,7 +56,7 @@ struct Counts {
 pub struct StartSlot {
     owner: Arc<Starting>,
     /// The address counted, if it is (not a trusted proxy).
-    key: Option<IpAddr>,
+    key: Option<AddressKey>,
     /// How long this connection has to send its request head.
     pub head_timeout: Duration,
 }
@@ -142,7 +142,14 @@ mod tests {
         drop(a1);
         assert!(starting.take(a, true).is_some());
         drop(b1);
-        assert!(!starting.counts.lock().unwrap().by_address.contains_key(&b));
+        assert!(
+            !starting
+                .counts
+                .lock()
+                .unwrap()
+                .by_address
+                .contains_key(&address_key(b))
+        );
     }
 
     #[test]

@@ -2,10 +2,13 @@
 //! nickname in its room before it is let in, and a second connection asking
 //! for a name that is taken there gets `409 Conflict`.
 //!
-//! **Names are compared as people read them.** The claim is held under the
-//! name's [`skeleton`] (NFKC, case folded, UTS #39 confusables), so `Alice`,
-//! `ALICE`, Cyrillic `аlice` and full-width `ａｌｉｃｅ` are all the name
-//! `alice`; the name shown stays as typed. A free name that mixes scripts
+//! **Names are compared as people read them.** The claim is held under
+//! each of the name's [`readings`] (NFKC, small capitals, case folded, UTS
+//! #39 confusables; a capital `I` read both as `i` and as `l`), so `Alice`,
+//! `ALICE`, `aIice`, Cyrillic `аlice`, full-width `ａｌｉｃｅ` and `ᴀʟɪᴄᴇ` are
+//! all the name `alice`; the name shown stays as typed. Each reading is
+//! claimed atomically on its own: a name is let in only with all of them,
+//! and gives back those it got when one is taken. A free name that mixes scripts
 //! ([`mixes_scripts`]) is refused too (400): with uniqueness promised, a
 //! look-alike is an impersonation (of a name in use, it is told `409`).
 //!
@@ -18,7 +21,8 @@
 //! **Claims per address are bounded** (`--max-nicknames-per-ip`): one
 //! address holds at most that many claims at once on this instance, across
 //! rooms; past it, `429`. Otherwise one address could squat every name
-//! people want. Per instance, as `--max-connections-per-ip` is.
+//! people want. Per instance, as `--max-connections-per-ip` is, and counted
+//! as it is ([`address_key`]: IPv6 per /64).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -26,54 +30,62 @@ use std::sync::{Arc, Mutex};
 
 use tungstenite::http::StatusCode;
 
+use super::per_ip::{AddressKey, address_key};
 use super::{Conn, Context};
 use crate::broker::{Broker, BrokerError};
-use crate::protocol::{ConnId, Member, NameError, Room, mixes_scripts, skeleton};
+use crate::protocol::{ConnId, Member, NameError, Room, mixes_scripts, readings};
 
 /// A claimed nickname, given back on drop.
 pub struct NicknameClaim {
     broker: Arc<dyn Broker>,
     room: Room,
-    /// The name's skeleton: what the claim is held under.
-    key: String,
+    /// The name's readings held: what the claim is held under.
+    keys: Vec<String>,
     conn: ConnId,
     /// Its place in its address's count (`None`: not counted).
     place: Option<AddressPlace>,
 }
 
 impl NicknameClaim {
-    /// Claims `nickname` (as read: its [`skeleton`]) in `room` for `conn`:
-    /// `Ok(None)` if someone else holds it.
+    /// Claims `nickname` (as read: each of its [`readings`]) in `room` for
+    /// `conn`: `Ok(None)` if someone else holds one of them.
     pub fn take(
         broker: &Arc<dyn Broker>,
         room: &Room,
         nickname: &str,
         conn: &ConnId,
     ) -> Result<Option<NicknameClaim>, BrokerError> {
-        let key = skeleton(nickname);
-        if !broker.claim_nickname(room, &key, conn)? {
-            return Ok(None);
-        }
-        Ok(Some(NicknameClaim {
+        let mut claim = NicknameClaim {
             broker: Arc::clone(broker),
             room: room.clone(),
-            key,
+            keys: Vec::new(),
             conn: conn.clone(),
             place: None,
-        }))
+        };
+        // In one order (sorted), so two names sharing readings race for
+        // the same one first. What was taken before a refusal is given back
+        // as `claim` drops.
+        for key in readings(nickname) {
+            if !broker.claim_nickname(room, &key, conn)? {
+                return Ok(None);
+            }
+            claim.keys.push(key);
+        }
+        Ok(Some(claim))
     }
 }
 
 impl std::fmt::Debug for NicknameClaim {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "NicknameClaim({:?} in {})", self.key, self.room)
+        write!(f, "NicknameClaim({:?} in {})", self.keys, self.room)
     }
 }
 
 impl Drop for NicknameClaim {
     fn drop(&mut self) {
-        self.broker
-            .release_nickname(&self.room, &self.key, &self.conn);
+        for key in &self.keys {
+            self.broker.release_nickname(&self.room, key, &self.conn);
+        }
     }
 }
 
@@ -136,14 +148,14 @@ pub(super) fn admit(
 pub struct ClaimsPerIp {
     /// Most claims per address (`None`: no limit).
     limit: Option<usize>,
-    held: Mutex<HashMap<IpAddr, usize>>,
+    held: Mutex<HashMap<AddressKey, usize>>,
 }
 
 /// One claim's place in its address's count; given back on drop.
 #[derive(Debug)]
 struct AddressPlace {
     owner: Arc<ClaimsPerIp>,
-    address: IpAddr,
+    address: AddressKey,
 }
 
 impl ClaimsPerIp {
@@ -155,12 +167,14 @@ impl ClaimsPerIp {
         })
     }
 
-    /// A place for one more claim of `address` (`None` when nothing is
-    /// counted), or the limit it has reached.
+    /// A place for one more claim of `address` (counted by its
+    /// [`address_key`]; `None` when nothing is counted), or the limit it has
+    /// reached.
     fn take(self: &Arc<Self>, address: IpAddr) -> Result<Option<AddressPlace>, usize> {
         let Some(limit) = self.limit else {
             return Ok(None);
         };
+        let address = address_key(address);
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let count = held.entry(address).or_default();
         if *count >= limit {
@@ -206,5 +220,17 @@ mod tests {
         drop((b, c, d));
         assert!(claims.held.lock().unwrap().is_empty());
         assert!(ClaimsPerIp::new(None).take(one).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_ipv6_host_is_counted_by_its_64() {
+        let claims = ClaimsPerIp::new(Some(2));
+        let in_64 = |n: u16| IpAddr::from([0x2001, 0xdb8, 1, 2, 0, 0, 0, n]);
+        let _a = claims.take(in_64(1)).unwrap();
+        let _b = claims.take(in_64(2)).unwrap();
+        assert_eq!(claims.take(in_64(3)).unwrap_err(), 2, "same /64");
+        let _c = claims
+            .take(IpAddr::from([0x2001, 0xdb8, 1, 3, 0, 0, 0, 1]))
+            .unwrap();
     }
 }

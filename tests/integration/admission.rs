@@ -110,6 +110,52 @@ fn the_proxys_own_forwarded_line_counts() {
     let _c = via("10.0.0.2").unwrap();
 }
 
+/// An IPv6 host holds a whole /64: forwarded addresses in one /64 are one
+/// client for the new rooms it may create and the nicknames it may hold,
+/// as for its connections; the next /64 is another client.
+#[test]
+fn an_ipv6_64_is_one_address_for_rooms_and_names() {
+    let proxy = ["--in-process", "--trusted-proxy", "127.0.0.1"];
+    let via = |server: &Server, ip: &str, path: &str| {
+        server.raw_upgrade(path, &format!("X-Forwarded-For: {ip}\r\n"))
+    };
+    let rooms = Server::start(&[&proxy[..], &["--new-rooms-per-minute", "3"]].concat());
+    let _held: Vec<TcpStream> = (1..=3)
+        .map(|n| {
+            via(
+                &rooms,
+                &format!("2001:db8:1:2::{n}"),
+                &format!("/chat/r?room=new-{n}"),
+            )
+        })
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let refused = via(&rooms, "2001:db8:1:2::4", "/chat/r?room=new-4").unwrap_err();
+    assert!(refused.contains("429"), "{refused}");
+    let _other = via(&rooms, "2001:db8:1:3::4", "/chat/r?room=new-4").unwrap();
+
+    let names = Server::start(
+        &[
+            &proxy[..],
+            &["--unique-nicknames", "--max-nicknames-per-ip", "3"],
+        ]
+        .concat(),
+    );
+    let _held: Vec<TcpStream> = (1..=3)
+        .map(|n| {
+            via(
+                &names,
+                &format!("2001:db8:1:2::{n}"),
+                &format!("/chat/n{n}"),
+            )
+        })
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let refused = via(&names, "2001:db8:1:2:abcd::4", "/chat/n4").unwrap_err();
+    assert!(refused.contains("429"), "{refused}");
+    let _other = via(&names, "2001:db8:1:3::4", "/chat/n4").unwrap();
+}
+
 /// All connections from one address share one message budget: two of them
 /// together get the burst once, not twice; another address has its own.
 #[test]
@@ -278,6 +324,25 @@ fn only_hosts_the_server_answers_to_are_served() {
     );
     let (status, _) = server.http("GET / HTTP/1.1\r\nHost: b.example\r\n\r\n");
     assert_eq!(status, "HTTP/1.1 200 OK");
+}
+
+/// A request with two `Host` lines is refused with 400 (RFC 9112: which
+/// one counts is anyone's guess), whichever comes first and whatever the
+/// request; one `Host` line is served as usual.
+#[test]
+fn two_host_lines_are_a_bad_request() {
+    let server = Server::start(&["--in-process"]);
+    for (first, second) in [("127.0.0.1", "evil.example"), ("evil.example", "127.0.0.1")] {
+        let upgrade = server.raw_upgrade("/chat/alice", &format!("Host: {second}\r\n"));
+        let refused = upgrade.expect_err("an upgrade with two Host lines");
+        assert!(refused.contains("400"), "{refused}");
+        let (status, body) = server.http(&format!(
+            "GET / HTTP/1.1\r\nHost: {first}\r\nHost: {second}\r\n\r\n"
+        ));
+        assert_eq!(status, "HTTP/1.1 400 Bad Request", "{first}, {second}");
+        assert!(body.contains("one Host header"), "{body}");
+    }
+    server.settled("alice");
 }
 
 /// The page says what it may do: nothing but its own script and style and

@@ -404,7 +404,8 @@ fn without_tokens_a_token_frame_is_just_a_message() {
 }
 
 /// Time claims no clock can hold (`exp` 2^63, a huge `nbf` or `iat`) are a
-/// 401 with a reason, never a panic: nothing is counted in
+/// 401 saying the token is malformed (not "expired" or "not valid yet"),
+/// never a panic: nothing is counted in
 /// `threadchat_panics_total`, and the server goes on serving.
 #[test]
 fn absurd_time_claims_are_401_never_a_panic() {
@@ -415,6 +416,7 @@ fn absurd_time_claims_are_401_never_a_panic() {
         json!({"sub": "alice", "exp": u64::MAX}),
         json!({"sub": "alice", "exp": -1}),
         json!({"sub": "alice", "exp": now() + 60, "nbf": -1}),
+        json!({"sub": "alice", "exp": now() + 60, "nbf": huge}),
         json!({"sub": "alice", "exp": now() + 60, "iat": huge}),
     ] {
         let token = hmac_token(claims.clone());
@@ -469,6 +471,11 @@ fn audience_and_issuer_are_enforced_when_set() {
         (
             json!({"sub": "alice", "exp": exp, "aud": "chat"}),
             "no \"iss\" claim",
+        ),
+        // An issuer is one string, not a list holding it.
+        (
+            json!({"sub": "alice", "exp": exp, "aud": "chat", "iss": ["https://id.example"]}),
+            "malformed",
         ),
     ] {
         let token = hmac_token(claims.clone());

@@ -52,16 +52,29 @@ fn refused(server: SocketAddr, ip: &str, path: &str) -> (u16, String) {
 }
 
 /// Beside `alice`, every name that reads as `alice` is refused with 409 —
-/// other case, a Cyrillic `а`, full-width letters — and a name mixing
+/// other case, a capital `I` for the `l`, a dotted capital `İ`, small
+/// capitals, a Cyrillic `а`, full-width letters — and a name mixing
 /// Latin and Cyrillic is refused with 400 even when nobody holds it. The
 /// name shown stays as typed: `Élodie` joins as `Élodie`.
 fn names_that_read_the_same_are_one_name(server: &Server) {
     let mut alice = server.settled("alice");
-    for same in ["Alice", "ALICE", "аlice", "ａｌｉｃｅ"] {
+    for same in [
+        "Alice",
+        "ALICE",
+        "aIice",
+        "ALİCE",
+        "ᴀʟɪᴄᴇ",
+        "аlice",
+        "ａｌｉｃｅ",
+    ] {
         let (status, body) = refused(server.addr, "127.0.0.1", &path(same));
         assert_eq!(status, 409, "{same}: {body}");
         assert!(body.contains("is taken"), "{same}: {body}");
     }
+    // A refused name keeps none of its readings: `aIice` also reads
+    // `aiice`, which is free.
+    let mut aiice = connect_from(server.addr, "127.0.0.1", &path("aiice")).unwrap();
+    aiice.settle();
     let (status, body) = refused(server.addr, "127.0.0.1", &path("bоb")); // Cyrillic о
     assert_eq!(status, 400, "{body}");
     assert!(
@@ -102,9 +115,9 @@ fn one_address_cannot_squat_names(server: &Server) {
 }
 
 /// In text mode a server line starts with `*`, `!` or `[`; a nickname
-/// that would start a chat line so (or holds `": "`, or is `server`, or a
-/// look-alike of either) is refused with 400, so no client can show
-/// another a forged server line.
+/// that does not start with a letter or digit (or holds `": "`, or is
+/// `server`, or a look-alike of it, accents and all) is refused with 400,
+/// so no client can show another a forged server line.
 fn a_nickname_cannot_forge_a_server_line(server: &Server) {
     for forged in [
         "! rate limit",
@@ -114,6 +127,15 @@ fn a_nickname_cannot_forge_a_server_line(server: &Server) {
         "bob: hi",
         "server",
         "ｓｅｒｖｅｒ",
+        "ꜱᴇʀᴠᴇʀ",
+        "SERVER\u{301}",
+        "serveṙ",
+        "✱ bob",
+        "❗ x",
+        "⁅history⁆",
+        "〔history〕",
+        "⟦x⟧",
+        "❲x",
     ] {
         let (status, body) = refused(server.addr, "127.0.0.1", &path(forged));
         assert_eq!(status, 400, "{forged}: {body}");
@@ -137,8 +159,9 @@ fn next_chat_line(client: &mut Client) -> String {
     }
 }
 
-/// A payload on Redis whose nickname no client could take — `server`, a
-/// server line's start — is dropped (counted as junk), never shown: a
+/// A payload on Redis whose nickname no client could take — `server` or a
+/// look-alike, a first character that is not a letter or digit — is
+/// dropped (counted as junk), never shown: a
 /// text-mode client sees no forged line, a JSON client no `"server"`
 /// chat; a payload of the original app with an ordinary name still gets
 /// through.
@@ -155,6 +178,10 @@ fn payloads_obey_the_nickname_rules(args: &[&str]) {
         "* in lobby",
         "[history] x",
         "ѕerver",
+        "SERVER\u{301}",
+        "ꜱᴇʀᴠᴇʀ",
+        "✱ bob",
+        "〔history〕 x",
     ] {
         let payload = serde_json::json!({"nickname": nickname, "message": "forged"});
         redis.publish("global_room", &payload.to_string());
