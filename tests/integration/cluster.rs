@@ -148,7 +148,7 @@ fn a_killed_master_is_followed_to_its_promoted_replica(args: &[&str]) {
     let mut dave = join(&server, safe, "dave");
     alice.send("before");
     assert_eq!(bob.recv_chat().1, "before");
-    let threads = server.thread_count();
+    let threads = server.steady_thread_count();
 
     let slot = cluster.slot(&room_channel(doomed));
     let old = cluster.master_of(slot);
@@ -168,7 +168,9 @@ fn a_killed_master_is_followed_to_its_promoted_replica(args: &[&str]) {
     assert_eq!(dave.recv_chat().1, "still here");
     dave.expect_nothing(Duration::from_millis(200));
 
-    assert_eq!(server.thread_count(), threads, "no thread leaked");
+    crate::support::eventually("no thread leaked", || {
+        server.steady_thread_count() == threads
+    });
     assert_eq!(
         cluster.shard_subscribers(new, &room_channel(doomed)),
         subscriptions_for(args, 2),
@@ -189,7 +191,7 @@ fn a_migrated_room_is_followed_to_its_new_master(args: &[&str]) {
     let mut bob = join(&server, room, "bob");
     alice.send("before the move");
     assert_eq!(bob.recv_chat().1, "before the move");
-    let threads = server.thread_count();
+    let threads = server.steady_thread_count();
 
     let slot = cluster.slot(&room_channel(room));
     let old = cluster.master_of(slot);
@@ -225,7 +227,9 @@ fn a_migrated_room_is_followed_to_its_new_master(args: &[&str]) {
     alice.send("after the move");
     assert_eq!(bob.recv_chat().1, "after the move");
 
-    assert_eq!(server.thread_count(), threads, "no thread leaked");
+    crate::support::eventually("no thread leaked", || {
+        server.steady_thread_count() == threads
+    });
     let channel = room_channel(room);
     assert_eq!(cluster.shard_subscribers(old, &channel), 0);
     assert_eq!(

@@ -152,6 +152,20 @@ impl Server {
             .unwrap_or(0)
     }
 
+    /// The server's threads once no connection is in its start: a start
+    /// thread lives until the accept loop joins it, a moment after its
+    /// client is in, so a count taken earlier may include it (and later
+    /// counts not, which is no leak).
+    pub fn steady_thread_count(&self) -> usize {
+        crate::support::eventually("no connection in its start", || {
+            !self
+                .thread_policies()
+                .iter()
+                .any(|(name, _)| name.starts_with("tc-start"))
+        });
+        self.thread_count()
+    }
+
     /// The scheduling policy of each of the server's threads, by name
     /// (`/proc/{pid}/task/{tid}/stat`: field 2 is the name, field 41 the
     /// policy; 0 is the default `SCHED_OTHER`, 3 is `SCHED_BATCH`).
