@@ -21,9 +21,11 @@
 
 pub mod fanout;
 pub mod memory;
+mod places;
 pub mod redis;
 mod subscription;
 
+pub use places::{EpochKey, PlaceKey};
 pub use subscription::{Canceller, Direct, DirectSink, Event, Flow, Subscription};
 pub(crate) use subscription::{DirectSlot, Listen, StopSignal};
 
@@ -133,20 +135,6 @@ pub struct Place {
     pub offset: u64,
     /// Changes when the log is lost, and offsets start again.
     pub epoch: String,
-}
-
-/// What a relay can tell a connection about the places on a room's
-/// channel: which are the log's own (see `session::outbox`'s `Expect`).
-#[derive(Debug, Clone)]
-pub enum PlaceKey {
-    /// Nobody else can publish here (the in-process relay): every place
-    /// is the log's.
-    Trusted,
-    /// The epoch's key: a place is the log's if its tag matches
-    /// ([`crate::protocol::ChatMessage::tagged_by`]).
-    Key(Arc<str>),
-    /// Not known now: no place in the epoch can be vouched for.
-    Unknown,
 }
 
 /// Where a room's log stands (see [`Broker::log_end`]).

@@ -149,7 +149,7 @@ impl Expect {
         };
         match key {
             PlaceKey::Trusted => true,
-            PlaceKey::Key(key) => msg.tagged_by(&key),
+            PlaceKey::Key(key) => key.vouches_for(msg),
             PlaceKey::Unknown => false,
         }
     }
@@ -437,7 +437,7 @@ mod tests {
             offset: 3,
             epoch: "e".into(),
         }));
-        let key = PlaceKey::Key("secret".into());
+        let key = PlaceKey::Key(std::sync::Arc::new(crate::broker::EpochKey::new("secret")));
         let forged = msg(4, "e");
         assert!(!expect.take(&forged, forged.at().unwrap(), |_| key.clone()));
         let tag = {

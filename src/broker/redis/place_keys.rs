@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::broker::PlaceKey;
+use crate::broker::{EpochKey, PlaceKey};
 use crate::protocol::Room;
 
 /// Most reads of one room's key in a second.
@@ -24,7 +24,7 @@ pub(super) struct PlaceKeys(Mutex<HashMap<Room, Known>>);
 
 struct Known {
     epoch: Option<String>,
-    key: Option<Arc<str>>,
+    key: Option<Arc<EpochKey>>,
     /// When it was read, the last [`READS_PER_SECOND`] times.
     reads: Vec<Instant>,
 }
@@ -62,7 +62,7 @@ impl PlaceKeys {
         let Some((read_epoch, read_key)) = read() else {
             return PlaceKey::Unknown;
         };
-        let key: Option<Arc<str>> = read_key.map(Into::into);
+        let key = read_key.map(|key| Arc::new(EpochKey::new(&key)));
         let answer = match (&read_epoch, &key) {
             (Some(e), Some(key)) if e == epoch => PlaceKey::Key(Arc::clone(key)),
             _ => PlaceKey::Unknown,
