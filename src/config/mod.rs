@@ -69,6 +69,11 @@ impl RedisTarget {
     }
 }
 
+/// Why `--redis redis+sentinel://…` or `redis+cluster://…` is refused by
+/// a build without the `redis-ha` feature.
+pub const NO_REDIS_HA: &str = "Sentinel and Cluster are not built into this threadchat: \
+     build it with the `redis-ha` feature (on by default; `cargo build --features redis-ha`)";
+
 /// The URL tried when no `--redis` is given.
 pub const DEFAULT_REDIS_URL: &str = "redis://localhost:6379";
 
@@ -456,6 +461,9 @@ fn redis_target(value: &str) -> Result<RedisTarget, ConfigError> {
     let url = if let Some((scheme, rest)) = value.split_once("://") {
         match scheme {
             "redis" | "redis+unix" | "unix" => value.to_owned(),
+            "redis+sentinel" | "redis+cluster" if !cfg!(feature = "redis-ha") => {
+                return Err(fail(NO_REDIS_HA));
+            }
             "redis+sentinel" => return sentinel_target(rest).map_err(|reason| fail(&reason)),
             "redis+cluster" => return cluster_target(rest).map_err(|reason| fail(&reason)),
             "rediss" => return Err(fail("TLS (rediss://) is not built into threadchat")),
@@ -558,6 +566,16 @@ mod tests {
     }
 
     #[test]
+    #[cfg(not(feature = "redis-ha"))]
+    fn sentinel_and_cluster_urls_name_the_feature_they_need() {
+        for url in ["redis+sentinel://a:1/m", "redis+cluster://a:1,b:2"] {
+            let error = redis_target(url).unwrap_err().to_string();
+            assert!(error.contains("`redis-ha` feature"), "{error}");
+        }
+    }
+
+    #[test]
+    #[cfg(feature = "redis-ha")]
     fn sentinel_urls_are_read() {
         assert_eq!(
             redis_target("redis+sentinel://:pw@a:1,b:2,c/mymaster/3").ok(),
@@ -580,6 +598,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "redis-ha")]
     fn cluster_urls_are_read() {
         assert_eq!(
             redis_target("redis+cluster://:pw@a:1,b:2/").ok(),
