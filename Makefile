@@ -4,8 +4,12 @@
 #   make run ARGS="--port 9000" pass options through (see: make run ARGS=--help)
 #   make test                   all tests; they start their own redis-server
 #                               (installed first when missing, if it can be)
-#   make lint                   formatting check, clippy and rustdoc (every
-#                               intra-doc link resolves), warnings are errors
+#   make lint                   formatting check, clippy (with and without the
+#                               Cargo features) and rustdoc (every intra-doc
+#                               link resolves), warnings are errors
+#   make check-minimal          the server without its wings (tokens, redis-ha):
+#                               builds, unit tests and a quick subset of the
+#                               integration tests
 #   make check-macos            every package type-checks for macOS (x86_64)
 #   make interop                chat between threadchat and the Python original
 #                               (installs FastAPI, uvicorn, redis in a venv)
@@ -23,7 +27,7 @@
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: run build test lint check-macos fmt interop conformance browser-test bench bench-cluster require-redis
+.PHONY: run build test lint check-minimal check-macos fmt interop conformance browser-test bench bench-cluster require-redis
 
 run:
 	$(CARGO) run --release --bin threadchat -- $(ARGS)
@@ -37,7 +41,17 @@ test: require-redis
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --no-default-features --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --document-private-items
+
+# The server as a learner may build it, without the wings (README, "Leave
+# the wings out"): it builds, has no jsonwebtoken, and the chat works.
+MINIMAL_TESTS ?= startup:: chat:: rooms::
+check-minimal: require-redis
+	$(CARGO) build --no-default-features
+	! $(CARGO) tree -e normal --no-default-features | grep -q jsonwebtoken
+	$(CARGO) test --no-default-features --lib
+	$(CARGO) test --no-default-features --test integration -- $(MINIMAL_TESTS)
 
 # Linux-only parts (SCHED_BATCH, the load generator's epoll) sit behind cfg;
 # this keeps a learner's Mac building.

@@ -54,13 +54,19 @@
 //! * `auth` — who is speaking: signed tokens checked against the configured
 //!   key (opt-in), and signing them for `threadchat token`.
 //!
-//! Only [`auth`], [`config`] and [`server`] are public: the binary needs
+//! Two wings are Cargo features, on by default: `tokens` (`auth`, reached
+//! from a connection through `session::tokens`) and `redis-ha` (Sentinel
+//! and Cluster, `broker::redis::ha`). `cargo build --no-default-features`
+//! leaves both out.
+//!
+//! Only `auth`, [`config`] and [`server`] are public: the binary needs
 //! nothing else, and what nobody uses, the compiler reports.
 
 // One `unsafe` block in the whole server: `session::sched`.
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
+#[cfg(feature = "tokens")]
 pub mod auth;
 mod broker;
 mod capacity;

@@ -14,21 +14,21 @@ use simplelog::{
 };
 
 use threadchat::THREAD_STACK_SIZE;
-use threadchat::auth::Signer;
-use threadchat::config::{Args, Command, Config};
+use threadchat::config::{Args, Config};
 use threadchat::server::{Server, ShutdownHandle};
 
 fn main() -> ExitCode {
-    let mut args = Args::parse();
-    let result = match args.command.take() {
-        Some(Command::Token {
-            name,
-            lifetime,
-            rooms,
-            private_key,
-        }) => print_token(&args, &name, lifetime, &rooms, private_key.as_deref()),
-        None => run(args),
-    };
+    let args = Args::parse();
+    // `threadchat token NAME` prints a token instead of serving.
+    #[cfg(feature = "tokens")]
+    if let Some(command) = args.command {
+        return exit(token::print(&args.tokens, command));
+    }
+    exit(run(args))
+}
+
+/// The exit status of `result`, its error told on stderr.
+fn exit(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -75,38 +75,44 @@ fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `threadchat token NAME`: prints a token signed with the configured key.
-fn print_token(
-    args: &Args,
-    name: &str,
-    lifetime: u64,
-    rooms: &[String],
-    private_key: Option<&std::path::Path>,
-) -> anyhow::Result<()> {
-    let signer = match private_key {
-        Some(file) => {
-            let pem = std::fs::read(file)
-                .with_context(|| format!("cannot read --private-key {}", file.display()))?;
-            Signer::private_key(&pem).map_err(anyhow::Error::msg)?
-        }
-        None => {
-            let secret = threadchat::config::auth_secret(args.auth_secret_file.as_deref())?
-                .ok_or_else(|| {
+/// `threadchat token NAME` (the `tokens` feature).
+#[cfg(feature = "tokens")]
+mod token {
+    use anyhow::Context as _;
+    use threadchat::auth::Signer;
+    use threadchat::config::{AUTH_SECRET_ENV, Command, TokenArgs, auth_secret};
+
+    /// Prints a token signed with the configured key.
+    pub fn print(args: &TokenArgs, command: Command) -> anyhow::Result<()> {
+        let Command::Token {
+            name,
+            lifetime,
+            rooms,
+            private_key,
+        } = command;
+        let signer = match private_key {
+            Some(file) => {
+                let pem = std::fs::read(&file)
+                    .with_context(|| format!("cannot read --private-key {}", file.display()))?;
+                Signer::private_key(&pem).map_err(anyhow::Error::msg)?
+            }
+            None => {
+                let secret = auth_secret(args.auth_secret_file.as_deref())?.ok_or_else(|| {
                     anyhow::anyhow!(
-                        "no key to sign with: give --auth-secret-file FILE (or set {}), \
-                         or --private-key FILE",
-                        threadchat::config::AUTH_SECRET_ENV
+                        "no key to sign with: give --auth-secret-file FILE (or set \
+                         {AUTH_SECRET_ENV}), or --private-key FILE"
                     )
                 })?;
-            Signer::hmac(&secret).map_err(anyhow::Error::msg)?
-        }
-    };
-    let token = signer
-        .stamping(args.auth_audience.as_deref(), args.auth_issuer.as_deref())
-        .sign(name, std::time::Duration::from_secs(lifetime), rooms)
-        .map_err(anyhow::Error::msg)?;
-    println!("{token}");
-    Ok(())
+                Signer::hmac(&secret).map_err(anyhow::Error::msg)?
+            }
+        };
+        let token = signer
+            .stamping(args.auth_audience.as_deref(), args.auth_issuer.as_deref())
+            .sign(&name, std::time::Duration::from_secs(lifetime), &rooms)
+            .map_err(anyhow::Error::msg)?;
+        println!("{token}");
+        Ok(())
+    }
 }
 
 /// The address a client on this machine uses to reach `bound`: the

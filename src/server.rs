@@ -198,16 +198,9 @@ impl Server {
                 welcomes: Welcomes::default(),
                 per_ip: PerIp::new(config.limits.max_connections_per_ip),
                 members: Default::default(),
-                auth: config.auth.clone(),
+                tokens: crate::session::tokens::Tokens::new(config),
                 claims_per_ip: crate::session::unique::ClaimsPerIp::new(
                     config.limits.max_nicknames_per_ip,
-                ),
-                per_user: crate::session::per_user::PerUser::new(
-                    config.limits.max_connections_per_user,
-                    config
-                        .limits
-                        .rate_limit
-                        .map(|rate| (rate, config.limits.rate_burst)),
                 ),
                 new_rooms: crate::session::new_rooms::NewRooms::new(
                     config.limits.new_rooms_per_minute,

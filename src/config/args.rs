@@ -268,33 +268,10 @@ pub struct Args {
     )]
     pub trusted_proxies: Vec<std::net::IpAddr>,
 
-    /// Require a token (a JWT) on every chat connection and `/members`,
-    /// signed with the HMAC secret (HS256) in this file. The secret may
-    /// also come from the environment variable THREADCHAT_AUTH_SECRET;
-    /// never on the command line, where `ps` shows it. At least 32 bytes.
-    #[arg(
-        long,
-        env = "THREADCHAT_AUTH_SECRET_FILE",
-        value_name = "FILE",
-        conflicts_with = "auth_public_key"
-    )]
-    pub auth_secret_file: Option<PathBuf>,
-
-    /// Require a token signed with the private half of this public key
-    /// (PEM): an RSA key takes RS256 tokens, an Ed25519 key EdDSA tokens.
-    #[arg(long, env = "THREADCHAT_AUTH_PUBLIC_KEY", value_name = "FILE")]
-    pub auth_public_key: Option<PathBuf>,
-
-    /// With authentication on, most connections one user (a token's
-    /// name) may hold on this instance (0: no limit). Its messages share
-    /// one --rate-limit across them.
-    #[arg(
-        long,
-        env = "THREADCHAT_MAX_CONNECTIONS_PER_USER",
-        default_value_t = 10,
-        value_name = "N"
-    )]
-    pub max_connections_per_user: usize,
+    /// Token authentication (the `tokens` feature).
+    #[cfg(feature = "tokens")]
+    #[command(flatten)]
+    pub tokens: super::tokens::TokenArgs,
 
     /// A nickname may be used by one connection at a time in a room
     /// (across instances): a second one gets 409.
@@ -312,30 +289,11 @@ pub struct Args {
     )]
     pub max_nicknames_per_ip: usize,
 
-    /// With authentication on, the `aud` every token must carry (one of
-    /// its values, if a list): tokens a shared identity provider minted
-    /// for other services are refused. `threadchat token` writes it too.
-    #[arg(long, env = "THREADCHAT_AUTH_AUDIENCE", value_name = "AUD")]
-    pub auth_audience: Option<String>,
-
-    /// With authentication on, the `iss` every token must carry.
-    /// `threadchat token` writes it too.
-    #[arg(long, env = "THREADCHAT_AUTH_ISSUER", value_name = "ISS")]
-    pub auth_issuer: Option<String>,
-
-    /// Clock difference allowed on a token's `exp` and `nbf`, in seconds
-    /// (at most 86400).
-    #[arg(
-        long,
-        env = "THREADCHAT_AUTH_LEEWAY",
-        default_value_t = 30,
-        value_name = "SECS"
-    )]
-    pub auth_leeway: u64,
-
-    /// What to do instead of serving (`threadchat token NAME`).
+    /// What to do instead of serving (`threadchat token NAME`; the
+    /// `tokens` feature).
+    #[cfg(feature = "tokens")]
     #[command(subcommand)]
-    pub command: Option<Command>,
+    pub command: Option<super::tokens::Command>,
 
     /// How clients subscribe to Redis: `per-client` (each client its own
     /// SUBSCRIBE connection; Redis fans out) or `shared` (one SUBSCRIBE per
@@ -365,31 +323,6 @@ pub enum Subscriptions {
     /// Each process has one `SUBSCRIBE` connection per room and fans out to
     /// its clients itself.
     Shared,
-}
-
-/// Commands besides serving.
-#[derive(Debug, clap::Subcommand)]
-pub enum Command {
-    /// Print a token for NAME, signed with the configured key (the HMAC
-    /// secret from --auth-secret-file, given before `token`, or
-    /// THREADCHAT_AUTH_SECRET; or --private-key), to try authentication
-    /// with websocat. It carries the server's --auth-audience and
-    /// --auth-issuer (given before `token`, or from their environment
-    /// variables), so the server it is configured like accepts it.
-    Token {
-        /// Who the token says the holder is (its `sub`).
-        name: String,
-        /// How long the token is valid, in seconds.
-        #[arg(long, default_value_t = 3600, value_name = "SECS")]
-        lifetime: u64,
-        /// A room the token may join (repeat for more; without it, any).
-        #[arg(long = "room", value_name = "ROOM")]
-        rooms: Vec<String>,
-        /// Sign with this PEM private key (RSA: RS256; Ed25519: EdDSA)
-        /// instead of the HMAC secret.
-        #[arg(long, value_name = "FILE")]
-        private_key: Option<PathBuf>,
-    },
 }
 
 /// Log verbosity, as accepted by `--log-level`.

@@ -7,17 +7,18 @@
 //! so no other module ever sees an unchecked option. Errors are a
 //! [`ConfigError`] whose text is one line a person can act on.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Duration;
-
-use crate::auth::Auth;
 
 mod args;
 mod ceiling;
+#[cfg(feature = "tokens")]
+mod tokens;
 
-pub use args::{Args, Command, LogLevel, Subscriptions};
+pub use args::{Args, LogLevel, Subscriptions};
 pub use ceiling::{MAX_STARTING, THREADS_PER_CONNECTION, connection_ceiling};
+#[cfg(feature = "tokens")]
+pub use tokens::{AUTH_SECRET_ENV, Command, TokenArgs, Tokens, auth_secret};
 
 /// Where messages are relayed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +70,11 @@ impl RedisTarget {
     }
 }
 
+/// Why `--redis redis+sentinel://…` or `redis+cluster://…` is refused by
+/// a build without the `redis-ha` feature.
+pub const NO_REDIS_HA: &str = "Sentinel and Cluster are not built into this threadchat: \
+     build it with the `redis-ha` feature (on by default; `cargo build --features redis-ha`)";
+
 /// The URL tried when no `--redis` is given.
 pub const DEFAULT_REDIS_URL: &str = "redis://localhost:6379";
 
@@ -105,8 +111,6 @@ pub struct Limits {
     pub max_connections_per_ip: Option<usize>,
     /// Reverse proxies whose forwarding headers are believed.
     pub trusted_proxies: Vec<std::net::IpAddr>,
-    /// With authentication on, most connections per user; `None`: no limit.
-    pub max_connections_per_user: Option<usize>,
     /// One connection per nickname in a room (`--unique-nicknames`).
     pub unique_nicknames: bool,
     /// With unique nicknames, most held per address; `None`: no limit.
@@ -125,8 +129,10 @@ pub struct Limits {
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// With a key configured, the tokens clients must present.
-    pub auth: Option<Arc<Auth>>,
+    /// With a key configured, the tokens clients must present (the
+    /// `tokens` feature).
+    #[cfg(feature = "tokens")]
+    pub tokens: Option<Tokens>,
     /// Host (name or address) to listen on.
     pub host: String,
     /// Port to listen on; 0 lets the OS pick.
@@ -317,9 +323,9 @@ impl Config {
             allowed_hosts.push(args.host.trim_end_matches('.').to_ascii_lowercase());
         }
 
-        let auth = auth(&args)?.map(Arc::new);
         Ok(Config {
-            auth,
+            #[cfg(feature = "tokens")]
+            tokens: tokens::tokens(&args.tokens)?,
             host: args.host,
             port: args.port,
             broker,
@@ -353,8 +359,6 @@ impl Config {
                 max_connections_per_ip: (args.max_connections_per_ip > 0)
                     .then_some(args.max_connections_per_ip),
                 trusted_proxies: args.trusted_proxies,
-                max_connections_per_user: (args.max_connections_per_user > 0)
-                    .then_some(args.max_connections_per_user),
                 unique_nicknames: args.unique_nicknames,
                 max_nicknames_per_ip: (args.max_nicknames_per_ip > 0)
                     .then_some(args.max_nicknames_per_ip),
@@ -366,77 +370,6 @@ impl Config {
                 allowed_hosts,
             },
         })
-    }
-}
-
-/// The environment variable that may hold the HMAC secret itself.
-pub const AUTH_SECRET_ENV: &str = "THREADCHAT_AUTH_SECRET";
-
-/// The HMAC secret for tokens: from `--auth-secret-file` (trailing
-/// newlines dropped), else from [`AUTH_SECRET_ENV`]; `None` if neither.
-pub fn auth_secret(file: Option<&Path>) -> Result<Option<Vec<u8>>, ConfigError> {
-    if let Some(file) = file {
-        let mut secret = std::fs::read(file).map_err(|e| {
-            ConfigError::Auth(format!(
-                "cannot read --auth-secret-file {}: {e}",
-                file.display()
-            ))
-        })?;
-        while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-            secret.pop();
-        }
-        return Ok(Some(secret));
-    }
-    Ok(std::env::var_os(AUTH_SECRET_ENV)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.into_encoded_bytes()))
-}
-
-/// The key tokens are checked against, if authentication is on.
-fn auth(args: &Args) -> Result<Option<Auth>, ConfigError> {
-    let auth = key(args)?;
-    if auth.is_none() && (args.auth_audience.is_some() || args.auth_issuer.is_some()) {
-        return Err(ConfigError::Auth(
-            "--auth-audience and --auth-issuer need a key: \
-             --auth-secret-file or --auth-public-key"
-                .into(),
-        ));
-    }
-    let nonempty = |value: &Option<String>, flag: &str| match value.as_deref() {
-        Some("") => Err(ConfigError::Auth(format!("{flag} is empty"))),
-        other => Ok(other.map(str::to_owned)),
-    };
-    let audience = nonempty(&args.auth_audience, "--auth-audience")?;
-    let issuer = nonempty(&args.auth_issuer, "--auth-issuer")?;
-    Ok(auth.map(|auth| auth.expecting(audience.as_deref(), issuer.as_deref())))
-}
-
-/// The key tokens are checked against, if one is configured.
-fn key(args: &Args) -> Result<Option<Auth>, ConfigError> {
-    if args.auth_leeway > crate::auth::MAX_LEEWAY {
-        return Err(ConfigError::Auth(format!(
-            "--auth-leeway {} is more than a day ({} seconds)",
-            args.auth_leeway,
-            crate::auth::MAX_LEEWAY
-        )));
-    }
-    let leeway = Duration::from_secs(args.auth_leeway);
-    if let Some(file) = &args.auth_public_key {
-        let pem = std::fs::read(file).map_err(|e| {
-            ConfigError::Auth(format!(
-                "cannot read --auth-public-key {}: {e}",
-                file.display()
-            ))
-        })?;
-        return Auth::public_key(&pem, leeway)
-            .map(Some)
-            .map_err(|e| ConfigError::Auth(format!("--auth-public-key {}: {e}", file.display())));
-    }
-    match auth_secret(args.auth_secret_file.as_deref())? {
-        Some(secret) => Auth::hmac(&secret, leeway)
-            .map(Some)
-            .map_err(ConfigError::Auth),
-        None => Ok(None),
     }
 }
 
@@ -456,6 +389,9 @@ fn redis_target(value: &str) -> Result<RedisTarget, ConfigError> {
     let url = if let Some((scheme, rest)) = value.split_once("://") {
         match scheme {
             "redis" | "redis+unix" | "unix" => value.to_owned(),
+            "redis+sentinel" | "redis+cluster" if !cfg!(feature = "redis-ha") => {
+                return Err(fail(NO_REDIS_HA));
+            }
             "redis+sentinel" => return sentinel_target(rest).map_err(|reason| fail(&reason)),
             "redis+cluster" => return cluster_target(rest).map_err(|reason| fail(&reason)),
             "rediss" => return Err(fail("TLS (rediss://) is not built into threadchat")),
@@ -558,6 +494,16 @@ mod tests {
     }
 
     #[test]
+    #[cfg(not(feature = "redis-ha"))]
+    fn sentinel_and_cluster_urls_name_the_feature_they_need() {
+        for url in ["redis+sentinel://a:1/m", "redis+cluster://a:1,b:2"] {
+            let error = redis_target(url).unwrap_err().to_string();
+            assert!(error.contains("`redis-ha` feature"), "{error}");
+        }
+    }
+
+    #[test]
+    #[cfg(feature = "redis-ha")]
     fn sentinel_urls_are_read() {
         assert_eq!(
             redis_target("redis+sentinel://:pw@a:1,b:2,c/mymaster/3").ok(),
@@ -580,6 +526,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "redis-ha")]
     fn cluster_urls_are_read() {
         assert_eq!(
             redis_target("redis+cluster://:pw@a:1,b:2/").ok(),

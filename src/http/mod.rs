@@ -97,6 +97,7 @@ impl Request {
 
     /// The token the client presents, if any: `?token=…` (what a browser
     /// can send), else an `Authorization: Bearer …` header.
+    #[cfg(feature = "tokens")]
     pub fn bearer_token(&self) -> Result<Option<String>, String> {
         if let Some(token) = query_param(self.query(), "token")? {
             return Ok(Some(token));
@@ -140,6 +141,7 @@ fn member(segment: &str, query: &str) -> Result<Member, String> {
         room: room_param(query)?,
         format,
         resume: resume_param(query)?,
+        #[cfg(feature = "tokens")]
         identity: None,
     })
 }

@@ -521,6 +521,7 @@ pub struct Member {
     /// From `?since=…&epoch=…`: a client reconnecting, and what it has.
     pub resume: Option<Resume>,
     /// With authentication on, who the client's token says it is.
+    #[cfg(feature = "tokens")]
     pub identity: Option<crate::auth::Identity>,
 }
 

@@ -37,8 +37,8 @@ pub struct Conn {
     /// is dropped, with the socket: when the connection's last thread ends.
     pub(super) slot: OnceLock<per_ip::Slot>,
     /// With authentication on, this connection's place among its user's
-    /// (see [`per_user`](super::per_user)), with the user's rate limiter.
-    pub(super) user_slot: OnceLock<super::per_user::UserSlot>,
+    /// (see [`tokens`](super::tokens)), with the user's rate limiter.
+    pub(super) user_slot: OnceLock<super::tokens::UserSlot>,
     /// With `--unique-nicknames`, this connection's claim on its nickname
     /// in its room; given back when the `Conn` is dropped.
     pub(super) nickname_claim: OnceLock<super::unique::NicknameClaim>,

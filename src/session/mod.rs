@@ -59,7 +59,6 @@ pub mod liveness;
 pub mod new_rooms;
 mod outbox;
 pub mod per_ip;
-pub mod per_user;
 pub mod rate;
 mod reader;
 pub mod refusals;
@@ -69,6 +68,11 @@ pub mod socket;
 mod start;
 pub mod starting;
 mod subscriber;
+#[cfg(feature = "tokens")]
+pub mod tokens;
+#[cfg(not(feature = "tokens"))]
+#[path = "without_tokens.rs"]
+pub mod tokens;
 pub mod unique;
 pub mod welcome;
 
@@ -104,10 +108,9 @@ pub struct Context {
     pub per_ip: Arc<per_ip::PerIp>,
     /// Recent `GET /members` answers.
     pub members: route::MembersCache,
-    /// With authentication on, the key tokens are checked against.
-    pub auth: Option<Arc<crate::auth::Auth>>,
-    /// With authentication on, each user's connections and rate limit.
-    pub per_user: Arc<per_user::PerUser>,
+    /// With authentication on (a key configured), tokens and each user's
+    /// connections (the `tokens` feature's one door: see [`tokens`]).
+    pub tokens: Option<tokens::Tokens>,
     /// With `--unique-nicknames`, how many names each address holds.
     pub claims_per_ip: Arc<unique::ClaimsPerIp>,
     /// Rooms each address may still create (`--new-rooms-per-minute`).
@@ -115,7 +118,7 @@ pub struct Context {
     /// Connections in their start, per address (`--max-starting-per-ip`).
     pub starting: Arc<starting::Starting>,
     /// With a rate limit, each address's limiter, shared by its
-    /// connections (users have theirs in `per_user`).
+    /// connections (users have theirs in `tokens`).
     pub address_rates: Option<Arc<rate::AddressLimiters>>,
     /// Counts refusals and keeps them from flooding the log.
     pub refusals: refusals::Refusals,

@@ -1,7 +1,7 @@
 //! The rate limit: a token bucket, shared by all of a client's
 //! connections on this instance ([`AddressLimiters`]: all connections from
 //! one address, or with tokens, all of one user's:
-//! [`per_user`](super::per_user)), so that opening more connections does
+//! [`tokens`](super::tokens)), so that opening more connections does
 //! not buy more budget.
 //!
 //! A client may send `rate` messages per second on average and `burst`

@@ -305,13 +305,6 @@ impl Limiter {
     }
 }
 
-/// The instant `left` from now; now if that is past what `Instant` holds
-/// (a token's time is bounded well below that: see `auth::MAX_TIME`).
-fn deadline_in(left: std::time::Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(left).unwrap_or(now)
-}
-
 /// The most messages of one client published and not yet answered.
 const PUBLISH_WINDOW: usize = 64;
 
@@ -327,17 +320,14 @@ impl<'a> ChatHandler<'a> {
         // An authenticated user's connections share one limiter; without
         // tokens, an address's connections do.
         let limiter = match conn.user_slot.get() {
-            Some(slot) => slot.limiter.clone(),
+            Some(slot) => slot.limiter(),
             None => conn
                 .address_rate
                 .get()
                 .map(|share| std::sync::Arc::clone(&share.limiter)),
         }
         .map(Limiter);
-        let token_expires = match (&ctx.auth, &member.identity) {
-            (Some(auth), Some(identity)) => Some(deadline_in(identity.lifetime(auth.leeway()))),
-            _ => None,
-        };
+        let token_expires = ctx.tokens.as_ref().and_then(|t| t.expires(member));
         ChatHandler {
             member,
             conn,
@@ -354,24 +344,12 @@ impl<'a> ChatHandler<'a> {
     /// lives until the new one expires. A token that is not is refused
     /// with an error frame, and the old one still runs out.
     fn refresh(&mut self, token: &str, writer: &Writer) -> Next {
-        let Some(auth) = &self.ctx.auth else {
+        let Some(tokens) = &self.ctx.tokens else {
             return self.error(writer, "this server does not use tokens");
         };
-        let checked = auth
-            .check(Some(token))
-            .map_err(|e| e.to_string())
-            .and_then(|identity| {
-                super::route::may_speak_as(
-                    &identity,
-                    Some(self.member.nickname.as_str()),
-                    &self.member.room,
-                )
-                .map(|()| identity)
-            });
-        match checked {
-            Ok(identity) => {
-                let left = identity.lifetime(auth.leeway());
-                self.token_expires = Some(deadline_in(left));
+        match tokens.refresh(token, self.member) {
+            Ok((expires, left)) => {
+                self.token_expires = Some(expires);
                 let text = format!("token refreshed: valid for {} more seconds", left.as_secs());
                 let frame = ServerFrame::notice(&text).render(self.member.format);
                 match writer.send(Message::text(frame)) {
@@ -503,7 +481,7 @@ impl Handler for ChatHandler<'_> {
         };
         // Only a server that uses tokens reads token frames: elsewhere that
         // text is a chat message like any other.
-        let body = match ClientFrame::parse(text.as_str(), self.ctx.auth.is_some()) {
+        let body = match ClientFrame::parse(text.as_str(), self.ctx.tokens.is_some()) {
             ClientFrame::Chat(body) => body,
             ClientFrame::TokenRefresh(token) => {
                 // A refresh is a frame like a message: it takes from the

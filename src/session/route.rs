@@ -21,7 +21,6 @@ use std::time::Instant;
 use tungstenite::http::StatusCode;
 
 use super::Context;
-use crate::auth::Identity;
 use crate::broker::{BrokerError, Presence};
 use crate::http::{self, Outcome, Target};
 use crate::protocol::Room;
@@ -83,7 +82,7 @@ pub(super) fn serve(
     let target = match request.path() {
         "/" => {
             // The page asks for a token when the server requires one.
-            let page = match ctx.auth {
+            let page = match ctx.tokens {
                 Some(_) => INDEX_HTML.replacen("<body>", "<body data-auth=\"required\">", 1),
                 None => INDEX_HTML.to_owned(),
             };
@@ -110,7 +109,9 @@ pub(super) fn serve(
                 Ok(room) => room,
                 Err(reason) => return http::answer(stream, StatusCode::BAD_REQUEST, &reason),
             };
-            if let Err((status, reason)) = admit(ctx, &request, None, &room).map(drop) {
+            if let Some(tokens) = &ctx.tokens
+                && let Err((status, reason)) = tokens.admit_reader(&request, &room)
+            {
                 return http::answer(stream, status, &reason);
             }
             return members(stream, ctx, &room, request.query());
@@ -118,9 +119,10 @@ pub(super) fn serve(
         "/echo" if limits.echo_endpoint => Target::Echo,
         path => match http::chat_target(path, request.query()) {
             Some(Ok(mut member)) => {
-                match admit(ctx, &request, Some(member.nickname.as_str()), &member.room) {
-                    Ok(identity) => member.identity = identity,
-                    Err((status, reason)) => return http::answer(stream, status, &reason),
+                if let Some(tokens) = &ctx.tokens
+                    && let Err((status, reason)) = tokens.admit(&request, &mut member)
+                {
+                    return http::answer(stream, status, &reason);
                 }
                 Target::Chat(member)
             }
@@ -165,50 +167,6 @@ fn members(stream: &TcpStream, ctx: &Context, room: &Room, query: &str) -> io::R
         Ok(body) => http::answer_with(stream, StatusCode::OK, http::JSON, &body),
         Err(e) => http::answer(stream, StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
-}
-
-/// With authentication on, whether the request's token lets it in: to
-/// `room`, as `nickname` for a chat; and who it is. `401` without a valid
-/// token, `403` for a nickname that is not the token's or a room it does
-/// not allow. Without authentication, anyone, as anyone (`None`).
-fn admit(
-    ctx: &Context,
-    request: &http::Request,
-    nickname: Option<&str>,
-    room: &Room,
-) -> Result<Option<Identity>, (StatusCode, String)> {
-    let Some(auth) = &ctx.auth else {
-        return Ok(None);
-    };
-    let token = request
-        .bearer_token()
-        .map_err(|reason| (StatusCode::BAD_REQUEST, reason))?;
-    let identity = auth
-        .check(token.as_deref())
-        .map_err(|e| (StatusCode::UNAUTHORIZED, e.to_string()))?;
-    may_speak_as(&identity, nickname, room).map_err(|reason| (StatusCode::FORBIDDEN, reason))?;
-    Ok(Some(identity))
-}
-
-/// Whether a valid token's `identity` may be `nickname` (if one is asked)
-/// in `room`; why not, if not.
-pub(super) fn may_speak_as(
-    identity: &Identity,
-    nickname: Option<&str>,
-    room: &Room,
-) -> Result<(), String> {
-    if let Some(nickname) = nickname
-        && nickname != identity.name
-    {
-        return Err(format!(
-            "this token is for {:?}, not {nickname:?}: connect to /chat/{}",
-            identity.name, identity.name
-        ));
-    }
-    if !identity.may_join(room.name()) {
-        return Err(format!("this token does not allow room {:?}", room.name()));
-    }
-    Ok(())
 }
 
 /// Names a `/members` answer lists unless asked for more.

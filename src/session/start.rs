@@ -85,27 +85,12 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
         }
     }
     // An authenticated user: one more of its connections, if it may.
-    if let http::Target::Chat(member) = &target
-        && let Some(identity) = &member.identity
+    if let (Some(tokens), http::Target::Chat(member)) = (&ctx.tokens, &target)
+        && let Err((who, reason)) = tokens.seat(conn, member)
     {
-        match ctx.per_user.take(&identity.name) {
-            Ok(slot) => {
-                let _ = conn.user_slot.set(slot);
-            }
-            Err(limit) => {
-                let who = format!("{} ({})", conn.peer, identity.name);
-                ctx.refusals.refused(&ctx.metrics, Refusal::PerUser, &who);
-                let _ = http::refuse(
-                    &conn.stream,
-                    StatusCode::TOO_MANY_REQUESTS,
-                    &format!(
-                        "too many connections for {:?}: at most {limit} on this server",
-                        identity.name
-                    ),
-                );
-                return Ok(Started::Done);
-            }
-        }
+        ctx.refusals.refused(&ctx.metrics, Refusal::PerUser, &who);
+        let _ = http::refuse(&conn.stream, StatusCode::TOO_MANY_REQUESTS, &reason);
+        return Ok(Started::Done);
     }
     // A new room costs one of its address's new rooms.
     if let http::Target::Chat(member) = &target

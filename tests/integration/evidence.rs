@@ -8,9 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use crate::support::{
-    Client, Cluster, Redis, Server, in_both_subscription_modes, with_both_brokers,
-};
+use crate::support::{Client, Redis, Server, in_both_subscription_modes, with_both_brokers};
 
 in_both_subscription_modes!(
     a_forged_ts_closes_nobody,
@@ -102,8 +100,9 @@ fn a_forged_ts_closes_nobody(mode: &[&str]) {
 /// The same on a Redis Cluster, published with `SPUBLISH` on the room's
 /// shard channel.
 #[test]
+#[cfg(feature = "redis-ha")]
 fn a_forged_ts_closes_nobody_on_a_cluster() {
-    let cluster = Cluster::start();
+    let cluster = crate::support::Cluster::start();
     let server = Server::on_redis(&cluster.url(), &["--write-timeout", "2"]);
     let master = cluster.node(cluster.master_of_room("global_room"));
     nobody_closed_by(&server, |payload| {

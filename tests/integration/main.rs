@@ -2,12 +2,17 @@
 //!
 //! Each test starts its own `redis-server` on a free port (never 6379) and its
 //! own `threadchat` on port 0, then talks to it as a user would.
+//!
+//! Tests of a wing (a Cargo feature) are built only with it: `make
+//! check-minimal` runs the rest without the features.
 
 mod admission;
+#[cfg(feature = "tokens")]
 mod auth;
 mod bounds;
 mod bounds_relay;
 mod chat;
+#[cfg(feature = "redis-ha")]
 mod cluster;
 mod evidence;
 mod example;
@@ -21,6 +26,7 @@ mod recovery;
 mod redis_wire;
 mod room_bounds;
 mod rooms;
+#[cfg(feature = "redis-ha")]
 mod sentinel;
 mod startup;
 mod support;

@@ -6,7 +6,7 @@
 
 use std::net::TcpStream;
 
-use crate::support::{Client, Cluster, PATIENCE, Redis, Server, eventually, with_both_brokers};
+use crate::support::{Client, PATIENCE, Redis, Server, eventually, with_both_brokers};
 
 /// Joins `room` as `nickname` from the local address `ip` (all of
 /// 127.0.0.0/8 is this machine): the HTTP refusal, if any.
@@ -207,8 +207,9 @@ fn idle_rooms_past_their_budget_are_forgotten_in_redis() {
 /// The same on a Redis Cluster, where the index is in one slot and the
 /// rooms in slots of their own, on several masters.
 #[test]
+#[cfg(feature = "redis-ha")]
 fn idle_rooms_past_their_budget_are_forgotten_on_a_cluster() {
-    let cluster = Cluster::start();
+    let cluster = crate::support::Cluster::start();
     let server = Server::on_redis(&cluster.url(), &["--idle-rooms-bytes", "65536"]);
     let keeper = fill_idle_rooms(&server);
     let logs = |room: &str| {

@@ -71,6 +71,51 @@ fn bad_option_values_are_refused() {
     }
 }
 
+/// Built without Sentinel and Cluster (`--no-default-features`), their
+/// URLs are one clear error that names the feature to build with.
+#[test]
+#[cfg(not(feature = "redis-ha"))]
+fn without_redis_ha_a_sentinel_or_cluster_url_names_the_feature() {
+    for url in [
+        "redis+sentinel://127.0.0.1:1/mymaster",
+        "redis+cluster://127.0.0.1:1",
+    ] {
+        let output = run(&["--redis", url]);
+        assert!(!output.status.success(), "{url}");
+        let err = stderr(&output);
+        assert!(err.contains("`redis-ha` feature"), "{err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+    }
+}
+
+/// Built without tokens (`--no-default-features`), their flags and
+/// `threadchat token` are unknown, as any other unknown argument is.
+#[test]
+#[cfg(not(feature = "tokens"))]
+fn without_tokens_their_flags_and_command_are_unknown() {
+    for (args, unknown) in [
+        (
+            &["--auth-secret-file", "secret"][..],
+            "'--auth-secret-file'",
+        ),
+        (
+            &["--max-connections-per-user", "3"],
+            "'--max-connections-per-user'",
+        ),
+        (&["token", "alice"], "'token'"),
+    ] {
+        let output = run(args);
+        assert!(!output.status.success(), "{args:?}");
+        let err = stderr(&output);
+        assert!(
+            err.contains(&format!("unexpected argument {unknown}")),
+            "{err}"
+        );
+    }
+    let help = String::from_utf8_lossy(&run(&["--help"]).stdout).into_owned();
+    assert!(!help.contains("--auth-"), "{help}");
+}
+
 #[test]
 fn help_explains_every_option() {
     let output = run(&["--help"]);

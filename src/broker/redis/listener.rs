@@ -54,7 +54,9 @@ impl SubscriptionSockets {
     }
 
     /// Shuts down the live subscriptions connected anywhere but `address`
-    /// (`ip:port`: a new master); returns how many.
+    /// (`ip:port`: a new master); returns how many. For the Sentinel
+    /// watcher (`ha/failover.rs`).
+    #[cfg(feature = "redis-ha")]
     pub(super) fn restart_away_from(&self, address: &str) -> usize {
         self.restart_where(|peer| peer.to_string() != address)
     }

@@ -19,11 +19,12 @@
 //! (`listener::SubscriptionSockets`).
 //!
 //! **Where Redis is** ([`Topology`]): one server, a master that Redis
-//! Sentinel names (`failover.rs` follows a failover), or the masters of a
-//! Redis Cluster (`cluster.rs`: a room lives on the master of its slot,
+//! Sentinel names (`ha/failover.rs` follows a failover), or the masters of
+//! a Redis Cluster (`cluster.rs`: a room lives on the master of its slot,
 //! its subscriptions use sharded pub/sub there, and publishers keep a
 //! connection per master). Every connection asks it where to go each time
-//! it (re)connects.
+//! it (re)connects. Sentinel and Cluster are the `redis-ha` Cargo feature
+//! (`ha/`, on by default).
 //!
 //! **Publishing.** Opening a Redis connection per client for publishing would
 //! double Redis's client count. Instead [`POOL_SIZE`] publisher threads each
@@ -73,7 +74,11 @@
 
 mod cluster;
 mod coalesce;
-mod failover;
+#[cfg(feature = "redis-ha")]
+mod ha;
+#[cfg(not(feature = "redis-ha"))]
+#[path = "without_ha.rs"]
+mod ha;
 mod heartbeat;
 mod idle;
 mod keys;
@@ -121,10 +126,6 @@ const QUEUE_CAPACITY: usize = 1024;
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a publishing connection waits for Redis to answer.
 pub(super) const IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// How soon a failed connection may ask again where Redis is (the
-/// sentinels, or a cluster's slot map): thousands of subscriptions lost at
-/// once ask once.
-pub(super) const ASK_AT_MOST_EVERY: Duration = Duration::from_millis(100);
 /// How many times a Redis Cluster may send one job or subscription
 /// elsewhere (`MOVED`, `ASK`, `TRYAGAIN`) before it counts as failed.
 pub(super) const MAX_REDIRECTS: usize = 5;
@@ -157,8 +158,8 @@ pub struct RedisBroker {
     shared: Option<Arc<SharedFeeds>>,
     /// Every subscription's socket, for the heartbeat to restart them all.
     subscriptions: Arc<SubscriptionSockets>,
-    /// With Sentinel, the thread that hears of failovers (`failover.rs`).
-    watcher: Option<failover::Watcher>,
+    /// With Sentinel, the thread that hears of failovers (`ha/failover.rs`).
+    watcher: Option<ha::Watcher>,
     /// The thread that keeps rooms nobody is in under their budget
     /// (`idle.rs`).
     idle: Option<idle::IdleRooms>,
@@ -284,7 +285,7 @@ impl RedisBroker {
             settings.idle_rooms_bytes,
             settings.room_ttl,
         )?);
-        broker.watcher = failover::Watcher::start(&broker.topology, &broker.subscriptions)?;
+        broker.watcher = ha::Watcher::start(&broker.topology, &broker.subscriptions)?;
         Ok(broker)
     }
 

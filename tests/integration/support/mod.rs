@@ -7,14 +7,18 @@
 #![allow(dead_code)]
 
 mod client;
+#[cfg(feature = "redis-ha")]
 mod cluster;
 mod redis_server;
+#[cfg(feature = "redis-ha")]
 mod sentinel;
 mod server;
 
 pub use client::*;
+#[cfg(feature = "redis-ha")]
 pub use cluster::*;
 pub use redis_server::*;
+#[cfg(feature = "redis-ha")]
 pub use sentinel::*;
 pub use server::*;
 

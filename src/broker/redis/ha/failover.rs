@@ -26,11 +26,11 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::CONNECT_TIMEOUT;
-use super::listener::SubscriptionSockets;
-use super::pubsub::{PubSubConnection, Push};
-use super::topology::Topology;
 use crate::broker::BrokerError;
+use crate::broker::redis::CONNECT_TIMEOUT;
+use crate::broker::redis::listener::SubscriptionSockets;
+use crate::broker::redis::pubsub::{PubSubConnection, Push};
+use crate::broker::redis::topology::Topology;
 
 /// The channel on which sentinels announce a new master:
 /// `NAME OLD_IP OLD_PORT NEW_IP NEW_PORT`.
@@ -39,7 +39,7 @@ const SWITCH_MASTER: &str = "+switch-master";
 const RETRY: Duration = Duration::from_secs(1);
 
 /// The running watcher; dropping it stops it.
-pub(super) struct Watcher {
+pub struct Watcher {
     stopping: Arc<AtomicBool>,
     socket: Arc<Mutex<Option<Arc<TcpStream>>>>,
     /// Dropped to end a wait between rounds.
@@ -49,7 +49,7 @@ pub(super) struct Watcher {
 
 impl Watcher {
     /// Starts watching, if `topology` is a Sentinel one.
-    pub(super) fn start(
+    pub fn start(
         topology: &Arc<Topology>,
         subscriptions: &Arc<SubscriptionSockets>,
     ) -> Result<Option<Watcher>, BrokerError> {
@@ -160,7 +160,9 @@ impl Watch {
             return;
         }
         // Publishers and queries reopen their connections.
-        self.topology.moved();
+        if let Topology::Sentinel(sentinels) = &*self.topology {
+            sentinels.moved();
+        }
         // Those that reconnected to the new master already (the old one
         // died, and took them with it) stay.
         let n = self

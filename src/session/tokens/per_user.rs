@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use super::rate::RateLimiter;
+use crate::session::rate::RateLimiter;
 
 /// Users' connections and their shared limiters.
 #[derive(Debug)]
@@ -40,7 +40,7 @@ pub struct UserSlot {
     owner: Arc<PerUser>,
     user: String,
     /// The user's rate limiter, shared by all of its connections here.
-    pub limiter: Option<Arc<Mutex<RateLimiter>>>,
+    limiter: Option<Arc<Mutex<RateLimiter>>>,
 }
 
 impl PerUser {
@@ -75,6 +75,13 @@ impl PerUser {
             user: user.to_owned(),
             limiter: entry.limiter.clone(),
         })
+    }
+}
+
+impl UserSlot {
+    /// The user's rate limiter (`None`: no rate limit).
+    pub fn limiter(&self) -> Option<Arc<Mutex<RateLimiter>>> {
+        self.limiter.clone()
     }
 }
 

@@ -1,0 +1,198 @@
+//! Redis Sentinel: the master that the sentinels name (`--redis
+//! redis+sentinel://h1:p1,h2:p2/NAME`), checked with `ROLE` (during a
+//! failover a sentinel may still name the old one). `topology.rs` says
+//! how a failover is followed; `failover.rs` hears of it at once.
+//!
+//! The answer is kept for [`FRESH_FOR`], so that a thousand clients
+//! joining at once ask the sentinels once; a failed connection only marks
+//! it stale, asked again at most every [`ASK_AT_MOST_EVERY`].
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::Client;
+
+use super::ASK_AT_MOST_EVERY;
+use crate::broker::BrokerError;
+
+/// How long an answer from the sentinels is used without asking again
+/// (unless a connection fails first).
+pub const FRESH_FOR: Duration = Duration::from_secs(1);
+/// How long one sentinel, or a master being checked, may take to answer.
+const SENTINEL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the sentinels answered last.
+struct Found {
+    address: String,
+    client: Client,
+    /// When they answered.
+    at: Instant,
+    /// A connection to it failed since.
+    stale: bool,
+}
+
+/// The sentinels of one master, and the master they named last.
+pub struct Sentinels {
+    /// `host:port` of each sentinel, asked in order.
+    addresses: Vec<String>,
+    /// The master's name in the sentinels' configuration.
+    master_name: String,
+    /// For the master: password and database (from the URL).
+    password: Option<String>,
+    db: i64,
+    /// The master found last.
+    found: Mutex<Option<Found>>,
+    /// How many times the sentinels announced a new master.
+    moves: AtomicU64,
+}
+
+impl Sentinels {
+    /// The sentinels at `addresses`, watching `master` (whose password and
+    /// database these are). Nothing is connected yet.
+    pub fn new(
+        addresses: &[String],
+        master: &str,
+        password: Option<&str>,
+        db: i64,
+    ) -> Result<Sentinels, BrokerError> {
+        Ok(Sentinels {
+            addresses: addresses.to_vec(),
+            master_name: master.to_owned(),
+            password: password.map(str::to_owned),
+            db,
+            found: Mutex::new(None),
+            moves: AtomicU64::new(0),
+        })
+    }
+
+    /// The master found may be out of date: the next [`master`](Self::master)
+    /// asks again.
+    pub fn forget(&self) {
+        if let Some(found) = &mut *self.found.lock().unwrap_or_else(|p| p.into_inner()) {
+            found.stale = true;
+        }
+    }
+
+    /// The sentinels announced a new master: forget the old one, and tell
+    /// every connection opened before now to reopen (see
+    /// `Topology::moves`). A master that a failover keeps alive stays
+    /// writable for seconds before the sentinels demote it; a publisher
+    /// still connected to it would publish to nobody.
+    pub fn moved(&self) {
+        // Not merely stale: nobody may connect to the old master again.
+        *self.found.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.moves.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// How many times the master moved so far.
+    pub fn moves(&self) -> u64 {
+        self.moves.load(Ordering::SeqCst)
+    }
+
+    /// The master and the sentinels, for the start-up log.
+    pub fn describe(&self) -> String {
+        let master = self
+            .master()
+            .map(|(address, _)| address)
+            .unwrap_or_else(|e| format!("unknown ({e})"));
+        format!(
+            "Redis Sentinel: master {:?} at {master}, {} sentinel(s): {}",
+            self.master_name,
+            self.addresses.len(),
+            self.addresses.join(", ")
+        )
+    }
+
+    /// `host:port` of each sentinel.
+    pub fn addresses(&self) -> &[String] {
+        &self.addresses
+    }
+
+    /// The master's name in the sentinels' configuration.
+    pub fn master_name(&self) -> &str {
+        &self.master_name
+    }
+
+    /// The master's address and a client for it: the last one found if it
+    /// is fresh, else asked of the sentinels.
+    pub fn master(&self) -> Result<(String, Client), BrokerError> {
+        let mut found = self.found.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(last) = &*found {
+            let age = last.at.elapsed();
+            if age < ASK_AT_MOST_EVERY || (age < FRESH_FOR && !last.stale) {
+                return Ok((last.address.clone(), last.client.clone()));
+            }
+        }
+        let (address, client) = self.ask()?;
+        log::debug!(
+            "the sentinels name {address} as master {:?}",
+            self.master_name
+        );
+        *found = Some(Found {
+            address: address.clone(),
+            client: client.clone(),
+            at: Instant::now(),
+            stale: false,
+        });
+        Ok((address, client))
+    }
+
+    /// Asks each sentinel in turn for the master, until one names a server
+    /// that says it is a master.
+    fn ask(&self) -> Result<(String, Client), BrokerError> {
+        let mut reasons = Vec::new();
+        for sentinel in &self.addresses {
+            match self.ask_one(sentinel) {
+                Ok(found) => return Ok(found),
+                Err(reason) => reasons.push(format!("{sentinel}: {reason}")),
+            }
+        }
+        Err(BrokerError::Connect {
+            url: format!(
+                "redis+sentinel://{}/{}",
+                self.addresses.join(","),
+                self.master_name
+            ),
+            reason: format!(
+                "no sentinel named a master for {:?} ({})",
+                self.master_name,
+                reasons.join("; ")
+            ),
+        })
+    }
+
+    fn ask_one(&self, sentinel: &str) -> Result<(String, Client), String> {
+        let client = Client::open(format!("redis://{sentinel}")).map_err(|e| e.to_string())?;
+        let mut con = client
+            .get_connection_with_timeout(SENTINEL_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        con.set_read_timeout(Some(SENTINEL_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        let named: Option<(String, u16)> = redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg(&self.master_name)
+            .query(&mut con)
+            .map_err(|e| e.to_string())?;
+        let (host, port) = named.ok_or("does not know this master")?;
+        let address = format!("{host}:{port}");
+        let auth = match &self.password {
+            Some(password) => format!(":{password}@"),
+            None => String::new(),
+        };
+        let master = Client::open(format!("redis://{auth}{address}/{}", self.db))
+            .map_err(|e| e.to_string())?;
+        let mut con = master
+            .get_connection_with_timeout(SENTINEL_TIMEOUT)
+            .map_err(|e| format!("master {address}: {e}"))?;
+        con.set_read_timeout(Some(SENTINEL_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        let role: Vec<redis::Value> = redis::cmd("ROLE")
+            .query(&mut con)
+            .map_err(|e| format!("master {address}: {e}"))?;
+        match role.first() {
+            Some(redis::Value::BulkString(role)) if role == b"master" => Ok((address, master)),
+            _ => Err(format!("{address} is not a master (yet)")),
+        }
+    }
+}
