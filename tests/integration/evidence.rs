@@ -188,15 +188,7 @@ fn forged_next_offsets_cannot_take_a_place_over(mode: &[&str]) {
         server.addr,
         &format!("/chat/victim?since={}&epoch={}", last.0, last.1),
     );
-    let mut recovered = Vec::new();
-    let recovery = loop {
-        let frame = back.recv();
-        match frame["type"].as_str() {
-            Some("recovery") => break frame,
-            Some("chat") => recovered.push(frame["message"].as_str().unwrap().to_owned()),
-            _ => {}
-        }
-    };
+    let (recovered, recovery) = recover(&mut back);
     assert_eq!(recovery["complete"], true, "{recovery}");
     assert_eq!(recovered, said);
 }
@@ -230,15 +222,7 @@ fn joins_and_leaves_never_push_chat_out_of_the_history(server: &Server) {
         server.addr,
         &format!("/chat/away?since={since}&epoch={epoch}"),
     );
-    let mut recovered = Vec::new();
-    let recovery = loop {
-        let frame = back.recv();
-        match frame["type"].as_str() {
-            Some("recovery") => break frame,
-            Some("chat") => recovered.push(frame["message"].as_str().unwrap().to_owned()),
-            _ => {}
-        }
-    };
+    let (recovered, recovery) = recover(&mut back);
     assert_eq!(recovery["complete"], true, "{recovery}");
     assert_eq!(recovered, said);
 }
@@ -289,4 +273,18 @@ fn server_sockets() -> Vec<String> {
         .skip(1)
         .map(str::to_owned)
         .collect()
+}
+
+/// What a client that came back with `?since=` recovers: the chat
+/// messages, and the `recovery` frame that ends them.
+fn recover(back: &mut Client) -> (Vec<String>, Value) {
+    let mut recovered = Vec::new();
+    loop {
+        let frame = back.recv();
+        match frame["type"].as_str() {
+            Some("recovery") => return (recovered, frame),
+            Some("chat") => recovered.push(frame["message"].as_str().unwrap().to_owned()),
+            _ => {}
+        }
+    }
 }
