@@ -19,7 +19,7 @@
 #   make bench                  load scenarios a, b, c against a release build, with
 #                               each relay (starts its own redis-server); one relay:
 #                               BROKER=redis|redis-shared|memory; SCENARIOS=a,b;
-#                               the attacks: SCENARIOS=d,e,f; then many rooms on one
+#                               the attacks: SCENARIOS=d,e,f,i,j; then many rooms on one
 #                               Redis and on a 3-master Redis Cluster (scenarios g, h;
 #                               CLUSTER_SCENARIOS= skips them, make bench-cluster runs
 #                               only them) (docs/PERFORMANCE.md)
