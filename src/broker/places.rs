@@ -58,10 +58,7 @@ impl EpochKey {
         let (Some(at), Some(tag)) = (msg.at(), &msg.tag) else {
             return false;
         };
-        let Ok(tag) = u64::from_str_radix(tag.as_str(), 16) else {
-            return false;
-        };
-        let stamp = tag ^ (at.offset ^ self.mix.0).wrapping_mul(self.mix.1);
+        let stamp = tag.0 ^ (at.offset ^ self.mix.0).wrapping_mul(self.mix.1);
         let slot = &self.checked[(at.offset % CHECKED as u64) as usize];
         if stamp != 0 && slot.load(Ordering::Relaxed) == stamp {
             return true;
@@ -99,5 +96,15 @@ mod tests {
         assert!(!key.vouches_for(&tagged("k", same_slot, 7)));
         assert!(!key.vouches_for(&tagged("other", 8, 8)));
         assert!(key.vouches_for(&tagged("k", same_slot, same_slot)));
+    }
+
+    /// A tag that is not one leaves the message a message, without a
+    /// place anyone vouches for.
+    #[test]
+    fn a_malformed_tag_vouches_for_nothing() {
+        let json = br#"{"nickname":"n","message":"m","offset":1,"epoch":"e","tag":"zz"}"#;
+        let msg = ChatMessage::from_payload(json).unwrap();
+        assert_eq!(msg.tag, None);
+        assert!(!EpochKey::new("k").vouches_for(&msg));
     }
 }

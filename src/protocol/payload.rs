@@ -61,12 +61,47 @@ pub struct ChatMessage {
     /// Proof that the place was given by the log, not written by whoever
     /// published (see [`tagged_by`](Self::tagged_by)); Redis only. Never
     /// passed on to clients.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tag: Option<EpochName>,
+    #[serde(
+        default,
+        deserialize_with = "lenient_tag",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tag: Option<Tag>,
 }
 
-/// An epoch (or a place's tag) as it appears in a payload: up to
-/// [`MAX_EPOCH`] letters and digits, kept inline. Every subscriber parses every payload it receives
+/// A place's tag as it appears in a payload (16 hex digits), read once
+/// into the number it spells: every connection compares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tag(pub u64);
+
+impl Serialize for Tag {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&format!("{:016x}", self.0))
+    }
+}
+
+/// Reads a payload's `tag`: a string that is not 16 hex digits reads as no
+/// tag (its place is then not passed on), not as a broken payload.
+fn lenient_tag<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Tag>, D::Error> {
+    struct Visitor;
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = Option<Tag>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "a string")
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Option<Tag>, E> {
+            let hex = text.len() == 16 && text.bytes().all(|b| b.is_ascii_hexdigit());
+            Ok(hex
+                .then(|| u64::from_str_radix(text, 16).ok())
+                .flatten()
+                .map(Tag))
+        }
+    }
+    deserializer.deserialize_str(Visitor)
+}
+
+/// An epoch as it appears in a payload: up to [`MAX_EPOCH`] letters and
+/// digits, kept inline. Every subscriber parses every payload it receives
 /// (with per-client subscriptions, a payload is parsed once per client):
 /// an epoch in a `String` would cost each of them an allocation more per
 /// message.
@@ -340,11 +375,9 @@ impl ChatMessage {
         }
         sha.update(&digits[start..]);
         let digest = sha.digest().bytes();
-        let expected = digest[..8].iter().flat_map(|b| {
-            let hex = b"0123456789abcdef";
-            [hex[usize::from(b >> 4)], hex[usize::from(b & 15)]]
-        });
-        tag.as_str().len() == 16 && tag.as_str().bytes().eq(expected)
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        u64::from_be_bytes(first) == tag.0
     }
 
     /// True when this message was sent by connection `me`. (A coalesced
