@@ -57,6 +57,9 @@ pub(super) struct Delivery {
     /// When the client was welcomed: what waited for it before then waited
     /// for the welcome, not for the client.
     welcomed_at: Option<Instant>,
+    /// The time the messages arriving together are taken at: read once,
+    /// forgotten at each flush.
+    now: Option<Instant>,
     /// Room messages waiting for the next flush (see [`Outbox::flush`]).
     pub(super) pending: Vec<Message>,
     /// The send time (`ts`) of each chat message in `pending`, for the
@@ -285,7 +288,9 @@ impl Outbox {
     /// The rest is written by [`flush`](Self::flush), when the listener has
     /// nothing more waiting.
     fn deliver(&self, delivery: &mut Delivery, incoming: &Incoming) -> ControlFlow<()> {
-        if let Err(ending) = self.take(delivery, incoming, Instant::now()) {
+        // One clock read for what arrives together (until the next flush).
+        let now = *delivery.now.get_or_insert_with(Instant::now);
+        if let Err(ending) = self.take(delivery, incoming, now) {
             self.conn.end(ending);
             return ControlFlow::Break(());
         }
@@ -375,6 +380,7 @@ impl Outbox {
     /// Writes the queued room messages with one flush, blocking up to the
     /// write timeout.
     pub(super) fn flush(&self, delivery: &mut Delivery) -> ControlFlow<()> {
+        delivery.now = None;
         if delivery.pending.is_empty() {
             return ControlFlow::Continue(());
         }

@@ -300,12 +300,20 @@ impl RedisListener {
             return Ok(());
         }
         let mut behind = Behind::default();
+        // The clock is read once per read from the socket: what one read
+        // brought arrived together.
+        let mut now = Instant::now();
         loop {
             // Cancelling shuts the socket down, so this returns at once.
             match con.wait() {
-                Ok(Waited::CaughtUp) => behind.caught_up(),
+                Ok(Waited::Buffered) => {}
+                Ok(Waited::CaughtUp) => {
+                    now = Instant::now();
+                    behind.caught_up();
+                }
                 Ok(Waited::MaybeBehind) => {
-                    if behind.wants_probe(Instant::now()) {
+                    now = Instant::now();
+                    if behind.wants_probe(now) {
                         con.ping().map_err(lost)?;
                     }
                 }
@@ -321,13 +329,13 @@ impl RedisListener {
             }
             let incoming = match con.next().map_err(lost)? {
                 Push::Message { channel, payload } if channel == self.channel.as_bytes() => {
-                    Some(Incoming::parse(&payload, behind.since(Instant::now())))
+                    Some(Incoming::parse(&payload, behind.since(now)))
                 }
                 Push::Oversized { channel, len } if channel == self.channel.as_bytes() => {
-                    Some(Incoming::oversized(len, behind.since(Instant::now())))
+                    Some(Incoming::oversized(len, behind.since(now)))
                 }
                 Push::Pong => {
-                    behind.ponged(Instant::now());
+                    behind.ponged(now);
                     None
                 }
                 Push::Unsubscribed { channel } if channel == self.channel.as_bytes() => {

@@ -69,6 +69,8 @@ pub(crate) enum Waited {
     CaughtUp,
     /// More may be queued, in the socket or in Redis.
     MaybeBehind,
+    /// Nothing was read: what comes next was already buffered here.
+    Buffered,
 }
 
 /// What arrives on a subscribed connection.
@@ -221,7 +223,9 @@ impl PubSubConnection {
     /// empty. Bytes still buffered say nothing: more may wait in Redis too.
     pub(crate) fn wait(&mut self) -> io::Result<Waited> {
         let empty = self.reader.buffer().is_empty();
-        let waited = if empty && (self.drained || !crate::net::has_input(&self.stream)) {
+        let waited = if !empty {
+            Waited::Buffered
+        } else if self.drained || !crate::net::has_input(&self.stream) {
             Waited::CaughtUp
         } else {
             Waited::MaybeBehind
