@@ -62,7 +62,15 @@ impl PlaceKeys {
         let Some((read_epoch, read_key)) = read() else {
             return PlaceKey::Unknown;
         };
-        let key = read_key.map(|key| Arc::new(EpochKey::new(&key)));
+        let mut known = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Another connection may have read the same epoch meanwhile: all
+        // share one `EpochKey`, so that a place is checked once.
+        let key = match known.get(room) {
+            Some(k) if k.epoch.is_some() && k.epoch == read_epoch && k.key.is_some() => {
+                k.key.clone()
+            }
+            _ => read_key.map(|key| Arc::new(EpochKey::new(&key))),
+        };
         let answer = match (&read_epoch, &key) {
             (Some(e), Some(key)) if e == epoch => PlaceKey::Key(Arc::clone(key)),
             _ => PlaceKey::Unknown,
@@ -70,7 +78,6 @@ impl PlaceKeys {
         if reads.is_empty() {
             reads.push(now);
         }
-        let mut known = self.0.lock().unwrap_or_else(|p| p.into_inner());
         known.insert(
             room.clone(),
             Known {
