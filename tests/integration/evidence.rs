@@ -176,7 +176,10 @@ fn forged_next_offsets_cannot_take_a_place_over(mode: &[&str]) {
     alice.send("genuine second");
     let frame = victim.recv_live();
     assert_eq!(place(&frame), Some((offset + 1, epoch.clone())), "{frame}");
-    assert!(frame.get("tag").is_none(), "the tag stays between servers: {frame}");
+    assert!(
+        frame.get("tag").is_none(),
+        "the tag stays between servers: {frame}"
+    );
     last.0 = offset + 1;
     victim.close();
     let said: Vec<String> = (0..30).map(|i| format!("missed {i}")).collect();

@@ -14,6 +14,8 @@ mod bounds_relay;
 mod chat;
 #[cfg(feature = "redis-ha")]
 mod cluster;
+#[cfg(all(feature = "tokens", feature = "redis-ha"))]
+mod docs;
 mod evidence;
 mod example;
 mod faults;
