@@ -94,3 +94,122 @@ fn the_options_table_matches_help() {
         );
     }
 }
+
+/// A heading's anchor as GitHub makes it: lower case; letters, digits,
+/// spaces, `-` and `_` kept, the rest dropped; spaces become `-`.
+fn anchor_of(heading: &str) -> String {
+    let mut text = heading.trim().to_lowercase();
+    // A link in a heading counts by its text.
+    while let (Some(open), Some(mid)) = (text.find('['), text.find("](")) {
+        let Some(close) = text[mid..].find(')') else {
+            break;
+        };
+        if open > mid {
+            break;
+        }
+        text = format!(
+            "{}{}{}",
+            &text[..open],
+            &text[open + 1..mid],
+            &text[mid + close + 1..]
+        );
+    }
+    text.chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+/// The lines of a Markdown file outside code fences.
+fn prose(text: &str) -> impl Iterator<Item = &str> {
+    let mut fenced = false;
+    text.lines().filter(move |line| {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            return false;
+        }
+        !fenced
+    })
+}
+
+/// The anchors of a Markdown file's headings (a repeated one gets `-1`, …).
+fn anchors(text: &str) -> Vec<String> {
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    prose(text)
+        .filter_map(|line| {
+            let hashes = line.chars().take_while(|c| *c == '#').count();
+            let heading = line
+                .get(hashes..)?
+                .strip_prefix(' ')
+                .filter(|_| hashes > 0)?;
+            let anchor = anchor_of(heading.trim_end_matches('#'));
+            let n = seen.entry(anchor.clone()).or_default();
+            *n += 1;
+            Some(if *n == 1 {
+                anchor
+            } else {
+                format!("{anchor}-{}", *n - 1)
+            })
+        })
+        .collect()
+}
+
+/// The targets of a line's links (`[text](target)`), outside inline code.
+fn link_targets(line: &str) -> Vec<String> {
+    let mut targets = Vec::new();
+    let outside_code: String = line
+        .split('`')
+        .enumerate()
+        .map(|(i, part)| if i % 2 == 0 { part } else { "" })
+        .collect();
+    let mut rest = outside_code.as_str();
+    while let Some(at) = rest.find("](") {
+        rest = &rest[at + 2..];
+        if let Some(end) = rest.find(')') {
+            targets.push(rest[..end].to_owned());
+            rest = &rest[end..];
+        }
+    }
+    targets
+}
+
+/// Every relative link in the README and the docs points at a file that
+/// exists, and every anchor at a heading that does.
+#[test]
+fn every_relative_link_and_anchor_resolves() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("README.md")];
+    for entry in std::fs::read_dir(root.join("docs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "md") {
+            files.push(path);
+        }
+    }
+    let mut broken = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        for target in prose(&text).flat_map(link_targets) {
+            let target = target.split_whitespace().next().unwrap_or("").to_owned();
+            if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let (path, anchor) = target.split_once('#').unwrap_or((&target, ""));
+            let linked = if path.is_empty() {
+                file.clone()
+            } else {
+                file.parent().unwrap().join(path)
+            };
+            if !linked.exists() {
+                broken.push(format!("{}: {target} (no such file)", file.display()));
+                continue;
+            }
+            if !anchor.is_empty() {
+                let linked_text = std::fs::read_to_string(&linked).unwrap_or_default();
+                if !anchors(&linked_text).iter().any(|a| a == anchor) {
+                    broken.push(format!("{}: {target} (no such heading)", file.display()));
+                }
+            }
+        }
+    }
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+}
