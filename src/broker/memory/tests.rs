@@ -1,4 +1,5 @@
 //! The in-process relay's own tests: its log's bounds, delivery, idle rooms.
+
 use super::*;
 use std::ops::ControlFlow;
 use std::time::Duration;
