@@ -79,13 +79,18 @@ fn subscriber_threads_wait_their_turn_when_woken() {
     let server = Server::start(&["--in-process"]);
     let mut alice = server.client("alice");
     alice.settle();
+    // A new thread names itself, then sets its policy: wait for both.
+    let subscribers = |policies: &[(String, u32)]| -> Vec<u32> {
+        policies
+            .iter()
+            .filter(|(name, _)| name.starts_with("tc-sub-"))
+            .map(|(_, policy)| *policy)
+            .collect()
+    };
+    eventually("one subscriber thread, under SCHED_BATCH", || {
+        subscribers(&server.thread_policies()) == [3]
+    });
     let policies = server.thread_policies();
-    let subscribers: Vec<u32> = policies
-        .iter()
-        .filter(|(name, _)| name.starts_with("tc-sub-"))
-        .map(|(_, policy)| *policy)
-        .collect();
-    assert_eq!(subscribers, [3], "{policies:?}");
     assert!(
         policies
             .iter()
