@@ -304,14 +304,14 @@ impl Conn {
             .set_write_timeout(Some(Duration::from_millis(50)));
     }
 
-    /// Ends the connection abortively: the socket is reset when it is
-    /// closed (`SO_LINGER` of zero), and the reader is woken now. For a
-    /// client that is not reading: a graceful close would leave what is
-    /// queued for it to the kernel, which keeps trying to send it for
-    /// minutes, and the client would see the end only after reading it all.
-    /// A reset frees the queue at once and reaches the client at once.
+    /// Ends a connection found too slow: wakes the reader, sending no
+    /// `FIN`; the socket, closed when the last thread lets go of it, is
+    /// then reset (`SO_LINGER` of zero, set by [`end`](Self::end)). A
+    /// graceful close would leave what is queued for the client to the
+    /// kernel, which keeps trying to send it for minutes, and the client
+    /// would see the end only after reading it all. A reset frees the queue
+    /// at once and reaches the client at once.
     pub(super) fn abort(&self) {
-        let _ = socket2::SockRef::from(&*self.stream).set_linger(Some(Duration::ZERO));
         let _ = self.stream.shutdown(Shutdown::Read);
     }
 }
