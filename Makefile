@@ -7,6 +7,10 @@
 #   make lint                   formatting check, clippy (with and without the
 #                               Cargo features) and rustdoc (every intra-doc
 #                               link resolves), warnings are errors
+#   make recipes                the README's "Try it" and OPERATIONS' Tokens,
+#                               Sentinel and Cluster recipes, run as written
+#                               (each in namespaces of its own: needs root or
+#                               user namespaces; installs websocat if missing)
 #   make check-minimal          the server without its wings (tokens, redis-ha):
 #                               builds, unit tests and a quick subset of the
 #                               integration tests
@@ -16,6 +20,13 @@
 #   make conformance            Autobahn|Testsuite cases 1-7 and 10 against /echo
 #                               (needs Python 2.7, e.g. pyenv's 2.7.18)
 #   make browser-test           the web page in headless chromium (playwright-core)
+#   make chaos                  faults under chat (Redis subscribers cut, Redis
+#                               stalled, restarted empty and from its AOF, an
+#                               instance killed, clients dropped) on per-client and
+#                               shared instances; a checker counts per fault what
+#                               went wrong (docs/PERFORMANCE.md); SEED=n repeats a
+#                               run; CHAOS_ARGS="--duration 120" (see --help)
+#   make chaos-short            its short form (about 45 s), run by CI
 #   make bench                  load scenarios a, b, c against a release build, with
 #                               each relay (starts its own redis-server); one relay:
 #                               BROKER=redis|redis-shared|memory; SCENARIOS=a,b;
@@ -27,7 +38,7 @@
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: run build test lint check-minimal check-macos fmt interop conformance browser-test bench bench-cluster require-redis
+.PHONY: run build test chaos chaos-short recipes lint check-minimal check-macos fmt interop conformance browser-test bench bench-cluster require-redis
 
 run:
 	$(CARGO) run --release --bin threadchat -- $(ARGS)
@@ -38,14 +49,30 @@ build:
 test: require-redis
 	$(CARGO) test --workspace
 
+recipes: require-redis
+	scripts/recipes.sh
+
+# A debug build is enough: the clients send a few hundred messages a second.
+CHAOS_ARGS ?=
+chaos: require-redis
+	$(CARGO) build --workspace --bins
+	./target/debug/chaos $(CHAOS_ARGS)
+
+# Blips the server survives without losing anything: no loss, silent or
+# announced, no duplicate, nothing out of order, no sender misled.
+chaos-short: require-redis
+	$(CARGO) build --workspace --bins
+	./target/debug/chaos --duration 30 --faults client-kill,stall,drop-clients \
+	  --instances 2 --rooms 2 --clients 3 --no-announced-losses $(CHAOS_ARGS)
+
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --no-default-features --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --document-private-items
 
-# The server as a learner may build it, without the wings (README, "Leave
-# the wings out"): it builds, has no jsonwebtoken, and the chat works.
+# The server as a learner may build it, without the wings (README, "What a
+# learner can leave out"): it builds, has no jsonwebtoken, and the chat works.
 MINIMAL_TESTS ?= startup:: chat:: rooms::
 check-minimal: require-redis
 	$(CARGO) build --no-default-features

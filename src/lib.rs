@@ -42,7 +42,9 @@
 //!   knows nothing of the chat.
 //! * `session` — one connection: the router, its start (a short-lived start
 //!   thread), its reader and subscriber threads, the one writer, the guards
-//!   that end it; joins and leaves announced; history and presence on join.
+//!   that end it; joins and leaves announced; history and presence on join;
+//!   the admission wing (caps, tokens, nickname claims) behind one door,
+//!   `session::admission`.
 //! * `protocol` — nicknames and rooms, what clients send, what the server
 //!   sends, the JSON on the Redis channel.
 //! * `broker` — the relay: Redis (`broker::redis`, with shared subscriptions
@@ -55,7 +57,7 @@
 //!   key (opt-in), and signing them for `threadchat token`.
 //!
 //! Two wings are Cargo features, on by default: `tokens` (`auth`, reached
-//! from a connection through `session::tokens`) and `redis-ha` (Sentinel
+//! from a connection through `session::admission`) and `redis-ha` (Sentinel
 //! and Cluster, `broker::redis::ha`). `cargo build --no-default-features`
 //! leaves both out.
 //!

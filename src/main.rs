@@ -15,7 +15,7 @@ use simplelog::{
 
 use threadchat::THREAD_STACK_SIZE;
 use threadchat::config::{Args, Config};
-use threadchat::server::{Server, ShutdownHandle};
+use threadchat::server::{Server, ServerError, ShutdownHandle};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -32,10 +32,24 @@ fn exit(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the error and its causes.
-            eprintln!("threadchat: {e:#}");
+            // One line: the error and its causes, and what to do about it.
+            eprintln!("threadchat: {e:#}{}", hint(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What a person can do about `e`, when there is one obvious thing: a
+/// taken port is most often another threadchat, or anything on 8000.
+fn hint(e: &anyhow::Error) -> &'static str {
+    match e.downcast_ref::<ServerError>() {
+        Some(ServerError::Bind { source, .. })
+            if source.kind() == std::io::ErrorKind::AddrInUse =>
+        {
+            " (another program holds that port: choose another with --port, \
+             or THREADCHAT_PORT; with make: make run ARGS=\"--port 8001\")"
+        }
+        _ => "",
     }
 }
 

@@ -50,6 +50,11 @@ pub struct Metrics {
     pub redis_reconnects: Counter,
     /// Subscriptions lost and not yet restored.
     pub subscriptions_down: Gauge,
+    /// Messages and events read from the room's log to fill restored
+    /// subscriptions' gaps (once per subscription, not per client).
+    pub gap_recovered: Counter,
+    /// Restored subscriptions whose gap could not be filled entirely.
+    pub gaps_incomplete: Counter,
     /// Rooms whose state (history, members) the in-process relay holds.
     pub rooms_in_memory: Gauge,
     /// Messages that could not be published.
@@ -58,8 +63,13 @@ pub struct Metrics {
     pub protocol_closes: Counter,
     /// Connection threads (or subscriber threads) that panicked.
     pub panics: Counter,
+    /// Leaves and nickname releases sent again once Redis was back.
+    pub ghost_retries: Counter,
+    /// Member-list entries and nickname claims of this instance put right
+    /// by the heartbeat's reconciliation.
+    pub ghosts_reconciled: Counter,
     /// Connections refused before they were served, by reason (see
-    /// `session::refusals`).
+    /// `session::admission`).
     pub connections_refused: Family<RefusalLabels, Counter>,
     /// From the sending server receiving a message to this server writing
     /// it to a client, in milliseconds (wall clocks: across instances, clock
@@ -83,10 +93,14 @@ impl Default for Metrics {
             subscriptions_lost: Counter::default(),
             redis_reconnects: Counter::default(),
             subscriptions_down: Gauge::default(),
+            gap_recovered: Counter::default(),
+            gaps_incomplete: Counter::default(),
             rooms_in_memory: Gauge::default(),
             publish_errors: Counter::default(),
             protocol_closes: Counter::default(),
             panics: Counter::default(),
+            ghost_retries: Counter::default(),
+            ghosts_reconciled: Counter::default(),
             connections_refused: Family::default(),
             delivery_latency: Histogram::default(),
             registry: Registry::default(),
@@ -162,6 +176,16 @@ impl Default for Metrics {
                 &metrics.redis_reconnects,
             ),
             (
+                "gap_recovered",
+                "Messages and events read from the log to fill restored subscriptions' gaps",
+                &metrics.gap_recovered,
+            ),
+            (
+                "gaps_incomplete",
+                "Restored subscriptions whose gap could not be filled entirely",
+                &metrics.gaps_incomplete,
+            ),
+            (
                 "publish_errors",
                 "Messages that could not be published",
                 &metrics.publish_errors,
@@ -175,6 +199,16 @@ impl Default for Metrics {
                 "panics",
                 "Connection threads that panicked",
                 &metrics.panics,
+            ),
+            (
+                "member_changes_retried",
+                "Leaves and nickname releases sent again once Redis was back",
+                &metrics.ghost_retries,
+            ),
+            (
+                "members_reconciled",
+                "Member-list entries and nickname claims of this instance put right by the heartbeat",
+                &metrics.ghosts_reconciled,
             ),
         ];
         for (name, help, counter) in counters {

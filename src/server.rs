@@ -11,11 +11,11 @@
 //! rooms' shared feeds draw on too. Past either, the accept loop itself
 //! writes `503 Service Unavailable` and closes: no thread is spent on the
 //! refused. The same goes for an address past its connection cap, or with
-//! too many connections still in their start (`session::starting`); except
+//! too many connections still in their start (`session::admission`); except
 //! that a connection refused for its address's caps gets its 503 a second
 //! later, held without a thread, so that reconnecting at once cannot make
 //! the refusals a flood. Refusals are counted and their log lines summed up
-//! (`session::refusals`).
+//! (`session::admission`).
 //!
 //! **Thread lifecycle.** Every connection thread is named and its `JoinHandle`
 //! kept. The accept loop starts a connection's start thread and joins it
@@ -49,13 +49,8 @@ use crate::config::Config;
 use crate::config::THREADS_PER_CONNECTION;
 use crate::http;
 use crate::metrics::Metrics;
-use crate::session::announce::Announcer;
-use crate::session::per_ip::PerIp;
-use crate::session::rate::AddressLimiters;
-use crate::session::refusals::{Held, Refusal, Refusals};
-use crate::session::starting::Starting;
-use crate::session::welcome::Welcomes;
-use crate::session::{self, Conn, Context, JunkLog, Report, START_STACK_SIZE};
+use crate::session::admission::{Held, Pass, Refusal};
+use crate::session::{self, Conn, Context, Report, START_STACK_SIZE};
 
 /// A bound, not yet running, chat server.
 pub struct Server {
@@ -164,7 +159,6 @@ impl Server {
         metrics: Arc<Metrics>,
         capacity: Arc<Capacity>,
     ) -> Result<Server, ServerError> {
-        Refusals::register(&metrics);
         let addr = format!("{}:{}", config.host, config.port);
         let bind_err = |source| ServerError::Bind {
             addr: addr.clone(),
@@ -188,35 +182,10 @@ impl Server {
             local_addr,
             capacity,
             connection_cost: Cost::new(THREADS_PER_CONNECTION, config.fds_per_connection),
-            ctx: Arc::new(Context {
-                announcer: Announcer::start(Arc::clone(&broker))
+            ctx: Arc::new(
+                Context::new(config, broker, metrics)
                     .map_err(|e| ServerError::Spawn("announcer", e))?,
-                broker,
-                limits: config.limits.clone(),
-                metrics,
-                junk: JunkLog::default(),
-                welcomes: Welcomes::default(),
-                per_ip: PerIp::new(config.limits.max_connections_per_ip),
-                members: Default::default(),
-                tokens: crate::session::tokens::Tokens::new(config),
-                claims_per_ip: crate::session::unique::ClaimsPerIp::new(
-                    config.limits.max_nicknames_per_ip,
-                ),
-                new_rooms: crate::session::new_rooms::NewRooms::new(
-                    config.limits.new_rooms_per_minute,
-                ),
-                starting: Starting::new(
-                    config.limits.max_starting,
-                    config.limits.max_starting_per_ip,
-                    config.limits.handshake_timeout,
-                ),
-                address_rates: config
-                    .limits
-                    .rate_limit
-                    .map(|rate| AddressLimiters::new(rate, config.limits.rate_burst)),
-                refusals: Refusals::default(),
-                panic_trigger: test_panic_trigger(),
-            }),
+            ),
             shutdown: ShutdownHandle {
                 requested: Arc::new(AtomicBool::new(false)),
                 wake_addr,
@@ -291,7 +260,7 @@ impl Server {
                 }
             };
             let open = registry.active.len();
-            let (slot, start_slot, reserved) = match self.admit(peer, open) {
+            let (pass, reserved) = match self.admit(peer, open) {
                 Ok(slots) => slots,
                 Err((reason, why)) => {
                     let hint = if reason.is_held() && peer.ip().is_loopback() {
@@ -300,8 +269,7 @@ impl Server {
                         ""
                     };
                     let ctx = &self.ctx;
-                    ctx.refusals
-                        .refused(&ctx.metrics, reason, &format!("{peer}{hint}"));
+                    ctx.admission.refused(reason, &format!("{peer}{hint}"));
                     if reason.is_held() {
                         // Each held connection takes the descriptor of a
                         // connection the server has room for.
@@ -313,22 +281,12 @@ impl Server {
                 }
             };
             next_seq += 1;
-            let conn = Arc::new(Conn::new(
-                self.instance,
-                next_seq,
-                peer,
-                stream,
-                slot,
-                start_slot,
-            ));
+            let conn = Arc::new(Conn::new(self.instance, next_seq, peer, stream, pass));
             match spawn_start(Arc::clone(&conn), Arc::clone(&self.ctx), reports_tx.clone()) {
                 Ok(start) => registry.add(&conn, start, reserved),
                 Err(e) => {
-                    self.ctx.refusals.refused(
-                        &self.ctx.metrics,
-                        Refusal::NoThread,
-                        &format!("{peer} ({e})"),
-                    );
+                    let who = format!("{peer} ({e})");
+                    self.ctx.admission.refused(Refusal::NoThread, &who);
                     conn.force_close();
                 }
             }
@@ -347,22 +305,14 @@ impl Server {
 
 impl Server {
     /// Whether a connection from `peer`, with `open` connections open, may
-    /// be served: its places (in its address's count, and among the
-    /// connections in their start), or why not and what to answer.
+    /// be served: its pass from admission and its share of the budget, or
+    /// why not and what to answer.
     fn admit(
         &self,
         peer: SocketAddr,
         open: usize,
-    ) -> Result<
-        (
-            Option<session::per_ip::Slot>,
-            session::starting::StartSlot,
-            Reservation,
-        ),
-        (Refusal, &'static str),
-    > {
-        let ctx = &self.ctx;
-        if open >= ctx.limits.max_connections {
+    ) -> Result<(Pass, Reservation), (Refusal, &'static str)> {
+        if open >= self.ctx.limits.max_connections {
             return Err((Refusal::ServerFull, "server full; try again later"));
         }
         // Rooms' feeds draw on the same budget (shared subscriptions).
@@ -370,23 +320,8 @@ impl Server {
             .capacity
             .reserve(self.connection_cost)
             .ok_or((Refusal::ServerFull, "server full; try again later"))?;
-        // A trusted proxy's clients are counted by the address it
-        // forwards, once their request is read (see `session::per_ip`).
-        let proxy = ctx.limits.trusted_proxies.contains(&peer.ip());
-        let slot = if proxy {
-            None
-        } else {
-            ctx.per_ip.take(peer.ip()).ok_or((
-                Refusal::PerAddress,
-                "too many connections from your address; try again later",
-            ))?
-        };
-        let start_slot = ctx.starting.take(peer.ip(), !proxy).ok_or((
-            Refusal::StartingPerAddress,
-            "too many connections from your address are still starting \
-             (not sending their request); try again later",
-        ))?;
-        Ok((slot, start_slot, reserved))
+        let pass = self.ctx.admission.arrive(peer.ip())?;
+        Ok((pass, reserved))
     }
 }
 
@@ -546,14 +481,4 @@ fn spawn_start(
         .name(format!("tc-start-{}", conn.seq))
         .stack_size(START_STACK_SIZE)
         .spawn(move || session::run(conn, ctx, reports))
-}
-
-/// Debug builds only: the chat text that makes a reader thread panic, from
-/// `THREADCHAT_TEST_PANIC` (tests check that a panic stays in its connection).
-fn test_panic_trigger() -> Option<String> {
-    if cfg!(debug_assertions) {
-        std::env::var("THREADCHAT_TEST_PANIC").ok()
-    } else {
-        None
-    }
 }

@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{RecvTimeoutError, Sender};
 
 use super::fanout::{Fanout, FanoutListener};
-use super::{
-    Broker, BrokerError, Canceller, Event, Log, Mark, MemberChange, Place, PlaceKey, Presence,
-    Receipt, Settings, Subscription,
-};
+use crate::broker::api::{Broker, Log, Mark, MemberChange, Place, Presence, Receipt, Settings};
+use crate::broker::error::BrokerError;
+use crate::broker::places::PlaceKey;
+use crate::broker::subscription::{Canceller, Event, Subscription};
 use crate::metrics::Metrics;
-use crate::protocol::{self, ConnId, Incoming, Room};
+use crate::protocol::{self, ConnId, Incoming, Nickname, Room};
 
 /// Relays messages between the connections of this process.
 pub struct MemoryBroker {
@@ -100,7 +100,7 @@ impl Default for RoomState {
             log: VecDeque::new(),
             log_bytes: 0,
             first: 1,
-            epoch: super::new_epoch(),
+            epoch: crate::broker::random::new_epoch(),
             last: 0,
             members: Vec::new(),
             last_used: Instant::now(),
@@ -336,13 +336,13 @@ impl Broker for MemoryBroker {
         PlaceKey::Trusted
     }
 
-    fn enter(&self, room: &Room) -> Result<(), BrokerError> {
+    fn enter(&self, room: &Room, _: &ConnId, _: &Nickname) -> Result<(), BrokerError> {
         // The room exists (and so keeps its epoch) while anyone is in it.
         self.rooms.with(room, |state| state.present += 1);
         Ok(())
     }
 
-    fn exit(&self, room: &Room) {
+    fn exit(&self, room: &Room, _: &ConnId) {
         // Once nobody is in it, the room is idle: freed by the sweeper once
         // `--room-ttl` passes, or sooner past `--idle-rooms-bytes`.
         self.rooms.with(room, |state| {

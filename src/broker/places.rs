@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::random_u64;
+use super::random::random_u64;
 use crate::protocol::ChatMessage;
 
 /// What a relay can tell a connection about the places on a room's

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::BrokerError;
+use crate::broker::error::BrokerError;
 use crate::protocol::Incoming;
 
 /// What a running subscription hands to its closure.
@@ -26,12 +26,42 @@ pub enum Event {
     /// broker keeps trying to restore it; messages published meanwhile are
     /// missed. Only after a first [`Event::Subscribed`].
     Lost(Arc<BrokerError>),
+    /// The subscription was restored after an [`Event::Lost`], and what was
+    /// published meanwhile was read from the room's log: the messages
+    /// recovered follow this event, before anything live, and the
+    /// [`Gap`] says how many there are and what could not be recovered.
+    /// Takes the place of [`Event::Subscribed`] after a loss (a relay that
+    /// cannot fill gaps says `Subscribed` again instead).
+    Restored(Arc<Gap>),
     /// A payload published on the channel (possibly by this very connection),
     /// parsed once for everyone it is delivered to.
     Message(Arc<Incoming>),
     /// Nothing more is waiting right now: a good moment to flush what was
     /// written. Never queued; listeners say it when they are about to block.
     Idle,
+}
+
+/// What a restored subscription recovered from the room's log (see
+/// [`Event::Restored`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    /// How many messages and events of the room were recovered (they
+    /// follow the event).
+    pub recovered: usize,
+    /// What could not be recovered, if anything.
+    pub missing: Option<Missing>,
+}
+
+/// The part of a [`Gap`] that could not be recovered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Missing {
+    /// How many messages and events are gone (`None`: not known).
+    pub count: Option<u64>,
+    /// When the subscription was lost (milliseconds since the Unix epoch):
+    /// what is missing was published after it.
+    pub since: u64,
+    /// Why, in words.
+    pub why: &'static str,
 }
 
 /// A client that the thread dispatching its room's messages may write to

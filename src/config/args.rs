@@ -238,7 +238,7 @@ pub struct Args {
     #[arg(
         long,
         env = "THREADCHAT_MAX_STARTING",
-        default_value_t = crate::config::MAX_STARTING,
+        default_value_t = super::ceiling::MAX_STARTING,
         value_name = "N"
     )]
     pub max_starting: usize,

@@ -9,7 +9,7 @@ pub const THREADS_PER_CONNECTION: usize = 2;
 /// a start to finish before it accepts more (the kernel queues the rest).
 pub const MAX_STARTING: usize = 1024;
 /// Memory maps one thread costs on Linux (its stack, guard page and glibc's
-/// bookkeeping); measured, see docs/ARCHITECTURE.md.
+/// bookkeeping); see docs/OPERATIONS.md, "Many clients: the kernel settings".
 const MAPS_PER_THREAD: usize = 4;
 /// The most connections this process can hold, each holding
 /// `fds_per_connection` file descriptors (its socket and, with per-client

@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::ConfigError;
+use super::error::ConfigError;
 use crate::auth::Auth;
 
 /// Token authentication's options, as clap parses them (part of
-/// [`Args`](super::Args)).
+/// [`Args`](super::args::Args)).
 #[derive(Debug, clap::Args)]
 pub struct TokenArgs {
     /// Require a token (a JWT) on every chat connection and `/members`,

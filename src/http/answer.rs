@@ -6,7 +6,7 @@ use std::net::TcpStream;
 
 use tungstenite::http::StatusCode;
 
-use super::Outcome;
+use super::outcome::Outcome;
 
 /// Answers with `status` and a plain-text `body`, then closes our side.
 pub fn answer(stream: &TcpStream, status: StatusCode, body: &str) -> io::Result<Outcome> {

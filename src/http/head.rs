@@ -5,7 +5,7 @@ use std::io::{self, Read};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use super::is_disconnect;
+use super::answer::is_disconnect;
 
 /// Longest request head accepted, in bytes; a longer one gets 431.
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;

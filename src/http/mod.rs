@@ -9,7 +9,7 @@
 //! sent after the head are handed on to the WebSocket, so nothing is lost.
 
 use std::io::{self, Write};
-use std::net::{IpAddr, TcpStream};
+use std::net::TcpStream;
 
 use tungstenite::http::{self, StatusCode};
 
@@ -18,6 +18,7 @@ use crate::config::Limits;
 mod answer;
 mod checks;
 mod head;
+mod outcome;
 #[cfg(test)]
 mod tests;
 
@@ -30,45 +31,7 @@ use checks::{
     check_host, check_origin, check_upgrade_request, forwarded_client, websocket_response,
 };
 use head::{HeadError, RequestHead, read_head};
-
-/// How the HTTP exchange ended.
-#[derive(Debug)]
-pub enum Outcome {
-    /// The request is a valid upgrade (see [`Upgrade`]). Boxed: it is
-    /// much bigger than the other outcomes.
-    Upgrade(Box<Upgrade>),
-    /// A plain HTTP answer was sent (a page, or an error status).
-    Answered(StatusCode),
-    /// The client went away (or sent nothing in time) before a request head
-    /// could be read; nothing, or a 408, was sent.
-    Abandoned,
-}
-
-/// A valid upgrade request to `/chat/{nickname}` (or `/echo`). Nothing has
-/// been answered yet: the caller sends `response` with [`accept`] once it is
-/// ready to chat, or refuses with [`refuse`].
-#[derive(Debug)]
-pub struct Upgrade {
-    /// What the client connects to.
-    pub target: Target,
-    /// The `101 Switching Protocols` answer to send.
-    pub response: http::Response<()>,
-    /// Bytes the client sent after the head (the start of its first
-    /// WebSocket frame, if it did not wait for the answer).
-    pub leftover: Vec<u8>,
-    /// The client's address as a trusted reverse proxy forwarded it
-    /// (`X-Forwarded-For`), when the request came through one.
-    pub forwarded_for: Option<IpAddr>,
-}
-
-/// What an upgraded connection is for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// A chat room.
-    Chat(Member),
-    /// The echo endpoint (`--echo-endpoint`, for conformance testing).
-    Echo,
-}
+pub use outcome::{Outcome, Target, Upgrade};
 
 /// A request read from a client (see [`read_request`]).
 #[derive(Debug)]

@@ -3,29 +3,9 @@
 
 use serde::Serialize;
 
-use super::{ChatMessage, Kind, is_invisible};
-
-/// How frames are written to a client: JSON (the default, and the
-/// original's) or plain lines for people in a terminal (`?format=text`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Format {
-    /// One JSON object per frame.
-    #[default]
-    Json,
-    /// One line of text per frame: `bob: hello`, `* carol joined`.
-    Text,
-}
-
-/// A place in a room's log: an offset within an epoch. Offsets count up by
-/// one per chat message, join or leave; the epoch changes when the log is
-/// lost (Redis flushed or replaced), and offsets then start again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct At<'a> {
-    /// The position in the log, from 1.
-    pub offset: u64,
-    /// Which log.
-    pub epoch: &'a str,
-}
+use super::names::{SERVER_NICKNAME, is_invisible};
+use super::payload::{ChatMessage, Kind};
+use super::request::Format;
 
 /// Makes text safe to show as one line in a terminal (`?format=text`):
 /// a newline becomes `↵`, so a multi-line message stays visibly one message
@@ -171,7 +151,7 @@ pub struct MemberEvent<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ts: Option<u64>,
     /// When several joined or left at once: who (at most
-    /// [`GROUP_LIST`](super::GROUP_LIST)).
+    /// [`GROUP_LIST`](super::payload::GROUP_LIST)).
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     pub nicknames: &'a [String],
     /// When several joined or left at once: how many.
@@ -190,9 +170,6 @@ pub struct MemberEvent<'a> {
 
 /// Most nicknames listed in a presence frame.
 pub const PRESENCE_LIST: usize = 100;
-
-/// The nickname that server notices and errors carry.
-pub const SERVER_NICKNAME: &str = "server";
 
 impl<'a> ServerFrame<'a> {
     /// A notice from the server.

@@ -21,12 +21,16 @@
 
 mod client;
 mod frames;
+mod incoming;
 mod names;
 mod payload;
+mod request;
 #[cfg(test)]
 mod tests;
 
 pub use client::*;
 pub use frames::*;
+pub use incoming::*;
 pub use names::*;
 pub use payload::*;
+pub use request::*;

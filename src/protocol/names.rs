@@ -15,7 +15,8 @@ use unicode_normalization::UnicodeNormalization;
 use unicode_security::MixedScript;
 use unicode_security::mixed_script::AugmentedScriptSet;
 
-use super::{Format, SERVER_NICKNAME};
+/// The nickname that server notices and errors carry.
+pub const SERVER_NICKNAME: &str = "server";
 
 /// The Redis channel of the one chat room, as named by the original app.
 pub const GLOBAL_ROOM: &str = "global_room";
@@ -506,31 +507,4 @@ impl fmt::Display for ConnId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
-}
-
-/// Who joins which room, and how they want their frames: what a chat
-/// connection's request says (`/chat/{nickname}?room=…&format=…`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Member {
-    /// From the path: `/chat/{nickname}`.
-    pub nickname: Nickname,
-    /// From `?room=`; the original's `global_room` without it.
-    pub room: Room,
-    /// From `?format=text`; JSON without it.
-    pub format: Format,
-    /// From `?since=…&epoch=…`: a client reconnecting, and what it has.
-    pub resume: Option<Resume>,
-    /// With authentication on, who the client's token says it is.
-    #[cfg(feature = "tokens")]
-    pub identity: Option<crate::auth::Identity>,
-}
-
-/// Where a reconnecting client left off: the last offset it saw of its
-/// room's log, and that log's epoch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Resume {
-    /// The offset of the last message it saw.
-    pub since: u64,
-    /// The epoch that offset belongs to.
-    pub epoch: String,
 }

@@ -1,14 +1,11 @@
-//! The JSON published on a room's channel, shared with the original app, and
-//! [`Incoming`]: a payload from the room, parsed and encoded once for every
-//! client it goes to.
+//! The JSON published on a room's channel, shared with the original app
+//! (received, it becomes an [`Incoming`](super::incoming::Incoming)).
 
-use std::sync::OnceLock;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use tungstenite::Utf8Bytes;
 
-use super::{ConnId, Format, Nickname, ServerFrame};
+use super::names::{ConnId, NameError, Nickname};
 
 /// What happens in a room, as published on its Redis channel: a chat
 /// message, or someone joining or leaving.
@@ -38,7 +35,7 @@ pub struct ChatMessage {
     /// When the sending server received it: milliseconds since the Unix
     /// epoch. The sender's claim, shown to clients and used for the latency
     /// histogram only: it never decides anything (a payload is evidence,
-    /// not authority; see [`Incoming::waiting_since`]).
+    /// not authority; see [`Incoming::waiting_since`](super::incoming::Incoming::waiting_since)).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ts: Option<u64>,
     /// For a coalesced join or leave: who it is about, at most
@@ -55,7 +52,7 @@ pub struct ChatMessage {
     /// app's payloads, which are therefore not recoverable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offset: Option<u64>,
-    /// The log's epoch (see [`At`](super::At)).
+    /// The log's epoch (see [`At`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<EpochName>,
     /// Proof that the place was given by the log, not written by whoever
@@ -232,13 +229,13 @@ pub enum PayloadError {
     /// The nickname is one a client could not take (empty, too long,
     /// invisible characters, `server`, a server line's start, …).
     #[error("nickname not allowed: it {0}")]
-    BadNickname(super::NameError),
+    BadNickname(NameError),
 }
 
 /// The largest payload accepted from a room's channel, for clients whose
 /// messages may be `max_message` bytes: what threadchat itself publishes
 /// for such a message (JSON escaping at most doubles the text, see
-/// [`clean_message`](super::clean_message)) and its other fields. Anything bigger is skipped
+/// [`clean_message`](super::client::clean_message)) and its other fields. Anything bigger is skipped
 /// without being read into memory.
 pub fn max_payload(max_message: usize) -> usize {
     2 * max_message + 4096
@@ -342,8 +339,8 @@ impl ChatMessage {
     }
 
     /// Its place in the room's log, if it has one.
-    pub fn at(&self) -> Option<super::At<'_>> {
-        Some(super::At {
+    pub fn at(&self) -> Option<At<'_>> {
+        Some(At {
             offset: self.offset?,
             epoch: self.epoch.as_ref()?.as_str(),
         })
@@ -357,27 +354,7 @@ impl ChatMessage {
         let (Some(at), Some(tag)) = (self.at(), &self.tag) else {
             return false;
         };
-        let mut sha = sha1_smol::Sha1::new();
-        sha.update(key.as_bytes());
-        sha.update(b":");
-        sha.update(at.epoch.as_bytes());
-        sha.update(b":");
-        let mut digits = [0u8; 20];
-        let mut start = digits.len();
-        let mut n = at.offset;
-        loop {
-            start -= 1;
-            digits[start] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        sha.update(&digits[start..]);
-        let digest = sha.digest().bytes();
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&digest[..8]);
-        u64::from_be_bytes(first) == tag.0
+        place_tag(key, at) == *tag
     }
 
     /// True when this message was sent by connection `me`. (A coalesced
@@ -398,110 +375,42 @@ pub(super) fn summarize(nicknames: &[String]) -> String {
     }
 }
 
-/// A payload received from a room, parsed once and rendered at most once
-/// per [`Format`], then shared (by `Arc`) with every client it goes to.
-///
-/// With a shared subscription (or the in-process broker) one `Incoming`
-/// reaches every client of the room on this instance: the JSON is parsed once
-/// and each outgoing frame is encoded once, however many clients there are.
-/// [`Incoming::frame`] hands out the encoded frame as a [`Utf8Bytes`], whose
-/// clone is a reference-count increment, not a copy.
-#[derive(Debug)]
-pub struct Incoming {
-    /// The parsed message, or why the payload is not one.
-    message: Result<ChatMessage, Junk>,
-    /// Since when it has been waiting here for its clients (see
-    /// [`waiting_since`](Self::waiting_since)).
-    since: Instant,
-    /// The live frame in each format, encoded on first use.
-    json: OnceLock<Utf8Bytes>,
-    text: OnceLock<Utf8Bytes>,
+/// A place in a room's log: an offset within an epoch. Offsets count up by
+/// one per chat message, join or leave; the epoch changes when the log is
+/// lost (Redis flushed or replaced), and offsets then start again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct At<'a> {
+    /// The position in the log, from 1.
+    pub offset: u64,
+    /// Which log.
+    pub epoch: &'a str,
 }
 
-/// A payload that is not a chat message, kept so it can be reported.
-#[derive(Debug)]
-pub struct Junk {
-    /// Why it was rejected.
-    pub error: PayloadError,
-    /// The payload itself.
-    pub payload: Vec<u8>,
-}
-
-impl Incoming {
-    /// A payload skipped unread because it is `len` bytes, over the limit.
-    pub fn oversized(len: usize, since: Instant) -> Incoming {
-        Incoming {
-            message: Err(Junk {
-                error: PayloadError::TooBig(len),
-                payload: Vec::new(),
-            }),
-            since,
-            json: OnceLock::new(),
-            text: OnceLock::new(),
+/// The tag the log whose epoch has `key` gives place `at`: the first 16
+/// hex digits of the SHA-1 of `{key}:{epoch}:{offset}` (see
+/// [`ChatMessage::tagged_by`]).
+pub fn place_tag(key: &str, at: At<'_>) -> Tag {
+    let mut sha = sha1_smol::Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(b":");
+    sha.update(at.epoch.as_bytes());
+    sha.update(b":");
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    let mut n = at.offset;
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
         }
     }
-
-    /// Parses a payload read from a room's channel, waiting here since
-    /// `since` (see [`waiting_since`](Self::waiting_since)).
-    pub fn parse(payload: &[u8], since: Instant) -> Incoming {
-        Incoming {
-            message: ChatMessage::from_payload(payload).map_err(|error| Junk {
-                error,
-                payload: payload.to_vec(),
-            }),
-            since,
-            json: OnceLock::new(),
-            text: OnceLock::new(),
-        }
-    }
-
-    /// The frame a client gets for this live message without its place in
-    /// the log (see `session::outbox`'s `Expect`): rendered for this one
-    /// client, since it is rare.
-    pub fn frame_without_place(&self, format: Format) -> Option<Utf8Bytes> {
-        let mut message = self.message.as_ref().ok()?.clone();
-        (message.offset, message.epoch) = (None, None);
-        Some(
-            ServerFrame::from_event(&message, super::Replay::Live)
-                .render(format)
-                .into(),
-        )
-    }
-
-    /// Since when this message has been waiting on this instance, by this
-    /// instance's own clock: how far behind the room a client that takes it
-    /// now is. Whoever receives it sets it — the in-process relay when it
-    /// is published, a listener when it reads it from Redis (a listener
-    /// that has been behind Redis since before then gives the moment it
-    /// fell behind: see `RedisListener`). Never the payload's own `ts`,
-    /// which anyone who can publish can forge, and another instance's
-    /// clock can step.
-    pub fn waiting_since(&self) -> Instant {
-        self.since
-    }
-
-    /// The chat message, or the junk it turned out to be.
-    pub fn message(&self) -> Result<&ChatMessage, &Junk> {
-        self.message.as_ref()
-    }
-
-    /// The frame a client gets for this live message, in its format; `None`
-    /// for junk. Encoded by the first caller, shared by the rest.
-    pub fn frame(&self, format: Format) -> Option<Utf8Bytes> {
-        let message = self.message.as_ref().ok()?;
-        let cell = match format {
-            Format::Json => &self.json,
-            Format::Text => &self.text,
-        };
-        Some(
-            cell.get_or_init(|| {
-                ServerFrame::from_event(message, super::Replay::Live)
-                    .render(format)
-                    .into()
-            })
-            .clone(),
-        )
-    }
+    sha.update(&digits[start..]);
+    let digest = sha.digest().bytes();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    Tag(u64::from_be_bytes(first))
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).

@@ -18,11 +18,13 @@ use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use super::announce;
+use super::conn::{Conn, Ending, SessionError};
+use super::context::Context;
 use super::outbox::{Outbox, Start, Welcomed};
 use super::reader::{self, ChatHandler};
 use super::socket::{self, Writer};
 use super::subscriber;
-use super::{Conn, Context, Ending, SessionError, announce};
 use crate::broker::{BrokerError, Subscription};
 use crate::protocol::{Kind, Member};
 
@@ -233,7 +235,9 @@ impl Membership {
             conn.end(Ending::RelayFailed(e.clone()));
             SessionError::Relay(e)
         };
-        ctx.broker.enter(&member.room).map_err(failed)?;
+        ctx.broker
+            .enter(&member.room, &conn.id, &member.nickname)
+            .map_err(failed)?;
         let mut membership = Membership {
             conn: Arc::clone(conn),
             ctx: Arc::clone(ctx),
@@ -248,7 +252,7 @@ impl Membership {
                 // then the guard's leave takes the client off again.
                 membership.left = !e.is_uncertain();
                 if membership.left {
-                    ctx.broker.exit(&member.room);
+                    ctx.broker.exit(&member.room, &conn.id);
                 }
                 Err(failed(e))
             }
@@ -267,7 +271,7 @@ impl Membership {
         let Membership {
             conn, ctx, member, ..
         } = &*self;
-        ctx.broker.exit(&member.room);
+        ctx.broker.exit(&member.room, &conn.id);
         // Off the member list in the same step as the leave is announced.
         // Best effort: the room may be unreachable, which the client has
         // been told about already.

@@ -1,17 +1,18 @@
 //! One connection's state, shared by its threads and the server: its socket,
-//! its identity, why it ends ([`Ending`], first to say wins), and how to wake
+//! its id, why it ends ([`Ending`], first to say wins), and how to wake
 //! whichever of its threads is blocked.
 
 use std::fmt;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 
-use super::per_ip;
+use super::admission::Pass;
+use super::socket::Writer;
 use crate::broker::{BrokerError, Canceller};
 use crate::http;
 use crate::protocol::ConnId;
@@ -21,7 +22,7 @@ use crate::protocol::ConnId;
 pub struct Conn {
     /// Sequence number within this process; names the threads.
     pub seq: u64,
-    /// Identity on the wire, for echo suppression.
+    /// Its id on the wire, for echo suppression.
     pub id: ConnId,
     /// The client's address, for the log.
     pub peer: SocketAddr,
@@ -31,27 +32,14 @@ pub struct Conn {
     ending: OnceLock<Ending>,
     /// Stops the subscriber thread; set once it exists.
     canceller: OnceLock<Canceller>,
-    /// This connection's place in its address's count (see [`per_ip`]):
-    /// taken by the accept loop, or, through a trusted proxy, once the
-    /// forwarded address is known (never both). Given back when the `Conn`
-    /// is dropped, with the socket: when the connection's last thread ends.
-    pub(super) slot: OnceLock<per_ip::Slot>,
-    /// With authentication on, this connection's place among its user's
-    /// (see [`tokens`](super::tokens)), with the user's rate limiter.
-    pub(super) user_slot: OnceLock<super::tokens::UserSlot>,
-    /// With `--unique-nicknames`, this connection's claim on its nickname
-    /// in its room; given back when the `Conn` is dropped.
-    pub(super) nickname_claim: OnceLock<super::unique::NicknameClaim>,
+    /// What admission gave it: its places and claims (see
+    /// [`admission`](super::admission)). Given back when the `Conn` is
+    /// dropped, with the socket: when the connection's last thread ends.
+    pub(super) pass: Pass,
     /// The WebSocket's one writer, set once the `101` is sent: a panic
     /// after that is told to the client as a close frame (1011), before
     /// it as an HTTP 500.
-    upgraded: OnceLock<Arc<super::socket::Writer>>,
-    /// Its place among the connections in their start (see
-    /// [`starting`](super::starting)), until its request is read.
-    start_slot: Mutex<Option<super::starting::StartSlot>>,
-    /// With a rate limit and no token, its share of its address's limiter
-    /// (the forwarded address, through a trusted proxy).
-    pub(super) address_rate: OnceLock<super::rate::AddressShare>,
+    upgraded: OnceLock<Arc<Writer>>,
 }
 
 /// Why a connection ended, as logged in its "left" line.
@@ -170,15 +158,8 @@ impl Ending {
 
 impl Conn {
     /// State for connection number `seq` of instance `instance`, holding
-    /// `slot` in its address's count.
-    pub fn new(
-        instance: u64,
-        seq: u64,
-        peer: SocketAddr,
-        stream: TcpStream,
-        slot: Option<per_ip::Slot>,
-        start_slot: super::starting::StartSlot,
-    ) -> Conn {
+    /// the `pass` admission gave it when it was accepted.
+    pub fn new(instance: u64, seq: u64, peer: SocketAddr, stream: TcpStream, pass: Pass) -> Conn {
         Conn {
             seq,
             id: ConnId::new(instance, seq),
@@ -186,17 +167,13 @@ impl Conn {
             stream: Arc::new(stream),
             ending: OnceLock::new(),
             canceller: OnceLock::new(),
-            slot: slot.map(OnceLock::from).unwrap_or_default(),
-            user_slot: OnceLock::new(),
-            nickname_claim: OnceLock::new(),
+            pass,
             upgraded: OnceLock::new(),
-            start_slot: Mutex::new(Some(start_slot)),
-            address_rate: OnceLock::new(),
         }
     }
 
     /// The `101` is sent: from now on the client hears through `writer`.
-    pub(super) fn upgraded(&self, writer: &Arc<super::socket::Writer>) {
+    pub(super) fn upgraded(&self, writer: &Arc<Writer>) {
         let _ = self.upgraded.set(Arc::clone(writer));
     }
 
@@ -225,24 +202,6 @@ impl Conn {
                 );
             }
         }
-    }
-
-    /// How long this connection has to send its request head (shorter
-    /// when many connections were starting as it came: see
-    /// [`starting`](super::starting)).
-    pub(super) fn head_timeout(&self) -> Option<Duration> {
-        let slot = self.start_slot.lock().unwrap_or_else(|p| p.into_inner());
-        slot.as_ref().map(|slot| slot.head_timeout)
-    }
-
-    /// Its request has been read: gives its start place back.
-    pub(super) fn request_read(&self) {
-        let slot = self
-            .start_slot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        drop(slot);
     }
 
     /// Records why the connection ends, unless a reason is already recorded.

@@ -17,7 +17,7 @@
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::Ending;
+use super::conn::Ending;
 use super::outbox::{Delivery, Outbox, Start};
 use super::socket::TrySend;
 use crate::broker::{Direct, DirectSink, Event};

@@ -24,8 +24,7 @@
 //! joins it. Why not read on the start thread? Memory: the start is deep and
 //! allocates a lot, a blocked thread keeps every stack page it touched and
 //! glibc keeps what a thread frees in that thread's own cache. A thread that
-//! ends gives both back: 13–16 KiB less per idle connection, measured in
-//! `docs/PERFORMANCE.md`.
+//! ends gives both back (`docs/PERFORMANCE.md`).
 //!
 //! The threads coordinate through crossbeam channels and one shared
 //! [`Conn`]:
@@ -38,7 +37,7 @@
 //! * `reader_done`: dropped when the reader stops reading; the subscriber
 //!   uses it to wait (bounded) for a close handshake to finish.
 //! * [`Conn::end`]: the first thread to decide *why* the connection ends
-//!   records an [`Ending`]; the other thread is then woken — the subscriber by
+//!   records an [`Ending`](conn::Ending); the other thread is then woken — the subscriber by
 //!   its [`Canceller`](crate::broker::Canceller), the reader by a close frame
 //!   or by shutting the socket down.
 //!
@@ -49,32 +48,31 @@
 //! The echo endpoint (`--echo-endpoint`, for the Autobahn conformance suite)
 //! runs the same reader code with a handler that sends each message back, on
 //! the start thread, and no subscriber thread.
+//!
+//! Around them: the shared [`Context`] ([`context`]); the admission wing
+//! behind its one door ([`admission`]); the router of the HTTP side
+//! ([`route`]).
 
+pub mod admission;
 pub mod announce;
 mod chat;
 mod conn;
+mod context;
 mod direct;
 mod junk;
 pub mod liveness;
-pub mod new_rooms;
+mod members;
 mod outbox;
-pub mod per_ip;
 pub mod rate;
 mod reader;
-pub mod refusals;
+mod restored;
 mod route;
 mod sched;
 pub mod socket;
 mod start;
-pub mod starting;
 mod subscriber;
-#[cfg(feature = "tokens")]
-pub mod tokens;
-#[cfg(not(feature = "tokens"))]
-#[path = "without_tokens.rs"]
-pub mod tokens;
-pub mod unique;
-pub mod welcome;
+mod turns;
+mod welcome;
 
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
@@ -82,65 +80,10 @@ use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::Sender;
 
-use crate::broker::Broker;
-use crate::config::Limits;
-use crate::metrics::Metrics;
-pub use conn::{Conn, Ending, SessionError};
-pub use junk::JunkLog;
+pub use conn::{Conn, SessionError};
+pub use context::Context;
 use reader::EchoHandler;
 use start::Started;
-
-/// What every session shares: created once by the server, passed by `Arc`.
-pub struct Context {
-    /// Where messages are published and subscribed.
-    pub broker: Arc<dyn Broker>,
-    /// Per-connection limits.
-    pub limits: Limits,
-    /// The server's counters.
-    pub metrics: Arc<Metrics>,
-    /// De-duplicates warnings about junk payloads (see [`JunkLog`]).
-    pub junk: JunkLog,
-    /// Publishes joins and leaves, coalesced per room.
-    pub announcer: announce::Announcer,
-    /// Bounds how many welcomes (history reads and sends) run at once.
-    pub welcomes: welcome::Welcomes,
-    /// Connections per client address (`--max-connections-per-ip`).
-    pub per_ip: Arc<per_ip::PerIp>,
-    /// Recent `GET /members` answers.
-    pub members: route::MembersCache,
-    /// With authentication on (a key configured), tokens and each user's
-    /// connections (the `tokens` feature's one door: see [`tokens`]).
-    pub tokens: Option<tokens::Tokens>,
-    /// With `--unique-nicknames`, how many names each address holds.
-    pub claims_per_ip: Arc<unique::ClaimsPerIp>,
-    /// Rooms each address may still create (`--new-rooms-per-minute`).
-    pub new_rooms: new_rooms::NewRooms,
-    /// Connections in their start, per address (`--max-starting-per-ip`).
-    pub starting: Arc<starting::Starting>,
-    /// With a rate limit, each address's limiter, shared by its
-    /// connections (users have theirs in `tokens`).
-    pub address_rates: Option<Arc<rate::AddressLimiters>>,
-    /// Counts refusals and keeps them from flooding the log.
-    pub refusals: refusals::Refusals,
-    /// Debug builds only: a chat message with exactly this text makes the
-    /// reader thread panic, a client with this nickname its start thread
-    /// (while welcoming it). Set by `THREADCHAT_TEST_PANIC`; tests use it
-    /// to check that a panic closes only its own connection.
-    pub panic_trigger: Option<String>,
-}
-
-impl Context {
-    /// Stops what the context runs, in order: the announcer first (it
-    /// publishes the last leaves, then its thread ends), then the broker
-    /// (its heartbeat and publisher threads end and are joined).
-    pub fn shut_down(self) {
-        let Context {
-            announcer, broker, ..
-        } = self;
-        drop(announcer);
-        drop(broker);
-    }
-}
 
 /// What a connection's threads tell the accept loop, which joins them.
 pub enum Report {

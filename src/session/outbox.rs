@@ -12,8 +12,10 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use tungstenite::Message;
 
+use super::conn::{Conn, Ending};
+use super::context::Context;
+use super::restored;
 use super::socket::Writer;
-use super::{Conn, Context, Ending};
 use crate::broker::{Event, Place, PlaceKey};
 use crate::protocol::{At, ChatMessage, Incoming, Kind, Member, ServerFrame, unix_millis};
 
@@ -68,6 +70,10 @@ pub(super) struct Delivery {
     /// Where the next message of the room's log must be, for its place to
     /// be passed on.
     expect: Expect,
+    /// How many of the messages coming next were read from the room's log
+    /// to fill a gap (see [`Event::Restored`]): their places are the log's
+    /// own, as the welcome's history is.
+    from_log: usize,
 }
 
 /// Which places in the room's log may come next, and how a place is known
@@ -107,7 +113,8 @@ impl Expect {
         }
     }
 
-    /// The subscription was restored: what came meanwhile never came.
+    /// The subscription was restored and what came meanwhile is not known:
+    /// the next place vouched for is taken, wherever it is.
     fn lost(&mut self) {
         self.next = None;
     }
@@ -124,6 +131,19 @@ impl Expect {
         let behind =
             matches!(&self.next, Some((epoch, next)) if epoch == at.epoch && at.offset < *next);
         if behind || !self.vouched(msg, at, vouch) {
+            return false;
+        }
+        self.next = Some((at.epoch.to_owned(), at.offset.saturating_add(1)));
+        true
+    }
+
+    /// Whether the place `at` of an entry read from the log itself may be
+    /// passed on: only if it is not behind. (Its epoch may be one whose key
+    /// is gone: a log that moved took a new one.)
+    fn take_logged(&mut self, at: At<'_>) -> bool {
+        let behind =
+            matches!(&self.next, Some((epoch, next)) if epoch == at.epoch && at.offset < *next);
+        if behind {
             return false;
         }
         self.next = Some((at.epoch.to_owned(), at.offset.saturating_add(1)));
@@ -194,19 +214,30 @@ impl Outbox {
         event: Event,
     ) -> ControlFlow<()> {
         match event {
-            Event::Subscribed => match start.take() {
+            Event::Subscribed | Event::Restored(_) if start.is_some() => match start.take() {
                 Some(start) => self.start(delivery, start),
-                None => {
-                    // What was published meanwhile never came: the next
-                    // place is not known.
-                    delivery.expect.lost();
-                    self.notice(
-                        delivery,
-                        "reconnected to the chat relay; messages sent while it was \
-                         unavailable may be missing",
-                    )
-                }
+                None => ControlFlow::Continue(()),
             },
+            Event::Subscribed => {
+                // Restored by a relay that does not fill gaps: what was
+                // published meanwhile never came, and the next place is
+                // not known.
+                delivery.expect.lost();
+                self.notice(
+                    delivery,
+                    "reconnected to the chat relay; messages sent while it was \
+                     unavailable may be missing",
+                )
+            }
+            Event::Restored(gap) => {
+                // The gap's messages follow, with their places: the client's
+                // place stays exact unless where they begin is not known.
+                if gap.missing.as_ref().is_some_and(|m| m.count.is_none()) {
+                    delivery.expect.lost();
+                }
+                delivery.from_log = gap.recovered;
+                self.notice(delivery, &restored::notice(&gap))
+            }
             Event::Lost(e) => self.notice(
                 delivery,
                 &format!("lost the chat relay ({e}); reconnecting"),
@@ -311,6 +342,8 @@ impl Outbox {
         incoming: &Incoming,
         now: Instant,
     ) -> Result<(), Ending> {
+        let logged = delivery.from_log > 0;
+        delivery.from_log = delivery.from_log.saturating_sub(1);
         let msg = match incoming.message() {
             Ok(msg) => msg,
             Err(junk) => {
@@ -344,9 +377,13 @@ impl Outbox {
                 return Ok(()); // Sent from the log already.
             }
             let (broker, room) = (&self.ctx.broker, &self.member.room);
-            placed = delivery
-                .expect
-                .take(msg, at, |epoch| broker.place_key(room, epoch));
+            placed = if logged {
+                delivery.expect.take_logged(at)
+            } else {
+                delivery
+                    .expect
+                    .take(msg, at, |epoch| broker.place_key(room, epoch))
+            };
             if !placed {
                 self.ctx.metrics.payloads_unplaced.inc();
             }
@@ -474,5 +511,20 @@ mod tests {
         assert!(take(&mut expect, 40, "e"));
         assert!(!take(&mut expect, 39, "e"));
         assert!(take(&mut expect, 41, "e"));
+    }
+
+    /// An entry read from the log is placed without its epoch's key (a
+    /// log that moved has a new one), but never behind.
+    #[test]
+    fn a_logged_place_is_taken_unless_behind() {
+        let mut expect = Expect::after(Some(&Place {
+            offset: 5,
+            epoch: "e".into(),
+        }));
+        let at = |offset, epoch| At { offset, epoch };
+        assert!(!expect.take_logged(at(5, "e")));
+        assert!(expect.take_logged(at(6, "e")));
+        assert!(expect.take_logged(at(7, "moved")));
+        assert!(take(&mut expect, 8, "moved"));
     }
 }

@@ -20,11 +20,12 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Bytes, Error as WsError, Message};
 
-use super::conn::truncate;
+use super::admission::Lease;
+use super::conn::{Conn, Ending, truncate};
+use super::context::Context;
 use super::liveness::Stalled;
-use super::rate::{RateLimiter, Verdict};
+use super::rate::{SharedLimiter, Verdict};
 use super::socket::{ReadSide, Writer};
-use super::{Conn, Context, Ending};
 use crate::broker::{BrokerError, MemberChange, Receipt};
 use crate::protocol::Member;
 use crate::protocol::{ChatMessage, ClientFrame, ServerFrame, clean_message};
@@ -289,15 +290,15 @@ pub(super) struct ChatHandler<'a> {
     sent: u64,
     /// Published messages whose answer has not been looked at, oldest first.
     in_flight: VecDeque<InFlight>,
-    /// With authentication on, when the client's token expires (leeway
-    /// included): the connection is closed then, unless a fresh token came.
-    token_expires: Option<Instant>,
+    /// With tokens, the connection lives until its token expires (leeway
+    /// included), unless the client renews the lease with a fresh one.
+    lease: Option<Lease<'a>>,
 }
 
 /// A connection's rate limiter, shared with its user's or its address's
 /// other connections.
 #[derive(Debug)]
-struct Limiter(std::sync::Arc<std::sync::Mutex<RateLimiter>>);
+struct Limiter(SharedLimiter);
 
 impl Limiter {
     fn check(&mut self, now: Instant) -> Verdict {
@@ -317,25 +318,14 @@ struct InFlight {
 
 impl<'a> ChatHandler<'a> {
     pub(super) fn new(member: &'a Member, conn: &'a Conn, ctx: &'a Context) -> Self {
-        // An authenticated user's connections share one limiter; without
-        // tokens, an address's connections do.
-        let limiter = match conn.user_slot.get() {
-            Some(slot) => slot.limiter(),
-            None => conn
-                .address_rate
-                .get()
-                .map(|share| std::sync::Arc::clone(&share.limiter)),
-        }
-        .map(Limiter);
-        let token_expires = ctx.tokens.as_ref().and_then(|t| t.expires(member));
         ChatHandler {
             member,
             conn,
             ctx,
-            limiter,
+            limiter: conn.pass.limiter().map(Limiter),
             sent: 0,
             in_flight: VecDeque::new(),
-            token_expires,
+            lease: ctx.admission.lease(member),
         }
     }
 
@@ -344,12 +334,11 @@ impl<'a> ChatHandler<'a> {
     /// lives until the new one expires. A token that is not is refused
     /// with an error frame, and the old one still runs out.
     fn refresh(&mut self, token: &str, writer: &Writer) -> Next {
-        let Some(tokens) = &self.ctx.tokens else {
+        let Some(lease) = &mut self.lease else {
             return self.error(writer, "this server does not use tokens");
         };
-        match tokens.refresh(token, self.member) {
-            Ok((expires, left)) => {
-                self.token_expires = Some(expires);
+        match lease.renew(token, self.member) {
+            Ok(left) => {
                 let text = format!("token refreshed: valid for {} more seconds", left.as_secs());
                 let frame = ServerFrame::notice(&text).render(self.member.format);
                 match writer.send(Message::text(frame)) {
@@ -459,7 +448,7 @@ impl<'a> ChatHandler<'a> {
 
 impl Handler for ChatHandler<'_> {
     fn deadline(&self) -> Option<Instant> {
-        self.token_expires
+        self.lease.as_ref().map(Lease::expires)
     }
 
     fn on_deadline(&mut self, _writer: &Writer) -> Next {
@@ -479,9 +468,10 @@ impl Handler for ChatHandler<'_> {
                 );
             }
         };
-        // Only a server that uses tokens reads token frames: elsewhere that
-        // text is a chat message like any other.
-        let body = match ClientFrame::parse(text.as_str(), self.ctx.tokens.is_some()) {
+        // Only a connection on a token's lease reads token frames (with
+        // tokens, every chat connection is): elsewhere that text is a chat
+        // message like any other.
+        let body = match ClientFrame::parse(text.as_str(), self.lease.is_some()) {
             ClientFrame::Chat(body) => body,
             ClientFrame::TokenRefresh(token) => {
                 // A refresh is a frame like a message: it takes from the

@@ -13,15 +13,12 @@
 //! read `/members` or `/metrics`. `/healthz` is left open: probes often
 //! send any Host, and it tells nothing but whether the relay works.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::TcpStream;
-use std::time::Instant;
 
 use tungstenite::http::StatusCode;
 
-use super::Context;
-use crate::broker::{BrokerError, Presence};
+use super::context::Context;
 use crate::http::{self, Outcome, Target};
 use crate::protocol::Room;
 
@@ -82,9 +79,10 @@ pub(super) fn serve(
     let target = match request.path() {
         "/" => {
             // The page asks for a token when the server requires one.
-            let page = match ctx.tokens {
-                Some(_) => INDEX_HTML.replacen("<body>", "<body data-auth=\"required\">", 1),
-                None => INDEX_HTML.to_owned(),
+            let page = if ctx.admission.wants_tokens() {
+                INDEX_HTML.replacen("<body>", "<body data-auth=\"required\">", 1)
+            } else {
+                INDEX_HTML.to_owned()
             };
             return http::answer_with_headers(
                 stream,
@@ -109,20 +107,16 @@ pub(super) fn serve(
                 Ok(room) => room,
                 Err(reason) => return http::answer(stream, StatusCode::BAD_REQUEST, &reason),
             };
-            if let Some(tokens) = &ctx.tokens
-                && let Err((status, reason)) = tokens.admit_reader(&request, &room)
-            {
-                return http::answer(stream, status, &reason);
+            if let Err(refused) = ctx.admission.admit_reader(&request, &room) {
+                return http::answer(stream, refused.status, &refused.reason);
             }
             return members(stream, ctx, &room, request.query());
         }
         "/echo" if limits.echo_endpoint => Target::Echo,
         path => match http::chat_target(path, request.query()) {
             Some(Ok(mut member)) => {
-                if let Some(tokens) = &ctx.tokens
-                    && let Err((status, reason)) = tokens.admit(&request, &mut member)
-                {
-                    return http::answer(stream, status, &reason);
+                if let Err(refused) = ctx.admission.identify(&request, &mut member) {
+                    return http::answer(stream, refused.status, &refused.reason);
                 }
                 Target::Chat(member)
             }
@@ -144,10 +138,9 @@ pub(super) fn serve(
 /// [`MAX_MEMBERS_LIMIT`] at most), `truncated` when that is not everyone.
 ///
 /// Cheap by design, because anyone can ask as often as they like: the list
-/// is bounded, answers are cached for
-/// [`MEMBERS_CACHE_TTL`] (see [`MembersCache`]), and with Redis the
-/// question goes over a query connection, never queued behind a
-/// `PUBLISH`.
+/// is bounded, answers are cached for a moment (see
+/// [`members`](super::members)), and with Redis the question goes over a
+/// query connection, never queued behind a `PUBLISH`.
 fn members(stream: &TcpStream, ctx: &Context, room: &Room, query: &str) -> io::Result<Outcome> {
     let limit = match http::query_param(query, "limit") {
         Ok(None) => DEFAULT_MEMBERS_LIMIT,
@@ -173,65 +166,3 @@ fn members(stream: &TcpStream, ctx: &Context, room: &Room, query: &str) -> io::R
 pub(super) const DEFAULT_MEMBERS_LIMIT: usize = 100;
 /// Most names a `/members` answer lists.
 pub(super) const MAX_MEMBERS_LIMIT: usize = 1000;
-/// How long a `/members` answer is served again without asking the relay.
-pub(super) const MEMBERS_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
-/// Most answers kept in the cache.
-const MEMBERS_CACHE_ENTRIES: usize = 1024;
-
-/// Recent `/members` answers, by room and limit.
-///
-/// One lock is held while an answer is made, so fifty requests arriving
-/// together ask the relay once, and the other forty-nine are served the
-/// answer it gave. At most `MEMBERS_CACHE_ENTRIES` answers are kept;
-/// stale ones are dropped when a new one is added.
-#[derive(Default)]
-pub struct MembersCache {
-    answers: std::sync::Mutex<Answers>,
-}
-
-/// `/members` answers by (room, limit): when each was made, and its JSON.
-type Answers = HashMap<(Room, usize), (Instant, std::sync::Arc<str>)>;
-
-/// The JSON of a `/members` answer, keys in the documented order.
-#[derive(serde::Serialize)]
-struct MembersAnswer<'a> {
-    room: &'a str,
-    count: usize,
-    members: &'a [String],
-    truncated: bool,
-}
-
-impl MembersCache {
-    /// The answer for `room` and `limit`, from the cache or from `ask`.
-    pub fn get(
-        &self,
-        room: &Room,
-        limit: usize,
-        ask: impl FnOnce() -> Result<Presence, BrokerError>,
-    ) -> Result<std::sync::Arc<str>, BrokerError> {
-        let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (room.clone(), limit);
-        if let Some((at, body)) = answers.get(&key)
-            && at.elapsed() < MEMBERS_CACHE_TTL
-        {
-            return Ok(std::sync::Arc::clone(body));
-        }
-        let presence = ask()?;
-        let body: std::sync::Arc<str> = serde_json::to_string(&MembersAnswer {
-            room: room.name(),
-            count: presence.count,
-            members: &presence.nicknames,
-            truncated: presence.count > presence.nicknames.len(),
-        })
-        .expect("strings and numbers always serialize")
-        .into();
-        if answers.len() >= MEMBERS_CACHE_ENTRIES {
-            answers.retain(|_, (at, _)| at.elapsed() < MEMBERS_CACHE_TTL);
-            if answers.len() >= MEMBERS_CACHE_ENTRIES {
-                answers.clear();
-            }
-        }
-        answers.insert(key, (Instant::now(), std::sync::Arc::clone(&body)));
-        Ok(body)
-    }
-}

@@ -6,18 +6,16 @@
 //! subscriptions). Under Linux's default policy each thread woken may
 //! *preempt* the waker at once — it has slept, so it is owed CPU time. The
 //! waker then spends most of the fan-out waiting for the CPU while the
-//! threads it already woke write their frames: measured on the 2-core
-//! machine of docs/PERFORMANCE.md, waking 1,000 queues took 15–30 ms of
-//! which only 5–10 ms on the CPU, and the last client got the message
-//! 33–43 ms after it was sent (p99).
+//! threads it already woke write their frames, and the room's last client
+//! gets the message late.
 //!
 //! `SCHED_BATCH` is the same fair policy minus that preemption: a woken
 //! batch thread waits until the running thread blocks or its time slice
 //! ends. The waker finishes waking everyone first, the subscribers then run
-//! on every core, and there are half as many context switches per delivery.
-//! Measured: p99 19–24 ms instead of 33–43, and a third less server CPU. A
-//! batch thread gets the same share of CPU as before; only the order in
-//! which woken threads run changes. Any process may choose it for its own
+//! on every core, and there are fewer context switches per delivery (the
+//! effect on latency and CPU is in `docs/PERFORMANCE.md`). A batch thread
+//! gets the same share of CPU; only the order in which woken threads run
+//! changes. Any process may choose it for its own
 //! threads; where the kernel refuses (or on other systems) nothing changes.
 
 /// Puts the calling thread under `SCHED_BATCH` (see the module doc). Best

@@ -359,7 +359,7 @@ impl Writer {
 
     /// Frees the write buffer, which tungstenite keeps at the size of the
     /// biggest batch ever written. For after the welcome (a history and a
-    /// member list: about 1.5 KiB per idle client otherwise), while nothing
+    /// member list, kept by every idle client otherwise), while nothing
     /// else writes: the writer starts afresh, so anything buffered and not
     /// yet flushed would be lost, and a close already sent forgotten.
     pub fn release_buffer(&self) {

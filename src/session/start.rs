@@ -12,10 +12,11 @@ use std::sync::Arc;
 use tungstenite::http::StatusCode;
 
 use super::chat::{Chat, Membership, Open, SubscriberThread};
+use super::conn::{Conn, SessionError};
+use super::context::Context;
 use super::outbox::Welcomed;
-use super::refusals::Refusal;
 use super::socket::{self, Writer};
-use super::{Conn, Context, SessionError, liveness, new_rooms, route, unique, welcome};
+use super::{liveness, route, welcome};
 use crate::http::{self, Outcome, Target};
 use crate::protocol::Member;
 
@@ -44,10 +45,12 @@ const SEND_BUFFER: usize = 256 * 1024;
 /// The connection's start: the HTTP request and, for a chat connection,
 /// everything up to its welcome (see [`start_chat`]).
 pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, SessionError> {
-    let head_timeout = conn.head_timeout().unwrap_or(ctx.limits.handshake_timeout);
+    // Shorter than `--handshake-timeout` when many connections are starting.
+    let head_timeout = conn.pass.head_timeout();
+    let head_timeout = head_timeout.unwrap_or(ctx.limits.handshake_timeout);
     let served = route::serve(&conn.stream, ctx, head_timeout);
     // Read and answered (or routed to the upgrade): no longer starting.
-    conn.request_read();
+    conn.pass.request_read();
     let upgrade = match served? {
         Outcome::Upgrade(upgrade) => upgrade,
         Outcome::Answered(status) => {
@@ -62,57 +65,14 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
         leftover,
         forwarded_for,
     } = *upgrade;
-    let client_ip = forwarded_for.unwrap_or(conn.peer.ip());
-    // Through a trusted proxy: count the client by its own address.
-    if let Some(ip) = forwarded_for {
-        match ctx.per_ip.take(ip) {
-            Some(slot) => {
-                if let Some(slot) = slot {
-                    let _ = conn.slot.set(slot);
-                }
-            }
-            None => {
-                let who = format!("{ip} (via {})", conn.peer);
-                ctx.refusals
-                    .refused(&ctx.metrics, Refusal::PerAddress, &who);
-                let _ = http::refuse(
-                    &conn.stream,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "too many connections from your address; try again later",
-                );
-                return Ok(Started::Done);
-            }
-        }
-    }
-    // An authenticated user: one more of its connections, if it may.
-    if let (Some(tokens), http::Target::Chat(member)) = (&ctx.tokens, &target)
-        && let Err((who, reason)) = tokens.seat(conn, member)
-    {
-        ctx.refusals.refused(&ctx.metrics, Refusal::PerUser, &who);
-        let _ = http::refuse(&conn.stream, StatusCode::TOO_MANY_REQUESTS, &reason);
-        return Ok(Started::Done);
-    }
-    // A new room costs one of its address's new rooms.
-    if let http::Target::Chat(member) = &target
-        && let Err(reason) = new_rooms::admit(ctx, &member.room, client_ip)
-    {
-        let _ = http::refuse(&conn.stream, StatusCode::TOO_MANY_REQUESTS, &reason);
-        return Ok(Started::Done);
-    }
-    // Without a token, a client's messages share its address's budget.
-    if conn.user_slot.get().is_none()
-        && let Some(rates) = &ctx.address_rates
-    {
-        let _ = conn
-            .address_rate
-            .set(rates.share(forwarded_for.unwrap_or(conn.peer.ip())));
-    }
-    // One connection per nickname in a room, if asked.
-    if let http::Target::Chat(member) = &target
-        && let Err((status, reason)) =
-            unique::admit(conn, ctx, member, forwarded_for.unwrap_or(conn.peer.ip()))
-    {
-        let _ = http::refuse(&conn.stream, status, &reason);
+    // Admission's say (caps, the user's connections, a new room, the
+    // nickname): what it grants stays on the connection's pass.
+    let (pass, member) = (&conn.pass, target.member());
+    let admitted = ctx
+        .admission
+        .admit(pass, conn.peer, forwarded_for, member, &conn.id);
+    if let Err(refused) = admitted {
+        let _ = http::refuse(&conn.stream, refused.status, &refused.reason);
         return Ok(Started::Done);
     }
     conn.stream.set_nodelay(true)?;

@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 
-use super::Ending;
+use super::conn::Ending;
 use super::direct;
 use super::outbox::{Delivery, Outbox, Start};
 use super::sched;

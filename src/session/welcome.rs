@@ -23,7 +23,7 @@
 //!
 //! **Bounded memory.** A room's history is bounded in bytes
 //! (`--history-bytes`). A joiner holds none of it while it waits for its
-//! join to be announced (only the mark), and at most [`MAX_WELCOMES`]
+//! join to be announced (only the mark), and at most [`MAX_WELCOMES`](super::turns::MAX_WELCOMES)
 //! welcomes read and render a history at once; the others wait their turn.
 //! So a join storm into a room whose history is full of the biggest
 //! messages costs a few histories of memory at a time, not one per joiner.
@@ -35,56 +35,15 @@
 //! only spread the storm's freed memory over more of glibc's per-thread
 //! arenas, where it stays resident (docs/PERFORMANCE.md, scenario d).
 
-use std::sync::{Condvar, Mutex};
-
 use tungstenite::Message;
 
+use super::conn::{Conn, Ending};
+use super::context::Context;
 use super::socket::{TrySend, Writer};
-use super::{Conn, Context, Ending};
 use crate::broker::{BrokerError, Log, Mark, Place};
 use crate::protocol::{
     ChatMessage, Kind, Member, PRESENCE_LIST, Replay, SERVER_NICKNAME, ServerFrame,
 };
-
-/// Most welcomes (a history read, rendered, and written as far as the
-/// socket takes it at once) under way together.
-pub const MAX_WELCOMES: usize = 4;
-
-/// A counting semaphore for welcomes: [`Welcomes::start`] waits for a
-/// free place, and the place is freed when its [`Turn`] is dropped.
-#[derive(Default)]
-pub struct Welcomes {
-    under_way: Mutex<usize>,
-    freed: Condvar,
-}
-
-/// One welcome's place; dropping it lets the next one start.
-pub struct Turn<'a>(&'a Welcomes);
-
-impl Welcomes {
-    /// Waits until fewer than [`MAX_WELCOMES`] are under way, and takes a
-    /// place. Never waits long: a turn covers reading the history,
-    /// rendering it and writing what the socket takes at once, never a wait
-    /// for a client to read.
-    pub fn start(&self) -> Turn<'_> {
-        let mut under_way = self.under_way.lock().unwrap_or_else(|p| p.into_inner());
-        while *under_way >= MAX_WELCOMES {
-            under_way = self
-                .freed
-                .wait(under_way)
-                .unwrap_or_else(|p| p.into_inner());
-        }
-        *under_way += 1;
-        Turn(self)
-    }
-}
-
-impl Drop for Turn<'_> {
-    fn drop(&mut self) {
-        *self.0.under_way.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
-        self.0.freed.notify_one();
-    }
-}
 
 /// Sends the history up to `mark` (or, resuming, what the client missed,
 /// and a `recovery` frame), then a presence frame. Returns the mark, for

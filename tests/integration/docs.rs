@@ -1,8 +1,10 @@
-//! The documentation tells the truth about the options: every option
-//! `threadchat --help` lists has a row in docs/OPERATIONS.md's options
-//! table with the same environment variable and default, and every row
-//! there is an option the server has. (The table lists the options of the
-//! default build, so this runs with its features.)
+//! The documentation tells the truth: every option `threadchat --help`
+//! lists has a row in docs/OPERATIONS.md's options table with the same
+//! environment variable and default, and every row there is an option the
+//! server has; every relative link resolves; and `make recipes`
+//! (scripts/recipes.sh) runs exactly the commands of the README's "Try it"
+//! and OPERATIONS' recipes. (The table and the recipes are the default
+//! build's, so this runs with its features.)
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -212,4 +214,110 @@ fn every_relative_link_and_anchor_resolves() {
         }
     }
     assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+}
+
+/// The lines of the ```` ```sh ```` blocks in the section of `text` under
+/// `heading` (up to the next heading of its level or above), trimmed,
+/// without blank lines and comments: the commands a reader copies.
+fn commands_under(text: &str, heading: &str) -> Vec<String> {
+    let level = heading.chars().take_while(|c| *c == '#').count();
+    let mut lines = text.lines().skip_while(|line| *line != heading).skip(1);
+    let mut commands = Vec::new();
+    let mut in_sh = false;
+    for line in lines.by_ref() {
+        if !in_sh {
+            let hashes = line.chars().take_while(|c| *c == '#').count();
+            if hashes > 0 && hashes <= level && line[hashes..].starts_with(' ') {
+                break;
+            }
+        }
+        let trimmed = line.trim();
+        if trimmed.starts_with("```") {
+            in_sh = !in_sh && trimmed == "```sh";
+            continue;
+        }
+        if in_sh && !trimmed.is_empty() && !trimmed.starts_with('#') {
+            commands.push(trimmed.to_owned());
+        }
+    }
+    commands
+}
+
+/// The docs' lines that `recipe_NAME` in scripts/recipes.sh runs, in its
+/// order: every line but blanks, comments and its own checks (`expect_…`,
+/// `given_…`), with the helper that gives a command a terminal of its own
+/// (`terminal NAME`) or leaves it running (`background`) taken off.
+fn script_runs(script: &str, name: &str) -> Vec<String> {
+    let start = format!("recipe_{name}() {{");
+    let mut body = script.lines().skip_while(|line| *line != start).skip(1);
+    let mut commands = Vec::new();
+    for line in body.by_ref().take_while(|line| *line != "}") {
+        let trimmed = line.trim();
+        if trimmed.is_empty()
+            || trimmed.starts_with('#')
+            || trimmed.starts_with("expect_")
+            || trimmed.starts_with("given_")
+        {
+            continue;
+        }
+        let command = if let Some(rest) = trimmed.strip_prefix("terminal ") {
+            rest.split_once(' ').expect("terminal NAME COMMAND").1
+        } else {
+            trimmed.strip_prefix("background ").unwrap_or(trimmed)
+        };
+        commands.push(command.to_owned());
+    }
+    assert!(
+        !commands.is_empty(),
+        "scripts/recipes.sh has no recipe_{name}"
+    );
+    commands
+}
+
+/// `make recipes` (scripts/recipes.sh) runs exactly the commands of the
+/// README's "Try it" and of OPERATIONS.md's Tokens, Sentinel and Cluster
+/// recipes, in their order, so that docs and script cannot drift apart.
+/// (`make test` is left to CI, which runs it anyway.)
+#[test]
+fn the_recipes_script_runs_the_docs_commands() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |path: &str| std::fs::read_to_string(root.join(path)).unwrap();
+    let script = read("scripts/recipes.sh");
+    let readme = read("README.md");
+    let operations = read("docs/OPERATIONS.md");
+
+    let mut try_it = commands_under(&readme, "## Try it");
+    try_it.retain(|command| !command.starts_with("make test"));
+    // "Try it" also starts the example, with the Redis it needs; the
+    // example is chatted with as the server is, from two terminals.
+    let (mut with_example, try_it): (Vec<String>, Vec<String>) = try_it
+        .into_iter()
+        .partition(|command| command.starts_with("redis-server") || command.contains("--example"));
+    assert!(
+        with_example
+            .iter()
+            .any(|c| c.starts_with("cargo run --example minimal")),
+        "README's Try it runs the example"
+    );
+    with_example.extend(
+        try_it
+            .iter()
+            .filter(|command| command.starts_with("websocat") && !command.contains('?'))
+            .cloned(),
+    );
+    let recipes = [
+        ("try_it", try_it),
+        ("example", with_example),
+        ("tokens", commands_under(&operations, "## Tokens")),
+        ("sentinel", commands_under(&operations, "## Sentinel")),
+        ("cluster", commands_under(&operations, "## Cluster")),
+    ];
+    for (name, documented) in recipes {
+        assert!(!documented.is_empty(), "no commands documented for {name}");
+        assert_eq!(
+            script_runs(&script, name),
+            documented,
+            "recipe_{name} in scripts/recipes.sh and its docs differ"
+        );
+    }
 }

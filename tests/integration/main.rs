@@ -19,6 +19,8 @@ mod docs;
 mod evidence;
 mod example;
 mod faults;
+mod gaps;
+mod ghosts;
 mod http;
 mod interop;
 mod lifecycle;

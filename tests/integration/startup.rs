@@ -34,6 +34,17 @@ fn a_port_in_use_is_one_clear_error() {
     assert_eq!(err.matches("in use").count(), 1, "said once: {err}");
 }
 
+/// A taken port says what to do: another port, with `--port`.
+#[test]
+fn a_port_in_use_suggests_another() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let output = run(&["--host", "127.0.0.1", "--port", &port, "--in-process"]);
+    let err = stderr(&output);
+    assert!(err.contains("choose another with --port"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+}
+
 /// The start-up log says where to go next, with addresses that work as
 /// printed: the web page, and a websocat command (the loopback address when
 /// the server listens on every address).

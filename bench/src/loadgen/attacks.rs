@@ -30,6 +30,10 @@
 //!   `--new-rooms-per-minute`. Reported: rooms created and refused, Redis's
 //!   `used_memory` growth and the server's RSS growth (targets: at most
 //!   +64 MB each).
+//! * `k`: **the gap fill's cost** ([`super::gapfill`]): 1,000 clients
+//!   whose instance's subscriptions are held down 5 s, quiet and then with
+//!   a sender going on. Reported: time to restore, server CPU, log reads,
+//!   losses and duplicates (target: none lost, none twice).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -51,6 +55,7 @@ pub(crate) enum Attack {
     MembersFlood,
     SilentStarts,
     RoomRotation,
+    GapFill,
 }
 
 /// One line of the attacks' table.
@@ -81,6 +86,7 @@ impl Attack {
             "f" => Some(Attack::MembersFlood),
             "i" => Some(Attack::SilentStarts),
             "j" => Some(Attack::RoomRotation),
+            "k" => Some(Attack::GapFill),
             _ => None,
         }
     }
@@ -112,6 +118,11 @@ impl Attack {
                 "j: room rotation, 8 connections, 30 s",
                 "Redis ≤ +64 MB; RSS ≤ +64 MB",
                 room_rotation(args, relay)?,
+            ),
+            Attack::GapFill => (
+                "k: gap fill, 1,000 clients, 5 s gap",
+                "0 lost, 0 twice",
+                super::gapfill::gap_fill(args, relay)?,
             ),
         };
         Ok(AttackRow {

@@ -3,6 +3,7 @@
 mod attacks;
 mod client;
 mod env;
+mod gapfill;
 mod receive;
 mod report;
 mod scenarios;
@@ -21,7 +22,8 @@ use scenarios::{Pace, Rooms, fan_out, idle};
 #[command(about = "Load generator for threadchat (see `make bench`)")]
 pub(crate) struct Args {
     /// Scenarios to run: a, b, c; g and h (many rooms); the attacks d, e,
-    /// f, i (silent starts) and j (room rotation) (comma-separated).
+    /// f, i (silent starts) and j (room rotation); k, the gap fill's cost
+    /// (comma-separated).
     #[arg(long, default_value = "a,b,c", value_delimiter = ',')]
     scenario: Vec<String>,
     /// Relays (comma-separated): redis (per-client subscriptions),

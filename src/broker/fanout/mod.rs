@@ -61,7 +61,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::{BrokerError, Direct, DirectSlot, Event, Flow, Listen, StopSignal};
+use crate::broker::error::BrokerError;
+use crate::broker::subscription::{Direct, DirectSlot, Event, Flow, Listen, StopSignal};
 use crate::protocol::{ConnId, Incoming};
 
 /// Events a client may have waiting before it is dropped as too slow.
@@ -313,7 +314,7 @@ impl Fanout {
             let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
             match channels.get_mut(channel).filter(|e| e.is(source)) {
                 Some(entry) => {
-                    let live = matches!(event, Event::Subscribed);
+                    let live = matches!(event, Event::Subscribed | Event::Restored(_));
                     let served = entry.served_by(source);
                     for shard in &mut entry.shards[served] {
                         shard.live = live;
@@ -482,6 +483,20 @@ impl<G: Send> Listen for FanoutListener<G> {
                     subscribed = true;
                     live = true;
                     on_event(Event::Subscribed)
+                }
+                // Restored with its gap filled: news only to those told it
+                // was lost. One waiting for its first subscription is
+                // subscribed now (what the fill delivers next reached its
+                // welcome's log read already, or comes after it).
+                Queued::One(Event::Restored(_)) if live => Flow::Continue(()),
+                Queued::One(Event::Restored(_)) if !subscribed => {
+                    subscribed = true;
+                    live = true;
+                    on_event(Event::Subscribed)
+                }
+                Queued::One(Event::Restored(gap)) => {
+                    live = true;
+                    on_event(Event::Restored(gap))
                 }
                 // The source failed before we were ever subscribed: the
                 // client is refused, as with its own failed subscription.

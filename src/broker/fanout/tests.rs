@@ -1,7 +1,7 @@
 //! The fan-out's order and sharding, with sinks that answer as told.
 
 use super::*;
-use crate::broker::{Canceller, DirectSink, Subscription};
+use crate::broker::subscription::{Canceller, DirectSink, Subscription};
 use std::sync::Mutex;
 
 /// A direct sink whose answer the test sets, and which records what it
@@ -68,6 +68,7 @@ fn direct_delivery_never_overtakes_the_queue() {
                 Event::Message(m) => m.message().unwrap().message.clone(),
                 Event::Idle => "idle".to_owned(),
                 Event::Lost(e) => panic!("nothing is lost here: {e}"),
+                Event::Restored(_) => panic!("nothing is lost here, so nothing restored"),
             };
             got_tx.send(seen).unwrap();
             Flow::Continue(())
@@ -127,4 +128,61 @@ fn each_dispatcher_serves_its_shard() {
     fanout.dispatch("room", from(1), Event::Message(message));
     let lengths = [&first, &second, &third, &fourth].map(|r| r.inbox.rx.len());
     assert_eq!(lengths, [1, 1, 0, 1]);
+}
+
+/// A source restored after a loss says so with `Restored`: the channel is
+/// live again; a client told of the loss hears it; one that registered
+/// meanwhile, waiting for its first subscription, is simply subscribed.
+#[test]
+fn a_restored_source_is_live_again() {
+    use crate::broker::subscription::Gap;
+    let fanout = Arc::new(Fanout::new(false, 1));
+    let first = fanout.register("room", &ConnId::new(1, 1));
+    let generation = first.new_channel.expect("a new channel");
+    let source = Some(Source {
+        generation,
+        shard: None,
+    });
+    fanout.dispatch("room", source, Event::Subscribed);
+    let lost = Arc::new(BrokerError::Redis("gone".into()));
+    fanout.dispatch("room", source, Event::Lost(lost));
+    let waiting = fanout.register("room", &ConnId::new(1, 2));
+    assert!(!waiting.inbox.live);
+    let gap = Arc::new(Gap {
+        recovered: 0,
+        missing: None,
+    });
+    fanout.dispatch("room", source, Event::Restored(gap));
+    assert!(fanout.register("room", &ConnId::new(1, 3)).inbox.live);
+    let seen = |registered: Registered| {
+        let listener = FanoutListener {
+            inbox: registered.inbox,
+            guard: (),
+        };
+        let sub = Subscription::new(Box::new(listener), Canceller::new(|| {}));
+        let canceller = sub.canceller();
+        let (seen_tx, seen) = crossbeam_channel::unbounded();
+        let thread = std::thread::spawn(move || {
+            sub.run(|event| {
+                let name = match event {
+                    Event::Subscribed => "subscribed",
+                    Event::Lost(_) => "lost",
+                    Event::Restored(_) => "restored",
+                    Event::Message(_) => "message",
+                    Event::Idle => return Flow::Continue(()),
+                };
+                seen_tx.send(name).unwrap();
+                Flow::Continue(())
+            })
+        });
+        let mut names = Vec::new();
+        while let Ok(name) = seen.recv_timeout(std::time::Duration::from_millis(200)) {
+            names.push(name);
+        }
+        canceller.cancel();
+        assert_eq!(thread.join().unwrap(), Ok(()));
+        names
+    };
+    assert_eq!(seen(first), ["subscribed", "lost", "restored"]);
+    assert_eq!(seen(waiting), ["subscribed"]);
 }

@@ -75,7 +75,8 @@ fn idle_rooms_past_the_budget_are_forgotten_oldest_first() {
     )
     .unwrap();
     let occupied = Room::parse("occupied").unwrap();
-    broker.enter(&occupied).unwrap();
+    let (someone, nickname) = (ConnId::new(1, 9), Nickname::parse("someone").unwrap());
+    broker.enter(&occupied, &someone, &nickname).unwrap();
     let rooms: Vec<Room> = (0..20)
         .map(|i| Room::parse(&format!("r{i}")).unwrap())
         .collect();
@@ -97,7 +98,7 @@ fn idle_rooms_past_the_budget_are_forgotten_oldest_first() {
     assert_eq!(texts(&broker.log(&occupied).unwrap()).len(), 1);
     // Once nobody is in it, it is idle, last used when left: four
     // newer rooms push it out.
-    broker.exit(&occupied);
+    broker.exit(&occupied, &someone);
     assert!(broker.log_end(&occupied).unwrap().is_some());
     for i in 0..4 {
         let newer = Room::parse(&format!("newer{i}")).unwrap();
@@ -147,6 +148,7 @@ fn delivers_to_subscribers_and_cancels() {
                 Event::Subscribed => ready_tx.send(()).unwrap(),
                 Event::Message(m) => got_tx.send(m.message().unwrap().message.clone()).unwrap(),
                 Event::Lost(e) => panic!("the in-process broker never loses: {e}"),
+                Event::Restored(_) => panic!("the in-process broker never restores"),
                 Event::Idle => {}
             }
             ControlFlow::Continue(())

@@ -3,14 +3,12 @@
 //! **Why.** A publisher thread sends every job waiting on its lane as one
 //! pipeline. Redis reads at most 16 KiB of a connection's commands per turn
 //! of its event loop, and writes to each subscriber once per turn, after
-//! running what it read. With one `EVALSHA` per message — about 470 bytes:
-//! the script's SHA1, four key names, the log's bounds, the channel and the
-//! payload — a turn held about 35 messages, against about 80 plain
-//! `PUBLISH`es before the room log existed. With a subscription per client
-//! that halved the messages each subscriber thread got per wake-up, and in
-//! `make bench` (b), per-client subscriptions, deliveries per second fell
-//! from 0.51–0.67 M to 0.39–0.43 M (more context switches per delivery,
-//! 0.018 → 0.032), far past the 15% the log may cost.
+//! running what it read. One `EVALSHA` per message repeats the script's
+//! SHA1, four key names, the log's bounds and the channel with every
+//! payload, so a turn holds far fewer messages than plain `PUBLISH`es
+//! would: each subscriber thread gets fewer messages per wake-up, and
+//! spends more context switches per delivery (the numbers are in "The room
+//! log" in `docs/PERFORMANCE.md`).
 //!
 //! **What.** Consecutive events of one room in a batch become *one* call
 //! of `LOG_AND_PUBLISH` (see `scripts.rs`): its head — keys, bounds,
@@ -26,15 +24,15 @@
 //! same. Events are never reordered: a run is only ever made of events that
 //! were already next to each other on the lane.
 //!
-//! **Numbers** (2 cores, Redis 7.0; `make bench`, per-client subscriptions,
-//! `--history 0`): see "The room log" in `docs/PERFORMANCE.md`.
+//! **Numbers**: "Where the time goes" in `docs/PERFORMANCE.md` (the room log).
 
 use std::ops::Range;
 use std::time::Duration;
 
 use super::keys;
 use super::scripts::{LOG_AND_PUBLISH, sha_of};
-use crate::broker::{MemberChange, new_epoch};
+use crate::broker::api::MemberChange;
+use crate::broker::random::{new_epoch, random_u64};
 use crate::protocol::Room;
 
 /// Most events in one script call: Redis runs a script without serving
@@ -55,6 +53,7 @@ pub(super) enum Work {
 
 /// One event of a room, to be logged and published: a chat message, or a
 /// join or leave with its change to the member list.
+#[derive(Clone)]
 pub(super) struct Event {
     pub(super) room: Room,
     pub(super) payload: Vec<u8>,
@@ -181,7 +180,7 @@ fn head(room: &Room, bounds: &ScriptSettings) -> redis::Cmd {
         .arg(keys::channel(room, bounds.sharded))
         .arg(new_epoch())
         .arg(if bounds.sharded { "sharded" } else { "classic" })
-        .arg(super::new_place_key());
+        .arg(new_place_key());
     eval
 }
 
@@ -206,4 +205,10 @@ fn add_event(eval: &mut redis::Cmd, event: &Event) {
         }
     }
     eval.arg(event.payload.as_slice());
+}
+
+/// A secret key for a log epoch that starts (see `scripts::LOG_AND_PUBLISH`):
+/// 128 random bits, in hex.
+fn new_place_key() -> String {
+    format!("{:016x}{:016x}", random_u64(), random_u64())
 }

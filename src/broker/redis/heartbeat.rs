@@ -2,17 +2,24 @@
 //! instance alive, refreshes the keys of rooms with members here (so they
 //! do not expire while in use), and checks that Redis answers — on a
 //! cluster, every master; when one does not, it restarts the subscriptions
-//! connected to it (see [`SubscriptionSockets`](super::listener::SubscriptionSockets)).
+//! connected to it (see [`SubscriptionSockets`]). When all answer, it sends
+//! again what this instance's leaves and nickname releases could not get
+//! through, and reconciles the member lists and claims of this instance's
+//! rooms with its connections (`ghosts.rs`).
 
-use std::sync::Arc;
-use std::thread;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use super::RedisBroker;
-use super::cluster::Route;
-use super::keys;
-use super::publisher::{Job, Reply};
-use crate::broker::BrokerError;
+use crossbeam_channel::Sender;
+
+use super::ghosts::Ghosts;
+use super::job::{Job, Reply, Route};
+use super::nodes::Nodes;
+use super::queries::{Queues, refresh};
+use super::sockets::SubscriptionSockets;
+use crate::broker::error::BrokerError;
 use crate::protocol::Room;
 
 /// How long an instance's liveness key lives without a refresh.
@@ -28,17 +35,47 @@ pub(super) fn keep_alive(key: &str) -> redis::Cmd {
     set
 }
 
-impl RedisBroker {
+/// The running heartbeat thread; dropping it stops the thread (after it
+/// has queued the deletion of the liveness key) and joins it.
+pub(super) struct Heartbeat {
+    /// Dropped to stop the thread.
+    stop: Option<Sender<()>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// What the heartbeat keeps alive and checks.
+pub(super) struct Beat {
+    /// The queue it sends its commands on.
+    pub(super) lane: Sender<Job>,
+    /// This instance's liveness key.
+    pub(super) key: String,
+    pub(super) subscriptions: Arc<SubscriptionSockets>,
+    pub(super) nodes: Arc<dyn Nodes>,
+    /// Rooms with members on this instance (and how many).
+    pub(super) local_rooms: Arc<Mutex<HashMap<Room, usize>>>,
+    pub(super) room_ttl: Duration,
+    /// What this instance has in each room, to reconcile Redis with once it
+    /// answers (`ghosts.rs`).
+    pub(super) ghosts: Arc<Ghosts>,
+    /// The broker's queues, for the reconciliation's reads and writes.
+    pub(super) queues: Queues,
+}
+
+impl Heartbeat {
     /// Starts the thread that keeps this instance's liveness key fresh and
-    /// checks that Redis answers (see [`SubscriptionSockets`](super::listener::SubscriptionSockets)).
-    pub(super) fn start_heartbeat(&mut self) -> Result<(), BrokerError> {
+    /// checks that Redis answers (see [`SubscriptionSockets`]).
+    pub(super) fn start(beat: Beat) -> Result<Heartbeat, BrokerError> {
         let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
-        let lane = self.lanes[0].clone();
-        let key = keys::instance(&self.instance_id());
-        let subscriptions = Arc::clone(&self.subscriptions);
-        let topology = Arc::clone(&self.topology);
-        let local_rooms = Arc::clone(&self.local_rooms);
-        let room_ttl = self.settings.room_ttl;
+        let Beat {
+            lane,
+            key,
+            subscriptions,
+            nodes,
+            local_rooms,
+            room_ttl,
+            ghosts,
+            queues,
+        } = beat;
         // Rooms in use must be refreshed well within their time to live.
         let every = HEARTBEAT.min(room_ttl / 3);
         let handle = thread::Builder::new()
@@ -59,7 +96,7 @@ impl RedisBroker {
                         rooms.keys().cloned().collect()
                     };
                     for room in &rooms {
-                        let refresh = RedisBroker::refresh(room, room_ttl).collect();
+                        let refresh = refresh(room, room_ttl).collect();
                         let job = Job::commands(Route::room(room), refresh, Reply::None);
                         // A full lane waits, not the rooms: on a busy lane
                         // a heartbeat may take its time.
@@ -72,7 +109,13 @@ impl RedisBroker {
                     // to SET, say out of memory, would not mean the
                     // subscriptions are dead). A paused Redis is noticed by
                     // the publisher's I/O timeout.
-                    for (address, route) in topology.masters().unwrap_or_default() {
+                    let masters = nodes.masters().unwrap_or_default();
+                    let mut answered = !masters.is_empty();
+                    for route in masters {
+                        let address = match &route {
+                            Route::Node(address) => Some(address.clone()),
+                            _ => None,
+                        };
                         let (answer_tx, answer) = crossbeam_channel::bounded(1);
                         let ping = Job::commands(
                             route,
@@ -80,10 +123,12 @@ impl RedisBroker {
                             Reply::Values(answer_tx),
                         );
                         if lane.try_send(ping).is_err() {
+                            answered = false;
                             continue;
                         }
                         crossbeam_channel::select! {
                             recv(answer) -> answer => if let Ok(Err(e)) = answer {
+                                answered = false;
                                 let n = match &address {
                                     Some(address) => subscriptions.restart_at(address),
                                     None => subscriptions.restart_all(),
@@ -96,6 +141,11 @@ impl RedisBroker {
                             },
                             recv(stop_rx) -> _ => break 'beat,
                         }
+                    }
+                    // Redis answers: what it missed of this instance's
+                    // leaves and claims is put right.
+                    if answered {
+                        ghosts.beat(&queues, room_ttl);
                     }
                     // Shutdown by dropping the sender: recv fails at once.
                     if let Err(crossbeam_channel::RecvTimeoutError::Disconnected) =
@@ -110,8 +160,19 @@ impl RedisBroker {
                 let _ = lane.try_send(Job::commands(Route::key(&key), vec![del], Reply::None));
             })
             .map_err(|e| BrokerError::Redis(format!("cannot start the heartbeat thread: {e}")))?;
-        self.heartbeat_stop = Some(stop_tx);
-        self.heartbeat = Some(handle);
-        Ok(())
+        Ok(Heartbeat {
+            stop: Some(stop_tx),
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        // Shutdown by dropping the sender: the thread leaves its loop.
+        self.stop.take();
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
     }
 }

@@ -31,12 +31,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
-use super::cluster::Route;
-use super::from_value;
+use super::job::{Job, Reply, Route};
 use super::keys;
-use super::publisher::{Job, Reply};
+use super::queries::from_value;
 use super::scripts::{FORGET_ROOM, IDLE_INDEX, sha_of};
-use crate::broker::BrokerError;
+use crate::broker::error::BrokerError;
 use crate::protocol::Room;
 
 /// What a room costs besides its log (its position and member hashes, its

@@ -108,32 +108,3 @@ pub(super) fn idle_rooms() -> [String; 3] {
 pub(super) fn instance(instance: &str) -> String {
     format!("threadchat:instance:{instance}")
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::broker::redis::cluster::slot;
-
-    /// All of a room's keys and its shard channel fall in one slot,
-    /// whatever its name.
-    #[test]
-    fn a_room_is_one_slot() {
-        for name in ["lobby", "}x", "a{b}c", "%7D", "{}", "global_room"] {
-            let room = if name == "global_room" {
-                Room::global()
-            } else {
-                Room::parse(name).unwrap()
-            };
-            let mut keys = to_refresh(&room).to_vec();
-            keys.push(shard_channel(&room));
-            let slots: Vec<u16> = keys.iter().map(|k| slot(k.as_bytes())).collect();
-            assert!(slots.iter().all(|s| *s == slots[0]), "{name}: {keys:?}");
-        }
-        let index: Vec<u16> = idle_rooms().iter().map(|k| slot(k.as_bytes())).collect();
-        assert!(index.iter().all(|s| *s == index[0]));
-        assert_ne!(
-            tag(&Room::parse("}").unwrap()),
-            tag(&Room::parse("%7D").unwrap())
-        );
-    }
-}

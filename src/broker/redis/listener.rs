@@ -1,106 +1,62 @@
 //! A blocking Redis subscription, and how it survives: reconnecting with
-//! back-off after a loss, and being restarted by the heartbeat.
+//! back-off after a loss, and being restarted by the heartbeat (see
+//! [`SubscriptionSockets`]).
+//!
+//! Where to connect, on which channel, and what a refusal means are the
+//! [`Nodes`]' to say: with one Redis, always the same server and channel.
+//!
+//! A restored subscription fills its gap from the room's log before
+//! anything live ([`gaps`]), and says what it recovered with
+//! [`Event::Restored`].
 
-use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::cluster::{Redirect, Route};
+use super::gaps::{self, Gaps, Recent};
+use super::job::Route;
+use super::nodes::{Channel, Nodes, redact};
 use super::pubsub::{PubSubConnection, Push, Waited};
-use super::topology::Topology;
-use super::{CONNECT_TIMEOUT, IO_TIMEOUT, MAX_BACKOFF, MAX_REDIRECTS, redact};
-use crate::broker::{Backoff, BrokerError, Canceller, Event, Flow, Listen, StopSignal};
-use crate::config::Subscriptions;
+use super::settings::{CONNECT_TIMEOUT, IO_TIMEOUT, MAX_BACKOFF, MAX_MOVES};
+use super::sockets::{Current, SubscriptionSockets};
+use crate::broker::backoff::Backoff;
+use crate::broker::error::BrokerError;
+use crate::broker::subscription::{Canceller, Event, Flow, Listen, StopSignal};
 use crate::metrics::Metrics;
-use crate::protocol::{Incoming, Room};
-
-/// Every subscription socket of a broker (weakly: a listener's `Current`),
-/// so that one failed liveness check restarts them all.
-///
-/// Why one check per process and not one per subscription: a subscription
-/// connection is silent while its room is, and a paused Redis (or a
-/// half-open connection to it) looks just like a quiet room. Checking each
-/// subscription with its own PING cost a wake-up per client every few
-/// seconds — 1.9% of a core for 5,000 idle per-client subscriptions. All of
-/// a process's subscriptions go to the same Redis, so the heartbeat thread
-/// checks it once every `heartbeat::HEARTBEAT` for all of them; when Redis
-/// does not answer, it shuts every subscription socket down, and each
-/// listener reconnects as after any loss. A single connection that dies silently
-/// while Redis is fine is the kernel's business: subscription sockets have
-/// TCP keepalive (see `pubsub::PubSubConnection::connect`).
-#[derive(Default)]
-pub(super) struct SubscriptionSockets(Mutex<Tracked>);
-
-#[derive(Default)]
-struct Tracked {
-    currents: Vec<std::sync::Weak<CurrentSocket>>,
-    /// Forget ended listeners when the list reaches this length (amortised).
-    prune_at: usize,
-}
-
-impl SubscriptionSockets {
-    pub(super) fn track(&self, current: &Current) {
-        let mut tracked = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if tracked.currents.len() >= tracked.prune_at {
-            tracked.currents.retain(|c| c.strong_count() > 0);
-            tracked.prune_at = (tracked.currents.len() * 2).max(64);
-        }
-        tracked.currents.push(Arc::downgrade(current));
-    }
-
-    /// Shuts down every live subscription's socket; returns how many.
-    pub(super) fn restart_all(&self) -> usize {
-        self.restart_where(|_| true)
-    }
-
-    /// Shuts down the live subscriptions connected anywhere but `address`
-    /// (`ip:port`: a new master); returns how many. For the Sentinel
-    /// watcher (`ha/failover.rs`).
-    #[cfg(feature = "redis-ha")]
-    pub(super) fn restart_away_from(&self, address: &str) -> usize {
-        self.restart_where(|peer| peer.to_string() != address)
-    }
-
-    /// Shuts down the live subscriptions connected to `address` (`ip:port`:
-    /// a cluster's master that does not answer); returns how many.
-    pub(super) fn restart_at(&self, address: &str) -> usize {
-        self.restart_where(|peer| peer.to_string() == address)
-    }
-
-    fn restart_where(&self, restart: impl Fn(SocketAddr) -> bool) -> usize {
-        let tracked = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let mut restarted = 0;
-        for current in tracked.currents.iter().filter_map(|c| c.upgrade()) {
-            if current.shut_down_if(&restart) {
-                restarted += 1;
-            }
-        }
-        restarted
-    }
-}
+use crate::protocol::{Incoming, Room, unix_millis};
 
 /// A blocking Redis subscription: a client's own (per-client mode), or a
 /// room's shared one (shared mode, run by the room's listener thread).
 pub(super) struct RedisListener {
     /// Where Redis is, asked at every (re)connection.
-    topology: Arc<Topology>,
+    nodes: Arc<dyn Nodes>,
     url: String,
-    channel: String,
-    /// Where the channel is (on a cluster, the room's slot).
+    channel: Channel,
+    room: Room,
+    /// Reads the room's log when a lost subscription is restored.
+    gaps: Arc<Gaps>,
+    /// Where the channel is.
     route: Route,
-    /// On a cluster: sharded pub/sub (`SSUBSCRIBE`).
-    sharded: bool,
     /// The current connection's socket, for the canceller to shut down.
     current: Current,
     metrics: Arc<Metrics>,
-    /// Whose subscription this is. A client's own (`PerClient`) gives up
-    /// if it never got going, so that the client is refused. A room's
-    /// (`Shared`) never gives up (clients come and go; it stops when the
-    /// last one leaves), and reports every failed attempt, not only the
-    /// loss of a live subscription.
-    mode: Subscriptions,
+    /// When it gives up, and which failures it reports.
+    patience: Patience,
     /// Longest payload read into memory (see [`Push::Oversized`]).
     max_payload: usize,
+}
+
+/// When a listener gives up, and which failures it reports: chosen by
+/// whoever builds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Patience {
+    /// A client's own subscription: if it never got going, the error is
+    /// returned (the client is refused); once subscribed, a loss is
+    /// reported and recovered from.
+    UntilFirstFailure,
+    /// One that serves whoever comes and goes: it never gives up (it stops
+    /// when cancelled), and reports every failed attempt, not only the
+    /// loss of a live subscription.
+    Endless,
 }
 
 impl Listen for RedisListener {
@@ -123,21 +79,21 @@ impl Listen for RedisListener {
             if stop.is_stopped() {
                 return Ok(());
             }
-            if !state.ever_subscribed && self.mode == Subscriptions::PerClient {
+            if !state.ever_subscribed && self.patience == Patience::UntilFirstFailure {
                 // Never got going: the caller refuses the client instead.
                 return Err(error);
             }
             if state.live {
                 self.metrics.subscriptions_lost.inc();
                 state.down.replace(Down::new(&self.metrics));
-                log::debug!("subscription to {} lost: {error}", self.channel);
+                state.gap().lost_at = unix_millis();
+                log::debug!("subscription to {} lost: {error}", self.channel.name);
                 if on_event(Event::Lost(Arc::new(error))).is_break() {
                     return Ok(());
                 }
                 backoff.reset();
-            } else if self.mode == Subscriptions::Shared {
-                // A room's shared subscription serves clients that are
-                // waiting to join: each failed attempt tells them.
+            } else if self.patience == Patience::Endless {
+                // Those waiting to join are told of each failed attempt.
                 if on_event(Event::Lost(Arc::new(error))).is_break() {
                     return Ok(());
                 }
@@ -159,8 +115,42 @@ pub(super) struct ListenState {
     ever_subscribed: bool,
     /// Present while the subscription is lost and not yet restored.
     down: Option<Down>,
-    /// The last attempt was told its slot is served elsewhere (`MOVED`).
-    redirected: bool,
+    /// The last attempt was told the room is served elsewhere now.
+    moved: bool,
+    /// Where a gap would begin, and the last one filled: boxed, so that
+    /// the listener's frame, on every subscriber thread's deepest call
+    /// chain, stays small (see `Subscription::run`).
+    gap: Option<Box<GapState>>,
+}
+
+/// What a listener keeps to fill its gaps.
+#[derive(Default)]
+struct GapState {
+    /// The places of the last messages delivered: where a gap begins.
+    recent: Recent,
+    /// When the subscription was last lost (Unix ms).
+    lost_at: u64,
+    /// The end of the log read that filled the last gap: live messages at
+    /// or before it (in its epoch) were delivered from the log.
+    filled_upto: Option<(String, u64)>,
+}
+
+impl ListenState {
+    fn gap(&mut self) -> &mut GapState {
+        self.gap.get_or_insert_with(Box::default)
+    }
+
+    /// Whether `incoming` was delivered from the log already.
+    fn filled(&self, incoming: &Incoming) -> bool {
+        let Some((epoch, end)) = self.gap.as_ref().and_then(|gap| gap.filled_upto.as_ref()) else {
+            return false;
+        };
+        incoming
+            .message()
+            .ok()
+            .and_then(|msg| msg.at())
+            .is_some_and(|at| at.epoch == epoch && at.offset <= *end)
+    }
 }
 
 /// A subscription that is down, counted in `subscriptions_down` for as
@@ -182,13 +172,15 @@ impl Drop for Down {
 
 impl RedisListener {
     /// A listener for `room`'s channel, and the canceller that stops it.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
-        topology: &Arc<Topology>,
+        nodes: &Arc<dyn Nodes>,
+        gaps: &Arc<Gaps>,
         url: &str,
         room: &Room,
         metrics: &Arc<Metrics>,
         subscriptions: &SubscriptionSockets,
-        mode: Subscriptions,
+        patience: Patience,
         max_payload: usize,
     ) -> (RedisListener, Canceller) {
         let current = Current::default();
@@ -202,23 +194,24 @@ impl RedisListener {
             })
         };
         let listener = RedisListener {
-            topology: Arc::clone(topology),
+            nodes: Arc::clone(nodes),
             url: url.to_owned(),
-            channel: topology.channel(room),
+            channel: nodes.channel(room),
+            room: room.clone(),
+            gaps: Arc::clone(gaps),
             route: Route::room(room),
-            sharded: topology.is_cluster(),
             current,
             metrics: Arc::clone(metrics),
-            mode,
+            patience,
             max_payload,
         };
         (listener, canceller)
     }
 
     /// One connection's worth of subscription: connect, subscribe, deliver.
-    /// Returns `Ok` when stopped, `Err` when the connection fails. A
-    /// cluster's `MOVED` at subscribing is followed at once (a few times):
-    /// it is not a loss, only a slot map that was out of date.
+    /// Returns `Ok` when stopped, `Err` when the connection fails. A room
+    /// found to be served elsewhere at subscribing is followed at once (a
+    /// few times): it is not a loss, only a map that was out of date.
     pub(super) fn connection(
         &self,
         stop: &StopSignal,
@@ -226,8 +219,8 @@ impl RedisListener {
         state: &mut ListenState,
     ) -> Result<(), BrokerError> {
         let mut result = self.attempt(stop, on_event, state);
-        for _ in 0..MAX_REDIRECTS {
-            if !std::mem::take(&mut state.redirected) {
+        for _ in 0..MAX_MOVES {
+            if !std::mem::take(&mut state.moved) {
                 break;
             }
             result = self.attempt(stop, on_event, state);
@@ -235,32 +228,32 @@ impl RedisListener {
         result
     }
 
-    /// One connection to the node the topology names now.
+    /// One connection to the node the nodes name now.
     fn attempt(
         &self,
         stop: &StopSignal,
         on_event: &mut dyn FnMut(Event) -> Flow,
         state: &mut ListenState,
     ) -> Result<(), BrokerError> {
-        let (address, client) = self.topology.node(self.route)?;
+        let (address, client) = self.nodes.node(&self.route)?;
         let info = client.get_connection_info().clone();
         let (mut con, socket) = PubSubConnection::connect(&info, CONNECT_TIMEOUT, self.max_payload)
             .map_err(|e| {
-                self.topology.unreachable(&address);
+                self.nodes.unreachable(&address);
                 BrokerError::Connect {
                     url: redact(&self.url),
                     reason: e.to_string(),
                 }
             })?;
-        self.topology.reached(&address);
+        self.nodes.reached(&address);
         self.current.set(Some(socket));
         let result = self.receive(&mut con, stop, on_event, state);
         self.current.set(None);
         match &result {
-            // Moved by the cluster: the server is fine, the map is not.
-            Err(BrokerError::Moved) => self.topology.forget(),
+            // Moved: the server is fine, the map of where rooms are is not.
+            Err(BrokerError::Moved) => self.nodes.forget(),
             // Lost: the next connection asks where the master is now.
-            Err(_) => self.topology.unreachable(&address),
+            Err(_) => self.nodes.unreachable(&address),
             Ok(()) => {}
         }
         result
@@ -275,10 +268,10 @@ impl RedisListener {
     ) -> Result<(), BrokerError> {
         let lost = |e: std::io::Error| BrokerError::Redis(e.to_string());
         con.set_read_timeout(Some(IO_TIMEOUT)).map_err(lost)?;
-        if let Err(e) = con.subscribe(&[&self.channel], self.sharded) {
-            if let Some(redirect) = Redirect::in_message(&e.to_string()) {
-                self.topology.redirected(&redirect);
-                state.redirected = true;
+        let channel = &self.channel.name;
+        if let Err(e) = con.subscribe(&[channel], self.channel.sharded) {
+            if self.nodes.moved(&e.to_string()) {
+                state.moved = true;
                 return Err(BrokerError::Moved);
             }
             return Err(lost(e));
@@ -287,6 +280,15 @@ impl RedisListener {
         // timeout. A Redis that stops answering is noticed by the heartbeat,
         // which shuts this socket down (see `SubscriptionSockets`).
         con.set_read_timeout(None).map_err(lost)?;
+        // Restored: what was published meanwhile is read from the log
+        // before anything live. If it cannot be read, the subscription is
+        // not restored yet (its clients have heard nothing new): it is
+        // tried again as after any loss.
+        let restored = if state.ever_subscribed {
+            Some(self.fill(state)?)
+        } else {
+            None
+        };
         state.live = true;
         // Restored (if it was down): no longer counted as down.
         drop(state.down.take());
@@ -296,8 +298,20 @@ impl RedisListener {
         state.ever_subscribed = true;
         // Only now, with the socket registered for the canceller and
         // SUBSCRIBE acknowledged, is a cancel sure to be seen.
-        if stop.is_stopped() || on_event(Event::Subscribed).is_break() {
+        if stop.is_stopped() {
             return Ok(());
+        }
+        match restored {
+            None => {
+                if on_event(Event::Subscribed).is_break() {
+                    return Ok(());
+                }
+            }
+            Some(fill) => {
+                if deliver_fill(fill, on_event).is_break() {
+                    return Ok(());
+                }
+            }
         }
         let mut behind = Behind::default();
         // The clock is read once per read from the socket: what one read
@@ -328,27 +342,29 @@ impl RedisListener {
                 return Ok(());
             }
             let incoming = match con.next().map_err(lost)? {
-                Push::Message { channel, payload } if channel == self.channel.as_bytes() => {
-                    Some(Incoming::parse(&payload, behind.since(now)))
-                }
-                Push::Oversized { channel, len } if channel == self.channel.as_bytes() => {
+                Push::Message {
+                    channel: on,
+                    payload,
+                } if on == channel.as_bytes() => Some(Incoming::parse(&payload, behind.since(now))),
+                Push::Oversized { channel: on, len } if on == channel.as_bytes() => {
                     Some(Incoming::oversized(len, behind.since(now)))
                 }
                 Push::Pong => {
                     behind.ponged(now);
                     None
                 }
-                Push::Unsubscribed { channel } if channel == self.channel.as_bytes() => {
-                    // A cluster moved the room's slot to another master
-                    // (a resharding, a failover): subscribe there.
+                Push::Unsubscribed { channel: on } if on == channel.as_bytes() => {
+                    // Redis ended the subscription itself: the room is
+                    // served elsewhere now. Subscribe there.
                     return Err(BrokerError::Moved);
                 }
                 _ => None,
             };
-            if let Some(incoming) = incoming
-                && on_event(Event::Message(Arc::new(incoming))).is_break()
-            {
-                return Ok(());
+            if let Some(incoming) = incoming.filter(|incoming| !state.filled(incoming)) {
+                state.gap().recent.note(&incoming);
+                if on_event(Event::Message(Arc::new(incoming))).is_break() {
+                    return Ok(());
+                }
             }
             // Messages Redis sent together are written to the client
             // together: flush only when nothing more is already here. Also
@@ -359,6 +375,40 @@ impl RedisListener {
             }
         }
     }
+}
+
+impl RedisListener {
+    /// Reads the room's log for a restored subscription, and what it must
+    /// deliver from it. (Out of line, and boxed: see [`ListenState::gap`].)
+    #[inline(never)]
+    fn fill(&self, state: &mut ListenState) -> Result<Box<gaps::Fill>, BrokerError> {
+        let log = self.gaps.read(&self.room, Instant::now())?;
+        let gap = state.gap();
+        let fill = gaps::fill(&log, &gap.recent, gap.lost_at);
+        if let Some(newest) = fill.messages.last() {
+            gap.recent.note(newest);
+        }
+        gap.filled_upto = fill.upto.clone();
+        self.metrics.gap_recovered.inc_by(fill.gap.recovered as u64);
+        if fill.gap.missing.is_some() {
+            self.metrics.gaps_incomplete.inc();
+        }
+        Ok(Box::new(fill))
+    }
+}
+
+/// Hands a restored subscription's gap to `on_event`: what it recovered,
+/// the messages, then `Idle` to write them out.
+// Boxed on purpose: unboxed, the caller's frame would hold it.
+#[allow(clippy::boxed_local)]
+#[inline(never)]
+fn deliver_fill(fill: Box<gaps::Fill>, on_event: &mut dyn FnMut(Event) -> Flow) -> Flow {
+    let gaps::Fill { gap, messages, .. } = *fill;
+    on_event(Event::Restored(Arc::new(gap)))?;
+    for message in messages {
+        on_event(Event::Message(message))?;
+    }
+    on_event(Event::Idle)
 }
 
 /// How long what a listener reads has waited behind Redis: this instance's
@@ -420,38 +470,6 @@ impl Behind {
     }
 }
 
-/// The socket of a listener's current connection, if it has one: shared
-/// with the listener's canceller and with [`SubscriptionSockets`], which shut it
-/// down to wake the listener.
-pub(super) type Current = Arc<CurrentSocket>;
-
-#[derive(Default)]
-pub(super) struct CurrentSocket(Mutex<Option<Arc<TcpStream>>>);
-
-impl CurrentSocket {
-    fn set(&self, socket: Option<Arc<TcpStream>>) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = socket;
-    }
-
-    /// Shuts the socket down, so that a read blocked on it returns at once;
-    /// false when there is no connection right now.
-    fn shut_down(&self) -> bool {
-        self.shut_down_if(|_| true)
-    }
-
-    /// [`shut_down`](Self::shut_down), if `restart` says so of the address
-    /// the socket is connected to (a socket with none is shut down).
-    fn shut_down_if(&self, restart: impl Fn(SocketAddr) -> bool) -> bool {
-        match self.0.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            Some(stream) if stream.peer_addr().map_or(true, &restart) => {
-                let _ = stream.shutdown(Shutdown::Both);
-                true
-            }
-            _ => false,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,7 +478,7 @@ mod tests {
     use std::thread;
     use std::time::Duration;
 
-    use crate::broker::Subscription;
+    use crate::broker::subscription::Subscription;
 
     /// A message that arrives in the same read as a reply that is not a
     /// message (here a pong) is still followed by `Idle`, the subscriber's
@@ -489,17 +507,19 @@ mod tests {
             // Hold the connection until the listener is cancelled.
             let _ = redis.read(&mut command);
         });
-        let target = crate::config::RedisTarget::Server(url.clone());
-        let topology = Arc::new(Topology::new(&target).unwrap());
+        let nodes: Arc<dyn Nodes> =
+            Arc::new(crate::broker::redis::nodes::OneServer::new(&url).unwrap());
         let metrics = Arc::new(Metrics::default());
         let subscriptions = SubscriptionSockets::default();
+        let gaps = Arc::new(Gaps::new(&nodes, 0));
         let (listener, canceller) = RedisListener::new(
-            &topology,
+            &nodes,
+            &gaps,
             &url,
             &Room::parse("ch").unwrap(),
             &metrics,
             &subscriptions,
-            Subscriptions::PerClient,
+            Patience::UntilFirstFailure,
             1024,
         );
         let subscription = Subscription::new(Box::new(listener), canceller.clone());
@@ -511,6 +531,7 @@ mod tests {
                     Event::Message(_) => "message",
                     Event::Idle => "idle",
                     Event::Lost(_) => "lost",
+                    Event::Restored(_) => "restored",
                 };
                 let _ = events_tx.send(name);
                 Flow::Continue(())

@@ -9,21 +9,33 @@
 //! heartbeat) is left out of lists and removed. On a cluster the liveness
 //! keys are on any master, so each is checked as a job of its own.
 
-use super::cluster::Route;
-use super::scripts::{SWAP_FIELD, sha_of};
-use super::{RedisBroker, from_value, keys};
-use crate::broker::{BrokerError, Place, Presence};
+use std::time::Duration;
+
+use super::ghosts::swap_nickname;
+use super::job::Route;
+use super::keys;
+use super::queries::{Queues, from_value};
+use crate::broker::api::{Place, Presence};
+use crate::broker::error::BrokerError;
 use crate::protocol::{ConnId, Room};
 
 /// Most attempts to claim a nickname that is given back while it is
 /// being claimed.
 const CLAIM_TRIES: usize = 3;
 
-impl RedisBroker {
+/// A room's members and claimed nicknames, read and changed through the
+/// query threads.
+pub(super) struct Members<'a> {
+    pub(super) queues: &'a Queues,
+    /// How long a room's keys live after their last use (`--room-ttl`).
+    pub(super) room_ttl: Duration,
+}
+
+impl Members<'_> {
     /// Who is in `room` (see `Broker::presence`): the whole list of a
     /// small room, without members of dead instances; the count and a
     /// sample of a big one.
-    pub(super) fn room_presence(&self, room: &Room, limit: usize) -> Result<Presence, BrokerError> {
+    pub(super) fn presence(&self, room: &Room, limit: usize) -> Result<Presence, BrokerError> {
         let members = keys::members(room);
         // The room's size decides how it is listed: whole, or a sample (one
         // HSCAN step) when big. A size that changes in between only makes
@@ -31,7 +43,8 @@ impl RedisBroker {
         let mut hlen = redis::cmd("HLEN");
         hlen.arg(&members);
         let size: usize = from_value(
-            self.run(Route::room(room), vec![hlen.clone()])?
+            self.queues
+                .run(Route::room(room), vec![hlen.clone()])?
                 .into_iter()
                 .next(),
         )?;
@@ -44,7 +57,7 @@ impl RedisBroker {
         let mut position = redis::cmd("HMGET");
         position.arg(keys::meta(room)).arg("epoch").arg("last");
         let ((epoch, last), count, list): ((Option<String>, Option<u64>), usize, redis::Value) =
-            self.transaction(room, vec![position, hlen, list])?;
+            self.queues.transaction(room, vec![position, hlen, list])?;
         let entries: Vec<(String, String)> = if whole {
             from_value(Some(list))?
         } else {
@@ -77,7 +90,7 @@ impl RedisBroker {
     /// The nicknames of `entries` (connection, nickname) whose instance is
     /// alive, sorted; members of instances that died are removed for
     /// everyone.
-    pub(super) fn live_members(
+    fn live_members(
         &self,
         room: &Room,
         entries: Vec<(String, String)>,
@@ -105,7 +118,7 @@ impl RedisBroker {
             for (conn, _) in &ghosts {
                 hdel.arg(conn);
             }
-            self.run_detached(Route::room(room), vec![hdel]);
+            self.queues.run_detached(Route::room(room), vec![hdel]);
         }
         let mut members: Vec<String> = live.into_iter().map(|(_, n)| n.clone()).collect();
         members.sort();
@@ -115,7 +128,7 @@ impl RedisBroker {
     /// Which of `instances` are alive (their liveness key exists): one
     /// `EXISTS` each, each a job of its own, since on a cluster their keys
     /// are on any master.
-    pub(super) fn alive(&self, instances: &[&str]) -> Result<Vec<bool>, BrokerError> {
+    fn alive(&self, instances: &[&str]) -> Result<Vec<bool>, BrokerError> {
         let checks = instances
             .iter()
             .map(|i| {
@@ -126,6 +139,7 @@ impl RedisBroker {
             })
             .collect();
         Ok(self
+            .queues
             .run_each(checks)?
             .into_iter()
             .map(|v| from_value::<bool>(v.into_iter().next()).unwrap_or(false))
@@ -149,13 +163,11 @@ impl RedisBroker {
             let mut claim = redis::cmd("HSETNX");
             claim.arg(&names).arg(nickname).arg(conn.as_str());
             let mut expire = redis::cmd("PEXPIRE");
-            expire
-                .arg(&names)
-                .arg(self.settings.room_ttl.as_millis() as u64);
+            expire.arg(&names).arg(self.room_ttl.as_millis() as u64);
             let mut holder = redis::cmd("HGET");
             holder.arg(&names).arg(nickname);
             let (claimed, _, holder): (bool, bool, Option<String>) =
-                self.transaction(room, vec![claim, expire, holder])?;
+                self.queues.transaction(room, vec![claim, expire, holder])?;
             let holder = match holder {
                 _ if claimed => return Ok(true),
                 Some(holder) if holder == conn.as_str() => return Ok(true),
@@ -168,30 +180,15 @@ impl RedisBroker {
                 return Ok(false);
             }
             let swap = swap_nickname(room, nickname, &holder, conn.as_str());
-            let reply = self.run(Route::room(room), vec![swap])?.into_iter().next();
+            let reply = self
+                .queues
+                .run(Route::room(room), vec![swap])?
+                .into_iter()
+                .next();
             if from_value::<bool>(reply)? {
                 return Ok(true);
             }
         }
         Ok(false)
     }
-
-    /// Gives `nickname` back, if `conn` still holds it.
-    pub(super) fn release(&self, room: &Room, nickname: &str, conn: &ConnId) {
-        let swap = swap_nickname(room, nickname, conn.as_str(), "");
-        self.run_detached(Route::room(room), vec![swap]);
-    }
-}
-
-/// Runs [`SWAP_FIELD`] on a room's claimed
-/// nicknames: `nickname` from `from` to `to` (empty: given back).
-fn swap_nickname(room: &Room, nickname: &str, from: &str, to: &str) -> redis::Cmd {
-    let mut swap = redis::cmd("EVALSHA");
-    swap.arg(sha_of(SWAP_FIELD))
-        .arg(1)
-        .arg(keys::nicknames(room))
-        .arg(nickname)
-        .arg(from)
-        .arg(to);
-    swap
 }

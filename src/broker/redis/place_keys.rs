@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::broker::{EpochKey, PlaceKey};
+use crate::broker::places::{EpochKey, PlaceKey};
 use crate::protocol::Room;
 
 /// Most reads of one room's key in a second.

@@ -9,9 +9,9 @@
 //! Reads that must see one moment (the log with where it begins, the member
 //! list with the offset it reflects) need no logic, only that nothing runs
 //! in between: they are `MULTI`/`EXEC` transactions
-//! (`RedisBroker::transaction`), which spare Redis converting replies to Lua
-//! and back — as a script, reading a 5,000-member room's presence cost
-//! Redis about 100 µs. Every connection loads the script when it opens
+//! (`Queues::transaction` in `queries.rs`), which spare Redis converting
+//! replies to Lua and back, a cost that grows with the reply (a big room's
+//! presence). Every connection loads the script when it opens
 //! (`SCRIPT LOAD`), and commands call it by SHA1 (`EVALSHA`).
 
 /// Logs the chat messages of a run of events of one room in its room's
@@ -27,7 +27,7 @@
 /// the room's time to live (ms), the channel, an epoch for a log that
 /// starts afresh, `sharded` on a Redis Cluster (the script then
 /// `SPUBLISH`es on the room's shard channel, which is in the keys' slot;
-/// see `cluster.rs`) or `classic`, a place key for a log that starts
+/// see `ha/cluster.rs`) or `classic`, a place key for a log that starts
 /// afresh (see below); then each event as its change (`""`, `join` or `leave`),
 /// how many connection arguments follow, those (connection ids, with their
 /// nicknames for a join), and its payload. Each payload gets the next
@@ -39,7 +39,7 @@
 /// (with no log kept,
 /// `first` is not kept either: it is always `last + 1`). A key gets its
 /// time to live when it is created, or changed by a join; the heartbeat and
-/// every joiner refresh them (see `RedisBroker::refresh`), so a message
+/// every joiner refresh them (see `queries::refresh`), so a message
 /// costs no `PEXPIRE`.
 ///
 /// **Places that cannot be forged.** Anyone who can publish on a room's
@@ -60,10 +60,17 @@
 /// itself is kept, its offsets going on from where it stands: on a Redis
 /// Cluster a room's keys also move to another master whole (a resharding
 /// `MIGRATE`s them), and its history should not be lost with the move.
-/// (Reading `INFO server` costs Redis about 5 µs per call: per run of
-/// events, not per message. A Redis that refuses `INFO` — an ACL user
+/// (`INFO server` is read once per run of events, not per message. A Redis that refuses `INFO` — an ACL user
 /// without it, a renamed command — gets no such check, rather than
 /// refusing every message.)
+///
+/// **A leave only once.** A leave is published only if it takes one of
+/// its connections off the member list: a leave sent again after a failure
+/// (its first try may have landed after all) and the heartbeat's
+/// reconciliation (see `ghosts.rs`) may both announce one connection's
+/// leave, and the room hears it once. A leave that is dropped takes no
+/// offset. (Whether a connection is on the list is read before the first
+/// write, and follows the joins and leaves of the run before it.)
 ///
 /// The first write (`HINCRBY`) comes before anything else is changed or
 /// published: when Redis refuses writes (`maxmemory`), it refuses that one
@@ -80,6 +87,23 @@ while i <= #ARGV do
   events[#events + 1] = {change = ARGV[i], from = i + 2, to = i + 1 + count, payload = ARGV[i + 2 + count]}
   i = i + 3 + count
 end
+local present, kept = {}, {}
+for _, event in ipairs(events) do
+  local keep = event.change ~= 'leave'
+  if event.change == 'join' then
+    for j = event.from, event.to, 2 do present[ARGV[j]] = true end
+  elseif not keep then
+    for j = event.from, event.to do
+      local conn = ARGV[j]
+      if present[conn] == nil then present[conn] = redis.call('HEXISTS', members, conn) == 1 end
+      keep = keep or present[conn]
+      present[conn] = false
+    end
+  end
+  if keep then kept[#kept + 1] = event end
+end
+events = kept
+if #events == 0 then return 0 end
 local info = redis.pcall('INFO', 'server')
 local run = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or ''
 local position = redis.call('HMGET', meta, 'epoch', 'run', 'key')

@@ -7,12 +7,14 @@ use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::Sender;
 
-use super::listener::{RedisListener, SubscriptionSockets};
-use super::topology::Topology;
+use super::gaps::Gaps;
+use super::listener::{Patience, RedisListener};
+use super::nodes::Nodes;
+use super::sockets::SubscriptionSockets;
+use crate::broker::error::BrokerError;
 use crate::broker::fanout::{Fanout, FanoutListener, Source};
-use crate::broker::{BrokerError, Canceller, Event, Flow, Listen, Subscription};
+use crate::broker::subscription::{Canceller, Event, Flow, Listen, Subscription};
 use crate::capacity::{Capacity, Cost, Reservation};
-use crate::config::Subscriptions;
 use crate::metrics::Metrics;
 use crate::protocol::{ConnId, Room};
 
@@ -40,7 +42,9 @@ pub(super) struct SharedFeeds {
     /// unregistering, so a room's feed is started and stopped exactly once.
     pub(super) feeds: Mutex<HashMap<String, RoomFeed>>,
     /// Where Redis is.
-    pub(super) topology: Arc<Topology>,
+    pub(super) nodes: Arc<dyn Nodes>,
+    /// Reads the room's log when a feed's subscription is restored.
+    pub(super) gaps: Arc<Gaps>,
     pub(super) url: String,
     pub(super) metrics: Arc<Metrics>,
     pub(super) subscriptions: Arc<SubscriptionSockets>,
@@ -139,12 +143,15 @@ impl SharedFeeds {
             )
         })?;
         let (listener, canceller) = RedisListener::new(
-            &self.topology,
+            &self.nodes,
+            &self.gaps,
             &self.url,
             room,
             &self.metrics,
             &self.subscriptions,
-            Subscriptions::Shared,
+            // A room's feed serves clients that come and go: it never
+            // gives up, and those waiting to join hear of every failure.
+            Patience::Endless,
             self.max_payload,
         );
         let listener = Box::new(listener);

@@ -64,10 +64,23 @@ impl Client {
         self.ws.send(message).unwrap();
     }
 
+    /// The next message, as tungstenite reads it, past interruptions. A
+    /// read on a socket with a read timeout is never restarted after a
+    /// signal (signal(7)), whatever the handler asks: it fails with
+    /// `Interrupted`, which says nothing about the server.
+    fn read(&mut self) -> tungstenite::Result<Message> {
+        loop {
+            match self.ws.read() {
+                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                other => return other,
+            }
+        }
+    }
+
     /// The next data frame, parsed as JSON (control frames are skipped).
     pub fn recv(&mut self) -> Value {
         loop {
-            match self.ws.read() {
+            match self.read() {
                 Ok(Message::Text(text)) => {
                     return serde_json::from_str(text.as_str())
                         .unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
@@ -157,7 +170,7 @@ impl Client {
     /// The next text frame as it is (for `?format=text`).
     pub fn recv_text(&mut self) -> String {
         loop {
-            match self.ws.read() {
+            match self.read() {
                 Ok(Message::Text(text)) => return text.as_str().to_owned(),
                 Ok(Message::Close(frame)) => panic!("closed while waiting for text: {frame:?}"),
                 Ok(_) => continue,
@@ -214,7 +227,7 @@ impl Client {
     ) -> tungstenite::Result<Message> {
         self.ws.get_ref().set_read_timeout(Some(wait)).unwrap();
         let result = loop {
-            match self.ws.read() {
+            match self.read() {
                 Ok(Message::Text(text)) => {
                     let frame: Value = serde_json::from_str(text.as_str()).unwrap();
                     if wanted(&frame) {
@@ -231,7 +244,7 @@ impl Client {
     /// Reads until the server closes; returns how.
     pub fn recv_close(&mut self) -> Closed {
         loop {
-            match self.ws.read() {
+            match self.read() {
                 Ok(Message::Close(Some(CloseFrame { code, reason }))) => {
                     return Closed::Frame(u16::from(code), reason.as_str().to_owned());
                 }
@@ -257,7 +270,7 @@ impl Client {
             reason: "bye".into(),
         }));
         // Wait for the server's close reply (or the connection's end).
-        while self.ws.read().is_ok() {}
+        while self.read().is_ok() {}
     }
 
     /// Drops the TCP connection without any close frame.

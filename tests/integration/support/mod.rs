@@ -31,13 +31,29 @@ use std::time::{Duration, Instant};
 /// these are correctness tests, not timing tests.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
-/// A port nothing listens on right now.
+/// A port nothing listens on right now, and that this test process has
+/// never handed out before.
+///
+/// Never twice: a test that kills a Redis leaves others that still know its
+/// port. A Cluster's surviving nodes keep greeting a dead node's port, and
+/// meet whatever node starts there next, so another test's fresh node would
+/// join the dead node's cluster ("Node ... is not empty" at `cluster create`,
+/// seen under the full suite). Sentinels likewise would turn a new Redis on a
+/// dead master's port into a replica.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Waits until `check` holds, or fails the test with `what`.

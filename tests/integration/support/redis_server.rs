@@ -14,7 +14,17 @@ pub struct Redis {
 
 impl Redis {
     pub fn start() -> Redis {
-        Redis::start_on(free_port())
+        Redis::start_on(Redis::fresh_port())
+    }
+
+    /// A free port for a new Redis, with its folder emptied: an earlier
+    /// test process may have left a `dump.rdb` there (a replica saves what
+    /// it receives), which a Redis started in it would load — another
+    /// test's room log, or, for a cluster node, "Node … is not empty".
+    pub fn fresh_port() -> u16 {
+        let port = free_port();
+        let _ = std::fs::remove_dir_all(Redis::dir(port));
+        port
     }
 
     /// Starts (or restarts) Redis on a given port.

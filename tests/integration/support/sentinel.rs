@@ -25,7 +25,10 @@ impl Sentinels {
     pub fn start() -> Sentinels {
         let master = Redis::start();
         let master_port = master.port.to_string();
-        let replica = Redis::start_with(free_port(), &["--replicaof", "127.0.0.1", &master_port]);
+        let replica = Redis::start_with(
+            Redis::fresh_port(),
+            &["--replicaof", "127.0.0.1", &master_port],
+        );
         eventually("the replica in sync", || {
             let info: String = replica.query(&["INFO", "replication"]);
             info.contains("master_link_status:up")

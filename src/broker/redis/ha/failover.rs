@@ -26,11 +26,10 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::broker::BrokerError;
-use crate::broker::redis::CONNECT_TIMEOUT;
-use crate::broker::redis::listener::SubscriptionSockets;
+use crate::broker::error::BrokerError;
 use crate::broker::redis::pubsub::{PubSubConnection, Push};
-use crate::broker::redis::topology::Topology;
+use crate::broker::redis::settings::CONNECT_TIMEOUT;
+use crate::broker::redis::sockets::SubscriptionSockets;
 
 /// The channel on which sentinels announce a new master:
 /// `NAME OLD_IP OLD_PORT NEW_IP NEW_PORT`.
@@ -48,21 +47,19 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    /// Starts watching, if `topology` is a Sentinel one.
+    /// Starts listening to the sentinels at `addresses` for moves of the
+    /// master they call `master_name`; `moved` is called at each one.
     pub fn start(
-        topology: &Arc<Topology>,
+        addresses: Vec<String>,
+        master_name: String,
+        moved: Box<dyn Fn() + Send>,
         subscriptions: &Arc<SubscriptionSockets>,
-    ) -> Result<Option<Watcher>, BrokerError> {
-        let Topology::Sentinel(sentinels) = &**topology else {
-            return Ok(None);
-        };
-        let addresses = sentinels.addresses().to_vec();
-        let master_name = sentinels.master_name().to_owned();
+    ) -> Result<Watcher, BrokerError> {
         let stopping = Arc::new(AtomicBool::new(false));
         let socket: Arc<Mutex<Option<Arc<TcpStream>>>> = Arc::default();
         let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
         let watch = Watch {
-            topology: Arc::clone(topology),
+            moved,
             subscriptions: Arc::clone(subscriptions),
             addresses,
             master_name,
@@ -74,12 +71,12 @@ impl Watcher {
             .stack_size(crate::THREAD_STACK_SIZE)
             .spawn(move || watch.run(&stopped))
             .map_err(|e| BrokerError::Redis(format!("cannot start the Sentinel watcher: {e}")))?;
-        Ok(Some(Watcher {
+        Ok(Watcher {
             stopping,
             socket,
             stop: Some(stop),
             handle: Some(handle),
-        }))
+        })
     }
 }
 
@@ -98,7 +95,8 @@ impl Drop for Watcher {
 
 /// The watcher thread's state.
 struct Watch {
-    topology: Arc<Topology>,
+    /// Tells the sentinels' master that it moved.
+    moved: Box<dyn Fn() + Send>,
     subscriptions: Arc<SubscriptionSockets>,
     addresses: Vec<String>,
     master_name: String,
@@ -160,9 +158,7 @@ impl Watch {
             return;
         }
         // Publishers and queries reopen their connections.
-        if let Topology::Sentinel(sentinels) = &*self.topology {
-            sentinels.moved();
-        }
+        (self.moved)();
         // Those that reconnected to the new master already (the old one
         // died, and took them with it) stay.
         let n = self

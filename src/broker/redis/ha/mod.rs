@@ -1,21 +1,38 @@
 //! The `redis-ha` feature: Redis Sentinel (`redis+sentinel://`, and the
 //! watcher that follows a failover the moment it happens) and Redis
-//! Cluster (`redis+cluster://`, the slot map). A wing: the broker reaches
-//! it only through [`Topology`](super::Topology)'s variants and the
-//! optional [`Watcher`]. Built without the feature, `without_ha.rs` stands
-//! in for this module with types that have no values.
+//! Cluster (`redis+cluster://`, the slot map and the routing by it). A
+//! wing: the broker reaches it only through [`nodes`], which gives the
+//! [`Nodes`] seam the publishers and listeners ask. Built without the
+//! feature, `without_ha.rs` stands in for this module.
 
-use std::time::Duration;
+use std::sync::Arc;
 
+use crate::broker::error::BrokerError;
+use crate::broker::redis::nodes::Nodes;
+use crate::config::RedisTarget;
+
+mod cluster;
 mod failover;
 mod sentinel;
 mod slot_map;
+mod slots;
 
-pub use failover::Watcher;
-pub use sentinel::Sentinels;
-pub use slot_map::Cluster;
-
-/// How soon a failed connection may ask again where Redis is (the
-/// sentinels, or a cluster's slot map): thousands of subscriptions lost at
-/// once ask once.
-pub const ASK_AT_MOST_EVERY: Duration = Duration::from_millis(100);
+/// Where the Sentinel or Cluster `target` names is (`None`: it names one
+/// server, not a wing's).
+pub(super) fn nodes(target: &RedisTarget) -> Option<Result<Arc<dyn Nodes>, BrokerError>> {
+    match target {
+        RedisTarget::Server(_) => None,
+        RedisTarget::Sentinel {
+            sentinels,
+            master,
+            password,
+            db,
+        } => Some(
+            sentinel::Sentinels::new(sentinels, master, password.as_deref(), *db)
+                .map(|found| Arc::new(found) as Arc<dyn Nodes>),
+        ),
+        RedisTarget::Cluster { seeds, password } => {
+            Some(cluster::nodes(seeds, password.as_deref()))
+        }
+    }
+}

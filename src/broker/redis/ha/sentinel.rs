@@ -1,20 +1,24 @@
 //! Redis Sentinel: the master that the sentinels name (`--redis
 //! redis+sentinel://h1:p1,h2:p2/NAME`), checked with `ROLE` (during a
-//! failover a sentinel may still name the old one). `topology.rs` says
-//! how a failover is followed; `failover.rs` hears of it at once.
+//! failover a sentinel may still name the old one). `nodes.rs` says how a
+//! failover is followed; `failover.rs` hears of it at once.
 //!
 //! The answer is kept for [`FRESH_FOR`], so that a thousand clients
 //! joining at once ask the sentinels once; a failed connection only marks
 //! it stale, asked again at most every [`ASK_AT_MOST_EVERY`].
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::Client;
 
-use super::ASK_AT_MOST_EVERY;
-use crate::broker::BrokerError;
+use super::failover::Watcher;
+use crate::broker::error::BrokerError;
+use crate::broker::redis::job::Route;
+use crate::broker::redis::nodes::{Follower, Nodes};
+use crate::broker::redis::settings::ASK_AT_MOST_EVERY;
+use crate::broker::redis::sockets::SubscriptionSockets;
 
 /// How long an answer from the sentinels is used without asking again
 /// (unless a connection fails first).
@@ -76,7 +80,7 @@ impl Sentinels {
 
     /// The sentinels announced a new master: forget the old one, and tell
     /// every connection opened before now to reopen (see
-    /// `Topology::moves`). A master that a failover keeps alive stays
+    /// `Nodes::moves`). A master that a failover keeps alive stays
     /// writable for seconds before the sentinels demote it; a publisher
     /// still connected to it would publish to nobody.
     pub fn moved(&self) {
@@ -102,16 +106,6 @@ impl Sentinels {
             self.addresses.len(),
             self.addresses.join(", ")
         )
-    }
-
-    /// `host:port` of each sentinel.
-    pub fn addresses(&self) -> &[String] {
-        &self.addresses
-    }
-
-    /// The master's name in the sentinels' configuration.
-    pub fn master_name(&self) -> &str {
-        &self.master_name
     }
 
     /// The master's address and a client for it: the last one found if it
@@ -194,5 +188,47 @@ impl Sentinels {
             Some(redis::Value::BulkString(role)) if role == b"master" => Ok((address, master)),
             _ => Err(format!("{address} is not a master (yet)")),
         }
+    }
+}
+
+impl Nodes for Sentinels {
+    fn node(&self, _route: &Route) -> Result<(String, Client), BrokerError> {
+        self.master()
+    }
+
+    fn client(&self, _address: &str) -> Result<Client, BrokerError> {
+        self.master().map(|(_, client)| client)
+    }
+
+    fn masters(&self) -> Result<Vec<Route>, BrokerError> {
+        Ok(vec![Route::Any])
+    }
+
+    fn unreachable(&self, _address: &str) {
+        Sentinels::forget(self);
+    }
+
+    fn forget(&self) {
+        Sentinels::forget(self);
+    }
+
+    fn moves(&self) -> u64 {
+        Sentinels::moves(self)
+    }
+
+    /// The watcher that hears of a failover the moment it happens.
+    fn follow(
+        self: Arc<Self>,
+        subscriptions: &Arc<SubscriptionSockets>,
+    ) -> Result<Option<Follower>, BrokerError> {
+        let addresses = self.addresses.clone();
+        let master_name = self.master_name.clone();
+        let moved = Box::new(move || self.moved());
+        let watcher = Watcher::start(addresses, master_name, moved, subscriptions)?;
+        Ok(Some(Box::new(watcher)))
+    }
+
+    fn describe(&self) -> String {
+        Sentinels::describe(self)
     }
 }

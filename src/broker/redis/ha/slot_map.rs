@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use redis::Client;
 
-use super::ASK_AT_MOST_EVERY;
-use crate::broker::BrokerError;
-use crate::broker::redis::cluster::{Route, SLOTS};
+use super::slots::SLOTS;
+use crate::broker::error::BrokerError;
+use crate::broker::redis::settings::ASK_AT_MOST_EVERY;
 
 /// How long one node may take to answer `CLUSTER SLOTS`.
 const NODE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -96,7 +96,7 @@ impl Cluster {
     /// The cluster that `seeds` belong to; its slot map is asked at once,
     /// so that a wrong address, a Redis without cluster mode or a cluster
     /// that does not serve every slot is an error at start.
-    pub(in crate::broker::redis) fn connect(
+    pub(super) fn connect(
         seeds: &[String],
         password: Option<&str>,
     ) -> Result<Cluster, BrokerError> {
@@ -115,53 +115,51 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// The address of the master for `route`, and a client for it.
-    pub(in crate::broker::redis) fn node(
-        &self,
-        route: Route,
-    ) -> Result<(String, Client), BrokerError> {
-        self.with_master(route, |found| found.clone())
+    /// The address of the master of `slot` (any master: `None`), and a
+    /// client for it.
+    pub(super) fn node(&self, slot: Option<u16>) -> Result<(String, Client), BrokerError> {
+        self.with_master(slot, |found| found.clone())
     }
 
-    /// The address of the master for `route` (what a publisher groups its
+    /// The address of the master of `slot` (what a publisher groups its
     /// jobs by: no client is made).
-    pub(in crate::broker::redis) fn address(&self, route: Route) -> Result<String, BrokerError> {
-        self.with_master(route, |(address, _)| address.clone())
+    pub(super) fn address(&self, slot: Option<u16>) -> Result<String, BrokerError> {
+        self.with_master(slot, |(address, _)| address.clone())
     }
 
-    /// `take` of the master for `route` (its address and client).
+    /// `take` of the master of `slot` (its address and client).
     fn with_master<T>(
         &self,
-        route: Route,
+        slot: Option<u16>,
         take: impl FnOnce(&(String, Client)) -> T,
     ) -> Result<T, BrokerError> {
         let map = self.map()?;
-        let found = match route {
-            Route::Slot(slot) => map.master(slot),
-            Route::Any => map.masters.first(),
+        let found = match slot {
+            Some(slot) => map.master(slot),
+            None => map.masters.first(),
         };
-        found.map(take).ok_or_else(|| self.no_master(route))
+        found.map(take).ok_or_else(|| self.no_master(slot))
     }
 
     /// A client for the node at `address` (an `ASK` names one that may not
     /// be in the map).
-    pub(in crate::broker::redis) fn client(&self, address: &str) -> Result<Client, BrokerError> {
+    pub(super) fn client(&self, address: &str) -> Result<Client, BrokerError> {
         self.client_for(address).map_err(|e| self.error(e))
     }
 
-    /// Each master, with one slot it serves (to reach it by [`Route`]).
-    pub(in crate::broker::redis) fn masters(&self) -> Result<Vec<(String, Route)>, BrokerError> {
+    /// The address of each master.
+    pub(super) fn masters(&self) -> Result<Vec<String>, BrokerError> {
         let map = self.map()?;
         Ok(map
             .ranges()
             .into_iter()
-            .map(|(address, ranges)| (address.to_owned(), Route::Slot(ranges[0].0)))
+            .map(|(address, _)| address.to_owned())
             .collect())
     }
 
     /// The map may be wrong (a subscription was told its slot moved): it
     /// is asked again (at most every [`ASK_AT_MOST_EVERY`]).
-    pub(in crate::broker::redis) fn forget(&self) {
+    pub(super) fn forget(&self) {
         if let Some(known) = &mut *self.lock() {
             known.stale = true;
         }
@@ -169,7 +167,7 @@ impl Cluster {
 
     /// A connection to `address` failed: the map is asked again until it no
     /// longer names it as a master, or a connection reaches it.
-    pub(in crate::broker::redis) fn unreachable(&self, address: &str) {
+    pub(super) fn unreachable(&self, address: &str) {
         if let Some(known) = &mut *self.lock() {
             known.stale = true;
             if !known.unreachable.iter().any(|a| a == address) {
@@ -179,7 +177,7 @@ impl Cluster {
     }
 
     /// A connection to `address` was made.
-    pub(in crate::broker::redis) fn reached(&self, address: &str) {
+    pub(super) fn reached(&self, address: &str) {
         if let Some(known) = &mut *self.lock()
             && !known.unreachable.is_empty()
         {
@@ -190,7 +188,7 @@ impl Cluster {
     /// A `MOVED`: `slot` is served by `address` now. The map says so at
     /// once (the next command for the slot goes there), and is asked again
     /// as a whole: a moved slot rarely moves alone.
-    pub(in crate::broker::redis) fn moved(&self, slot: u16, address: &str) {
+    pub(super) fn moved(&self, slot: u16, address: &str) {
         let Ok(client) = self.client_for(address) else {
             return;
         };
@@ -201,7 +199,7 @@ impl Cluster {
     }
 
     /// The masters and their slots, for the start-up log.
-    pub(in crate::broker::redis) fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         let map = match self.map() {
             Ok(map) => map,
             Err(e) => return format!("Redis Cluster: unknown ({e})"),
@@ -333,12 +331,12 @@ impl Cluster {
         Client::open(format!("redis://{auth}{address}")).map_err(|e| e.to_string())
     }
 
-    fn no_master(&self, route: Route) -> BrokerError {
-        BrokerError::Redis(match route {
-            Route::Slot(slot) => {
+    fn no_master(&self, slot: Option<u16>) -> BrokerError {
+        BrokerError::Redis(match slot {
+            Some(slot) => {
                 format!("no master serves slot {slot} of the Redis Cluster right now")
             }
-            Route::Any => "the Redis Cluster has no master right now".to_owned(),
+            None => "the Redis Cluster has no master right now".to_owned(),
         })
     }
 

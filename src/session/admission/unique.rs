@@ -25,13 +25,12 @@
 //! as it is ([`address_key`]: IPv6 per /64).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use tungstenite::http::StatusCode;
 
 use super::per_ip::{AddressKey, address_key};
-use super::{Conn, Context};
 use crate::broker::{Broker, BrokerError};
 use crate::protocol::{ConnId, Member, NameError, Room, mixes_scripts, readings};
 
@@ -89,57 +88,73 @@ impl Drop for NicknameClaim {
     }
 }
 
-/// With `--unique-nicknames`, lets `member` in only under a name nobody
-/// else holds in its room (read as people read it), that does not mix
-/// scripts, and within its address's bound; the claim is kept on `conn`.
-/// `Err` is the refusal to answer with: 400, 409, 429 or 503, and why.
-pub(super) fn admit(
-    conn: &Conn,
-    ctx: &Context,
-    member: &Member,
-    address: IpAddr,
-) -> Result<(), (StatusCode, String)> {
-    if !ctx.limits.unique_nicknames {
-        return Ok(());
+/// With `--unique-nicknames`: the relay that holds the claims, and how
+/// many each address holds here.
+pub struct Unique {
+    broker: Arc<dyn Broker>,
+    claims_per_ip: Arc<ClaimsPerIp>,
+}
+
+impl Unique {
+    /// Claims held in `broker`, at most `per_ip` per address (`None`: no
+    /// limit).
+    pub fn new(broker: Arc<dyn Broker>, per_ip: Option<usize>) -> Unique {
+        Unique {
+            broker,
+            claims_per_ip: ClaimsPerIp::new(per_ip),
+        }
     }
-    let nickname = member.nickname.as_str();
-    let place = match ctx.claims_per_ip.take(address) {
-        Ok(place) => place,
-        Err(limit) => {
-            log::warn!("refused {}: {address} holds {limit} nicknames", conn.peer);
-            return Err((
-                StatusCode::TOO_MANY_REQUESTS,
+
+    /// Lets `member` (connection `conn`, from `peer`, counted as
+    /// `address`) in only under a name nobody else holds in its room (read
+    /// as people read it), that does not mix scripts, and within its
+    /// address's bound: the claim, to keep while the connection lives.
+    /// `Err` is the refusal to answer with: 400, 409, 429 or 503, and why.
+    pub(super) fn admit(
+        &self,
+        peer: SocketAddr,
+        member: &Member,
+        conn: &ConnId,
+        address: IpAddr,
+    ) -> Result<NicknameClaim, (StatusCode, String)> {
+        let nickname = member.nickname.as_str();
+        let place = match self.claims_per_ip.take(address) {
+            Ok(place) => place,
+            Err(limit) => {
+                log::warn!("refused {peer}: {address} holds {limit} nicknames");
+                return Err((
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "your address holds {limit} nicknames already (--max-nicknames-per-ip); \
+                         close a connection first"
+                    ),
+                ));
+            }
+        };
+        match NicknameClaim::take(&self.broker, &member.room, nickname, conn) {
+            // Checked once the name is known to be free: a look-alike of a
+            // name in use is told it is taken.
+            Ok(Some(_)) if mixes_scripts(nickname) => Err((
+                StatusCode::BAD_REQUEST,
+                format!("nickname {nickname:?} {}", NameError::MixedScripts),
+            )),
+            Ok(Some(mut claim)) => {
+                claim.place = place;
+                Ok(claim)
+            }
+            Ok(None) => Err((
+                StatusCode::CONFLICT,
                 format!(
-                    "your address holds {limit} nicknames already (--max-nicknames-per-ip); \
-                     close a connection first"
+                    "the nickname {nickname:?} is taken in {} (or one that reads the same); \
+                     choose another",
+                    member.room
                 ),
-            ));
+            )),
+            Err(e) => Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("chat relay unavailable ({e}); try again later"),
+            )),
         }
-    };
-    match NicknameClaim::take(&ctx.broker, &member.room, nickname, &conn.id) {
-        // Checked once the name is known to be free: a look-alike of a
-        // name in use is told it is taken.
-        Ok(Some(_)) if mixes_scripts(nickname) => Err((
-            StatusCode::BAD_REQUEST,
-            format!("nickname {nickname:?} {}", NameError::MixedScripts),
-        )),
-        Ok(Some(mut claim)) => {
-            claim.place = place;
-            let _ = conn.nickname_claim.set(claim);
-            Ok(())
-        }
-        Ok(None) => Err((
-            StatusCode::CONFLICT,
-            format!(
-                "the nickname {nickname:?} is taken in {} (or one that reads the same); \
-                 choose another",
-                member.room
-            ),
-        )),
-        Err(e) => Err((
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("chat relay unavailable ({e}); try again later"),
-        )),
     }
 }
 

@@ -9,8 +9,8 @@
 //! the proxy forwarded instead, once its request head has been read (the
 //! proxy itself is not counted: all its clients share its address).
 //!
-//! A slot is held by the connection's [`Conn`](super::Conn) and given back
-//! when it is dropped, that is when the connection's last thread ends.
+//! A slot is held by the connection's [`Pass`](super::door::Pass) and given
+//! back when it is dropped, that is when the connection's last thread ends.
 //!
 //! **What an address is.** An IPv4 address is one client. An IPv6 host
 //! usually holds a whole /64 (and can use any address in it), so IPv6

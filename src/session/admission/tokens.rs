@@ -1,22 +1,21 @@
 //! The `tokens` feature, as a connection meets it: with a key configured,
 //! a request's token says who the client is ([`Tokens::admit`]), the user
 //! holds so many connections and one rate limit across them
-//! ([`per_user`]), and a connection lives until its token expires unless
-//! the client sends a fresh one ([`Tokens::refresh`]).
+//! ([`per_user`]), and a connection lives on a [`Lease`] until its token
+//! expires, unless the client sends a fresh one ([`Lease::renew`]).
 //!
-//! The rest of the session reaches all of it through one
-//! `Option<Tokens>` in the [`Context`](super::Context), built once at
-//! start: `None` without a key, and always `None` in a build without the
-//! feature, where `without_tokens.rs` stands in for this module.
+//! The admission door holds one `Option<Tokens>`, built once at start:
+//! `None` without a key, and always `None` in a build without the feature,
+//! where `without_tokens.rs` stands in for this module.
 
 pub mod per_user;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tungstenite::http::StatusCode;
 
-use super::Conn;
 use crate::auth::{Auth, Identity};
 use crate::config::Config;
 use crate::http;
@@ -88,19 +87,21 @@ impl Tokens {
         Ok(())
     }
 
-    /// Gives `conn` its place among its user's connections, if the user
-    /// may hold one more; otherwise who it is and why not, for a `429`.
-    pub(super) fn seat(&self, conn: &Conn, member: &Member) -> Result<(), (String, String)> {
+    /// A place among its user's connections for a connection from `peer`
+    /// as `member`, if the user may hold one more (`None` without an
+    /// identity); otherwise who it is and why not, for a `429`.
+    pub(super) fn seat(
+        &self,
+        peer: SocketAddr,
+        member: &Member,
+    ) -> Result<Option<UserSlot>, (String, String)> {
         let Some(identity) = &member.identity else {
-            return Ok(());
+            return Ok(None);
         };
         match self.per_user.take(&identity.name) {
-            Ok(slot) => {
-                let _ = conn.user_slot.set(slot);
-                Ok(())
-            }
+            Ok(slot) => Ok(Some(slot)),
             Err(limit) => Err((
-                format!("{} ({})", conn.peer, identity.name),
+                format!("{peer} ({})", identity.name),
                 format!(
                     "too many connections for {:?}: at most {limit} on this server",
                     identity.name
@@ -109,23 +110,41 @@ impl Tokens {
         }
     }
 
-    /// When `member`'s token expires, leeway included.
-    pub(super) fn expires(&self, member: &Member) -> Option<Instant> {
+    /// The lease `member`'s token gives its connection (`None` without
+    /// an identity).
+    pub(super) fn lease(&self, member: &Member) -> Option<Lease<'_>> {
         let identity = member.identity.as_ref()?;
-        Some(deadline_in(identity.lifetime(self.auth.leeway())))
+        Some(Lease {
+            tokens: self,
+            expires: deadline_in(identity.lifetime(self.auth.leeway())),
+        })
+    }
+}
+
+/// How long a connection may live: until its token expires (leeway
+/// included), unless a fresh token renews the lease.
+pub struct Lease<'a> {
+    tokens: &'a Tokens,
+    expires: Instant,
+}
+
+impl Lease<'_> {
+    /// When the connection's token expires: the connection is closed then.
+    pub fn expires(&self) -> Instant {
+        self.expires
     }
 
-    /// A fresh token for `member`'s connection: when it expires, and how
-    /// long from now, if it is valid and for the same user and room.
-    pub(super) fn refresh(
-        &self,
-        token: &str,
-        member: &Member,
-    ) -> Result<(Instant, Duration), String> {
-        let identity = self.auth.check(Some(token)).map_err(|e| e.to_string())?;
+    /// Renews the lease with a fresh `token` for `member`'s connection, if
+    /// it is valid and for the same user and room; returns how long the
+    /// new one is valid from now. A token refused leaves the lease as it
+    /// was.
+    pub fn renew(&mut self, token: &str, member: &Member) -> Result<Duration, String> {
+        let auth = &self.tokens.auth;
+        let identity = auth.check(Some(token)).map_err(|e| e.to_string())?;
         may_speak_as(&identity, Some(member.nickname.as_str()), &member.room)?;
-        let left = identity.lifetime(self.auth.leeway());
-        Ok((deadline_in(left), left))
+        let left = identity.lifetime(auth.leeway());
+        self.expires = deadline_in(left);
+        Ok(left)
     }
 }
 

@@ -21,8 +21,8 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::Context;
 use super::per_ip::{AddressKey, address_key};
+use crate::broker::Broker;
 use crate::protocol::Room;
 
 /// Addresses kept before the full buckets are swept out.
@@ -98,27 +98,27 @@ impl NewRooms {
             })
         }
     }
-}
 
-/// Whether a client from `ip` may join `room`: `Err` with the reason to
-/// give it (with a 429) when the room is new and `ip` may create no more
-/// rooms for now. A relay that cannot tell whether the room exists lets
-/// the join go on (it fails on its own, with its own reason).
-pub(super) fn admit(ctx: &Context, room: &Room, ip: IpAddr) -> Result<(), String> {
-    if !ctx.new_rooms.is_limited() || !matches!(ctx.broker.log_end(room), Ok(None)) {
-        return Ok(());
-    }
-    ctx.new_rooms.take(ip, Instant::now()).map_err(|refused| {
-        // Once per run of refusals: an address rotating rooms does not
-        // flood the log either.
-        if refused.first {
-            log::warn!("refused {ip}: --new-rooms-per-minute reached (joining {room})");
+    /// Whether a client from `ip` may join `room` (`broker` tells whether
+    /// it exists): `Err` with the reason to give it (with a 429) when the
+    /// room is new and `ip` may create no more rooms for now. A relay that cannot tell whether the room exists lets
+    /// the join go on (it fails on its own, with its own reason).
+    pub(super) fn admit(&self, broker: &dyn Broker, room: &Room, ip: IpAddr) -> Result<(), String> {
+        if !self.is_limited() || !matches!(broker.log_end(room), Ok(None)) {
+            return Ok(());
         }
-        format!(
-            "too many new rooms from your address; try again in {} s, or join a room that exists",
-            refused.wait.as_secs() + 1
-        )
-    })
+        self.take(ip, Instant::now()).map_err(|refused| {
+            // Once per run of refusals: an address rotating rooms does not
+            // flood the log either.
+            if refused.first {
+                log::warn!("refused {ip}: --new-rooms-per-minute reached (joining {room})");
+            }
+            format!(
+                "too many new rooms from your address; try again in {} s, or join a room that exists",
+                refused.wait.as_secs() + 1
+            )
+        })
+    }
 }
 
 impl Bucket {

@@ -1,0 +1,183 @@
+//! The faults, and the seeded schedule that runs them: each fault, then a
+//! calm spell, in an order and with durations drawn from the seed, so a
+//! run can be repeated with `SEED=…`.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::Harness;
+
+/// The faults, in the order of priority.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Fault {
+    /// `CLIENT KILL TYPE pubsub`.
+    ClientKill,
+    /// `SIGSTOP` of Redis for a few seconds, then `SIGCONT`.
+    Stall,
+    /// Redis killed and started again empty.
+    RestartEmpty,
+    /// Redis killed and started again from its append-only file.
+    RestartKept,
+    /// `kill -9` of an instance (a new one takes its place).
+    KillInstance,
+    /// Some clients' connections cut; they come back with `since`.
+    DropClients,
+}
+
+impl Fault {
+    pub(crate) const ALL: [Fault; 6] = [
+        Fault::ClientKill,
+        Fault::Stall,
+        Fault::RestartEmpty,
+        Fault::RestartKept,
+        Fault::KillInstance,
+        Fault::DropClients,
+    ];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Fault::ClientKill => "client-kill",
+            Fault::Stall => "stall",
+            Fault::RestartEmpty => "restart-empty",
+            Fault::RestartKept => "restart-kept",
+            Fault::KillInstance => "kill-instance",
+            Fault::DropClients => "drop-clients",
+        }
+    }
+
+    pub(crate) fn named(name: &str) -> Option<Fault> {
+        Fault::ALL.into_iter().find(|f| f.name() == name)
+    }
+}
+
+/// One fault as it ran: messages sent from `start` to `end` plus
+/// [`SETTLE`] are counted against it.
+#[derive(Clone, Debug)]
+pub(crate) struct Window {
+    pub(crate) fault: Fault,
+    pub(crate) start: Instant,
+    pub(crate) end: Instant,
+    pub(crate) what: String,
+}
+
+/// How long after a fault its effects are still counted as its own (an
+/// instance's Redis reconnect backs off for up to a couple of seconds).
+pub(crate) const SETTLE: Duration = Duration::from_secs(3);
+
+/// splitmix64: small, seedable, and the same everywhere.
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub(crate) fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `lo..=hi`.
+    pub(crate) fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+
+    pub(crate) fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(self.range(lo, hi))
+    }
+
+    pub(crate) fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            items.swap(i, self.range(0, i as u64) as usize);
+        }
+    }
+}
+
+/// Runs faults until `until`: rounds of every fault in `faults`, each round
+/// shuffled, each fault followed by a calm spell.
+pub(crate) fn run_schedule(
+    harness: &mut Harness,
+    faults: &[Fault],
+    rng: &mut Rng,
+    until: Instant,
+) -> anyhow::Result<Vec<Window>> {
+    let mut windows = Vec::new();
+    'rounds: loop {
+        let mut round = faults.to_vec();
+        rng.shuffle(&mut round);
+        for fault in round {
+            if Instant::now() >= until {
+                break 'rounds;
+            }
+            let start = Instant::now();
+            let what = inject(harness, fault, rng)?;
+            eprintln!("chaos: {} ({what})", fault.name());
+            windows.push(Window {
+                fault,
+                start,
+                end: Instant::now(),
+                what,
+            });
+            std::thread::sleep(SETTLE + rng.millis(1_000, 3_000));
+        }
+    }
+    Ok(windows)
+}
+
+/// Injects one fault; returns what it did, for the log.
+fn inject(harness: &mut Harness, fault: Fault, rng: &mut Rng) -> anyhow::Result<String> {
+    Ok(match fault {
+        Fault::ClientKill => {
+            let n = harness.redis.kill_subscribers()?;
+            format!("{n} subscribers cut")
+        }
+        Fault::Stall => {
+            let pause = rng.millis(2_000, 6_000);
+            harness.redis.signal("STOP")?;
+            std::thread::sleep(pause);
+            harness.redis.signal("CONT")?;
+            format!("Redis stopped for {} ms", pause.as_millis())
+        }
+        Fault::RestartEmpty | Fault::RestartKept => {
+            let keep = fault == Fault::RestartKept;
+            if !keep {
+                // What the log held is about to go: the checker needs it.
+                harness.read_logs()?;
+            }
+            let down = rng.millis(500, 3_000);
+            harness.redis.restart(keep, down)?;
+            format!("Redis down for {} ms", down.as_millis())
+        }
+        Fault::KillInstance => {
+            let live: Vec<usize> = (0..harness.instances.len())
+                .filter(|&i| harness.instances[i].is_some())
+                .collect();
+            let victim = live[rng.range(0, live.len() as u64 - 1) as usize];
+            let dead = harness.instances[victim].take().expect("live");
+            let mode = dead.mode;
+            harness.directory.set(victim, None);
+            dead.kill();
+            // A new instance of the same mode takes its place (clients
+            // have moved on already; new reconnects may land there).
+            std::thread::sleep(rng.millis(500, 2_000));
+            let fresh = harness.start_instance(mode)?;
+            harness.directory.set(victim, Some(fresh.addr));
+            harness.instances[victim] = Some(fresh);
+            format!("instance {victim} ({}) killed and replaced", mode.name())
+        }
+        Fault::DropClients => {
+            let n = rng.range(1, harness.drops.len().min(3) as u64) as usize;
+            let mut order: Vec<usize> = (0..harness.drops.len()).collect();
+            rng.shuffle(&mut order);
+            let mut picked = Vec::new();
+            for &i in &order[..n] {
+                harness.drops[i].store(true, Ordering::Relaxed);
+                picked.push(harness.nicks[i].clone());
+            }
+            format!("dropped {}", picked.join(", "))
+        }
+    })
+}

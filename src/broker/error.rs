@@ -1,0 +1,49 @@
+//! How a relay fails: [`BrokerError`].
+
+/// Why the relay failed. `Clone`, because one failed pipeline answers many
+/// waiting publishers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    /// Could not connect; the relay is unreachable.
+    #[error("cannot reach Redis at {url}: {reason}")]
+    Connect {
+        /// Where we tried.
+        url: String,
+        /// What the OS or Redis said.
+        reason: String,
+    },
+    /// An established connection failed or Redis answered with an error.
+    #[error("Redis failed: {0}")]
+    Redis(String),
+    /// The subscriber could not keep up and was dropped by the relay.
+    #[error("fell too far behind the room")]
+    Lagged,
+    /// Redis answered the command with an error (out of memory, a missing
+    /// script, a read-only replica…): it was not carried out.
+    #[error("Redis refused it: {0}")]
+    Refused(String),
+    /// Redis did not answer in time: the command may or may not have been
+    /// carried out (a paused or overloaded Redis carries it out later).
+    #[error("Redis did not answer in time ({0})")]
+    Uncertain(String),
+    /// A Redis Cluster serves the room's slot elsewhere now (a resharding
+    /// or a failover): the subscription is made again there.
+    #[error("the Redis Cluster moved the room to another master")]
+    Moved,
+    /// The relay is shutting down.
+    #[error("the relay is shutting down")]
+    Closed,
+    /// Taking this client would pass the process's budget of threads or
+    /// descriptors (see [`crate::capacity`]): it is refused, nobody else
+    /// is hurt.
+    #[error("server full: {0}")]
+    Full(String),
+}
+
+impl BrokerError {
+    /// True when the command may have been carried out all the same: the
+    /// sender must not be told flatly that its message was not delivered.
+    pub fn is_uncertain(&self) -> bool {
+        matches!(self, BrokerError::Uncertain(_))
+    }
+}

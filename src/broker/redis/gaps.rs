@@ -1,0 +1,590 @@
+//! Filling a restored subscription's gap from the room's log: what was
+//! published while a subscription was down is in the log, so a listener
+//! that subscribes again reads it and delivers what its clients missed,
+//! before anything live (see [`Event::Restored`](crate::broker::Event)).
+//!
+//! **Where it starts.** A listener remembers the places (epoch, offset,
+//! tag) of the last few messages it delivered ([`Recent`]), and starts
+//! after the furthest of them the log itself holds ([`fill`]). Only the
+//! log's own entries match, so a payload anyone published with a made-up
+//! place cannot make the fill skip or repeat anything. A log that no
+//! longer holds any of them (trimmed meanwhile) is checked with its
+//! epoch's key, read with it, and says how much is gone.
+//!
+//! **No gap, no duplicate.** The log is read only once the new
+//! subscription is acknowledged: everything up to the end of that read was
+//! in the log, everything after it arrives live. What arrives live at or
+//! before that end was delivered from the log already, and is dropped
+//! (the same reasoning as a joiner's welcome, `session::welcome`).
+//!
+//! **One read for many listeners.** With per-client subscriptions every
+//! client of a room has its own listener, and a blip restores them all at
+//! about the same time. A read is good for every listener whose
+//! subscription was acknowledged before the read began, so the first to
+//! need one starts it [`GATHER`] later, and those acknowledged meanwhile
+//! wait for it instead of reading again ([`Gaps::read`]). Back-off spreads
+//! reconnects over seconds, so later listeners need later reads: each
+//! reads only what the log gained since the last read ([`EXTEND`]), and
+//! parses only that. In shared mode a room has one listener, so one read
+//! per room anyway.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::job::Route;
+use super::keys;
+use super::nodes::Nodes;
+use super::settings::{CONNECT_TIMEOUT, IO_TIMEOUT};
+use crate::broker::error::BrokerError;
+use crate::broker::subscription::{Gap, Missing};
+use crate::protocol::{EpochName, Incoming, Room, Tag, place_tag};
+
+/// How much later than asked for a read of a room's log begins, so that
+/// listeners restored at about the same time share it.
+const GATHER: Duration = Duration::from_millis(20);
+
+/// How long a finished read is kept for latecomers to find.
+const KEEP: Duration = Duration::from_secs(2);
+
+/// Places remembered per listener: a forged payload can push genuine
+/// places out, but only by being among the last few before a loss.
+const RECENT: usize = 8;
+
+/// The room logs read for restored subscriptions, shared by every listener
+/// of a broker.
+pub(super) struct Gaps {
+    nodes: Arc<dyn Nodes>,
+    /// Entries a log keeps (`--history`); with none, it holds nothing and
+    /// begins one past its end.
+    history: usize,
+    /// Per room, the latest read and when it began.
+    reads: Mutex<HashMap<Room, Read>>,
+    /// Woken when a read is done.
+    done: Condvar,
+}
+
+struct Read {
+    begins: Instant,
+    outcome: Option<Result<Arc<LogRead>, BrokerError>>,
+    /// A read that succeeded shortly before this one, to extend.
+    base: Option<Arc<LogRead>>,
+}
+
+/// Reads a log's position and the entries after offset `ARGV[1]`
+/// (`KEYS`: the position hash, the log): what a read extends an earlier
+/// one with. In one step, so the entries are the position's.
+const EXTEND: &str = r#"
+local p = redis.call('HMGET', KEYS[1], 'epoch', 'first', 'last', 'key')
+local n = (tonumber(p[3]) or 0) - tonumber(ARGV[1])
+local entries = {}
+if n > 0 then entries = redis.call('LRANGE', KEYS[2], -n, -1) end
+return {p, entries}
+"#;
+
+/// A room's log as read for restored subscriptions: each entry parsed once
+/// for all of them.
+#[derive(Debug, Default)]
+pub(super) struct LogRead {
+    /// The log's epoch (`None`: the room has no log).
+    pub(super) epoch: Option<String>,
+    /// Its epoch's key, which tells its places from forged ones.
+    pub(super) key: Option<String>,
+    /// The oldest offset it holds.
+    pub(super) first: u64,
+    /// The offset of its newest entry.
+    pub(super) last: u64,
+    /// What it holds, oldest first.
+    pub(super) entries: Vec<Arc<Incoming>>,
+}
+
+impl Gaps {
+    pub(super) fn new(nodes: &Arc<dyn Nodes>, history: usize) -> Gaps {
+        Gaps {
+            nodes: Arc::clone(nodes),
+            history,
+            reads: Mutex::default(),
+            done: Condvar::new(),
+        }
+    }
+
+    /// `room`'s log, read after `acked` (when the caller's subscription was
+    /// acknowledged): a read that began since is shared, one under way is
+    /// waited for, and otherwise one begins [`GATHER`] from now.
+    pub(super) fn read(&self, room: &Room, acked: Instant) -> Result<Arc<LogRead>, BrokerError> {
+        let begins = {
+            let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                match reads.get(room) {
+                    Some(read) if read.begins >= acked => match &read.outcome {
+                        Some(outcome) => return outcome.clone(),
+                        // One under way: waited for, unless it is long
+                        // overdue (its reader is stuck), then read anew.
+                        None if Instant::now() < read.begins + CONNECT_TIMEOUT + IO_TIMEOUT => {
+                            reads = self
+                                .done
+                                .wait_timeout(reads, IO_TIMEOUT)
+                                .unwrap_or_else(|p| p.into_inner())
+                                .0;
+                        }
+                        None => break,
+                    },
+                    _ => break,
+                }
+            }
+            let now = Instant::now();
+            // A recent read to extend (a later one replaces one under way,
+            // whose base is then the latest).
+            let base = reads.remove(room).and_then(|read| match read.outcome {
+                Some(Ok(log)) if now.saturating_duration_since(read.begins) < KEEP => Some(log),
+                Some(_) => None,
+                None => read.base,
+            });
+            reads.retain(|_, read| {
+                read.outcome.is_none() || now.saturating_duration_since(read.begins) < KEEP
+            });
+            let begins = now + GATHER;
+            reads.insert(
+                room.clone(),
+                Read {
+                    begins,
+                    outcome: None,
+                    base: base.clone(),
+                },
+            );
+            (begins, base)
+        };
+        let (begins, base) = begins;
+        std::thread::sleep(begins.saturating_duration_since(Instant::now()));
+        let outcome = self.read_now(room, base.as_deref()).map(Arc::new);
+        let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(read) = reads.get_mut(room)
+            && read.begins == begins
+        {
+            read.outcome = Some(outcome.clone());
+        }
+        self.done.notify_all();
+        outcome
+    }
+
+    /// Reads the log's position, key and entries in one step, on a
+    /// connection of its own (the node the room is on; reads are rare,
+    /// and a query thread's queue is no place to wait out a Redis that is
+    /// coming back): only what it gained since `base`, if that is still
+    /// the same log, otherwise all of it.
+    fn read_now(&self, room: &Room, base: Option<&LogRead>) -> Result<LogRead, BrokerError> {
+        let failed = |e: redis::RedisError| BrokerError::Redis(e.to_string());
+        let (_, client) = self.nodes.node(&Route::room(room))?;
+        let mut con = client
+            .get_connection_with_timeout(CONNECT_TIMEOUT)
+            .map_err(failed)?;
+        con.set_read_timeout(Some(IO_TIMEOUT)).map_err(failed)?;
+        con.set_write_timeout(Some(IO_TIMEOUT)).map_err(failed)?;
+        if let Some(base) = base
+            && let Some(extended) = self.extend(&mut con, room, base)?
+        {
+            return Ok(extended);
+        }
+        type Position = (Option<String>, Option<u64>, Option<u64>, Option<String>);
+        let ((epoch, first, last, key), payloads): (Position, Vec<Vec<u8>>) = redis::pipe()
+            .atomic()
+            .cmd("HMGET")
+            .arg(keys::meta(room))
+            .arg("epoch")
+            .arg("first")
+            .arg("last")
+            .arg("key")
+            .cmd("LRANGE")
+            .arg(keys::log(room))
+            .arg(0)
+            .arg(-1)
+            .query(&mut con)
+            .map_err(failed)?;
+        let last = last.unwrap_or(0);
+        let now = Instant::now();
+        Ok(LogRead {
+            epoch,
+            key,
+            first: if self.history > 0 {
+                first.unwrap_or(1)
+            } else {
+                last + 1
+            },
+            last,
+            entries: payloads
+                .iter()
+                .map(|payload| Arc::new(Incoming::parse(payload, now)))
+                .collect(),
+        })
+    }
+}
+
+impl Gaps {
+    /// `base` and what the log gained since, if it is still the same log
+    /// and goes on where `base` ends (`None`: read it all).
+    fn extend(
+        &self,
+        con: &mut redis::Connection,
+        room: &Room,
+        base: &LogRead,
+    ) -> Result<Option<LogRead>, BrokerError> {
+        let failed = |e: redis::RedisError| BrokerError::Redis(e.to_string());
+        type Position = (Option<String>, Option<u64>, Option<u64>, Option<String>);
+        let ((epoch, _, last, key), payloads): (Position, Vec<Vec<u8>>) =
+            redis::Script::new(EXTEND)
+                .key(keys::meta(room))
+                .key(keys::log(room))
+                .arg(base.last)
+                .invoke(con)
+                .map_err(failed)?;
+        let last = last.unwrap_or(0);
+        let now = Instant::now();
+        let added: Vec<Arc<Incoming>> = payloads
+            .iter()
+            .map(|payload| Arc::new(Incoming::parse(payload, now)))
+            .collect();
+        let offset = |incoming: &Incoming| incoming.message().ok().and_then(|msg| msg.offset);
+        let same_log = epoch.is_some() && epoch == base.epoch && key == base.key;
+        let goes_on = last >= base.last
+            && added.len() as u64 == last - base.last
+            && added
+                .first()
+                .is_none_or(|entry| offset(entry) == Some(base.last + 1));
+        if !same_log || !goes_on {
+            return Ok(None);
+        }
+        // What `base` held is kept even if the log dropped it since (it was
+        // the log's, and may be just what a listener missed), up to as many
+        // entries as a log keeps.
+        let mut entries = base.entries.clone();
+        entries.extend(added);
+        let dropped = entries.len().saturating_sub(self.history);
+        entries.drain(..dropped);
+        let first = if self.history > 0 {
+            base.first + dropped as u64
+        } else {
+            last + 1
+        };
+        Ok(Some(LogRead {
+            epoch,
+            key,
+            first,
+            last,
+            entries,
+        }))
+    }
+}
+
+/// The places of the last few messages a listener delivered, vouched for
+/// or not (that is checked when it matters, with the key read with the
+/// log). Allocated with the first placed message.
+#[derive(Debug, Default)]
+pub(super) struct Recent(VecDeque<(EpochName, u64, Tag)>);
+
+impl Recent {
+    /// Notes `incoming`'s place, if it has a tagged one.
+    pub(super) fn note(&mut self, incoming: &Incoming) {
+        let Ok(msg) = incoming.message() else {
+            return;
+        };
+        let (Some(epoch), Some(offset), Some(tag)) = (msg.epoch, msg.offset, msg.tag) else {
+            return;
+        };
+        if self.0.len() == RECENT {
+            self.0.pop_front();
+        }
+        self.0.push_back((epoch, offset, tag));
+    }
+
+    /// The furthest place noted that `key` vouches for in `epoch` (the
+    /// furthest, not the newest: a genuine place replayed later is behind).
+    fn vouched(&self, epoch: &str, key: &str) -> Option<u64> {
+        self.0
+            .iter()
+            .filter(|(e, offset, tag)| {
+                let at = crate::protocol::At {
+                    offset: *offset,
+                    epoch: e.as_str(),
+                };
+                e.as_str() == epoch && place_tag(key, at) == *tag
+            })
+            .map(|(_, offset, _)| *offset)
+            .max()
+    }
+
+    /// Whether `incoming` is one of the places noted: the same epoch,
+    /// offset and tag (a log entry that is, is what was delivered).
+    fn holds(&self, incoming: &Incoming) -> bool {
+        let Ok(msg) = incoming.message() else {
+            return false;
+        };
+        let (Some(epoch), Some(offset), Some(tag)) = (msg.epoch, msg.offset, msg.tag) else {
+            return false;
+        };
+        self.0.contains(&(epoch, offset, tag))
+    }
+
+    /// Whether a place past `incoming`'s in its epoch was noted: one the
+    /// log no longer holds, if `incoming` is the furthest it does. In the
+    /// log's current epoch, whose key is known (`key`), only a place it
+    /// vouches for counts; an older epoch's key is gone with it.
+    fn beyond(&self, incoming: &Incoming, key: Option<(&str, &str)>) -> bool {
+        let Some((epoch, offset)) = incoming
+            .message()
+            .ok()
+            .and_then(|msg| Some((msg.epoch?, msg.offset?)))
+        else {
+            return false;
+        };
+        self.0.iter().any(|(e, o, tag)| {
+            let at = crate::protocol::At {
+                offset: *o,
+                epoch: e.as_str(),
+            };
+            *e == epoch
+                && *o > offset
+                && match key {
+                    Some((current, key)) if current == e.as_str() => place_tag(key, at) == *tag,
+                    _ => true,
+                }
+        })
+    }
+
+    /// Whether any place was noted at all.
+    fn any(&self) -> bool {
+        !self.0.is_empty()
+    }
+}
+
+/// What a restored listener delivers: the gap's summary, the messages
+/// that fill it, and the end of the log read (live messages at or before
+/// it in its epoch were among what the log gave).
+pub(super) struct Fill {
+    pub(super) gap: Gap,
+    pub(super) messages: Vec<Arc<Incoming>>,
+    pub(super) upto: Option<(String, u64)>,
+}
+
+/// What a listener that delivered up to what `recent` says, and lost its
+/// subscription at `lost_at` (Unix ms), must deliver from `log`.
+///
+/// Where it stopped is found in the log itself: the furthest entry that is
+/// one of the places it delivered (same epoch, offset and tag). Everything
+/// after it follows, whatever its epoch: a log that moved to another Redis
+/// (a Cluster resharding) takes a new epoch and keeps its entries, offsets
+/// going on. When the log no longer holds any of them, the epoch's key
+/// tells a genuine place from a forged one, and the offsets say how much
+/// was trimmed meanwhile; in another epoch, how much is not known.
+pub(super) fn fill(log: &LogRead, recent: &Recent, lost_at: u64) -> Fill {
+    let missing = |count: Option<u64>, why: &'static str| {
+        Some(Missing {
+            count,
+            since: lost_at,
+            why,
+        })
+    };
+    let Some(epoch) = log.epoch.as_deref() else {
+        // No log at all: nothing was published since it was lost, but what
+        // it held and was not delivered is gone.
+        let why = "the room's log was lost (Redis was flushed, restarted or failed over)";
+        return Fill {
+            gap: Gap {
+                recovered: 0,
+                missing: recent.any().then(|| missing(None, why)).flatten(),
+            },
+            messages: Vec::new(),
+            upto: None,
+        };
+    };
+    let place = |incoming: &Incoming| {
+        let msg = incoming.message().ok()?;
+        Some((msg.epoch?, msg.offset?))
+    };
+    let in_epoch =
+        |incoming: &&Arc<Incoming>| place(incoming).is_some_and(|(e, _)| e.as_str() == epoch);
+    let found = log.entries.iter().rposition(|entry| recent.holds(entry));
+    let delivered = log
+        .key
+        .as_deref()
+        .and_then(|key| recent.vouched(epoch, key));
+    let (messages, missing): (Vec<Arc<Incoming>>, _) = match (found, delivered) {
+        // Delivered past what the log holds: it lost entries (a failover
+        // to a replica that lacked them), and what the old master took
+        // after this subscription was lost may be gone with them.
+        (Some(at), _)
+            if recent.beyond(&log.entries[at], log.key.as_deref().map(|key| (epoch, key))) =>
+        {
+            (
+                log.entries[at + 1..].to_vec(),
+                missing(
+                    None,
+                    "the room's log lost its newest entries: Redis failed over",
+                ),
+            )
+        }
+        (Some(at), _) => (log.entries[at + 1..].to_vec(), None),
+        (None, Some(delivered)) if delivered > log.last => (
+            // The log is behind what was delivered from it: it lost entries
+            // without starting a new epoch.
+            Vec::new(),
+            missing(None, "the room's log lost its newest entries"),
+        ),
+        (None, Some(delivered)) => {
+            let after: Vec<_> = log
+                .entries
+                .iter()
+                .filter(in_epoch)
+                .filter(|incoming| place(incoming).is_some_and(|(_, offset)| offset > delivered))
+                .cloned()
+                .collect();
+            let gone = log.first.saturating_sub(delivered + 1);
+            let missing = (gone > 0)
+                .then(|| missing(Some(gone), "the room's log no longer reaches back that far"))
+                .flatten();
+            (after, missing)
+        }
+        (None, None) if recent.any() => (
+            // Delivered from a log that is gone: everything in this one is new.
+            log.entries.iter().filter(in_epoch).cloned().collect(),
+            missing(
+                None,
+                "the room's log was reset (Redis was flushed, restarted or failed over)",
+            ),
+        ),
+        // Nothing placed was delivered yet: where to begin is not known.
+        (None, None) => (
+            Vec::new(),
+            missing(None, "where its delivery stood was not known yet"),
+        ),
+    };
+    Fill {
+        gap: Gap {
+            recovered: messages.len(),
+            missing,
+        },
+        messages,
+        upto: Some((epoch.to_owned(), log.last)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str, epoch: &str, offset: u64) -> Arc<Incoming> {
+        let tag = place_tag(key, crate::protocol::At { offset, epoch });
+        let json = format!(
+            r#"{{"nickname":"n","message":"m{offset}","offset":{offset},"epoch":"{epoch}","tag":"{:016x}"}}"#,
+            tag.0
+        );
+        Arc::new(Incoming::parse(json.as_bytes(), Instant::now()))
+    }
+
+    fn log(key: &str, epoch: &str, first: u64, last: u64) -> LogRead {
+        LogRead {
+            epoch: Some(epoch.into()),
+            key: Some(key.into()),
+            first,
+            last,
+            entries: (first..=last).map(|o| entry(key, epoch, o)).collect(),
+        }
+    }
+
+    fn offsets(fill: &Fill) -> Vec<u64> {
+        fill.messages
+            .iter()
+            .map(|m| m.message().unwrap().offset.unwrap())
+            .collect()
+    }
+
+    /// What came after the last place delivered is filled, all of it.
+    #[test]
+    fn a_gap_the_log_holds_is_filled_exactly() {
+        let mut recent = Recent::default();
+        recent.note(&entry("k", "e", 4));
+        let fill = fill(&log("k", "e", 1, 9), &recent, 0);
+        assert_eq!(offsets(&fill), vec![5, 6, 7, 8, 9]);
+        assert_eq!(fill.gap.missing, None);
+        assert_eq!(fill.upto, Some(("e".into(), 9)));
+    }
+
+    /// A forged place (no valid tag) after the genuine one moves nothing.
+    #[test]
+    fn a_forged_place_does_not_move_the_start() {
+        let mut recent = Recent::default();
+        recent.note(&entry("k", "e", 4));
+        recent.note(&entry("forger", "e", 8));
+        let fill = fill(&log("k", "e", 1, 9), &recent, 0);
+        assert_eq!(offsets(&fill), vec![5, 6, 7, 8, 9]);
+        assert_eq!(fill.gap.missing, None);
+    }
+
+    /// A log that no longer reaches back says how many are gone.
+    #[test]
+    fn a_log_that_does_not_reach_back_counts_what_is_gone() {
+        let mut recent = Recent::default();
+        recent.note(&entry("k", "e", 4));
+        let fill = fill(&log("k", "e", 12, 14), &recent, 7);
+        assert_eq!(offsets(&fill), vec![12, 13, 14]);
+        let missing = fill.gap.missing.unwrap();
+        assert_eq!((missing.count, missing.since), (Some(7), 7));
+    }
+
+    /// A new epoch whose log no longer holds the last place delivered:
+    /// all of it is new, and what is gone is not known.
+    #[test]
+    fn a_new_epoch_is_delivered_whole_with_an_unknown_loss() {
+        let mut recent = Recent::default();
+        recent.note(&entry("old", "e", 40));
+        let fill = fill(&log("k", "f", 1, 3), &recent, 0);
+        assert_eq!(offsets(&fill), vec![1, 2, 3]);
+        assert_eq!(fill.gap.missing.unwrap().count, None);
+    }
+
+    /// A log that moved (a new epoch, its entries kept and its offsets
+    /// going on) is followed from the last entry delivered.
+    #[test]
+    fn a_moved_log_is_followed_across_its_new_epoch() {
+        let mut moved = log("old", "e", 1, 5);
+        moved.entries.extend((6..=8).map(|o| entry("new", "f", o)));
+        moved.epoch = Some("f".into());
+        moved.key = Some("new".into());
+        moved.last = 8;
+        let mut recent = Recent::default();
+        recent.note(&entry("old", "e", 4));
+        let fill = fill(&moved, &recent, 0);
+        assert_eq!(offsets(&fill), vec![5, 6, 7, 8]);
+        assert_eq!(fill.gap.missing, None);
+    }
+
+    /// A log that lost what was delivered last (a failover) is followed
+    /// from the furthest place it holds, with a loss of unknown size.
+    #[test]
+    fn a_log_that_lost_what_was_delivered_says_so() {
+        let mut failed_over = log("old", "e", 1, 5);
+        failed_over
+            .entries
+            .extend((6..=7).map(|o| entry("new", "f", o)));
+        failed_over.epoch = Some("f".into());
+        failed_over.key = Some("new".into());
+        failed_over.last = 7;
+        let mut recent = Recent::default();
+        recent.note(&entry("old", "e", 5));
+        recent.note(&entry("old", "e", 6));
+        let fill = fill(&failed_over, &recent, 0);
+        assert_eq!(offsets(&fill), vec![6, 7]);
+        assert_eq!(fill.gap.missing.unwrap().count, None);
+    }
+
+    /// A genuine place replayed later does not move the start back.
+    #[test]
+    fn a_replayed_place_does_not_move_the_start_back() {
+        let mut recent = Recent::default();
+        recent.note(&entry("k", "e", 6));
+        recent.note(&entry("k", "e", 2));
+        assert_eq!(
+            offsets(&fill(&log("k", "e", 1, 9), &recent, 0)),
+            vec![7, 8, 9]
+        );
+    }
+}
