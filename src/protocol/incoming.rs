@@ -69,7 +69,11 @@ impl Incoming {
 
     /// The frame a client gets for this live message without its place in
     /// the log (see `session::outbox`'s `Expect`): rendered for this one
-    /// client, since it is rare.
+    /// client, since it is rare. Never inlined: inlined into the subscriber
+    /// thread's path it pushed that thread's stack onto a third page, which
+    /// stays resident for the client's whole life (see PERFORMANCE).
+    #[cold]
+    #[inline(never)]
     pub fn frame_without_place(&self, format: Format) -> Option<Utf8Bytes> {
         let mut message = self.message.as_ref().ok()?.clone();
         (message.offset, message.epoch) = (None, None);

@@ -139,7 +139,10 @@ impl Expect {
 
     /// Whether the place `at` of an entry read from the log itself may be
     /// passed on: only if it is not behind. (Its epoch may be one whose key
-    /// is gone: a log that moved took a new one.)
+    /// is gone: a log that moved took a new one.) Rare (only while a gap
+    /// is filled), so kept out of the subscriber thread's frames.
+    #[cold]
+    #[inline(never)]
     fn take_logged(&mut self, at: At<'_>) -> bool {
         let behind =
             matches!(&self.next, Some((epoch, next)) if epoch == at.epoch && at.offset < *next);
