@@ -21,6 +21,7 @@ use super::gaps::Gaps;
 use super::ghosts::{Again, Ghosts, swap_nickname};
 use super::heartbeat::{Beat, Heartbeat, keep_alive};
 use super::job::{Job, Reply, Route};
+use super::listener::Listeners;
 use super::listener::{Patience, RedisListener};
 use super::members::Members;
 use super::nodes::{Follower, Nodes, OneServer};
@@ -28,7 +29,6 @@ use super::publisher::Publisher;
 use super::queries::{Queues, from_value, refresh};
 use super::settings::{POOL_SIZE, QUEUE_CAPACITY};
 use super::shared::{SharedFeeds, dispatchers_per_room};
-use super::sockets::SubscriptionSockets;
 use super::{ha, idle, keys, place_keys};
 
 /// Relays through Redis.
@@ -36,7 +36,6 @@ pub struct RedisBroker {
     /// Where Redis is: asked afresh by every connection that opens or
     /// reopens.
     nodes: Arc<dyn Nodes>,
-    url: String,
     /// The publisher threads' and the query threads' queues. Dropping them
     /// stops those threads.
     queues: Queues,
@@ -51,8 +50,6 @@ pub struct RedisBroker {
     metrics: Arc<Metrics>,
     /// In shared-subscription mode, the rooms' feeds.
     shared: Option<Arc<SharedFeeds>>,
-    /// Every subscription's socket, for the heartbeat to restart them all.
-    subscriptions: Arc<SubscriptionSockets>,
     /// What follows the nodes' moves as they happen, if anything does
     /// (with Sentinel, the thread that hears of failovers).
     follower: Option<Follower>,
@@ -61,11 +58,12 @@ pub struct RedisBroker {
     idle: Option<idle::IdleRooms>,
     /// Each room's place key, as last read (`place_keys.rs`).
     place_keys: place_keys::PlaceKeys,
-    /// The logs read for restored subscriptions (`gaps.rs`).
-    gaps: Arc<Gaps>,
     /// What this instance really has in each room, and the changes waiting
     /// for Redis to come back (`ghosts.rs`).
     ghosts: Arc<Ghosts>,
+    /// What its subscriptions share (where Redis is, the log reader for
+    /// gaps, every subscription's socket), built once here.
+    listeners: Arc<Listeners>,
 }
 
 impl RedisBroker {
@@ -149,9 +147,15 @@ impl RedisBroker {
         }
         let queries = lanes.split_off(POOL_SIZE);
         let mut broker = RedisBroker {
-            gaps: Arc::new(Gaps::new(&nodes, settings.history)),
+            listeners: Arc::new(Listeners {
+                nodes: Arc::clone(&nodes),
+                gaps: Arc::new(Gaps::new(&nodes, settings.history)),
+                url: url.to_owned(),
+                metrics: Arc::clone(metrics),
+                sockets: Arc::default(),
+                max_payload: settings.max_payload,
+            }),
             nodes,
-            url: url.to_owned(),
             queues: Queues::new(lanes, queries),
             publishers,
             local_rooms: Arc::default(),
@@ -160,7 +164,6 @@ impl RedisBroker {
             settings: settings.clone(),
             metrics: Arc::clone(metrics),
             shared: None,
-            subscriptions: Arc::default(),
             follower: None,
             idle: None,
             ghosts: Arc::new(Ghosts::new(settings.instance, metrics)),
@@ -169,19 +172,14 @@ impl RedisBroker {
             broker.shared = Some(Arc::new(SharedFeeds {
                 fanout: Arc::new(Fanout::new(false, dispatchers_per_room())),
                 feeds: Mutex::default(),
-                nodes: Arc::clone(&broker.nodes),
-                gaps: Arc::clone(&broker.gaps),
-                url: broker.url.clone(),
-                metrics: Arc::clone(metrics),
-                subscriptions: Arc::clone(&broker.subscriptions),
-                max_payload: settings.max_payload,
+                listeners: Arc::clone(&broker.listeners),
                 capacity: Arc::clone(&settings.capacity),
             }));
         }
         broker.heartbeat = Some(Heartbeat::start(Beat {
             lane: broker.queues.lanes[0].clone(),
             key: keys::instance(&broker.instance_id()),
-            subscriptions: Arc::clone(&broker.subscriptions),
+            subscriptions: Arc::clone(&broker.listeners.sockets),
             nodes: Arc::clone(&broker.nodes),
             local_rooms: Arc::clone(&broker.local_rooms),
             room_ttl: settings.room_ttl,
@@ -194,7 +192,7 @@ impl RedisBroker {
             settings.idle_rooms_bytes,
             settings.room_ttl,
         )?);
-        broker.follower = Arc::clone(&broker.nodes).follow(&broker.subscriptions)?;
+        broker.follower = Arc::clone(&broker.nodes).follow(&broker.listeners.sockets)?;
         Ok(broker)
     }
 
@@ -348,17 +346,9 @@ impl Broker for RedisBroker {
         if let Some(shared) = &self.shared {
             return shared.subscribe(room, conn);
         }
-        let (listener, canceller) = RedisListener::new(
-            &self.nodes,
-            &self.gaps,
-            &self.url,
-            room,
-            &self.metrics,
-            &self.subscriptions,
-            // A client's own: if it never gets going, the client is refused.
-            Patience::UntilFirstFailure,
-            self.settings.max_payload,
-        );
+        // A client's own: if it never gets going, the client is refused.
+        let (listener, canceller) =
+            RedisListener::new(&self.listeners, room, Patience::UntilFirstFailure);
         Ok(Subscription::new(Box::new(listener), canceller))
     }
 

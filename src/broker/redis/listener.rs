@@ -27,22 +27,33 @@ use crate::protocol::{Incoming, Room, unix_millis};
 /// A blocking Redis subscription: a client's own (per-client mode), or a
 /// room's shared one (shared mode, run by the room's listener thread).
 pub(super) struct RedisListener {
-    /// Where Redis is, asked at every (re)connection.
-    nodes: Arc<dyn Nodes>,
-    url: String,
+    /// What every listener of this instance shares.
+    with: Arc<Listeners>,
     channel: Channel,
     room: Room,
-    /// Reads the room's log when a lost subscription is restored.
-    gaps: Arc<Gaps>,
     /// Where the channel is.
     route: Route,
     /// The current connection's socket, for the canceller to shut down.
     current: Current,
-    metrics: Arc<Metrics>,
     /// When it gives up, and which failures it reports.
     patience: Patience,
+}
+
+/// What every subscription of an instance needs, built once when the
+/// broker connects and shared by its listeners (a client's own, or a
+/// room's feed in shared mode).
+pub(super) struct Listeners {
+    /// Where Redis is, asked at every (re)connection.
+    pub(super) nodes: Arc<dyn Nodes>,
+    /// Reads the room's log when a lost subscription is restored.
+    pub(super) gaps: Arc<Gaps>,
+    /// The Redis URL given, for errors (redacted).
+    pub(super) url: String,
+    pub(super) metrics: Arc<Metrics>,
+    /// Every subscription's socket, for a failover to shut them all.
+    pub(super) sockets: Arc<SubscriptionSockets>,
     /// Longest payload read into memory (see [`Push::Oversized`]).
-    max_payload: usize,
+    pub(super) max_payload: usize,
 }
 
 /// When a listener gives up, and which failures it reports: chosen by
@@ -84,8 +95,8 @@ impl Listen for RedisListener {
                 return Err(error);
             }
             if state.live {
-                self.metrics.subscriptions_lost.inc();
-                state.down.replace(Down::new(&self.metrics));
+                self.with.metrics.subscriptions_lost.inc();
+                state.down.replace(Down::new(&self.with.metrics));
                 state.gap().lost_at = unix_millis();
                 log::debug!("subscription to {} lost: {error}", self.channel.name);
                 if on_event(Event::Lost(Arc::new(error))).is_break() {
@@ -172,19 +183,13 @@ impl Drop for Down {
 
 impl RedisListener {
     /// A listener for `room`'s channel, and the canceller that stops it.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
-        nodes: &Arc<dyn Nodes>,
-        gaps: &Arc<Gaps>,
-        url: &str,
+        with: &Arc<Listeners>,
         room: &Room,
-        metrics: &Arc<Metrics>,
-        subscriptions: &SubscriptionSockets,
         patience: Patience,
-        max_payload: usize,
     ) -> (RedisListener, Canceller) {
         let current = Current::default();
-        subscriptions.track(&current);
+        with.sockets.track(&current);
         let canceller = {
             let current = Arc::clone(&current);
             // Wakes a read blocked on the current connection, wherever it
@@ -194,16 +199,12 @@ impl RedisListener {
             })
         };
         let listener = RedisListener {
-            nodes: Arc::clone(nodes),
-            url: url.to_owned(),
-            channel: nodes.channel(room),
+            with: Arc::clone(with),
+            channel: with.nodes.channel(room),
             room: room.clone(),
-            gaps: Arc::clone(gaps),
             route: Route::room(room),
             current,
-            metrics: Arc::clone(metrics),
             patience,
-            max_payload,
         };
         (listener, canceller)
     }
@@ -235,25 +236,27 @@ impl RedisListener {
         on_event: &mut dyn FnMut(Event) -> Flow,
         state: &mut ListenState,
     ) -> Result<(), BrokerError> {
-        let (address, client) = self.nodes.node(&self.route)?;
+        let (address, client) = self.with.nodes.node(&self.route)?;
         let info = client.get_connection_info().clone();
-        let (mut con, socket) = PubSubConnection::connect(&info, CONNECT_TIMEOUT, self.max_payload)
-            .map_err(|e| {
-                self.nodes.unreachable(&address);
-                BrokerError::Connect {
-                    url: redact(&self.url),
-                    reason: e.to_string(),
-                }
-            })?;
-        self.nodes.reached(&address);
+        let (mut con, socket) =
+            PubSubConnection::connect(&info, CONNECT_TIMEOUT, self.with.max_payload).map_err(
+                |e| {
+                    self.with.nodes.unreachable(&address);
+                    BrokerError::Connect {
+                        url: redact(&self.with.url),
+                        reason: e.to_string(),
+                    }
+                },
+            )?;
+        self.with.nodes.reached(&address);
         self.current.set(Some(socket));
         let result = self.receive(&mut con, stop, on_event, state);
         self.current.set(None);
         match &result {
             // Moved: the server is fine, the map of where rooms are is not.
-            Err(BrokerError::Moved) => self.nodes.forget(),
+            Err(BrokerError::Moved) => self.with.nodes.forget(),
             // Lost: the next connection asks where the master is now.
-            Err(_) => self.nodes.unreachable(&address),
+            Err(_) => self.with.nodes.unreachable(&address),
             Ok(()) => {}
         }
         result
@@ -270,7 +273,7 @@ impl RedisListener {
         con.set_read_timeout(Some(IO_TIMEOUT)).map_err(lost)?;
         let channel = &self.channel.name;
         if let Err(e) = con.subscribe(&[channel], self.channel.sharded) {
-            if self.nodes.moved(&e.to_string()) {
+            if self.with.nodes.moved(&e.to_string()) {
                 state.moved = true;
                 return Err(BrokerError::Moved);
             }
@@ -293,7 +296,7 @@ impl RedisListener {
         // Restored (if it was down): no longer counted as down.
         drop(state.down.take());
         if state.ever_subscribed {
-            self.metrics.redis_reconnects.inc();
+            self.with.metrics.redis_reconnects.inc();
         }
         state.ever_subscribed = true;
         // Only now, with the socket registered for the canceller and
@@ -382,16 +385,19 @@ impl RedisListener {
     /// deliver from it. (Out of line, and boxed: see [`ListenState::gap`].)
     #[inline(never)]
     fn fill(&self, state: &mut ListenState) -> Result<Box<gaps::Fill>, BrokerError> {
-        let log = self.gaps.read(&self.room, Instant::now())?;
+        let log = self.with.gaps.read(&self.room, Instant::now())?;
         let gap = state.gap();
         let fill = gaps::fill(&log, &gap.recent, gap.lost_at);
         if let Some(newest) = fill.messages.last() {
             gap.recent.note(newest);
         }
         gap.filled_upto = fill.upto.clone();
-        self.metrics.gap_recovered.inc_by(fill.gap.recovered as u64);
+        self.with
+            .metrics
+            .gap_recovered
+            .inc_by(fill.gap.recovered as u64);
         if fill.gap.missing.is_some() {
-            self.metrics.gaps_incomplete.inc();
+            self.with.metrics.gaps_incomplete.inc();
         }
         Ok(Box::new(fill))
     }
@@ -509,19 +515,17 @@ mod tests {
         });
         let nodes: Arc<dyn Nodes> =
             Arc::new(crate::broker::redis::nodes::OneServer::new(&url).unwrap());
-        let metrics = Arc::new(Metrics::default());
-        let subscriptions = SubscriptionSockets::default();
-        let gaps = Arc::new(Gaps::new(&nodes, 0));
-        let (listener, canceller) = RedisListener::new(
-            &nodes,
-            &gaps,
-            &url,
-            &Room::parse("ch").unwrap(),
-            &metrics,
-            &subscriptions,
-            Patience::UntilFirstFailure,
-            1024,
-        );
+        let listeners = Arc::new(Listeners {
+            gaps: Arc::new(Gaps::new(&nodes, 0)),
+            nodes,
+            url,
+            metrics: Arc::new(Metrics::default()),
+            sockets: Arc::default(),
+            max_payload: 1024,
+        });
+        let room = Room::parse("ch").unwrap();
+        let (listener, canceller) =
+            RedisListener::new(&listeners, &room, Patience::UntilFirstFailure);
         let subscription = Subscription::new(Box::new(listener), canceller.clone());
         let (events_tx, events) = crossbeam_channel::unbounded();
         let listening = thread::spawn(move || {

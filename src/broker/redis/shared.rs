@@ -7,15 +7,11 @@ use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::Sender;
 
-use super::gaps::Gaps;
-use super::listener::{Patience, RedisListener};
-use super::nodes::Nodes;
-use super::sockets::SubscriptionSockets;
+use super::listener::{Listeners, Patience, RedisListener};
 use crate::broker::error::BrokerError;
 use crate::broker::fanout::{Fanout, FanoutListener, Source};
 use crate::broker::subscription::{Canceller, Event, Flow, Listen, Subscription};
 use crate::capacity::{Capacity, Cost, Reservation};
-use crate::metrics::Metrics;
 use crate::protocol::{ConnId, Room};
 
 /// Shared-subscription mode: one Redis subscription per room per process,
@@ -41,14 +37,8 @@ pub(super) struct SharedFeeds {
     /// Channel → its running feed. Locked while registering and
     /// unregistering, so a room's feed is started and stopped exactly once.
     pub(super) feeds: Mutex<HashMap<String, RoomFeed>>,
-    /// Where Redis is.
-    pub(super) nodes: Arc<dyn Nodes>,
-    /// Reads the room's log when a feed's subscription is restored.
-    pub(super) gaps: Arc<Gaps>,
-    pub(super) url: String,
-    pub(super) metrics: Arc<Metrics>,
-    pub(super) subscriptions: Arc<SubscriptionSockets>,
-    pub(super) max_payload: usize,
+    /// What the room's feeds subscribe with.
+    pub(super) listeners: Arc<Listeners>,
     /// The process's budget of threads and descriptors.
     pub(super) capacity: Arc<Capacity>,
 }
@@ -142,18 +132,9 @@ impl SharedFeeds {
                     .into(),
             )
         })?;
-        let (listener, canceller) = RedisListener::new(
-            &self.nodes,
-            &self.gaps,
-            &self.url,
-            room,
-            &self.metrics,
-            &self.subscriptions,
-            // A room's feed serves clients that come and go: it never
-            // gives up, and those waiting to join hear of every failure.
-            Patience::Endless,
-            self.max_payload,
-        );
+        // A room's feed serves clients that come and go: it never gives
+        // up, and those waiting to join hear of every failure.
+        let (listener, canceller) = RedisListener::new(&self.listeners, room, Patience::Endless);
         let listener = Box::new(listener);
         let stop = canceller.signal();
         let mut delivery = Delivery {
