@@ -304,7 +304,9 @@ fn reused(
     name_of: &impl Fn(Option<usize>) -> String,
     secs: &impl Fn(Instant) -> f64,
 ) {
-    let mut places: BTreeMap<(&str, &str, u64), BTreeSet<(&str, u64)>> = BTreeMap::new();
+    // (room, epoch, offset) -> the (sender, seq) of each message there.
+    type Place<'a> = (&'a str, &'a str, u64);
+    let mut places: BTreeMap<Place, BTreeSet<(&str, u64)>> = BTreeMap::new();
     for r in records {
         for e in &r.events {
             if let Event::Chat {
@@ -356,5 +358,57 @@ fn reused(
                 secs(at)
             )
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::client::Sent;
+
+    /// A client in room `chaos0` that sent `seq` 1 and got `got`.
+    fn client(nick: &str, got: Vec<Event>, start: Instant) -> Record {
+        let mut events = vec![Event::Attached { at: start }];
+        events.extend(got);
+        Record {
+            nick: nick.into(),
+            room: "chaos0".into(),
+            sent: vec![Sent {
+                seq: 1,
+                at: start + Duration::from_secs(1),
+                unanswered: false,
+            }],
+            events,
+            failed: BTreeSet::new(),
+            unsure: BTreeSet::new(),
+        }
+    }
+
+    fn chat(sender: &str, offset: u64) -> Event {
+        Event::Chat {
+            sender: sender.into(),
+            seq: 1,
+            how: How::Live,
+            place: Some(("e1".into(), offset)),
+        }
+    }
+
+    /// Two messages given offset 6 of one epoch (as a failover to a replica
+    /// that lacked the first might) are one reused offset; the same message
+    /// seen at its offset by everybody is none.
+    #[test]
+    fn two_messages_at_one_place_are_a_reused_offset() {
+        let start = Instant::now();
+        let records = vec![
+            client("a", vec![chat("b", 5), chat("c", 6)], start),
+            client("b", vec![chat("a", 4), chat("c", 6)], start),
+            client("c", vec![chat("a", 4), chat("b", 6)], start),
+        ];
+        let verdict = check(&records, &[], &HashMap::new(), start);
+        assert_eq!(verdict.counts["calm"].reused, 1);
+        let first = verdict.first_divergence.expect("a divergence").1;
+        assert!(first.contains("offset 6"), "{first}");
     }
 }

@@ -309,9 +309,20 @@ fn run(args: Args) -> anyhow::Result<bool> {
     if let Some((_, first)) = &verdict.first_announced {
         println!("first announced loss: {first}");
     }
-    for line in harness.log.lock().expect("log").iter().take(20) {
+    let log = harness.log.lock().expect("log");
+    for line in log.iter().take(20) {
         eprintln!("{line}");
     }
+    // All of it, for a finding's story.
+    let path = std::env::temp_dir().join(format!("threadchat-chaos-{seed}.log"));
+    if std::fs::write(&path, log.join("\n")).is_ok() {
+        eprintln!(
+            "chaos: the instances' {} warnings and errors are in {}",
+            log.len(),
+            path.display()
+        );
+    }
+    drop(log);
     if failed {
         let first = verdict
             .first_divergence

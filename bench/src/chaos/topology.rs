@@ -115,29 +115,29 @@ impl Topology {
         rng: &mut Rng,
         rooms: &[String],
     ) -> anyhow::Result<String> {
-        let (pid, port) = match self {
+        let (node, on_it) = match self {
             Topology::One(redis) => {
                 redis.signal("STOP")?;
                 thread::sleep(pause);
                 redis.signal("CONT")?;
                 return Ok(format!("Redis stopped for {} ms", pause.as_millis()));
             }
-            Topology::Sentinel(s) => {
-                let node = s.node(s.master_port()?)?;
-                (node.pid()?, node.port)
-            }
+            Topology::Sentinel(s) => (s.node(s.master_port()?)?, rooms.to_vec()),
             Topology::Cluster(c) => {
                 let room = &rooms[rng.range(0, rooms.len() as u64 - 1) as usize];
-                let node = c.node(c.master_of_room(room)?)?;
-                (node.pid()?, node.port)
+                let port = c.master_of_room(room)?;
+                (c.node(port)?, c.rooms_on(port, rooms))
             }
         };
-        signal_pid(pid, "STOP")?;
+        let mut before = Before::take(node, &on_it)?;
+        signal_pid(node.pid()?, "STOP")?;
         thread::sleep(pause);
-        signal_pid(pid, "CONT")?;
-        self.wait_whole()?;
+        signal_pid(node.pid()?, "CONT")?;
+        before.watch(node.port, self)?;
+        let lost = before.missing_now(self, &on_it)?;
         Ok(format!(
-            "master on port {port} stopped for {} ms",
+            "master on port {} stopped for {} ms; {lost}",
+            node.port,
             pause.as_millis()
         ))
     }
@@ -145,12 +145,16 @@ impl Topology {
     /// Waits until the shape is whole: a master that says so, with its
     /// replicas in sync, known as such by every sentinel or cluster node.
     pub(crate) fn wait_whole(&self) -> anyhow::Result<()> {
-        Topology::wait(|| match self {
+        Topology::wait(|| self.whole_now()).context("Redis not whole again")
+    }
+
+    /// Whether the shape is whole now (see [`Topology::wait_whole`]).
+    fn whole_now(&self) -> anyhow::Result<()> {
+        match self {
             Topology::One(_) => Ok(()),
             Topology::Sentinel(s) => s.whole(),
             Topology::Cluster(c) => c.whole(),
-        })
-        .context("Redis not whole again")
+        }
     }
 
     /// A connection to the node that holds `room`'s keys now.
@@ -177,10 +181,11 @@ impl Topology {
             unreachable!()
         };
         let old = s.master_port()?;
-        let before = Before::take(s.node(old)?, rooms)?;
+        let mut before = Before::take(s.node(old)?, rooms)?;
         let how = if rng.range(0, 1) == 0 {
             s.ask_failover()?;
             s.wait_for_new_master(old)?;
+            before.watch(old, self)?;
             "SENTINEL FAILOVER"
         } else {
             s.node_mut(old)?.kill();
@@ -192,12 +197,14 @@ impl Topology {
                 new.to_string(),
             ];
             s.node_mut(old)?.restart(&replica_of)?;
+            self.wait_whole()?;
             "master killed, restarted as a replica"
         };
+        let lost = before.missing_now(self, rooms)?;
+        let Topology::Sentinel(s) = self else {
+            unreachable!()
+        };
         let new = s.master_port()?;
-        let after = s.node(new)?;
-        let lost = before.missing_on(after, rooms)?;
-        self.wait_whole()?;
         Ok(format!("{how}: {old} -> {new}; {}; {lost}", before.lag))
     }
 
@@ -220,26 +227,26 @@ impl Topology {
         let slot = c.slot_of_room(&room)?;
         let old = c.master_of(slot)?;
         let replica = c.replica_of(old)?;
-        let on_it: Vec<String> = rooms
-            .iter()
-            .filter(|r| c.master_of_room(r).ok() == Some(old))
-            .cloned()
-            .collect();
-        let before = Before::take(c.node(old)?, &on_it)?;
+        let on_it = c.rooms_on(old, rooms);
+        let mut before = Before::take(c.node(old)?, &on_it)?;
         let how = if rng.range(0, 1) == 0 {
             let _: () = c.node(replica)?.query(&["CLUSTER", "FAILOVER"])?;
             c.wait_for(|c| Ok(c.master_of(slot)? != old))?;
+            before.watch(old, self)?;
             "CLUSTER FAILOVER on its replica"
         } else {
             c.node_mut(old)?.kill();
             c.wait_for(|c| Ok(c.master_of(slot)? != old))?;
             thread::sleep(rng.millis(1_000, 3_000));
             c.node_mut(old)?.restart(&[])?;
+            self.wait_whole()?;
             "master killed, restarted later"
         };
+        let lost = before.missing_now(self, &on_it)?;
+        let Topology::Cluster(c) = self else {
+            unreachable!()
+        };
         let new = c.master_of(slot)?;
-        let lost = before.missing_on(c.node(new)?, &on_it)?;
-        self.wait_whole()?;
         Ok(format!(
             "{how}: room {room} (slot {slot}) {old} -> {new}; {}; {lost}",
             before.lag
@@ -310,10 +317,14 @@ impl Topology {
     }
 }
 
-/// A replicated master as a fault found it: its replicas' lag, and each
-/// room's log entries, to say afterwards what the new master lacks.
+/// A replicated master as a fault found it: its replicas' lag (as of
+/// their last acknowledgement, once a second), and each room's log
+/// entries, to say afterwards which of them the new master lacks. A master
+/// that lives on through the fault (stopped, or demoted) is watched until
+/// the shape is whole: what it took meanwhile counts too.
 struct Before {
     lag: String,
+    rooms: Vec<String>,
     logs: Vec<BTreeSet<String>>,
 }
 
@@ -337,16 +348,38 @@ impl Before {
         }
         Ok(Before {
             lag: format!("replica behind by {} bytes", lags.join("/")),
+            rooms: rooms.to_vec(),
             logs,
         })
     }
 
-    /// How many of the entries the old master held are not on `new`.
-    fn missing_on(&self, new: &Node, rooms: &[String]) -> anyhow::Result<String> {
+    /// Adds what the old master on `port` holds to the entries, again and
+    /// again, until `topology` is whole (it has then synced with the new
+    /// master, and holds nothing of its own any more).
+    fn watch(&mut self, port: u16, topology: &Topology) -> anyhow::Result<()> {
+        Topology::wait(|| {
+            for (room, seen) in self.rooms.iter().zip(&mut self.logs) {
+                if let Ok(now) = query::<Vec<String>>(port, &["LRANGE", &log_key(room), "0", "-1"])
+                {
+                    seen.extend(now);
+                }
+            }
+            topology.whole_now()
+        })
+    }
+
+    /// How many of the entries the old master held are not where each
+    /// room's log is now.
+    fn missing_now(&self, topology: &Topology, rooms: &[String]) -> anyhow::Result<String> {
         let mut missing = 0;
         let mut held = 0;
         for (room, before) in rooms.iter().zip(&self.logs) {
-            let now: BTreeSet<String> = new.query(&["LRANGE", &log_key(room), "0", "-1"])?;
+            let mut con = topology.room_connection(room)?;
+            let now: BTreeSet<String> = redis::cmd("LRANGE")
+                .arg(log_key(room))
+                .arg(0)
+                .arg(-1)
+                .query(&mut con)?;
             held += before.len();
             missing += before.difference(&now).count();
         }
@@ -490,7 +523,7 @@ fn query<T: redis::FromRedisValue>(port: u16, args: &[&str]) -> anyhow::Result<T
         .with_context(|| format!("{} on {port}", args.join(" ")))
 }
 
-fn find<'a>(nodes: &'a [Node], port: u16) -> anyhow::Result<&'a Node> {
+fn find(nodes: &[Node], port: u16) -> anyhow::Result<&Node> {
     nodes
         .iter()
         .find(|n| n.port == port)
@@ -753,6 +786,15 @@ impl Cluster {
 
     fn master_of_room(&self, room: &str) -> anyhow::Result<u16> {
         self.master_of(self.slot_of_room(room)?)
+    }
+
+    /// Those of `rooms` whose master is on `port`.
+    fn rooms_on(&self, port: u16, rooms: &[String]) -> Vec<String> {
+        rooms
+            .iter()
+            .filter(|r| self.master_of_room(r).ok() == Some(port))
+            .cloned()
+            .collect()
     }
 
     /// The masters that serve slots, as a live node sees them.
