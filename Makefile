@@ -72,11 +72,14 @@ chaos-short: require-redis
 	  --instances 2 --rooms 2 --clients 3 --no-announced-losses $(CHAOS_ARGS)
 
 # The same on a replicated Redis; four rooms spread over the three masters
-# of the cluster (two of the first three share one).
+# of the cluster (two of the first three share one). A Sentinel master
+# stalled past its down-after time loses acknowledged writes (see
+# docs/PERFORMANCE.md), so it is left out here: ./target/debug/chaos
+# --topology sentinel --faults stall shows it.
 chaos-ha: require-redis
 	$(CARGO) build --workspace --bins
 	./target/debug/chaos --topology sentinel \
-	  --faults sentinel-failover,client-kill,stall,kill-instance,drop-clients $(CHAOS_ARGS)
+	  --faults sentinel-failover,client-kill,kill-instance,drop-clients $(CHAOS_ARGS)
 	./target/debug/chaos --topology cluster --rooms 4 \
 	  --faults cluster-failover,migrate,client-kill,stall,kill-instance,drop-clients $(CHAOS_ARGS)
 

@@ -69,6 +69,11 @@ struct Args {
     /// or a cluster of three masters with a replica each.
     #[arg(long, value_enum, default_value = "one")]
     topology: topology::Kind,
+    /// With sentinel or cluster: a master refuses writes unless this many
+    /// replicas acknowledged within the last second (Redis's
+    /// `min-replicas-to-write`, with `min-replicas-max-lag 1`); 0 is off.
+    #[arg(long, default_value_t = 0)]
+    min_replicas_to_write: u32,
     /// threadchat instances (per-client and shared, alternating).
     #[arg(long, default_value_t = 3)]
     instances: usize,
@@ -202,7 +207,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         args.faults.join(", ")
     );
     let mut rng = Rng::new(seed);
-    let topology = Topology::start(args.topology)?;
+    let topology = Topology::start(args.topology, args.min_replicas_to_write)?;
     let mut harness = Harness {
         topology,
         instances: Vec::new(),

@@ -70,11 +70,20 @@ const PATIENCE: Duration = Duration::from_secs(60);
 const MASTER_NAME: &str = "mymaster";
 
 impl Topology {
-    pub(crate) fn start(kind: Kind) -> anyhow::Result<Topology> {
+    /// Starts the shape; with `min_replicas` > 0, a replicated master
+    /// refuses writes unless that many replicas acknowledged within the
+    /// last second (`min-replicas-to-write`, `min-replicas-max-lag 1`).
+    pub(crate) fn start(kind: Kind, min_replicas: u32) -> anyhow::Result<Topology> {
+        let n = min_replicas.to_string();
+        let guard: &[&str] = if min_replicas > 0 {
+            &["--min-replicas-to-write", &n, "--min-replicas-max-lag", "1"]
+        } else {
+            &[]
+        };
         Ok(match kind {
             Kind::One => Topology::One(Redis::start()?),
-            Kind::Sentinel => Topology::Sentinel(Sentinels::start()?),
-            Kind::Cluster => Topology::Cluster(Cluster::start()?),
+            Kind::Sentinel => Topology::Sentinel(Sentinels::start(guard)?),
+            Kind::Cluster => Topology::Cluster(Cluster::start(guard)?),
         })
     }
 
@@ -373,6 +382,8 @@ impl Before {
     fn missing_now(&self, topology: &Topology, rooms: &[String]) -> anyhow::Result<String> {
         let mut missing = 0;
         let mut held = 0;
+        let mut elsewhere = 0;
+        let mut example = None;
         for (room, before) in rooms.iter().zip(&self.logs) {
             let mut con = topology.room_connection(room)?;
             let now: BTreeSet<String> = redis::cmd("LRANGE")
@@ -381,12 +392,33 @@ impl Before {
                 .arg(-1)
                 .query(&mut con)?;
             held += before.len();
-            missing += before.difference(&now).count();
+            let ids: BTreeSet<String> = now.iter().filter_map(|e| message_id(e)).collect();
+            for entry in before.difference(&now) {
+                missing += 1;
+                // The same message logged again, at another place?
+                if message_id(entry).is_some_and(|id| ids.contains(&id)) {
+                    elsewhere += 1;
+                }
+                if example.is_none() {
+                    example = Some(entry.clone());
+                }
+            }
         }
-        Ok(format!(
-            "{missing} of the {held} log entries the old master held are not on the new one"
-        ))
+        let mut said = format!(
+            "{missing} of the {held} log entries the old master held are not on the new one \
+             ({elsewhere} of them there at another place)"
+        );
+        if let Some(entry) = example {
+            said.push_str(&format!(", such as {entry}"));
+        }
+        Ok(said)
     }
+}
+
+/// The `id` of a logged payload (the sender's connection and number).
+fn message_id(entry: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(entry).ok()?;
+    Some(v["id"].as_str()?.to_owned())
 }
 
 fn log_key(room: &str) -> String {
@@ -547,14 +579,14 @@ pub(crate) struct Sentinels {
 }
 
 impl Sentinels {
-    fn start() -> anyhow::Result<Sentinels> {
-        let master = Node::start(free_port(false)?, &[], &[])?;
+    fn start(guard: &[&str]) -> anyhow::Result<Sentinels> {
+        let master = Node::start(free_port(false)?, guard, &[])?;
         let replica_of = [
             "--replicaof".to_owned(),
             "127.0.0.1".into(),
             master.port.to_string(),
         ];
-        let replica = Node::start(free_port(false)?, &[], &replica_of)?;
+        let replica = Node::start(free_port(false)?, guard, &replica_of)?;
         let master_port = master.port;
         let dir = std::env::temp_dir().join(format!("threadchat-chaos-sentinels-{master_port}"));
         std::fs::create_dir_all(&dir)?;
@@ -710,24 +742,22 @@ pub(crate) struct Cluster {
 }
 
 impl Cluster {
-    fn start() -> anyhow::Result<Cluster> {
+    fn start(guard: &[&str]) -> anyhow::Result<Cluster> {
         let mut nodes = Vec::new();
         for _ in 0..6 {
-            nodes.push(Node::start(
-                free_port(true)?,
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "1000",
-                    // A replica may always be promoted.
-                    "--cluster-replica-validity-factor",
-                    "0",
-                ],
-                &[],
-            )?);
+            let mut args = vec![
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "1000",
+                // A replica may always be promoted.
+                "--cluster-replica-validity-factor",
+                "0",
+            ];
+            args.extend(guard);
+            nodes.push(Node::start(free_port(true)?, &args, &[])?);
         }
         let addresses: Vec<String> = nodes
             .iter()
