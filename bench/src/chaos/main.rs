@@ -188,9 +188,9 @@ fn run(args: Args) -> anyhow::Result<bool> {
     for &fault in &faults {
         if let Some(why) = args.topology.refuses(fault) {
             bail!(
-                "fault {} makes no sense with --topology {:?}: {why}",
+                "fault {} makes no sense with --topology {}: {why}",
                 fault.name(),
-                args.topology
+                args.topology.name()
             );
         }
     }

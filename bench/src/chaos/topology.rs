@@ -35,6 +35,15 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
+    /// As written on the command line.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kind::One => "one",
+            Kind::Sentinel => "sentinel",
+            Kind::Cluster => "cluster",
+        }
+    }
+
     /// Why `fault` makes no sense on this shape, if it does not.
     pub(crate) fn refuses(self, fault: Fault) -> Option<&'static str> {
         match (self, fault) {
