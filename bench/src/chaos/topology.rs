@@ -876,19 +876,14 @@ impl Cluster {
                 "replica {} is not in sync",
                 node.port
             );
-            if repl.contains("role:master") && view.contains("myself,master") {
-                let serves = view
-                    .lines()
-                    .find(|l| l.contains("myself"))
-                    .is_some_and(|l| l.split(' ').count() > 8);
-                if serves {
-                    ensure!(
-                        !repl.contains("connected_slaves:0"),
-                        "master {} has no replica",
-                        node.port
-                    );
-                }
-            }
+            // Its own line of `CLUSTER NODES`: slots follow the 8th field.
+            let me = view.lines().find(|l| l.contains("myself")).unwrap_or("");
+            let serves_slots = me.contains("master") && me.split(' ').count() > 8;
+            ensure!(
+                !serves_slots || !repl.contains("connected_slaves:0"),
+                "master {} has no replica",
+                node.port
+            );
             let mut slots = ranges(&node.query(&["CLUSTER", "SLOTS"])?)?;
             slots.sort_unstable();
             match &first {
