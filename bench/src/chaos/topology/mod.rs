@@ -11,17 +11,21 @@
 //! errors instead of panics: a harness that cannot heal its Redis says so
 //! and stops.
 
+mod cluster;
+mod node;
+mod sentinel;
+
 use std::collections::BTreeSet;
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail, ensure};
+use anyhow::{Context, bail, ensure};
 
 use super::faults::{Fault, Rng};
 use super::world::{Redis, signal_pid};
+use cluster::{Cluster, master_in};
+use node::{Node, query};
+use sentinel::Sentinels;
 
 /// The shape asked for on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -75,9 +79,6 @@ pub(crate) enum Topology {
 /// run gives up (a sentinel looks at replicas every 10 s).
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// The master name the sentinels use.
-const MASTER_NAME: &str = "mymaster";
-
 impl Topology {
     /// Starts the shape; with `min_replicas` > 0, a replicated master
     /// refuses writes unless that many replicas acknowledged within the
@@ -118,8 +119,8 @@ impl Topology {
     pub(crate) fn kill_subscribers(&self) -> anyhow::Result<u64> {
         match self {
             Topology::One(redis) => redis.kill_subscribers(),
-            Topology::Sentinel(s) => kill_subscribers(s.nodes.iter()),
-            Topology::Cluster(c) => kill_subscribers(c.nodes.iter()),
+            Topology::Sentinel(s) => kill_subscribers(s.nodes()),
+            Topology::Cluster(c) => kill_subscribers(c.nodes()),
         }
     }
 
@@ -320,7 +321,7 @@ impl Topology {
                 .query(&["CLUSTER", "SETSLOT", &slot_text, "NODE", &target_id])?;
         }
         c.wait_for(|c| {
-            for node in c.nodes.iter().filter(|n| n.child.is_some()) {
+            for node in c.nodes().filter(|n| n.is_up()) {
                 if master_in(&node.query(&["CLUSTER", "SLOTS"])?, slot)? != Some(to) {
                     return Ok(false);
                 }
@@ -442,468 +443,10 @@ fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
 
 fn kill_subscribers<'a>(nodes: impl Iterator<Item = &'a Node>) -> anyhow::Result<u64> {
     let mut cut = 0;
-    for node in nodes.filter(|n| n.child.is_some()) {
+    for node in nodes.filter(|n| n.is_up()) {
         cut += node.query::<u64>(&["CLIENT", "KILL", "TYPE", "pubsub"])?;
     }
     Ok(cut)
-}
-
-/// A free port (and, for a cluster node, its bus port + 10,000 too).
-fn free_port(bus: bool) -> anyhow::Result<u16> {
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        if !bus || (port <= 55_535 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()) {
-            return Ok(port);
-        }
-    }
-}
-
-/// One `redis-server` of a replicated shape, in a folder of its own (a
-/// cluster node keeps its `nodes.conf` there across a restart). No
-/// persistence: a restarted node comes back as a replica and syncs.
-pub(crate) struct Node {
-    pub(crate) port: u16,
-    dir: PathBuf,
-    /// Its arguments, but for those of one start (`--replicaof`).
-    args: Vec<String>,
-    /// `None` while killed.
-    child: Option<Child>,
-}
-
-impl Node {
-    fn start(port: u16, args: &[&str], once: &[String]) -> anyhow::Result<Node> {
-        let dir = std::env::temp_dir().join(format!("threadchat-chaos-node-{port}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        let mut node = Node {
-            port,
-            dir,
-            args: args.iter().map(|a| (*a).to_owned()).collect(),
-            child: None,
-        };
-        node.restart(once)?;
-        Ok(node)
-    }
-
-    /// Starts the (killed) node again with its arguments and `once`.
-    fn restart(&mut self, once: &[String]) -> anyhow::Result<()> {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            // A replica syncs at once, not after waiting for others.
-            .args(["--repl-diskless-sync-delay", "0"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .args(&self.args)
-            .args(once)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("redis-server not found (apt-get install redis-server)")?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.connection().is_err() {
-            ensure!(
-                Instant::now() < deadline,
-                "redis-server on {} did not start",
-                self.port
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
-    }
-
-    /// `SIGKILL`: a crash.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn pid(&self) -> anyhow::Result<u32> {
-        self.child
-            .as_ref()
-            .map(Child::id)
-            .ok_or_else(|| anyhow!("node {} is down", self.port))
-    }
-
-    fn connection(&self) -> redis::RedisResult<redis::Connection> {
-        connect(self.port)
-    }
-
-    fn query<T: redis::FromRedisValue>(&self, args: &[&str]) -> anyhow::Result<T> {
-        query(self.port, args)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(child) = &self.child {
-            let _ = signal_pid(child.id(), "CONT");
-        }
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn connect(port: u16) -> redis::RedisResult<redis::Connection> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
-    let con = client.get_connection_with_timeout(Duration::from_secs(2))?;
-    con.set_read_timeout(Some(Duration::from_secs(5)))?;
-    Ok(con)
-}
-
-fn query<T: redis::FromRedisValue>(port: u16, args: &[&str]) -> anyhow::Result<T> {
-    let mut con = connect(port).with_context(|| format!("connecting to {port}"))?;
-    let mut cmd = redis::cmd(args[0]);
-    for arg in &args[1..] {
-        cmd.arg(*arg);
-    }
-    cmd.query(&mut con)
-        .with_context(|| format!("{} on {port}", args.join(" ")))
-}
-
-fn find(nodes: &[Node], port: u16) -> anyhow::Result<&Node> {
-    nodes
-        .iter()
-        .find(|n| n.port == port)
-        .ok_or_else(|| anyhow!("no node of ours on port {port}"))
-}
-
-fn find_mut(nodes: &mut [Node], port: u16) -> anyhow::Result<&mut Node> {
-    nodes
-        .iter_mut()
-        .find(|n| n.port == port)
-        .ok_or_else(|| anyhow!("no node of ours on port {port}"))
-}
-
-/// A master, a replica and three sentinels (quorum 2; a master silent for
-/// 1 s is down).
-pub(crate) struct Sentinels {
-    nodes: Vec<Node>,
-    sentinels: Vec<Child>,
-    ports: Vec<u16>,
-    dir: PathBuf,
-}
-
-impl Sentinels {
-    fn start(guard: &[&str]) -> anyhow::Result<Sentinels> {
-        let master = Node::start(free_port(false)?, guard, &[])?;
-        let replica_of = [
-            "--replicaof".to_owned(),
-            "127.0.0.1".into(),
-            master.port.to_string(),
-        ];
-        let replica = Node::start(free_port(false)?, guard, &replica_of)?;
-        let master_port = master.port;
-        let dir = std::env::temp_dir().join(format!("threadchat-chaos-sentinels-{master_port}"));
-        std::fs::create_dir_all(&dir)?;
-        let mut s = Sentinels {
-            nodes: vec![master, replica],
-            sentinels: Vec::new(),
-            ports: Vec::new(),
-            dir,
-        };
-        for _ in 0..3 {
-            let port = free_port(false)?;
-            let file = s.dir.join(format!("sentinel-{port}.conf"));
-            std::fs::write(
-                &file,
-                format!(
-                    "port {port}\nbind 127.0.0.1\n\
-                     sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
-                     sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
-                     sentinel failover-timeout {MASTER_NAME} 4000\n"
-                ),
-            )?;
-            let child = Command::new("redis-server")
-                .arg(&file)
-                .arg("--sentinel")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("redis-server not found (apt-get install redis-server)")?;
-            s.sentinels.push(child);
-            s.ports.push(port);
-        }
-        Topology::wait(|| s.whole())?;
-        Ok(s)
-    }
-
-    fn url(&self) -> String {
-        let hosts: Vec<String> = self
-            .ports
-            .iter()
-            .map(|port| format!("127.0.0.1:{port}"))
-            .collect();
-        format!("redis+sentinel://{}/{MASTER_NAME}", hosts.join(","))
-    }
-
-    fn node(&self, port: u16) -> anyhow::Result<&Node> {
-        find(&self.nodes, port)
-    }
-
-    fn node_mut(&mut self, port: u16) -> anyhow::Result<&mut Node> {
-        find_mut(&mut self.nodes, port)
-    }
-
-    /// The master the first sentinel that answers names.
-    fn master_port(&self) -> anyhow::Result<u16> {
-        self.ports
-            .iter()
-            .find_map(|&port| self.named_by(port).ok())
-            .ok_or_else(|| anyhow!("no sentinel names a master"))
-    }
-
-    fn named_by(&self, sentinel: u16) -> anyhow::Result<u16> {
-        let (_, port): (String, u16) = query(
-            sentinel,
-            &["SENTINEL", "get-master-addr-by-name", MASTER_NAME],
-        )?;
-        Ok(port)
-    }
-
-    /// Whole: every sentinel names the same master, which says it is one
-    /// and has an online replica, and every sentinel sees one replica that
-    /// is not down and the two other sentinels.
-    fn whole(&self) -> anyhow::Result<()> {
-        let master = self.named_by(self.ports[0])?;
-        for &port in &self.ports {
-            ensure!(
-                self.named_by(port)? == master,
-                "sentinels disagree on the master"
-            );
-            let replicas: Vec<Vec<String>> = query(port, &["SENTINEL", "replicas", MASTER_NAME])?;
-            ensure!(
-                replicas.len() == 1,
-                "sentinel {port} sees {} replicas",
-                replicas.len()
-            );
-            let flags = field(&replicas[0], "flags").unwrap_or_default();
-            ensure!(
-                flags == "slave",
-                "sentinel {port} sees the replica as {flags}"
-            );
-            let others: Vec<redis::Value> = query(port, &["SENTINEL", "sentinels", MASTER_NAME])?;
-            ensure!(
-                others.len() == 2,
-                "sentinel {port} knows {} others",
-                others.len()
-            );
-        }
-        let info: String = query(master, &["INFO", "replication"])?;
-        ensure!(info.contains("role:master"), "{master} is no master yet");
-        ensure!(
-            info.contains("connected_slaves:1") && info.contains("state=online"),
-            "{master}'s replica is not in sync"
-        );
-        Ok(())
-    }
-
-    /// `SENTINEL FAILOVER`, retried while the sentinel finds no replica
-    /// good enough yet.
-    fn ask_failover(&self) -> anyhow::Result<()> {
-        Topology::wait(|| {
-            query::<()>(self.ports[0], &["SENTINEL", "FAILOVER", MASTER_NAME]).map(|_| ())
-        })
-    }
-
-    /// Waits until the sentinels name a master other than `old` that says
-    /// it is one; returns it.
-    fn wait_for_new_master(&self, old: u16) -> anyhow::Result<u16> {
-        let mut new = old;
-        Topology::wait(|| {
-            new = self.master_port()?;
-            ensure!(new != old, "still {old}");
-            let role: Vec<redis::Value> = query(new, &["ROLE"])?;
-            ensure!(
-                matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master"),
-                "{new} is no master yet"
-            );
-            Ok(())
-        })?;
-        Ok(new)
-    }
-}
-
-impl Drop for Sentinels {
-    fn drop(&mut self) {
-        for child in &mut self.sentinels {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A value in a flat `[name, value, name, value, …]` reply.
-fn field(pairs: &[String], name: &str) -> Option<String> {
-    pairs
-        .chunks(2)
-        .find(|pair| pair[0] == name)
-        .and_then(|pair| pair.get(1).cloned())
-}
-
-/// Three masters with a replica each (a node silent for 1 s is failed).
-pub(crate) struct Cluster {
-    nodes: Vec<Node>,
-}
-
-impl Cluster {
-    fn start(guard: &[&str]) -> anyhow::Result<Cluster> {
-        let mut nodes = Vec::new();
-        for _ in 0..6 {
-            let mut args = vec![
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-node-timeout",
-                "1000",
-                // A replica may always be promoted.
-                "--cluster-replica-validity-factor",
-                "0",
-            ];
-            args.extend(guard);
-            nodes.push(Node::start(free_port(true)?, &args, &[])?);
-        }
-        let addresses: Vec<String> = nodes
-            .iter()
-            .map(|node| format!("127.0.0.1:{}", node.port))
-            .collect();
-        let out = Command::new("redis-cli")
-            .args(["--cluster", "create"])
-            .args(&addresses)
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
-            .output()
-            .context("redis-cli not found")?;
-        ensure!(
-            out.status.success(),
-            "cluster create failed: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        let cluster = Cluster { nodes };
-        Topology::wait(|| cluster.whole())?;
-        Ok(cluster)
-    }
-
-    fn url(&self) -> String {
-        let seeds: Vec<String> = self
-            .nodes
-            .iter()
-            .take(2)
-            .map(|node| format!("127.0.0.1:{}", node.port))
-            .collect();
-        format!("redis+cluster://{}", seeds.join(","))
-    }
-
-    fn node(&self, port: u16) -> anyhow::Result<&Node> {
-        find(&self.nodes, port)
-    }
-
-    fn node_mut(&mut self, port: u16) -> anyhow::Result<&mut Node> {
-        find_mut(&mut self.nodes, port)
-    }
-
-    /// Some live node.
-    fn any(&self) -> anyhow::Result<&Node> {
-        self.nodes
-            .iter()
-            .find(|n| n.child.is_some() && n.connection().is_ok())
-            .ok_or_else(|| anyhow!("no cluster node answers"))
-    }
-
-    fn slot_of_room(&self, room: &str) -> anyhow::Result<u16> {
-        self.any()?.query(&["CLUSTER", "KEYSLOT", &log_key(room)])
-    }
-
-    fn master_of(&self, slot: u16) -> anyhow::Result<u16> {
-        master_in(&self.any()?.query(&["CLUSTER", "SLOTS"])?, slot)?
-            .ok_or_else(|| anyhow!("no master serves slot {slot}"))
-    }
-
-    fn master_of_room(&self, room: &str) -> anyhow::Result<u16> {
-        self.master_of(self.slot_of_room(room)?)
-    }
-
-    /// Those of `rooms` whose master is on `port`.
-    fn rooms_on(&self, port: u16, rooms: &[String]) -> Vec<String> {
-        rooms
-            .iter()
-            .filter(|r| self.master_of_room(r).ok() == Some(port))
-            .cloned()
-            .collect()
-    }
-
-    /// The masters that serve slots, as a live node sees them.
-    fn masters(&self) -> anyhow::Result<Vec<u16>> {
-        let slots = self.any()?.query(&["CLUSTER", "SLOTS"])?;
-        let mut masters: Vec<u16> = ranges(&slots)?.into_iter().map(|r| r.2).collect();
-        masters.sort_unstable();
-        masters.dedup();
-        Ok(masters)
-    }
-
-    /// The port of a replica of the master on `master`.
-    fn replica_of(&self, master: u16) -> anyhow::Result<u16> {
-        let id: String = self.node(master)?.query(&["CLUSTER", "MYID"])?;
-        let lines: Vec<String> = self.node(master)?.query(&["CLUSTER", "REPLICAS", &id])?;
-        lines
-            .first()
-            .and_then(|line| node_port(line))
-            .ok_or_else(|| anyhow!("master {master} has no replica"))
-    }
-
-    /// Whole: every node says `cluster_state:ok`, sees no node failed and
-    /// no slot moving, and serves the slots as the first node does; every
-    /// master has a replica in sync.
-    fn whole(&self) -> anyhow::Result<()> {
-        let mut first: Option<Vec<(u16, u16, u16)>> = None;
-        for node in &self.nodes {
-            ensure!(node.child.is_some(), "node {} is down", node.port);
-            let info: String = node.query(&["CLUSTER", "INFO"])?;
-            ensure!(info.contains("cluster_state:ok"), "{} is not ok", node.port);
-            let view: String = node.query(&["CLUSTER", "NODES"])?;
-            ensure!(
-                !view.contains("fail") && !view.contains("->-") && !view.contains("-<-"),
-                "{} sees a failed node or a moving slot",
-                node.port
-            );
-            let repl: String = node.query(&["INFO", "replication"])?;
-            ensure!(
-                repl.contains("role:master") || repl.contains("master_link_status:up"),
-                "replica {} is not in sync",
-                node.port
-            );
-            // Its own line of `CLUSTER NODES`: slots follow the 8th field.
-            let me = view.lines().find(|l| l.contains("myself")).unwrap_or("");
-            let serves_slots = me.contains("master") && me.split(' ').count() > 8;
-            ensure!(
-                !serves_slots || !repl.contains("connected_slaves:0"),
-                "master {} has no replica",
-                node.port
-            );
-            let mut slots = ranges(&node.query(&["CLUSTER", "SLOTS"])?)?;
-            slots.sort_unstable();
-            match &first {
-                None => first = Some(slots),
-                Some(f) => ensure!(*f == slots, "nodes disagree on the slots"),
-            }
-        }
-        Ok(())
-    }
-
-    /// Waits until `done` says so (an error counts as not yet).
-    fn wait_for(
-        &self,
-        mut done: impl FnMut(&Cluster) -> anyhow::Result<bool>,
-    ) -> anyhow::Result<()> {
-        Topology::wait(|| {
-            ensure!(done(self)?, "not yet");
-            Ok(())
-        })
-    }
 }
 
 impl Topology {
@@ -920,40 +463,4 @@ impl Topology {
             }
         }
     }
-}
-
-/// The port in a `CLUSTER NODES` line (`id 127.0.0.1:7000@17000 …`).
-fn node_port(line: &str) -> Option<u16> {
-    let address = line.split(' ').nth(1)?;
-    address.split('@').next()?.rsplit(':').next()?.parse().ok()
-}
-
-/// The (start, end, master port) ranges of a `CLUSTER SLOTS` reply.
-fn ranges(slots: &redis::Value) -> anyhow::Result<Vec<(u16, u16, u16)>> {
-    let redis::Value::Array(entries) = slots else {
-        bail!("unexpected CLUSTER SLOTS reply {slots:?}");
-    };
-    let mut out = Vec::new();
-    for entry in entries {
-        let redis::Value::Array(items) = entry else {
-            bail!("unexpected CLUSTER SLOTS entry {entry:?}");
-        };
-        let redis::Value::Array(master) = &items[2] else {
-            bail!("unexpected master {:?}", items[2]);
-        };
-        out.push((
-            redis::from_redis_value(items[0].clone())?,
-            redis::from_redis_value(items[1].clone())?,
-            redis::from_redis_value(master[1].clone())?,
-        ));
-    }
-    Ok(out)
-}
-
-/// The master serving `slot` in a `CLUSTER SLOTS` reply.
-fn master_in(slots: &redis::Value, slot: u16) -> anyhow::Result<Option<u16>> {
-    Ok(ranges(slots)?
-        .into_iter()
-        .find(|(start, end, _)| (*start..=*end).contains(&slot))
-        .map(|r| r.2))
 }
