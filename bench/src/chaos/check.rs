@@ -12,11 +12,14 @@
 //!   notice from [`ANNOUNCE_BEFORE`] before the send to [`ANNOUNCE_AFTER`]
 //!   after its fault's end);
 //! * announced loss: the same, with such a notice;
+//! * reused offset: two different messages delivered (or logged) with the
+//!   same `epoch` and `offset` in a room, counted once per extra message
+//!   against the fault of the later one;
 //! * lie: a sender told nothing (so "delivered") for a message nobody got
 //!   and the log does not hold, or told "not delivered" for one somebody
 //!   got or the log holds.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
@@ -32,6 +35,8 @@ pub(crate) const ANNOUNCE_AFTER: Duration = Duration::from_secs(10);
 pub(crate) struct Logged {
     pub(crate) sender: String,
     pub(crate) seq: u64,
+    /// Its `(epoch, offset)`.
+    pub(crate) place: Option<(String, u64)>,
 }
 
 /// The counts of one fault (or of the calm spells).
@@ -45,14 +50,15 @@ pub(crate) struct Counts {
     pub(crate) silent: usize,
     pub(crate) announced: usize,
     pub(crate) lies: usize,
+    pub(crate) reused: usize,
 }
 
 impl Counts {
-    pub(crate) const HEADER: &str = "| fault | injected | sent | deliveries due | duplicates | order violations | silent losses | announced losses | senders misled |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|";
+    pub(crate) const HEADER: &str = "| fault | injected | sent | deliveries due | duplicates | order violations | silent losses | announced losses | senders misled | reused offsets |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|";
 
     pub(crate) fn row(&self, name: &str) -> String {
         format!(
-            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             self.injected,
             self.sent,
             self.expected,
@@ -60,7 +66,8 @@ impl Counts {
             self.order,
             self.silent,
             self.announced,
-            self.lies
+            self.lies,
+            self.reused
         )
     }
 }
@@ -262,6 +269,8 @@ pub(crate) fn check(
         }
     }
 
+    reused(records, logs, &msgs, &mut verdict, &name_of, &secs);
+
     for (&(room, sender, seq), m) in &msgs {
         let lie = (m.told_delivered && !m.logged && m.got_by == 0)
             || (m.failed && (m.logged || m.got_by > 0));
@@ -283,4 +292,123 @@ pub(crate) fn check(
         }
     }
     verdict
+}
+
+/// Every place (room, epoch, offset) and the messages seen or logged at
+/// it: more than one is a reused offset.
+fn reused(
+    records: &[Record],
+    logs: &HashMap<String, Vec<Logged>>,
+    msgs: &HashMap<(&str, &str, u64), Msg>,
+    verdict: &mut Verdict,
+    name_of: &impl Fn(Option<usize>) -> String,
+    secs: &impl Fn(Instant) -> f64,
+) {
+    // (room, epoch, offset) -> the (sender, seq) of each message there.
+    type Place<'a> = (&'a str, &'a str, u64);
+    let mut places: BTreeMap<Place, BTreeSet<(&str, u64)>> = BTreeMap::new();
+    for r in records {
+        for e in &r.events {
+            if let Event::Chat {
+                sender,
+                seq,
+                place: Some((epoch, offset)),
+                ..
+            } = e
+            {
+                places
+                    .entry((&r.room, epoch, *offset))
+                    .or_default()
+                    .insert((sender, *seq));
+            }
+        }
+    }
+    for (room, logged) in logs {
+        for l in logged {
+            if let Some((epoch, offset)) = &l.place {
+                places
+                    .entry((room, epoch, *offset))
+                    .or_default()
+                    .insert((&l.sender, l.seq));
+            }
+        }
+    }
+    for ((room, epoch, offset), at_place) in places {
+        if at_place.len() < 2 {
+            continue;
+        }
+        let sent: Vec<(Instant, Option<usize>)> = at_place
+            .iter()
+            .filter_map(|&(sender, seq)| msgs.get(&(room, sender, seq)))
+            .map(|m| (m.at, m.fault))
+            .collect();
+        let Some(&(at, fault)) = sent.iter().max_by_key(|(at, _)| *at) else {
+            continue;
+        };
+        let name = name_of(fault);
+        verdict.counts.entry(name.clone()).or_default().reused += at_place.len() - 1;
+        Verdict::note(&mut verdict.first_divergence, at, || {
+            let which: Vec<String> = at_place
+                .iter()
+                .map(|(sender, seq)| format!("{sender} #{seq}"))
+                .collect();
+            format!(
+                "room {room} offset {offset} of epoch {epoch} given to {} (the last sent at {:.1} s, {name})",
+                which.join(" and "),
+                secs(at)
+            )
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::client::Sent;
+
+    /// A client in room `chaos0` that sent `seq` 1 and got `got`.
+    fn client(nick: &str, got: Vec<Event>, start: Instant) -> Record {
+        let mut events = vec![Event::Attached { at: start }];
+        events.extend(got);
+        Record {
+            nick: nick.into(),
+            room: "chaos0".into(),
+            sent: vec![Sent {
+                seq: 1,
+                at: start + Duration::from_secs(1),
+                unanswered: false,
+            }],
+            events,
+            failed: BTreeSet::new(),
+            unsure: BTreeSet::new(),
+        }
+    }
+
+    fn chat(sender: &str, offset: u64) -> Event {
+        Event::Chat {
+            sender: sender.into(),
+            seq: 1,
+            how: How::Live,
+            place: Some(("e1".into(), offset)),
+        }
+    }
+
+    /// Two messages given offset 6 of one epoch (as a failover to a replica
+    /// that lacked the first might) are one reused offset; the same message
+    /// seen at its offset by everybody is none.
+    #[test]
+    fn two_messages_at_one_place_are_a_reused_offset() {
+        let start = Instant::now();
+        let records = vec![
+            client("a", vec![chat("b", 5), chat("c", 6)], start),
+            client("b", vec![chat("a", 4), chat("c", 6)], start),
+            client("c", vec![chat("a", 4), chat("b", 6)], start),
+        ];
+        let verdict = check(&records, &[], &HashMap::new(), start);
+        assert_eq!(verdict.counts["calm"].reused, 1);
+        let first = verdict.first_divergence.expect("a divergence").1;
+        assert!(first.contains("offset 6"), "{first}");
+    }
 }

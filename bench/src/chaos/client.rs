@@ -33,20 +33,16 @@ pub(crate) enum Event {
         sender: String,
         seq: u64,
         how: How,
+        /// Its `(epoch, offset)`, when the frame had one.
+        place: Option<(String, u64)>,
     },
     /// A notice that messages may be missing (or that the relay is lost),
     /// or a `recovery` frame that says it is not complete.
-    Loss {
-        at: Instant,
-    },
+    Loss { at: Instant },
     /// `presence` arrived: from here on the client is in the room.
-    Attached {
-        at: Instant,
-    },
+    Attached { at: Instant },
     /// The connection ended, and why.
-    Detached {
-        why: String,
-    },
+    Detached { why: String },
 }
 
 /// A message this client sent.
@@ -229,6 +225,14 @@ fn session(
     }
 }
 
+/// The `(epoch, offset)` of a frame or logged payload, if it has both.
+pub(crate) fn place_of(frame: &Value) -> Option<(String, u64)> {
+    Some((
+        frame["epoch"].as_str()?.to_owned(),
+        frame["offset"].as_u64()?,
+    ))
+}
+
 /// Writes down one frame (a join's history, `before_join`, is not news).
 fn observe(frame: &Value, record: &mut Record, before_join: bool) {
     let at = Instant::now();
@@ -250,6 +254,7 @@ fn observe(frame: &Value, record: &mut Record, before_join: bool) {
                 sender: sender.to_owned(),
                 seq,
                 how,
+                place: place_of(frame),
             });
         }
         "notice" if text.contains("missing") || text.contains("lost the chat relay") => {

@@ -22,16 +22,25 @@ pub(crate) enum Fault {
     KillInstance,
     /// Some clients' connections cut; they come back with `since`.
     DropClients,
+    /// Sentinel: `SENTINEL FAILOVER`, or the master killed (see `topology`).
+    SentinelFailover,
+    /// Cluster: a room's master replaced by its replica.
+    ClusterFailover,
+    /// Cluster: a room's slot moved to another master while in use.
+    Migrate,
 }
 
 impl Fault {
-    pub(crate) const ALL: [Fault; 6] = [
+    pub(crate) const ALL: [Fault; 9] = [
         Fault::ClientKill,
         Fault::Stall,
         Fault::RestartEmpty,
         Fault::RestartKept,
         Fault::KillInstance,
         Fault::DropClients,
+        Fault::SentinelFailover,
+        Fault::ClusterFailover,
+        Fault::Migrate,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -42,6 +51,9 @@ impl Fault {
             Fault::RestartKept => "restart-kept",
             Fault::KillInstance => "kill-instance",
             Fault::DropClients => "drop-clients",
+            Fault::SentinelFailover => "sentinel-failover",
+            Fault::ClusterFailover => "cluster-failover",
+            Fault::Migrate => "migrate",
         }
     }
 
@@ -131,15 +143,12 @@ pub(crate) fn run_schedule(
 fn inject(harness: &mut Harness, fault: Fault, rng: &mut Rng) -> anyhow::Result<String> {
     Ok(match fault {
         Fault::ClientKill => {
-            let n = harness.redis.kill_subscribers()?;
+            let n = harness.topology.kill_subscribers()?;
             format!("{n} subscribers cut")
         }
         Fault::Stall => {
             let pause = rng.millis(2_000, 6_000);
-            harness.redis.signal("STOP")?;
-            std::thread::sleep(pause);
-            harness.redis.signal("CONT")?;
-            format!("Redis stopped for {} ms", pause.as_millis())
+            harness.topology.stall(pause, rng, &harness.room_names())?
         }
         Fault::RestartEmpty | Fault::RestartKept => {
             let keep = fault == Fault::RestartKept;
@@ -148,7 +157,7 @@ fn inject(harness: &mut Harness, fault: Fault, rng: &mut Rng) -> anyhow::Result<
                 harness.read_logs()?;
             }
             let down = rng.millis(500, 3_000);
-            harness.redis.restart(keep, down)?;
+            harness.topology.one()?.restart(keep, down)?;
             format!("Redis down for {} ms", down.as_millis())
         }
         Fault::KillInstance => {
@@ -178,6 +187,18 @@ fn inject(harness: &mut Harness, fault: Fault, rng: &mut Rng) -> anyhow::Result<
                 picked.push(harness.nicks[i].clone());
             }
             format!("dropped {}", picked.join(", "))
+        }
+        Fault::SentinelFailover => {
+            let rooms = harness.room_names();
+            harness.topology.sentinel_failover(rng, &rooms)?
+        }
+        Fault::ClusterFailover => {
+            let rooms = harness.room_names();
+            harness.topology.cluster_failover(rng, &rooms)?
+        }
+        Fault::Migrate => {
+            let rooms = harness.room_names();
+            harness.topology.migrate(rng, &rooms)?
         }
     })
 }

@@ -12,12 +12,18 @@
 //! first divergent message, and exits non-zero. `CHAOS_TRACE=1` prints
 //! every error frame a sender is told, as it comes.
 //!
-//! Layout: `world` starts and hurts the processes; `client` is one chat
-//! client's thread; `faults` draws and runs the schedule; `check` judges.
+//! `--topology sentinel|cluster` puts the instances on a replicated Redis
+//! instead (see `topology`), where failovers and slot migration are faults
+//! too.
+//!
+//! Layout: `world` starts and hurts the processes; `topology` is the Redis
+//! they use, in its three shapes; `client` is one chat client's thread;
+//! `faults` draws and runs the schedule; `check` judges.
 
 mod check;
 mod client;
 mod faults;
+mod topology;
 mod world;
 
 use std::collections::{HashMap, HashSet};
@@ -32,7 +38,8 @@ use clap::Parser;
 
 use check::Logged;
 use faults::{Fault, Rng};
-use world::{Directory, Instance, Mode, Redis};
+use topology::Topology;
+use world::{Directory, Instance, Mode};
 
 /// Whether an announced loss fails the run. Off while the server cannot
 /// fill its own gaps from the log (issue 26); switch it on (or pass
@@ -49,13 +56,24 @@ struct Args {
     #[arg(long, default_value_t = 60)]
     duration: u64,
     /// Faults to inject (comma-separated): client-kill, stall,
-    /// restart-empty, restart-kept, kill-instance, drop-clients.
+    /// restart-empty, restart-kept, kill-instance, drop-clients; with
+    /// `--topology sentinel`, sentinel-failover; with `cluster`,
+    /// cluster-failover and migrate.
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "client-kill,stall,restart-empty,restart-kept,kill-instance,drop-clients"
     )]
     faults: Vec<String>,
+    /// The Redis: one server, a master and replica under three sentinels,
+    /// or a cluster of three masters with a replica each.
+    #[arg(long, value_enum, default_value = "one")]
+    topology: topology::Kind,
+    /// With sentinel or cluster: a master refuses writes unless this many
+    /// replicas acknowledged within the last second (Redis's
+    /// `min-replicas-to-write`, with `min-replicas-max-lag 1`); 0 is off.
+    #[arg(long, default_value_t = 0)]
+    min_replicas_to_write: u32,
     /// threadchat instances (per-client and shared, alternating).
     #[arg(long, default_value_t = 3)]
     instances: usize,
@@ -79,7 +97,7 @@ struct Args {
 
 /// What the schedule acts on.
 pub(crate) struct Harness {
-    pub(crate) redis: Redis,
+    pub(crate) topology: Topology,
     pub(crate) instances: Vec<Option<Instance>>,
     pub(crate) directory: Directory,
     /// Each client's "drop now" flag, and its nickname.
@@ -95,14 +113,25 @@ pub(crate) struct Harness {
 
 impl Harness {
     pub(crate) fn start_instance(&self, mode: Mode) -> anyhow::Result<Instance> {
-        Instance::start(&self.binary, &self.redis, mode, Arc::clone(&self.log))
+        Instance::start(
+            &self.binary,
+            &self.topology.url(),
+            mode,
+            Arc::clone(&self.log),
+        )
     }
 
-    /// Adds what each room's log holds now to [`Harness::logs`].
+    /// The rooms' names.
+    pub(crate) fn room_names(&self) -> Vec<String> {
+        (0..self.rooms).map(|r| format!("chaos{r}")).collect()
+    }
+
+    /// Adds what each room's log holds now to [`Harness::logs`], read from
+    /// the node that holds it once the topology is whole.
     pub(crate) fn read_logs(&mut self) -> anyhow::Result<()> {
-        let mut con = self.redis.connection()?;
-        for r in 0..self.rooms {
-            let room = format!("chaos{r}");
+        self.topology.wait_whole()?;
+        for room in self.room_names() {
+            let mut con = self.topology.room_connection(&room)?;
             let entries: Vec<String> = redis::cmd("LRANGE")
                 .arg(format!("threadchat:{{{room}}}:log"))
                 .arg(0)
@@ -124,6 +153,7 @@ impl Harness {
                     logged.push(Logged {
                         sender: sender.to_owned(),
                         seq,
+                        place: client::place_of(&v),
                     });
                 }
             }
@@ -155,11 +185,21 @@ fn run(args: Args) -> anyhow::Result<bool> {
         .iter()
         .map(|name| Fault::named(name).with_context(|| format!("unknown fault {name:?}")))
         .collect::<anyhow::Result<_>>()?;
+    for &fault in &faults {
+        if let Some(why) = args.topology.refuses(fault) {
+            bail!(
+                "fault {} makes no sense with --topology {}: {why}",
+                fault.name(),
+                args.topology.name()
+            );
+        }
+    }
     if args.instances == 0 || args.rooms == 0 || args.clients < 2 {
         bail!("needs an instance, a room, and two clients per room");
     }
     eprintln!(
-        "chaos: seed {seed}; {} instances, {} rooms of {} clients, {} s of {}",
+        "chaos: seed {seed}; {:?} Redis, {} instances, {} rooms of {} clients, {} s of {}",
+        args.topology,
         args.instances,
         args.rooms,
         args.clients,
@@ -167,9 +207,9 @@ fn run(args: Args) -> anyhow::Result<bool> {
         args.faults.join(", ")
     );
     let mut rng = Rng::new(seed);
-    let redis = Redis::start()?;
+    let topology = Topology::start(args.topology, args.min_replicas_to_write)?;
     let mut harness = Harness {
-        redis,
+        topology,
         instances: Vec::new(),
         directory: Directory::default(),
         drops: Vec::new(),
@@ -265,17 +305,29 @@ fn run(args: Args) -> anyhow::Result<bool> {
             a.silent += c.silent;
             a.announced += c.announced;
             a.lies += c.lies;
+            a.reused += c.reused;
             a
         });
     let strict = ANNOUNCED_LOSSES_FAIL || args.no_announced_losses;
-    let failed = total.duplicates + total.order + total.silent + total.lies > 0
+    let failed = total.duplicates + total.order + total.silent + total.lies + total.reused > 0
         || (strict && total.announced > 0);
     if let Some((_, first)) = &verdict.first_announced {
         println!("first announced loss: {first}");
     }
-    for line in harness.log.lock().expect("log").iter().take(20) {
+    let log = harness.log.lock().expect("log");
+    for line in log.iter().take(20) {
         eprintln!("{line}");
     }
+    // All of it, for a finding's story.
+    let path = std::env::temp_dir().join(format!("threadchat-chaos-{seed}.log"));
+    if std::fs::write(&path, log.join("\n")).is_ok() {
+        eprintln!(
+            "chaos: the instances' {} warnings and errors are in {}",
+            log.len(),
+            path.display()
+        );
+    }
+    drop(log);
     if failed {
         let first = verdict
             .first_divergence

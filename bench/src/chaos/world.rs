@@ -154,18 +154,18 @@ pub(crate) struct Instance {
 }
 
 impl Instance {
-    /// Starts `binary` on port 0 against `redis`, with limits off that
+    /// Starts `binary` on port 0 against the Redis at `url`, with limits off that
     /// would refuse a harness whose clients all come from 127.0.0.1, and a
     /// log that can hold the whole run (so the checker can read it).
     pub(crate) fn start(
         binary: &str,
-        redis: &Redis,
+        url: &str,
         mode: Mode,
         log: Arc<Mutex<Vec<String>>>,
     ) -> anyhow::Result<Instance> {
         let mut child = Command::new(binary)
             .args(["--host", "127.0.0.1", "--port", "0", "--log-level", "info"])
-            .args(["--redis", &redis.url(), "--subscriptions", mode.name()])
+            .args(["--redis", url, "--subscriptions", mode.name()])
             .args(["--history", "10000", "--history-bytes", "16777216"])
             .args(["--rate-limit", "0", "--max-connections-per-ip", "0"])
             .args(["--max-starting-per-ip", "0", "--new-rooms-per-minute", "0"])
