@@ -18,6 +18,7 @@
 mod check;
 mod client;
 mod faults;
+mod link;
 mod world;
 
 use std::collections::{HashMap, HashSet};
@@ -49,11 +50,13 @@ struct Args {
     #[arg(long, default_value_t = 60)]
     duration: u64,
     /// Faults to inject (comma-separated): client-kill, stall,
-    /// restart-empty, restart-kept, kill-instance, drop-clients.
+    /// restart-empty, restart-kept, kill-instance, drop-clients, link-cut,
+    /// link-slow, link-lossy (the link faults need root, `ip` and `tc`;
+    /// without them they are skipped, with the reason).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "client-kill,stall,restart-empty,restart-kept,kill-instance,drop-clients"
+        default_value = "client-kill,stall,restart-empty,restart-kept,kill-instance,drop-clients,link-cut,link-slow,link-lossy"
     )]
     faults: Vec<String>,
     /// threadchat instances (per-client and shared, alternating).
@@ -94,8 +97,10 @@ pub(crate) struct Harness {
 }
 
 impl Harness {
-    pub(crate) fn start_instance(&self, mode: Mode) -> anyhow::Result<Instance> {
-        Instance::start(&self.binary, &self.redis, mode, Arc::clone(&self.log))
+    /// Starts an instance for `slot` (whose link to Redis is its own).
+    pub(crate) fn start_instance(&self, slot: usize, mode: Mode) -> anyhow::Result<Instance> {
+        let url = self.redis.url_for(slot);
+        Instance::start(&self.binary, &url, mode, Arc::clone(&self.log))
     }
 
     /// Adds what each room's log holds now to [`Harness::logs`].
@@ -150,7 +155,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
             .duration_since(UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64 % 1_000_000)
     });
-    let faults: Vec<Fault> = args
+    let mut faults: Vec<Fault> = args
         .faults
         .iter()
         .map(|name| Fault::named(name).with_context(|| format!("unknown fault {name:?}")))
@@ -167,7 +172,8 @@ fn run(args: Args) -> anyhow::Result<bool> {
         args.faults.join(", ")
     );
     let mut rng = Rng::new(seed);
-    let redis = Redis::start()?;
+    let link = link::prepare(&mut faults, args.instances);
+    let redis = Redis::start(link)?;
     let mut harness = Harness {
         redis,
         instances: Vec::new(),
@@ -185,7 +191,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         } else {
             Mode::Shared
         };
-        let instance = harness.start_instance(mode)?;
+        let instance = harness.start_instance(i, mode)?;
         harness.directory.set(i, Some(instance.addr));
         harness.instances.push(Some(instance));
     }
