@@ -132,6 +132,9 @@ impl Link {
     /// Sweeps what killed runs left, then makes the namespace and
     /// `slots + 1` pairs. `Err` is the reason, in a few words.
     fn create(slots: usize) -> Result<Link, String> {
+        if !is_root() {
+            return Err("not root (namespaces and veth pairs need root)".to_owned());
+        }
         ensure_tool("ip", &["-V"])?;
         ensure_tool("tc", &["-V"])?;
         sweep();
@@ -357,6 +360,18 @@ fn ensure_tool(program: &str, args: &[&str]) -> Result<(), String> {
         .output()
         .map(drop)
         .map_err(|_| format!("no `{program}` on the PATH (apt-get install iproute2)"))
+}
+
+/// Whether this process runs as root (`Uid:` in `/proc/self/status`; a
+/// machine without it is not one where namespaces can be made either).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            == Some("0")
+    })
 }
 
 /// Removes the namespaces and links of runs whose process is gone, and
