@@ -30,11 +30,16 @@
 //! firewall is never touched), or is skipped when there is no `iptables`.
 //!
 //! Everything is named with the harness's pid, removed on drop (also when
-//! the run ends in an error), and a later run removes what a killed run
-//! left behind (a namespace or link whose pid is gone).
+//! the run ends in an error) and on Ctrl-C or `kill` (a thread waits for
+//! SIGINT and SIGTERM), and a later run removes what a `kill -9`ed run left
+//! behind (a namespace or link whose pid is gone).
 
 use std::net::Ipv4Addr;
 use std::process::Command;
+use std::thread;
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::{Handle, Signals};
 
 use super::Harness;
 use super::faults::{Fault, Rng};
@@ -55,6 +60,9 @@ pub(crate) struct Link {
     /// Whether `iptables` works in the namespace (for `link-lossy`
     /// without netem).
     iptables: bool,
+    /// The thread that cleans up and exits on SIGINT or SIGTERM, and how
+    /// to stop it (closing the handle ends its wait).
+    on_signal: Option<(Handle, thread::JoinHandle<()>)>,
 }
 
 /// One veth pair: `outer` in the root namespace, `inner` in Redis's.
@@ -146,7 +154,9 @@ impl Link {
             pairs: Vec::new(),
             netem: false,
             iptables: false,
+            on_signal: None,
         };
+        link.on_signal = Some(clean_up_on_signal().map_err(|e| format!("signals: {e}"))?);
         let net = free_net().ok_or("no free 169.254.X.0/24 for the veth pairs")?;
         for k in 0..=slots.min(62) {
             let pair = Pair {
@@ -270,12 +280,81 @@ impl Link {
 
 impl Drop for Link {
     fn drop(&mut self) {
-        // Deleting one end of a veth pair deletes the other.
-        for pair in &self.pairs {
-            let _ = run("ip", &["link", "del", &pair.outer]);
+        if let Some((handle, thread)) = self.on_signal.take() {
+            handle.close();
+            let _ = thread.join();
         }
-        let _ = run("ip", &["netns", "del", &self.ns]);
+        remove(std::process::id());
     }
+}
+
+/// Removes the namespace and links of the run with pid `pid`, stopping
+/// what still runs inside the namespace. Deleting one end of a veth pair
+/// deletes the other.
+fn remove(pid: u32) {
+    let ns = format!("{NS_PREFIX}{pid}");
+    let pids = run("ip", &["netns", "pids", &ns]).unwrap_or_default();
+    for pid in pids.split_whitespace() {
+        let _ = run("kill", &["-KILL", pid]);
+    }
+    let own = format!("{LINK_PREFIX}{pid}r");
+    for name in links() {
+        if name
+            .strip_prefix(&own)
+            .is_some_and(|k| k.parse::<u32>().is_ok())
+        {
+            let _ = run("ip", &["link", "del", &name]);
+        }
+    }
+    let _ = run("ip", &["netns", "del", &ns]);
+}
+
+/// Starts the thread that, on SIGINT or SIGTERM, stops the harness's
+/// children (Redis, the instances), removes this run's namespace and links,
+/// and exits.
+fn clean_up_on_signal() -> std::io::Result<(Handle, thread::JoinHandle<()>)> {
+    let mut signals = Signals::new([SIGINT, SIGTERM])?;
+    let handle = signals.handle();
+    let thread = thread::Builder::new()
+        .name("link-signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                eprintln!("chaos: stopped by signal {signal}; removing the namespace");
+                for child in children() {
+                    let _ = run("kill", &["-KILL", &child.to_string()]);
+                }
+                remove(std::process::id());
+                std::process::exit(128 + signal);
+            }
+        })?;
+    Ok((handle, thread))
+}
+
+/// The pids of this process's children (from `/proc/*/stat`).
+fn children() -> Vec<u32> {
+    let me = std::process::id().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            // "pid (comm) state ppid …": the comm may hold spaces.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let after = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
+            after.split_whitespace().nth(1) == Some(me.as_str())
+        })
+        .collect()
+}
+
+/// The names of the network interfaces in the root namespace.
+fn links() -> Vec<String> {
+    let out = run("ip", &["-o", "link", "show"]).unwrap_or_default();
+    // "7: tcc123r0@if6: <…>"
+    out.lines()
+        .filter_map(|line| line.split(": ").nth(1))
+        .map(|name| name.split('@').next().unwrap_or(name).to_owned())
+        .collect()
 }
 
 /// Injects a link fault into one instance's link, or all of them (drawn
@@ -378,36 +457,30 @@ fn is_root() -> bool {
 /// stops what still ran inside such a namespace (a Redis left by a run
 /// killed with `kill -9`).
 fn sweep() {
-    let dead = |name: &str, prefix: &str| {
-        let Some(rest) = name.strip_prefix(prefix) else {
-            return false;
-        };
-        let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        !pid.is_empty() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    // The pid in a name of ours, when that process is gone (or a zombie).
+    let dead = |name: &str, prefix: &str| -> Option<u32> {
+        let rest = name.strip_prefix(prefix)?;
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let pid = digits.parse().ok()?;
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let gone = state
+            .rsplit_once(") ")
+            .is_none_or(|(_, rest)| rest.starts_with('Z'));
+        gone.then_some(pid)
     };
     let namespaces = run("ip", &["netns", "list"]).unwrap_or_default();
     for ns in namespaces
         .lines()
         .filter_map(|l| l.split_whitespace().next())
     {
-        if dead(ns, NS_PREFIX) {
-            let pids = run("ip", &["netns", "pids", ns]).unwrap_or_default();
-            for pid in pids.split_whitespace() {
-                let _ = run("kill", &["-KILL", pid]);
-            }
-            let _ = run("ip", &["netns", "del", ns]);
+        if let Some(pid) = dead(ns, NS_PREFIX) {
+            remove(pid);
             eprintln!("chaos: removed namespace {ns}, left by a run that was killed");
         }
     }
-    let links = run("ip", &["-o", "link", "show"]).unwrap_or_default();
-    for line in links.lines() {
-        // "7: tcc123r0@if6: <…>"
-        let Some(name) = line.split(": ").nth(1) else {
-            continue;
-        };
-        let name = name.split('@').next().unwrap_or(name);
-        if dead(name, LINK_PREFIX) {
-            let _ = run("ip", &["link", "del", name]);
+    for name in links() {
+        if let Some(pid) = dead(&name, LINK_PREFIX) {
+            remove(pid);
         }
     }
 }
