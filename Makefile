@@ -22,10 +22,12 @@
 #   make browser-test           the web page in headless chromium (playwright-core)
 #   make chaos                  faults under chat (Redis subscribers cut, Redis
 #                               stalled, restarted empty and from its AOF, an
-#                               instance killed, clients dropped) on per-client and
-#                               shared instances; a checker counts per fault what
-#                               went wrong (docs/PERFORMANCE.md); SEED=n repeats a
-#                               run; CHAOS_ARGS="--duration 120" (see --help)
+#                               instance killed, clients dropped, an instance's
+#                               link to Redis cut, slowed, lossy: as root) on
+#                               per-client and shared instances; a checker counts
+#                               per fault what went wrong (docs/PERFORMANCE.md);
+#                               SEED=n repeats a run; CHAOS_ARGS="--duration 120"
+#                               (see --help)
 #   make chaos-short            its short form (about 45 s), run by CI
 #   make chaos-ha               the chaos run on Redis Sentinel (failovers), then on
 #                               a 3-master Redis Cluster (failovers, a room's slot
@@ -68,7 +70,7 @@ chaos: require-redis
 # announced, no duplicate, nothing out of order, no sender misled.
 chaos-short: require-redis
 	$(CARGO) build --workspace --bins
-	./target/debug/chaos --duration 30 --faults client-kill,stall,drop-clients \
+	./target/debug/chaos --duration 30 --faults client-kill,stall,drop-clients,link-cut \
 	  --instances 2 --rooms 2 --clients 3 --no-announced-losses $(CHAOS_ARGS)
 
 # The same on a replicated Redis; four rooms spread over the three masters

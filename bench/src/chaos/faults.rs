@@ -28,10 +28,17 @@ pub(crate) enum Fault {
     ClusterFailover,
     /// Cluster: a room's slot moved to another master while in use.
     Migrate,
+    /// An instance's link to Redis (or every instance's) cut, then healed
+    /// (see `link`).
+    LinkCut,
+    /// The same link slowed (`netem delay`, or `tbf` without netem).
+    LinkSlow,
+    /// The same link losing packets (`netem loss`).
+    LinkLossy,
 }
 
 impl Fault {
-    pub(crate) const ALL: [Fault; 9] = [
+    pub(crate) const ALL: [Fault; 12] = [
         Fault::ClientKill,
         Fault::Stall,
         Fault::RestartEmpty,
@@ -41,6 +48,9 @@ impl Fault {
         Fault::SentinelFailover,
         Fault::ClusterFailover,
         Fault::Migrate,
+        Fault::LinkCut,
+        Fault::LinkSlow,
+        Fault::LinkLossy,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -54,7 +64,15 @@ impl Fault {
             Fault::SentinelFailover => "sentinel-failover",
             Fault::ClusterFailover => "cluster-failover",
             Fault::Migrate => "migrate",
+            Fault::LinkCut => "link-cut",
+            Fault::LinkSlow => "link-slow",
+            Fault::LinkLossy => "link-lossy",
         }
+    }
+
+    /// Whether it needs the harness's own link to Redis (see `link`).
+    pub(crate) fn is_link(self) -> bool {
+        matches!(self, Fault::LinkCut | Fault::LinkSlow | Fault::LinkLossy)
     }
 
     pub(crate) fn named(name: &str) -> Option<Fault> {
@@ -117,6 +135,11 @@ pub(crate) fn run_schedule(
     until: Instant,
 ) -> anyhow::Result<Vec<Window>> {
     let mut windows = Vec::new();
+    if faults.is_empty() {
+        // Every fault asked for was skipped: the run is calm throughout.
+        std::thread::sleep(until.saturating_duration_since(Instant::now()));
+        return Ok(windows);
+    }
     'rounds: loop {
         let mut round = faults.to_vec();
         rng.shuffle(&mut round);
@@ -172,7 +195,7 @@ fn inject(harness: &mut Harness, fault: Fault, rng: &mut Rng) -> anyhow::Result<
             // A new instance of the same mode takes its place (clients
             // have moved on already; new reconnects may land there).
             std::thread::sleep(rng.millis(500, 2_000));
-            let fresh = harness.start_instance(mode)?;
+            let fresh = harness.start_instance(victim, mode)?;
             harness.directory.set(victim, Some(fresh.addr));
             harness.instances[victim] = Some(fresh);
             format!("instance {victim} ({}) killed and replaced", mode.name())
@@ -199,6 +222,9 @@ fn inject(harness: &mut Harness, fault: Fault, rng: &mut Rng) -> anyhow::Result<
         Fault::Migrate => {
             let rooms = harness.room_names();
             harness.topology.migrate(rng, &rooms)?
+        }
+        Fault::LinkCut | Fault::LinkSlow | Fault::LinkLossy => {
+            super::link::inject(harness, fault, rng)?
         }
     })
 }

@@ -23,6 +23,7 @@
 mod check;
 mod client;
 mod faults;
+mod link;
 mod topology;
 mod world;
 
@@ -56,13 +57,15 @@ struct Args {
     #[arg(long, default_value_t = 60)]
     duration: u64,
     /// Faults to inject (comma-separated): client-kill, stall,
-    /// restart-empty, restart-kept, kill-instance, drop-clients; with
+    /// restart-empty, restart-kept, kill-instance, drop-clients, link-cut,
+    /// link-slow, link-lossy (the link faults need root, `ip` and `tc`;
+    /// without them they are skipped, with the reason); with
     /// `--topology sentinel`, sentinel-failover; with `cluster`,
     /// cluster-failover and migrate.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "client-kill,stall,restart-empty,restart-kept,kill-instance,drop-clients"
+        default_value = "client-kill,stall,restart-empty,restart-kept,kill-instance,drop-clients,link-cut,link-slow,link-lossy"
     )]
     faults: Vec<String>,
     /// The Redis: one server, a master and replica under three sentinels,
@@ -112,10 +115,11 @@ pub(crate) struct Harness {
 }
 
 impl Harness {
-    pub(crate) fn start_instance(&self, mode: Mode) -> anyhow::Result<Instance> {
+    /// Starts an instance for `slot` (whose link to Redis is its own).
+    pub(crate) fn start_instance(&self, slot: usize, mode: Mode) -> anyhow::Result<Instance> {
         Instance::start(
             &self.binary,
-            &self.topology.url(),
+            &self.topology.url_for(slot),
             mode,
             Arc::clone(&self.log),
         )
@@ -180,7 +184,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
             .duration_since(UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64 % 1_000_000)
     });
-    let faults: Vec<Fault> = args
+    let mut faults: Vec<Fault> = args
         .faults
         .iter()
         .map(|name| Fault::named(name).with_context(|| format!("unknown fault {name:?}")))
@@ -207,7 +211,11 @@ fn run(args: Args) -> anyhow::Result<bool> {
         args.faults.join(", ")
     );
     let mut rng = Rng::new(seed);
-    let topology = Topology::start(args.topology, args.min_replicas_to_write)?;
+    let link = match args.topology {
+        topology::Kind::One => link::prepare(&mut faults, args.instances),
+        _ => None,
+    };
+    let topology = Topology::start(args.topology, args.min_replicas_to_write, link)?;
     let mut harness = Harness {
         topology,
         instances: Vec::new(),
@@ -225,7 +233,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         } else {
             Mode::Shared
         };
-        let instance = harness.start_instance(mode)?;
+        let instance = harness.start_instance(i, mode)?;
         harness.directory.set(i, Some(instance.addr));
         harness.instances.push(Some(instance));
     }

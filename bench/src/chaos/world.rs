@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
+use super::link::Link;
+
 /// How an instance follows its rooms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Mode {
@@ -36,22 +38,42 @@ pub(crate) struct Redis {
     pub(crate) port: u16,
     dir: PathBuf,
     child: Child,
+    /// The namespace and veth pairs it is reached through, for the link
+    /// faults; `None`: on 127.0.0.1. Dropped after the process.
+    pub(crate) link: Option<Link>,
 }
 
 impl Redis {
-    pub(crate) fn start() -> anyhow::Result<Redis> {
+    pub(crate) fn start(link: Option<Link>) -> anyhow::Result<Redis> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let dir = std::env::temp_dir().join(format!("threadchat-chaos-redis-{port}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let child = spawn_redis(port, &dir)?;
-        let redis = Redis { port, dir, child };
+        let child = spawn_redis(port, &dir, link.as_ref())?;
+        let redis = Redis {
+            port,
+            dir,
+            child,
+            link,
+        };
         redis.wait_up()?;
         Ok(redis)
     }
 
+    /// Where the harness itself reaches Redis.
     pub(crate) fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.link {
+            Some(link) => format!("redis://{}:{}", link.harness_addr(), self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// Where instance slot `slot` reaches Redis (through its own link).
+    pub(crate) fn url_for(&self, slot: usize) -> String {
+        match &self.link {
+            Some(link) => format!("redis://{}:{}", link.addr_for(slot), self.port),
+            None => self.url(),
+        }
     }
 
     pub(crate) fn pid(&self) -> u32 {
@@ -102,7 +124,7 @@ impl Redis {
             std::fs::create_dir_all(&self.dir)?;
         }
         thread::sleep(down);
-        self.child = spawn_redis(self.port, &self.dir)?;
+        self.child = spawn_redis(self.port, &self.dir, self.link.as_ref())?;
         self.wait_up()
     }
 }
@@ -116,9 +138,27 @@ impl Drop for Redis {
     }
 }
 
-fn spawn_redis(port: u16, dir: &PathBuf) -> anyhow::Result<Child> {
-    Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+/// Starts `redis-server` on 127.0.0.1, or in the link's namespace on each
+/// of its addresses (`ip netns exec` becomes Redis: the pid is Redis's).
+fn spawn_redis(port: u16, dir: &PathBuf, link: Option<&Link>) -> anyhow::Result<Child> {
+    let mut command = match link {
+        Some(link) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", link.ns(), "redis-server", "--bind"]);
+            command.args(link.redis_addrs().iter().map(ToString::to_string));
+            // Protected mode answers only loopback; the namespace holds
+            // nothing but the harness's own pairs.
+            command.args(["--protected-mode", "no"]);
+            command
+        }
+        None => {
+            let mut command = Command::new("redis-server");
+            command.args(["--bind", "127.0.0.1"]);
+            command
+        }
+    };
+    command
+        .args(["--port", &port.to_string()])
         .args([
             "--save",
             "",

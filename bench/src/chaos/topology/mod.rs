@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 
 use super::faults::{Fault, Rng};
+use super::link::Link;
 use super::world::{Redis, signal_pid};
 use cluster::{Cluster, master_in};
 use node::{Node, query};
@@ -63,6 +64,12 @@ impl Kind {
                 "restarts one lone Redis; on a replicated shape use sentinel-failover or \
                  cluster-failover (a master killed and restarted)",
             ),
+            (
+                Kind::Sentinel | Kind::Cluster,
+                Fault::LinkCut | Fault::LinkSlow | Fault::LinkLossy,
+            ) => {
+                Some("the link faults put one lone Redis in a namespace of its own: --topology one")
+            }
             _ => None,
         }
     }
@@ -83,7 +90,13 @@ impl Topology {
     /// Starts the shape; with `min_replicas` > 0, a replicated master
     /// refuses writes unless that many replicas acknowledged within the
     /// last second (`min-replicas-to-write`, `min-replicas-max-lag 1`).
-    pub(crate) fn start(kind: Kind, min_replicas: u32) -> anyhow::Result<Topology> {
+    /// `link`: the namespace a lone Redis is reached through, for the link
+    /// faults (see `link`).
+    pub(crate) fn start(
+        kind: Kind,
+        min_replicas: u32,
+        link: Option<Link>,
+    ) -> anyhow::Result<Topology> {
         let n = min_replicas.to_string();
         let guard: &[&str] = if min_replicas > 0 {
             &["--min-replicas-to-write", &n, "--min-replicas-max-lag", "1"]
@@ -91,7 +104,7 @@ impl Topology {
             &[]
         };
         Ok(match kind {
-            Kind::One => Topology::One(Redis::start()?),
+            Kind::One => Topology::One(Redis::start(link)?),
             Kind::Sentinel => Topology::Sentinel(Sentinels::start(guard)?),
             Kind::Cluster => Topology::Cluster(Cluster::start(guard)?),
         })
@@ -103,6 +116,23 @@ impl Topology {
             Topology::One(redis) => redis.url(),
             Topology::Sentinel(s) => s.url(),
             Topology::Cluster(c) => c.url(),
+        }
+    }
+
+    /// What instance slot `slot` is given as `--redis`: with the link
+    /// faults, through its own link.
+    pub(crate) fn url_for(&self, slot: usize) -> String {
+        match self {
+            Topology::One(redis) => redis.url_for(slot),
+            _ => self.url(),
+        }
+    }
+
+    /// The links to a lone Redis, if the link faults are on.
+    pub(crate) fn link(&self) -> Option<&Link> {
+        match self {
+            Topology::One(redis) => redis.link.as_ref(),
+            _ => None,
         }
     }
 
