@@ -22,9 +22,10 @@ pub enum BrokerError {
     /// script, a read-only replica…): it was not carried out.
     #[error("Redis refused it: {0}")]
     Refused(String),
-    /// Redis did not answer in time: the command may or may not have been
-    /// carried out (a paused or overloaded Redis carries it out later).
-    #[error("Redis did not answer in time ({0})")]
+    /// Redis did not answer: the command may or may not have been carried
+    /// out (a paused or overloaded Redis carries it out later; a Redis
+    /// killed after carrying it out never answers). The text says why.
+    #[error("{0}")]
     Uncertain(String),
     /// A Redis Cluster serves the room's slot elsewhere now (a resharding
     /// or a failover): the subscription is made again there.

@@ -14,6 +14,7 @@ in_both_subscription_modes!(
     a_slow_reader_is_closed_once_it_is_write_timeout_behind,
     forged_and_oversized_payloads_are_skipped,
     an_unanswered_message_may_have_been_delivered,
+    a_message_whose_redis_died_unanswered_may_have_been_delivered,
 );
 
 /// A client that reads, but slower than the room speaks, is closed as too
@@ -300,4 +301,33 @@ fn an_unanswered_message_may_have_been_delivered(mode: &[&str]) {
         "{error}"
     );
     assert!(error.contains("did not answer in time"), "{error}");
+}
+
+/// Redis dies while a message waits for its answer: it may have carried it
+/// out (and written it to its append-only file) just before. The
+/// publisher's connection closes, and Redis cannot be reached to send it
+/// again: the sender is told it may or may not have been delivered, never
+/// a flat "not delivered". (Here Redis is paused first, so that the message
+/// is surely waiting when it is killed.)
+fn a_message_whose_redis_died_unanswered_may_have_been_delivered(mode: &[&str]) {
+    let redis = Redis::start();
+    let server = Server::with_redis_and(&redis, mode);
+    let mut alice = server.client("alice");
+    alice.settle();
+    redis.pause();
+    alice.send("at the crash");
+    // Sent, and waiting for Redis's answer (the I/O timeout is 5 s).
+    thread::sleep(Duration::from_millis(1_000));
+    redis.kill();
+    let error = loop {
+        let frame = alice.recv_live();
+        if frame["type"] == "error" {
+            break frame["message"].as_str().unwrap().to_owned();
+        }
+    };
+    assert!(
+        error.contains(r#"your message "at the crash" may or may not have been delivered"#),
+        "{error}"
+    );
+    assert!(error.contains("closed before it answered"), "{error}");
 }

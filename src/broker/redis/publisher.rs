@@ -62,10 +62,13 @@ impl Publisher {
     ///
     /// A connection that turns out to have been closed (say Redis restarted
     /// since the last batch) is replaced, and the batch sent once more: the
-    /// closed connection carried nothing to Redis. A batch that Redis does
-    /// not answer in time is *not* sent again — a paused or overloaded
-    /// Redis may still carry it out — and its outcome is
-    /// [`BrokerError::Uncertain`].
+    /// closed connection most likely carried nothing to Redis. But it may
+    /// have closed while the batch waited for its answer (Redis killed
+    /// right after carrying it out), so if the batch cannot be sent again
+    /// either, its outcome is [`BrokerError::Uncertain`], not a failure. A
+    /// batch that Redis does not answer in time is *not* sent again — a
+    /// paused or overloaded Redis may still carry it out — and its outcome
+    /// is [`BrokerError::Uncertain`] too.
     fn execute(
         &mut self,
         address: &str,
@@ -83,9 +86,13 @@ impl Publisher {
             }
             None => (&plan.pipeline, &[][..]),
         };
-        let mut last_error = None;
+        let mut dropped: Option<String> = None;
         for _attempt in 0..2 {
-            let con = self.connection(address)?;
+            let con = match (self.connection(address), dropped.as_deref()) {
+                (Ok(con), _) => con,
+                (Err(e), None) => return Err(e),
+                (Err(e), Some(first)) => return Err(uncertain_after(first, &e)),
+            };
             match pipe.query::<Vec<redis::Value>>(con) {
                 Ok(replies) => {
                     // A script flushed from Redis (`SCRIPT FLUSH`): load it
@@ -110,16 +117,20 @@ impl Publisher {
                     self.connections.remove(address);
                     self.nodes.unreachable(address);
                     if e.is_timeout() {
-                        return Err(BrokerError::Uncertain(e.to_string()));
+                        return Err(BrokerError::Uncertain(format!(
+                            "Redis did not answer in time ({e})"
+                        )));
                     }
-                    last_error = Some(BrokerError::Redis(e.to_string()));
-                    if !e.is_connection_dropped() {
-                        break;
+                    let error = BrokerError::Redis(e.to_string());
+                    match dropped.as_deref() {
+                        Some(first) => return Err(uncertain_after(first, &error)),
+                        None if e.is_connection_dropped() => dropped = Some(e.to_string()),
+                        None => return Err(error),
                     }
                 }
             }
         }
-        Err(last_error.expect("the loop ran at least once"))
+        unreachable!("the second attempt returns")
     }
 
     /// The connection to `address`, opened (and the scripts loaded) if
@@ -154,6 +165,15 @@ impl Publisher {
         }
         Ok(self.connections.get_mut(address).expect("just opened"))
     }
+}
+
+/// The outcome of a batch whose connection closed while it was sent
+/// (`first`), and that could not be sent again (`then`): Redis may have
+/// carried it out before the connection closed.
+fn uncertain_after(first: &str, then: &BrokerError) -> BrokerError {
+    BrokerError::Uncertain(format!(
+        "the connection to Redis closed before it answered ({first}), and then: {then}"
+    ))
 }
 
 impl Lines for Publisher {
