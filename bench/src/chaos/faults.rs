@@ -6,79 +6,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::Harness;
-
-/// The faults, in the order of priority.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Fault {
-    /// `CLIENT KILL TYPE pubsub`.
-    ClientKill,
-    /// `SIGSTOP` of Redis for a few seconds, then `SIGCONT`.
-    Stall,
-    /// Redis killed and started again empty.
-    RestartEmpty,
-    /// Redis killed and started again from its append-only file.
-    RestartKept,
-    /// `kill -9` of an instance (a new one takes its place).
-    KillInstance,
-    /// Some clients' connections cut; they come back with `since`.
-    DropClients,
-    /// Sentinel: `SENTINEL FAILOVER`, or the master killed (see `topology`).
-    SentinelFailover,
-    /// Cluster: a room's master replaced by its replica.
-    ClusterFailover,
-    /// Cluster: a room's slot moved to another master while in use.
-    Migrate,
-    /// An instance's link to Redis (or every instance's) cut, then healed
-    /// (see `link`).
-    LinkCut,
-    /// The same link slowed (`netem delay`, or `tbf` without netem).
-    LinkSlow,
-    /// The same link losing packets (`netem loss`).
-    LinkLossy,
-}
-
-impl Fault {
-    pub(crate) const ALL: [Fault; 12] = [
-        Fault::ClientKill,
-        Fault::Stall,
-        Fault::RestartEmpty,
-        Fault::RestartKept,
-        Fault::KillInstance,
-        Fault::DropClients,
-        Fault::SentinelFailover,
-        Fault::ClusterFailover,
-        Fault::Migrate,
-        Fault::LinkCut,
-        Fault::LinkSlow,
-        Fault::LinkLossy,
-    ];
-
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Fault::ClientKill => "client-kill",
-            Fault::Stall => "stall",
-            Fault::RestartEmpty => "restart-empty",
-            Fault::RestartKept => "restart-kept",
-            Fault::KillInstance => "kill-instance",
-            Fault::DropClients => "drop-clients",
-            Fault::SentinelFailover => "sentinel-failover",
-            Fault::ClusterFailover => "cluster-failover",
-            Fault::Migrate => "migrate",
-            Fault::LinkCut => "link-cut",
-            Fault::LinkSlow => "link-slow",
-            Fault::LinkLossy => "link-lossy",
-        }
-    }
-
-    /// Whether it needs the harness's own link to Redis (see `link`).
-    pub(crate) fn is_link(self) -> bool {
-        matches!(self, Fault::LinkCut | Fault::LinkSlow | Fault::LinkLossy)
-    }
-
-    pub(crate) fn named(name: &str) -> Option<Fault> {
-        Fault::ALL.into_iter().find(|f| f.name() == name)
-    }
-}
+use super::fault::Fault;
+use super::rng::Rng;
 
 /// One fault as it ran: messages sent from `start` to `end` plus
 /// [`SETTLE`] are counted against it.
@@ -93,38 +22,6 @@ pub(crate) struct Window {
 /// How long after a fault its effects are still counted as its own (an
 /// instance's Redis reconnect backs off for up to a couple of seconds).
 pub(crate) const SETTLE: Duration = Duration::from_secs(3);
-
-/// splitmix64: small, seedable, and the same everywhere.
-pub(crate) struct Rng(u64);
-
-impl Rng {
-    pub(crate) fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub(crate) fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `lo..=hi`.
-    pub(crate) fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-
-    pub(crate) fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(self.range(lo, hi))
-    }
-
-    pub(crate) fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            items.swap(i, self.range(0, i as u64) as usize);
-        }
-    }
-}
 
 /// Runs faults until `until`: rounds of every fault in `faults`, each round
 /// shuffled, each fault followed by a calm spell.

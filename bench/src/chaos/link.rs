@@ -42,7 +42,8 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::{Handle, Signals};
 
 use super::Harness;
-use super::faults::{Fault, Rng};
+use super::fault::Fault;
+use super::rng::Rng;
 
 /// What every namespace the harness makes is called, before its pid.
 const NS_PREFIX: &str = "tcchaos-";

@@ -22,8 +22,10 @@
 
 mod check;
 mod client;
+mod fault;
 mod faults;
 mod link;
+mod rng;
 mod topology;
 mod world;
 
@@ -38,7 +40,8 @@ use anyhow::{Context, bail};
 use clap::Parser;
 
 use check::Logged;
-use faults::{Fault, Rng};
+use fault::Fault;
+use rng::Rng;
 use topology::Topology;
 use world::{Directory, Instance, Mode};
 

@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 
-use super::faults::{Fault, Rng};
+use super::fault::Fault;
 use super::link::Link;
+use super::rng::Rng;
 use super::world::{Redis, signal_pid};
 use cluster::{Cluster, master_in};
 use node::{Node, query};
