@@ -30,6 +30,23 @@ struct Outage {
     meta: String,
 }
 
+/// Sends `m{i}` for each `i` of `numbers` while every subscription is cut,
+/// and ends the outage once all of them are in the room's log.
+fn send_during_outage(
+    redis: &Redis,
+    sender: &mut crate::support::Client,
+    numbers: std::ops::RangeInclusive<u64>,
+) {
+    let mut outage = Outage::begin(redis);
+    let before = outage.last_offset();
+    let count = numbers.end() - numbers.start() + 1;
+    for i in numbers {
+        sender.send(&format!("m{i}"));
+    }
+    outage.wait_for_offset(before + count);
+    outage.end();
+}
+
 impl Outage {
     /// Cuts every subscriber, and keeps them from coming back.
     fn begin(redis: &Redis) -> Outage {
@@ -178,13 +195,7 @@ fn a_cut_subscription_loses_nothing(args: &[&str]) {
         assert_eq!(watcher.recv_chat().1, "m0");
     }
 
-    let mut outage = Outage::begin(&redis);
-    let before = outage.last_offset();
-    for i in 1..=20 {
-        sender.send(&format!("m{i}"));
-    }
-    outage.wait_for_offset(before + 20);
-    outage.end();
+    send_during_outage(&redis, &mut sender, 1..=20);
     for i in 21..=25 {
         sender.send(&format!("m{i}"));
     }
@@ -249,13 +260,7 @@ fn forged_places_before_a_cut_move_nothing(args: &[&str]) {
         assert!(seen["offset"].is_null(), "{seen}");
     }
 
-    let mut outage = Outage::begin(&redis);
-    let before = outage.last_offset();
-    for i in 3..=12 {
-        sender.send(&format!("m{i}"));
-    }
-    outage.wait_for_offset(before + 10);
-    outage.end();
+    send_during_outage(&redis, &mut sender, 3..=12);
 
     let seen = watch(&mut ann, "sam", "m12");
     let expected: Vec<String> = (3..=12).map(|i| format!("m{i}")).collect();
@@ -321,13 +326,7 @@ fn a_log_that_no_longer_reaches_back_says_how_much_is_gone(args: &[&str]) {
     sender.send("m0");
     assert_eq!(ann.recv_chat().1, "m0");
 
-    let mut outage = Outage::begin(&redis);
-    let before = outage.last_offset();
-    for i in 1..=10 {
-        sender.send(&format!("m{i}"));
-    }
-    outage.wait_for_offset(before + 10);
-    outage.end();
+    send_during_outage(&redis, &mut sender, 1..=10);
 
     let seen = watch(&mut ann, "sam", "m10");
     assert_eq!(texts(&seen), ["m8", "m9", "m10"]);
