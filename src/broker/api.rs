@@ -142,6 +142,33 @@ pub struct Log {
     pub first: u64,
     /// The payloads it holds, oldest first, each with its place written in.
     pub entries: Vec<Vec<u8>>,
+    /// The epochs it had before, oldest first: a log found under another
+    /// Redis process (a failover, a restart, a room moved on a Cluster)
+    /// keeps its entries and takes a new epoch, and remembers where the
+    /// old one ended.
+    pub earlier: Vec<Earlier>,
+}
+
+/// An earlier epoch of a room's log (see [`Log::earlier`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Earlier {
+    /// Its name.
+    pub epoch: String,
+    /// Its last offset the log kept: the Redis that took over had every
+    /// entry up to here. Places past it were given by a Redis whose writes
+    /// were lost (never replicated, or after the snapshot it came back from).
+    pub end: u64,
+    /// The furthest offset of this epoch any instance is known to have
+    /// delivered (`None`: none past `end` is known): offsets `end + 1` to
+    /// here were delivered by the old Redis, then lost.
+    pub seen: Option<u64>,
+}
+
+impl Earlier {
+    /// How many of this epoch's entries past `end` are known to be lost.
+    pub fn lost(&self) -> u64 {
+        self.seen.map_or(0, |seen| seen.saturating_sub(self.end))
+    }
 }
 
 /// How a published event changes the room's member list (see

@@ -317,6 +317,7 @@ impl Broker for MemoryBroker {
             epoch: Some(state.epoch.clone()),
             first: state.first(self.settings.history),
             entries: state.log.iter().map(|(_, p)| p.to_vec()).collect(),
+            earlier: Vec::new(),
         })
     }
 

@@ -29,7 +29,7 @@ mod random;
 pub mod redis;
 mod subscription;
 
-pub use api::{Broker, Log, Mark, MemberChange, Place, Presence, Receipt, Settings};
+pub use api::{Broker, Earlier, Log, Mark, MemberChange, Place, Presence, Receipt, Settings};
 pub use error::BrokerError;
 /// For the session's tests, which make a place key of their own.
 #[cfg(test)]

@@ -42,7 +42,7 @@ use super::context::Context;
 use super::socket::{TrySend, Writer};
 use crate::broker::{BrokerError, Log, Mark, Place};
 use crate::protocol::{
-    ChatMessage, Kind, Member, PRESENCE_LIST, Replay, SERVER_NICKNAME, ServerFrame,
+    ChatMessage, Kind, Member, PRESENCE_LIST, Replay, Resume, SERVER_NICKNAME, ServerFrame,
 };
 
 /// Sends the history up to `mark` (or, resuming, what the client missed,
@@ -110,12 +110,22 @@ fn replay(
     mark: Option<&Mark>,
 ) -> Result<Vec<Message>, BrokerError> {
     let log = match mark {
-        Some(mark) if mark.holds_any() => ctx.broker.log(&member.room)?,
+        // A client resuming from another epoch needs the log's earlier ones.
+        Some(mark)
+            if mark.holds_any()
+                || member
+                    .resume
+                    .as_ref()
+                    .is_some_and(|r| r.epoch != mark.end.epoch) =>
+        {
+            ctx.broker.log(&member.room)?
+        }
         // Nothing to read: what the mark says is all there is to know.
         Some(mark) => Log {
             epoch: Some(mark.end.epoch.clone()),
             first: mark.first,
             entries: Vec::new(),
+            earlier: Vec::new(),
         },
         None => Log::default(),
     };
@@ -134,48 +144,145 @@ fn replay(
         (Some(_), Some(_)) => !in_marks_epoch,
         _ => false,
     };
+    let standing = member
+        .resume
+        .as_ref()
+        .map(|resume| standing(&log, mark, resume));
     let entries = log
         .entries
         .into_iter()
         // Junk in the log was reported when it was published.
         .filter_map(|payload| ChatMessage::from_payload(&payload).ok())
         .filter(upto);
-    let Some(resume) = &member.resume else {
+    let Some(standing) = standing else {
         return Ok(history(member, entries));
     };
-    let same_log = mark.is_some_and(|mark| mark.epoch == resume.epoch)
-        && log.epoch.as_deref() == Some(resume.epoch.as_str());
-    let reaches = log.first <= resume.since.saturating_add(1)
-        && mark.is_some_and(|mark| resume.since <= mark.offset);
-    if same_log && reaches {
-        let missed: Vec<ChatMessage> = entries
-            .filter(|msg| msg.offset.is_some_and(|offset| offset > resume.since))
-            .collect();
-        let text = match missed.len() {
-            0 => "you missed nothing".to_owned(),
-            1 => "recovered the one message or event you missed".to_owned(),
-            n => format!("recovered the {n} messages and events you missed"),
-        };
-        let mut frames: Vec<Message> = missed
-            .iter()
-            .map(|msg| ServerFrame::from_event(msg, Replay::Recovered).render(member.format))
-            .map(Message::text)
-            .collect();
-        frames.push(Message::text(recovery(member, &text, true, mark)));
-        return Ok(frames);
-    }
-    let why = if !same_log {
-        "the room's log was reset since (Redis was flushed, restarted or failed \
-         over, or the room moved to another master); the latest history is above"
-    } else if mark.is_some_and(|mark| resume.since > mark.offset) {
-        "that offset is not in the room's log; the latest history is above"
-    } else {
-        "the room's log no longer reaches back that far; the latest history is above"
+    let why = match standing {
+        Standing::In {
+            from,
+            had_lost,
+            lost_after,
+        } => {
+            let missed: Vec<ChatMessage> = entries
+                .filter(|msg| msg.offset.is_some_and(|offset| offset > from))
+                .collect();
+            let recovered = match missed.len() {
+                0 => "you missed nothing".to_owned(),
+                1 => "recovered the one message or event you missed".to_owned(),
+                n => format!("recovered the {n} messages and events you missed"),
+            };
+            let complete = had_lost == 0 && lost_after == 0;
+            let text = if complete {
+                recovered
+            } else {
+                let recovered = match missed.len() {
+                    0 => "nothing after them was sent".to_owned(),
+                    1 => "the one message or event sent since is above".to_owned(),
+                    n => format!("the {n} messages and events sent since are above"),
+                };
+                format!(
+                    "could not recover everything you missed: {}; {recovered}",
+                    lost_in_failover(had_lost, lost_after)
+                )
+            };
+            let mut frames: Vec<Message> = missed
+                .iter()
+                .map(|msg| ServerFrame::from_event(msg, Replay::Recovered).render(member.format))
+                .map(Message::text)
+                .collect();
+            frames.push(Message::text(recovery(member, &text, complete, mark)));
+            return Ok(frames);
+        }
+        Standing::Unknown => {
+            "the room's log was reset since (Redis was flushed, restarted or failed \
+             over more often than the log remembers, or the room expired); the latest history is above"
+        }
+        Standing::Ahead => "that offset is not in the room's log; the latest history is above",
+        Standing::Trimmed => {
+            "the room's log no longer reaches back that far; the latest history is above"
+        }
     };
     let text = format!("could not recover everything you missed: {why}");
     let mut frames = history(member, entries);
     frames.push(Message::text(recovery(member, &text, false, mark)));
     Ok(frames)
+}
+
+/// Where a resuming client's place stands in the log read for it, whose
+/// end is `mark`.
+#[derive(Debug, PartialEq, Eq)]
+enum Standing {
+    /// Every entry after offset `from` is owed, and the log holds them.
+    /// `had_lost`: how many the client had that the log lost; `lost_after`:
+    /// how many after its place are known to be lost (both in a failover or
+    /// a restart, see `broker::Earlier`).
+    In {
+        from: u64,
+        had_lost: u64,
+        lost_after: u64,
+    },
+    /// The log no longer reaches back to it.
+    Trimmed,
+    /// Past the log's end.
+    Ahead,
+    /// In an epoch the log does not know.
+    Unknown,
+}
+
+fn standing(log: &Log, mark: Option<&Place>, resume: &Resume) -> Standing {
+    let Some(mark) = mark.filter(|mark| log.epoch.as_deref() == Some(mark.epoch.as_str())) else {
+        return Standing::Unknown;
+    };
+    let since = resume.since;
+    let (from, had_lost, lost_after) = if resume.epoch == mark.epoch {
+        if since > mark.offset {
+            return Standing::Ahead;
+        }
+        (since, 0, 0)
+    } else {
+        // An earlier epoch the log kept: its entries up to where it ended
+        // are this log's; places past that were given by a Redis whose
+        // writes were lost.
+        let Some(earlier) = log.earlier.iter().find(|e| e.epoch == resume.epoch) else {
+            return Standing::Unknown;
+        };
+        let from = since.min(earlier.end);
+        let lost_after = earlier
+            .seen
+            .map_or(0, |seen| seen.saturating_sub(since.max(earlier.end)));
+        (from, since - from, lost_after)
+    };
+    if log.first > from.saturating_add(1) {
+        return Standing::Trimmed;
+    }
+    Standing::In {
+        from,
+        had_lost,
+        lost_after,
+    }
+}
+
+/// Says what a failover (or a restart from an older copy) lost of a
+/// resuming client's messages: `had_lost` it had, `lost_after` after them.
+fn lost_in_failover(had_lost: u64, lost_after: u64) -> String {
+    let what = "Redis failed over or restarted, and lost";
+    let count = |n: u64| match n {
+        1 => "1 message or event".to_owned(),
+        n => format!("{n} messages and events"),
+    };
+    match (had_lost, lost_after) {
+        (0, after) => format!("{what} {} sent after your last", count(after)),
+        (had, 0) => format!(
+            "{what} the last {} you had (others never got them); anything sent after \
+             them before that is lost too",
+            count(had)
+        ),
+        (had, after) => format!(
+            "{what} the last {} you had (others never got them) and {} after them",
+            count(had),
+            count(after)
+        ),
+    }
 }
 
 /// The chat messages among `entries`, as history frames.

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::support::{
-    Client, Cluster, Redis, Server, free_port, in_both_subscription_modes, room_channel,
+    Client, Cluster, Redis, Server, free_port, in_both_subscription_modes, place_of, room_channel,
 };
 
 in_both_subscription_modes!(
@@ -147,11 +147,14 @@ fn a_killed_master_is_followed_to_its_promoted_replica(args: &[&str]) {
     let mut carol = join(&server, safe, "carol");
     let mut dave = join(&server, safe, "dave");
     alice.send("before");
-    assert_eq!(bob.recv_chat().1, "before");
+    let before = bob.recv_live();
+    assert_eq!(before["message"], "before");
     let threads = server.steady_thread_count();
 
     let slot = cluster.slot(&room_channel(doomed));
     let old = cluster.master_of(slot);
+    // Replicated before the kill: the test is about what survived.
+    cluster.node(old).command(&["WAIT", "1", "5000"]);
     cluster.kill(old);
     assert!(alice.recv_notice().contains("lost the chat relay"));
     assert!(bob.recv_notice().contains("lost the chat relay"));
@@ -176,6 +179,15 @@ fn a_killed_master_is_followed_to_its_promoted_replica(args: &[&str]) {
         subscriptions_for(args, 2),
         "one subscription per client (or room) on the new master, no more"
     );
+
+    // A client back with a place of the old master's epoch gets what
+    // followed it on the promoted replica, and is told that was all.
+    let query = format!("&room={doomed}");
+    let mut erin = Client::resume(server.addr, "erin", &query, &place_of(&before));
+    let (chats, recovery) = erin.recovered();
+    let got: Vec<&str> = chats.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(recovery["complete"], true, "{recovery}");
+    assert_eq!(got, ["after the failover", "on the promoted replica"]);
 }
 
 /// A room's slot is moved to another master while its clients chat (a

@@ -5,11 +5,8 @@
 //! that was everything.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 
-use serde_json::Value;
-
-use crate::support::{Client, Redis, Server, in_both_subscription_modes};
+use crate::support::{Client, Redis, Server, in_both_subscription_modes, place_of};
 
 /// Room logs big enough for the tests' 500 messages.
 const LOG: [&str; 6] = [
@@ -20,40 +17,6 @@ const LOG: [&str; 6] = [
     "--rate-limit",
     "0",
 ];
-
-/// A client's place in the log: the offset and epoch of the last chat,
-/// join or leave frame it got.
-fn place_of(frame: &Value) -> (u64, String) {
-    (
-        frame["offset"].as_u64().expect("an offset"),
-        frame["epoch"].as_str().expect("an epoch").to_owned(),
-    )
-}
-
-/// Connects `nickname` to `addr`, resuming from `since`.
-fn resume(addr: SocketAddr, nickname: &str, (since, epoch): &(u64, String)) -> Client {
-    Client::connect_path(
-        addr,
-        &format!("/chat/{nickname}?since={since}&epoch={epoch}"),
-    )
-}
-
-/// Reads until the `recovery` frame; returns the chat messages before it
-/// as (nickname, message), and the recovery frame.
-fn recovered(client: &mut Client) -> (Vec<(String, String)>, Value) {
-    let mut chats = Vec::new();
-    loop {
-        let frame = client.recv();
-        match frame["type"].as_str() {
-            Some("recovery") => return (chats, frame),
-            Some("chat") => chats.push((
-                frame["nickname"].as_str().unwrap().to_owned(),
-                frame["message"].as_str().unwrap().to_owned(),
-            )),
-            _ => {}
-        }
-    }
-}
 
 /// Checks that `chats` hold each sender's `n` numbered messages once, in
 /// order.
@@ -109,7 +72,7 @@ fn a_client_that_comes_back_gets_everything_it_missed(servers: &[&Server]) {
         (alice, bob)
     });
     std::thread::sleep(std::time::Duration::from_millis(20));
-    let mut back = resume(b.addr, "away", &place);
+    let mut back = Client::resume(b.addr, "away", "", &place);
     let mut chats = Vec::new();
     let mut recovery = None;
     while chats.len() < 500 || recovery.is_none() {
@@ -171,8 +134,8 @@ fn a_since_older_than_the_log_is_told_and_gets_the_latest() {
     for _ in 0..20 {
         bob.recv_chat();
     }
-    let mut back = resume(server.addr, "away", &place);
-    let (chats, recovery) = recovered(&mut back);
+    let mut back = Client::resume(server.addr, "away", "", &place);
+    let (chats, recovery) = back.recovered();
     assert_eq!(recovery["complete"], false, "{recovery}");
     assert!(
         recovery["message"]
@@ -204,8 +167,8 @@ fn a_flushed_redis_starts_a_new_epoch_and_says_so() {
     alice.send("after the flush");
     let (_, after) = place_of(&bob.recv_live());
     assert_ne!(after, place.1, "a new epoch");
-    let mut back = resume(server.addr, "away", &place);
-    let (chats, recovery) = recovered(&mut back);
+    let mut back = Client::resume(server.addr, "away", "", &place);
+    let (chats, recovery) = back.recovered();
     assert_eq!(recovery["complete"], false, "{recovery}");
     assert!(
         recovery["message"].as_str().unwrap().contains("reset"),
@@ -370,21 +333,27 @@ fn a_burst_keeps_offsets_consecutive_and_the_log_within_its_bounds() {
     assert_eq!(history.last(), offsets.last());
 }
 
-/// A Redis that restarts from a snapshot brings back an older log. The log
-/// starts again with a new epoch, so that new messages are not taken for
-/// ones already seen (their offsets come again), and a client coming back
-/// with its old place is told its place is gone.
-#[test]
-fn a_redis_restored_from_a_snapshot_starts_a_new_epoch() {
+in_both_subscription_modes!(a_redis_restored_from_a_snapshot_keeps_what_survived);
+
+/// A Redis that restarts from a snapshot brings back an older log: what
+/// came after the snapshot is lost, like what a failed-over master took
+/// and never replicated. The log takes a new epoch, so that new messages
+/// are not taken for ones already seen (their offsets come again), but
+/// keeps its entries and remembers where the old epoch ended: a client
+/// whose place survived recovers everything after it, and is told exactly
+/// how much was lost (the instance that delivered it reported how far it
+/// got); a client whose place was lost is told so, and gets what followed.
+fn a_redis_restored_from_a_snapshot_keeps_what_survived(mode: &[&str]) {
     let redis = Redis::start();
-    let server = Server::with_redis_and(&redis, &["--rate-limit", "0"]);
+    let args: Vec<&str> = ["--rate-limit", "0"].iter().chain(mode).copied().collect();
+    let server = Server::with_redis_and(&redis, &args);
     let mut alice = server.settled("alice");
     let mut bob = server.settled("bob");
     alice.send("saved");
-    bob.recv_chat();
+    let saved = place_of(&bob.recv_live());
     redis.command(&["SAVE"]);
     alice.send("not saved");
-    let place = place_of(&bob.recv_live());
+    let not_saved = place_of(&bob.recv_live());
 
     let port = redis.kill();
     let _redis = Redis::start_on(port);
@@ -396,11 +365,60 @@ fn a_redis_restored_from_a_snapshot_starts_a_new_epoch() {
     assert_eq!(frame["message"], "after the restart");
     assert_ne!(
         place_of(&frame).1,
-        place.1,
+        saved.1,
         "the same epoch after a restore"
     );
 
-    let mut back = resume(server.addr, "carol", &place);
-    let (_, recovery) = recovered(&mut back);
+    // Its place survived: everything after it, and the loss, counted.
+    let mut carol = Client::resume(server.addr, "carol", "", &saved);
+    let (chats, recovery) = carol.recovered();
+    let messages: Vec<&str> = chats.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(messages, ["after the restart"], "{recovery}");
     assert_eq!(recovery["complete"], false, "{recovery}");
+    let text = recovery["message"].as_str().unwrap();
+    assert!(
+        text.contains("lost 1 message or event sent after your last"),
+        "{text}"
+    );
+
+    // Its place was lost: told so, and given what followed.
+    let mut dave = Client::resume(server.addr, "dave", "", &not_saved);
+    let (chats, recovery) = dave.recovered();
+    let messages: Vec<&str> = chats.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(messages, ["after the restart"], "{recovery}");
+    assert_eq!(recovery["complete"], false, "{recovery}");
+    let text = recovery["message"].as_str().unwrap();
+    assert!(
+        text.contains("lost the last 1 message or event you had"),
+        "{text}"
+    );
+}
+
+/// A Redis restarted from its append-only file (every write kept) takes a
+/// new epoch, yet a client coming back from the old one loses nothing.
+#[test]
+fn a_redis_restarted_with_everything_keeps_every_place() {
+    let persistent = ["--appendonly", "yes", "--appendfsync", "always"];
+    let redis = Redis::start_with(Redis::fresh_port(), &persistent);
+    let server = Server::with_redis_and(&redis, &["--rate-limit", "0"]);
+    let mut alice = server.settled("alice");
+    let mut bob = server.settled("bob");
+    alice.send("before");
+    let before = place_of(&bob.recv_live());
+    alice.send("also before");
+    bob.recv_live();
+
+    let port = redis.kill();
+    let _redis = Redis::start_with(port, &persistent);
+    for client in [&mut alice, &mut bob] {
+        while !client.recv_server("notice").contains("reconnected") {}
+    }
+    alice.send("after");
+    assert_eq!(bob.recv_type("chat")["message"], "after");
+
+    let mut carol = Client::resume(server.addr, "carol", "", &before);
+    let (chats, recovery) = carol.recovered();
+    let messages: Vec<&str> = chats.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(messages, ["also before", "after"], "{recovery}");
+    assert_eq!(recovery["complete"], true, "{recovery}");
 }

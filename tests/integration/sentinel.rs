@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::support::{Client, Sentinels, Server, free_port, in_both_subscription_modes};
+use crate::support::{Client, Sentinels, Server, free_port, in_both_subscription_modes, place_of};
 
 in_both_subscription_modes!(
     clients_chat_through_the_master_the_sentinels_name,
@@ -62,12 +62,17 @@ fn a_killed_master_is_followed_to_its_promoted_replica(args: &[&str]) {
 
 /// A failover that keeps the old master alive, as a replica: the sentinels
 /// close its clients, and threadchat goes to the new master (a write to
-/// the old one would be refused: it is read-only now).
+/// the old one would be refused: it is read-only now). The room's log is
+/// found under another Redis, and takes a new epoch; a client that comes
+/// back with a place of the old one still gets everything after it.
 fn a_master_demoted_by_the_sentinels_is_left_for_the_new_one(args: &[&str]) {
     let setup = Sentinels::start();
     let server = Server::on_redis(&setup.url(), args);
     let (mut alice, mut bob) = alice_and_bob(&server);
     let old = setup.master_port();
+    alice.send("before the failover");
+    let before = bob.recv_live();
+    let place = place_of(&before);
 
     setup.fail_over();
     let new = setup.wait_for_new_master(old);
@@ -85,6 +90,17 @@ fn a_master_demoted_by_the_sentinels_is_left_for_the_new_one(args: &[&str]) {
             .is_some_and(|frame| frame["type"] == "chat")
     });
     assert!(delivered, "no message got through after the failover");
+
+    let mut carol = Client::resume(server.addr, "carol", "", &place);
+    let (chats, recovery) = carol.recovered();
+    let got: Vec<&str> = chats.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(recovery["complete"], true, "{recovery}");
+    assert_ne!(recovery["epoch"], place.1.as_str(), "a new epoch");
+    assert!(
+        got.iter().any(|m| m.starts_with(&format!("on {new}"))),
+        "{got:?}"
+    );
+    assert!(!got.contains(&"before the failover"), "{got:?}");
 }
 
 /// A Sentinel URL whose master nobody knows, or whose sentinels do not

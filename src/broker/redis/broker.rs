@@ -25,6 +25,7 @@ use super::listener::Listeners;
 use super::listener::{Patience, RedisListener};
 use super::members::Members;
 use super::nodes::{Follower, Nodes, OneServer};
+use super::position::Position;
 use super::publisher::Publisher;
 use super::queries::{Queues, from_value, refresh};
 use super::settings::{POOL_SIZE, QUEUE_CAPACITY};
@@ -254,19 +255,24 @@ impl Broker for RedisBroker {
     }
 
     fn log(&self, room: &Room) -> Result<Log, BrokerError> {
-        let position = position(room);
+        let mut position = redis::cmd("HGETALL");
+        position.arg(keys::meta(room));
         let mut entries = redis::cmd("LRANGE");
         entries.arg(keys::log(room)).arg(0).arg(-1);
-        // Where the log begins, and what it holds, in one step.
-        let ((epoch, first, last), entries): (LogPosition, Vec<Vec<u8>>) =
+        // Where the log begins, its earlier epochs, and what it holds, in
+        // one step.
+        let (fields, entries): (HashMap<String, String>, Vec<Vec<u8>>) =
             self.queues.transaction(room, vec![position, entries])?;
-        let Some(epoch) = epoch else {
+        let position = Position::from_fields(fields);
+        let earlier = position.earlier();
+        let Some(epoch) = position.epoch else {
             return Ok(Log::default());
         };
         Ok(Log {
             epoch: Some(epoch),
-            first: self.first(first.unwrap_or(1), last.unwrap_or(0)),
+            first: self.first(position.first.unwrap_or(1), position.last.unwrap_or(0)),
             entries,
+            earlier,
         })
     }
 

@@ -209,6 +209,6 @@ fn add_event(eval: &mut redis::Cmd, event: &Event) {
 
 /// A secret key for a log epoch that starts (see `scripts::LOG_AND_PUBLISH`):
 /// 128 random bits, in hex.
-fn new_place_key() -> String {
+pub(super) fn new_place_key() -> String {
     format!("{:016x}{:016x}", random_u64(), random_u64())
 }

@@ -29,14 +29,20 @@
 //! per room anyway.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use super::coalesce::new_place_key;
 use super::job::Route;
 use super::keys;
 use super::nodes::Nodes;
+use super::position::Position;
+use super::scripts::REPORT_SEEN;
 use super::settings::{CONNECT_TIMEOUT, IO_TIMEOUT};
+use crate::broker::Earlier;
 use crate::broker::error::BrokerError;
+use crate::broker::random::new_epoch;
 use crate::broker::subscription::{Gap, Missing};
 use crate::protocol::{EpochName, Incoming, Room, Tag, place_tag};
 
@@ -75,8 +81,10 @@ struct Read {
 /// (`KEYS`: the position hash, the log): what a read extends an earlier
 /// one with. In one step, so the entries are the position's.
 const EXTEND: &str = r#"
-local p = redis.call('HMGET', KEYS[1], 'epoch', 'first', 'last', 'key')
-local n = (tonumber(p[3]) or 0) - tonumber(ARGV[1])
+local p = redis.call('HGETALL', KEYS[1])
+local last = 0
+for i = 1, #p, 2 do if p[i] == 'last' then last = tonumber(p[i + 1]) end end
+local n = last - tonumber(ARGV[1])
 local entries = {}
 if n > 0 then entries = redis.call('LRANGE', KEYS[2], -n, -1) end
 return {p, entries}
@@ -96,6 +104,12 @@ pub(super) struct LogRead {
     pub(super) last: u64,
     /// What it holds, oldest first.
     pub(super) entries: Vec<Arc<Incoming>>,
+    /// Its earlier epochs, oldest first, with their keys (see
+    /// `position.rs`).
+    pub(super) earlier: Vec<(Earlier, Option<String>)>,
+    /// The furthest lost place reported by the listeners that share this
+    /// read: each reports one only if it is further.
+    pub(super) reported: AtomicU64,
 }
 
 impl Gaps {
@@ -185,28 +199,24 @@ impl Gaps {
         {
             return Ok(extended);
         }
-        type Position = (Option<String>, Option<u64>, Option<u64>, Option<String>);
-        let ((epoch, first, last, key), payloads): (Position, Vec<Vec<u8>>) = redis::pipe()
+        let (fields, payloads): (HashMap<String, String>, Vec<Vec<u8>>) = redis::pipe()
             .atomic()
-            .cmd("HMGET")
+            .cmd("HGETALL")
             .arg(keys::meta(room))
-            .arg("epoch")
-            .arg("first")
-            .arg("last")
-            .arg("key")
             .cmd("LRANGE")
             .arg(keys::log(room))
             .arg(0)
             .arg(-1)
             .query(&mut con)
             .map_err(failed)?;
-        let last = last.unwrap_or(0);
+        let position = Position::from_fields(fields);
+        let last = position.last.unwrap_or(0);
         let now = Instant::now();
         Ok(LogRead {
-            epoch,
-            key,
+            epoch: position.epoch,
+            key: position.key,
             first: if self.history > 0 {
-                first.unwrap_or(1)
+                position.first.unwrap_or(1)
             } else {
                 last + 1
             },
@@ -215,11 +225,50 @@ impl Gaps {
                 .iter()
                 .map(|payload| Arc::new(Incoming::parse(payload, now)))
                 .collect(),
+            earlier: position.earlier,
+            reported: AtomicU64::new(0),
         })
     }
 }
 
 impl Gaps {
+    /// Tells `room`'s log that this instance delivered `offset` of earlier
+    /// epoch `epoch`, past where the log kept it (`position::REPORT_SEEN`),
+    /// unless a listener that shares `log` reported as far. Best effort:
+    /// a report that fails leaves the loss's count unknown, and is logged.
+    pub(super) fn report_seen(&self, room: &Room, log: &LogRead, (epoch, offset): (&str, u64)) {
+        if log.reported.fetch_max(offset, Ordering::Relaxed) >= offset {
+            return;
+        }
+        let report = || -> Result<(), BrokerError> {
+            let failed = |e: redis::RedisError| BrokerError::Redis(e.to_string());
+            let (_, client) = self.nodes.node(&Route::room(room))?;
+            let mut con = client
+                .get_connection_with_timeout(CONNECT_TIMEOUT)
+                .map_err(failed)?;
+            con.set_read_timeout(Some(IO_TIMEOUT)).map_err(failed)?;
+            con.set_write_timeout(Some(IO_TIMEOUT)).map_err(failed)?;
+            redis::Script::new(REPORT_SEEN)
+                .key(keys::meta(room))
+                .arg(epoch)
+                .arg(offset)
+                .arg(new_epoch())
+                .arg(new_place_key())
+                .invoke::<i64>(&mut con)
+                .map_err(failed)?;
+            Ok(())
+        };
+        match report() {
+            Ok(()) => log::warn!(
+                "{room}: Redis lost messages it had published: this instance delivered \
+                 offset {offset} of epoch {epoch}, past where the log kept it"
+            ),
+            Err(e) => {
+                log::warn!("{room}: could not report offset {offset} of epoch {epoch} lost: {e}")
+            }
+        }
+    }
+
     /// `base` and what the log gained since, if it is still the same log
     /// and goes on where `base` ends (`None`: read it all).
     fn extend(
@@ -229,14 +278,20 @@ impl Gaps {
         base: &LogRead,
     ) -> Result<Option<LogRead>, BrokerError> {
         let failed = |e: redis::RedisError| BrokerError::Redis(e.to_string());
-        type Position = (Option<String>, Option<u64>, Option<u64>, Option<String>);
-        let ((epoch, _, last, key), payloads): (Position, Vec<Vec<u8>>) =
+        let (fields, payloads): (HashMap<String, String>, Vec<Vec<u8>>) =
             redis::Script::new(EXTEND)
                 .key(keys::meta(room))
                 .key(keys::log(room))
                 .arg(base.last)
                 .invoke(con)
                 .map_err(failed)?;
+        let Position {
+            epoch,
+            key,
+            last,
+            earlier,
+            ..
+        } = Position::from_fields(fields);
         let last = last.unwrap_or(0);
         let now = Instant::now();
         let added: Vec<Arc<Incoming>> = payloads
@@ -271,6 +326,8 @@ impl Gaps {
             first,
             last,
             entries,
+            earlier,
+            reported: AtomicU64::new(0),
         }))
     }
 }
@@ -296,9 +353,11 @@ impl Recent {
         self.0.push_back((epoch, offset, tag));
     }
 
-    /// The furthest place noted that `key` vouches for in `epoch` (the
-    /// furthest, not the newest: a genuine place replayed later is behind).
-    fn vouched(&self, epoch: &str, key: &str) -> Option<u64> {
+    /// The furthest place noted in `epoch` (the furthest, not the newest:
+    /// a genuine place replayed later is behind) that `key` vouches for,
+    /// or any, if the epoch's key is not known (a log written before keys
+    /// were kept for earlier epochs).
+    fn furthest(&self, epoch: &str, key: Option<&str>) -> Option<u64> {
         self.0
             .iter()
             .filter(|(e, offset, tag)| {
@@ -306,7 +365,7 @@ impl Recent {
                     offset: *offset,
                     epoch: e.as_str(),
                 };
-                e.as_str() == epoch && place_tag(key, at) == *tag
+                e.as_str() == epoch && key.is_none_or(|key| place_tag(key, at) == *tag)
             })
             .map(|(_, offset, _)| *offset)
             .max()
@@ -324,32 +383,6 @@ impl Recent {
         self.0.contains(&(epoch, offset, tag))
     }
 
-    /// Whether a place past `incoming`'s in its epoch was noted: one the
-    /// log no longer holds, if `incoming` is the furthest it does. In the
-    /// log's current epoch, whose key is known (`key`), only a place it
-    /// vouches for counts; an older epoch's key is gone with it.
-    fn beyond(&self, incoming: &Incoming, key: Option<(&str, &str)>) -> bool {
-        let Some((epoch, offset)) = incoming
-            .message()
-            .ok()
-            .and_then(|msg| Some((msg.epoch?, msg.offset?)))
-        else {
-            return false;
-        };
-        self.0.iter().any(|(e, o, tag)| {
-            let at = crate::protocol::At {
-                offset: *o,
-                epoch: e.as_str(),
-            };
-            *e == epoch
-                && *o > offset
-                && match key {
-                    Some((current, key)) if current == e.as_str() => place_tag(key, at) == *tag,
-                    _ => true,
-                }
-        })
-    }
-
     /// Whether any place was noted at all.
     fn any(&self) -> bool {
         !self.0.is_empty()
@@ -363,18 +396,23 @@ pub(super) struct Fill {
     pub(super) gap: Gap,
     pub(super) messages: Vec<Arc<Incoming>>,
     pub(super) upto: Option<(String, u64)>,
+    /// A place of an earlier epoch, past where that epoch ended, that this
+    /// listener delivered (vouched for by the epoch's key): the log is told
+    /// (`Gaps::report_seen`), so that everyone learns how much was lost.
+    pub(super) seen: Option<(String, u64)>,
 }
 
 /// What a listener that delivered up to what `recent` says, and lost its
 /// subscription at `lost_at` (Unix ms), must deliver from `log`.
 ///
 /// Where it stopped is found in the log itself: the furthest entry that is
-/// one of the places it delivered (same epoch, offset and tag). Everything
-/// after it follows, whatever its epoch: a log that moved to another Redis
-/// (a Cluster resharding) takes a new epoch and keeps its entries, offsets
-/// going on. When the log no longer holds any of them, the epoch's key
-/// tells a genuine place from a forged one, and the offsets say how much
-/// was trimmed meanwhile; in another epoch, how much is not known.
+/// one of the places it delivered (same epoch, offset and tag), or else the
+/// furthest place its epoch's key vouches for. Everything after it follows,
+/// whatever its epoch: a log found under another Redis (a failover, a
+/// restart, a room moved on a Cluster) takes a new epoch and keeps its
+/// entries, offsets going on. A place in an earlier epoch past where that
+/// epoch ended was given by a Redis whose writes were lost: what follows
+/// the end is delivered, and the loss announced.
 pub(super) fn fill(log: &LogRead, recent: &Recent, lost_at: u64) -> Fill {
     let missing = |count: Option<u64>, why: &'static str| {
         Some(Missing {
@@ -383,79 +421,162 @@ pub(super) fn fill(log: &LogRead, recent: &Recent, lost_at: u64) -> Fill {
             why,
         })
     };
+    let reset = |messages: Vec<Arc<Incoming>>, why| {
+        let missing = recent.any().then(|| missing(None, why)).flatten();
+        let upto = log.epoch.clone().map(|epoch| (epoch, log.last));
+        Fill {
+            gap: Gap {
+                recovered: messages.len(),
+                missing,
+            },
+            messages,
+            upto,
+            seen: None,
+        }
+    };
     let Some(epoch) = log.epoch.as_deref() else {
         // No log at all: nothing was published since it was lost, but what
         // it held and was not delivered is gone.
-        let why = "the room's log was lost (Redis was flushed, restarted or failed over)";
-        return Fill {
-            gap: Gap {
-                recovered: 0,
-                missing: recent.any().then(|| missing(None, why)).flatten(),
-            },
-            messages: Vec::new(),
-            upto: None,
-        };
+        return reset(
+            Vec::new(),
+            "the room's log was lost (Redis was flushed, restarted or failed over)",
+        );
     };
     let place = |incoming: &Incoming| {
         let msg = incoming.message().ok()?;
         Some((msg.epoch?, msg.offset?))
     };
+    let key_of = |e: &str| {
+        if e == epoch {
+            log.key.as_deref()
+        } else {
+            let earlier = log.earlier.iter().find(|(earlier, _)| earlier.epoch == e);
+            earlier.and_then(|(_, key)| key.as_deref())
+        }
+    };
+    // Where delivery stopped, and the furthest place delivered that the
+    // log holds.
+    let found = log
+        .entries
+        .iter()
+        .rposition(|entry| recent.holds(entry))
+        .and_then(|at| place(&log.entries[at]));
+    let stopped = match &found {
+        Some((e, offset)) => {
+            // Places past it in its epoch (that its key vouches for, when
+            // the key is known) were delivered, and the log lost them.
+            let past = recent.furthest(e.as_str(), key_of(e.as_str()));
+            Some((
+                e.as_str().to_owned(),
+                past.map_or(*offset, |past| past.max(*offset)),
+            ))
+        }
+        None => std::iter::once((epoch, log.key.as_deref()))
+            .chain(
+                log.earlier
+                    .iter()
+                    .rev()
+                    .map(|(e, key)| (e.epoch.as_str(), key.as_deref())),
+            )
+            .find_map(|(e, key)| Some((e.to_owned(), recent.furthest(e, Some(key?))?))),
+    };
     let in_epoch =
         |incoming: &&Arc<Incoming>| place(incoming).is_some_and(|(e, _)| e.as_str() == epoch);
-    let found = log.entries.iter().rposition(|entry| recent.holds(entry));
-    let delivered = log
-        .key
-        .as_deref()
-        .and_then(|key| recent.vouched(epoch, key));
-    let (messages, missing): (Vec<Arc<Incoming>>, _) = match (found, delivered) {
-        // Delivered past what the log holds: it lost entries (a failover
-        // to a replica that lacked them), and what the old master took
-        // after this subscription was lost may be gone with them.
-        (Some(at), _)
-            if recent.beyond(&log.entries[at], log.key.as_deref().map(|key| (epoch, key))) =>
-        {
-            (
-                log.entries[at + 1..].to_vec(),
-                missing(
-                    None,
-                    "the room's log lost its newest entries: Redis failed over",
-                ),
-            )
-        }
-        (Some(at), _) => (log.entries[at + 1..].to_vec(), None),
-        (None, Some(delivered)) if delivered > log.last => (
-            // The log is behind what was delivered from it: it lost entries
-            // without starting a new epoch.
-            Vec::new(),
-            missing(None, "the room's log lost its newest entries"),
-        ),
-        (None, Some(delivered)) => {
-            let after: Vec<_> = log
-                .entries
-                .iter()
-                .filter(in_epoch)
-                .filter(|incoming| place(incoming).is_some_and(|(_, offset)| offset > delivered))
-                .cloned()
-                .collect();
-            let gone = log.first.saturating_sub(delivered + 1);
-            let missing = (gone > 0)
-                .then(|| missing(Some(gone), "the room's log no longer reaches back that far"))
-                .flatten();
-            (after, missing)
-        }
-        (None, None) if recent.any() => (
+    let reset_why = "the room's log was reset (Redis was flushed, restarted or failed over)";
+    let Some((stopped_epoch, delivered)) = stopped else {
+        if recent.any() {
             // Delivered from a log that is gone: everything in this one is new.
-            log.entries.iter().filter(in_epoch).cloned().collect(),
-            missing(
-                None,
-                "the room's log was reset (Redis was flushed, restarted or failed over)",
-            ),
-        ),
+            return reset(
+                log.entries.iter().filter(in_epoch).cloned().collect(),
+                reset_why,
+            );
+        }
         // Nothing placed was delivered yet: where to begin is not known.
-        (None, None) => (
-            Vec::new(),
-            missing(None, "where its delivery stood was not known yet"),
-        ),
+        let mut fill = reset(Vec::new(), "");
+        fill.gap.missing = missing(None, "where its delivery stood was not known yet");
+        return fill;
+    };
+    let (from, had_lost, lost_after) = if stopped_epoch == epoch {
+        if delivered > log.last {
+            // The log is behind what was delivered from it: it lost entries
+            // (a Redis restarted from an older copy, or a replica promoted,
+            // that nobody wrote to since). Reported, the epoch ends there.
+            let mut fill = fill_from(log, log.last, delivered - log.last, 0, missing);
+            fill.seen = log
+                .key
+                .as_deref()
+                .and_then(|key| recent.furthest(epoch, Some(key)))
+                .filter(|offset| *offset > log.last)
+                .map(|offset| (epoch.to_owned(), offset));
+            return fill;
+        }
+        (delivered, 0, 0)
+    } else {
+        let Some(i) = log
+            .earlier
+            .iter()
+            .position(|(e, _)| e.epoch == stopped_epoch)
+        else {
+            // An epoch the log does not remember (one written before
+            // earlier epochs were kept): an entry found is a place in it.
+            let Some((_, found)) = found else {
+                return reset(
+                    log.entries.iter().filter(in_epoch).cloned().collect(),
+                    reset_why,
+                );
+            };
+            return fill_from(log, found, delivered - found, 0, missing);
+        };
+        let earlier = &log.earlier[i].0;
+        let from = delivered.min(earlier.end);
+        let after_own = earlier
+            .seen
+            .map_or(0, |seen| seen.saturating_sub(delivered.max(earlier.end)));
+        let after_later: u64 = log.earlier[i + 1..].iter().map(|(e, _)| e.lost()).sum();
+        (from, delivered - from, after_own + after_later)
+    };
+    let mut fill = fill_from(log, from, had_lost, lost_after, missing);
+    fill.seen = key_of(&stopped_epoch)
+        .filter(|_| had_lost > 0)
+        .and_then(|key| recent.furthest(&stopped_epoch, Some(key)))
+        .filter(|offset| *offset > from)
+        .map(|offset| (stopped_epoch.clone(), offset));
+    fill
+}
+
+/// Everything in `log` after offset `from`, and what is missing: `had_lost`
+/// delivered places the log lost, `lost_after` lost after them (known
+/// from earlier epochs), and what the log no longer reaches back to.
+fn fill_from(
+    log: &LogRead,
+    from: u64,
+    had_lost: u64,
+    lost_after: u64,
+    missing: impl Fn(Option<u64>, &'static str) -> Option<Missing>,
+) -> Fill {
+    let offset = |incoming: &Arc<Incoming>| incoming.message().ok().and_then(|msg| msg.offset);
+    let messages: Vec<Arc<Incoming>> = log
+        .entries
+        .iter()
+        .filter(|incoming| offset(incoming).is_some_and(|offset| offset > from))
+        .cloned()
+        .collect();
+    let gone = log.first.saturating_sub(from + 1);
+    let missing = if had_lost > 0 {
+        missing(
+            None,
+            "Redis failed over or restarted and lost its newest messages and events, \
+             some of which you got; any sent after them are lost too",
+        )
+    } else if lost_after > 0 {
+        missing(
+            Some(gone + lost_after),
+            "Redis failed over or restarted and lost them: they were never replicated",
+        )
+    } else if gone > 0 {
+        missing(Some(gone), "the room's log no longer reaches back that far")
+    } else {
+        None
     };
     Fill {
         gap: Gap {
@@ -463,7 +584,8 @@ pub(super) fn fill(log: &LogRead, recent: &Recent, lost_at: u64) -> Fill {
             missing,
         },
         messages,
-        upto: Some((epoch.to_owned(), log.last)),
+        upto: log.epoch.clone().map(|epoch| (epoch, log.last)),
+        seen: None,
     }
 }
 
@@ -487,7 +609,79 @@ mod tests {
             first,
             last,
             entries: (first..=last).map(|o| entry(key, epoch, o)).collect(),
+            ..LogRead::default()
         }
+    }
+
+    /// A log of epoch `e` (key `old`) up to `end`, failed over to epoch `f`
+    /// (key `new`) that has gone on to `last`.
+    fn failed_over(end: u64, seen: Option<u64>, last: u64) -> LogRead {
+        let mut log = log("old", "e", 1, end);
+        log.entries
+            .extend((end + 1..=last).map(|o| entry("new", "f", o)));
+        log.epoch = Some("f".into());
+        log.key = Some("new".into());
+        log.last = last;
+        let earlier = Earlier {
+            epoch: "e".into(),
+            end,
+            seen,
+        };
+        log.earlier = vec![(earlier, Some("old".into()))];
+        log
+    }
+
+    /// After a failover that kept what was delivered, the listener goes on
+    /// from its place into the new epoch, and nothing is missing.
+    #[test]
+    fn a_failover_that_kept_everything_loses_nothing() {
+        let mut recent = Recent::default();
+        recent.note(&entry("old", "e", 4));
+        let fill = fill(&failed_over(5, None, 7), &recent, 0);
+        assert_eq!(offsets(&fill), vec![5, 6, 7]);
+        assert_eq!((fill.gap.missing, fill.seen), (None, None));
+    }
+
+    /// A listener that delivered places the new master never had gets what
+    /// follows the old epoch's end, is told of a loss, and reports how far
+    /// it got, so that others learn the count.
+    #[test]
+    fn places_the_failover_lost_are_reported() {
+        let mut recent = Recent::default();
+        for offset in 4..=7 {
+            recent.note(&entry("old", "e", offset));
+        }
+        recent.note(&entry("forger", "e", 99));
+        let fill = fill(&failed_over(5, None, 8), &recent, 0);
+        assert_eq!(offsets(&fill), vec![6, 7, 8]);
+        assert_eq!(fill.gap.missing.unwrap().count, None);
+        assert_eq!(fill.seen, Some(("e".into(), 7)));
+    }
+
+    /// A Redis back from an older copy, written to by nobody yet, still has
+    /// the old epoch: what was delivered past its end is reported (and
+    /// the epoch ends there), and a loss is announced.
+    #[test]
+    fn a_log_behind_what_was_delivered_is_reported() {
+        let mut recent = Recent::default();
+        recent.note(&entry("k", "e", 4));
+        recent.note(&entry("k", "e", 5));
+        let fill = fill(&log("k", "e", 1, 3), &recent, 0);
+        assert_eq!(offsets(&fill), Vec::<u64>::new());
+        assert_eq!(fill.gap.missing.unwrap().count, None);
+        assert_eq!(fill.seen, Some(("e".into(), 5)));
+    }
+
+    /// A listener that stopped before the old epoch's end is told exactly
+    /// how many the failover lost, when another instance reported them.
+    #[test]
+    fn a_reported_loss_is_counted() {
+        let mut recent = Recent::default();
+        recent.note(&entry("old", "e", 3));
+        let fill = fill(&failed_over(5, Some(7), 8), &recent, 0);
+        assert_eq!(offsets(&fill), vec![4, 5, 6, 7, 8]);
+        assert_eq!(fill.gap.missing.unwrap().count, Some(2));
+        assert_eq!(fill.seen, None);
     }
 
     fn offsets(fill: &Fill) -> Vec<u64> {

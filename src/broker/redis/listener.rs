@@ -388,6 +388,11 @@ impl RedisListener {
         let log = self.with.gaps.read(&self.room, Instant::now())?;
         let gap = state.gap();
         let fill = gaps::fill(&log, &gap.recent, gap.lost_at);
+        if let Some((epoch, offset)) = &fill.seen {
+            self.with
+                .gaps
+                .report_seen(&self.room, &log, (epoch, *offset));
+        }
         if let Some(newest) = fill.messages.last() {
             gap.recent.note(newest);
         }

@@ -92,6 +92,7 @@ mod listener;
 mod members;
 mod nodes;
 mod place_keys;
+mod position;
 mod publisher;
 mod pubsub;
 mod queries;

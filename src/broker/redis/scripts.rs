@@ -60,6 +60,9 @@
 /// itself is kept, its offsets going on from where it stands: on a Redis
 /// Cluster a room's keys also move to another master whole (a resharding
 /// `MIGRATE`s them), and its history should not be lost with the move.
+/// The old epoch is remembered with where it ended and its key (the last
+/// `MAX_EARLIER`, see `position.rs`): a place at or before its end is still
+/// a place in this log, and one past it is known to be lost.
 /// (`INFO server` is read once per run of events, not per message. A Redis that refuses `INFO` — an ACL user
 /// without it, a renamed command — gets no such check, rather than
 /// refusing every message.)
@@ -76,7 +79,9 @@
 /// published: when Redis refuses writes (`maxmemory`), it refuses that one
 /// and the script stops having done nothing. Returns how many events were
 /// published.
-pub const LOG_AND_PUBLISH: &str = r#"
+pub const LOG_AND_PUBLISH: &str = concat!(
+    next_epoch_lua!(),
+    r#"
 local log, bytes_key, meta, members = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local max_count, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2])
 local ttl, channel = ARGV[3], ARGV[4]
@@ -104,9 +109,8 @@ for _, event in ipairs(events) do
 end
 events = kept
 if #events == 0 then return 0 end
-local info = redis.pcall('INFO', 'server')
-local run = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or ''
-local position = redis.call('HMGET', meta, 'epoch', 'run', 'key')
+local run = run_id()
+local position = redis.call('HMGET', meta, 'epoch', 'run', 'key', 'past')
 local epoch, key = position[1], position[3]
 local last = redis.call('HINCRBY', meta, 'last', #events)
 if not epoch then
@@ -116,8 +120,8 @@ if not epoch then
   redis.call('PEXPIRE', meta, ttl)
   last = #events
 elseif position[2] ~= run or not key then
+  next_epoch(meta, epoch, last - #events, key, position[4], ARGV[5], ARGV[7], run)
   epoch, key = ARGV[5], ARGV[7]
-  redis.call('HSET', meta, 'epoch', epoch, 'run', run, 'key', key)
 end
 local head = ',"epoch":"' .. epoch .. '","tag":"'
 local payloads, logged, added = {}, {}, 0
@@ -176,7 +180,64 @@ if max_count > 0 and #logged > 0 then
 end
 for _, payload in ipairs(payloads) do redis.call(publish, channel, payload) end
 return #payloads
-"#;
+"#
+);
+
+/// Lua that [`LOG_AND_PUBLISH`] and [`REPORT_SEEN`] share: `run_id()`, the
+/// Redis process's id (`''` if `INFO` is refused: an ACL user without it,
+/// a renamed command), and `next_epoch(...)`, which starts a new epoch for
+/// a log, remembering the old one (`old`, its key `old_key`) and where it
+/// `ended`, in the list of earlier epochs (`past`, at most `MAX_EARLIER`;
+/// see `position.rs`). A macro, because `concat!` takes only literals.
+macro_rules! next_epoch_lua {
+    () => {
+        r#"
+local MAX_EARLIER = 4
+local function run_id()
+  local info = redis.pcall('INFO', 'server')
+  return type(info) == 'string' and string.match(info, 'run_id:(%x+)') or ''
+end
+local function next_epoch(meta, old, ended, old_key, past, epoch, key, run)
+  local kept = {}
+  for e in string.gmatch(past or '', '%S+') do kept[#kept + 1] = e end
+  kept[#kept + 1] = old
+  if #kept > MAX_EARLIER then
+    local gone = table.remove(kept, 1)
+    redis.call('HDEL', meta, 'end:' .. gone, 'key:' .. gone, 'seen:' .. gone)
+  end
+  redis.call('HSET', meta, 'end:' .. old, ended, 'key:' .. old, old_key or '',
+    'past', table.concat(kept, ' '), 'epoch', epoch, 'run', run, 'key', key)
+end
+"#
+    };
+}
+use next_epoch_lua;
+
+/// An instance delivered offset `ARGV[2]` of epoch `ARGV[1]`, which the
+/// log (position hash `KEYS[1]`) no longer holds: the Redis that gave it
+/// lost it (a failover to a replica that lacked it, a restart from an
+/// older snapshot). Noted as `seen:{epoch}`, so that everyone can count
+/// what was lost. If that epoch is still the log's (nobody wrote since),
+/// it ends here and a new one (`ARGV[3]`, key `ARGV[4]`) starts, as the
+/// next write would have started it. Returns 1 if it noted anything.
+pub const REPORT_SEEN: &str = concat!(
+    next_epoch_lua!(),
+    r#"
+local meta, epoch, offset = KEYS[1], ARGV[1], tonumber(ARGV[2])
+local p = redis.call('HMGET', meta, 'epoch', 'last', 'key', 'past', 'end:' .. epoch, 'seen:' .. epoch)
+if p[1] == epoch then
+  local last = tonumber(p[2]) or 0
+  if offset <= last then return 0 end
+  next_epoch(meta, epoch, last, p[3], p[4], ARGV[3], ARGV[4], run_id())
+  redis.call('HSET', meta, 'seen:' .. epoch, offset)
+  return 1
+end
+local ended, seen = tonumber(p[5]), tonumber(p[6]) or 0
+if not ended or offset <= ended or offset <= seen then return 0 end
+redis.call('HSET', meta, 'seen:' .. epoch, offset)
+return 1
+"#
+);
 
 /// Compare-and-swap on one field of a hash: if `KEYS[1]`'s field
 /// `ARGV[1]` holds `ARGV[2]`, it becomes `ARGV[3]` (or is deleted, if that

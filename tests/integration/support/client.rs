@@ -279,3 +279,45 @@ impl Client {
         let _ = stream.shutdown(std::net::Shutdown::Both);
     }
 }
+
+/// A client's place in a room's log: the offset and epoch of a chat, join
+/// or leave frame.
+pub fn place_of(frame: &Value) -> (u64, String) {
+    (
+        frame["offset"].as_u64().expect("an offset"),
+        frame["epoch"].as_str().expect("an epoch").to_owned(),
+    )
+}
+
+impl Client {
+    /// Connects `nickname` to `addr` (`query`: more of the query string, or
+    /// empty), resuming from `place`.
+    pub fn resume(
+        addr: std::net::SocketAddr,
+        nickname: &str,
+        query: &str,
+        (since, epoch): &(u64, String),
+    ) -> Client {
+        Client::connect_path(
+            addr,
+            &format!("/chat/{nickname}?since={since}&epoch={epoch}{query}"),
+        )
+    }
+
+    /// Reads until the `recovery` frame; returns the chat messages before
+    /// it as (nickname, message), and the recovery frame.
+    pub fn recovered(&mut self) -> (Vec<(String, String)>, Value) {
+        let mut chats = Vec::new();
+        loop {
+            let frame = self.recv();
+            match frame["type"].as_str() {
+                Some("recovery") => return (chats, frame),
+                Some("chat") => chats.push((
+                    frame["nickname"].as_str().unwrap().to_owned(),
+                    frame["message"].as_str().unwrap().to_owned(),
+                )),
+                _ => {}
+            }
+        }
+    }
+}
