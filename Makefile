@@ -74,15 +74,15 @@ chaos-short: require-redis
 	  --instances 2 --rooms 2 --clients 3 --no-announced-losses $(CHAOS_ARGS)
 
 # The same on a replicated Redis; four rooms spread over the three masters
-# of the cluster (two of the first three share one). A Sentinel master
-# stalled past its down-after time loses acknowledged writes (see
-# docs/PERFORMANCE.md), so it is left out here: ./target/debug/chaos
-# --topology sentinel --faults stall shows it.
+# of the cluster (two of the first three share one). The instances run
+# with --wait-replicas 1: without it, a Sentinel master stalled past its
+# down-after time answers writes it then loses, and their senders are
+# misled (docs/OPERATIONS.md, "What a failover loses").
 chaos-ha: require-redis
 	$(CARGO) build --workspace --bins
-	./target/debug/chaos --topology sentinel \
-	  --faults sentinel-failover,client-kill,kill-instance,drop-clients $(CHAOS_ARGS)
-	./target/debug/chaos --topology cluster --rooms 4 \
+	./target/debug/chaos --topology sentinel --wait-replicas 1 \
+	  --faults sentinel-failover,stall,client-kill,kill-instance,drop-clients $(CHAOS_ARGS)
+	./target/debug/chaos --topology cluster --rooms 4 --wait-replicas 1 \
 	  --faults cluster-failover,migrate,client-kill,stall,kill-instance,drop-clients $(CHAOS_ARGS)
 
 lint:

@@ -141,6 +141,7 @@ impl Server {
             subscriptions: config.subscriptions,
             capacity: Arc::clone(&capacity),
             idle_rooms_bytes: config.idle_rooms_bytes,
+            wait_replicas: config.wait_replicas,
         };
         let broker = broker::connect(&config.broker, &settings, &metrics)?;
         Server::bind(config, broker, metrics, capacity)

@@ -232,4 +232,8 @@ pub struct Settings {
     /// Most bytes held for rooms nobody is in (their logs and state): past
     /// it the least recently used go first (`--idle-rooms-bytes`).
     pub idle_rooms_bytes: usize,
+    /// Replicas of the Redis master that must have a published message
+    /// before its sender is told it was delivered (`--wait-replicas`; the
+    /// in-process broker has none).
+    pub wait_replicas: usize,
 }

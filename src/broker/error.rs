@@ -24,7 +24,9 @@ pub enum BrokerError {
     Refused(String),
     /// Redis did not answer: the command may or may not have been carried
     /// out (a paused or overloaded Redis carries it out later; a Redis
-    /// killed after carrying it out never answers). The text says why.
+    /// killed after carrying it out never answers). Or it answered, but
+    /// fewer replicas than `--wait-replicas` asks for confirmed it: a
+    /// failover may lose it. The text says why.
     #[error("{0}")]
     Uncertain(String),
     /// A Redis Cluster serves the room's slot elsewhere now (a resharding

@@ -39,6 +39,20 @@ pub struct Args {
     #[arg(long, conflicts_with = "redis")]
     pub in_process: bool,
 
+    /// A message counts as delivered only once this many of the Redis
+    /// master's replicas have it (`WAIT`, up to 1 s): a sender is then never
+    /// told "delivered" for a message a failover loses. 0: as soon as the
+    /// master has it. Past 1 s (a replica down, say) its sender is told it
+    /// may or may not have been delivered; see OPERATIONS.md.
+    #[arg(
+        long,
+        env = "THREADCHAT_WAIT_REPLICAS",
+        default_value_t = 0,
+        value_name = "N",
+        conflicts_with = "in_process"
+    )]
+    pub wait_replicas: usize,
+
     /// How much to log.
     #[arg(long, env = "THREADCHAT_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info)]
     pub log_level: LogLevel,

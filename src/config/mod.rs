@@ -155,6 +155,9 @@ pub struct Config {
     pub room_ttl: Duration,
     /// Most bytes held for rooms nobody is in (`--idle-rooms-bytes`).
     pub idle_rooms_bytes: usize,
+    /// Replicas that must have a message before its sender is told it was
+    /// delivered (`--wait-replicas`).
+    pub wait_replicas: usize,
     /// How clients subscribe to Redis.
     pub subscriptions: Subscriptions,
     /// File descriptors each connection holds (its socket, and with
@@ -238,6 +241,13 @@ impl Config {
                 reason: "must be between 1 KiB and 64 MiB".into(),
             });
         }
+        if args.wait_replicas > 16 {
+            return Err(ConfigError::Range {
+                option: "--wait-replicas",
+                value: args.wait_replicas,
+                reason: "must be at most 16".into(),
+            });
+        }
         if args.idle_rooms_bytes < 64 * 1024 {
             return Err(ConfigError::Range {
                 option: "--idle-rooms-bytes",
@@ -297,6 +307,7 @@ impl Config {
             history_bytes: args.history_bytes,
             room_ttl,
             idle_rooms_bytes: args.idle_rooms_bytes,
+            wait_replicas: args.wait_replicas,
             subscriptions: args.subscriptions,
             fds_per_connection,
             limits: Limits {

@@ -15,6 +15,7 @@ in_both_subscription_modes!(
     forged_and_oversized_payloads_are_skipped,
     an_unanswered_message_may_have_been_delivered,
     a_message_whose_redis_died_unanswered_may_have_been_delivered,
+    a_message_its_replicas_did_not_confirm_may_be_lost,
 );
 
 /// A client that reads, but slower than the room speaks, is closed as too
@@ -330,4 +331,51 @@ fn a_message_whose_redis_died_unanswered_may_have_been_delivered(mode: &[&str]) 
         "{error}"
     );
     assert!(error.contains("closed before it answered"), "{error}");
+}
+
+/// With `--wait-replicas 1`, a message counts as delivered once the
+/// master's replica has it too. Its replica gone, Redis still publishes it
+/// (the room gets it), but a failover now would lose it: its sender is
+/// told it may or may not have been delivered, and why.
+fn a_message_its_replicas_did_not_confirm_may_be_lost(mode: &[&str]) {
+    let master = Redis::start();
+    let master_port = master.port.to_string();
+    let replica = Redis::start_with(
+        Redis::fresh_port(),
+        &["--replicaof", "127.0.0.1", &master_port],
+    );
+    eventually("the replica is in sync", || {
+        master
+            .query::<String>(&["INFO", "replication"])
+            .contains("state=online")
+    });
+    let args = [&["--wait-replicas", "1"], mode].concat();
+    let server = Server::with_redis_and(&master, &args);
+    let mut alice = server.client("alice");
+    alice.settle();
+    let mut bob = server.client("bob");
+    bob.settle();
+    alice.send("replicated");
+    assert_eq!(bob.recv_chat().1, "replicated");
+    alice.expect_nothing(Duration::from_millis(300));
+
+    replica.kill();
+    eventually("the master saw its replica go", || {
+        master
+            .query::<String>(&["INFO", "replication"])
+            .contains("connected_slaves:0")
+    });
+    alice.send("not replicated");
+    assert_eq!(bob.recv_chat().1, "not replicated");
+    let error = loop {
+        let frame = alice.recv_live();
+        if frame["type"] == "error" {
+            break frame["message"].as_str().unwrap().to_owned();
+        }
+    };
+    assert!(
+        error.contains(r#"your message "not replicated" may or may not have been delivered"#),
+        "{error}"
+    );
+    assert!(error.contains("only 0 of the 1 replicas"), "{error}");
 }

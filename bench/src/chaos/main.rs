@@ -80,6 +80,10 @@ struct Args {
     /// `min-replicas-to-write`, with `min-replicas-max-lag 1`); 0 is off.
     #[arg(long, default_value_t = 0)]
     min_replicas_to_write: u32,
+    /// The instances' `--wait-replicas`: a message counts as delivered
+    /// once this many replicas have it (0: once the master has it).
+    #[arg(long, default_value_t = 0)]
+    wait_replicas: usize,
     /// threadchat instances (per-client and shared, alternating).
     #[arg(long, default_value_t = 3)]
     instances: usize,
@@ -114,6 +118,7 @@ pub(crate) struct Harness {
     pub(crate) logs: HashMap<String, Vec<Logged>>,
     rooms: usize,
     binary: String,
+    wait_replicas: usize,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -124,6 +129,7 @@ impl Harness {
             &self.binary,
             &self.topology.url_for(slot),
             mode,
+            self.wait_replicas,
             Arc::clone(&self.log),
         )
     }
@@ -228,6 +234,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
         logs: HashMap::new(),
         rooms: args.rooms,
         binary: args.threadchat.clone(),
+        wait_replicas: args.wait_replicas,
         log: Arc::default(),
     };
     for i in 0..args.instances {

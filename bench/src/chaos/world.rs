@@ -201,6 +201,7 @@ impl Instance {
         binary: &str,
         url: &str,
         mode: Mode,
+        wait_replicas: usize,
         log: Arc<Mutex<Vec<String>>>,
     ) -> anyhow::Result<Instance> {
         let mut child = Command::new(binary)
@@ -209,6 +210,7 @@ impl Instance {
             .args(["--history", "10000", "--history-bytes", "16777216"])
             .args(["--rate-limit", "0", "--max-connections-per-ip", "0"])
             .args(["--max-starting-per-ip", "0", "--new-rooms-per-minute", "0"])
+            .args(["--wait-replicas", &wait_replicas.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

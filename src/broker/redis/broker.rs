@@ -136,6 +136,7 @@ impl RedisBroker {
                 history_bytes: settings.history_bytes,
                 room_ttl: settings.room_ttl,
                 sharded: nodes.sharded(),
+                wait_replicas: settings.wait_replicas,
             };
             let publisher = Publisher::new(Arc::clone(&nodes), bounds);
             let handle = thread::Builder::new()

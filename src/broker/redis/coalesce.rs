@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use super::keys;
 use super::scripts::{LOG_AND_PUBLISH, sha_of};
+use super::settings::REPLICA_WAIT;
 use crate::broker::api::MemberChange;
 use crate::broker::random::{new_epoch, random_u64};
 use crate::protocol::Room;
@@ -68,6 +69,8 @@ pub(super) struct ScriptSettings {
     pub(super) history_bytes: usize,
     pub(super) room_ttl: Duration,
     pub(super) sharded: bool,
+    /// Replicas that must confirm a batch's events (see [`Plan::short_of_replicas`]).
+    pub(super) wait_replicas: usize,
 }
 
 /// A batch of jobs laid out as one pipeline, and which of its replies
@@ -76,6 +79,9 @@ pub(super) struct Plan {
     pub(super) pipeline: redis::Pipeline,
     /// One per job, in the batch's order.
     answers: Vec<Answer>,
+    /// The index of the `WAIT` that follows the batch's events, and how
+    /// many replicas it asks for.
+    wait: Option<(usize, usize)>,
 }
 
 /// Where a job's replies are among the pipeline's.
@@ -103,9 +109,11 @@ impl Plan {
         let mut commands = 0;
         let mut answers = Vec::new();
         let mut open: Option<OpenRun> = None;
+        let mut has_chat = false;
         for work in batch {
             match work {
                 Work::Event(event) => {
+                    has_chat |= event.change == MemberChange::None;
                     let fits = open.as_ref().is_some_and(|run| {
                         run.room == &event.room
                             && run.events < MAX_RUN
@@ -144,8 +152,40 @@ impl Plan {
         }
         if let Some(run) = open {
             pipeline.add_command(run.eval);
+            commands += 1;
         }
-        Plan { pipeline, answers }
+        let wait = (bounds.wait_replicas > 0 && has_chat).then(|| {
+            pipeline
+                .cmd("WAIT")
+                .arg(bounds.wait_replicas)
+                .arg(REPLICA_WAIT.as_millis() as u64);
+            (commands, bounds.wait_replicas)
+        });
+        Plan {
+            pipeline,
+            answers,
+            wait,
+        }
+    }
+
+    /// Why the batch's chat messages cannot be called delivered, if its `WAIT`
+    /// (`--wait-replicas`) says fewer replicas than asked for have them: a
+    /// failover now could lose them, or (a master demoted meanwhile) the
+    /// master that took them was no longer the one that counts.
+    pub(super) fn short_of_replicas(&self, replies: &[redis::Value]) -> Option<String> {
+        let (index, wanted) = self.wait?;
+        match replies.get(index) {
+            Some(redis::Value::Int(have)) if *have >= wanted as i64 => None,
+            Some(redis::Value::Int(have)) => Some(format!(
+                "Redis took it, but only {have} of the {wanted} replicas asked for \
+                 confirmed it within {} ms: a failover may lose it",
+                REPLICA_WAIT.as_millis()
+            )),
+            Some(redis::Value::ServerError(e)) => Some(format!(
+                "Redis took it, but could not say whether its replicas have it ({e})"
+            )),
+            _ => Some("Redis took it, but did not say whether its replicas have it".into()),
+        }
     }
 
     /// True when there is nothing to send.

@@ -14,11 +14,12 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 use redis::Connection;
 
-use super::coalesce::{Plan, ScriptSettings};
-use super::job::Job;
+use super::coalesce::{Plan, ScriptSettings, Work};
+use super::job::{Job, job_result};
 use super::nodes::{Answered, Around, Lines, Nodes};
 use super::scripts::{SCRIPTS, is_no_script, is_read_only};
 use super::settings::{CONNECT_TIMEOUT, IO_TIMEOUT, MAX_PIPELINE};
+use crate::broker::MemberChange;
 use crate::broker::error::BrokerError;
 
 /// One publisher thread's state: its connections, opened lazily and
@@ -180,7 +181,29 @@ impl Lines for Publisher {
     fn send(&mut self, address: &str, jobs: Vec<Job>, around: Option<&Around>) -> Vec<Answered> {
         let plan = Plan::of(jobs.iter().map(|job| &job.work), &self.bounds);
         match self.execute(address, &plan, around) {
-            Ok(replies) => jobs.into_iter().zip(plan.answers(&replies)).collect(),
+            Ok(replies) => {
+                let short = plan.short_of_replicas(&replies);
+                let answered = jobs.into_iter().zip(plan.answers(&replies));
+                let Some(short) = short else {
+                    return answered.collect();
+                };
+                // Chat messages Redis carried out, but that its replicas
+                // may not have: their senders are told the truth, "may or
+                // may not". (A join or leave a failover loses is put right
+                // by the heartbeat's reconciliation, `ghosts.rs`; failing
+                // it would refuse every join while a replica is away.)
+                answered
+                    .filter_map(|(job, values)| {
+                        let carried_out = matches!(&job.work, Work::Event(event) if event.change == MemberChange::None)
+                            && job_result(values.clone()).is_ok();
+                        if !carried_out {
+                            return Some((job, values));
+                        }
+                        job.reply.send(Err(BrokerError::Uncertain(short.clone())));
+                        None
+                    })
+                    .collect()
+            }
             Err(e) => {
                 log::warn!("Redis command batch failed ({} job(s)): {e}", jobs.len());
                 for job in jobs {

@@ -13,6 +13,10 @@ pub(super) const QUEUE_CAPACITY: usize = 1024;
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a publishing connection waits for Redis to answer.
 pub(super) const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a batch of events waits for its replicas (`--wait-replicas`):
+/// well under [`IO_TIMEOUT`], so that Redis answers first. A lane waits
+/// this long per batch while a replica is away.
+pub(super) const REPLICA_WAIT: Duration = Duration::from_secs(1);
 /// How many times one job or subscription may be sent elsewhere (the room
 /// moved) before it counts as failed.
 pub(super) const MAX_MOVES: usize = 5;
