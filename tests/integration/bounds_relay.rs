@@ -16,6 +16,7 @@ in_both_subscription_modes!(
     an_unanswered_message_may_have_been_delivered,
     a_message_whose_redis_died_unanswered_may_have_been_delivered,
     a_message_its_replicas_did_not_confirm_may_be_lost,
+    a_message_sent_again_after_its_connection_was_killed_is_delivered_once,
 );
 
 /// A client that reads, but slower than the room speaks, is closed as too
@@ -378,4 +379,55 @@ fn a_message_its_replicas_did_not_confirm_may_be_lost(mode: &[&str]) {
         "{error}"
     );
     assert!(error.contains("only 0 of the 1 replicas"), "{error}");
+}
+
+/// Redis carries out a message, then its connection is killed before the
+/// answer goes out (`CLIENT KILL`, a proxy, a reset): the publisher sends
+/// it again, and the script, finding it done, does not publish it twice.
+/// (Redis is kept busy meanwhile, so that the message and the kill wait
+/// together, in that order, and the answer is never written.)
+fn a_message_sent_again_after_its_connection_was_killed_is_delivered_once(mode: &[&str]) {
+    let redis = Redis::start();
+    let server = Server::with_redis_and(&redis, mode);
+    let mut alice = server.client("alice");
+    alice.settle();
+    let mut bob = server.client("bob");
+    bob.settle();
+    alice.send("warm");
+    assert_eq!(bob.recv_chat().1, "warm");
+
+    let url = format!("redis://127.0.0.1:{}", redis.port);
+    // Connected before Redis is busy, so that its command is read with the
+    // message's, in the same turn of Redis's event loop.
+    let mut killer = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+    let busy = {
+        thread::spawn(move || {
+            let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
+            let spin = "local t = redis.call('TIME') local stop = t[1] * 1000000 + t[2] + 1500000 \
+                        repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] > stop";
+            let _: redis::RedisResult<redis::Value> =
+                redis::cmd("EVAL").arg(spin).arg(0).query(&mut con);
+        })
+    };
+    thread::sleep(Duration::from_millis(300));
+    alice.send("once");
+    thread::sleep(Duration::from_millis(300));
+    let _: redis::Value = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .query(&mut killer)
+        .unwrap();
+    busy.join().unwrap();
+
+    assert_eq!(bob.recv_chat().1, "once");
+    bob.expect_nothing(Duration::from_millis(1_000));
+    alice.expect_nothing(Duration::from_millis(100));
+    let key = redis.keys("threadchat:*:log").pop().expect("the room's log");
+    let log: Vec<String> = redis.query(&["LRANGE", &key, "0", "-1"]);
+    let copies = log
+        .iter()
+        .filter(|entry| entry.contains(r#""message":"once""#))
+        .count();
+    assert_eq!(copies, 1, "{log:?}");
 }

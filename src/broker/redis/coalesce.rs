@@ -73,6 +73,16 @@ pub(super) struct ScriptSettings {
     pub(super) wait_replicas: usize,
 }
 
+/// Whether a batch is sent for the first time, or again after its
+/// connection closed before Redis answered: then Redis may have carried it
+/// out already, and the script skips what it finds done (see
+/// `scripts::LOG_AND_PUBLISH`, "Sent again, carried out once").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Sent {
+    First,
+    Again,
+}
+
 /// A batch of jobs laid out as one pipeline, and which of its replies
 /// answer each job.
 pub(super) struct Plan {
@@ -103,7 +113,11 @@ struct OpenRun<'a> {
 impl Plan {
     /// Lays out a batch of jobs' work: other commands as they are, runs of
     /// one room's events as one script call each.
-    pub(super) fn of<'a>(batch: impl Iterator<Item = &'a Work>, bounds: &ScriptSettings) -> Plan {
+    pub(super) fn of<'a>(
+        batch: impl Iterator<Item = &'a Work>,
+        bounds: &ScriptSettings,
+        sent: Sent,
+    ) -> Plan {
         let mut pipeline = redis::pipe();
         pipeline.ignore_errors();
         let mut commands = 0;
@@ -126,7 +140,7 @@ impl Plan {
                         }
                         open = Some(OpenRun {
                             room: &event.room,
-                            eval: head(&event.room, bounds),
+                            eval: head(&event.room, bounds, sent),
                             events: 0,
                             bytes: 0,
                         });
@@ -208,7 +222,7 @@ impl Plan {
 
 /// A script call's head: the room's keys, the bounds, the channel, and an
 /// epoch in case the log starts afresh.
-fn head(room: &Room, bounds: &ScriptSettings) -> redis::Cmd {
+fn head(room: &Room, bounds: &ScriptSettings, sent: Sent) -> redis::Cmd {
     let mut eval = redis::cmd("EVALSHA");
     eval.arg(sha_of(LOG_AND_PUBLISH)).arg(4);
     for key in keys::of_script(room) {
@@ -220,7 +234,11 @@ fn head(room: &Room, bounds: &ScriptSettings) -> redis::Cmd {
         .arg(keys::channel(room, bounds.sharded))
         .arg(new_epoch())
         .arg(if bounds.sharded { "sharded" } else { "classic" })
-        .arg(new_place_key());
+        .arg(new_place_key())
+        .arg(match sent {
+            Sent::First => "first",
+            Sent::Again => "again",
+        });
     eval
 }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 use redis::Connection;
 
-use super::coalesce::{Plan, ScriptSettings, Work};
+use super::coalesce::{Plan, ScriptSettings, Sent, Work};
 use super::job::{Job, job_result};
 use super::nodes::{Answered, Around, Lines, Nodes};
 use super::scripts::{SCRIPTS, is_no_script, is_read_only};
@@ -74,21 +74,31 @@ impl Publisher {
         &mut self,
         address: &str,
         plan: &Plan,
+        again: &dyn Fn() -> Plan,
         around: Option<&Around>,
     ) -> Result<Vec<redis::Value>, BrokerError> {
         if plan.is_empty() {
             return Ok(Vec::new());
         }
-        let made;
-        let (pipe, ours) = match around {
-            Some(around) => {
-                made = around(&plan.pipeline);
-                (&made.0, made.1.as_slice())
-            }
-            None => (&plan.pipeline, &[][..]),
-        };
         let mut dropped: Option<String> = None;
         for _attempt in 0..2 {
+            // Sent again, the scripts skip what Redis carried out already.
+            let resent;
+            let plan = match dropped {
+                None => plan,
+                Some(_) => {
+                    resent = again();
+                    &resent
+                }
+            };
+            let made;
+            let (pipe, ours) = match around {
+                Some(around) => {
+                    made = around(&plan.pipeline);
+                    (&made.0, made.1.as_slice())
+                }
+                None => (&plan.pipeline, &[][..]),
+            };
             let con = match (self.connection(address), dropped.as_deref()) {
                 (Ok(con), _) => con,
                 (Err(e), None) => return Err(e),
@@ -179,8 +189,11 @@ fn uncertain_after(first: &str, then: &BrokerError) -> BrokerError {
 
 impl Lines for Publisher {
     fn send(&mut self, address: &str, jobs: Vec<Job>, around: Option<&Around>) -> Vec<Answered> {
-        let plan = Plan::of(jobs.iter().map(|job| &job.work), &self.bounds);
-        match self.execute(address, &plan, around) {
+        let works = || jobs.iter().map(|job| &job.work);
+        let plan = Plan::of(works(), &self.bounds, Sent::First);
+        let bounds = self.bounds;
+        let again = || Plan::of(works(), &bounds, Sent::Again);
+        match self.execute(address, &plan, &again, around) {
             Ok(replies) => {
                 let short = plan.short_of_replicas(&replies);
                 let answered = jobs.into_iter().zip(plan.answers(&replies));

@@ -28,7 +28,8 @@
 /// starts afresh, `sharded` on a Redis Cluster (the script then
 /// `SPUBLISH`es on the room's shard channel, which is in the keys' slot;
 /// see `ha/cluster.rs`) or `classic`, a place key for a log that starts
-/// afresh (see below); then each event as its change (`""`, `join` or `leave`),
+/// afresh (see below), `again` for a run sent a second time (see below) or
+/// `first`; then each event as its change (`""`, `join` or `leave`),
 /// how many connection arguments follow, those (connection ids, with their
 /// nicknames for a join), and its payload. Each payload gets the next
 /// offset and the epoch written in front of its fields. Only chat messages
@@ -67,6 +68,15 @@
 /// without it, a renamed command — gets no such check, rather than
 /// refusing every message.)
 ///
+/// **Sent again, carried out once.** A publisher whose connection closed
+/// before Redis answered sends the run once more (`publisher.rs`); but
+/// Redis may have carried out the first one (a connection killed by
+/// `CLIENT KILL`, a proxy, a network reset, after the script ran). So a run
+/// sent `again` skips a chat message whose `id` is among the log's newest
+/// entries, and a join whose connections are all on the member list under
+/// their nicknames already. (With no log kept, `--history 0`, a chat
+/// message cannot be checked, and is published again.)
+///
 /// **A leave only once.** A leave is published only if it takes one of
 /// its connections off the member list: a leave sent again after a failure
 /// (its first try may have landed after all) and the heartbeat's
@@ -86,17 +96,31 @@ local log, bytes_key, meta, members = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local max_count, max_bytes = tonumber(ARGV[1]), tonumber(ARGV[2])
 local ttl, channel = ARGV[3], ARGV[4]
 local publish = ARGV[6] == 'sharded' and 'SPUBLISH' or 'PUBLISH'
-local events, i = {}, 8
+local events, i = {}, 9
 while i <= #ARGV do
   local count = tonumber(ARGV[i + 1])
   events[#events + 1] = {change = ARGV[i], from = i + 2, to = i + 1 + count, payload = ARGV[i + 2 + count]}
   i = i + 3 + count
 end
+local again, sent = ARGV[8] == 'again', {}
+if again and max_count > 0 then
+  for _, old in ipairs(redis.call('LRANGE', log, -(#events + 256), -1)) do
+    local id = string.match(old, '"id":"([^"]*)"')
+    if id then sent[id] = true end
+  end
+end
 local present, kept = {}, {}
 for _, event in ipairs(events) do
   local keep = event.change ~= 'leave'
   if event.change == 'join' then
-    for j = event.from, event.to, 2 do present[ARGV[j]] = true end
+    local new = not again
+    for j = event.from, event.to, 2 do
+      new = new or redis.call('HGET', members, ARGV[j]) ~= ARGV[j + 1]
+      present[ARGV[j]] = true
+    end
+    keep = new
+  elseif event.change == '' then
+    keep = not (again and sent[string.match(event.payload, '"id":"([^"]*)"') or ''])
   elseif not keep then
     for j = event.from, event.to do
       local conn = ARGV[j]
