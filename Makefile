@@ -20,7 +20,7 @@
 #   make conformance            Autobahn|Testsuite cases 1-7 and 10 against /echo
 #                               (needs Python 2.7, e.g. pyenv's 2.7.18)
 #   make browser-test           the web page in headless chromium (playwright-core)
-#   make chaos                  faults under chat (Redis subscribers cut, Redis
+#   make chaos                  faults under chat (Redis subscribers or publishers cut, Redis
 #                               stalled, restarted empty and from its AOF, an
 #                               instance killed, clients dropped, an instance's
 #                               link to Redis cut, slowed, lossy: as root) on
@@ -70,7 +70,7 @@ chaos: require-redis
 # announced, no duplicate, nothing out of order, no sender misled.
 chaos-short: require-redis
 	$(CARGO) build --workspace --bins
-	./target/debug/chaos --duration 30 --faults client-kill,stall,drop-clients,link-cut \
+	./target/debug/chaos --duration 30 --faults client-kill,kill-publishers,stall,drop-clients,link-cut \
 	  --instances 2 --rooms 2 --clients 3 --no-announced-losses $(CHAOS_ARGS)
 
 # The same on a replicated Redis; four rooms spread over the three masters
@@ -81,7 +81,7 @@ chaos-short: require-redis
 chaos-ha: require-redis
 	$(CARGO) build --workspace --bins
 	./target/debug/chaos --topology sentinel --wait-replicas 1 \
-	  --faults sentinel-failover,stall,client-kill,kill-instance,drop-clients $(CHAOS_ARGS)
+	  --faults sentinel-failover,stall,client-kill,kill-publishers,kill-instance,drop-clients $(CHAOS_ARGS)
 	./target/debug/chaos --topology cluster --rooms 4 --wait-replicas 1 \
 	  --faults cluster-failover,migrate,client-kill,stall,kill-instance,drop-clients $(CHAOS_ARGS)
 

@@ -399,7 +399,10 @@ fn a_message_sent_again_after_its_connection_was_killed_is_delivered_once(mode: 
     let url = format!("redis://127.0.0.1:{}", redis.port);
     // Connected before Redis is busy, so that its command is read with the
     // message's, in the same turn of Redis's event loop.
-    let mut killer = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+    let mut killer = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
     let busy = {
         thread::spawn(move || {
             let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
@@ -423,7 +426,10 @@ fn a_message_sent_again_after_its_connection_was_killed_is_delivered_once(mode: 
     assert_eq!(bob.recv_chat().1, "once");
     bob.expect_nothing(Duration::from_millis(1_000));
     alice.expect_nothing(Duration::from_millis(100));
-    let key = redis.keys("threadchat:*:log").pop().expect("the room's log");
+    let key = redis
+        .keys("threadchat:*:log")
+        .pop()
+        .expect("the room's log");
     let log: Vec<String> = redis.query(&["LRANGE", &key, "0", "-1"]);
     let copies = log
         .iter()

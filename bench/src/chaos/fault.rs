@@ -8,6 +8,9 @@
 pub(crate) enum Fault {
     /// `CLIENT KILL TYPE pubsub`.
     ClientKill,
+    /// `CLIENT KILL TYPE normal`: the publishers' and queries' connections,
+    /// maybe after Redis carried out what they sent and before it answered.
+    KillPublishers,
     /// `SIGSTOP` of Redis for a few seconds, then `SIGCONT`.
     Stall,
     /// Redis killed and started again empty.
@@ -34,8 +37,9 @@ pub(crate) enum Fault {
 }
 
 impl Fault {
-    pub(crate) const ALL: [Fault; 12] = [
+    pub(crate) const ALL: [Fault; 13] = [
         Fault::ClientKill,
+        Fault::KillPublishers,
         Fault::Stall,
         Fault::RestartEmpty,
         Fault::RestartKept,
@@ -52,6 +56,7 @@ impl Fault {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Fault::ClientKill => "client-kill",
+            Fault::KillPublishers => "kill-publishers",
             Fault::Stall => "stall",
             Fault::RestartEmpty => "restart-empty",
             Fault::RestartKept => "restart-kept",

@@ -63,8 +63,12 @@ pub(crate) fn run_schedule(
 fn inject(harness: &mut Harness, fault: Fault, rng: &mut Rng) -> anyhow::Result<String> {
     Ok(match fault {
         Fault::ClientKill => {
-            let n = harness.topology.kill_subscribers()?;
+            let n = harness.topology.kill_clients("pubsub")?;
             format!("{n} subscribers cut")
+        }
+        Fault::KillPublishers => {
+            let n = harness.topology.kill_clients("normal")?;
+            format!("{n} publishing and query connections cut")
         }
         Fault::Stall => {
             let pause = rng.millis(2_000, 6_000);

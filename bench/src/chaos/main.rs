@@ -59,7 +59,7 @@ struct Args {
     /// Seconds of faults (then the senders stop and the run drains).
     #[arg(long, default_value_t = 60)]
     duration: u64,
-    /// Faults to inject (comma-separated): client-kill, stall,
+    /// Faults to inject (comma-separated): client-kill, kill-publishers, stall,
     /// restart-empty, restart-kept, kill-instance, drop-clients, link-cut,
     /// link-slow, link-lossy (the link faults need root, `ip` and `tc`;
     /// without them they are skipped, with the reason); with
@@ -68,7 +68,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "client-kill,stall,restart-empty,restart-kept,kill-instance,drop-clients,link-cut,link-slow,link-lossy"
+        default_value = "client-kill,kill-publishers,stall,restart-empty,restart-kept,kill-instance,drop-clients,link-cut,link-slow,link-lossy"
     )]
     faults: Vec<String>,
     /// The Redis: one server, a master and replica under three sentinels,

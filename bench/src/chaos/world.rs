@@ -96,14 +96,14 @@ impl Redis {
         Ok(con)
     }
 
-    /// `CLIENT KILL TYPE pubsub`: Redis cuts every subscriber (what its
-    /// output-buffer limit does to a slow one). Returns how many.
-    pub(crate) fn kill_subscribers(&self) -> anyhow::Result<u64> {
+    /// `CLIENT KILL TYPE {kind}` (`pubsub`, `normal`; the harness's own
+    /// connection is spared); how many were cut.
+    pub(crate) fn kill_clients(&self, kind: &str) -> anyhow::Result<u64> {
         let mut con = self.connection()?;
         Ok(redis::cmd("CLIENT")
             .arg("KILL")
             .arg("TYPE")
-            .arg("pubsub")
+            .arg(kind)
             .query(&mut con)?)
     }
 

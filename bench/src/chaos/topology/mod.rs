@@ -146,12 +146,13 @@ impl Topology {
         }
     }
 
-    /// `CLIENT KILL TYPE pubsub` on every data node; how many were cut.
-    pub(crate) fn kill_subscribers(&self) -> anyhow::Result<u64> {
+    /// `CLIENT KILL TYPE {kind}` (`pubsub`, `normal`) on every data node;
+    /// how many were cut.
+    pub(crate) fn kill_clients(&self, kind: &str) -> anyhow::Result<u64> {
         match self {
-            Topology::One(redis) => redis.kill_subscribers(),
-            Topology::Sentinel(s) => kill_subscribers(s.nodes()),
-            Topology::Cluster(c) => kill_subscribers(c.nodes()),
+            Topology::One(redis) => redis.kill_clients(kind),
+            Topology::Sentinel(s) => kill_clients(s.nodes(), kind),
+            Topology::Cluster(c) => kill_clients(c.nodes(), kind),
         }
     }
 
@@ -472,10 +473,10 @@ fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
-fn kill_subscribers<'a>(nodes: impl Iterator<Item = &'a Node>) -> anyhow::Result<u64> {
+fn kill_clients<'a>(nodes: impl Iterator<Item = &'a Node>, kind: &str) -> anyhow::Result<u64> {
     let mut cut = 0;
     for node in nodes.filter(|n| n.is_up()) {
-        cut += node.query::<u64>(&["CLIENT", "KILL", "TYPE", "pubsub"])?;
+        cut += node.query::<u64>(&["CLIENT", "KILL", "TYPE", kind])?;
     }
     Ok(cut)
 }
