@@ -13,8 +13,10 @@
 //!
 //! **Recovery.** A client that reconnects with `?since=N&epoch=E` gets every
 //! entry after offset `N` — chat messages, joins and leaves, marked
-//! `recovered` — if the log still holds them and is the same log (epoch
-//! `E`), then a `recovery` frame that says so. Otherwise it gets the latest
+//! `recovered` — if the log still holds them and is the same log: epoch
+//! `E`, or an earlier epoch it remembers (Redis failed over or restarted
+//! since, see [`Standing`]), then a `recovery` frame that says so, and how
+//! many the failover lost, if that is known. Otherwise it gets the latest
 //! history and a `recovery` frame that says what could not be recovered:
 //! never a silent gap.
 //!

@@ -59,14 +59,15 @@ impl Publisher {
     }
 
     /// Sends a plan's commands as one pipeline; an error reply fails only
-    /// the jobs it answers (see [`job_result`](super::job::job_result)).
+    /// the jobs it answers (see [`job_result`]).
     ///
     /// A connection that turns out to have been closed (say Redis restarted
-    /// since the last batch) is replaced, and the batch sent once more: the
-    /// closed connection most likely carried nothing to Redis. But it may
-    /// have closed while the batch waited for its answer (Redis killed
-    /// right after carrying it out), so if the batch cannot be sent again
-    /// either, its outcome is [`BrokerError::Uncertain`], not a failure. A
+    /// since the last batch) is replaced, and the batch sent once more, as
+    /// `again` lays it out: the closed connection most likely carried
+    /// nothing to Redis, and if it did (killed after Redis carried the
+    /// batch out), the scripts skip what is done. If the batch cannot be
+    /// sent again either, its outcome is [`BrokerError::Uncertain`], not a
+    /// failure. A
     /// batch that Redis does not answer in time is *not* sent again — a
     /// paused or overloaded Redis may still carry it out — and its outcome
     /// is [`BrokerError::Uncertain`] too.

@@ -56,17 +56,15 @@
 /// what clients have seen, and a replica promoted by a failover may lack
 /// the last writes: offsets would be given a second time, and clients
 /// would skip the new messages as already seen. So a log written by
-/// another Redis process takes a new epoch: clients that come back are told
-/// their place is gone rather than being given the wrong messages. The log
-/// itself is kept, its offsets going on from where it stands: on a Redis
-/// Cluster a room's keys also move to another master whole (a resharding
-/// `MIGRATE`s them), and its history should not be lost with the move.
-/// The old epoch is remembered with where it ended and its key (the last
-/// `MAX_EARLIER`, see `position.rs`): a place at or before its end is still
-/// a place in this log, and one past it is known to be lost.
-/// (`INFO server` is read once per run of events, not per message. A Redis that refuses `INFO` — an ACL user
-/// without it, a renamed command — gets no such check, rather than
-/// refusing every message.)
+/// another Redis process takes a new epoch, and no place is given twice.
+/// The log itself is kept, its offsets going on from where it stands (on a
+/// Redis Cluster a room's keys also move to another master whole: a
+/// resharding `MIGRATE`s them). The old epoch is remembered with where it
+/// ended and its key (the last `MAX_EARLIER`, see `position.rs`): a place
+/// at or before its end is still a place in this log, and one past it was
+/// lost. (`INFO server` is read once per run of events, not per message. A
+/// Redis that refuses `INFO` — an ACL user without it, a renamed command —
+/// gets no such check, rather than refusing every message.)
 ///
 /// **Sent again, carried out once.** A publisher whose connection closed
 /// before Redis answered sends the run once more (`publisher.rs`); but
