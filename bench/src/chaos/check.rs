@@ -25,19 +25,12 @@ use std::time::{Duration, Instant};
 
 use super::client::{Event, How, Record};
 use super::faults::{SETTLE, Window};
+use super::harness::Logged;
 
 /// How early before a send a loss notice may come and still cover it.
 pub(crate) const ANNOUNCE_BEFORE: Duration = Duration::from_secs(2);
 /// How late after its fault's window a loss notice may come.
 pub(crate) const ANNOUNCE_AFTER: Duration = Duration::from_secs(10);
-
-/// A logged chat message, from `LRANGE` of the room's log.
-pub(crate) struct Logged {
-    pub(crate) sender: String,
-    pub(crate) seq: u64,
-    /// Its `(epoch, offset)`.
-    pub(crate) place: Option<(String, u64)>,
-}
 
 /// The counts of one fault (or of the calm spells).
 #[derive(Default, Clone)]

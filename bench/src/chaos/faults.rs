@@ -5,8 +5,8 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::Harness;
 use super::fault::Fault;
+use super::harness::Harness;
 use super::rng::Rng;
 
 /// One fault as it ran: messages sent from `start` to `end` plus
@@ -125,7 +125,10 @@ fn inject(harness: &mut Harness, fault: Fault, rng: &mut Rng) -> anyhow::Result<
             harness.topology.migrate(rng, &rooms)?
         }
         Fault::LinkCut | Fault::LinkSlow | Fault::LinkLossy => {
-            super::link::inject(harness, fault, rng)?
+            let link = harness.topology.link().ok_or_else(|| {
+                anyhow::anyhow!("{} needs the link (see link::prepare)", fault.name())
+            })?;
+            super::link::inject(link, harness.instances.len(), fault, rng)?
         }
     })
 }

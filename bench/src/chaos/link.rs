@@ -41,7 +41,6 @@ use std::thread;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::{Handle, Signals};
 
-use super::Harness;
 use super::fault::Fault;
 use super::rng::Rng;
 
@@ -360,12 +359,12 @@ fn links() -> Vec<String> {
 
 /// Injects a link fault into one instance's link, or all of them (drawn
 /// from the seed); returns what it did, for the log.
-pub(crate) fn inject(harness: &mut Harness, fault: Fault, rng: &mut Rng) -> anyhow::Result<String> {
-    let link = harness
-        .topology
-        .link()
-        .ok_or_else(|| anyhow::anyhow!("{} needs the link (see link::prepare)", fault.name()))?;
-    let slots = harness.instances.len();
+pub(crate) fn inject(
+    link: &Link,
+    slots: usize,
+    fault: Fault,
+    rng: &mut Rng,
+) -> anyhow::Result<String> {
     let pick = rng.range(0, slots as u64) as usize;
     let victims: Vec<usize> = if pick == slots {
         (0..slots).collect()

@@ -18,32 +18,33 @@
 //!
 //! Layout: `world` starts and hurts the processes; `topology` is the Redis
 //! they use, in its three shapes; `client` is one chat client's thread;
-//! `faults` draws and runs the schedule; `check` judges.
+//! `harness` is what the schedule acts on; `faults` draws and runs the
+//! schedule; `check` judges.
 
 mod check;
 mod client;
 mod fault;
 mod faults;
+mod harness;
 mod link;
 mod rng;
 mod topology;
 mod world;
 
-use std::collections::{HashMap, HashSet};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::Parser;
 
-use check::Logged;
 use fault::Fault;
+use harness::Harness;
 use rng::Rng;
 use topology::Topology;
-use world::{Directory, Instance, Mode};
+use world::Mode;
 
 /// Whether an announced loss fails the run. Off while the server cannot
 /// fill its own gaps from the log (issue 26); switch it on (or pass
@@ -105,76 +106,6 @@ struct Args {
     no_announced_losses: bool,
 }
 
-/// What the schedule acts on.
-pub(crate) struct Harness {
-    pub(crate) topology: Topology,
-    pub(crate) instances: Vec<Option<Instance>>,
-    pub(crate) directory: Directory,
-    /// Each client's "drop now" flag, and its nickname.
-    pub(crate) drops: Vec<Arc<AtomicBool>>,
-    pub(crate) nicks: Vec<String>,
-    /// Each room's logged messages, as read before each restart that
-    /// empties Redis and at the end.
-    pub(crate) logs: HashMap<String, Vec<Logged>>,
-    rooms: usize,
-    binary: String,
-    wait_replicas: usize,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Harness {
-    /// Starts an instance for `slot` (whose link to Redis is its own).
-    pub(crate) fn start_instance(&self, slot: usize, mode: Mode) -> anyhow::Result<Instance> {
-        Instance::start(
-            &self.binary,
-            &self.topology.url_for(slot),
-            mode,
-            self.wait_replicas,
-            Arc::clone(&self.log),
-        )
-    }
-
-    /// The rooms' names.
-    pub(crate) fn room_names(&self) -> Vec<String> {
-        (0..self.rooms).map(|r| format!("chaos{r}")).collect()
-    }
-
-    /// Adds what each room's log holds now to [`Harness::logs`], read from
-    /// the node that holds it once the topology is whole.
-    pub(crate) fn read_logs(&mut self) -> anyhow::Result<()> {
-        self.topology.wait_whole()?;
-        for room in self.room_names() {
-            let mut con = self.topology.room_connection(&room)?;
-            let entries: Vec<String> = redis::cmd("LRANGE")
-                .arg(format!("threadchat:{{{room}}}:log"))
-                .arg(0)
-                .arg(-1)
-                .query(&mut con)?;
-            let logged = self.logs.entry(room).or_default();
-            let known: HashSet<(String, u64)> =
-                logged.iter().map(|l| (l.sender.clone(), l.seq)).collect();
-            for entry in entries {
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(&entry) else {
-                    continue;
-                };
-                let Some((sender, seq)) = v["message"].as_str().and_then(|m| m.rsplit_once(" #"))
-                else {
-                    continue;
-                };
-                let Ok(seq) = seq.parse() else { continue };
-                if !known.contains(&(sender.to_owned(), seq)) {
-                    logged.push(Logged {
-                        sender: sender.to_owned(),
-                        seq,
-                        place: client::place_of(&v),
-                    });
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
 fn main() -> ExitCode {
     match run(Args::parse()) {
         Ok(true) => ExitCode::SUCCESS,
@@ -225,18 +156,12 @@ fn run(args: Args) -> anyhow::Result<bool> {
         _ => None,
     };
     let topology = Topology::start(args.topology, args.min_replicas_to_write, link)?;
-    let mut harness = Harness {
+    let mut harness = Harness::new(
         topology,
-        instances: Vec::new(),
-        directory: Directory::default(),
-        drops: Vec::new(),
-        nicks: Vec::new(),
-        logs: HashMap::new(),
-        rooms: args.rooms,
-        binary: args.threadchat.clone(),
-        wait_replicas: args.wait_replicas,
-        log: Arc::default(),
-    };
+        args.rooms,
+        args.threadchat.clone(),
+        args.wait_replicas,
+    );
     for i in 0..args.instances {
         let mode = if i % 2 == 0 {
             Mode::PerClient
@@ -332,7 +257,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
     if let Some((_, first)) = &verdict.first_announced {
         println!("first announced loss: {first}");
     }
-    let log = harness.log.lock().expect("log");
+    let log = harness.log().lock().expect("log");
     for line in log.iter().take(20) {
         eprintln!("{line}");
     }
