@@ -1,4 +1,4 @@
-//! The attack scenarios: each tries one bound of docs/ARCHITECTURE.md's
+//! The attack scenarios: each tries one bound of docs/OPERATIONS.md's
 //! "Limits" table the way an attacker would, with nothing but WebSocket and
 //! HTTP clients, and reports what it cost the server (and Redis).
 //!
