@@ -437,3 +437,16 @@ fn a_message_sent_again_after_its_connection_was_killed_is_delivered_once(mode: 
         .count();
     assert_eq!(copies, 1, "{log:?}");
 }
+
+/// `--wait-replicas` on a master without that many replicas is a warning
+/// at start, saying what every sender will hear.
+#[test]
+fn waiting_for_replicas_a_master_lacks_is_a_warning_at_start() {
+    let redis = Redis::start();
+    let server = Server::with_redis_and(&redis, &["--wait-replicas", "1"]);
+    let line = server.wait_for_log("--wait-replicas 1, but the Redis master has 0 replica(s)");
+    assert!(
+        line.contains("may or may not have been delivered"),
+        "{line}"
+    );
+}

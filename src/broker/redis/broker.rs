@@ -97,6 +97,9 @@ impl RedisBroker {
             redis::cmd("PING")
                 .query::<String>(&mut con)
                 .map_err(connect_err)?;
+            if settings.wait_replicas > 0 {
+                warn_if_short_of_replicas(&mut con, settings.wait_replicas);
+            }
             // Sharded pub/sub came with Redis 7.
             if let Route::Node(address) = route {
                 let info: String = redis::cmd("INFO")
@@ -409,6 +412,26 @@ impl Drop for RedisBroker {
                 log::error!("a Redis publisher thread panicked");
             }
         }
+    }
+}
+
+/// Warns at start when a master has fewer replicas than `--wait-replicas`
+/// asks for: every chat message's sender would then wait a second and be
+/// told it may or may not have been delivered.
+fn warn_if_short_of_replicas(con: &mut redis::Connection, wanted: usize) {
+    let Ok(info) = redis::cmd("INFO").arg("replication").query::<String>(con) else {
+        return;
+    };
+    let online = info
+        .lines()
+        .filter(|line| line.starts_with("slave") && line.contains("state=online"))
+        .count();
+    if online < wanted {
+        log::warn!(
+            "--wait-replicas {wanted}, but the Redis master has {online} replica(s) in sync: \
+             until it has {wanted}, every chat message's sender waits 1 s and is told it may \
+             or may not have been delivered"
+        );
     }
 }
 
