@@ -356,9 +356,17 @@ fn a_message_its_replicas_did_not_confirm_may_be_lost(mode: &[&str]) {
     alice.settle();
     let mut bob = server.client("bob");
     bob.settle();
-    alice.send("replicated");
-    assert_eq!(bob.recv_chat().1, "replicated");
-    alice.expect_nothing(Duration::from_millis(300));
+    // Confirmed by the replica: no error. (A machine loaded past what a
+    // replica answers in a second makes the server say "may or may not",
+    // rightly: a few tries.)
+    let confirmed = (0..5).any(|i| {
+        alice.send(&format!("replicated {i}"));
+        assert_eq!(bob.recv_chat().1, format!("replicated {i}"));
+        alice
+            .recv_live_within(Duration::from_millis(1_500))
+            .is_none_or(|frame| frame["type"] != "error")
+    });
+    assert!(confirmed, "no message was confirmed by the replica");
 
     replica.kill();
     eventually("the master saw its replica go", || {
@@ -370,8 +378,9 @@ fn a_message_its_replicas_did_not_confirm_may_be_lost(mode: &[&str]) {
     assert_eq!(bob.recv_chat().1, "not replicated");
     let error = loop {
         let frame = alice.recv_live();
-        if frame["type"] == "error" {
-            break frame["message"].as_str().unwrap().to_owned();
+        let text = frame["message"].as_str().unwrap_or_default();
+        if frame["type"] == "error" && text.contains(r#""not replicated""#) {
+            break text.to_owned();
         }
     };
     assert!(
