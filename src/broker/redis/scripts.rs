@@ -73,7 +73,11 @@
 /// sent `again` skips a chat message whose `id` is among the log's newest
 /// entries, and a join whose connections are all on the member list under
 /// their nicknames already. (With no log kept, `--history 0`, a chat
-/// message cannot be checked, and is published again.)
+/// message cannot be checked, and is published again.) A run that skips
+/// anything still writes (the position's time to live): the `WAIT` that
+/// follows (`--wait-replicas`) counts the replicas that have this
+/// connection's writes, and a fresh connection with none would be told
+/// that every replica has them, the first try's included.
 ///
 /// **A leave only once.** A leave is published only if it takes one of
 /// its connections off the member list: a leave sent again after a failure
@@ -128,6 +132,13 @@ for _, event in ipairs(events) do
     end
   end
   if keep then kept[#kept + 1] = event end
+end
+if again and #kept < #events then
+  -- Carried out before, on a connection now closed. The WAIT after this run
+  -- (--wait-replicas) asks about this connection's writes: with none (Redis
+  -- 7.2 on), it would count a replica that lacks the first try. One write
+  -- (a time to live the heartbeat refreshes anyway) makes it ask about all.
+  redis.call('PEXPIRE', meta, ttl)
 end
 events = kept
 if #events == 0 then return 0 end
