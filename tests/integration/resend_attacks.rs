@@ -60,3 +60,68 @@ fn a_message_sent_again_while_its_replica_is_frozen_is_not_called_delivered() {
     assert!(stats.contains("cmdstat_wait:calls=3,"), "{stats}");
     bob.expect_nothing(Duration::from_millis(500));
 }
+
+/// A batch sent again after its connection was killed is carried out
+/// once, the script finding each chat message's id among the log's newest
+/// entries. But a log keeps only `--history` entries: a batch of more
+/// chat messages than that (4 here, with `--history 2`) pushes its own
+/// first ones out as it is logged, and sent again, those were not found,
+/// and were published a second time; now one found stands for its run.
+/// (A frozen replica and
+/// `--wait-replicas 1` hold each batch for a second: the four messages,
+/// sent while the batch before them waits, go in one batch, and its
+/// connection is killed while it waits in turn.)
+#[test]
+fn a_batch_longer_than_the_log_sent_again_is_delivered_once() {
+    let master = Redis::start();
+    let master_port = master.port.to_string();
+    let replica = Redis::start_with(
+        Redis::fresh_port(),
+        &["--replicaof", "127.0.0.1", &master_port],
+    );
+    eventually("the replica is in sync", || {
+        master
+            .query::<String>(&["INFO", "replication"])
+            .contains("state=online")
+    });
+    let args = [
+        "--history",
+        "2",
+        "--wait-replicas",
+        "1",
+        "--rate-limit",
+        "0",
+    ];
+    let server = Server::with_redis_and(&master, &args);
+    // A client's messages go one at a time: four senders, one each.
+    let mut senders: Vec<_> = ["eve", "ann", "ben", "cat", "dan"]
+        .iter()
+        .map(|name| server.settled(name))
+        .collect();
+    let mut bob = server.settled("bob");
+
+    replica.pause();
+    senders[0].send("before");
+    assert_eq!(bob.recv_chat().1, "before");
+    for (sender, text) in senders[1..].iter_mut().zip(["a", "b", "c", "d"]) {
+        sender.send(text);
+    }
+    let mut first: Vec<String> = (0..4).map(|_| bob.recv_chat().1).collect();
+    first.sort();
+    assert_eq!(first, ["a", "b", "c", "d"]);
+    master.command(&["CLIENT", "KILL", "TYPE", "normal"]);
+
+    let mut again = Vec::new();
+    while let Some(frame) = bob.recv_live_within(Duration::from_millis(3_000)) {
+        if frame["type"] == "chat" {
+            again.push(frame["message"].as_str().unwrap().to_owned());
+        }
+    }
+    replica.resume();
+    let stats: String = master.query(&["INFO", "commandstats"]);
+    assert!(
+        stats.contains("cmdstat_wait:calls=3,"),
+        "sent again: {stats}"
+    );
+    assert!(again.is_empty(), "published a second time: {again:?}");
+}

@@ -72,7 +72,10 @@
 /// `CLIENT KILL`, a proxy, a network reset, after the script ran). So a run
 /// sent `again` skips a chat message whose `id` is among the log's newest
 /// entries, and a join whose connections are all on the member list under
-/// their nicknames already. (With no log kept, `--history 0`, a chat
+/// their nicknames already. One chat message found means the whole run was
+/// carried out (a script runs whole or not at all), and it is all skipped:
+/// a run of more chat messages than the log keeps pushes its own first
+/// ones out, and they would not be found. (With no log kept, `--history 0`, a chat
 /// message cannot be checked, and is published again.) A run that skips
 /// anything still writes (the position's time to live): the `WAIT` that
 /// follows (`--wait-replicas`) counts the replicas that have this
@@ -111,7 +114,7 @@ if again and max_count > 0 then
     if id then sent[id] = true end
   end
 end
-local present, kept = {}, {}
+local present, kept, done = {}, {}, false
 for _, event in ipairs(events) do
   local keep = event.change ~= 'leave'
   if event.change == 'join' then
@@ -123,6 +126,7 @@ for _, event in ipairs(events) do
     keep = new
   elseif event.change == '' then
     keep = not (again and sent[string.match(event.payload, '"id":"([^"]*)"') or ''])
+    done = done or not keep
   elseif not keep then
     for j = event.from, event.to do
       local conn = ARGV[j]
@@ -133,6 +137,8 @@ for _, event in ipairs(events) do
   end
   if keep then kept[#kept + 1] = event end
 end
+-- One chat message of the run found done: the run was carried out, whole.
+if done then kept = {} end
 if again and #kept < #events then
   -- Carried out before, on a connection now closed. The WAIT after this run
   -- (--wait-replicas) asks about this connection's writes: with none (Redis
