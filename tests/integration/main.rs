@@ -28,6 +28,7 @@ mod limits;
 mod names;
 mod recovery;
 mod redis_wire;
+mod resend_attacks;
 mod room_bounds;
 mod rooms;
 #[cfg(feature = "redis-ha")]

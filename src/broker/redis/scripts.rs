@@ -72,8 +72,15 @@
 /// `CLIENT KILL`, a proxy, a network reset, after the script ran). So a run
 /// sent `again` skips a chat message whose `id` is among the log's newest
 /// entries, and a join whose connections are all on the member list under
-/// their nicknames already. (With no log kept, `--history 0`, a chat
-/// message cannot be checked, and is published again.)
+/// their nicknames already. One chat message found means the whole run was
+/// carried out (a script runs whole or not at all), and it is all skipped:
+/// a run of more chat messages than the log keeps pushes its own first
+/// ones out, and they would not be found. (With no log kept, `--history 0`, a chat
+/// message cannot be checked, and is published again.) A run that skips
+/// anything still writes (the position's time to live): the `WAIT` that
+/// follows (`--wait-replicas`) counts the replicas that have this
+/// connection's writes, and a fresh connection with none would be told
+/// that every replica has them, the first try's included.
 ///
 /// **A leave only once.** A leave is published only if it takes one of
 /// its connections off the member list: a leave sent again after a failure
@@ -107,7 +114,7 @@ if again and max_count > 0 then
     if id then sent[id] = true end
   end
 end
-local present, kept = {}, {}
+local present, kept, done = {}, {}, false
 for _, event in ipairs(events) do
   local keep = event.change ~= 'leave'
   if event.change == 'join' then
@@ -119,6 +126,7 @@ for _, event in ipairs(events) do
     keep = new
   elseif event.change == '' then
     keep = not (again and sent[string.match(event.payload, '"id":"([^"]*)"') or ''])
+    done = done or not keep
   elseif not keep then
     for j = event.from, event.to do
       local conn = ARGV[j]
@@ -128,6 +136,15 @@ for _, event in ipairs(events) do
     end
   end
   if keep then kept[#kept + 1] = event end
+end
+-- One chat message of the run found done: the run was carried out, whole.
+if done then kept = {} end
+if again and #kept < #events then
+  -- Carried out before, on a connection now closed. The WAIT after this run
+  -- (--wait-replicas) asks about this connection's writes: with none (Redis
+  -- 7.2 on), it would count a replica that lacks the first try. One write
+  -- (a time to live the heartbeat refreshes anyway) makes it ask about all.
+  redis.call('PEXPIRE', meta, ttl)
 end
 events = kept
 if #events == 0 then return 0 end
