@@ -58,7 +58,7 @@ pub struct RedisBroker {
     /// (`idle.rs`).
     idle: Option<idle::IdleRooms>,
     /// Each room's place key, as last read (`place_keys.rs`).
-    place_keys: place_keys::PlaceKeys,
+    place_keys: Arc<place_keys::PlaceKeys>,
     /// What this instance really has in each room, and the changes waiting
     /// for Redis to come back (`ghosts.rs`).
     ghosts: Arc<Ghosts>,
@@ -151,6 +151,7 @@ impl RedisBroker {
             publishers.push(handle);
         }
         let queries = lanes.split_off(POOL_SIZE);
+        let place_keys = Arc::new(place_keys::PlaceKeys::default());
         let mut broker = RedisBroker {
             listeners: Arc::new(Listeners {
                 nodes: Arc::clone(&nodes),
@@ -159,12 +160,13 @@ impl RedisBroker {
                 metrics: Arc::clone(metrics),
                 sockets: Arc::default(),
                 max_payload: settings.max_payload,
+                place_keys: Arc::clone(&place_keys),
             }),
             nodes,
             queues: Queues::new(lanes, queries),
             publishers,
             local_rooms: Arc::default(),
-            place_keys: Default::default(),
+            place_keys,
             heartbeat: None,
             settings: settings.clone(),
             metrics: Arc::clone(metrics),

@@ -42,6 +42,7 @@ use super::scripts::REPORT_SEEN;
 use super::settings::{CONNECT_TIMEOUT, IO_TIMEOUT};
 use crate::broker::Earlier;
 use crate::broker::error::BrokerError;
+use crate::broker::places::EpochKey;
 use crate::broker::random::new_epoch;
 use crate::broker::subscription::{Gap, Missing};
 use crate::protocol::{EpochName, Incoming, Room, Tag, place_tag};
@@ -332,25 +333,81 @@ impl Gaps {
     }
 }
 
-/// The places of the last few messages a listener delivered, vouched for
-/// or not (that is checked when it matters, with the key read with the
-/// log). Allocated with the first placed message.
+/// The places of the last few messages a listener delivered. Allocated
+/// with the first placed message.
+///
+/// **Forged places cannot crowd out genuine ones.** Anyone who can publish
+/// on the channel can send places, as many as they like. A place whose
+/// epoch's key this instance has at hand (the connections read it, see
+/// `place_keys.rs`) is checked as it comes: forged, it is not noted at all;
+/// genuine, it is noted as *checked*. A place in an epoch whose key is not
+/// at hand (a new epoch, or a made-up one) is noted unchecked, and makes
+/// room only by pushing out another unchecked one: a flood of forged
+/// places leaves the checked ones where they are, and the gap fill finds
+/// where delivery really stopped. (Every place is checked again, with the
+/// key read with the log, when it matters.)
 #[derive(Debug, Default)]
-pub(super) struct Recent(VecDeque<(EpochName, u64, Tag)>);
+pub(super) struct Recent(VecDeque<Noted>);
+
+#[derive(Debug, PartialEq, Eq)]
+struct Noted {
+    epoch: EpochName,
+    offset: u64,
+    tag: Tag,
+    /// Its epoch's key vouched for it when it was noted.
+    checked: bool,
+}
 
 impl Recent {
-    /// Notes `incoming`'s place, if it has a tagged one.
-    pub(super) fn note(&mut self, incoming: &Incoming) {
+    /// Notes `incoming`'s place, if it has a tagged one; `key_of` says the
+    /// key of an epoch, if it is at hand.
+    pub(super) fn note(
+        &mut self,
+        incoming: &Incoming,
+        key_of: impl FnOnce(&str) -> Option<Arc<EpochKey>>,
+    ) {
         let Ok(msg) = incoming.message() else {
             return;
         };
+        let checked = match msg.epoch.as_ref().and_then(|epoch| key_of(epoch.as_str())) {
+            Some(key) if key.vouches_for(msg) => true,
+            // Forged: its epoch's key gives this place another tag.
+            Some(_) => return,
+            None => false,
+        };
+        self.push(msg, checked);
+    }
+
+    /// Notes the place of an entry read from the log itself: genuine.
+    pub(super) fn note_from_log(&mut self, entry: &Incoming) {
+        if let Ok(msg) = entry.message() {
+            self.push(msg, true);
+        }
+    }
+
+    fn push(&mut self, msg: &crate::protocol::ChatMessage, checked: bool) {
         let (Some(epoch), Some(offset), Some(tag)) = (msg.epoch, msg.offset, msg.tag) else {
             return;
         };
         if self.0.len() == RECENT {
-            self.0.pop_front();
+            // The oldest unchecked place goes first; only a checked one
+            // makes room for a checked one.
+            match self.0.iter().position(|noted| !noted.checked) {
+                Some(at) => {
+                    self.0.remove(at);
+                }
+                None if checked => {
+                    self.0.pop_front();
+                }
+                None => return,
+            }
         }
-        self.0.push_back((epoch, offset, tag));
+        self.0.push_back(Noted {
+            epoch,
+            offset,
+            tag,
+            checked,
+        });
     }
 
     /// The furthest place noted in `epoch` (the furthest, not the newest:
@@ -360,14 +417,15 @@ impl Recent {
     fn furthest(&self, epoch: &str, key: Option<&str>) -> Option<u64> {
         self.0
             .iter()
-            .filter(|(e, offset, tag)| {
+            .filter(|noted| {
                 let at = crate::protocol::At {
-                    offset: *offset,
-                    epoch: e.as_str(),
+                    offset: noted.offset,
+                    epoch: noted.epoch.as_str(),
                 };
-                e.as_str() == epoch && key.is_none_or(|key| place_tag(key, at) == *tag)
+                noted.epoch.as_str() == epoch
+                    && key.is_none_or(|key| place_tag(key, at) == noted.tag)
             })
-            .map(|(_, offset, _)| *offset)
+            .map(|noted| noted.offset)
             .max()
     }
 
@@ -380,7 +438,9 @@ impl Recent {
         let (Some(epoch), Some(offset), Some(tag)) = (msg.epoch, msg.offset, msg.tag) else {
             return false;
         };
-        self.0.contains(&(epoch, offset, tag))
+        self.0
+            .iter()
+            .any(|noted| noted.epoch == epoch && noted.offset == offset && noted.tag == tag)
     }
 
     /// Whether any place was noted at all.
@@ -636,7 +696,7 @@ mod tests {
     #[test]
     fn a_failover_that_kept_everything_loses_nothing() {
         let mut recent = Recent::default();
-        recent.note(&entry("old", "e", 4));
+        recent.note(&entry("old", "e", 4), |_| None);
         let fill = fill(&failed_over(5, None, 7), &recent, 0);
         assert_eq!(offsets(&fill), vec![5, 6, 7]);
         assert_eq!((fill.gap.missing, fill.seen), (None, None));
@@ -649,9 +709,9 @@ mod tests {
     fn places_the_failover_lost_are_reported() {
         let mut recent = Recent::default();
         for offset in 4..=7 {
-            recent.note(&entry("old", "e", offset));
+            recent.note(&entry("old", "e", offset), |_| None);
         }
-        recent.note(&entry("forger", "e", 99));
+        recent.note(&entry("forger", "e", 99), |_| None);
         let fill = fill(&failed_over(5, None, 8), &recent, 0);
         assert_eq!(offsets(&fill), vec![6, 7, 8]);
         assert_eq!(fill.gap.missing.unwrap().count, None);
@@ -664,8 +724,8 @@ mod tests {
     #[test]
     fn a_log_behind_what_was_delivered_is_reported() {
         let mut recent = Recent::default();
-        recent.note(&entry("k", "e", 4));
-        recent.note(&entry("k", "e", 5));
+        recent.note(&entry("k", "e", 4), |_| None);
+        recent.note(&entry("k", "e", 5), |_| None);
         let fill = fill(&log("k", "e", 1, 3), &recent, 0);
         assert_eq!(offsets(&fill), Vec::<u64>::new());
         assert_eq!(fill.gap.missing.unwrap().count, None);
@@ -677,7 +737,7 @@ mod tests {
     #[test]
     fn a_reported_loss_is_counted() {
         let mut recent = Recent::default();
-        recent.note(&entry("old", "e", 3));
+        recent.note(&entry("old", "e", 3), |_| None);
         let fill = fill(&failed_over(5, Some(7), 8), &recent, 0);
         assert_eq!(offsets(&fill), vec![4, 5, 6, 7, 8]);
         assert_eq!(fill.gap.missing.unwrap().count, Some(2));
@@ -695,7 +755,7 @@ mod tests {
     #[test]
     fn a_gap_the_log_holds_is_filled_exactly() {
         let mut recent = Recent::default();
-        recent.note(&entry("k", "e", 4));
+        recent.note(&entry("k", "e", 4), |_| None);
         let fill = fill(&log("k", "e", 1, 9), &recent, 0);
         assert_eq!(offsets(&fill), vec![5, 6, 7, 8, 9]);
         assert_eq!(fill.gap.missing, None);
@@ -706,8 +766,8 @@ mod tests {
     #[test]
     fn a_forged_place_does_not_move_the_start() {
         let mut recent = Recent::default();
-        recent.note(&entry("k", "e", 4));
-        recent.note(&entry("forger", "e", 8));
+        recent.note(&entry("k", "e", 4), |_| None);
+        recent.note(&entry("forger", "e", 8), |_| None);
         let fill = fill(&log("k", "e", 1, 9), &recent, 0);
         assert_eq!(offsets(&fill), vec![5, 6, 7, 8, 9]);
         assert_eq!(fill.gap.missing, None);
@@ -717,7 +777,7 @@ mod tests {
     #[test]
     fn a_log_that_does_not_reach_back_counts_what_is_gone() {
         let mut recent = Recent::default();
-        recent.note(&entry("k", "e", 4));
+        recent.note(&entry("k", "e", 4), |_| None);
         let fill = fill(&log("k", "e", 12, 14), &recent, 7);
         assert_eq!(offsets(&fill), vec![12, 13, 14]);
         let missing = fill.gap.missing.unwrap();
@@ -729,7 +789,7 @@ mod tests {
     #[test]
     fn a_new_epoch_is_delivered_whole_with_an_unknown_loss() {
         let mut recent = Recent::default();
-        recent.note(&entry("old", "e", 40));
+        recent.note(&entry("old", "e", 40), |_| None);
         let fill = fill(&log("k", "f", 1, 3), &recent, 0);
         assert_eq!(offsets(&fill), vec![1, 2, 3]);
         assert_eq!(fill.gap.missing.unwrap().count, None);
@@ -745,7 +805,7 @@ mod tests {
         moved.key = Some("new".into());
         moved.last = 8;
         let mut recent = Recent::default();
-        recent.note(&entry("old", "e", 4));
+        recent.note(&entry("old", "e", 4), |_| None);
         let fill = fill(&moved, &recent, 0);
         assert_eq!(offsets(&fill), vec![5, 6, 7, 8]);
         assert_eq!(fill.gap.missing, None);
@@ -763,19 +823,37 @@ mod tests {
         failed_over.key = Some("new".into());
         failed_over.last = 7;
         let mut recent = Recent::default();
-        recent.note(&entry("old", "e", 5));
-        recent.note(&entry("old", "e", 6));
+        recent.note(&entry("old", "e", 5), |_| None);
+        recent.note(&entry("old", "e", 6), |_| None);
         let fill = fill(&failed_over, &recent, 0);
         assert_eq!(offsets(&fill), vec![6, 7]);
         assert_eq!(fill.gap.missing.unwrap().count, None);
+    }
+
+    /// A flood of forged places in the current epoch, whose key is at
+    /// hand, is not noted; one in made-up epochs pushes out only other
+    /// unchecked places: the start stays where delivery stopped.
+    #[test]
+    fn a_flood_of_forged_places_does_not_crowd_out_genuine_ones() {
+        let key = Arc::new(EpochKey::new("k"));
+        let at_hand = |epoch: &str| (epoch == "e").then(|| Arc::clone(&key));
+        let mut recent = Recent::default();
+        recent.note(&entry("k", "e", 4), at_hand);
+        for offset in 5..50 {
+            recent.note(&entry("forger", "e", offset), at_hand);
+            recent.note(&entry("forger", "made-up", offset), at_hand);
+        }
+        let fill = fill(&log("k", "e", 1, 9), &recent, 0);
+        assert_eq!(offsets(&fill), vec![5, 6, 7, 8, 9]);
+        assert_eq!(fill.gap.missing, None);
     }
 
     /// A genuine place replayed later does not move the start back.
     #[test]
     fn a_replayed_place_does_not_move_the_start_back() {
         let mut recent = Recent::default();
-        recent.note(&entry("k", "e", 6));
-        recent.note(&entry("k", "e", 2));
+        recent.note(&entry("k", "e", 6), |_| None);
+        recent.note(&entry("k", "e", 2), |_| None);
         assert_eq!(
             offsets(&fill(&log("k", "e", 1, 9), &recent, 0)),
             vec![7, 8, 9]

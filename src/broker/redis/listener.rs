@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use super::gaps::{self, Gaps, Recent};
 use super::job::Route;
 use super::nodes::{Channel, Nodes, redact};
+use super::place_keys::PlaceKeys;
 use super::pubsub::{PubSubConnection, Push, Waited};
 use super::settings::{CONNECT_TIMEOUT, IO_TIMEOUT, MAX_BACKOFF, MAX_MOVES};
 use super::sockets::{Current, SubscriptionSockets};
@@ -54,6 +55,9 @@ pub(super) struct Listeners {
     pub(super) sockets: Arc<SubscriptionSockets>,
     /// Longest payload read into memory (see [`Push::Oversized`]).
     pub(super) max_payload: usize,
+    /// The rooms' place keys the connections read: what the listener
+    /// checks places with as it notes them (see `gaps::Recent`).
+    pub(super) place_keys: Arc<PlaceKeys>,
 }
 
 /// When a listener gives up, and which failures it reports: chosen by
@@ -364,7 +368,10 @@ impl RedisListener {
                 _ => None,
             };
             if let Some(incoming) = incoming.filter(|incoming| !state.filled(incoming)) {
-                state.gap().recent.note(&incoming);
+                let room = &self.room;
+                let keys = &self.with.place_keys;
+                let key_of = |epoch: &str| keys.peek(room, epoch);
+                state.gap().recent.note(&incoming, key_of);
                 if on_event(Event::Message(Arc::new(incoming))).is_break() {
                     return Ok(());
                 }
@@ -394,7 +401,7 @@ impl RedisListener {
                 .report_seen(&self.room, &log, (epoch, *offset));
         }
         if let Some(newest) = fill.messages.last() {
-            gap.recent.note(newest);
+            gap.recent.note_from_log(newest);
         }
         gap.filled_upto = fill.upto.clone();
         self.with
@@ -527,6 +534,7 @@ mod tests {
             metrics: Arc::new(Metrics::default()),
             sockets: Arc::default(),
             max_payload: 1024,
+            place_keys: Arc::default(),
         });
         let room = Room::parse("ch").unwrap();
         let (listener, canceller) =

@@ -89,6 +89,17 @@ impl PlaceKeys {
         answer
     }
 
+    /// The key of `room`'s log in `epoch`, if it is what was last read:
+    /// never reads.
+    pub(super) fn peek(&self, room: &Room, epoch: &str) -> Option<Arc<EpochKey>> {
+        let known = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let known = known.get(room)?;
+        known
+            .key
+            .clone()
+            .filter(|_| known.epoch.as_deref() == Some(epoch))
+    }
+
     /// Forgets `room` (nobody is in it here any more).
     pub(super) fn forget(&self, room: &Room) {
         self.0
