@@ -21,9 +21,10 @@ use super::settings::{CONNECT_TIMEOUT, IO_TIMEOUT, MAX_BACKOFF, MAX_MOVES};
 use super::sockets::{Current, SubscriptionSockets};
 use crate::broker::backoff::Backoff;
 use crate::broker::error::BrokerError;
+use crate::broker::places::EpochKey;
 use crate::broker::subscription::{Canceller, Event, Flow, Listen, StopSignal};
 use crate::metrics::Metrics;
-use crate::protocol::{Incoming, Room, unix_millis};
+use crate::protocol::{EpochName, Incoming, Room, unix_millis};
 
 /// A blocking Redis subscription: a client's own (per-client mode), or a
 /// room's shared one (shared mode, run by the room's listener thread).
@@ -148,6 +149,10 @@ struct GapState {
     /// The end of the log read that filled the last gap: live messages at
     /// or before it (in its epoch) were delivered from the log.
     filled_upto: Option<(String, u64)>,
+    /// The key places were last checked with, and its epoch: the shared
+    /// cache (`place_keys.rs`, behind a lock) is asked only when the epoch
+    /// changes.
+    key: Option<(EpochName, Arc<EpochKey>)>,
 }
 
 impl ListenState {
@@ -368,10 +373,18 @@ impl RedisListener {
                 _ => None,
             };
             if let Some(incoming) = incoming.filter(|incoming| !state.filled(incoming)) {
-                let room = &self.room;
-                let keys = &self.with.place_keys;
-                let key_of = |epoch: &str| keys.peek(room, epoch);
-                state.gap().recent.note(&incoming, key_of);
+                let (room, keys) = (&self.room, &self.with.place_keys);
+                let gap = state.gap();
+                let cached = &mut gap.key;
+                let key_of = |epoch: &str| match cached {
+                    Some((e, key)) if e.as_str() == epoch => Some(Arc::clone(key)),
+                    _ => {
+                        let key = keys.peek(room, epoch)?;
+                        *cached = EpochName::new(epoch).map(|e| (e, Arc::clone(&key)));
+                        Some(key)
+                    }
+                };
+                gap.recent.note(&incoming, key_of);
                 if on_event(Event::Message(Arc::new(incoming))).is_break() {
                     return Ok(());
                 }
