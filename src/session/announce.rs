@@ -290,6 +290,7 @@ mod tests {
             subscriptions: Default::default(),
             capacity: crate::capacity::Capacity::unlimited(),
             idle_rooms_bytes: 64 * 1024 * 1024,
+            wait_replicas: 0,
         };
         let broker: Arc<dyn Broker> =
             Arc::new(MemoryBroker::new(&settings, &Arc::default()).unwrap());

@@ -17,6 +17,7 @@ fn broker(history: usize) -> MemoryBroker {
             subscriptions: Default::default(),
             capacity: crate::capacity::Capacity::unlimited(),
             idle_rooms_bytes: 64 * 1024 * 1024,
+            wait_replicas: 0,
         },
         &Arc::default(),
     )
