@@ -59,15 +59,27 @@ impl Shared {
     /// dispatcher left to it, then what any subscriber thread does.
     pub(super) fn on_event(&self, start: &mut Option<Start>, event: Event) -> ControlFlow<()> {
         let state = &mut *self.lock();
+        if state.unfinished || state.failed.is_some() {
+            self.take_over(state)?;
+        }
+        self.outbox.on_event(&mut state.delivery, start, event)
+    }
+
+    /// What the dispatcher left to the subscriber thread: a failure to end
+    /// the connection with, or frames to flush. Rare, so out of line: the
+    /// caller's frame sits above every write of the subscriber thread, and
+    /// a client whose subscriber ever wrote below its second stack page
+    /// keeps a third one resident for its whole life (inlined, this one's
+    /// locals pushed the writes of a join storm's welcomes just past it).
+    #[cold]
+    #[inline(never)]
+    fn take_over(&self, state: &mut State) -> ControlFlow<()> {
         if let Some(ending) = state.failed.take() {
             self.outbox.conn.end(ending);
             return ControlFlow::Break(());
         }
-        if state.unfinished {
-            state.unfinished = false;
-            self.outbox.check(self.outbox.writer.send_all([]))?;
-        }
-        self.outbox.on_event(&mut state.delivery, start, event)
+        state.unfinished = false;
+        self.outbox.check(self.outbox.writer.send_all([]))
     }
 }
 
