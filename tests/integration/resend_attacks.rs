@@ -35,7 +35,6 @@ fn a_message_sent_again_while_its_replica_is_frozen_is_not_called_delivered() {
     let mut bob = server.settled("bob");
     alice.send("replicated");
     assert_eq!(bob.recv_chat().1, "replicated");
-    alice.expect_nothing(Duration::from_millis(300));
 
     replica.pause();
     alice.send("frozen");
@@ -44,12 +43,14 @@ fn a_message_sent_again_while_its_replica_is_frozen_is_not_called_delivered() {
     assert_eq!(bob.recv_chat().1, "frozen");
     master.command(&["CLIENT", "KILL", "TYPE", "normal"]);
 
-    let told = alice.recv_live_within(Duration::from_secs(5));
-    replica.resume();
-    let error = told
+    // (On a loaded machine "replicated" may have been answered "may or may
+    // not" too, rightly: only the answer about "frozen" counts here.)
+    let told = std::iter::from_fn(|| alice.recv_live_within(Duration::from_secs(5)))
         .filter(|frame| frame["type"] == "error")
         .map(|frame| frame["message"].as_str().unwrap_or_default().to_owned())
-        .expect("the sender of a message no replica has is told it may be lost");
+        .find(|text| text.contains(r#""frozen""#));
+    replica.resume();
+    let error = told.expect("the sender of a message no replica has is told it may be lost");
     assert!(
         error.contains(r#"your message "frozen" may or may not have been delivered"#),
         "{error}"
@@ -118,10 +119,15 @@ fn a_batch_longer_than_the_log_sent_again_is_delivered_once() {
         }
     }
     replica.resume();
+    // Sent again: a WAIT for "before", one (or, split, two) for the four,
+    // and one more for the batch sent again.
     let stats: String = master.query(&["INFO", "commandstats"]);
-    assert!(
-        stats.contains("cmdstat_wait:calls=3,"),
-        "sent again: {stats}"
-    );
+    let waits: u64 = stats
+        .split("cmdstat_wait:calls=")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0);
+    assert!(waits >= 3, "not sent again: {stats}");
     assert!(again.is_empty(), "published a second time: {again:?}");
 }
