@@ -339,17 +339,7 @@ fn a_message_whose_redis_died_unanswered_may_have_been_delivered(mode: &[&str]) 
 /// (the room gets it), but a failover now would lose it: its sender is
 /// told it may or may not have been delivered, and why.
 fn a_message_its_replicas_did_not_confirm_may_be_lost(mode: &[&str]) {
-    let master = Redis::start();
-    let master_port = master.port.to_string();
-    let replica = Redis::start_with(
-        Redis::fresh_port(),
-        &["--replicaof", "127.0.0.1", &master_port],
-    );
-    eventually("the replica is in sync", || {
-        master
-            .query::<String>(&["INFO", "replication"])
-            .contains("state=online")
-    });
+    let (master, replica) = Redis::with_replica();
     let args = [&["--wait-replicas", "1"], mode].concat();
     let server = Server::with_redis_and(&master, &args);
     let mut alice = server.client("alice");

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::support::{Redis, Server, eventually};
+use crate::support::{Redis, Server};
 
 /// `--wait-replicas 1`, and the master's only replica frozen (SIGSTOP: its
 /// link stays open, so the master still counts it as a replica). Redis
@@ -19,17 +19,7 @@ use crate::support::{Redis, Server, eventually};
 /// connection not been killed.
 #[test]
 fn a_message_sent_again_while_its_replica_is_frozen_is_not_called_delivered() {
-    let master = Redis::start();
-    let master_port = master.port.to_string();
-    let replica = Redis::start_with(
-        Redis::fresh_port(),
-        &["--replicaof", "127.0.0.1", &master_port],
-    );
-    eventually("the replica is in sync", || {
-        master
-            .query::<String>(&["INFO", "replication"])
-            .contains("state=online")
-    });
+    let (master, replica) = Redis::with_replica();
     let server = Server::with_redis_and(&master, &["--wait-replicas", "1", "--rate-limit", "0"]);
     let mut alice = server.settled("alice");
     let mut bob = server.settled("bob");
@@ -74,17 +64,7 @@ fn a_message_sent_again_while_its_replica_is_frozen_is_not_called_delivered() {
 /// connection is killed while it waits in turn.)
 #[test]
 fn a_batch_longer_than_the_log_sent_again_is_delivered_once() {
-    let master = Redis::start();
-    let master_port = master.port.to_string();
-    let replica = Redis::start_with(
-        Redis::fresh_port(),
-        &["--replicaof", "127.0.0.1", &master_port],
-    );
-    eventually("the replica is in sync", || {
-        master
-            .query::<String>(&["INFO", "replication"])
-            .contains("state=online")
-    });
+    let (master, replica) = Redis::with_replica();
     let args = [
         "--history",
         "2",

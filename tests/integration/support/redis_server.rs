@@ -131,6 +131,22 @@ impl Redis {
         n
     }
 
+    /// A master and its replica, in sync (the replica `online`, so that a
+    /// `WAIT` on the master counts it).
+    pub fn with_replica() -> (Redis, Redis) {
+        let master = Redis::start();
+        let replica = Redis::start_with(
+            Redis::fresh_port(),
+            &["--replicaof", "127.0.0.1", &master.port.to_string()],
+        );
+        super::eventually("the replica is in sync", || {
+            master
+                .query::<String>(&["INFO", "replication"])
+                .contains("state=online")
+        });
+        (master, replica)
+    }
+
     /// Freezes this Redis (SIGSTOP): connections stay open, nothing answers.
     pub fn pause(&self) {
         signal(self.child.id(), "STOP");
