@@ -179,18 +179,11 @@ impl Gaps {
     }
 
     /// Reads the log's position, key and entries in one step, on a
-    /// connection of its own (the node the room is on; reads are rare,
-    /// and a query thread's queue is no place to wait out a Redis that is
-    /// coming back): only what it gained since `base`, if that is still
-    /// the same log, otherwise all of it.
+    /// connection of its own ([`Gaps::connection`]): only what it gained
+    /// since `base`, if that is still the same log, otherwise all of it.
     fn read_now(&self, room: &Room, base: Option<&LogRead>) -> Result<LogRead, BrokerError> {
         let failed = |e: redis::RedisError| BrokerError::Redis(e.to_string());
-        let (_, client) = self.nodes.node(&Route::room(room))?;
-        let mut con = client
-            .get_connection_with_timeout(CONNECT_TIMEOUT)
-            .map_err(failed)?;
-        con.set_read_timeout(Some(IO_TIMEOUT)).map_err(failed)?;
-        con.set_write_timeout(Some(IO_TIMEOUT)).map_err(failed)?;
+        let mut con = self.connection(room)?;
         if let Some(base) = base
             && let Some(extended) = self.extend(&mut con, room, base)?
         {
@@ -229,8 +222,22 @@ impl Gaps {
 }
 
 impl Gaps {
+    /// A connection of its own to the node `room` is on, with the usual
+    /// timeouts: log reads and reports are rare, and a query thread's queue
+    /// is no place to wait out a Redis that is coming back.
+    fn connection(&self, room: &Room) -> Result<redis::Connection, BrokerError> {
+        let failed = |e: redis::RedisError| BrokerError::Redis(e.to_string());
+        let (_, client) = self.nodes.node(&Route::room(room))?;
+        let con = client
+            .get_connection_with_timeout(CONNECT_TIMEOUT)
+            .map_err(failed)?;
+        con.set_read_timeout(Some(IO_TIMEOUT)).map_err(failed)?;
+        con.set_write_timeout(Some(IO_TIMEOUT)).map_err(failed)?;
+        Ok(con)
+    }
+
     /// Tells `room`'s log that this instance delivered `offset` of earlier
-    /// epoch `epoch`, past where the log kept it (`position::REPORT_SEEN`),
+    /// epoch `epoch`, past where the log kept it (`scripts::REPORT_SEEN`),
     /// unless a listener that shares `log` reported as far. Best effort:
     /// a report that fails leaves the loss's count unknown, and is logged.
     pub(super) fn report_seen(&self, room: &Room, log: &LogRead, (epoch, offset): (&str, u64)) {
@@ -239,12 +246,7 @@ impl Gaps {
         }
         let report = || -> Result<(), BrokerError> {
             let failed = |e: redis::RedisError| BrokerError::Redis(e.to_string());
-            let (_, client) = self.nodes.node(&Route::room(room))?;
-            let mut con = client
-                .get_connection_with_timeout(CONNECT_TIMEOUT)
-                .map_err(failed)?;
-            con.set_read_timeout(Some(IO_TIMEOUT)).map_err(failed)?;
-            con.set_write_timeout(Some(IO_TIMEOUT)).map_err(failed)?;
+            let mut con = self.connection(room)?;
             redis::Script::new(REPORT_SEEN)
                 .key(keys::meta(room))
                 .arg(epoch)
