@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+#[cfg(all(feature = "tls", target_os = "linux"))]
+mod certs;
 mod client;
 #[cfg(feature = "redis-ha")]
 mod cluster;
@@ -14,6 +16,8 @@ mod redis_server;
 mod sentinel;
 mod server;
 
+#[cfg(all(feature = "tls", target_os = "linux"))]
+pub use certs::*;
 pub use client::*;
 #[cfg(feature = "redis-ha")]
 pub use cluster::*;
