@@ -64,7 +64,8 @@
 //! Only `auth`, [`config`] and [`server`] are public: the binary needs
 //! nothing else, and what nobody uses, the compiler reports.
 
-// One `unsafe` block in the whole server: `session::sched`.
+// Two `unsafe` blocks in the whole server: `session::sched` and `poll` in
+// `tls::session`.
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -79,6 +80,8 @@ mod net;
 mod protocol;
 pub mod server;
 mod session;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 /// Stack size of every thread threadchat starts (but a connection's start
 /// thread: see `session::START_STACK_SIZE`). Connection threads only parse

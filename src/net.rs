@@ -1,11 +1,88 @@
 //! Small things the client sockets and the Redis subscriptions share: a
-//! TCP socket behind an `Arc`, readable and writable through it, and asking
-//! whether a read would block.
+//! TCP socket behind an `Arc`, readable and writable through it, asking
+//! whether a read would block, and a client's [`Stream`] (plain, or TLS).
 
 use std::io::{self, Read, Write};
 use std::mem::MaybeUninit;
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// A client's connection as the HTTP exchange sees it, on its start
+/// thread: a TCP socket, or (on a TLS port) the TLS session over one. `&Stream`
+/// reads and writes plaintext either way, with the socket's timeouts.
+#[derive(Debug, Clone)]
+pub enum Stream {
+    Plain(Arc<TcpStream>),
+    /// See [`crate::tls::Session`].
+    #[cfg(feature = "tls")]
+    Tls(Arc<crate::tls::Session>),
+}
+
+impl Stream {
+    /// The TCP socket underneath.
+    pub fn tcp(&self) -> &Arc<TcpStream> {
+        match self {
+            Stream::Plain(tcp) => tcp,
+            #[cfg(feature = "tls")]
+            Stream::Tls(session) => session.tcp(),
+        }
+    }
+
+    /// Whether the client speaks TLS (for the `https` origin of its page).
+    pub fn is_tls(&self) -> bool {
+        !matches!(self, Stream::Plain(_))
+    }
+
+    pub fn set_read_timeout(&self, wait: Option<Duration>) -> io::Result<()> {
+        self.tcp().set_read_timeout(wait)
+    }
+
+    pub fn set_write_timeout(&self, wait: Option<Duration>) -> io::Result<()> {
+        self.tcp().set_write_timeout(wait)
+    }
+
+    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.tcp().peer_addr()
+    }
+
+    /// Shuts the socket down; before its sending side, a TLS session says
+    /// it ends (`close_notify`), if the socket takes that at once.
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        #[cfg(feature = "tls")]
+        if let (Stream::Tls(session), Shutdown::Write | Shutdown::Both) = (self, how) {
+            session.close_notify();
+        }
+        self.tcp().shutdown(how)
+    }
+}
+
+impl Read for &Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(tcp) => (&**tcp).read(buf),
+            #[cfg(feature = "tls")]
+            Stream::Tls(session) => Read::read(&mut &**session, buf),
+        }
+    }
+}
+
+impl Write for &Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(tcp) => (&**tcp).write(buf),
+            #[cfg(feature = "tls")]
+            Stream::Tls(session) => Write::write(&mut &**session, buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(tcp) => (&**tcp).flush(),
+            #[cfg(feature = "tls")]
+            Stream::Tls(session) => Write::flush(&mut &**session),
+        }
+    }
+}
 
 /// A TCP socket shared by several owners (a reader, a writer, whoever may
 /// shut it down), usable where `Read` and `Write` are asked for.

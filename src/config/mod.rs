@@ -13,12 +13,16 @@ use std::time::Duration;
 mod args;
 mod ceiling;
 mod error;
+#[cfg(feature = "tls")]
+mod tls;
 #[cfg(feature = "tokens")]
 mod tokens;
 
 pub use args::{Args, LogLevel, Subscriptions};
 pub use ceiling::{MAX_STARTING, THREADS_PER_CONNECTION, connection_ceiling};
 pub use error::ConfigError;
+#[cfg(feature = "tls")]
+pub use tls::TlsArgs;
 #[cfg(feature = "tokens")]
 pub use tokens::{AUTH_SECRET_ENV, Command, TokenArgs, Tokens, auth_secret};
 
@@ -135,6 +139,10 @@ pub struct Config {
     /// `tokens` feature).
     #[cfg(feature = "tokens")]
     pub tokens: Option<Tokens>,
+    /// With `--tls-cert`, the certificate clients are served with (the
+    /// `tls` feature).
+    #[cfg(feature = "tls")]
+    pub tls: Option<std::sync::Arc<crate::tls::Certificates>>,
     /// Host (name or address) to listen on.
     pub host: String,
     /// Port to listen on; 0 lets the OS pick.
@@ -168,6 +176,14 @@ pub struct Config {
 }
 
 impl Config {
+    /// Whether clients are served over TLS (`--tls-cert`).
+    pub fn is_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        false
+    }
+
     /// Validates raw arguments into a configuration.
     pub fn from_args(args: Args) -> Result<Config, ConfigError> {
         let broker = match (&args.redis, args.in_process) {
@@ -298,6 +314,8 @@ impl Config {
         Ok(Config {
             #[cfg(feature = "tokens")]
             tokens: tokens::tokens(&args.tokens)?,
+            #[cfg(feature = "tls")]
+            tls: tls::certificates(&args.tls)?,
             host: args.host,
             port: args.port,
             broker,

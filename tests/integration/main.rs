@@ -35,3 +35,5 @@ mod rooms;
 mod sentinel;
 mod startup;
 mod support;
+#[cfg(all(feature = "tls", target_os = "linux"))]
+mod tls;

@@ -76,7 +76,17 @@ impl Certs {
         self.path("ca.pem")
     }
 
-    /// The CA as DER, for a rustls client's root store.
+    /// The server's options for its certificate and key.
+    pub fn server_args(&self) -> [String; 4] {
+        [
+            "--tls-cert".into(),
+            self.path("server.pem"),
+            "--tls-key".into(),
+            self.path("server.key"),
+        ]
+    }
+
+    /// The CA as PEM, for a rustls client's root store.
     pub fn ca_pem(&self) -> Vec<u8> {
         fs::read(self.dir.join("ca.pem")).unwrap()
     }
