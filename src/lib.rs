@@ -56,13 +56,13 @@
 //! * `auth` — who is speaking: signed tokens checked against the configured
 //!   key (opt-in), and signing them for `threadchat token`.
 //!
-//! Two wings are Cargo features, on by default: `tokens` (`auth`, reached
-//! from a connection through `session::admission`) and `redis-ha` (Sentinel
-//! and Cluster, `broker::redis::ha`). `cargo build --no-default-features`
-//! leaves both out.
+//! Three wings are Cargo features, on by default: `tokens` (`auth`, reached
+//! from a connection through `session::admission`), `redis-ha` (Sentinel
+//! and Cluster, `broker::redis::ha`) and `tls` ([`tls`], reached through
+//! `net::Stream`). `cargo build --no-default-features` leaves them out.
 //!
-//! Only `auth`, [`config`] and [`server`] are public: the binary needs
-//! nothing else, and what nobody uses, the compiler reports.
+//! Only `auth`, [`config`], [`server`] and [`tls`] are public: the binary
+//! needs nothing else, and what nobody uses, the compiler reports.
 
 // Two `unsafe` blocks in the whole server: `session::sched` and `poll` in
 // `tls::session`.

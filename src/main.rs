@@ -78,8 +78,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     );
 
     let shutdown = server.shutdown_handle();
-    let mut signals =
-        Signals::new([SIGINT, SIGTERM, SIGHUP]).context("cannot install signal handlers")?;
+    // SIGHUP reloads the certificate; without one it keeps its usual
+    // meaning (a closed terminal ends the server).
+    let handled: &[i32] = if config.is_tls() {
+        &[SIGINT, SIGTERM, SIGHUP]
+    } else {
+        &[SIGINT, SIGTERM]
+    };
+    let mut signals = Signals::new(handled).context("cannot install signal handlers")?;
     let signal_handle = signals.handle();
     let reload = Reload::of(&config);
     let signal_thread = thread::Builder::new()
@@ -170,9 +176,7 @@ impl Reload {
                 Ok(()) => log::info!("SIGHUP: reloaded the certificate and key ({path})"),
                 Err(e) => log::error!("SIGHUP: kept the certificate in use: {e}"),
             }
-            return;
         }
-        log::info!("SIGHUP: nothing to reload (no --tls-cert)");
     }
 }
 

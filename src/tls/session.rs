@@ -126,6 +126,9 @@ impl Session {
                 .map_err(HandshakeError::Io)?;
             conn.write_tls(&mut &*tcp).map_err(io_to_handshake)?;
         }
+        // The socket as a plain one starts its HTTP exchange: the head's
+        // reader sets its own timeout, and answers wait as long as needed.
+        tcp.set_write_timeout(None).map_err(HandshakeError::Io)?;
         Ok(Session {
             tcp,
             state: Mutex::new(conn),

@@ -295,3 +295,39 @@ fn a_stuck_tls_client_stalls_nobody() {
     alice.send("after");
     assert_eq!(bob.recv_chat(), ("alice".into(), "after".into()));
 }
+
+/// A message trickled one TLS record per byte is still one message begun
+/// and not finished: `--message-timeout` ends it with 1008, as on a plain
+/// socket, though records keep arriving more often than the ping interval.
+#[test]
+fn a_message_trickled_a_record_at_a_time_is_closed_with_1008() {
+    let (certs, redis) = (Certs::new(), Redis::start());
+    let server = tls_server(&certs, &redis, &["--message-timeout", "1.5"]);
+    let mut trickle = server.client("trickle");
+    trickle.settle();
+    // A masked text frame announcing 100 bytes, a byte (a record) at a time.
+    let mut frame = vec![0x81, 0x80 | 100, 1, 2, 3, 4];
+    frame.extend_from_slice(&[b'a'; 100]);
+    let started = Instant::now();
+    let mut sent = 0;
+    while started.elapsed() < PATIENCE && server.log_count("message not finished") == 0 {
+        let wire = trickle.ws.get_mut();
+        if wire
+            .write_all(&frame[sent..=sent])
+            .and_then(|()| wire.flush())
+            .is_err()
+        {
+            break;
+        }
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    assert!(sent < frame.len(), "the whole frame went through");
+    match trickle.recv_close() {
+        crate::support::Closed::Frame(code, reason) => {
+            assert_eq!(code, 1008);
+            assert!(reason.contains("message not finished"), "{reason}");
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}

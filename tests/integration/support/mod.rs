@@ -157,6 +157,27 @@ macro_rules! in_both_subscription_modes {
 }
 pub(crate) use in_both_subscription_modes;
 
+/// Declares `ws` and `wss` variants of a test taking extra server
+/// arguments (none, or the certificate options).
+macro_rules! over_ws_and_wss {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn ws() {
+                super::$name(&[]);
+            }
+            #[cfg(all(feature = "tls", target_os = "linux"))]
+            #[test]
+            fn wss() {
+                let certs = crate::support::Certs::new();
+                let tls = certs.server_args();
+                super::$name(&[&tls[0], &tls[1], &tls[2], &tls[3]]);
+            }
+        }
+    )*};
+}
+pub(crate) use over_ws_and_wss;
+
 /// The two variants of [`in_both_subscription_modes`].
 macro_rules! subscription_variants {
     ($name:ident) => {
