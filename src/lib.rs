@@ -45,6 +45,9 @@
 //!   that end it; joins and leaves announced; history and presence on join;
 //!   the admission wing (caps, tokens, nickname claims) behind one door,
 //!   `session::admission`.
+//! * `net` — a client's byte stream: a TCP socket, or TLS over one.
+//! * `tls` — the TLS wing: a session shared by a connection's two threads,
+//!   the certificate and its reload.
 //! * `protocol` — nicknames and rooms, what clients send, what the server
 //!   sends, the JSON on the Redis channel.
 //! * `broker` — the relay: Redis (`broker::redis`, with shared subscriptions
@@ -58,11 +61,11 @@
 //!
 //! Three wings are Cargo features, on by default: `tokens` (`auth`, reached
 //! from a connection through `session::admission`), `redis-ha` (Sentinel
-//! and Cluster, `broker::redis::ha`) and `tls` ([`tls`], reached through
+//! and Cluster, `broker::redis::ha`) and `tls` (`wss://`, reached through
 //! `net::Stream`). `cargo build --no-default-features` leaves them out.
 //!
-//! Only `auth`, [`config`], [`server`] and [`tls`] are public: the binary
-//! needs nothing else, and what nobody uses, the compiler reports.
+//! Only `auth`, [`config`] and [`server`] are public: the binary needs
+//! nothing else, and what nobody uses, the compiler reports.
 
 // Two `unsafe` blocks in the whole server: `session::sched` and `poll` in
 // `tls::session`.
@@ -81,7 +84,7 @@ mod protocol;
 pub mod server;
 mod session;
 #[cfg(feature = "tls")]
-pub mod tls;
+mod tls;
 
 /// Stack size of every thread threadchat starts (but a connection's start
 /// thread: see `session::START_STACK_SIZE`). Connection threads only parse

@@ -156,7 +156,7 @@ fn reachable(bound: std::net::SocketAddr) -> std::net::SocketAddr {
 /// What SIGHUP reads again: the TLS certificate and key, if any.
 struct Reload {
     #[cfg(feature = "tls")]
-    certificates: Option<std::sync::Arc<threadchat::tls::Certificates>>,
+    certificates: Option<std::sync::Arc<threadchat::config::Certificates>>,
 }
 
 impl Reload {

@@ -18,6 +18,8 @@ mod tls;
 #[cfg(feature = "tokens")]
 mod tokens;
 
+#[cfg(feature = "tls")]
+pub use crate::tls::Certificates;
 pub use args::{Args, LogLevel, Subscriptions};
 pub use ceiling::{MAX_STARTING, THREADS_PER_CONNECTION, connection_ceiling};
 pub use error::ConfigError;

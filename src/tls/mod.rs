@@ -19,7 +19,7 @@ mod certs;
 mod session;
 mod validity;
 
-pub use certs::{CertError, Certificates};
+pub use certs::Certificates;
 pub(crate) use session::{HandshakeError, Session, Wait};
 
 /// The cryptography rustls uses: *ring*, compiled in (rustls's default,
