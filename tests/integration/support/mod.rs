@@ -159,6 +159,7 @@ pub(crate) use in_both_subscription_modes;
 
 /// Declares `ws` and `wss` variants of a test taking extra server
 /// arguments (none, or the certificate options).
+#[allow(unused_macros)] // by the token tests only
 macro_rules! over_ws_and_wss {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -176,6 +177,7 @@ macro_rules! over_ws_and_wss {
         }
     )*};
 }
+#[allow(unused_imports)]
 pub(crate) use over_ws_and_wss;
 
 /// The two variants of [`in_both_subscription_modes`].
