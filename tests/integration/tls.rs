@@ -331,3 +331,35 @@ fn a_message_trickled_a_record_at_a_time_is_closed_with_1008() {
         other => panic!("expected a close frame, got {other:?}"),
     }
 }
+
+/// Connections still in their handshake hold start places, as those still
+/// sending their request head do: past `--max-starting-per-ip`, the next
+/// one from that address is refused, with a TLS alert (a client that
+/// speaks TLS can read nothing else before a handshake).
+#[test]
+fn handshakes_take_start_places() {
+    let (certs, redis) = (Certs::new(), Redis::start());
+    let server = tls_server(&certs, &redis, &["--max-starting-per-ip", "2"]);
+    let _silent: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(server.addr).unwrap())
+        .collect();
+    eventually("two connections starting", || {
+        server
+            .thread_policies()
+            .iter()
+            .filter(|(name, _)| name.starts_with("tc-start"))
+            .count()
+            == 2
+    });
+    let mut refused = TcpStream::connect(server.addr).unwrap();
+    refused.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut answer = Vec::new();
+    let _ = refused.read_to_end(&mut answer);
+    // Alert (21), TLS 1.2 framing, 2 bytes: fatal (2), internal_error (80).
+    assert_eq!(answer, [21, 3, 3, 0, 2, 2, 80]);
+    server.wait_for_log("still starting");
+    // A client that does finish its handshake gets in once places free up.
+    drop(_silent);
+    let mut alice = server.client("alice");
+    alice.settle();
+}
