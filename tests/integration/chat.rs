@@ -1,5 +1,6 @@
-//! Chatting, as a user sees it. Every test here runs four times: relayed through a
-//! real Redis, and through the in-process broker.
+//! Chatting, as a user sees it. Every test here runs five times: relayed
+//! through a real Redis (per-client and shared subscriptions, each also
+//! over `wss://`), and through the in-process broker.
 
 use std::time::Duration;
 

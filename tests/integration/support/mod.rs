@@ -80,9 +80,10 @@ struct LogBook {
 
 /// Declares `redis`, `redis_shared` (`--subscriptions shared`) and `in_process` variants of a test taking a `&Server`,
 /// optionally with extra server arguments: `name => ["--flag", "value"]`.
-/// Led by `tls:`, each test also gets a `wss` variant: Redis, per-client
-/// subscriptions, and the server on `wss://` with a certificate of the
-/// test's own (its clients speak TLS without being told: see [`Wire`]).
+/// Led by `tls:`, each test also gets `wss` and `wss_shared` variants:
+/// Redis, either subscription mode, and the server on `wss://` with a
+/// certificate of the test's own (its clients speak TLS without being told:
+/// see [`Wire`]).
 macro_rules! with_both_brokers {
     (tls: $($name:ident $(=> [$($arg:expr),*])?),* $(,)?) => {$(
         mod $name {
@@ -95,6 +96,18 @@ macro_rules! with_both_brokers {
                 let url = redis.url();
                 let tls = certs.server_args();
                 let args: &[&str] = &["--redis", &url, &tls[0], &tls[1], &tls[2], &tls[3], $($($arg),*)?];
+                super::$name(&crate::support::Server::start(args));
+            }
+            /// Shared subscriptions write through the dispatcher's
+            /// non-blocking path: over TLS, its own test.
+            #[cfg(all(feature = "tls", target_os = "linux"))]
+            #[test]
+            fn wss_shared() {
+                let certs = crate::support::Certs::new();
+                let redis = crate::support::Redis::start();
+                let url = redis.url();
+                let tls = certs.server_args();
+                let args: &[&str] = &["--redis", &url, "--subscriptions", "shared", &tls[0], &tls[1], &tls[2], &tls[3], $($($arg),*)?];
                 super::$name(&crate::support::Server::start(args));
             }
         }
