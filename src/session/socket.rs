@@ -35,14 +35,11 @@ use std::io::{self, Read, Write};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::net::Stream;
-#[cfg(feature = "tls")]
-use crate::tls::Wait;
-
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Error, Message, WebSocket};
 
 use super::liveness::{self, FrameWatch, Stalled};
+use crate::net::Stream;
 
 /// The reading side of the socket. Writes are discarded: see the module doc.
 ///
@@ -79,11 +76,7 @@ impl ReadHalf {
     /// (decrypted or not) not read yet, has closed, or the socket failed.
     /// Bytes in tungstenite's own buffer are not seen.
     pub fn has_input(&self) -> bool {
-        match &self.stream {
-            Stream::Plain(tcp) => crate::net::has_input(tcp),
-            #[cfg(feature = "tls")]
-            Stream::Tls(session) => session.has_input(),
-        }
+        self.stream.has_input()
     }
 
     /// Gives the socket the read timeout it needs now, if it differs from
@@ -99,15 +92,8 @@ impl ReadHalf {
 
     /// One read of the socket, waiting `wait` at most.
     fn read_some(&mut self, buf: &mut [u8], wait: Duration) -> io::Result<usize> {
-        match &self.stream {
-            Stream::Plain(_) => {
-                self.wait_at_most(wait)?;
-                (&self.stream).read(buf)
-            }
-            // The session waits with `poll`, not the socket's timeout.
-            #[cfg(feature = "tls")]
-            Stream::Tls(session) => session.read(buf, wait.max(Duration::from_millis(1))),
-        }
+        self.wait_at_most(wait)?;
+        self.stream.read_within(buf, wait)
     }
 }
 
@@ -181,14 +167,7 @@ impl Write for WriteHalf {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let now = Instant::now();
         if self.dont_wait {
-            let written = match &self.stream {
-                Stream::Plain(tcp) => {
-                    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-                    socket2::SockRef::from(&**tcp).send_with_flags(buf, flags)
-                }
-                #[cfg(feature = "tls")]
-                Stream::Tls(session) => session.write(buf, Wait::No),
-            };
+            let written = self.stream.write_now(buf);
             if matches!(&written, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
                 // Left for the next blocking write: due from now.
                 self.due.get_or_insert(now);
@@ -203,10 +182,6 @@ impl Write for WriteHalf {
                 "data waited past --write-timeout",
             ));
         }
-        #[cfg(feature = "tls")]
-        if let Stream::Tls(session) = &self.stream {
-            return session.write(buf, Wait::Until(due + self.write_timeout));
-        }
         // A system call only when the time left has moved noticeably (a
         // write that follows a partial one): a client that keeps up costs
         // none.
@@ -217,23 +192,20 @@ impl Write for WriteHalf {
             self.stream.set_write_timeout(Some(left))?;
             self.applied = Some(left);
         }
-        (&self.stream).write(buf)
+        self.stream.write_by(buf, due + self.write_timeout)
     }
     fn flush(&mut self) -> io::Result<()> {
-        #[cfg(feature = "tls")]
-        if let Stream::Tls(session) = &self.stream {
-            // Records the socket has not taken yet are still to be written.
-            let wait = match self.due {
-                _ if self.dont_wait => Wait::No,
-                Some(due) => Wait::Until(due + self.write_timeout),
-                None => Wait::Until(Instant::now() + self.write_timeout),
-            };
-            if let Err(e) = session.flush(wait) {
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    self.due.get_or_insert_with(Instant::now);
-                }
-                return Err(e);
+        // Whatever the stream itself still holds (a TLS session's records).
+        let deadline = match self.due {
+            _ if self.dont_wait => None,
+            Some(due) => Some(due + self.write_timeout),
+            None => Some(Instant::now() + self.write_timeout),
+        };
+        if let Err(e) = self.stream.flush_by(deadline) {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                self.due.get_or_insert_with(Instant::now);
             }
+            return Err(e);
         }
         // tungstenite flushes once its buffer is written out: nothing waits.
         if !self.dont_wait {
@@ -431,11 +403,8 @@ impl Writer {
             Err(Error::AlreadyClosed | Error::ConnectionClosed) => Ok(()),
             other => other,
         };
-        // Nothing follows a close frame: over TLS, the session ends too.
-        #[cfg(feature = "tls")]
-        if let Stream::Tls(session) = &ws.get_ref().stream {
-            session.close_notify();
-        }
+        // Nothing follows a close frame (over TLS, the session ends too).
+        ws.get_ref().stream.end_of_data();
         closed
     }
 }

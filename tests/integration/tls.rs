@@ -360,6 +360,7 @@ fn handshakes_take_start_places() {
     server.wait_for_log("still starting");
     // A client that does finish its handshake gets in once places free up.
     drop(_silent);
+    server.steady_thread_count();
     let mut alice = server.client("alice");
     alice.settle();
 }

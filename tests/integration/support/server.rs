@@ -295,6 +295,9 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // Its port may serve a plain server next.
+        #[cfg(feature = "tls")]
+        distrust(self.addr);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -95,6 +95,12 @@ pub fn trust(addr: SocketAddr, ca_pem: &[u8]) {
     TRUSTED.lock().unwrap().insert(addr, client_config(ca_pem));
 }
 
+/// Clients of `addr` speak plain TCP again (its server is gone).
+#[cfg(feature = "tls")]
+pub fn distrust(addr: SocketAddr) {
+    TRUSTED.lock().unwrap().remove(&addr);
+}
+
 /// A rustls client that trusts only the CA in `ca_pem`.
 #[cfg(feature = "tls")]
 pub fn client_config(ca_pem: &[u8]) -> std::sync::Arc<rustls::ClientConfig> {
