@@ -7,10 +7,11 @@
 #   make lint                   formatting check, clippy (with and without the
 #                               Cargo features) and rustdoc (every intra-doc
 #                               link resolves), warnings are errors
-#   make recipes                the README's "Try it" and OPERATIONS' Tokens,
-#                               Sentinel and Cluster recipes, run as written
-#                               (each in namespaces of its own: needs root or
-#                               user namespaces; installs websocat if missing)
+#   make recipes                the README's "Try it" (ws:// and wss://) and
+#                               OPERATIONS' Tokens, Sentinel and Cluster recipes,
+#                               run as written (each in namespaces of its own:
+#                               needs root or user namespaces; installs websocat
+#                               if missing)
 #   make check-minimal          the server without its wings (tokens, redis-ha):
 #                               builds, unit tests and a quick subset of the
 #                               integration tests
