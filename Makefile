@@ -20,8 +20,9 @@
 #   make interop                chat between threadchat and the Python original
 #                               (installs FastAPI, uvicorn, redis in a venv)
 #   make conformance            Autobahn|Testsuite cases 1-7 and 10 against /echo,
-#                               over ws:// and over wss:// (a certificate made
-#                               with openssl; needs Python 2.7, e.g. pyenv's 2.7.18)
+#                               over ws://, and over wss:// in TLS 1.3 and 1.2 (a
+#                               certificate made with openssl; needs Python 2.7,
+#                               e.g. pyenv's 2.7.18)
 #   make browser-test           the web page in headless chromium (playwright-core),
 #                               over http:// and over https:// (self-signed)
 #   make chaos                  faults under chat (Redis subscribers or publishers cut, Redis
