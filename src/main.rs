@@ -72,9 +72,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     // Where a person can go now, as addresses that work as printed (not
     // 0.0.0.0, which a browser cannot open).
     let reachable = reachable(server.local_addr());
+    // A certificate nobody vouches for: websocat must be told (`-k`).
+    let insecure = if config.is_self_signed_tls() {
+        "-k "
+    } else {
+        ""
+    };
     log::info!(
         "open {http}://{reachable}/ in a browser, or chat from a terminal: \
-         websocat -E {ws}://{reachable}/chat/alice"
+         websocat -E {insecure}{ws}://{reachable}/chat/alice"
     );
 
     let shutdown = server.shutdown_handle();

@@ -178,6 +178,15 @@ pub struct Config {
 }
 
 impl Config {
+    /// Whether clients are served over TLS with a certificate that signed
+    /// itself (`--tls-cert`), which a client must be told to trust.
+    pub fn is_self_signed_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.tls.as_ref().is_some_and(|certs| certs.self_signed());
+        #[cfg(not(feature = "tls"))]
+        false
+    }
+
     /// Whether clients are served over TLS (`--tls-cert`).
     pub fn is_tls(&self) -> bool {
         #[cfg(feature = "tls")]

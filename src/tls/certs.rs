@@ -62,6 +62,8 @@ pub enum CertError {
 pub struct Certificates {
     cert: PathBuf,
     key: PathBuf,
+    /// Whether the certificate read at start signed itself.
+    self_signed: bool,
     current: RwLock<Arc<CertifiedKey>>,
     provider: Arc<CryptoProvider>,
 }
@@ -79,10 +81,11 @@ impl Certificates {
     /// Reads and checks `cert` (the chain, leaf first) and `key`.
     pub fn load(cert: &Path, key: &Path) -> Result<Certificates, CertError> {
         let provider = Arc::new(super::provider());
-        let current = read(cert, key, &provider)?;
+        let (current, period) = read(cert, key, &provider)?;
         Ok(Certificates {
             cert: cert.to_owned(),
             key: key.to_owned(),
+            self_signed: period.self_issued,
             current: RwLock::new(Arc::new(current)),
             provider,
         })
@@ -91,7 +94,7 @@ impl Certificates {
     /// Reads the files again; on success, the next handshakes present what
     /// they hold now. On failure nothing changes.
     pub fn reload(&self) -> Result<(), CertError> {
-        let fresh = read(&self.cert, &self.key, &self.provider)?;
+        let (fresh, _) = read(&self.cert, &self.key, &self.provider)?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh);
         Ok(())
     }
@@ -99,6 +102,12 @@ impl Certificates {
     /// The certificate file, for the log.
     pub fn cert_path(&self) -> &Path {
         &self.cert
+    }
+
+    /// Whether the certificate read at start signed itself (a client must
+    /// be told to trust it: websocat's `-k`, a browser's exception).
+    pub fn self_signed(&self) -> bool {
+        self.self_signed
     }
 
     /// The TLS settings every handshake uses: TLS 1.2 and 1.3 (rustls's
@@ -125,7 +134,11 @@ impl ResolvesServerCert for Certificates {
 }
 
 /// Reads a chain and its key, and checks that they can serve now.
-fn read(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, CertError> {
+fn read(
+    cert: &Path,
+    key: &Path,
+    provider: &CryptoProvider,
+) -> Result<(CertifiedKey, validity::Period), CertError> {
     let unreadable = |path: &Path, reason: String| CertError::Read {
         path: path.to_owned(),
         reason,
@@ -161,5 +174,5 @@ fn read(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedK
     certified
         .keys_match()
         .map_err(|e| mismatch(e.to_string()))?;
-    Ok(certified)
+    Ok((certified, valid))
 }

@@ -1,6 +1,7 @@
 //! When a certificate is valid: its `notBefore` and `notAfter`, read from
 //! the DER, so that an expired certificate is an error at start (and on a
-//! reload) instead of a handshake every browser refuses.
+//! reload) instead of a handshake every browser refuses; and whether it
+//! signed itself (its issuer is its subject), for the start-up hint.
 //!
 //! rustls checks *client* chains, not the server's own certificate, and a
 //! full X.509 parser is a large dependency for two dates. An X.509
@@ -16,6 +17,8 @@ use std::time::{Duration, SystemTime};
 pub struct Period {
     not_before: SystemTime,
     not_after: SystemTime,
+    /// The issuer's name is the subject's: nobody else vouches for it.
+    pub self_issued: bool,
 }
 
 /// Where a moment falls in a [`Period`].
@@ -61,13 +64,15 @@ pub fn of(der: &[u8]) -> Result<Period, String> {
     }
     let (_, rest) = element(tbs, INTEGER).ok_or_else(|| bad("serial number"))?;
     let (_, rest) = element(rest, SEQUENCE).ok_or_else(|| bad("signature algorithm"))?;
-    let (_, rest) = element(rest, SEQUENCE).ok_or_else(|| bad("issuer"))?;
-    let (validity, _) = element(rest, SEQUENCE).ok_or_else(|| bad("validity"))?;
+    let (issuer, rest) = element(rest, SEQUENCE).ok_or_else(|| bad("issuer"))?;
+    let (validity, rest) = element(rest, SEQUENCE).ok_or_else(|| bad("validity"))?;
+    let (subject, _) = element(rest, SEQUENCE).ok_or_else(|| bad("subject"))?;
     let (not_before, rest) = time(validity).ok_or_else(|| bad("notBefore"))?;
     let (not_after, _) = time(rest).ok_or_else(|| bad("notAfter"))?;
     Ok(Period {
         not_before,
         not_after,
+        self_issued: issuer == subject,
     })
 }
 

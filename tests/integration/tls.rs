@@ -146,6 +146,17 @@ fn an_unfinished_handshake_is_closed_like_a_slow_request() {
     });
 }
 
+/// With a certificate that signed itself, the start-up hint tells
+/// websocat to accept it (`-k`); with one a CA signed, it does not.
+#[test]
+fn the_hint_says_k_for_a_self_signed_certificate() {
+    let certs = Certs::new();
+    let (cert, key) = (certs.path("self.pem"), certs.path("self.key"));
+    let args = ["--in-process", "--tls-cert", &cert, "--tls-key", &key];
+    let server = Server::start_with_env(&args, &[]);
+    server.wait_for_log(&format!("websocat -E -k wss://{}/chat/alice", server.addr));
+}
+
 #[test]
 fn a_certificate_that_cannot_serve_is_one_clear_error_at_start() {
     let certs = Certs::new();
