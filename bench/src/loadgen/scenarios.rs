@@ -62,7 +62,7 @@ pub(crate) fn fan_out(
         } else {
             format!("bench-{room}")
         };
-        let (more, summary) = connect_all(env.addr, per_room, &name)?;
+        let (more, summary) = connect_all(env.addr, env.tls(), per_room, &name)?;
         sockets.extend(more);
         handshake = summary;
     }
@@ -257,8 +257,11 @@ pub(crate) fn idle(env: &Env, clients: usize) -> anyhow::Result<Row> {
     let kernel0 = Kernel::now();
     let slabs0 = slab_caches();
     let started = Instant::now();
-    let (mut sockets, handshake) = connect_all(env.addr, clients, "idle")?;
+    let connect_cpu0 = cpu_ticks(env.pid());
+    let (mut sockets, handshake) = connect_all(env.addr, env.tls(), clients, "idle")?;
     let connect_time = started.elapsed();
+    // Ticks are 10 ms: over thousands of clients, a fine enough average.
+    let connect_cpu = (cpu_ticks(env.pid()) - connect_cpu0) as f64 * 10.0 / clients as f64;
     thread::sleep(Duration::from_secs(2));
     let rss = rss_kb(env.pid());
     let kernel = Kernel::now().per_client(&kernel0, clients);
@@ -304,6 +307,7 @@ pub(crate) fn idle(env: &Env, clients: usize) -> anyhow::Result<Row> {
         rss_per_client_kib: Some(rss.saturating_sub(rss0) as f64 / clients as f64),
         kernel_per_client_kib: Some(kernel),
         idle_cpu: Some(idle_cpu as f64 / 10.0),
+        connect_cpu_ms: Some(connect_cpu),
         ..Row::default()
     })
 }
