@@ -22,8 +22,13 @@
 //! the server spends. Two receiver threads each wait on half the sockets
 //! with `epoll` instead (see `receive`).
 //!
+//! With `--tls` the clients of a, b and c speak `wss://` to a server started
+//! with a certificate made for the run (`--tls both`: each scenario plain,
+//! then over TLS, for what TLS costs side by side).
+//!
 //! Layout (in `loadgen/`): `env` starts the processes and reads `/proc`; `client`
-//! connects; `scenarios` runs a, b and c; `receive` reads for every
+//! connects; `tls` makes the certificates and the clients' TLS stream;
+//! `scenarios` runs a, b and c; `receive` reads for every
 //! client; `attacks` runs d, e and f; `report` prints the tables.
 //!
 //! Latency is measured from a send timestamp carried in each message (client

@@ -107,7 +107,8 @@ pub(crate) fn receive(
     for (slot, client) in clients.iter().enumerate() {
         epoll.add(client.ws.get_ref().tcp().as_raw_fd(), slot as u64)?;
     }
-    // Frames may already be waiting in tungstenite's buffer.
+    // Frames may already be waiting in tungstenite's buffer (or, over TLS,
+    // decrypted in the session), where epoll cannot see them.
     for client in &mut clients {
         client.drain(delivered, progress);
     }
