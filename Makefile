@@ -42,7 +42,8 @@
 #                               only them) (docs/PERFORMANCE.md); TLS=1: a, b, c
 #                               over wss:// (a certificate made for the run),
 #                               TLS=both: each plain then over TLS
-#   make bench-tls              what TLS costs: a, b, c plain and over TLS,
+#   make bench-tls              what TLS costs: a, b, c and t (2,000 short
+#                               connections: the handshake) plain and over TLS,
 #                               alternating, twice, with each relay (BROKER= as
 #                               above; about 15 minutes)
 
@@ -155,7 +156,7 @@ bench-cluster: require-redis
 # that a busy moment on the machine falls on both.
 bench-tls: require-redis
 	$(CARGO) build --release --workspace --bins
-	./target/release/loadgen --broker $(BROKER) --scenario a,b,c --tls both --rounds 2
+	./target/release/loadgen --broker $(BROKER) --scenario a,b,c,t --tls both --rounds 2
 
 require-redis:
 	@scripts/need-redis.sh

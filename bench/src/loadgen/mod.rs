@@ -17,13 +17,14 @@ use clap::Parser;
 
 use env::Env;
 use report::Row;
-use scenarios::{Pace, Rooms, fan_out, idle};
+use scenarios::{Pace, Rooms, fan_out, handshakes, idle};
 
 #[derive(Parser)]
 #[command(about = "Load generator for threadchat (see `make bench`)")]
 pub(crate) struct Args {
     /// Scenarios to run: a, b, c; g and h (many rooms); the attacks d, e,
-    /// f, i (silent starts) and j (room rotation); k, the gap fill's cost
+    /// f, i (silent starts) and j (room rotation); k, the gap fill's cost;
+    /// t, short connections (each a handshake with `--tls`)
     /// (comma-separated).
     #[arg(long, default_value = "a,b,c", value_delimiter = ',')]
     scenario: Vec<String>,
@@ -45,7 +46,7 @@ pub(crate) struct Args {
     /// default, adds keeping the log.
     #[arg(long, default_value_t = 0)]
     history: usize,
-    /// Clients speak TLS (`wss://`) in the scenarios a, b, c, g and h: the
+    /// Clients speak TLS (`wss://`) in the scenarios a, b, c, g, h and t: the
     /// server is started with a certificate made for the run. `--tls both`
     /// runs each of them plain, then over TLS, for a table of the two side
     /// by side. (The attacks and k stay plain.)
@@ -83,6 +84,9 @@ const MANY_ROOMS: Rooms = Rooms {
     per_room: 20,
     senders: 2,
 };
+
+/// Connections in scenario t (each a TLS handshake with `--tls`).
+const HANDSHAKES: usize = 2000;
 
 /// Runs the scenarios the command line asks for and prints the tables.
 pub fn main() -> anyhow::Result<()> {
@@ -164,6 +168,7 @@ fn run(args: &Args, scenario: &str, relay: &str, tls: bool) -> anyhow::Result<Ro
             Duration::from_secs(10),
         ),
         "c" => idle(&env, args.idle_clients),
+        "t" => handshakes(&env, HANDSHAKES),
         other => bail!("unknown scenario {other:?}"),
     }
 }
