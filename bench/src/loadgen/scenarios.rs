@@ -315,9 +315,9 @@ pub(crate) fn idle(env: &Env, clients: usize) -> anyhow::Result<Row> {
 }
 
 /// Scenario t: `connections` short connections from four threads, each
-/// asking `GET /healthz` and closing. Over TLS each is a full handshake (no
-/// session resumption), so the server's CPU per connection beside plain is
-/// what a handshake costs it.
+/// asking `GET /healthz` and closing. Over TLS each is a full handshake
+/// (the clients resume no session: see `tls::Certs::new`), so the server's
+/// CPU per connection beside plain is what a handshake costs it.
 pub(crate) fn handshakes(env: &Env, connections: usize) -> anyhow::Result<Row> {
     const THREADS: usize = 4;
     let next = Arc::new(AtomicU64::new(0));
@@ -368,6 +368,9 @@ fn healthz(
     use std::io::{Read, Write};
     let tcp = std::net::TcpStream::connect(addr)?;
     tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+    // As browsers do: the request does not wait for the handshake's last
+    // record to be acknowledged.
+    tcp.set_nodelay(true)?;
     let mut stream = Stream::connect(tcp, tls)?;
     write!(
         stream,

@@ -63,10 +63,15 @@ impl Certs {
 
         let mut roots = RootCertStore::empty();
         roots.add(ca.der().clone())?;
-        let client = ClientConfig::builder_with_provider(Arc::new(provider()))
+        let mut client = ClientConfig::builder_with_provider(Arc::new(provider()))
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        // Every connection a full handshake, as in a storm of first visits
+        // or after a restart (the server forgets its sessions): resuming a
+        // session the server remembers would skip the certificate and its
+        // signature, and the bench's clients would resume each other's.
+        client.resumption = rustls::client::Resumption::disabled();
         Ok(Certs {
             dir,
             client: Arc::new(client),
