@@ -58,7 +58,7 @@ pub(crate) struct Args {
     rounds: usize,
 }
 
-/// Whether the clients of a fan-out or idle scenario speak TLS.
+/// Whether the clients of scenarios a, b, c, g, h and t speak TLS.
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
 enum Tls {
     Off,
