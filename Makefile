@@ -45,7 +45,7 @@
 #   make bench-tls              what TLS costs: a, b, c and t (2,000 short
 #                               connections: the handshake) plain and over TLS,
 #                               alternating, twice, with each relay (BROKER= as
-#                               above; about 15 minutes)
+#                               above; about 10 minutes)
 
 CARGO ?= cargo
 ARGS ?=
