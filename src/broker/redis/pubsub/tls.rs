@@ -107,3 +107,185 @@ impl Write for TlsWire {
         self.0.flush()
     }
 }
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    use std::thread;
+    use std::time::Duration;
+
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    use super::super::{BUFFER, PubSubConnection, Push, Waited};
+    use crate::broker::redis::link::Link;
+    use crate::config::{RedisTarget, RedisTls, RedisTlsArgs};
+
+    /// A CA of its own, a certificate it signed for `localhost` (with its
+    /// key), and the CA's PEM written to a file for `--redis-ca`.
+    struct Pki {
+        cert: rustls::pki_types::CertificateDer<'static>,
+        key: PrivateKeyDer<'static>,
+        ca_file: std::path::PathBuf,
+    }
+
+    impl Pki {
+        fn new() -> Pki {
+            let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(vec!["localhost".to_owned()])
+                .unwrap()
+                .signed_by(&key, &ca)
+                .unwrap();
+            let ca_file = std::env::temp_dir().join(format!(
+                "threadchat-pubsub-ca-{}-{:x}.pem",
+                std::process::id(),
+                crate::broker::random_u64()
+            ));
+            std::fs::write(&ca_file, ca.pem()).unwrap();
+            Pki {
+                cert: cert.der().clone(),
+                key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+                ca_file,
+            }
+        }
+
+        /// What threadchat would make of `--redis rediss://… --redis-ca`.
+        fn link(&self, url: &str) -> Link {
+            let args = RedisTlsArgs {
+                redis_ca: Some(self.ca_file.clone()),
+                ..RedisTlsArgs::default()
+            };
+            Link::new(&RedisTarget::Server {
+                url: url.to_owned(),
+                tls: Some(RedisTls::load(&args).unwrap()),
+            })
+        }
+
+        fn server_config(&self) -> std::sync::Arc<rustls::ServerConfig> {
+            #[allow(deprecated)]
+            let provider = rustls::crypto::ring::default_provider();
+            let config = rustls::ServerConfig::builder_with_provider(provider.into())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![self.cert.clone()], self.key.clone_key())
+                .unwrap();
+            std::sync::Arc::new(config)
+        }
+    }
+
+    impl Drop for Pki {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.ca_file);
+        }
+    }
+
+    fn connect(
+        port: u16,
+        pki: &Pki,
+        timeout: Duration,
+    ) -> std::io::Result<(PubSubConnection, std::sync::Arc<std::net::TcpStream>)> {
+        let url = format!("rediss://localhost:{port}");
+        let info = redis::IntoConnectionInfo::into_connection_info(url.as_str()).unwrap();
+        PubSubConnection::connect(&info, &pki.link(&url), timeout, 64 * 1024)
+    }
+
+    /// A port that accepts and never answers: the handshake gives up when
+    /// the connect timeout is spent, and says what it suspects.
+    #[test]
+    fn a_silent_port_fails_the_handshake_in_time() {
+        let pki = Pki::new();
+        let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let error = connect(port, &pki, Duration::from_millis(300))
+            .err()
+            .unwrap();
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
+        assert!(error.to_string().contains("is it a TLS port?"), "{error}");
+    }
+
+    /// A port that answers in plain RESP: not TLS, said at once.
+    #[test]
+    fn a_plain_answer_is_not_tls() {
+        let pki = Pki::new();
+        let plain = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = plain.local_addr().unwrap().port();
+        let peer = thread::spawn(move || {
+            let (mut socket, _) = plain.accept().unwrap();
+            let mut hello = [0; 512];
+            let _ = socket.read(&mut hello);
+            let _ = socket.write_all(b"-ERR unknown command\r\n");
+        });
+        let error = connect(port, &pki, Duration::from_secs(5)).err().unwrap();
+        assert!(error.to_string().contains("is it a TLS port?"), "{error}");
+        peer.join().unwrap();
+    }
+
+    /// Redis (scripted here, to put everything in one TLS record) sends a
+    /// message that ends exactly where the subscription's buffer does, and
+    /// a small one, together: after the first is read, the small one —
+    /// decrypted, waiting in the TLS session, not in the buffer — counts as
+    /// buffered; after it, nothing does. Then shutting the socket down
+    /// wakes a read blocked in the TLS session.
+    #[test]
+    fn what_tls_decrypted_ahead_counts_as_buffered_and_shutdown_wakes() {
+        let pki = Pki::new();
+        let config = pki.server_config();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let redis = thread::spawn(move || {
+            let (socket, _) = listener.accept().unwrap();
+            let session = rustls::ServerConnection::new(config).unwrap();
+            let mut tls = rustls::StreamOwned::new(session, socket);
+            let mut command = [0; 256];
+            let _ = tls.read(&mut command).unwrap(); // SUBSCRIBE ch
+            let message = |payload: &str| {
+                format!(
+                    "*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n${}\r\n{payload}\r\n",
+                    payload.len()
+                )
+            };
+            let mut all = "*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n".to_owned();
+            // The confirmation and the first message fill the buffer exactly.
+            let first = (1..BUFFER)
+                .map(|n| "x".repeat(n))
+                .find(|payload| all.len() + message(payload).len() == BUFFER)
+                .unwrap();
+            all += &message(&first);
+            all += &message("small");
+            // One write: one TLS record (under 16 KiB).
+            tls.write_all(all.as_bytes()).unwrap();
+            // Hold the connection until the client shuts it down.
+            let _ = tls.read(&mut command);
+        });
+        let (mut con, socket) = connect(port, &pki, Duration::from_secs(5)).unwrap();
+        con.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        con.subscribe(&["ch"], false).unwrap();
+        con.wait().unwrap();
+        match con.next().unwrap() {
+            Push::Message { payload, .. } => assert!(payload.len() > BUFFER - 100),
+            other => panic!("{other:?}"),
+        }
+        assert!(con.has_buffered(), "the small message is already here");
+        assert_eq!(con.wait().unwrap(), Waited::Buffered);
+        assert_eq!(
+            con.next().unwrap(),
+            Push::Message {
+                channel: b"ch".to_vec(),
+                payload: b"small".to_vec()
+            }
+        );
+        assert!(!con.has_buffered());
+
+        con.set_read_timeout(None).unwrap();
+        let waiting = thread::spawn(move || con.wait().map(|_| ()));
+        thread::sleep(Duration::from_millis(100));
+        socket.shutdown(std::net::Shutdown::Both).unwrap();
+        assert!(waiting.join().unwrap().is_err(), "a shut-down read fails");
+        redis.join().unwrap();
+    }
+}
