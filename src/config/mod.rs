@@ -654,6 +654,53 @@ mod tests {
     }
 
     #[test]
+    #[cfg(not(feature = "tls"))]
+    fn rediss_urls_name_the_feature_they_need() {
+        for url in [
+            "rediss://a:1",
+            "rediss+sentinel://a:1/m",
+            "rediss+cluster://a:1",
+        ] {
+            let error = redis_target(url, &()).unwrap_err().to_string();
+            assert!(error.contains("`tls` feature"), "{error}");
+        }
+    }
+
+    /// `rediss…` is `redis…` over TLS, with the files of `--redis-ca`
+    /// (a CA made here).
+    #[test]
+    #[cfg(all(feature = "tls", feature = "redis-ha", target_os = "linux"))]
+    fn rediss_urls_are_read() {
+        let ca = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        let file =
+            std::env::temp_dir().join(format!("threadchat-config-ca-{}.pem", std::process::id()));
+        std::fs::write(&file, ca.pem()).unwrap();
+        let options = RedisTlsArgs {
+            redis_ca: Some(file.clone()),
+            ..RedisTlsArgs::default()
+        };
+        for (given, url) in [
+            ("rediss://h:1/2", "rediss://h:1/2"),
+            ("rediss+sentinel://a:1,b:2/m", "rediss+sentinel://a:1,b:2/m"),
+            ("rediss+cluster://a:1,b:2", "rediss+cluster://a:1,b:2"),
+        ] {
+            let target = redis_target(given, &options).unwrap();
+            assert!(target.tls().is_some(), "{given}");
+            assert_eq!(target.url(), url);
+        }
+        assert!(
+            redis_target("redis://h:1", &options)
+                .unwrap()
+                .tls()
+                .is_none()
+        );
+        let _ = std::fs::remove_file(file);
+    }
+
+    #[test]
     fn ceiling_is_positive() {
         assert!(connection_ceiling(2) >= 1);
         assert!(connection_ceiling(1) >= connection_ceiling(2));

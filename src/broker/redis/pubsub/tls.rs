@@ -288,4 +288,101 @@ mod tests {
         assert!(waiting.join().unwrap().is_err(), "a shut-down read fails");
         redis.join().unwrap();
     }
+
+    /// What a connection costs, plain and over TLS, against a real
+    /// `redis-server` (TLS on one port, plain on another): the
+    /// subscription's own path (connect, handshake with the shared
+    /// configuration, `SUBSCRIBE` confirmed) and the `redis` crate's
+    /// (`get_connection`, which builds a TLS configuration and reads the
+    /// system's roots each time). A measurement, not a check:
+    /// `cargo test --release --lib connection_costs -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement; run it by name with --ignored --nocapture"]
+    fn connection_costs() {
+        use std::process::{Command, Stdio};
+        use std::time::Instant;
+
+        let pki = Pki::new();
+        let dir = pki.ca_file.with_extension("d");
+        std::fs::create_dir_all(&dir).unwrap();
+        let write_pem = |name: &str, label: &str, der: &[u8]| {
+            use base64::Engine;
+            let body = base64::engine::general_purpose::STANDARD.encode(der);
+            let lines: Vec<&str> = body
+                .as_bytes()
+                .chunks(64)
+                .map(|c| std::str::from_utf8(c).unwrap())
+                .collect();
+            let pem = format!(
+                "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+                lines.join("\n")
+            );
+            std::fs::write(dir.join(name), pem).unwrap();
+        };
+        write_pem("server.pem", "CERTIFICATE", &pki.cert);
+        write_pem("server.key", "PRIVATE KEY", pki.key.secret_der());
+        let free = || {
+            TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (plain_port, tls_port) = (free(), free());
+        let file = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+        let mut redis = Command::new("redis-server")
+            .args(["--port", &plain_port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--tls-port", &tls_port.to_string()])
+            .args(["--tls-cert-file", &file("server.pem")])
+            .args(["--tls-key-file", &file("server.key")])
+            .args(["--tls-auth-clients", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        thread::sleep(Duration::from_millis(500));
+
+        const N: u32 = 200;
+        let plain_info = redis::IntoConnectionInfo::into_connection_info(format!(
+            "redis://127.0.0.1:{plain_port}"
+        ))
+        .unwrap();
+        let tls_url = format!("rediss://localhost:{tls_port}");
+        let tls_info = redis::IntoConnectionInfo::into_connection_info(tls_url.as_str()).unwrap();
+        let tls_link = pki.link(&tls_url);
+        let subscribe = |info: &redis::ConnectionInfo, link: &Link| {
+            let started = Instant::now();
+            for _ in 0..N {
+                let (mut con, _) =
+                    PubSubConnection::connect(info, link, Duration::from_secs(5), 1024).unwrap();
+                con.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                con.subscribe(&["ch"], false).unwrap();
+            }
+            started.elapsed() / N
+        };
+        let plain = subscribe(&plain_info, &Link::default());
+        let tls = subscribe(&tls_info, &tls_link);
+        let crate_connection = |client: &redis::Client| {
+            let started = Instant::now();
+            for _ in 0..N {
+                let mut con = client.get_connection().unwrap();
+                redis::cmd("PING").query::<String>(&mut con).unwrap();
+            }
+            started.elapsed() / N
+        };
+        let crate_plain = crate_connection(
+            &Link::default()
+                .open(&format!("redis://127.0.0.1:{plain_port}"))
+                .unwrap(),
+        );
+        let crate_tls = crate_connection(&tls_link.open(&tls_url).unwrap());
+        println!(
+            "per connection, {N} in a row:\n\
+             subscription (connect + SUBSCRIBE): plain {plain:?}, TLS {tls:?}\n\
+             redis crate (connect + PING):       plain {crate_plain:?}, TLS {crate_tls:?}"
+        );
+        let _ = redis.kill();
+        let _ = redis.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
