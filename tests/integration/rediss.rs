@@ -308,3 +308,31 @@ fn cluster_over_tls_chats_in_rooms_on_every_master() {
         assert_eq!(bob.recv_chat().1, format!("hello in {room}"));
     }
 }
+
+/// A failover that keeps the old master alive (demoted by the sentinels)
+/// is heard by the watcher, which listens to the sentinels over TLS, and
+/// every subscription moves to the new master.
+#[test]
+#[cfg(feature = "redis-ha")]
+fn sentinel_over_tls_watcher_hears_a_demotion() {
+    let certs = Certs::new();
+    let setup = Sentinels::start_tls(&certs);
+    let server = Server::on_redis(&setup.url(), &["--redis-ca", &certs.ca()]);
+    let mut alice = server.settled("alice");
+    let mut bob = server.settled("bob");
+    let old = setup.master_port();
+    setup.fail_over();
+    let new = setup.wait_for_new_master(old);
+    let moved = server.wait_for_log("Redis Sentinel: master \"chat\" moved");
+    assert!(moved.contains(&format!(":{new}")), "{moved}");
+    assert!(bob.recv_notice().contains("lost the chat relay"));
+    assert!(bob.recv_notice().contains("reconnected"));
+    // Published to the new master and delivered (messages refused by the
+    // old one, if any, were reported to their sender).
+    let delivered = (0..20).any(|i| {
+        alice.send(&format!("on {new}, try {i}"));
+        bob.recv_live_within(std::time::Duration::from_millis(500))
+            .is_some_and(|frame| frame["type"] == "chat")
+    });
+    assert!(delivered, "no message got through after the failover");
+}

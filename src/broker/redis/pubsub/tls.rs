@@ -82,6 +82,12 @@ impl TlsWire {
             }
         }
         stream.set_read_timeout(None)?;
+        // Full, or resumed from an earlier session (the shared
+        // configuration keeps their tickets).
+        log::trace!(
+            "TLS with Redis at {host}:{port}: {:?} handshake",
+            tls.conn.handshake_kind()
+        );
         Ok(TlsWire(tls))
     }
 
@@ -350,18 +356,21 @@ mod tests {
         let tls_url = format!("rediss://localhost:{tls_port}");
         let tls_info = redis::IntoConnectionInfo::into_connection_info(tls_url.as_str()).unwrap();
         let tls_link = pki.link(&tls_url);
-        let subscribe = |info: &redis::ConnectionInfo, link: &Link| {
+        let subscribe = |info: &redis::ConnectionInfo, link: &dyn Fn() -> Link| {
             let started = Instant::now();
             for _ in 0..N {
                 let (mut con, _) =
-                    PubSubConnection::connect(info, link, Duration::from_secs(5), 1024).unwrap();
+                    PubSubConnection::connect(info, &link(), Duration::from_secs(5), 1024).unwrap();
                 con.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
                 con.subscribe(&["ch"], false).unwrap();
             }
             started.elapsed() / N
         };
-        let plain = subscribe(&plain_info, &Link::default());
-        let tls = subscribe(&tls_info, &tls_link);
+        let plain = subscribe(&plain_info, &Link::default);
+        // The configuration shared, as threadchat does: sessions resume.
+        let tls = subscribe(&tls_info, &|| tls_link.clone());
+        // A configuration made for each connection: every handshake full.
+        let unshared = subscribe(&tls_info, &|| pki.link(&tls_url));
         let crate_connection = |client: &redis::Client| {
             let started = Instant::now();
             for _ in 0..N {
@@ -378,7 +387,8 @@ mod tests {
         let crate_tls = crate_connection(&tls_link.open(&tls_url).unwrap());
         println!(
             "per connection, {N} in a row:\n\
-             subscription (connect + SUBSCRIBE): plain {plain:?}, TLS {tls:?}\n\
+             subscription (connect + SUBSCRIBE): plain {plain:?}, TLS {tls:?} \
+             (a configuration each time: {unshared:?})\n\
              redis crate (connect + PING):       plain {crate_plain:?}, TLS {crate_tls:?}"
         );
         let _ = redis.kill();
