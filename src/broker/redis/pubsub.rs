@@ -112,67 +112,6 @@ pub(crate) enum Push {
     Other,
 }
 
-/// What a subscription's bytes travel on: the socket itself, or a TLS
-/// session over it.
-enum Wire {
-    /// `redis://`: the socket.
-    Plain(SharedStream),
-    /// `rediss://`: a TLS session (boxed: it is large, and the plain
-    /// connection should not pay for it).
-    #[cfg(feature = "tls")]
-    Tls(Box<tls::TlsWire>),
-}
-
-impl Read for Wire {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Wire::Plain(stream) => stream.read(buf),
-            #[cfg(feature = "tls")]
-            Wire::Tls(tls) => tls.read(buf),
-        }
-    }
-}
-
-impl Write for Wire {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Wire::Plain(stream) => stream.write(buf),
-            #[cfg(feature = "tls")]
-            Wire::Tls(tls) => tls.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Wire::Plain(stream) => stream.flush(),
-            #[cfg(feature = "tls")]
-            Wire::Tls(tls) => tls.flush(),
-        }
-    }
-}
-
-impl Wire {
-    /// Whether bytes the socket delivered wait here, read but not yet
-    /// handed out (TLS decrypts a whole record at once).
-    fn holds_more(&self) -> bool {
-        match self {
-            Wire::Plain(_) => false,
-            #[cfg(feature = "tls")]
-            Wire::Tls(tls) => tls.holds_plaintext(),
-        }
-    }
-
-    /// Whether a read that did not fill the buffer proves that the socket
-    /// was drained. True of the socket; not of TLS, which reads the socket
-    /// in pieces of its own choosing.
-    fn short_read_drains(&self) -> bool {
-        match self {
-            Wire::Plain(_) => true,
-            #[cfg(feature = "tls")]
-            Wire::Tls(_) => false,
-        }
-    }
-}
-
 /// A connection in subscribed mode. One socket (one file descriptor),
 /// shared by the buffered reader, the writes and whoever may shut it down.
 pub(crate) struct PubSubConnection {
@@ -190,7 +129,6 @@ impl PubSubConnection {
     /// Connects (through `link`'s TLS, for a `rediss://` address),
     /// authenticates (if the URL has a password) and returns the
     /// connection and a handle whose `shutdown()` wakes any read on it.
-    #[cfg_attr(not(feature = "tls"), allow(unused_variables))]
     pub(crate) fn connect(
         info: &ConnectionInfo,
         link: &Link,
@@ -231,20 +169,7 @@ impl PubSubConnection {
             .with_interval(KEEPALIVE_INTERVAL)
             .with_retries(KEEPALIVE_PROBES);
         socket2::SockRef::from(&*stream).set_tcp_keepalive(&keepalive)?;
-        let wire = match info.addr() {
-            #[cfg(feature = "tls")]
-            ConnectionAddr::TcpTls { .. } => {
-                let config = link.tls_config().ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "rediss:// without TLS settings",
-                    )
-                })?;
-                let tls = tls::TlsWire::handshake(&stream, host, *port, config, timeout)?;
-                Wire::Tls(Box::new(tls))
-            }
-            _ => Wire::Plain(SharedStream(Arc::clone(&stream))),
-        };
+        let wire = Wire::over(&stream, info, link, timeout)?;
         let mut connection = PubSubConnection {
             reader: BufReader::with_capacity(BUFFER, wire),
             stream: Arc::clone(&stream),
@@ -373,6 +298,92 @@ impl PubSubConnection {
 
     fn read_reply(&mut self) -> io::Result<Reply> {
         read_reply(&mut self.reader, 0, self.max_payload)
+    }
+}
+
+/// What a subscription's bytes travel on: the socket itself, or a TLS
+/// session over it.
+enum Wire {
+    /// `redis://`: the socket.
+    Plain(SharedStream),
+    /// `rediss://`: a TLS session (boxed: it is large, and the plain
+    /// connection should not pay for it).
+    #[cfg(feature = "tls")]
+    Tls(Box<tls::TlsWire>),
+}
+
+impl Read for Wire {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Wire::Plain(stream) => stream.read(buf),
+            #[cfg(feature = "tls")]
+            Wire::Tls(tls) => tls.read(buf),
+        }
+    }
+}
+
+impl Write for Wire {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Wire::Plain(stream) => stream.write(buf),
+            #[cfg(feature = "tls")]
+            Wire::Tls(tls) => tls.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Wire::Plain(stream) => stream.flush(),
+            #[cfg(feature = "tls")]
+            Wire::Tls(tls) => tls.flush(),
+        }
+    }
+}
+
+impl Wire {
+    /// The socket itself for a `redis://` address; for `rediss://`, a TLS
+    /// session made over it within `timeout`, as `link` says.
+    #[cfg_attr(not(feature = "tls"), allow(unused_variables))]
+    fn over(
+        stream: &Arc<TcpStream>,
+        info: &ConnectionInfo,
+        link: &Link,
+        timeout: Duration,
+    ) -> io::Result<Wire> {
+        match info.addr() {
+            #[cfg(feature = "tls")]
+            ConnectionAddr::TcpTls { host, port, .. } => {
+                let config = link.tls_config().ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "rediss:// without TLS settings",
+                    )
+                })?;
+                let tls = tls::TlsWire::handshake(stream, host, *port, config, timeout)?;
+                Ok(Wire::Tls(Box::new(tls)))
+            }
+            _ => Ok(Wire::Plain(SharedStream(Arc::clone(stream)))),
+        }
+    }
+
+    /// Whether bytes the socket delivered wait here, read but not yet
+    /// handed out (TLS decrypts a whole record at once).
+    fn holds_more(&self) -> bool {
+        match self {
+            Wire::Plain(_) => false,
+            #[cfg(feature = "tls")]
+            Wire::Tls(tls) => tls.holds_plaintext(),
+        }
+    }
+
+    /// Whether a read that did not fill the buffer proves that the socket
+    /// was drained. True of the socket; not of TLS, which reads the socket
+    /// in pieces of its own choosing.
+    fn short_read_drains(&self) -> bool {
+        match self {
+            Wire::Plain(_) => true,
+            #[cfg(feature = "tls")]
+            Wire::Tls(_) => false,
+        }
     }
 }
 
