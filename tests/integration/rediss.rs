@@ -272,7 +272,11 @@ fn sentinel_over_tls_chats_and_follows_a_failover() {
     let certs = Certs::new();
     let mut setup = Sentinels::start_tls(&certs);
     let server = Server::on_redis(&setup.url(), &["--redis-ca", &certs.ca()]);
-    server.wait_for_log("relay: Redis Sentinel");
+    assert!(
+        server
+            .wait_for_log("relay: Redis Sentinel")
+            .contains(", over TLS")
+    );
     let mut alice = server.settled("alice");
     let mut bob = server.settled("bob");
     alice.send("through the master");
@@ -298,7 +302,11 @@ fn cluster_over_tls_chats_in_rooms_on_every_master() {
     let certs = Certs::new();
     let cluster = Cluster::start_tls(&certs);
     let server = Server::on_redis(&cluster.url(), &["--redis-ca", &certs.ca()]);
-    server.wait_for_log("relay: Redis Cluster: 3 master(s)");
+    assert!(
+        server
+            .wait_for_log("relay: Redis Cluster: 3 master(s)")
+            .contains(", over TLS")
+    );
     for room in cluster.a_room_on_each_master() {
         let mut alice = Client::connect_path(server.addr, &format!("/chat/alice?room={room}"));
         alice.settle();

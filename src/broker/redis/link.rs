@@ -78,6 +78,15 @@ impl Link {
         "no answer in time".into()
     }
 
+    /// For the start-up log: `", over TLS"`, or nothing.
+    #[cfg_attr(not(feature = "redis-ha"), allow(dead_code))]
+    pub(super) fn describe(&self) -> &'static str {
+        match self.scheme() {
+            "rediss" => ", over TLS",
+            _ => "",
+        }
+    }
+
     /// The scheme of a node's URL.
     #[cfg_attr(not(feature = "redis-ha"), allow(dead_code))]
     fn scheme(&self) -> &'static str {

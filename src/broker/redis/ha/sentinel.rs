@@ -107,10 +107,11 @@ impl Sentinels {
             .map(|(address, _)| address)
             .unwrap_or_else(|e| format!("unknown ({e})"));
         format!(
-            "Redis Sentinel: master {:?} at {master}, {} sentinel(s): {}",
+            "Redis Sentinel: master {:?} at {master}, {} sentinel(s): {}{}",
             self.master_name,
             self.addresses.len(),
-            self.addresses.join(", ")
+            self.addresses.join(", "),
+            self.link.describe()
         )
     }
 

@@ -227,9 +227,10 @@ impl Cluster {
             })
             .collect();
         format!(
-            "Redis Cluster: {} master(s): {}",
+            "Redis Cluster: {} master(s): {}{}",
             masters.len(),
-            masters.join(", ")
+            masters.join(", "),
+            self.link.describe()
         )
     }
 
