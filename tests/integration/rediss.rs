@@ -110,7 +110,7 @@ fn a_client_that_comes_back_gets_what_it_missed_over_tls(args: &[&str]) {
 }
 
 /// A Redis that asks every client for a certificate: threadchat shows the
-/// one `--redis-cert`/`--redis-key` name, and chats; without them, it
+/// one `--redis-cert`/`--redis-key` (here their variables) name, and chats; without them, it
 /// fails at start with one line that says TLS was refused.
 #[test]
 fn a_client_certificate_redis_requires_is_shown() {
@@ -118,16 +118,15 @@ fn a_client_certificate_redis_requires_is_shown() {
     let redis = Redis::start_tls(&certs, &["--tls-auth-clients", "yes"]);
     let (url, ca) = (redis.url(), certs.ca());
     let (cert, key) = (certs.path("client.pem"), certs.path("client.key"));
-    let server = Server::start(&[
-        "--redis",
-        &url,
-        "--redis-ca",
-        &ca,
-        "--redis-cert",
-        &cert,
-        "--redis-key",
-        &key,
-    ]);
+    // Given through the environment, as any option may be.
+    let server = Server::start_with_env(
+        &["--redis", &url],
+        &[
+            ("THREADCHAT_REDIS_CA", ca.as_str()),
+            ("THREADCHAT_REDIS_CERT", cert.as_str()),
+            ("THREADCHAT_REDIS_KEY", key.as_str()),
+        ],
+    );
     let mut alice = server.settled("alice");
     let mut bob = server.settled("bob");
     alice.send("shown and trusted");
