@@ -343,3 +343,38 @@ fn sentinel_over_tls_watcher_hears_a_demotion() {
     });
     assert!(delivered, "no message got through after the failover");
 }
+
+/// A room's slot moved to another master of a TLS cluster (a resharding):
+/// the publishers follow `MOVED`, the subscriptions the pushed
+/// `sunsubscribe`, both to a node they reach over TLS, and the chat goes
+/// on.
+#[test]
+#[cfg(feature = "redis-ha")]
+fn cluster_over_tls_follows_a_moved_room() {
+    let certs = Certs::new();
+    let cluster = Cluster::start_tls(&certs);
+    let server = Server::on_redis(&cluster.url(), &["--redis-ca", &certs.ca()]);
+    let room = &cluster.a_room_on_each_master()[0];
+    let join = |nickname: &str| {
+        let mut client =
+            Client::connect_path(server.addr, &format!("/chat/{nickname}?room={room}"));
+        client.settle();
+        client
+    };
+    let (mut alice, mut bob) = (join("alice"), join("bob"));
+    alice.send("before the move");
+    assert_eq!(bob.recv_chat().1, "before the move");
+
+    let slot = cluster.slot(&crate::support::room_channel(room));
+    let old = cluster.master_of(slot);
+    let new = cluster.masters().into_iter().find(|m| *m != old).unwrap();
+    cluster.migrate(slot, new, || {});
+    assert!(bob.recv_notice().contains("lost the chat relay"));
+    assert!(bob.recv_notice().contains("reconnected"));
+    alice.send("after the move");
+    while bob.recv_chat().1 != "after the move" {}
+    assert_eq!(
+        cluster.shard_subscribers(new, &crate::support::room_channel(room)),
+        2
+    );
+}

@@ -166,9 +166,10 @@ impl Redis {
 
     fn connection(&self) -> Option<redis::Connection> {
         let client = client(&self.url(), self.tls.as_deref())?;
-        let mut con = client
-            .get_connection_with_timeout(Duration::from_secs(1))
-            .ok()?;
+        // A TLS handshake (and the `redis` crate's reading of the system's
+        // roots for each connection) takes longer on a loaded machine.
+        let timeout = Duration::from_secs(if self.tls.is_some() { 5 } else { 1 });
+        let mut con = client.get_connection_with_timeout(timeout).ok()?;
         redis::cmd("PING").query::<String>(&mut con).ok()?;
         Some(con)
     }
