@@ -7,10 +7,11 @@
 #   make lint                   formatting check, clippy (with and without the
 #                               Cargo features) and rustdoc (every intra-doc
 #                               link resolves), warnings are errors
-#   make recipes                the README's "Try it" and OPERATIONS' Tokens,
-#                               Sentinel and Cluster recipes, run as written
-#                               (each in namespaces of its own: needs root or
-#                               user namespaces; installs websocat if missing)
+#   make recipes                the README's "Try it" (ws:// and wss://) and
+#                               OPERATIONS' Tokens, Sentinel and Cluster recipes,
+#                               run as written (each in namespaces of its own:
+#                               needs root or user namespaces; installs websocat
+#                               if missing)
 #   make check-minimal          the server without its wings (tokens, redis-ha):
 #                               builds, unit tests and a quick subset of the
 #                               integration tests
@@ -18,9 +19,12 @@
 #                               without the tls wing (its C needs a Mac's compiler)
 #   make interop                chat between threadchat and the Python original
 #                               (installs FastAPI, uvicorn, redis in a venv)
-#   make conformance            Autobahn|Testsuite cases 1-7 and 10 against /echo
-#                               (needs Python 2.7, e.g. pyenv's 2.7.18)
-#   make browser-test           the web page in headless chromium (playwright-core)
+#   make conformance            Autobahn|Testsuite cases 1-7 and 10 against /echo,
+#                               over ws://, and over wss:// in TLS 1.3 and 1.2 (a
+#                               certificate made with openssl; needs Python 2.7,
+#                               e.g. pyenv's 2.7.18)
+#   make browser-test           the web page in headless chromium (playwright-core),
+#                               over http:// and over https:// (self-signed)
 #   make chaos                  faults under chat (Redis subscribers or publishers cut, Redis
 #                               stalled, restarted empty and from its AOF, an
 #                               instance killed, clients dropped, an instance's
@@ -128,7 +132,10 @@ browser-test:
 	@test -x $(CHROMIUM) || { echo "browser-test needs chromium at $(CHROMIUM) (apt-get install chromium)"; exit 1; }
 	$(CARGO) build --bin threadchat
 	cd tests/browser && npm ci --no-audit --no-fund --silent
+	@echo "--- the web page over http:// and ws://"
 	cd tests/browser && CHROMIUM=$(CHROMIUM) node --experimental-websocket --test chat.test.mjs
+	@echo "--- the web page over https:// and wss:// (a self-signed certificate)"
+	cd tests/browser && CHROMIUM=$(CHROMIUM) HTTPS=1 node --experimental-websocket --test chat.test.mjs
 
 BROKER ?= all
 SCENARIOS ?= a,b,c

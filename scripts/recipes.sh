@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the commands a newcomer copies from the docs, as written: the
-# README's "Try it" and docs/OPERATIONS.md's Tokens, Sentinel and Cluster
-# recipes, and checks that two users chat in each (and chat on after a
-# Redis failover). tests/integration/docs.rs holds each recipe_* function
+# README's "Try it" (over ws:// and over wss://) and docs/OPERATIONS.md's
+# Tokens, Sentinel and Cluster recipes, and checks that two users chat in
+# each (and chat on after a Redis failover). tests/integration/docs.rs holds each recipe_* function
 # below to its block in the docs: every line of the block, in order, and
 # nothing else but `expect_*`/`given_*` checks and comments.
 #
@@ -12,11 +12,11 @@
 # /tmp, and its own PIDs (whatever it started in the background is killed
 # with it).
 #
-#   scripts/recipes.sh [try-it|example|tokens|sentinel|cluster …]   (make recipes)
+#   scripts/recipes.sh [try-it|wss|example|tokens|sentinel|cluster …]   (make recipes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-RECIPES=(try-it example tokens sentinel cluster)
+RECIPES=(try-it wss example tokens sentinel cluster)
 LOGS=target/recipes
 PATIENCE=${PATIENCE:-60} # seconds any one expectation may take
 
@@ -29,9 +29,9 @@ if [ "${1:-}" != --inside ]; then
     echo "--- installing websocat (cargo install websocat --locked)"
     cargo install websocat --locked
   fi
-  command -v openssl >/dev/null 2>&1 || { echo "the tokens recipe needs openssl"; exit 1; }
-  for tool in unshare ip; do
-    command -v $tool >/dev/null 2>&1 || { echo "recipes.sh needs $tool (util-linux, iproute2)"; exit 1; }
+  command -v openssl >/dev/null 2>&1 || { echo "the tokens and wss recipes need openssl"; exit 1; }
+  for tool in unshare ip curl; do
+    command -v $tool >/dev/null 2>&1 || { echo "recipes.sh needs $tool (util-linux, iproute2, curl)"; exit 1; }
   done
   # Built out here: inside there is no network for cargo to use.
   make build
@@ -165,6 +165,35 @@ recipe_try_it() {
   expect_chat alice bob
   terminal carol websocat -E 'ws://127.0.0.1:8000/chat/alice?room=lobby&format=text'
   expect_seen carol '* in lobby: alice'
+}
+
+recipe_wss() {
+  # README, "Try it", over TLS: a self-signed certificate, which websocat
+  # takes with -k. The server's log is watched for the wss:// address it
+  # says it serves.
+  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=localhost -keyout /tmp/threadchat-key.pem -out /tmp/threadchat-cert.pem
+  terminal server make run ARGS="--port 8443 --tls-cert /tmp/threadchat-cert.pem --tls-key /tmp/threadchat-key.pem"
+  expect_seen server 'listening on wss://'
+  expect_listening 8443
+  terminal alice websocat -E -k wss://127.0.0.1:8443/chat/alice
+  terminal bob websocat -E -k wss://127.0.0.1:8443/chat/bob
+  expect_seen alice '"bob"'
+  expect_chat alice bob
+  expect_tls_only 8443
+}
+
+# A client that does not speak TLS to PORT is told so, not left hanging;
+# without -k, websocat refuses the self-signed certificate.
+expect_tls_only() {
+  local -
+  set +x
+  curl -s --max-time 10 "http://127.0.0.1:$1/" | grep -qF 'this port speaks TLS' ||
+    fail "plain HTTP to port $1 was not told to use TLS"
+  websocat -E "wss://127.0.0.1:$1/chat/mallory" </dev/null >"$work/strict.out" 2>&1 &&
+    fail "websocat without -k took the self-signed certificate"
+  grep -qi 'certificate' "$work/strict.out" ||
+    fail "websocat without -k failed, but not over the certificate: $(cat "$work/strict.out")"
+  echo "plain HTTP on port $1 is told to use TLS; without -k, websocat refuses the certificate"
 }
 
 recipe_example() {

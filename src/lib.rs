@@ -45,6 +45,9 @@
 //!   that end it; joins and leaves announced; history and presence on join;
 //!   the admission wing (caps, tokens, nickname claims) behind one door,
 //!   `session::admission`.
+//! * `net` — a client's byte stream: a TCP socket, or TLS over one.
+//! * `tls` — the TLS wing: a session shared by a connection's two threads,
+//!   the certificate and its reload.
 //! * `protocol` — nicknames and rooms, what clients send, what the server
 //!   sends, the JSON on the Redis channel.
 //! * `broker` — the relay: Redis (`broker::redis`, with shared subscriptions
@@ -56,15 +59,16 @@
 //! * `auth` — who is speaking: signed tokens checked against the configured
 //!   key (opt-in), and signing them for `threadchat token`.
 //!
-//! Two wings are Cargo features, on by default: `tokens` (`auth`, reached
-//! from a connection through `session::admission`) and `redis-ha` (Sentinel
-//! and Cluster, `broker::redis::ha`). `cargo build --no-default-features`
-//! leaves both out.
+//! Three wings are Cargo features, on by default: `tokens` (`auth`, reached
+//! from a connection through `session::admission`), `redis-ha` (Sentinel
+//! and Cluster, `broker::redis::ha`) and `tls` (`wss://`, reached through
+//! `net::Stream`). `cargo build --no-default-features` leaves them out.
 //!
 //! Only `auth`, [`config`] and [`server`] are public: the binary needs
 //! nothing else, and what nobody uses, the compiler reports.
 
-// One `unsafe` block in the whole server: `session::sched`.
+// Two `unsafe` blocks in the whole server: `session::sched` and `poll` in
+// `tls::session`.
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -79,6 +83,8 @@ mod net;
 mod protocol;
 pub mod server;
 mod session;
+#[cfg(feature = "tls")]
+mod tls;
 
 /// Stack size of every thread threadchat starts (but a connection's start
 /// thread: see `session::START_STACK_SIZE`). Connection threads only parse

@@ -7,7 +7,7 @@ use std::thread;
 
 use anyhow::Context as _;
 use clap::Parser;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use simplelog::{
     ColorChoice, CombinedLogger, ConfigBuilder, SharedLogger, TermLogger, TerminalMode, WriteLogger,
@@ -58,8 +58,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     init_logging(&config)?;
 
     let server = Server::build(&config)?;
+    let (ws, http) = if config.is_tls() {
+        ("wss", "https")
+    } else {
+        ("ws", "http")
+    };
     log::info!(
-        "threadchat listening on ws://{}/chat/{{nickname}} (relay: {}, max {} connections)",
+        "threadchat listening on {ws}://{}/chat/{{nickname}} (relay: {}, max {} connections)",
         server.local_addr(),
         server.relay(),
         config.limits.max_connections
@@ -67,18 +72,32 @@ fn run(args: Args) -> anyhow::Result<()> {
     // Where a person can go now, as addresses that work as printed (not
     // 0.0.0.0, which a browser cannot open).
     let reachable = reachable(server.local_addr());
+    // A certificate nobody vouches for: websocat must be told (`-k`).
+    let insecure = if config.is_self_signed_tls() {
+        "-k "
+    } else {
+        ""
+    };
     log::info!(
-        "open http://{reachable}/ in a browser, or chat from a terminal: \
-         websocat -E ws://{reachable}/chat/alice"
+        "open {http}://{reachable}/ in a browser, or chat from a terminal: \
+         websocat -E {insecure}{ws}://{reachable}/chat/alice"
     );
 
     let shutdown = server.shutdown_handle();
-    let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
+    // SIGHUP reloads the certificate; without one it keeps its usual
+    // meaning (a closed terminal ends the server).
+    let handled: &[i32] = if config.is_tls() {
+        &[SIGINT, SIGTERM, SIGHUP]
+    } else {
+        &[SIGINT, SIGTERM]
+    };
+    let mut signals = Signals::new(handled).context("cannot install signal handlers")?;
     let signal_handle = signals.handle();
+    let reload = Reload::of(&config);
     let signal_thread = thread::Builder::new()
         .name("tc-signals".into())
         .stack_size(THREAD_STACK_SIZE)
-        .spawn(move || watch_signals(&mut signals, &shutdown))
+        .spawn(move || watch_signals(&mut signals, &shutdown, &reload))
         .context("cannot start the signal thread")?;
 
     server.run();
@@ -140,9 +159,41 @@ fn reachable(bound: std::net::SocketAddr) -> std::net::SocketAddr {
     }
 }
 
-/// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.
-fn watch_signals(signals: &mut Signals, shutdown: &ShutdownHandle) {
+/// What SIGHUP reads again: the TLS certificate and key, if any.
+struct Reload {
+    #[cfg(feature = "tls")]
+    certificates: Option<std::sync::Arc<threadchat::config::Certificates>>,
+}
+
+impl Reload {
+    fn of(_config: &Config) -> Reload {
+        Reload {
+            #[cfg(feature = "tls")]
+            certificates: _config.tls.clone(),
+        }
+    }
+
+    /// Reads the files again; a failure keeps what was read before.
+    fn reload(&self) {
+        #[cfg(feature = "tls")]
+        if let Some(certificates) = &self.certificates {
+            let path = certificates.cert_path().display();
+            match certificates.reload() {
+                Ok(()) => log::info!("SIGHUP: reloaded the certificate and key ({path})"),
+                Err(e) => log::error!("SIGHUP: kept the certificate in use: {e}"),
+            }
+        }
+    }
+}
+
+/// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once. SIGHUP:
+/// read the certificate again.
+fn watch_signals(signals: &mut Signals, shutdown: &ShutdownHandle, reload: &Reload) {
     for signal in signals.forever() {
+        if signal == SIGHUP {
+            reload.reload();
+            continue;
+        }
         if shutdown.is_requested() {
             log::warn!("second signal: exiting now");
             std::process::exit(130);

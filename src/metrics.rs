@@ -63,6 +63,9 @@ pub struct Metrics {
     pub protocol_closes: Counter,
     /// Connection threads (or subscriber threads) that panicked.
     pub panics: Counter,
+    /// TLS handshakes that failed or were not finished in time (plain HTTP
+    /// to the TLS port is answered, not counted).
+    pub tls_handshake_failures: Counter,
     /// Leaves and nickname releases sent again once Redis was back.
     pub ghost_retries: Counter,
     /// Member-list entries and nickname claims of this instance put right
@@ -99,6 +102,7 @@ impl Default for Metrics {
             publish_errors: Counter::default(),
             protocol_closes: Counter::default(),
             panics: Counter::default(),
+            tls_handshake_failures: Counter::default(),
             ghost_retries: Counter::default(),
             ghosts_reconciled: Counter::default(),
             connections_refused: Family::default(),
@@ -199,6 +203,11 @@ impl Default for Metrics {
                 "panics",
                 "Connection threads that panicked",
                 &metrics.panics,
+            ),
+            (
+                "tls_handshake_failures",
+                "TLS handshakes that failed or were not finished in time",
+                &metrics.tls_handshake_failures,
             ),
             (
                 "member_changes_retried",

@@ -214,7 +214,7 @@ impl Server {
             reports,
         };
         let mut reaping = false;
-        let mut held = Held::default();
+        let mut held = Held::new(self.ctx.is_tls());
         let mut next_seq: u64 = 0;
         let mut backoff = Duration::from_millis(10);
 
@@ -276,7 +276,7 @@ impl Server {
                         // connection the server has room for.
                         held.refuse(stream, why, ctx.limits.max_connections.saturating_sub(open));
                     } else {
-                        http::refuse_full(&stream, why);
+                        http::refuse_full(&stream, why, self.ctx.is_tls());
                     }
                     continue;
                 }

@@ -295,6 +295,11 @@ pub struct Args {
     #[command(flatten)]
     pub tokens: super::tokens::TokenArgs,
 
+    /// TLS for clients (the `tls` feature).
+    #[cfg(feature = "tls")]
+    #[command(flatten)]
+    pub tls: super::tls::TlsArgs,
+
     /// A nickname may be used by one connection at a time in a room
     /// (across instances): a second one gets 409.
     #[arg(long, env = "THREADCHAT_UNIQUE_NICKNAMES")]

@@ -33,6 +33,9 @@ pub enum ConfigError {
     /// A key for tokens that cannot be read or used.
     #[error("{0}")]
     Auth(String),
+    /// A certificate or key for TLS that cannot be read or used.
+    #[error("--tls-cert/--tls-key: {0}")]
+    Tls(String),
     /// A numeric option out of its range.
     #[error("invalid {option} {value}: {reason}")]
     Range {

@@ -15,14 +15,20 @@ mod ceiling;
 mod error;
 #[cfg(feature = "tls")]
 mod redis_tls;
+#[cfg(feature = "tls")]
+mod tls;
 #[cfg(feature = "tokens")]
 mod tokens;
 
+#[cfg(feature = "tls")]
+pub use crate::tls::Certificates;
 pub use args::{Args, LogLevel, Subscriptions};
 pub use ceiling::{MAX_STARTING, THREADS_PER_CONNECTION, connection_ceiling};
 pub use error::ConfigError;
 #[cfg(feature = "tls")]
 pub use redis_tls::{RedisTls, RedisTlsArgs, install_crypto_provider};
+#[cfg(feature = "tls")]
+pub use tls::TlsArgs;
 #[cfg(feature = "tokens")]
 pub use tokens::{AUTH_SECRET_ENV, Command, TokenArgs, Tokens, auth_secret};
 
@@ -185,6 +191,10 @@ pub struct Config {
     /// `tokens` feature).
     #[cfg(feature = "tokens")]
     pub tokens: Option<Tokens>,
+    /// With `--tls-cert`, the certificate clients are served with (the
+    /// `tls` feature).
+    #[cfg(feature = "tls")]
+    pub tls: Option<std::sync::Arc<crate::tls::Certificates>>,
     /// Host (name or address) to listen on.
     pub host: String,
     /// Port to listen on; 0 lets the OS pick.
@@ -218,6 +228,23 @@ pub struct Config {
 }
 
 impl Config {
+    /// Whether clients are served over TLS with a certificate that signed
+    /// itself (`--tls-cert`), which a client must be told to trust.
+    pub fn is_self_signed_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.tls.as_ref().is_some_and(|certs| certs.self_signed());
+        #[cfg(not(feature = "tls"))]
+        false
+    }
+
+    /// Whether clients are served over TLS (`--tls-cert`).
+    pub fn is_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        false
+    }
+
     /// Validates raw arguments into a configuration.
     pub fn from_args(args: Args) -> Result<Config, ConfigError> {
         #[cfg(feature = "tls")]
@@ -358,6 +385,8 @@ impl Config {
         Ok(Config {
             #[cfg(feature = "tokens")]
             tokens: tokens::tokens(&args.tokens)?,
+            #[cfg(feature = "tls")]
+            tls: tls::certificates(&args.tls)?,
             host: args.host,
             port: args.port,
             broker,

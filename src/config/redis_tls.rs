@@ -99,7 +99,7 @@ impl RedisTls {
             (Some(pem), Some(path)) => roots_from(pem, path)?,
             _ => system_roots()?,
         };
-        let builder = ClientConfig::builder_with_provider(Arc::new(ring_provider()))
+        let builder = ClientConfig::builder_with_provider(Arc::new(crate::tls::provider()))
             .with_safe_default_protocol_versions()
             .map_err(|e| fail(format!("TLS for Redis: {e}")))?
             .with_root_certificates(roots);
@@ -144,21 +144,13 @@ impl RedisTls {
     }
 }
 
-/// Makes rustls's *ring* provider the process's default, for the TLS
-/// configurations that ask for the default (the `redis` crate's). Safe to
-/// call any number of times, from any side (Redis or the server's own TLS):
-/// only the first call installs it.
+/// Makes the crate's provider (`tls::provider`, *ring*) the process's
+/// default, for the TLS configurations that ask for the default (the
+/// `redis` crate's). Safe to call any number of times, from any side: only
+/// the first call installs it.
 pub fn install_crypto_provider() {
     // An error only says that a provider is installed already.
-    let _ = ring_provider().install_default();
-}
-
-/// rustls's *ring* provider (deprecated in rustls 0.23.48 for lacking
-/// post-quantum key exchange; aws-lc-rs would bring cmake and a C library
-/// into the build).
-#[allow(deprecated)]
-fn ring_provider() -> rustls::crypto::CryptoProvider {
-    rustls::crypto::ring::default_provider()
+    let _ = crate::tls::provider().install_default();
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, ConfigError> {

@@ -4,19 +4,21 @@
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 
+use crate::net::Stream;
+
 use tungstenite::http::StatusCode;
 
 use super::outcome::Outcome;
 
 /// Answers with `status` and a plain-text `body`, then closes our side.
-pub fn answer(stream: &TcpStream, status: StatusCode, body: &str) -> io::Result<Outcome> {
+pub fn answer(stream: &Stream, status: StatusCode, body: &str) -> io::Result<Outcome> {
     respond(stream, status, body)?;
     Ok(Outcome::Answered(status))
 }
 
 /// Answers with `status` and a `body` of `content_type`, then closes our side.
 pub fn answer_with(
-    stream: &TcpStream,
+    stream: &Stream,
     status: StatusCode,
     content_type: &str,
     body: &str,
@@ -26,7 +28,7 @@ pub fn answer_with(
 
 /// Like [`answer_with`], with extra header lines (each ending in `\r\n`).
 pub fn answer_with_headers(
-    stream: &TcpStream,
+    stream: &Stream,
     status: StatusCode,
     content_type: &str,
     headers: &str,
@@ -45,7 +47,7 @@ pub const HTML: &str = "text/html; charset=utf-8";
 pub const JSON: &str = "application/json";
 
 /// Writes a complete plain-text response, then closes our side.
-pub(super) fn respond(stream: &TcpStream, status: StatusCode, body: &str) -> io::Result<()> {
+pub(super) fn respond(stream: &Stream, status: StatusCode, body: &str) -> io::Result<()> {
     write_plain(stream, status, body)?;
     linger_close(stream);
     Ok(())
@@ -55,7 +57,7 @@ pub(super) fn respond(stream: &TcpStream, status: StatusCode, body: &str) -> io:
 /// FIN, then read (and discard) what the client still sends until it closes
 /// too. Closing a socket with unread input sends RST instead, and an RST can
 /// destroy the response before the client has read it.
-pub(super) fn linger_close(stream: &TcpStream) {
+pub(super) fn linger_close(stream: &Stream) {
     const MAX_DRAIN: usize = 64 * 1024;
     if stream.shutdown(std::net::Shutdown::Write).is_err() {
         return;
@@ -71,12 +73,12 @@ pub(super) fn linger_close(stream: &TcpStream) {
     }
 }
 
-pub(super) fn write_plain(stream: &TcpStream, status: StatusCode, body: &str) -> io::Result<()> {
+pub(super) fn write_plain(stream: &Stream, status: StatusCode, body: &str) -> io::Result<()> {
     write_response_with(stream, status, PLAIN_TEXT, &format!("{body}\n"))
 }
 
 pub(super) fn write_response_with(
-    stream: &TcpStream,
+    stream: &Stream,
     status: StatusCode,
     content_type: &str,
     body: &str,
@@ -85,12 +87,19 @@ pub(super) fn write_response_with(
 }
 
 fn write_response(
-    stream: &TcpStream,
+    stream: &Stream,
     status: StatusCode,
     content_type: &str,
     headers: &str,
     body: &str,
 ) -> io::Result<()> {
+    let response = response(status, content_type, headers, body);
+    (&*stream).write_all(response.as_bytes())?;
+    (&*stream).flush()
+}
+
+/// A complete response, as text.
+fn response(status: StatusCode, content_type: &str, headers: &str, body: &str) -> String {
     let mut extra = headers.to_owned();
     if status == StatusCode::UPGRADE_REQUIRED {
         extra.push_str("Upgrade: websocket\r\nConnection: Upgrade, close\r\n");
@@ -100,27 +109,36 @@ fn write_response(
     if status == StatusCode::METHOD_NOT_ALLOWED {
         extra.push_str("Allow: GET\r\n");
     }
-    let response = format!(
+    format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n\
          Content-Length: {}\r\n{extra}\r\n{body}",
         body.len()
-    );
-    (&*stream).write_all(response.as_bytes())?;
-    (&*stream).flush()
+    )
 }
 
 /// Answers with an error status instead of upgrading, and closes.
-pub fn refuse(stream: &TcpStream, status: StatusCode, body: &str) -> io::Result<()> {
+pub fn refuse(stream: &Stream, status: StatusCode, body: &str) -> io::Result<()> {
     respond(stream, status, body)
 }
 
 /// Answers 503 on a connection the server has no room for, without reading
 /// its request and without waiting for it: this runs on the accept loop.
-pub fn refuse_full(stream: &TcpStream, why: &str) {
+///
+/// On a TLS port (`tls`) there is no answer a client can read without a
+/// handshake, and a handshake costs the CPU the accept loop must not spend
+/// on a connection it refuses: the client gets a TLS alert instead
+/// (`internal_error`, readable before any handshake), and the log says why.
+pub fn refuse_full(stream: &TcpStream, why: &str, tls: bool) {
     // A fresh socket's send buffer is empty, so this cannot block for long;
     // the timeout is a backstop for the accept loop.
     let _ = stream.set_write_timeout(Some(std::time::Duration::from_millis(200)));
-    let _ = write_plain(stream, StatusCode::SERVICE_UNAVAILABLE, why);
+    let answer = if tls {
+        INTERNAL_ERROR_ALERT.to_vec()
+    } else {
+        let body = format!("{why}\n");
+        response(StatusCode::SERVICE_UNAVAILABLE, PLAIN_TEXT, "", &body).into_bytes()
+    };
+    let _ = (&*stream).write_all(&answer);
     let _ = stream.shutdown(std::net::Shutdown::Write);
     // Discard whatever part of the request has already arrived, without
     // waiting for more, so closing does not turn into an RST that could
@@ -130,6 +148,10 @@ pub fn refuse_full(stream: &TcpStream, why: &str) {
         while matches!((&*stream).read(&mut buf), Ok(n) if n > 0) {}
     }
 }
+
+/// A TLS alert record: content type 21 (alert), version 3.3 (TLS 1.2, as
+/// TLS 1.3 writes it), length 2, fatal (2), `internal_error` (80).
+const INTERNAL_ERROR_ALERT: [u8; 7] = [21, 3, 3, 0, 2, 2, 80];
 
 /// True for errors that just mean the peer went away.
 pub fn is_disconnect(e: &io::Error) -> bool {

@@ -1,8 +1,8 @@
 //! Reading a request head: bounded in size and in time, parsed with
 //! `httparse`, keeping whatever the client sent after it.
 
+use crate::net::Stream;
 use std::io::{self, Read};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use super::answer::is_disconnect;
@@ -83,7 +83,7 @@ pub(super) enum HeadError {
 /// The time limit covers the whole head, not each read: a client trickling one
 /// byte every few seconds (slowloris) is still cut off on time.
 pub(super) fn read_head(
-    stream: &TcpStream,
+    stream: &Stream,
     timeout: Duration,
 ) -> Result<(RequestHead, Vec<u8>), HeadError> {
     let deadline = Instant::now() + timeout;

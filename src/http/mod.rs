@@ -8,8 +8,8 @@
 //! `101 Switching Protocols` answer (`create_response`). Any bytes the client
 //! sent after the head are handed on to the WebSocket, so nothing is lost.
 
+use crate::net::Stream;
 use std::io::{self, Write};
-use std::net::TcpStream;
 
 use tungstenite::http::{self, StatusCode};
 
@@ -137,7 +137,7 @@ const MAX_EPOCH_CHARS: usize = crate::protocol::MAX_EPOCH;
 /// When none can be read (the client left, was too slow, sent too much or
 /// garbage, or not a GET) the client has been answered: the `Err` says how.
 pub fn read_request(
-    stream: &TcpStream,
+    stream: &Stream,
     timeout: std::time::Duration,
 ) -> io::Result<Result<Request, Outcome>> {
     let (head, leftover) = match read_head(stream, timeout) {
@@ -195,7 +195,7 @@ pub fn chat_target(path: &str, query: &str) -> Option<Result<Member, String>> {
 /// the client when it is not, and otherwise answers nothing yet (see
 /// [`Upgrade`]).
 pub fn upgrade(
-    stream: &TcpStream,
+    stream: &Stream,
     request: Request,
     target: Target,
     limits: &Limits,
@@ -207,6 +207,7 @@ pub fn upgrade(
             .peer_addr()
             .is_ok_and(|peer| limits.trusted_proxies.contains(&peer.ip()));
     let scheme = match head.header("X-Forwarded-Proto") {
+        _ if stream.is_tls() => "https",
         Some(proto) if proxied && proto.eq_ignore_ascii_case(b"https") => "https",
         _ => "http",
     };
@@ -252,7 +253,7 @@ pub fn upgrade(
 
 /// Sends the `101 Switching Protocols` answer: from here on, the socket
 /// speaks WebSocket.
-pub fn accept(stream: &TcpStream, response: &http::Response<()>) -> io::Result<()> {
+pub fn accept(stream: &Stream, response: &http::Response<()>) -> io::Result<()> {
     let mut out = Vec::with_capacity(256);
     tungstenite::handshake::server::write_response(&mut out, response).map_err(io::Error::other)?;
     (&*stream).write_all(&out)

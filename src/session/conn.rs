@@ -15,6 +15,7 @@ use super::admission::Pass;
 use super::socket::Writer;
 use crate::broker::{BrokerError, Canceller};
 use crate::http;
+use crate::net::Stream;
 use crate::protocol::ConnId;
 
 /// One connection's shared state: known to the server (to stop it) and to
@@ -28,6 +29,9 @@ pub struct Conn {
     pub peer: SocketAddr,
     /// The socket; `shutdown()` on it wakes any thread blocked on it.
     pub(super) stream: Arc<TcpStream>,
+    /// What the HTTP exchange speaks on, once the start opened it: the
+    /// socket, or its TLS session after the handshake.
+    opened: OnceLock<Stream>,
     /// Why the connection ends; the first to set it wins.
     ending: OnceLock<Ending>,
     /// Stops the subscriber thread; set once it exists.
@@ -165,11 +169,17 @@ impl Conn {
             id: ConnId::new(instance, seq),
             peer,
             stream: Arc::new(stream),
+            opened: OnceLock::new(),
             ending: OnceLock::new(),
             canceller: OnceLock::new(),
             pass,
             upgraded: OnceLock::new(),
         }
+    }
+
+    /// The start opened the connection (see [`opened`](Self::opened)).
+    pub(super) fn opened(&self, stream: &Stream) {
+        let _ = self.opened.set(stream.clone());
     }
 
     /// The `101` is sent: from now on the client hears through `writer`.
@@ -194,12 +204,16 @@ impl Conn {
             Some(writer) => {
                 let _ = writer.close(Ending::Panicked.close_frame());
             }
+            // Not before the start opened it: a TLS client cannot read a
+            // plain answer.
             None => {
-                let _ = http::refuse(
-                    &self.stream,
-                    tungstenite::http::StatusCode::INTERNAL_SERVER_ERROR,
-                    "server error",
-                );
+                if let Some(stream) = self.opened.get() {
+                    let _ = http::refuse(
+                        stream,
+                        tungstenite::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        "server error",
+                    );
+                }
             }
         }
     }

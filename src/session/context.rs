@@ -38,6 +38,9 @@ pub struct Context {
     /// (while welcoming it). Set by `THREADCHAT_TEST_PANIC`; tests use it
     /// to check that a panic closes only its own connection.
     pub panic_trigger: Option<String>,
+    /// With `--tls-cert`, what every handshake uses (the `tls` wing).
+    #[cfg(feature = "tls")]
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Context {
@@ -59,7 +62,17 @@ impl Context {
             welcomes: Welcomes::default(),
             members: MembersCache::default(),
             panic_trigger: test_panic_trigger(),
+            #[cfg(feature = "tls")]
+            tls: config.tls.as_ref().map(|certs| certs.server_config()),
         })
+    }
+
+    /// Whether clients connect with TLS (`wss://`, `https://`).
+    pub fn is_tls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        return self.tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        false
     }
 
     /// Stops what the context runs, in order: the announcer first (it

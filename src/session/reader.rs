@@ -83,16 +83,16 @@ pub(super) fn read_loop(
     loop {
         // About to block for the client (at least as far as the kernel
         // knows): the handler must not leave anything waiting meanwhile.
-        if handler.unsettled() && !crate::net::has_input(&conn.stream) {
+        if handler.unsettled() && !reader.get_ref().has_input() {
             let next = handler.settle(writer);
-            if let Some(ending) = act_on(next, reader, writer, conn, ctx) {
+            if let Some(ending) = act_on(next, reader, writer, ctx) {
                 return ending;
             }
         }
         if let Some(deadline) = handler.deadline() {
             if Instant::now() >= deadline {
                 let next = handler.on_deadline(writer);
-                if let Some(ending) = act_on(next, reader, writer, conn, ctx) {
+                if let Some(ending) = act_on(next, reader, writer, ctx) {
                     return ending;
                 }
             }
@@ -133,7 +133,7 @@ pub(super) fn read_loop(
                         "idle timeout: no data or pong for {}s",
                         limits.idle_timeout.as_secs_f64()
                     );
-                    close_by_server(reader, writer, conn, ctx, CloseCode::Policy, &reason);
+                    close_by_server(reader, writer, ctx, CloseCode::Policy, &reason);
                     return Ending::TimedOut;
                 }
                 if let Err(e) = writer.send(Message::Ping(Bytes::new())) {
@@ -146,7 +146,7 @@ pub(super) fn read_loop(
         match message {
             Message::Text(_) | Message::Binary(_) => {
                 let next = handler.on_message(message, writer);
-                if let Some(ending) = act_on(next, reader, writer, conn, ctx) {
+                if let Some(ending) = act_on(next, reader, writer, ctx) {
                     return ending;
                 }
             }
@@ -172,17 +172,11 @@ pub(super) fn read_loop(
 }
 
 /// Carries out what a handler asked for; `Some` when the connection ends.
-fn act_on(
-    next: Next,
-    reader: &mut ReadSide,
-    writer: &Writer,
-    conn: &Conn,
-    ctx: &Context,
-) -> Option<Ending> {
+fn act_on(next: Next, reader: &mut ReadSide, writer: &Writer, ctx: &Context) -> Option<Ending> {
     match next {
         Next::Continue => None,
         Next::Refuse(code, reason) => {
-            let reason = close_by_server(reader, writer, conn, ctx, code, &reason);
+            let reason = close_by_server(reader, writer, ctx, code, &reason);
             Some(Ending::Refused { code, reason })
         }
         Next::End(ending) => Some(ending),
@@ -243,7 +237,6 @@ fn fail(writer: &Writer, conn: &Conn, ctx: &Context, code: CloseCode, reason: &s
 fn close_by_server(
     reader: &mut ReadSide,
     writer: &Writer,
-    conn: &Conn,
     ctx: &Context,
     code: CloseCode,
     reason: &str,
@@ -256,9 +249,10 @@ fn close_by_server(
     };
     if writer.close(Some(frame)).is_ok() {
         let deadline = Instant::now() + ctx.limits.close_grace;
+        // Reads wait no later than the deadline (a timeout then).
+        reader.get_mut().wake_by(Some(deadline));
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || conn.stream.set_read_timeout(Some(left)).is_err() {
+            if Instant::now() >= deadline {
                 break;
             }
             match reader.read() {

@@ -14,12 +14,12 @@
 //! send any Host, and it tells nothing but whether the relay works.
 
 use std::io;
-use std::net::TcpStream;
 
 use tungstenite::http::StatusCode;
 
 use super::context::Context;
 use crate::http::{self, Outcome, Target};
+use crate::net::Stream;
 use crate::protocol::Room;
 
 /// The web page served at `/`.
@@ -62,7 +62,7 @@ fn inline_hash(page: &str, open: &str, close: &str) -> String {
 /// Reads one request (within `head_timeout`) and answers it, unless it is
 /// a valid WebSocket upgrade (see [`Outcome::Upgrade`]).
 pub(super) fn serve(
-    stream: &TcpStream,
+    stream: &Stream,
     ctx: &Context,
     head_timeout: std::time::Duration,
 ) -> io::Result<Outcome> {
@@ -141,7 +141,7 @@ pub(super) fn serve(
 /// is bounded, answers are cached for a moment (see
 /// [`members`](super::members)), and with Redis the question goes over a
 /// query connection, never queued behind a `PUBLISH`.
-fn members(stream: &TcpStream, ctx: &Context, room: &Room, query: &str) -> io::Result<Outcome> {
+fn members(stream: &Stream, ctx: &Context, room: &Room, query: &str) -> io::Result<Outcome> {
     let limit = match http::query_param(query, "limit") {
         Ok(None) => DEFAULT_MEMBERS_LIMIT,
         Ok(Some(n)) => match n.parse::<usize>() {

@@ -25,17 +25,21 @@
 //! Both halves share one file descriptor (an `Arc<TcpStream>`: `&TcpStream` is
 //! `Read + Write`), so a connection costs one descriptor, and anyone holding
 //! the `Arc` can `shutdown()` the socket to wake a blocked read.
+//!
+//! On a TLS port both halves share the client's TLS session too, which
+//! needs a rule of its own (no lock held across a blocking call): see
+//! [`crate::tls::Session`]. The halves below only pass their reads and
+//! writes to it.
 
-pub use crate::net::SharedStream;
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tungstenite::{Error, Message, WebSocket};
 
 use super::liveness::{self, FrameWatch, Stalled};
+use crate::net::Stream;
 
 /// The reading side of the socket. Writes are discarded: see the module doc.
 ///
@@ -45,7 +49,7 @@ use super::liveness::{self, FrameWatch, Stalled};
 /// [`Stalled`].
 #[derive(Debug)]
 pub struct ReadHalf {
-    stream: SharedStream,
+    stream: Stream,
     watch: FrameWatch,
     /// How long a read waits when no message is open (the ping interval).
     idle_wait: Duration,
@@ -68,15 +72,28 @@ impl ReadHalf {
         self.watch.deadline().is_some()
     }
 
+    /// Whether a read would return at once: the client has sent bytes
+    /// (decrypted or not) not read yet, has closed, or the socket failed.
+    /// Bytes in tungstenite's own buffer are not seen.
+    pub fn has_input(&self) -> bool {
+        self.stream.has_input()
+    }
+
     /// Gives the socket the read timeout it needs now, if it differs from
     /// the last one (a system call only when a message is open, or ends).
     fn wait_at_most(&mut self, wait: Duration) -> io::Result<()> {
         let wait = wait.max(Duration::from_millis(1));
         if self.applied != Some(wait) {
-            self.stream.0.set_read_timeout(Some(wait))?;
+            self.stream.set_read_timeout(Some(wait))?;
             self.applied = Some(wait);
         }
         Ok(())
+    }
+
+    /// One read of the socket, waiting `wait` at most.
+    fn read_some(&mut self, buf: &mut [u8], wait: Duration) -> io::Result<usize> {
+        self.wait_at_most(wait)?;
+        self.stream.read_within(buf, wait)
     }
 }
 
@@ -88,8 +105,7 @@ impl Read for ReadHalf {
         for deadline in [self.watch.deadline(), self.wake_by].into_iter().flatten() {
             wait = wait.min(deadline.saturating_duration_since(now));
         }
-        self.wait_at_most(wait)?;
-        let n = match self.stream.read(buf) {
+        let n = match self.read_some(buf, wait) {
             // Woken by the open message's deadline: the client is
             // trickling, not silent, and is told so.
             Err(e)
@@ -136,7 +152,7 @@ pub type ReadSide = WebSocket<ReadHalf>;
 /// first had to wait, and each blocking write is given only the time left.
 #[derive(Debug)]
 pub struct WriteHalf {
-    stream: SharedStream,
+    stream: Stream,
     dont_wait: bool,
     /// `--write-timeout`.
     write_timeout: Duration,
@@ -151,8 +167,7 @@ impl Write for WriteHalf {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let now = Instant::now();
         if self.dont_wait {
-            let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-            let written = socket2::SockRef::from(&*self.stream.0).send_with_flags(buf, flags);
+            let written = self.stream.write_now(buf);
             if matches!(&written, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
                 // Left for the next blocking write: due from now.
                 self.due.get_or_insert(now);
@@ -174,13 +189,24 @@ impl Write for WriteHalf {
             .applied
             .is_none_or(|applied| applied.abs_diff(left) > Duration::from_millis(20))
         {
-            self.stream.0.set_write_timeout(Some(left))?;
+            self.stream.set_write_timeout(Some(left))?;
             self.applied = Some(left);
         }
-        self.stream.write(buf)
+        self.stream.write_by(buf, due + self.write_timeout)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.stream.flush()?;
+        // Whatever the stream itself still holds (a TLS session's records).
+        let deadline = match self.due {
+            _ if self.dont_wait => None,
+            Some(due) => Some(due + self.write_timeout),
+            None => Some(Instant::now() + self.write_timeout),
+        };
+        if let Err(e) = self.stream.flush_by(deadline) {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                self.due.get_or_insert_with(Instant::now);
+            }
+            return Err(e);
+        }
         // tungstenite flushes once its buffer is written out: nothing waits.
         if !self.dont_wait {
             self.due = None;
@@ -205,7 +231,7 @@ pub struct Writer {
 impl WriteHalf {
     /// A write half of a socket whose write timeout is `write_timeout`
     /// already (see [`split`]).
-    fn new(stream: SharedStream, write_timeout: Duration) -> WriteHalf {
+    fn new(stream: Stream, write_timeout: Duration) -> WriteHalf {
         WriteHalf {
             stream,
             dont_wait: false,
@@ -271,13 +297,12 @@ pub struct ReadLimits {
 ///
 /// `leftover` holds bytes read past the HTTP request head.
 pub fn split(
-    stream: Arc<TcpStream>,
+    stream: Stream,
     leftover: Vec<u8>,
     limits: ReadLimits,
 ) -> io::Result<(Writer, ReadSide)> {
     stream.set_read_timeout(Some(limits.idle_wait))?;
     stream.set_write_timeout(Some(limits.write_timeout))?;
-    let shared = SharedStream(stream);
     let read_config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .max_message_size(Some(limits.max_message))
@@ -288,14 +313,14 @@ pub fn split(
     let mut watch = FrameWatch::new(limits.liveness);
     let _ = watch.feed(&leftover, Instant::now());
     let half = ReadHalf {
-        stream: shared.clone(),
+        stream: stream.clone(),
         watch,
         idle_wait: limits.idle_wait,
         wake_by: None,
         applied: Some(limits.idle_wait),
     };
     let reader = WebSocket::from_partially_read(half, leftover, Role::Server, Some(read_config));
-    let writer = write_socket(WriteHalf::new(shared, limits.write_timeout));
+    let writer = write_socket(WriteHalf::new(stream, limits.write_timeout));
     Ok((
         Writer {
             ws: Mutex::new(writer),
@@ -374,9 +399,12 @@ impl Writer {
     /// Sends a close frame (once; later calls do nothing).
     pub fn close(&self, frame: Option<CloseFrame>) -> Result<(), Error> {
         let mut ws = self.ws.lock().map_err(|_| Error::AlreadyClosed)?;
-        match ws.close(frame) {
+        let closed = match ws.close(frame) {
             Err(Error::AlreadyClosed | Error::ConnectionClosed) => Ok(()),
             other => other,
-        }
+        };
+        // Nothing follows a close frame (over TLS, the session ends too).
+        ws.get_ref().stream.end_of_data();
+        closed
     }
 }

@@ -8,6 +8,7 @@
 
 use std::net::Shutdown;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tungstenite::http::StatusCode;
 
@@ -18,6 +19,7 @@ use super::outbox::Welcomed;
 use super::socket::{self, Writer};
 use super::{liveness, route, welcome};
 use crate::http::{self, Outcome, Target};
+use crate::net::Stream;
 use crate::protocol::Member;
 
 /// What a connection's start leaves for the rest of its life.
@@ -48,7 +50,15 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
     // Shorter than `--handshake-timeout` when many connections are starting.
     let head_timeout = conn.pass.head_timeout();
     let head_timeout = head_timeout.unwrap_or(ctx.limits.handshake_timeout);
-    let served = route::serve(&conn.stream, ctx, head_timeout);
+    // A TLS handshake and the request head share that time.
+    let deadline = Instant::now() + head_timeout;
+    let Some(stream) = open(conn, ctx, deadline) else {
+        conn.pass.request_read();
+        return Ok(Started::Done);
+    };
+    conn.opened(&stream);
+    let head_timeout = deadline.saturating_duration_since(Instant::now());
+    let served = route::serve(&stream, ctx, head_timeout);
     // Read and answered (or routed to the upgrade): no longer starting.
     conn.pass.request_read();
     let upgrade = match served? {
@@ -72,7 +82,7 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
         .admission
         .admit(pass, conn.peer, forwarded_for, member, &conn.id);
     if let Err(refused) = admitted {
-        let _ = http::refuse(&conn.stream, refused.status, &refused.reason);
+        let _ = http::refuse(&stream, refused.status, &refused.reason);
         return Ok(Started::Done);
     }
     conn.stream.set_nodelay(true)?;
@@ -86,14 +96,14 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
             max_fragments: ctx.limits.max_fragments,
         },
     };
-    let (writer, reader) = socket::split(Arc::clone(&conn.stream), leftover, limits)?;
+    let (writer, reader) = socket::split(stream.clone(), leftover, limits)?;
     let writer = Arc::new(writer);
     match target {
-        Target::Chat(member) => start_chat(conn, ctx, member, &response, writer, reader)
+        Target::Chat(member) => start_chat(conn, ctx, member, &stream, &response, writer, reader)
             .map(|chat| Started::Chat(Box::new(chat)))
-            .inspect_err(|e| refuse_upgrade(conn, e)),
+            .inspect_err(|e| refuse_upgrade(conn, &stream, e)),
         Target::Echo => {
-            http::accept(&conn.stream, &response)?;
+            http::accept(&stream, &response)?;
             conn.upgraded(&writer);
             Ok(Started::Echo {
                 writer,
@@ -101,6 +111,37 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
             })
         }
     }
+}
+
+/// The connection as the HTTP exchange will speak on it: the socket itself,
+/// or, on a TLS port, the TLS session after its handshake (by `deadline`).
+/// `None` when there is nothing more to do: the handshake failed, or the
+/// client spoke plain HTTP to the TLS port and was told so.
+#[cfg_attr(not(feature = "tls"), allow(unused_variables))]
+fn open(conn: &Conn, ctx: &Context, deadline: Instant) -> Option<Stream> {
+    #[cfg(feature = "tls")]
+    if let Some(config) = &ctx.tls {
+        use crate::tls::{HandshakeError, Session};
+        let tcp = Arc::clone(&conn.stream);
+        return match Session::handshake(tcp, Arc::clone(config), deadline) {
+            Ok(session) => Some(Stream::Tls(Arc::new(session))),
+            Err(HandshakeError::NotTls) => {
+                let plain = Stream::Plain(Arc::clone(&conn.stream));
+                let _ = http::refuse(
+                    &plain,
+                    StatusCode::BAD_REQUEST,
+                    "this port speaks TLS: use https:// or wss://",
+                );
+                None
+            }
+            Err(e) => {
+                ctx.metrics.tls_handshake_failures.inc();
+                log::debug!("{}: TLS handshake failed: {e}", conn.peer);
+                None
+            }
+        };
+    }
+    Some(Stream::Plain(Arc::clone(&conn.stream)))
 }
 
 /// A chat connection's start: subscribe, join, upgrade, welcome.
@@ -113,6 +154,7 @@ fn start_chat(
     conn: &Arc<Conn>,
     ctx: &Arc<Context>,
     member: Member,
+    stream: &Stream,
     response: &tungstenite::http::Response<()>,
     writer: Arc<Writer>,
     reader: socket::ReadSide,
@@ -125,7 +167,7 @@ fn start_chat(
     // up to here, and whatever comes after reaches the client live.
     let mark = ctx.broker.log_end(&member.room);
     let (membership, own_join) = Membership::join(conn, ctx, &member)?;
-    http::accept(&conn.stream, response)?;
+    http::accept(stream, response)?;
     conn.upgraded(&writer);
 
     let mark = welcome::welcome(conn, ctx, &member, &writer, mark);
@@ -156,13 +198,13 @@ fn start_chat(
 
 /// Answers an upgrade request with 503 instead of 101: the chat relay could
 /// not take this client (or the process has no budget left for its room).
-fn refuse_upgrade(conn: &Conn, error: &SessionError) {
+fn refuse_upgrade(conn: &Conn, stream: &Stream, error: &SessionError) {
     let reason = match error {
         SessionError::Relay(full @ crate::broker::BrokerError::Full(_)) => {
             format!("{full}; try again later")
         }
         _ => "chat relay unavailable; try again later".to_owned(),
     };
-    let _ = http::refuse(&conn.stream, StatusCode::SERVICE_UNAVAILABLE, &reason);
+    let _ = http::refuse(stream, StatusCode::SERVICE_UNAVAILABLE, &reason);
     let _ = conn.stream.shutdown(Shutdown::Both);
 }

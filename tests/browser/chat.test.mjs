@@ -5,24 +5,57 @@
 // phone-sized screen. The last test also takes the README's screenshots
 // (target/web-client.png, target/web-client-phone.png).
 //
-// Run with `make browser-test` (builds threadchat, installs playwright-core).
+// With HTTPS=1 every test runs over https:// and wss:// instead: the server
+// gets a self-signed certificate made here with openssl, as a user makes
+// one, and the page, which derives its WebSocket URL from its own address,
+// must pick wss:// by itself.
+//
+// Run with `make browser-test` (builds threadchat, installs playwright-core,
+// then runs this file twice: over http://, then with HTTPS=1).
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
 import { createServer } from "node:net";
-import { mkdirSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { chromium } from "playwright-core";
 
 const BIN = process.env.THREADCHAT_BIN ?? new URL("../../target/debug/threadchat", import.meta.url).pathname;
 const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 const PATIENCE = 15_000;
 
+// The schemes the page and the clients use, and the flags that make every
+// server these tests start speak them.
+const HTTPS = process.env.HTTPS === "1";
+const HTTP_SCHEME = HTTPS ? "https" : "http";
+const WS_SCHEME = HTTPS ? "wss" : "ws";
+let certDir;
+let tlsFlags = [];
+if (HTTPS) {
+  certDir = mkdtempSync(join(tmpdir(), "threadchat-browser-"));
+  const [cert, key] = [join(certDir, "cert.pem"), join(certDir, "key.pem")];
+  const made = spawnSync("openssl", ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+    "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+    "-keyout", key, "-out", cert], { encoding: "utf8" });
+  assert.equal(made.status, 0, `openssl made no certificate: ${made.stderr}`);
+  tlsFlags = ["--tls-cert", cert, "--tls-key", key];
+  // A self-signed certificate is trusted by no one: the browser is told to
+  // accept it (`ignoreHTTPSErrors` below), and so is Node's own WebSocket
+  // client here (Node reads a CA file only at its start, too early for one
+  // made by the test).
+  process.env.NODE_TLS_REJECT_UNAUTHORIZED = "0";
+}
+// Every page opens in a context that accepts the self-signed certificate
+// (over http://, the option changes nothing).
+const CONTEXT = { ignoreHTTPSErrors: true };
+
 /** Starts threadchat (in-process relay, unless `more` names a Redis) and
  * resolves with its address. */
 function startServer(port = 0, more = [], env = process.env) {
   const relay = more.includes("--redis") ? [] : ["--in-process"];
   return new Promise((resolve, reject) => {
-    const child = spawn(BIN, ["--host", "127.0.0.1", "--port", String(port), ...relay, ...more], {
+    const child = spawn(BIN, ["--host", "127.0.0.1", "--port", String(port), ...relay, ...tlsFlags, ...more], {
       stdio: ["ignore", "ignore", "pipe"],
       env,
     });
@@ -30,8 +63,9 @@ function startServer(port = 0, more = [], env = process.env) {
     child.stderr.setEncoding("utf8");
     child.stderr.on("data", (chunk) => {
       log += chunk;
-      const match = log.match(/listening on ws:\/\/([\d.]+:\d+)\//);
-      if (match) resolve({ child, addr: match[1] });
+      const match = log.match(/listening on (wss?):\/\/([\d.]+:\d+)\//);
+      if (match && match[1] !== WS_SCHEME) reject(new Error(`threadchat serves ${match[1]}://, not ${WS_SCHEME}://`));
+      if (match) resolve({ child, addr: match[2] });
     });
     child.on("exit", (code) => reject(new Error(`threadchat exited (${code}):\n${log}`)));
   });
@@ -47,7 +81,7 @@ function stopServer(server) {
 
 /** A WebSocket client that collects the frames it receives. */
 function wsClient(addr, nickname, room) {
-  const ws = new WebSocket(`ws://${addr}/chat/${encodeURIComponent(nickname)}?room=${room}`);
+  const ws = new WebSocket(`${WS_SCHEME}://${addr}/chat/${encodeURIComponent(nickname)}?room=${room}`);
   const frames = [];
   ws.onmessage = (event) => frames.push(JSON.parse(event.data));
   const opened = new Promise((resolve, reject) => {
@@ -82,15 +116,19 @@ before(async () => {
 after(async () => {
   await browser?.close();
   if (server) await stopServer(server);
+  if (certDir) rmSync(certDir, { recursive: true, force: true });
 });
 
 async function openChat(nickname, room, addr = server.addr) {
-  const page = await browser.newPage();
-  await page.goto(`http://${addr}/`);
+  const page = await browser.newPage(CONTEXT);
+  await page.goto(`${HTTP_SCHEME}://${addr}/`);
   await page.fill("#nickname", nickname);
   await page.fill("#room", room);
   await page.click("#join");
   await page.waitForSelector("#status.online", { timeout: PATIENCE });
+  // The page chose the WebSocket scheme that goes with its own.
+  assert.equal(await page.evaluate(() => location.protocol), `${HTTP_SCHEME}:`);
+  assert.equal(await page.evaluate(() => new URL(socket.url).protocol), `${WS_SCHEME}:`);
   return page;
 }
 
@@ -265,9 +303,9 @@ test("a page that is left leaves the room; restored from the back/forward cache,
 
 /** A page of a given size, joined to `room` as `nickname`. */
 async function openSized(nickname, room, viewport) {
-  const context = await browser.newContext({ viewport });
+  const context = await browser.newContext({ ...CONTEXT, viewport });
   const page = await context.newPage();
-  await page.goto(`http://${server.addr}/`);
+  await page.goto(`${HTTP_SCHEME}://${server.addr}/`);
   // Before joining, the message box and its button are disabled, and look it.
   assert.equal(await page.$eval("#send", (b) => b.disabled), true);
   assert.ok(Number(await page.$eval("#send", (b) => getComputedStyle(b).opacity)) < 1);
@@ -329,8 +367,8 @@ test("a server that requires tokens asks for one; a wrong one is shown, not retr
   const guarded = await startServer(0, [], env);
   try {
     const token = spawnSync(BIN, ["token", "ann"], { env, encoding: "utf8" }).stdout.trim();
-    const page = await browser.newPage();
-    await page.goto(`http://${guarded.addr}/`);
+    const page = await browser.newPage(CONTEXT);
+    await page.goto(`${HTTP_SCHEME}://${guarded.addr}/`);
     assert.ok(await page.isVisible("#token"), "the token field is shown");
     // The nickname comes from the token.
     await page.fill("#token", token);
@@ -338,8 +376,8 @@ test("a server that requires tokens asks for one; a wrong one is shown, not retr
     await page.waitForSelector("#status.online", { timeout: PATIENCE });
     assert.equal(await page.inputValue("#nickname"), "ann");
 
-    const wrong = await browser.newPage();
-    await wrong.goto(`http://${guarded.addr}/`);
+    const wrong = await browser.newPage(CONTEXT);
+    await wrong.goto(`${HTTP_SCHEME}://${guarded.addr}/`);
     await wrong.fill("#nickname", "ben");
     await wrong.fill("#token", "not-a-token");
     await wrong.click("#join");

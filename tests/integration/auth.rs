@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 
-use crate::support::{Client, Server};
+use crate::support::{Client, Server, over_ws_and_wss};
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
@@ -33,9 +33,22 @@ fn now() -> u64 {
 
 /// A server that requires HMAC-signed tokens.
 fn hmac_server() -> Server {
-    let file = secret_file();
-    Server::start(&["--in-process", "--auth-secret-file", file.to_str().unwrap()])
+    hmac_server_with(&[])
 }
+
+/// The same, with extra options (a certificate, for `wss://`).
+fn hmac_server_with(extra: &[&str]) -> Server {
+    let file = secret_file();
+    let mut args = vec!["--in-process", "--auth-secret-file", file.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+over_ws_and_wss!(
+    a_valid_token_in_the_query_or_a_header_lets_its_holder_chat,
+    invalid_tokens_are_refused_with_401_and_a_reason,
+    an_expiring_token_closes_its_connection_unless_refreshed,
+);
 
 /// `threadchat token …` with the test secret: what a person would run.
 fn token_from_cli(args: &[&str]) -> String {
@@ -70,15 +83,18 @@ fn upgrade(server: &Server, path: &str, extra: &str) -> (String, String) {
 
 /// The same token works in the query (browsers) and in a header (websocat
 /// `-H`), and the two clients chat.
-#[test]
-fn a_valid_token_in_the_query_or_a_header_lets_its_holder_chat() {
-    let server = hmac_server();
+fn a_valid_token_in_the_query_or_a_header_lets_its_holder_chat(extra: &[&str]) {
+    let server = hmac_server_with(extra);
     let alice = token_from_cli(&["alice"]);
     let mut alice = Client::connect_path(server.addr, &format!("/chat/alice?token={alice}"));
     alice.settle();
     let bob = token_from_cli(&["bob"]);
-    let header = server.raw_upgrade("/chat/bob", &format!("Authorization: Bearer {bob}\r\n"));
-    assert!(header.is_ok(), "{header:?}");
+    let (status, _) = upgrade(
+        &server,
+        "/chat/bob",
+        &format!("Authorization: Bearer {bob}\r\n"),
+    );
+    assert_eq!(status, "HTTP/1.1 101 Switching Protocols");
     let mut bob = Client::connect_path(server.addr, &format!("/chat/bob?token={bob}"));
     bob.settle();
     alice.send("hello, verified bob");
@@ -90,9 +106,8 @@ fn a_valid_token_in_the_query_or_a_header_lets_its_holder_chat() {
 
 /// Every way a token can be wrong is a 401 with its reason, and no
 /// WebSocket.
-#[test]
-fn invalid_tokens_are_refused_with_401_and_a_reason() {
-    let server = hmac_server();
+fn invalid_tokens_are_refused_with_401_and_a_reason(extra: &[&str]) {
+    let server = hmac_server_with(extra);
     let valid = token_from_cli(&["alice"]);
     let mut parts: Vec<String> = valid.split('.').map(str::to_owned).collect();
     // Another payload under alice's signature.
@@ -251,16 +266,8 @@ fn bad_keys_are_one_clear_error() {
 /// A connection whose token expires is closed with a reason; one that sent
 /// a fresh token first stays; a fresh token for someone else is refused
 /// and changes nothing.
-#[test]
-fn an_expiring_token_closes_its_connection_unless_refreshed() {
-    let file = secret_file();
-    let server = Server::start(&[
-        "--in-process",
-        "--auth-secret-file",
-        file.to_str().unwrap(),
-        "--auth-leeway",
-        "0",
-    ]);
+fn an_expiring_token_closes_its_connection_unless_refreshed(extra: &[&str]) {
+    let server = hmac_server_with(&[&["--auth-leeway", "0"], extra].concat());
     let short = token_from_cli(&["alice", "--lifetime", "2"]);
     let mut expiring = Client::connect_path(server.addr, &format!("/chat/alice?token={short}"));
     expiring.settle();

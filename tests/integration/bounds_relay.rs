@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use crate::support::{Client, Redis, Server, eventually, in_both_subscription_modes};
 
+in_both_subscription_modes!(tls: a_slow_reader_is_closed_once_it_is_write_timeout_behind);
 in_both_subscription_modes!(
-    a_slow_reader_is_closed_once_it_is_write_timeout_behind,
     forged_and_oversized_payloads_are_skipped,
     an_unanswered_message_may_have_been_delivered,
     a_message_whose_redis_died_unanswered_may_have_been_delivered,

@@ -1,5 +1,6 @@
-//! Chatting, as a user sees it. Every test here runs twice: relayed through a
-//! real Redis, and through the in-process broker.
+//! Chatting, as a user sees it. Every test here runs five times: relayed
+//! through a real Redis (per-client and shared subscriptions, each also
+//! over `wss://`), and through the in-process broker.
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 use crate::support::{Client, Closed, Redis, Server, with_both_brokers};
 
-with_both_brokers!(
+with_both_brokers!(tls:
     everyone_else_receives_and_the_sender_does_not,
     typed_lines_arrive_as_typed,
     the_server_stamps_the_nickname,

@@ -275,7 +275,7 @@ fn script_runs(script: &str, name: &str) -> Vec<String> {
 }
 
 /// `make recipes` (scripts/recipes.sh) runs exactly the commands of the
-/// README's "Try it" and of OPERATIONS.md's Tokens, Sentinel and Cluster
+/// README's "Try it" (over ws:// and over wss://) and of OPERATIONS.md's Tokens, Sentinel and Cluster
 /// recipes, in their order, so that docs and script cannot drift apart.
 /// (`make test` is left to CI, which runs it anyway.)
 #[test]
@@ -288,6 +288,13 @@ fn the_recipes_script_runs_the_docs_commands() {
 
     let mut try_it = commands_under(&readme, "## Try it");
     try_it.retain(|command| !command.starts_with("make test"));
+    // "Try it" over TLS is a recipe of its own: a certificate, a server on
+    // another port, and clients that speak wss://.
+    let (wss, try_it): (Vec<String>, Vec<String>) = try_it.into_iter().partition(|command| {
+        command.starts_with("openssl")
+            || command.contains("--tls-cert")
+            || command.contains("wss://")
+    });
     // "Try it" also starts the example, with the Redis it needs; the
     // example is chatted with as the server is, from two terminals.
     let (mut with_example, try_it): (Vec<String>, Vec<String>) = try_it
@@ -307,6 +314,7 @@ fn the_recipes_script_runs_the_docs_commands() {
     );
     let recipes = [
         ("try_it", try_it),
+        ("wss", wss),
         ("example", with_example),
         ("tokens", commands_under(&operations, "## Tokens")),
         ("sentinel", commands_under(&operations, "## Sentinel")),

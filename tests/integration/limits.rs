@@ -122,18 +122,33 @@ fn keepalive_pings_and_closes_silent_clients() {
     }
     assert!(pings >= 3, "pinged {pings} times");
     // `silent` never read, so never answered: it was pinged, then closed.
+    // Reading now, tungstenite first writes the pongs it owes: to a socket
+    // the server may have closed already (a broken pipe, the close frame
+    // unread behind it). The server's log says why it closed either way.
     let mut saw_ping = false;
     let closed = loop {
         match silent.ws.read() {
             Ok(Message::Ping(_)) => saw_ping = true,
             Ok(Message::Text(_)) => {}
-            Ok(Message::Close(frame)) => break frame.unwrap(),
+            Ok(Message::Close(frame)) => break frame,
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                break None;
+            }
             other => panic!("unexpected {other:?}"),
         }
     };
-    assert!(saw_ping);
-    assert_eq!(u16::from(closed.code), 1008);
-    assert!(closed.reason.contains("idle timeout"), "{}", closed.reason);
+    if let Some(closed) = closed {
+        assert!(saw_ping);
+        assert_eq!(u16::from(closed.code), 1008);
+        assert!(closed.reason.contains("idle timeout"), "{}", closed.reason);
+    }
+    let left = server.wait_for_log("silent left");
+    assert!(left.contains("timed out (no response to pings)"), "{left}");
     lively.ws.get_ref().set_read_timeout(None).unwrap();
     lively.send("still here");
 }

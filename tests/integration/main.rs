@@ -37,3 +37,5 @@ mod rooms;
 mod sentinel;
 mod startup;
 mod support;
+#[cfg(all(feature = "tls", target_os = "linux"))]
+mod tls;

@@ -33,7 +33,8 @@ fn connect_from(server: SocketAddr, ip: &str, path: &str) -> Result<Client, (u16
     socket.connect(&server.into()).unwrap();
     let stream = TcpStream::from(socket);
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    match tungstenite::client(format!("ws://{server}{path}"), stream) {
+    let wire = crate::support::Wire::over(stream, server).unwrap();
+    match tungstenite::client(format!("{}://{server}{path}", wire.scheme()), wire) {
         Ok((ws, _)) => Ok(Client { ws }),
         Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
             let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default());

@@ -99,7 +99,7 @@ fn a_client_that_comes_back_gets_everything_it_missed(servers: &[&Server]) {
     assert_eq!(back.recv_chat(), ("bob".into(), "live".into()));
 }
 
-in_both_subscription_modes!(a_client_that_comes_back_gets_everything_it_missed_from_redis);
+in_both_subscription_modes!(tls: a_client_that_comes_back_gets_everything_it_missed_from_redis);
 
 fn a_client_that_comes_back_gets_everything_it_missed_from_redis(mode: &[&str]) {
     let redis = Redis::start();

@@ -22,8 +22,13 @@ fn join_from(
     socket.connect(&server.addr.into()).unwrap();
     let stream = TcpStream::from(socket);
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    let url = format!("ws://{}/chat/{nickname}?room={room}", server.addr);
-    match tungstenite::client(url, stream) {
+    let wire = crate::support::Wire::over(stream, server.addr).unwrap();
+    let url = format!(
+        "{}://{}/chat/{nickname}?room={room}",
+        wire.scheme(),
+        server.addr
+    );
+    match tungstenite::client(url, wire) {
         Ok((ws, _)) => Ok(Client { ws }),
         Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
             let body = response.body().clone().unwrap_or_default();

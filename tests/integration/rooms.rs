@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::support::{Client, Redis, Server, eventually, with_both_brokers};
 
-with_both_brokers!(
+with_both_brokers!(tls:
     messages_never_cross_rooms,
     joins_and_leaves_are_announced_with_the_reason => ["--ping-interval", "0.2", "--idle-timeout", "0.5"],
     a_joiner_is_told_who_is_in_the_room,

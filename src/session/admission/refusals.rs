@@ -162,19 +162,29 @@ pub const MAX_HELD: usize = 4096;
 
 /// Refused connections waiting for their answer, oldest first. Owned by the
 /// accept loop, which answers them as they come due.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Held {
     queue: VecDeque<(Instant, TcpStream, &'static str)>,
+    /// Whether the port speaks TLS (see [`http::refuse_full`]).
+    tls: bool,
 }
 
 impl Held {
+    /// None held yet, on a port that speaks TLS or not.
+    pub fn new(tls: bool) -> Held {
+        Held {
+            queue: VecDeque::new(),
+            tls,
+        }
+    }
+
     /// Holds `stream`, to be refused with `why` after [`HOLD`], if fewer
     /// than `room` (and [`MAX_HELD`]) are held; otherwise answers it now.
     pub fn refuse(&mut self, stream: TcpStream, why: &'static str, room: usize) {
         if self.queue.len() < room.min(MAX_HELD) {
             self.queue.push_back((Instant::now() + HOLD, stream, why));
         } else {
-            http::refuse_full(&stream, why);
+            http::refuse_full(&stream, why, self.tls);
         }
     }
 
@@ -183,7 +193,7 @@ impl Held {
         let now = Instant::now();
         while self.queue.front().is_some_and(|(due, _, _)| *due <= now) {
             if let Some((_, stream, why)) = self.queue.pop_front() {
-                http::refuse_full(&stream, why);
+                http::refuse_full(&stream, why, self.tls);
             }
         }
     }

@@ -13,8 +13,9 @@ use rcgen::{
 };
 
 /// A directory of PEM files: `ca.pem`, `server.pem` + `server.key`,
-/// `client.pem` + `client.key`, `expired.pem` + `expired.key`, and
-/// `other.key` (a key that matches no certificate here).
+/// `client.pem` + `client.key`, `expired.pem` + `expired.key`,
+/// `self.pem` + `self.key` (self-signed), and `other.key` (a key that
+/// matches no certificate here).
 pub struct Certs {
     dir: PathBuf,
 }
@@ -55,6 +56,12 @@ impl Certs {
         leaf("server", ExtendedKeyUsagePurpose::ServerAuth, false);
         leaf("client", ExtendedKeyUsagePurpose::ClientAuth, false);
         leaf("expired", ExtendedKeyUsagePurpose::ServerAuth, true);
+        // One that signed itself, as `openssl req -x509` makes.
+        let mut own = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        own.distinguished_name.push(DnType::CommonName, "localhost");
+        let key = KeyPair::generate().unwrap();
+        fs::write(dir.join("self.pem"), own.self_signed(&key).unwrap().pem()).unwrap();
+        fs::write(dir.join("self.key"), key.serialize_pem()).unwrap();
         fs::write(
             dir.join("other.key"),
             KeyPair::generate().unwrap().serialize_pem(),
@@ -76,7 +83,17 @@ impl Certs {
         self.path("ca.pem")
     }
 
-    /// The CA as DER, for a rustls client's root store.
+    /// The server's options for its certificate and key.
+    pub fn server_args(&self) -> [String; 4] {
+        [
+            "--tls-cert".into(),
+            self.path("server.pem"),
+            "--tls-key".into(),
+            self.path("server.key"),
+        ]
+    }
+
+    /// The CA as PEM, for a rustls client's root store.
     pub fn ca_pem(&self) -> Vec<u8> {
         fs::read(self.dir.join("ca.pem")).unwrap()
     }

@@ -12,7 +12,7 @@ use super::*;
 
 /// A blocking WebSocket chat client.
 pub struct Client {
-    pub ws: WebSocket<TcpStream>,
+    pub ws: WebSocket<Wire>,
 }
 
 impl Client {
@@ -34,8 +34,9 @@ impl Client {
         socket.connect(&addr.into()).unwrap();
         let stream = TcpStream::from(socket);
         stream.set_read_timeout(Some(PATIENCE)).unwrap();
-        let url = format!("ws://{addr}/chat/{nickname}");
-        let (ws, _) = tungstenite::client(url, stream)
+        let wire = Wire::over(stream, addr).unwrap();
+        let url = format!("{}://{addr}/chat/{nickname}", wire.scheme());
+        let (ws, _) = tungstenite::client(url, wire)
             .unwrap_or_else(|e| panic!("connect as {nickname} from {ip}: {e}"));
         Client { ws }
     }
@@ -48,8 +49,9 @@ impl Client {
     pub fn try_connect_path(addr: SocketAddr, path: &str) -> Result<Client, tungstenite::Error> {
         let stream = TcpStream::connect(addr)?;
         stream.set_read_timeout(Some(PATIENCE))?;
-        let url = format!("ws://{addr}{path}");
-        let (ws, _) = tungstenite::client(url, stream).map_err(|e| match e {
+        let wire = Wire::over(stream, addr)?;
+        let url = format!("{}://{addr}{path}", wire.scheme());
+        let (ws, _) = tungstenite::client(url, wire).map_err(|e| match e {
             tungstenite::HandshakeError::Failure(e) => e,
             tungstenite::HandshakeError::Interrupted(_) => unreachable!("blocking"),
         })?;
@@ -275,8 +277,8 @@ impl Client {
 
     /// Drops the TCP connection without any close frame.
     pub fn drop_abruptly(self) {
-        let stream = self.ws.into_inner();
-        let _ = stream.shutdown(std::net::Shutdown::Both);
+        let wire = self.ws.into_inner();
+        let _ = wire.tcp().shutdown(std::net::Shutdown::Both);
     }
 }
 

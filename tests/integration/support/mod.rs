@@ -15,6 +15,7 @@ mod redis_server;
 #[cfg(feature = "redis-ha")]
 mod sentinel;
 mod server;
+mod wire;
 
 #[cfg(all(feature = "tls", target_os = "linux"))]
 pub use certs::*;
@@ -25,6 +26,7 @@ pub use redis_server::*;
 #[cfg(feature = "redis-ha")]
 pub use sentinel::*;
 pub use server::*;
+pub use wire::*;
 
 use std::net::TcpListener;
 use std::sync::{Condvar, Mutex};
@@ -78,48 +80,130 @@ struct LogBook {
 
 /// Declares `redis`, `redis_shared` (`--subscriptions shared`) and `in_process` variants of a test taking a `&Server`,
 /// optionally with extra server arguments: `name => ["--flag", "value"]`.
+/// Led by `tls:`, each test also gets `wss` and `wss_shared` variants:
+/// Redis, either subscription mode, and the server on `wss://` with a
+/// certificate of the test's own (its clients speak TLS without being told:
+/// see [`Wire`]).
 macro_rules! with_both_brokers {
+    (tls: $($name:ident $(=> [$($arg:expr),*])?),* $(,)?) => {$(
+        mod $name {
+            crate::support::broker_variants!($name $($(, $arg)*)?);
+            #[cfg(all(feature = "tls", target_os = "linux"))]
+            #[test]
+            fn wss() {
+                let certs = crate::support::Certs::new();
+                let redis = crate::support::Redis::start();
+                let url = redis.url();
+                let tls = certs.server_args();
+                let args: &[&str] = &["--redis", &url, &tls[0], &tls[1], &tls[2], &tls[3], $($($arg),*)?];
+                super::$name(&crate::support::Server::start(args));
+            }
+            /// Shared subscriptions write through the dispatcher's
+            /// non-blocking path: over TLS, its own test.
+            #[cfg(all(feature = "tls", target_os = "linux"))]
+            #[test]
+            fn wss_shared() {
+                let certs = crate::support::Certs::new();
+                let redis = crate::support::Redis::start();
+                let url = redis.url();
+                let tls = certs.server_args();
+                let args: &[&str] = &["--redis", &url, "--subscriptions", "shared", &tls[0], &tls[1], &tls[2], &tls[3], $($($arg),*)?];
+                super::$name(&crate::support::Server::start(args));
+            }
+        }
+    )*};
     ($($name:ident $(=> [$($arg:expr),*])?),* $(,)?) => {$(
         mod $name {
-            #[test]
-            fn redis() {
-                let redis = crate::support::Redis::start();
-                let url = redis.url();
-                let args: &[&str] = &["--redis", &url, $($($arg),*)?];
-                super::$name(&crate::support::Server::start(args));
-            }
-            #[test]
-            fn redis_shared() {
-                let redis = crate::support::Redis::start();
-                let url = redis.url();
-                let args: &[&str] =
-                    &["--redis", &url, "--subscriptions", "shared", $($($arg),*)?];
-                super::$name(&crate::support::Server::start(args));
-            }
-            #[test]
-            fn in_process() {
-                let args: &[&str] = &["--in-process", $($($arg),*)?];
-                super::$name(&crate::support::Server::start(args));
-            }
+            crate::support::broker_variants!($name $($(, $arg)*)?);
         }
     )*};
 }
 pub(crate) use with_both_brokers;
 
+/// The three broker variants of [`with_both_brokers`], in the test's module.
+macro_rules! broker_variants {
+    ($name:ident $(, $arg:expr)*) => {
+        #[test]
+        fn redis() {
+            let redis = crate::support::Redis::start();
+            let url = redis.url();
+            let args: &[&str] = &["--redis", &url, $($arg),*];
+            super::$name(&crate::support::Server::start(args));
+        }
+        #[test]
+        fn redis_shared() {
+            let redis = crate::support::Redis::start();
+            let url = redis.url();
+            let args: &[&str] = &["--redis", &url, "--subscriptions", "shared", $($arg),*];
+            super::$name(&crate::support::Server::start(args));
+        }
+        #[test]
+        fn in_process() {
+            let args: &[&str] = &["--in-process", $($arg),*];
+            super::$name(&crate::support::Server::start(args));
+        }
+    };
+}
+pub(crate) use broker_variants;
+
 /// Declares `per_client` and `shared` variants of a test taking the extra
-/// server arguments that choose the Redis subscription mode.
+/// server arguments that choose the Redis subscription mode. Led by `tls:`,
+/// each also gets a `wss` variant (per-client, the server on `wss://`).
 macro_rules! in_both_subscription_modes {
+    (tls: $($name:ident),* $(,)?) => {$(
+        mod $name {
+            crate::support::subscription_variants!($name);
+            #[cfg(all(feature = "tls", target_os = "linux"))]
+            #[test]
+            fn wss() {
+                let certs = crate::support::Certs::new();
+                let tls = certs.server_args();
+                super::$name(&[&tls[0], &tls[1], &tls[2], &tls[3]]);
+            }
+        }
+    )*};
     ($($name:ident),* $(,)?) => {$(
         mod $name {
-            #[test]
-            fn per_client() {
-                super::$name(&[]);
-            }
-            #[test]
-            fn shared() {
-                super::$name(&["--subscriptions", "shared"]);
-            }
+            crate::support::subscription_variants!($name);
         }
     )*};
 }
 pub(crate) use in_both_subscription_modes;
+
+/// Declares `ws` and `wss` variants of a test taking extra server
+/// arguments (none, or the certificate options).
+#[allow(unused_macros)] // by the token tests only
+macro_rules! over_ws_and_wss {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn ws() {
+                super::$name(&[]);
+            }
+            #[cfg(all(feature = "tls", target_os = "linux"))]
+            #[test]
+            fn wss() {
+                let certs = crate::support::Certs::new();
+                let tls = certs.server_args();
+                super::$name(&[&tls[0], &tls[1], &tls[2], &tls[3]]);
+            }
+        }
+    )*};
+}
+#[allow(unused_imports)]
+pub(crate) use over_ws_and_wss;
+
+/// The two variants of [`in_both_subscription_modes`].
+macro_rules! subscription_variants {
+    ($name:ident) => {
+        #[test]
+        fn per_client() {
+            super::$name(&[]);
+        }
+        #[test]
+        fn shared() {
+            super::$name(&["--subscriptions", "shared"]);
+        }
+    };
+}
+pub(crate) use subscription_variants;

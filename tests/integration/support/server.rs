@@ -101,13 +101,21 @@ impl Server {
             addr: "0.0.0.0:0".parse().unwrap(),
             log,
         };
-        let line = server.wait_for_log("listening on ws://");
+        let line = server.wait_for_log("threadchat listening on ");
         let addr = line
-            .split("ws://")
+            .split("://")
             .nth(1)
             .and_then(|rest| rest.split('/').next())
             .expect("the listening line names the address");
         server.addr = addr.parse().expect("a socket address");
+        // Served over TLS: its clients trust the CA beside its certificate
+        // (see `Certs`).
+        #[cfg(feature = "tls")]
+        if let Some(at) = args.iter().position(|arg| *arg == "--tls-cert") {
+            let cert = std::path::Path::new(args[at + 1]);
+            let ca = std::fs::read(cert.with_file_name("ca.pem")).expect("ca.pem beside the cert");
+            trust(server.addr, &ca);
+        }
         server
     }
 
@@ -263,8 +271,9 @@ impl Server {
 
     /// Sends raw bytes as an HTTP request; returns the status line and body.
     pub fn http(&self, request: &str) -> (String, String) {
-        let mut stream = TcpStream::connect(self.addr).unwrap();
+        let stream = TcpStream::connect(self.addr).unwrap();
         stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut stream = Wire::over(stream, self.addr).unwrap();
         stream.write_all(request.as_bytes()).unwrap();
         let mut bytes = Vec::new();
         let _ = stream.read_to_end(&mut bytes);
@@ -286,6 +295,9 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // Its port may serve a plain server next.
+        #[cfg(feature = "tls")]
+        distrust(self.addr);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -172,8 +172,7 @@ mod tests {
         }
 
         fn server_config(&self) -> std::sync::Arc<rustls::ServerConfig> {
-            #[allow(deprecated)]
-            let provider = rustls::crypto::ring::default_provider();
+            let provider = crate::tls::provider();
             let config = rustls::ServerConfig::builder_with_provider(provider.into())
                 .with_safe_default_protocol_versions()
                 .unwrap()
