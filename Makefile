@@ -43,12 +43,18 @@
 #                               the attacks: SCENARIOS=d,e,f,i,j; then many rooms on one
 #                               Redis and on a 3-master Redis Cluster (scenarios g, h;
 #                               CLUSTER_SCENARIOS= skips them, make bench-cluster runs
-#                               only them) (docs/PERFORMANCE.md)
+#                               only them) (docs/PERFORMANCE.md); TLS=1: a, b, c
+#                               over wss:// (a certificate made for the run),
+#                               TLS=both: each plain then over TLS
+#   make bench-tls              what TLS costs: a, b, c and t (2,000 short
+#                               connections: the handshake) plain and over TLS,
+#                               alternating, twice, with each relay (BROKER= as
+#                               above; about 10 minutes)
 
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: run build test chaos chaos-short chaos-ha recipes lint check-minimal check-macos fmt interop conformance browser-test bench bench-cluster require-redis
+.PHONY: run build test chaos chaos-short chaos-ha recipes lint check-minimal check-macos fmt interop conformance browser-test bench bench-cluster bench-tls require-redis
 
 run:
 	$(CARGO) run --release --bin threadchat -- $(ARGS)
@@ -141,15 +147,23 @@ BROKER ?= all
 SCENARIOS ?= a,b,c
 CLUSTER_SCENARIOS ?= g,h
 CLUSTER_BROKERS = redis,redis-cluster,redis-shared,redis-cluster-shared
+TLS ?=
+TLS_ARGS = $(if $(TLS),--tls $(if $(filter both,$(TLS)),both,on))
 bench: require-redis
 	$(CARGO) build --release --workspace --bins
-	./target/release/loadgen --broker $(BROKER) --scenario $(SCENARIOS)
+	./target/release/loadgen --broker $(BROKER) --scenario $(SCENARIOS) $(TLS_ARGS)
 	if [ -n "$(CLUSTER_SCENARIOS)" ]; then \
 	  ./target/release/loadgen --broker $(CLUSTER_BROKERS) --scenario $(CLUSTER_SCENARIOS); fi
 
 bench-cluster: require-redis
 	$(CARGO) build --release --workspace --bins
 	./target/release/loadgen --broker $(CLUSTER_BROKERS) --scenario g,h
+
+# docs/PERFORMANCE.md, "What TLS costs": plain and TLS runs alternate, so
+# that a busy moment on the machine falls on both.
+bench-tls: require-redis
+	$(CARGO) build --release --workspace --bins
+	./target/release/loadgen --broker $(BROKER) --scenario a,b,c,t --tls both --rounds 2
 
 require-redis:
 	@scripts/need-redis.sh

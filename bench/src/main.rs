@@ -11,6 +11,8 @@
 //! * `b`: 100 clients, 10 of them sending as fast as the server allows, 5 s.
 //! * `c`: 5,000 idle clients (`--idle-clients`) held 10 s, then one message
 //!   all must receive.
+//! * `t`: 2,000 short connections asking `/healthz` (with `--tls`, each a
+//!   full handshake: what one costs the server).
 //! * `d`, `e`, `f`: attacks, each against one bound (see `loadgen/attacks.rs`): a
 //!   join storm over a history of the biggest messages, slow readers, a
 //!   flood of `/members` requests. They print a table of their own.
@@ -22,8 +24,13 @@
 //! the server spends. Two receiver threads each wait on half the sockets
 //! with `epoll` instead (see `receive`).
 //!
+//! With `--tls` the clients of a, b, c and t speak `wss://` to a server started
+//! with a certificate made for the run (`--tls both`: each scenario plain,
+//! then over TLS, for what TLS costs side by side).
+//!
 //! Layout (in `loadgen/`): `env` starts the processes and reads `/proc`; `client`
-//! connects; `scenarios` runs a, b and c; `receive` reads for every
+//! connects; `tls` makes the certificates and the clients' TLS stream;
+//! `scenarios` runs a, b, c and t; `receive` reads for every
 //! client; `attacks` runs d, e and f; `report` prints the tables.
 //!
 //! Latency is measured from a send timestamp carried in each message (client

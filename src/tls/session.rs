@@ -101,6 +101,9 @@ impl Session {
             Err(e) if is_timeout(&e) => return Err(HandshakeError::Timeout),
             Err(e) => return Err(HandshakeError::Io(e)),
         }
+        // The handshake's flights go out in several writes: without this,
+        // Nagle holds each back until the last is acknowledged.
+        tcp.set_nodelay(true).map_err(HandshakeError::Io)?;
         let mut conn = ServerConnection::new(config).map_err(HandshakeError::Tls)?;
         while conn.is_handshaking() {
             if conn.wants_write() {

@@ -1,13 +1,18 @@
-//! Chat clients: connecting one, connecting thousands at once, sending.
+//! Chat clients: connecting one, connecting thousands at once (over TLS
+//! with `--tls`), sending.
 
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use rustls::ClientConfig;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, WebSocket};
+
+use super::tls::Stream;
 
 pub(crate) fn now_micros() -> u64 {
     SystemTime::now()
@@ -34,7 +39,38 @@ pub(crate) fn connect_on(
 ) -> anyhow::Result<WebSocket<TcpStream>> {
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     stream.set_nodelay(true)?;
-    let url = format!("ws://{addr}/chat/{nickname}?room={room}");
+    join(stream, &format!("ws://{addr}"), nickname, room)
+}
+
+/// One connected client of a scenario that may run over TLS: `wss://` when
+/// `tls` is given (the TLS handshake, then the WebSocket one), else `ws://`.
+pub(crate) fn connect_over(
+    addr: SocketAddr,
+    tls: Option<&Arc<ClientConfig>>,
+    nickname: &str,
+    room: &str,
+) -> anyhow::Result<WebSocket<Stream>> {
+    let tcp = TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(60)))?;
+    tcp.set_nodelay(true)?;
+    let scheme = if tls.is_some() { "wss" } else { "ws" };
+    join(
+        Stream::connect(tcp, tls)?,
+        &format!("{scheme}://{addr}"),
+        nickname,
+        room,
+    )
+}
+
+/// The WebSocket handshake on `stream` to `base` (`ws://host:port`), then
+/// the wait for the member list.
+fn join<S: Read + Write>(
+    stream: S,
+    base: &str,
+    nickname: &str,
+    room: &str,
+) -> anyhow::Result<WebSocket<S>> {
+    let url = format!("{base}/chat/{nickname}?room={room}");
     // tungstenite zero-fills its read buffer before every read: its default
     // 128 KiB would make each received frame cost a 128 KiB memset.
     let config = WebSocketConfig::default().read_buffer_size(8 << 10);
@@ -59,13 +95,14 @@ pub(crate) const CONNECTORS: usize = 512;
 /// order, and the handshake latency p50 / p99 as text.
 pub(crate) fn connect_all(
     addr: SocketAddr,
+    tls: Option<&Arc<ClientConfig>>,
     clients: usize,
     room: &str,
-) -> anyhow::Result<(Vec<WebSocket<TcpStream>>, String)> {
+) -> anyhow::Result<(Vec<WebSocket<Stream>>, String)> {
     let next = Arc::new(AtomicU64::new(0));
     let connectors: Vec<_> = (0..CONNECTORS.min(clients))
         .map(|_| {
-            let (next, room) = (Arc::clone(&next), room.to_owned());
+            let (next, room, tls) = (Arc::clone(&next), room.to_owned(), tls.cloned());
             thread::Builder::new().stack_size(256 << 10).spawn(move || {
                 let mut done = Vec::new();
                 loop {
@@ -74,7 +111,7 @@ pub(crate) fn connect_all(
                         return Ok(done);
                     }
                     let t = Instant::now();
-                    let ws = connect(addr, &format!("u{i}"), &room)?;
+                    let ws = connect_over(addr, tls.as_ref(), &format!("u{i}"), &room)?;
                     done.push((i, ws, t.elapsed()));
                 }
             })
@@ -100,7 +137,10 @@ pub(crate) fn connect_all(
 
 /// Sends on a non-blocking socket, waiting while the kernel's send buffer is
 /// full (the server is behind).
-pub(crate) fn send(out: &mut WebSocket<TcpStream>, message: Message) -> tungstenite::Result<()> {
+pub(crate) fn send<S: Read + Write>(
+    out: &mut WebSocket<S>,
+    message: Message,
+) -> tungstenite::Result<()> {
     let mut result = out.send(message);
     loop {
         match result {

@@ -4,12 +4,15 @@
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use rustls::ClientConfig;
 
 use super::Args;
+use super::tls::Certs;
 
 /// The Redis servers (none, one, or a cluster's masters) and a threadchat,
 /// stopped on drop.
@@ -18,6 +21,9 @@ pub(crate) struct Env {
     pub(crate) redis: Vec<(Child, u16)>,
     pub(crate) server: Child,
     pub(crate) addr: SocketAddr,
+    /// With `--tls`: the certificates the server was started with, and what
+    /// its clients connect with ([`Env::tls`]).
+    certs: Option<Certs>,
 }
 
 /// Masters of the cluster that relay `redis-cluster` starts (Redis
@@ -30,14 +36,25 @@ impl Env {
     /// replicas) and threadchat with `extra` arguments (which must say
     /// `--history`).
     pub(crate) fn start(args: &Args, broker: &str, extra: &[&str]) -> anyhow::Result<Env> {
-        Env::start_with(args, broker, extra, false)
+        Env::start_with(args, broker, extra, false, false)
+    }
+
+    /// Like [`Env::start`], serving `wss://` when `tls` (a CA and a
+    /// certificate made for this run).
+    pub(crate) fn start_over(
+        args: &Args,
+        broker: &str,
+        extra: &[&str],
+        tls: bool,
+    ) -> anyhow::Result<Env> {
+        Env::start_with(args, broker, extra, false, tls)
     }
 
     /// Like [`Env::start`], with the server's own per-address limits
     /// (`--max-connections-per-ip`, `--max-starting-per-ip`) left on: for
     /// the attacks that come from several addresses.
     pub(crate) fn start_limited(args: &Args, broker: &str, extra: &[&str]) -> anyhow::Result<Env> {
-        Env::start_with(args, broker, extra, true)
+        Env::start_with(args, broker, extra, true, false)
     }
 
     fn start_with(
@@ -45,6 +62,7 @@ impl Env {
         broker: &str,
         extra: &[&str],
         per_address_limits: bool,
+        tls: bool,
     ) -> anyhow::Result<Env> {
         let mut relay = vec!["--in-process".to_owned()];
         let mut redis = Vec::new();
@@ -112,6 +130,10 @@ impl Env {
         {
             relay.extend(["--new-rooms-per-minute".into(), "0".into()]);
         }
+        let certs = if tls { Some(Certs::new()?) } else { None };
+        if let Some(certs) = &certs {
+            relay.extend(certs.server_args());
+        }
         let mut server = Command::new(&args.threadchat)
             .args(["--host", "127.0.0.1", "--port", "0", "--rate-limit", "0"])
             .args(["--log-level", "warn"])
@@ -132,7 +154,13 @@ impl Env {
             redis,
             server,
             addr,
+            certs,
         })
+    }
+
+    /// What clients connect with: `Some` when the server speaks TLS.
+    pub(crate) fn tls(&self) -> Option<&Arc<ClientConfig>> {
+        self.certs.as_ref().map(|c| &c.client)
     }
 
     pub(crate) fn pid(&self) -> u32 {

@@ -42,7 +42,7 @@ pub(super) fn gap_fill(args: &Args, relay: &str) -> anyhow::Result<String> {
         .arg("GET")
         .arg("maxclients")
         .query(&mut redis)?;
-    let (clients, _) = connect_all(env.addr, CLIENTS, "gap")?;
+    let (clients, _) = connect_all(env.addr, None, CLIENTS, "gap")?;
     let receiving = clients
         .into_iter()
         .enumerate()

@@ -8,6 +8,7 @@ mod receive;
 mod report;
 mod scenarios;
 mod silent;
+mod tls;
 
 use std::time::Duration;
 
@@ -16,13 +17,14 @@ use clap::Parser;
 
 use env::Env;
 use report::Row;
-use scenarios::{Pace, Rooms, fan_out, idle};
+use scenarios::{Pace, Rooms, fan_out, handshakes, idle};
 
 #[derive(Parser)]
 #[command(about = "Load generator for threadchat (see `make bench`)")]
 pub(crate) struct Args {
     /// Scenarios to run: a, b, c; g and h (many rooms); the attacks d, e,
-    /// f, i (silent starts) and j (room rotation); k, the gap fill's cost
+    /// f, i (silent starts) and j (room rotation); k, the gap fill's cost;
+    /// t, short connections (each a handshake with `--tls`)
     /// (comma-separated).
     #[arg(long, default_value = "a,b,c", value_delimiter = ',')]
     scenario: Vec<String>,
@@ -44,6 +46,35 @@ pub(crate) struct Args {
     /// default, adds keeping the log.
     #[arg(long, default_value_t = 0)]
     history: usize,
+    /// Clients speak TLS (`wss://`) in the scenarios a, b, c, g, h and t: the
+    /// server is started with a certificate made for the run. `--tls both`
+    /// runs each of them plain, then over TLS, for a table of the two side
+    /// by side. (The attacks and k stay plain.)
+    #[arg(long, value_enum, default_value = "off", num_args = 0..=1, default_missing_value = "on")]
+    tls: Tls,
+    /// Runs everything this many times over (for a range of each figure,
+    /// plain and TLS runs alternating).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+}
+
+/// Whether the clients of scenarios a, b, c, g, h and t speak TLS.
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum Tls {
+    Off,
+    On,
+    Both,
+}
+
+impl Tls {
+    /// The runs of one scenario: `false` plain, `true` over TLS.
+    fn runs(self) -> &'static [bool] {
+        match self {
+            Tls::Off => &[false],
+            Tls::On => &[true],
+            Tls::Both => &[false, true],
+        }
+    }
 }
 
 /// The layout of scenarios g and h: 30 rooms of 20 clients, 2 senders in
@@ -53,6 +84,9 @@ const MANY_ROOMS: Rooms = Rooms {
     per_room: 20,
     senders: 2,
 };
+
+/// Connections in scenario t (each a TLS handshake with `--tls`).
+const HANDSHAKES: usize = 2000;
 
 /// Runs the scenarios the command line asks for and prints the tables.
 pub fn main() -> anyhow::Result<()> {
@@ -67,48 +101,27 @@ pub fn main() -> anyhow::Result<()> {
         .collect();
     let mut rows = Vec::new();
     let mut attack_rows = Vec::new();
-    for relay in &relays {
-        for scenario in &args.scenario {
-            eprintln!("scenario {scenario}, relay {relay}…");
-            if let Some(attack) = attacks::Attack::named(scenario) {
-                let row = attack.run(&args, relay)?;
-                eprintln!("{}", row.render());
-                attack_rows.push(row);
-                continue;
+    for _round in 0..args.rounds {
+        for relay in &relays {
+            for scenario in &args.scenario {
+                if let Some(attack) = attacks::Attack::named(scenario) {
+                    eprintln!("scenario {scenario}, relay {relay}…");
+                    let row = attack.run(&args, relay)?;
+                    eprintln!("{}", row.render());
+                    attack_rows.push(row);
+                    continue;
+                }
+                for &tls in args.tls.runs() {
+                    let transport = if tls { "wss" } else { "ws" };
+                    eprintln!("scenario {scenario}, relay {relay}, {transport}…");
+                    let mut row = run(&args, scenario, relay, tls)?;
+                    row.scenario = scenario.clone();
+                    row.relay = relay.clone();
+                    row.transport = transport;
+                    eprintln!("{}", row.render());
+                    rows.push(row);
+                }
             }
-            let history = args.history.to_string();
-            let env = Env::start(&args, relay, &["--history", &history])?;
-            let mut row = match scenario.as_str() {
-                "a" => fan_out(
-                    &env,
-                    Rooms::one(1000, 1),
-                    Pace::PerSecond(10),
-                    Duration::from_secs(10),
-                )?,
-                "b" => fan_out(
-                    &env,
-                    Rooms::one(100, 10),
-                    Pace::FlatOut,
-                    Duration::from_secs(5),
-                )?,
-                // Many rooms at once, what a cluster spreads over its
-                // masters (compare redis with redis-cluster): as fast as
-                // the server allows (g), and at a steady 1,200 messages/s
-                // for latency (h).
-                "g" => fan_out(&env, MANY_ROOMS, Pace::FlatOut, Duration::from_secs(5))?,
-                "h" => fan_out(
-                    &env,
-                    MANY_ROOMS,
-                    Pace::PerSecond(20),
-                    Duration::from_secs(10),
-                )?,
-                "c" => idle(&env, args.idle_clients)?,
-                other => bail!("unknown scenario {other:?}"),
-            };
-            row.scenario = scenario.clone();
-            row.relay = relay.clone();
-            eprintln!("{}", row.render());
-            rows.push(row);
         }
     }
     if !rows.is_empty() {
@@ -124,4 +137,38 @@ pub fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// One run of a fan-out or idle scenario against a fresh server (over TLS
+/// when `tls`).
+fn run(args: &Args, scenario: &str, relay: &str, tls: bool) -> anyhow::Result<Row> {
+    let history = args.history.to_string();
+    let env = Env::start_over(args, relay, &["--history", &history], tls)?;
+    match scenario {
+        "a" => fan_out(
+            &env,
+            Rooms::one(1000, 1),
+            Pace::PerSecond(10),
+            Duration::from_secs(10),
+        ),
+        "b" => fan_out(
+            &env,
+            Rooms::one(100, 10),
+            Pace::FlatOut,
+            Duration::from_secs(5),
+        ),
+        // Many rooms at once, what a cluster spreads over its masters
+        // (compare redis with redis-cluster): as fast as the server allows
+        // (g), and at a steady 1,200 messages/s for latency (h).
+        "g" => fan_out(&env, MANY_ROOMS, Pace::FlatOut, Duration::from_secs(5)),
+        "h" => fan_out(
+            &env,
+            MANY_ROOMS,
+            Pace::PerSecond(20),
+            Duration::from_secs(10),
+        ),
+        "c" => idle(&env, args.idle_clients),
+        "t" => handshakes(&env, HANDSHAKES),
+        other => bail!("unknown scenario {other:?}"),
+    }
 }

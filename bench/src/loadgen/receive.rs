@@ -1,7 +1,6 @@
 //! The receiving side: two threads wait on every client's socket with
 //! `epoll` and check what arrives (see the crate's doc for why).
 
-use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -9,6 +8,7 @@ use std::time::Duration;
 use tungstenite::{Message, WebSocket};
 
 use super::client::now_micros;
+use super::tls::Stream;
 
 /// Threads that receive for all clients of a scenario (one per core).
 pub(crate) const RECEIVER_THREADS: usize = 2;
@@ -17,7 +17,7 @@ pub(crate) const RECEIVER_THREADS: usize = 2;
 /// and what it has seen so far.
 pub(crate) struct Receiving {
     index: usize,
-    ws: WebSocket<TcpStream>,
+    ws: WebSocket<Stream>,
     /// The next sequence number expected from each sender.
     next: Vec<u64>,
     seen: Seen,
@@ -27,10 +27,10 @@ pub(crate) struct Receiving {
 impl Receiving {
     pub(crate) fn new(
         index: usize,
-        ws: WebSocket<TcpStream>,
+        ws: WebSocket<Stream>,
         senders: usize,
     ) -> anyhow::Result<Receiving> {
-        ws.get_ref().set_nonblocking(true)?;
+        ws.get_ref().tcp().set_nonblocking(true)?;
         Ok(Receiving {
             index,
             ws,
@@ -105,9 +105,10 @@ pub(crate) fn receive(
 ) -> anyhow::Result<Vec<Seen>> {
     let epoll = Epoll::new()?;
     for (slot, client) in clients.iter().enumerate() {
-        epoll.add(client.ws.get_ref().as_raw_fd(), slot as u64)?;
+        epoll.add(client.ws.get_ref().tcp().as_raw_fd(), slot as u64)?;
     }
-    // Frames may already be waiting in tungstenite's buffer.
+    // Frames may already be waiting in tungstenite's buffer (or, over TLS,
+    // decrypted in the session), where epoll cannot see them.
     for client in &mut clients {
         client.drain(delivered, progress);
     }
@@ -119,7 +120,7 @@ pub(crate) fn receive(
             if client.open {
                 client.drain(delivered, progress);
                 if !client.open {
-                    epoll.remove(client.ws.get_ref().as_raw_fd());
+                    epoll.remove(client.ws.get_ref().tcp().as_raw_fd());
                 }
             }
         }

@@ -8,6 +8,8 @@ use std::time::Duration;
 pub(crate) struct Row {
     pub(crate) scenario: String,
     pub(crate) relay: String,
+    /// `ws` or `wss` (`--tls`).
+    pub(crate) transport: &'static str,
     pub(crate) clients: usize,
     pub(crate) senders: usize,
     pub(crate) connect: Duration,
@@ -27,22 +29,27 @@ pub(crate) struct Row {
     /// Kernel memory per client: stacks, page tables, slab (KiB).
     pub(crate) kernel_per_client_kib: Option<(f64, f64, f64)>,
     pub(crate) idle_cpu: Option<f64>,
+    /// The server's CPU per client while they all connect (ms): the
+    /// WebSocket handshake and join, and with `--tls` the TLS handshake.
+    pub(crate) connect_cpu_ms: Option<f64>,
 }
 
 impl Row {
-    pub(crate) const HEADER: &str = "| scenario | relay | clients | senders | connect all | handshake p50 / p99 | delivered / expected | loss | dups | order | latency p50 / p99 / max | deliveries/s | CPU: server / Redis / load gen. | Redis conns | RSS per client | kernel per client: stacks + page tables + slab | idle CPU |\n\
-                          |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
+    pub(crate) const HEADER: &str = "| scenario | relay | over | clients | senders | connect all | handshake p50 / p99 | server CPU per connect | delivered / expected | loss | dups | order | latency p50 / p99 / max | deliveries/s | CPU: server / Redis / load gen. | server CPU per delivery | Redis conns | RSS per client | kernel per client: stacks + page tables + slab | idle CPU |\n\
+                          |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
 
     pub(crate) fn render(&self) -> String {
         let opt = |v: Option<String>| v.unwrap_or_else(|| "".into());
         format!(
-            "| {} | {} | {} | {} | {:.2} s | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {:.2} s | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             self.scenario,
             self.relay,
+            self.transport,
             self.clients,
             self.senders,
             self.connect.as_secs_f64(),
             self.handshake,
+            opt(self.connect_cpu_ms.map(|ms| format!("{ms:.2} ms"))),
             self.delivered,
             self.expected,
             self.expected.saturating_sub(self.delivered),
@@ -58,6 +65,7 @@ impl Row {
             })),
             opt(self.deliveries_per_s.map(|d| format!("{d:.0}"))),
             opt(self.cpu.as_ref().map(Cpu::render)),
+            opt(self.cpu_per_delivery_us().map(|us| format!("{us:.1} µs"))),
             opt(self.redis_connections.map(|n| n.to_string())),
             opt(self.rss_per_client_kib.map(|k| format!("{k:.1} KiB"))),
             opt(self.kernel_per_client_kib.map(|(stack, tables, slab)| {
@@ -66,6 +74,13 @@ impl Row {
             })),
             opt(self.idle_cpu.map(|c| format!("{c:.1}% of a core"))),
         )
+    }
+
+    /// The server's CPU time per frame delivered, in µs: what a fan-out
+    /// costs per receiver (with `--tls`, one encryption each).
+    fn cpu_per_delivery_us(&self) -> Option<f64> {
+        let (cpu, rate) = (self.cpu.as_ref()?, self.deliveries_per_s?);
+        (rate > 0.0).then(|| cpu.server / 100.0 * 1e6 / rate)
     }
 }
 

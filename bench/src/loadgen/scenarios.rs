@@ -1,5 +1,6 @@
 //! Scenarios a and b (a room fanning out, [`fan_out`]), g and h (many
-//! rooms fanning out at once, the same function) and c (idle clients, [`idle`]).
+//! rooms fanning out at once, the same function), c (idle clients, [`idle`])
+//! and t (short connections, [`handshakes`]: what a TLS handshake costs).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
@@ -12,6 +13,7 @@ use super::client::{connect_all, now_micros, send};
 use super::env::{Env, Kernel, cpu_ticks, rss_kb, slab_caches, slab_growth};
 use super::receive::{RECEIVER_THREADS, Receiving, Seen, receive};
 use super::report::{Cpu, Row};
+use super::tls::Stream;
 
 pub(crate) enum Pace {
     PerSecond(u32),
@@ -62,7 +64,7 @@ pub(crate) fn fan_out(
         } else {
             format!("bench-{room}")
         };
-        let (more, summary) = connect_all(env.addr, per_room, &name)?;
+        let (more, summary) = connect_all(env.addr, env.tls(), per_room, &name)?;
         sockets.extend(more);
         handshake = summary;
     }
@@ -257,8 +259,11 @@ pub(crate) fn idle(env: &Env, clients: usize) -> anyhow::Result<Row> {
     let kernel0 = Kernel::now();
     let slabs0 = slab_caches();
     let started = Instant::now();
-    let (mut sockets, handshake) = connect_all(env.addr, clients, "idle")?;
+    let connect_cpu0 = cpu_ticks(env.pid());
+    let (mut sockets, handshake) = connect_all(env.addr, env.tls(), clients, "idle")?;
     let connect_time = started.elapsed();
+    // Ticks are 10 ms: over thousands of clients, a fine enough average.
+    let connect_cpu = (cpu_ticks(env.pid()) - connect_cpu0) as f64 * 10.0 / clients as f64;
     thread::sleep(Duration::from_secs(2));
     let rss = rss_kb(env.pid());
     let kernel = Kernel::now().per_client(&kernel0, clients);
@@ -304,6 +309,80 @@ pub(crate) fn idle(env: &Env, clients: usize) -> anyhow::Result<Row> {
         rss_per_client_kib: Some(rss.saturating_sub(rss0) as f64 / clients as f64),
         kernel_per_client_kib: Some(kernel),
         idle_cpu: Some(idle_cpu as f64 / 10.0),
+        connect_cpu_ms: Some(connect_cpu),
         ..Row::default()
     })
+}
+
+/// Scenario t: `connections` short connections from four threads, each
+/// asking `GET /healthz` and closing. Over TLS each is a full handshake
+/// (the clients resume no session: see `tls::Certs::new`), so the server's
+/// CPU per connection beside plain is what a handshake costs it.
+pub(crate) fn handshakes(env: &Env, connections: usize) -> anyhow::Result<Row> {
+    const THREADS: usize = 4;
+    let next = Arc::new(AtomicU64::new(0));
+    let cpu0 = cpu_ticks(env.pid());
+    let started = Instant::now();
+    let askers: Vec<JoinHandle<anyhow::Result<Vec<Duration>>>> = (0..THREADS)
+        .map(|_| {
+            let (next, tls, addr) = (Arc::clone(&next), env.tls().cloned(), env.addr);
+            thread::Builder::new().spawn(move || {
+                let mut took = Vec::new();
+                while (next.fetch_add(1, Ordering::Relaxed) as usize) < connections {
+                    let t = Instant::now();
+                    healthz(addr, tls.as_ref())?;
+                    took.push(t.elapsed());
+                }
+                Ok(took)
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let mut took = Vec::with_capacity(connections);
+    for asker in askers {
+        took.extend(
+            asker
+                .join()
+                .map_err(|_| anyhow::anyhow!("an asker panicked"))??,
+        );
+    }
+    let all = started.elapsed();
+    let cpu = (cpu_ticks(env.pid()) - cpu0) as f64 * 10.0 / connections as f64;
+    took.sort_unstable();
+    let ms = |p: f64| {
+        took[((took.len() as f64 * p) as usize).min(took.len() - 1)].as_secs_f64() * 1000.0
+    };
+    Ok(Row {
+        clients: connections,
+        connect: all,
+        handshake: format!("{:.1} / {:.1} ms", ms(0.5), ms(0.99)),
+        connect_cpu_ms: Some(cpu),
+        ..Row::default()
+    })
+}
+
+/// One `GET /healthz` on a connection of its own (over TLS when `tls`).
+fn healthz(
+    addr: std::net::SocketAddr,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let tcp = std::net::TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
+    // As browsers do: the request does not wait for the handshake's last
+    // record to be acknowledged.
+    tcp.set_nodelay(true)?;
+    let mut stream = Stream::connect(tcp, tls)?;
+    write!(
+        stream,
+        "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    stream.flush()?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer)?;
+    anyhow::ensure!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "/healthz answered {:?}",
+        String::from_utf8_lossy(&answer[..answer.len().min(40)])
+    );
+    Ok(())
 }
