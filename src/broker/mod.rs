@@ -65,7 +65,7 @@ pub fn connect(
         BrokerChoice::InProcess => Ok(Arc::new(memory::MemoryBroker::new(settings, metrics)?)),
         BrokerChoice::Auto => {
             match redis::RedisBroker::connect(
-                &RedisTarget::Server(DEFAULT_REDIS_URL.into()),
+                &RedisTarget::server(DEFAULT_REDIS_URL),
                 Duration::from_millis(500),
                 settings,
                 metrics,

@@ -29,10 +29,18 @@ pub struct Args {
     /// sentinels and the master they watch
     /// ("redis+sentinel://s1:26379,s2:26379,s3:26379/mymaster"), or seed
     /// nodes of a Redis Cluster ("redis+cluster://n1:7000,n2:7000").
+    /// `rediss://`, `rediss+sentinel://`, `rediss+cluster://`: the same
+    /// over TLS.
     /// Without it, Redis on localhost:6379 is used if it answers; otherwise
     /// messages are relayed in-process (a single instance only).
     #[arg(long, env = "THREADCHAT_REDIS", value_name = "HOST[:PORT]|URL")]
     pub redis: Option<String>,
+
+    /// Redis over TLS (`rediss://`, the `tls` feature): `--redis-ca`,
+    /// `--redis-cert`, `--redis-key`.
+    #[cfg(feature = "tls")]
+    #[command(flatten)]
+    pub redis_tls: super::redis_tls::RedisTlsArgs,
 
     /// Relay messages in-process even if a Redis is reachable (a single
     /// instance only; handy for trying threadchat without Redis).

@@ -12,6 +12,10 @@ pub enum ConfigError {
         /// Why it is not usable.
         reason: String,
     },
+    /// A `--redis-ca`, `--redis-cert` or `--redis-key` file that cannot be
+    /// used, or those options without a `rediss://` URL.
+    #[error("{0}")]
+    RedisTls(String),
     /// A duration option out of its range.
     #[error(
         "invalid {option} {value}: seconds between 0.01 and 86400 \

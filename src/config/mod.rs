@@ -14,6 +14,8 @@ mod args;
 mod ceiling;
 mod error;
 #[cfg(feature = "tls")]
+mod redis_tls;
+#[cfg(feature = "tls")]
 mod tls;
 #[cfg(feature = "tokens")]
 mod tokens;
@@ -23,6 +25,8 @@ pub use crate::tls::Certificates;
 pub use args::{Args, LogLevel, Subscriptions};
 pub use ceiling::{MAX_STARTING, THREADS_PER_CONNECTION, connection_ceiling};
 pub use error::ConfigError;
+#[cfg(feature = "tls")]
+pub use redis_tls::{RedisTls, RedisTlsArgs, install_crypto_provider};
 #[cfg(feature = "tls")]
 pub use tls::TlsArgs;
 #[cfg(feature = "tokens")]
@@ -39,11 +43,18 @@ pub enum BrokerChoice {
     InProcess,
 }
 
-/// Where Redis is, as `--redis` says.
+/// Where Redis is, as `--redis` says, and (with `rediss`) the TLS every
+/// connection to it makes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RedisTarget {
-    /// One server, by its URL (`redis://…`, or a Unix socket).
-    Server(String),
+    /// One server, by its URL (`redis://…`, `rediss://…`, or a Unix socket).
+    Server {
+        /// The URL.
+        url: String,
+        /// With `rediss://`, the certificates to trust and show.
+        #[cfg(feature = "tls")]
+        tls: Option<RedisTls>,
+    },
     /// Sentinels, asked in turn where a master is.
     Sentinel {
         /// `host:port` of each sentinel.
@@ -54,6 +65,9 @@ pub enum RedisTarget {
         password: Option<String>,
         /// The master's database number.
         db: i64,
+        /// With `rediss+sentinel://`: TLS to the sentinels and the master.
+        #[cfg(feature = "tls")]
+        tls: Option<RedisTls>,
     },
     /// A Redis Cluster, found through any of its seed nodes.
     Cluster {
@@ -61,6 +75,9 @@ pub enum RedisTarget {
         seeds: Vec<String>,
         /// The nodes' password, if they have one.
         password: Option<String>,
+        /// With `rediss+cluster://`: TLS to every node.
+        #[cfg(feature = "tls")]
+        tls: Option<RedisTls>,
     },
 }
 
@@ -68,13 +85,41 @@ impl RedisTarget {
     /// The target as a URL, for messages (a server's password included:
     /// the broker redacts it).
     pub fn url(&self) -> String {
+        let s = if self.tls().is_some() { "s" } else { "" };
         match self {
-            RedisTarget::Server(url) => url.clone(),
+            RedisTarget::Server { url, .. } => url.clone(),
             RedisTarget::Sentinel {
                 sentinels, master, ..
-            } => format!("redis+sentinel://{}/{master}", sentinels.join(",")),
-            RedisTarget::Cluster { seeds, .. } => format!("redis+cluster://{}", seeds.join(",")),
+            } => format!("redis{s}+sentinel://{}/{master}", sentinels.join(",")),
+            RedisTarget::Cluster { seeds, .. } => {
+                format!("redis{s}+cluster://{}", seeds.join(","))
+            }
         }
+    }
+
+    /// One server at `url` (`redis://`: no TLS).
+    pub fn server(url: &str) -> RedisTarget {
+        RedisTarget::Server {
+            url: url.to_owned(),
+            #[cfg(feature = "tls")]
+            tls: None,
+        }
+    }
+
+    /// With `rediss`, how every connection makes its TLS session.
+    #[cfg(feature = "tls")]
+    pub fn tls(&self) -> Option<&RedisTls> {
+        match self {
+            RedisTarget::Server { tls, .. }
+            | RedisTarget::Sentinel { tls, .. }
+            | RedisTarget::Cluster { tls, .. } => tls.as_ref(),
+        }
+    }
+
+    /// Without the `tls` feature there is never TLS.
+    #[cfg(not(feature = "tls"))]
+    pub fn tls(&self) -> Option<&std::convert::Infallible> {
+        None
     }
 }
 
@@ -82,6 +127,11 @@ impl RedisTarget {
 /// a build without the `redis-ha` feature.
 pub const NO_REDIS_HA: &str = "Sentinel and Cluster are not built into this threadchat: \
      build it with the `redis-ha` feature (on by default; `cargo build --features redis-ha`)";
+
+/// Why `--redis rediss://…` is refused by a build without the `tls`
+/// feature.
+pub const NO_TLS: &str = "TLS (rediss://) is not built into this threadchat: \
+     build it with the `tls` feature (on by default; `cargo build --features tls`)";
 
 /// The URL tried when no `--redis` is given.
 pub const DEFAULT_REDIS_URL: &str = "redis://localhost:6379";
@@ -197,9 +247,19 @@ impl Config {
 
     /// Validates raw arguments into a configuration.
     pub fn from_args(args: Args) -> Result<Config, ConfigError> {
+        #[cfg(feature = "tls")]
+        if args.redis_tls.any()
+            && !matches!(&args.redis, Some(url) if url.trim().starts_with("rediss"))
+        {
+            return Err(ConfigError::RedisTls(
+                "--redis-ca, --redis-cert and --redis-key are for Redis over TLS: \
+                 give --redis a rediss://, rediss+sentinel:// or rediss+cluster:// URL"
+                    .into(),
+            ));
+        }
         let broker = match (&args.redis, args.in_process) {
             (_, true) => BrokerChoice::InProcess,
-            (Some(value), false) => BrokerChoice::Redis(redis_target(value)?),
+            (Some(value), false) => BrokerChoice::Redis(redis_target(value, &tls_options(&args))?),
             (None, false) => BrokerChoice::Auto,
         };
 
@@ -375,11 +435,35 @@ impl Config {
     }
 }
 
+/// The `--redis-*` TLS options a `rediss` URL is read with (none without
+/// the `tls` feature).
+#[cfg(feature = "tls")]
+type TlsOptions = RedisTlsArgs;
+#[cfg(not(feature = "tls"))]
+type TlsOptions = ();
+
+#[cfg(feature = "tls")]
+fn tls_options(args: &Args) -> TlsOptions {
+    args.redis_tls.clone()
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls_options(_args: &Args) -> TlsOptions {}
+
+/// The TLS a `rediss` URL asks for: the files of `options`, read now.
+#[cfg(feature = "tls")]
+type Tls = Option<RedisTls>;
+#[cfg(not(feature = "tls"))]
+type Tls = ();
+
 /// Reads `--redis`: a host or host:port, as the original app took it
 /// (`redis://{host}`); a `redis://` URL;
 /// `redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT…]/MASTER[/DB]`; or
-/// `redis+cluster://[:PASSWORD@]HOST:PORT[,HOST:PORT…]`.
-fn redis_target(value: &str) -> Result<RedisTarget, ConfigError> {
+/// `redis+cluster://[:PASSWORD@]HOST:PORT[,HOST:PORT…]`. Each scheme with
+/// `rediss` for `redis` is the same over TLS, with the files `options`
+/// name.
+#[cfg_attr(not(feature = "tls"), allow(clippy::let_unit_value))]
+fn redis_target(value: &str, options: &TlsOptions) -> Result<RedisTarget, ConfigError> {
     let fail = |reason: &str| ConfigError::Redis {
         value: value.to_owned(),
         reason: reason.to_owned(),
@@ -388,26 +472,64 @@ fn redis_target(value: &str) -> Result<RedisTarget, ConfigError> {
     if value.is_empty() {
         return Err(fail("empty"));
     }
-    let url = if let Some((scheme, rest)) = value.split_once("://") {
-        match scheme {
-            "redis" | "redis+unix" | "unix" => value.to_owned(),
-            "redis+sentinel" | "redis+cluster" if !cfg!(feature = "redis-ha") => {
-                return Err(fail(NO_REDIS_HA));
-            }
-            "redis+sentinel" => return sentinel_target(rest).map_err(|reason| fail(&reason)),
-            "redis+cluster" => return cluster_target(rest).map_err(|reason| fail(&reason)),
-            "rediss" => return Err(fail("TLS (rediss://) is not built into threadchat")),
-            _ => return Err(fail("expected a host, host:port, or a redis:// URL")),
-        }
-    } else {
-        format!("redis://{value}")
+    let Some((scheme, rest)) = value.split_once("://") else {
+        let url = format!("redis://{value}");
+        redis::Client::open(url.as_str()).map_err(|e| fail(&e.to_string()))?;
+        return Ok(RedisTarget::server(&url));
     };
-    redis::Client::open(url.as_str()).map_err(|e| fail(&e.to_string()))?;
-    Ok(RedisTarget::Server(url))
+    // `rediss…` is `redis…` over TLS.
+    let (scheme, over_tls) = match scheme.strip_prefix("rediss") {
+        Some(topology) => (format!("redis{topology}"), true),
+        None => (scheme.to_owned(), false),
+    };
+    if over_tls && !cfg!(feature = "tls") {
+        return Err(fail(NO_TLS));
+    }
+    match scheme.as_str() {
+        "redis" | "redis+unix" | "unix" => {}
+        "redis+sentinel" | "redis+cluster" if !cfg!(feature = "redis-ha") => {
+            return Err(fail(NO_REDIS_HA));
+        }
+        "redis+sentinel" | "redis+cluster" => {}
+        _ => return Err(fail("expected a host, host:port, or a redis:// URL")),
+    }
+    let tls = tls_for(over_tls, options)?;
+    match scheme.as_str() {
+        "redis+sentinel" => sentinel_target(rest, tls).map_err(|reason| fail(&reason)),
+        "redis+cluster" => cluster_target(rest, tls).map_err(|reason| fail(&reason)),
+        _ => {
+            let client = redis::Client::open(value).map_err(|e| fail(&e.to_string()))?;
+            if let redis::ConnectionAddr::TcpTls { insecure: true, .. } =
+                client.get_connection_info().addr()
+            {
+                return Err(fail(
+                    "#insecure (no certificate check) is not supported: \
+                     give the certificate authority with --redis-ca",
+                ));
+            }
+            Ok(RedisTarget::Server {
+                url: value.to_owned(),
+                #[cfg(feature = "tls")]
+                tls,
+            })
+        }
+    }
+}
+
+/// Reads the TLS files if the URL asked for TLS.
+#[cfg(feature = "tls")]
+fn tls_for(over_tls: bool, options: &TlsOptions) -> Result<Tls, ConfigError> {
+    over_tls.then(|| RedisTls::load(options)).transpose()
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls_for(_over_tls: bool, _options: &TlsOptions) -> Result<Tls, ConfigError> {
+    Ok(())
 }
 
 /// The part of a Sentinel URL after `redis+sentinel://`.
-fn sentinel_target(rest: &str) -> Result<RedisTarget, String> {
+#[cfg_attr(not(feature = "tls"), allow(unused_variables))]
+fn sentinel_target(rest: &str, tls: Tls) -> Result<RedisTarget, String> {
     let (password, rest) = password_of(rest);
     let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
     let (master, db) = path.split_once('/').unwrap_or((path, "0"));
@@ -422,12 +544,15 @@ fn sentinel_target(rest: &str) -> Result<RedisTarget, String> {
         master: master.to_owned(),
         password,
         db,
+        #[cfg(feature = "tls")]
+        tls,
     })
 }
 
 /// The part of a Cluster URL after `redis+cluster://`: seed nodes, each
 /// with its port (a cluster has one database, so there is no path).
-fn cluster_target(rest: &str) -> Result<RedisTarget, String> {
+#[cfg_attr(not(feature = "tls"), allow(unused_variables))]
+fn cluster_target(rest: &str, tls: Tls) -> Result<RedisTarget, String> {
     let (password, rest) = password_of(rest);
     let hosts = rest.strip_suffix('/').unwrap_or(rest);
     if hosts.contains('/') {
@@ -436,6 +561,8 @@ fn cluster_target(rest: &str) -> Result<RedisTarget, String> {
     Ok(RedisTarget::Cluster {
         seeds: addresses(hosts, None, "seed node")?,
         password,
+        #[cfg(feature = "tls")]
+        tls,
     })
 }
 
@@ -479,7 +606,8 @@ mod tests {
 
     #[test]
     fn redis_targets_like_the_original_and_urls() {
-        let server = |url: &str| Some(RedisTarget::Server(url.to_owned()));
+        let server = |url: &str| Some(RedisTarget::server(url));
+        let redis_target = |value: &str| redis_target(value, &Default::default());
         assert_eq!(redis_target("localhost").ok(), server("redis://localhost"));
         assert_eq!(
             redis_target("10.1.2.3:6380").ok(),
@@ -491,13 +619,13 @@ mod tests {
         );
         assert!(redis_target("").is_err());
         assert!(redis_target("http://x").is_err());
-        assert!(redis_target("rediss://x").is_err());
         assert!(redis_target("host:notaport").is_err());
     }
 
     #[test]
     #[cfg(not(feature = "redis-ha"))]
     fn sentinel_and_cluster_urls_name_the_feature_they_need() {
+        let redis_target = |value: &str| redis_target(value, &Default::default());
         for url in ["redis+sentinel://a:1/m", "redis+cluster://a:1,b:2"] {
             let error = redis_target(url).unwrap_err().to_string();
             assert!(error.contains("`redis-ha` feature"), "{error}");
@@ -507,6 +635,7 @@ mod tests {
     #[test]
     #[cfg(feature = "redis-ha")]
     fn sentinel_urls_are_read() {
+        let redis_target = |value: &str| redis_target(value, &Default::default());
         assert_eq!(
             redis_target("redis+sentinel://:pw@a:1,b:2,c/mymaster/3").ok(),
             Some(RedisTarget::Sentinel {
@@ -514,6 +643,8 @@ mod tests {
                 master: "mymaster".into(),
                 password: Some("pw".into()),
                 db: 3,
+                #[cfg(feature = "tls")]
+                tls: None,
             })
         );
         for bad in [
@@ -530,11 +661,14 @@ mod tests {
     #[test]
     #[cfg(feature = "redis-ha")]
     fn cluster_urls_are_read() {
+        let redis_target = |value: &str| redis_target(value, &Default::default());
         assert_eq!(
             redis_target("redis+cluster://:pw@a:1,b:2/").ok(),
             Some(RedisTarget::Cluster {
                 seeds: vec!["a:1".into(), "b:2".into()],
                 password: Some("pw".into()),
+                #[cfg(feature = "tls")]
+                tls: None,
             })
         );
         for bad in [
@@ -546,6 +680,53 @@ mod tests {
         ] {
             assert!(redis_target(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    #[cfg(not(feature = "tls"))]
+    fn rediss_urls_name_the_feature_they_need() {
+        for url in [
+            "rediss://a:1",
+            "rediss+sentinel://a:1/m",
+            "rediss+cluster://a:1",
+        ] {
+            let error = redis_target(url, &()).unwrap_err().to_string();
+            assert!(error.contains("`tls` feature"), "{error}");
+        }
+    }
+
+    /// `rediss…` is `redis…` over TLS, with the files of `--redis-ca`
+    /// (a CA made here).
+    #[test]
+    #[cfg(all(feature = "tls", feature = "redis-ha", target_os = "linux"))]
+    fn rediss_urls_are_read() {
+        let ca = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        let file =
+            std::env::temp_dir().join(format!("threadchat-config-ca-{}.pem", std::process::id()));
+        std::fs::write(&file, ca.pem()).unwrap();
+        let options = RedisTlsArgs {
+            redis_ca: Some(file.clone()),
+            ..RedisTlsArgs::default()
+        };
+        for (given, url) in [
+            ("rediss://h:1/2", "rediss://h:1/2"),
+            ("rediss+sentinel://a:1,b:2/m", "rediss+sentinel://a:1,b:2/m"),
+            ("rediss+cluster://a:1,b:2", "rediss+cluster://a:1,b:2"),
+        ] {
+            let target = redis_target(given, &options).unwrap();
+            assert!(target.tls().is_some(), "{given}");
+            assert_eq!(target.url(), url);
+        }
+        assert!(
+            redis_target("redis://h:1", &options)
+                .unwrap()
+                .tls()
+                .is_none()
+        );
+        let _ = std::fs::remove_file(file);
     }
 
     #[test]

@@ -28,6 +28,8 @@ mod limits;
 mod names;
 mod recovery;
 mod redis_wire;
+#[cfg(all(feature = "tls", target_os = "linux"))]
+mod rediss;
 mod resend_attacks;
 mod room_bounds;
 mod rooms;

@@ -21,6 +21,7 @@ use super::gaps::Gaps;
 use super::ghosts::{Again, Ghosts, swap_nickname};
 use super::heartbeat::{Beat, Heartbeat, keep_alive};
 use super::job::{Job, Reply, Route};
+use super::link::Link;
 use super::listener::Listeners;
 use super::listener::{Patience, RedisListener};
 use super::members::Members;
@@ -78,13 +79,14 @@ impl RedisBroker {
         metrics: &Arc<Metrics>,
     ) -> Result<RedisBroker, BrokerError> {
         let url = target.url();
+        let link = Link::new(target);
         let connect_err = |e: redis::RedisError| BrokerError::Connect {
             url: url.clone(),
-            reason: e.to_string(),
+            reason: link.explain(&e),
         };
-        let nodes: Arc<dyn Nodes> = match ha::nodes(target) {
+        let nodes: Arc<dyn Nodes> = match ha::nodes(target, &link) {
             Some(wing) => wing?,
-            None => Arc::new(OneServer::new(&url)?),
+            None => Arc::new(OneServer::new(&url, link.clone())?),
         };
         // Every master answers (a cluster has several).
         for route in nodes.masters()? {

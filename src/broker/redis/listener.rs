@@ -247,16 +247,19 @@ impl RedisListener {
     ) -> Result<(), BrokerError> {
         let (address, client) = self.with.nodes.node(&self.route)?;
         let info = client.get_connection_info().clone();
-        let (mut con, socket) =
-            PubSubConnection::connect(&info, CONNECT_TIMEOUT, self.with.max_payload).map_err(
-                |e| {
-                    self.with.nodes.unreachable(&address);
-                    BrokerError::Connect {
-                        url: redact(&self.with.url),
-                        reason: e.to_string(),
-                    }
-                },
-            )?;
+        let (mut con, socket) = PubSubConnection::connect(
+            &info,
+            self.with.nodes.link(),
+            CONNECT_TIMEOUT,
+            self.with.max_payload,
+        )
+        .map_err(|e| {
+            self.with.nodes.unreachable(&address);
+            BrokerError::Connect {
+                url: redact(&self.with.url),
+                reason: e.to_string(),
+            }
+        })?;
         self.with.nodes.reached(&address);
         self.current.set(Some(socket));
         let result = self.receive(&mut con, stop, on_event, state);
@@ -538,8 +541,9 @@ mod tests {
             // Hold the connection until the listener is cancelled.
             let _ = redis.read(&mut command);
         });
-        let nodes: Arc<dyn Nodes> =
-            Arc::new(crate::broker::redis::nodes::OneServer::new(&url).unwrap());
+        let nodes: Arc<dyn Nodes> = Arc::new(
+            crate::broker::redis::nodes::OneServer::new(&url, Default::default()).unwrap(),
+        );
         let listeners = Arc::new(Listeners {
             gaps: Arc::new(Gaps::new(&nodes, 0)),
             nodes,

@@ -88,6 +88,7 @@ mod heartbeat;
 mod idle;
 mod job;
 mod keys;
+mod link;
 mod listener;
 mod members;
 mod nodes;

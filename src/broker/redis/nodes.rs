@@ -20,6 +20,7 @@ use redis::Client;
 
 use super::job::{Job, Route, job_result};
 use super::keys;
+use super::link::Link;
 use super::sockets::SubscriptionSockets;
 use crate::broker::error::BrokerError;
 use crate::protocol::Room;
@@ -73,6 +74,10 @@ pub(super) trait Nodes: Send + Sync {
     /// A client for the node a connection keyed `address` goes to
     /// ([`THE_SERVER`] when there is only one).
     fn client(&self, address: &str) -> Result<Client, BrokerError>;
+
+    /// How connections to the nodes are made (plain TCP, or TLS): what a
+    /// subscription, which connects by itself, needs.
+    fn link(&self) -> &Link;
 
     /// Every master, each as the route to it: what the heartbeat checks.
     fn masters(&self) -> Result<Vec<Route>, BrokerError>;
@@ -139,15 +144,18 @@ pub(super) trait Nodes: Send + Sync {
 pub(super) struct OneServer {
     client: Client,
     url: String,
+    link: Link,
 }
 
 impl OneServer {
-    /// The server at `url`. Nothing is connected yet.
-    pub(super) fn new(url: &str) -> Result<OneServer, BrokerError> {
-        Client::open(url)
+    /// The server at `url`, reached through `link`. Nothing is connected
+    /// yet.
+    pub(super) fn new(url: &str, link: Link) -> Result<OneServer, BrokerError> {
+        link.open(url)
             .map(|client| OneServer {
                 client,
                 url: url.to_owned(),
+                link,
             })
             .map_err(|e| BrokerError::Connect {
                 url: redact(url),
@@ -163,6 +171,10 @@ impl Nodes for OneServer {
 
     fn client(&self, _address: &str) -> Result<Client, BrokerError> {
         Ok(self.client.clone())
+    }
+
+    fn link(&self) -> &Link {
+        &self.link
     }
 
     fn masters(&self) -> Result<Vec<Route>, BrokerError> {
@@ -223,7 +235,7 @@ mod tests {
     /// at (a route is only a room or a key, never a slot computed ahead).
     #[test]
     fn one_server_sends_a_batch_as_one_pipeline() {
-        let nodes = OneServer::new("redis://127.0.0.1:1").unwrap();
+        let nodes = OneServer::new("redis://127.0.0.1:1", Link::default()).unwrap();
         let mut answers = Vec::new();
         let batch = ["lobby", "other", "third"]
             .iter()

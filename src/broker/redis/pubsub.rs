@@ -20,6 +20,9 @@
 //! On a Redis Cluster a subscription is *sharded* (`SSUBSCRIBE`): the same
 //! with `smessage` and `ssubscribe`, and one more push, `sunsubscribe`,
 //! which the server sends when the channel's slot moves away.
+//!
+//! Over TLS (`rediss://`) the bytes travel through a TLS session on the
+//! same socket ([`Wire`]; `pubsub/tls.rs`): everything above is unchanged.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -28,8 +31,12 @@ use std::time::Duration;
 
 use redis::{ConnectionAddr, ConnectionInfo};
 
+use super::link::Link;
 // The same `Read + Write` view of a shared socket that client connections use.
 use crate::net::SharedStream;
+
+#[cfg(feature = "tls")]
+mod tls;
 
 /// Most elements in one reply array.
 const MAX_ARRAY: usize = 64;
@@ -108,7 +115,7 @@ pub(crate) enum Push {
 /// A connection in subscribed mode. One socket (one file descriptor),
 /// shared by the buffered reader, the writes and whoever may shut it down.
 pub(crate) struct PubSubConnection {
-    reader: BufReader<SharedStream>,
+    reader: BufReader<Wire>,
     stream: Arc<TcpStream>,
     /// Longest payload kept; longer ones are read past (see
     /// [`Push::Oversized`]).
@@ -119,18 +126,25 @@ pub(crate) struct PubSubConnection {
 }
 
 impl PubSubConnection {
-    /// Connects, authenticates (if the URL has a password) and returns the
+    /// Connects (through `link`'s TLS, for a `rediss://` address),
+    /// authenticates (if the URL has a password) and returns the
     /// connection and a handle whose `shutdown()` wakes any read on it.
     pub(crate) fn connect(
         info: &ConnectionInfo,
+        link: &Link,
         timeout: Duration,
         max_payload: usize,
     ) -> io::Result<(PubSubConnection, Arc<TcpStream>)> {
-        let ConnectionAddr::Tcp(host, port) = info.addr() else {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "only redis:// (plain TCP) addresses are supported",
-            ));
+        let (host, port) = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => (host, port),
+            #[cfg(feature = "tls")]
+            ConnectionAddr::TcpTls { host, port, .. } => (host, port),
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "only TCP addresses are supported (redis://, rediss://)",
+                ));
+            }
         };
         let mut last_error = io::Error::new(io::ErrorKind::NotFound, "no address");
         let mut stream = None;
@@ -155,8 +169,9 @@ impl PubSubConnection {
             .with_interval(KEEPALIVE_INTERVAL)
             .with_retries(KEEPALIVE_PROBES);
         socket2::SockRef::from(&*stream).set_tcp_keepalive(&keepalive)?;
+        let wire = Wire::over(&stream, info, link, timeout)?;
         let mut connection = PubSubConnection {
-            reader: BufReader::with_capacity(BUFFER, SharedStream(Arc::clone(&stream))),
+            reader: BufReader::with_capacity(BUFFER, wire),
             stream: Arc::clone(&stream),
             max_payload,
             drained: false,
@@ -222,7 +237,7 @@ impl PubSubConnection {
     /// read that filled the buffer, one peek at the kernel's queue finds it
     /// empty. Bytes still buffered say nothing: more may wait in Redis too.
     pub(crate) fn wait(&mut self) -> io::Result<Waited> {
-        let empty = self.reader.buffer().is_empty();
+        let empty = !self.has_buffered();
         let waited = if !empty {
             Waited::Buffered
         } else if self.drained || !crate::net::has_input(&self.stream) {
@@ -235,7 +250,8 @@ impl PubSubConnection {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
         if empty {
-            self.drained = got < self.reader.capacity();
+            self.drained =
+                got < self.reader.capacity() && self.reader.get_ref().short_read_drains();
         }
         Ok(waited)
     }
@@ -270,15 +286,104 @@ impl PubSubConnection {
 
     /// True if the next push (or part of it) is already read from the socket.
     pub(crate) fn has_buffered(&self) -> bool {
-        !self.reader.buffer().is_empty()
+        !self.reader.buffer().is_empty() || self.reader.get_ref().holds_more()
     }
 
+    /// Writes `cmd` (beside the reader's buffer, which it leaves alone).
     fn send(&mut self, cmd: &redis::Cmd) -> io::Result<()> {
-        (&*self.stream).write_all(&cmd.get_packed_command())
+        let wire = self.reader.get_mut();
+        wire.write_all(&cmd.get_packed_command())?;
+        wire.flush()
     }
 
     fn read_reply(&mut self) -> io::Result<Reply> {
         read_reply(&mut self.reader, 0, self.max_payload)
+    }
+}
+
+/// What a subscription's bytes travel on: the socket itself, or a TLS
+/// session over it.
+enum Wire {
+    /// `redis://`: the socket.
+    Plain(SharedStream),
+    /// `rediss://`: a TLS session (boxed: it is large, and the plain
+    /// connection should not pay for it).
+    #[cfg(feature = "tls")]
+    Tls(Box<tls::TlsWire>),
+}
+
+impl Read for Wire {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Wire::Plain(stream) => stream.read(buf),
+            #[cfg(feature = "tls")]
+            Wire::Tls(tls) => tls.read(buf),
+        }
+    }
+}
+
+impl Write for Wire {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Wire::Plain(stream) => stream.write(buf),
+            #[cfg(feature = "tls")]
+            Wire::Tls(tls) => tls.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Wire::Plain(stream) => stream.flush(),
+            #[cfg(feature = "tls")]
+            Wire::Tls(tls) => tls.flush(),
+        }
+    }
+}
+
+impl Wire {
+    /// The socket itself for a `redis://` address; for `rediss://`, a TLS
+    /// session made over it within `timeout`, as `link` says.
+    #[cfg_attr(not(feature = "tls"), allow(unused_variables))]
+    fn over(
+        stream: &Arc<TcpStream>,
+        info: &ConnectionInfo,
+        link: &Link,
+        timeout: Duration,
+    ) -> io::Result<Wire> {
+        match info.addr() {
+            #[cfg(feature = "tls")]
+            ConnectionAddr::TcpTls { host, port, .. } => {
+                let config = link.tls_config().ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "rediss:// without TLS settings",
+                    )
+                })?;
+                let tls = tls::TlsWire::handshake(stream, host, *port, config, timeout)?;
+                Ok(Wire::Tls(Box::new(tls)))
+            }
+            _ => Ok(Wire::Plain(SharedStream(Arc::clone(stream)))),
+        }
+    }
+
+    /// Whether bytes the socket delivered wait here, read but not yet
+    /// handed out (TLS decrypts a whole record at once).
+    fn holds_more(&self) -> bool {
+        match self {
+            Wire::Plain(_) => false,
+            #[cfg(feature = "tls")]
+            Wire::Tls(tls) => tls.holds_plaintext(),
+        }
+    }
+
+    /// Whether a read that did not fill the buffer proves that the socket
+    /// was drained. True of the socket; not of TLS, which reads the socket
+    /// in pieces of its own choosing.
+    fn short_read_drains(&self) -> bool {
+        match self {
+            Wire::Plain(_) => true,
+            #[cfg(feature = "tls")]
+            Wire::Tls(_) => false,
+        }
     }
 }
 

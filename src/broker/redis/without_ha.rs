@@ -5,15 +5,19 @@
 
 use std::sync::Arc;
 
+use super::link::Link;
 use super::nodes::Nodes;
 use crate::broker::error::BrokerError;
 use crate::config::RedisTarget;
 
 /// Always an error for a Sentinel or Cluster `target` (`None` for one
 /// server): this build has neither.
-pub(super) fn nodes(target: &RedisTarget) -> Option<Result<Arc<dyn Nodes>, BrokerError>> {
+pub(super) fn nodes(
+    target: &RedisTarget,
+    _link: &Link,
+) -> Option<Result<Arc<dyn Nodes>, BrokerError>> {
     let url = match target {
-        RedisTarget::Server(_) => return None,
+        RedisTarget::Server { .. } => return None,
         RedisTarget::Sentinel {
             sentinels, master, ..
         } => format!("redis+sentinel://{}/{master}", sentinels.join(",")),

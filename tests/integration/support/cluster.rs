@@ -1,7 +1,9 @@
 //! A Redis Cluster of real `redis-server` processes on free ports: three
-//! masters, each with one replica, killed on drop.
+//! masters, each with one replica, killed on drop; all over TLS (clients
+//! and the cluster bus) with [`Cluster::start_tls`].
 
 use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::*;
@@ -11,6 +13,8 @@ pub struct Cluster {
     /// Every node, masters first (as `redis-cli --cluster create` was given
     /// them); a killed node is `None`.
     pub nodes: Vec<Option<Redis>>,
+    /// Over TLS: the certificates' directory.
+    tls: Option<PathBuf>,
 }
 
 /// A free port whose cluster-bus port (+10,000) is free too.
@@ -27,16 +31,27 @@ impl Cluster {
     /// Starts six nodes and joins them: three masters with a replica each
     /// (a node is failed after 1 s of silence).
     pub fn start() -> Cluster {
+        Cluster::start_with(None)
+    }
+
+    /// [`start`](Self::start), every node speaking only TLS (its cluster
+    /// bus too) with the certificates in `certs`.
+    #[cfg(all(feature = "tls", target_os = "linux"))]
+    pub fn start_tls(certs: &Certs) -> Cluster {
+        Cluster::start_with(Some(certs.dir()))
+    }
+
+    fn start_with(tls: Option<&Path>) -> Cluster {
         // A killed node's peers keep greeting its port, and meet whatever
         // node starts there next. In this process `free_port` never hands a
         // port out twice; another test process on the machine (a second
         // `cargo test`) may still have freed the port we got.
         (0..3)
-            .find_map(|_| Cluster::try_start())
+            .find_map(|_| Cluster::try_start(tls))
             .expect("three clusters in a row were met by another's nodes")
     }
 
-    fn try_start() -> Option<Cluster> {
+    fn try_start(tls: Option<&Path>) -> Option<Cluster> {
         let nodes: Vec<Redis> = (0..6)
             .map(|_| {
                 loop {
@@ -46,23 +61,26 @@ impl Cluster {
                     let _ = std::fs::remove_dir_all(Redis::dir(port));
                     // Another test may take the port (or the bus port) first:
                     // then try another.
-                    let node = Redis::try_start_with(
-                        port,
-                        &[
-                            "--cluster-enabled",
-                            "yes",
-                            "--cluster-config-file",
-                            "nodes.conf",
-                            "--cluster-node-timeout",
-                            "1000",
-                            // A replica syncs at once (not after 5 s, waiting
-                            // for others), and may always be promoted.
-                            "--repl-diskless-sync-delay",
-                            "0",
-                            "--cluster-replica-validity-factor",
-                            "0",
-                        ],
-                    );
+                    let options = [
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "1000",
+                        // A replica syncs at once (not after 5 s, waiting
+                        // for others), and may always be promoted.
+                        "--repl-diskless-sync-delay",
+                        "0",
+                        "--cluster-replica-validity-factor",
+                        "0",
+                        "--tls-cluster",
+                        if tls.is_some() { "yes" } else { "no" },
+                    ];
+                    let node = match tls {
+                        Some(dir) => Redis::try_start_tls(port, dir, &options),
+                        None => Redis::try_start_with(port, &options),
+                    };
                     if let Some(node) = node {
                         break node;
                     }
@@ -73,7 +91,19 @@ impl Cluster {
             .iter()
             .map(|node| format!("127.0.0.1:{}", node.port))
             .collect();
-        let status = Command::new("redis-cli")
+        let mut command = Command::new("redis-cli");
+        if let Some(dir) = tls {
+            let file = |name: &str| dir.join(name);
+            command
+                .arg("--tls")
+                .arg("--cacert")
+                .arg(file("ca.pem"))
+                .arg("--cert")
+                .arg(file("client.pem"))
+                .arg("--key")
+                .arg(file("client.key"));
+        }
+        let status = command
             .args(["--cluster", "create"])
             .args(&addresses)
             .args(["--cluster-replicas", "1", "--cluster-yes"])
@@ -91,6 +121,7 @@ impl Cluster {
         }
         let cluster = Cluster {
             nodes: nodes.into_iter().map(Some).collect(),
+            tls: tls.map(Path::to_owned),
         };
         cluster.wait_until_ok();
         Some(cluster)
@@ -105,7 +136,8 @@ impl Cluster {
             .take(2)
             .map(|node| format!("127.0.0.1:{}", node.port))
             .collect();
-        format!("redis+cluster://{}", seeds.join(","))
+        let s = if self.tls.is_some() { "s" } else { "" };
+        format!("redis{s}+cluster://{}", seeds.join(","))
     }
 
     /// The node on `port`.

@@ -1,5 +1,7 @@
-//! A real `redis-server` on a free port, killed on drop.
+//! A real `redis-server` on a free port, killed on drop; over TLS too
+//! (`rediss://`), with certificates a test made ([`Certs`](super::Certs)).
 
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -10,6 +12,9 @@ use super::*;
 pub struct Redis {
     child: Child,
     pub port: u16,
+    /// Speaking TLS only: the directory of its certificates (a `Certs`
+    /// the test keeps), whose `client.pem` the helpers here show.
+    tls: Option<PathBuf>,
 }
 
 impl Redis {
@@ -44,6 +49,62 @@ impl Redis {
     /// port is not the Redis just started: tests run at once, and a free
     /// port found by one may be taken by another before its Redis binds it.
     pub fn try_start_with(port: u16, args: &[&str]) -> Option<Redis> {
+        Redis::try_start(port, args, None)
+    }
+
+    /// A Redis that speaks only TLS on a fresh port, with the certificates
+    /// in `certs` (its own `server.pem`, clients' certificates checked
+    /// against `ca.pem` if they show one: `--tls-auth-clients optional`,
+    /// unless `args` say otherwise).
+    #[cfg(all(feature = "tls", target_os = "linux"))]
+    pub fn start_tls(certs: &super::Certs, args: &[&str]) -> Redis {
+        Redis::start_tls_on(Redis::fresh_port(), certs.dir(), args)
+    }
+
+    /// Starts (or restarts) a TLS-only Redis on `port` with the
+    /// certificates in `dir` (see [`start_tls`](Self::start_tls)).
+    pub fn start_tls_on(port: u16, dir: &Path, args: &[&str]) -> Redis {
+        Redis::try_start(port, args, Some(dir)).unwrap_or_else(|| {
+            panic!("port {port} is another process's: the Redis there is not the one started")
+        })
+    }
+
+    /// [`start_tls_on`](Self::start_tls_on), or `None` if the port is
+    /// taken.
+    pub fn try_start_tls(port: u16, dir: &Path, args: &[&str]) -> Option<Redis> {
+        Redis::try_start(port, args, Some(dir))
+    }
+
+    /// The options that make a Redis (or a sentinel) speak TLS only on
+    /// `port`, with the certificates in `dir`.
+    pub fn tls_options(port: u16, dir: &Path) -> Vec<String> {
+        let file = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+        vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            file("server.pem"),
+            "--tls-key-file".into(),
+            file("server.key"),
+            "--tls-ca-cert-file".into(),
+            file("ca.pem"),
+            // What it shows as a client (a replica, a sentinel, a cluster
+            // bus peer): `server.pem` is for servers only.
+            "--tls-client-cert-file".into(),
+            file("client.pem"),
+            "--tls-client-key-file".into(),
+            file("client.key"),
+            "--tls-auth-clients".into(),
+            "optional".into(),
+            // Replicas and cluster buses speak TLS too.
+            "--tls-replication".into(),
+            "yes".into(),
+        ]
+    }
+
+    fn try_start(port: u16, args: &[&str], tls: Option<&Path>) -> Option<Redis> {
         // A folder of its own: a replica writes the data it receives to
         // disk, and a Redis started where another left a dump.rdb would
         // load it.
@@ -54,6 +115,10 @@ impl Redis {
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&dir)
+            .args(
+                tls.map(|tls| Redis::tls_options(port, tls))
+                    .unwrap_or_default(),
+            )
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -62,7 +127,11 @@ impl Redis {
                 "redis-server not found: the tests start their own Redis. \
                  Install it (e.g. `apt-get install redis-server`)",
             );
-        let mut redis = Redis { child, port };
+        let mut redis = Redis {
+            child,
+            port,
+            tls: tls.map(Path::to_owned),
+        };
         let deadline = Instant::now() + PATIENCE;
         let mut con = loop {
             if let Some(con) = redis.connection() {
@@ -89,15 +158,18 @@ impl Redis {
         std::env::temp_dir().join(format!("threadchat-test-redis-{port}"))
     }
 
+    /// `redis://127.0.0.1:PORT`, or `rediss://…` over TLS.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let s = if self.tls.is_some() { "s" } else { "" };
+        format!("redis{s}://127.0.0.1:{}", self.port)
     }
 
     fn connection(&self) -> Option<redis::Connection> {
-        let client = redis::Client::open(self.url()).ok()?;
-        let mut con = client
-            .get_connection_with_timeout(Duration::from_secs(1))
-            .ok()?;
+        let client = client(&self.url(), self.tls.as_deref())?;
+        // A TLS handshake (and the `redis` crate's reading of the system's
+        // roots for each connection) takes longer on a loaded machine.
+        let timeout = Duration::from_secs(if self.tls.is_some() { 5 } else { 1 });
+        let mut con = client.get_connection_with_timeout(timeout).ok()?;
         redis::cmd("PING").query::<String>(&mut con).ok()?;
         Some(con)
     }
@@ -194,6 +266,28 @@ impl Drop for Redis {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A client for `url`: with `tls` (a certificates directory), trusting
+/// its `ca.pem` and showing its `client.pem`.
+pub(super) fn client(url: &str, tls: Option<&Path>) -> Option<redis::Client> {
+    match tls {
+        None => redis::Client::open(url).ok(),
+        #[cfg(feature = "tls")]
+        Some(dir) => {
+            let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+            let certificates = redis::TlsCertificates {
+                client_tls: Some(redis::ClientTlsConfig {
+                    client_cert: read("client.pem"),
+                    client_key: read("client.key"),
+                }),
+                root_cert: Some(read("ca.pem")),
+            };
+            redis::Client::build_with_tls(url, certificates).ok()
+        }
+        #[cfg(not(feature = "tls"))]
+        Some(_) => unreachable!("TLS Redis servers are started only with the `tls` feature"),
     }
 }
 

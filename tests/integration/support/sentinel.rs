@@ -1,7 +1,8 @@
 //! A master, its replica and three sentinels, all real `redis-server`
-//! processes on free ports, stopped on drop.
+//! processes on free ports, stopped on drop; all over TLS with
+//! [`Sentinels::start_tls`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -17,18 +18,35 @@ pub struct Sentinels {
     sentinels: Vec<Child>,
     pub sentinel_ports: Vec<u16>,
     dir: PathBuf,
+    /// Over TLS: the certificates' directory.
+    tls: Option<PathBuf>,
 }
 
 impl Sentinels {
     /// Starts a master, a replica in sync with it, and three sentinels that
     /// know both and each other (quorum 2, a master is down after 1 s).
     pub fn start() -> Sentinels {
-        let master = Redis::start();
+        Sentinels::start_with(None)
+    }
+
+    /// [`start`](Self::start), every server and sentinel speaking only
+    /// TLS with the certificates in `certs`.
+    #[cfg(all(feature = "tls", target_os = "linux"))]
+    pub fn start_tls(certs: &Certs) -> Sentinels {
+        Sentinels::start_with(Some(certs.dir()))
+    }
+
+    fn start_with(tls: Option<&Path>) -> Sentinels {
+        let master = match tls {
+            Some(dir) => Redis::start_tls_on(Redis::fresh_port(), dir, &[]),
+            None => Redis::start(),
+        };
         let master_port = master.port.to_string();
-        let replica = Redis::start_with(
-            Redis::fresh_port(),
-            &["--replicaof", "127.0.0.1", &master_port],
-        );
+        let replica_of = ["--replicaof", "127.0.0.1", &master_port];
+        let replica = match tls {
+            Some(dir) => Redis::start_tls_on(Redis::fresh_port(), dir, &replica_of),
+            None => Redis::start_with(Redis::fresh_port(), &replica_of),
+        };
         eventually("the replica in sync", || {
             let info: String = replica.query(&["INFO", "replication"]);
             info.contains("master_link_status:up")
@@ -40,10 +58,18 @@ impl Sentinels {
         for _ in 0..3 {
             let port = free_port();
             let file = dir.join(format!("sentinel-{port}.conf"));
+            // The same options as a TLS Redis's, as configuration lines.
+            let listen = match tls {
+                Some(certs) => Redis::tls_options(port, certs)
+                    .chunks(2)
+                    .map(|pair| format!("{} {}\n", pair[0].trim_start_matches("--"), pair[1]))
+                    .collect(),
+                None => format!("port {port}\n"),
+            };
             std::fs::write(
                 &file,
                 format!(
-                    "port {port}\nbind 127.0.0.1\n\
+                    "{listen}bind 127.0.0.1\n\
                      sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
                      sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
                      sentinel failover-timeout {MASTER_NAME} 4000\n"
@@ -65,11 +91,12 @@ impl Sentinels {
             sentinels,
             sentinel_ports,
             dir,
+            tls: tls.map(Path::to_owned),
         };
         for &port in &setup.sentinel_ports {
             eventually("each sentinel knows the replica and the others", || {
-                let replicas = query_sentinel::<Vec<redis::Value>>(port, "replicas");
-                let others = query_sentinel::<Vec<redis::Value>>(port, "sentinels");
+                let replicas = setup.query_sentinel::<Vec<redis::Value>>(port, "replicas");
+                let others = setup.query_sentinel::<Vec<redis::Value>>(port, "sentinels");
                 matches!((replicas, others), (Some(r), Some(o)) if r.len() == 1 && o.len() == 2)
             });
         }
@@ -83,7 +110,8 @@ impl Sentinels {
             .iter()
             .map(|port| format!("127.0.0.1:{port}"))
             .collect();
-        format!("redis+sentinel://{}/{MASTER_NAME}", hosts.join(","))
+        let s = if self.tls.is_some() { "s" } else { "" };
+        format!("redis{s}+sentinel://{}/{MASTER_NAME}", hosts.join(","))
     }
 
     /// The port of the server the sentinels name as master.
@@ -92,7 +120,7 @@ impl Sentinels {
             .sentinel_ports
             .iter()
             .find_map(|&port| {
-                let mut con = sentinel_connection(port)?;
+                let mut con = self.sentinel_connection(port)?;
                 redis::cmd("SENTINEL")
                     .arg("get-master-addr-by-name")
                     .arg(MASTER_NAME)
@@ -117,7 +145,7 @@ impl Sentinels {
     /// Asks a sentinel for a failover now (the master is demoted to a
     /// replica, not killed).
     pub fn fail_over(&self) {
-        let mut con = sentinel_connection(self.sentinel_ports[0]).unwrap();
+        let mut con = self.sentinel_connection(self.sentinel_ports[0]).unwrap();
         let _: () = redis::cmd("SENTINEL")
             .arg("FAILOVER")
             .arg(MASTER_NAME)
@@ -153,19 +181,22 @@ impl Drop for Sentinels {
     }
 }
 
-fn sentinel_connection(port: u16) -> Option<redis::Connection> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
-    client
-        .get_connection_with_timeout(Duration::from_secs(1))
-        .ok()
-}
+impl Sentinels {
+    fn sentinel_connection(&self, port: u16) -> Option<redis::Connection> {
+        let s = if self.tls.is_some() { "s" } else { "" };
+        let client = client(&format!("redis{s}://127.0.0.1:{port}"), self.tls.as_deref())?;
+        client
+            .get_connection_with_timeout(Duration::from_secs(1))
+            .ok()
+    }
 
-/// `SENTINEL <what> chat` on the sentinel at `port`, if it answers.
-fn query_sentinel<T: redis::FromRedisValue>(port: u16, what: &str) -> Option<T> {
-    let mut con = sentinel_connection(port)?;
-    redis::cmd("SENTINEL")
-        .arg(what)
-        .arg(MASTER_NAME)
-        .query(&mut con)
-        .ok()
+    /// `SENTINEL <what> chat` on the sentinel at `port`, if it answers.
+    fn query_sentinel<T: redis::FromRedisValue>(&self, port: u16, what: &str) -> Option<T> {
+        let mut con = self.sentinel_connection(port)?;
+        redis::cmd("SENTINEL")
+            .arg(what)
+            .arg(MASTER_NAME)
+            .query(&mut con)
+            .ok()
+    }
 }

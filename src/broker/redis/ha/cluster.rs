@@ -46,6 +46,7 @@ use super::slots::slot;
 use crate::broker::error::BrokerError;
 use crate::broker::redis::job::{Job, Route, job_result};
 use crate::broker::redis::keys;
+use crate::broker::redis::link::Link;
 use crate::broker::redis::nodes::{Around, Lines, Nodes};
 use crate::broker::redis::settings::MAX_MOVES;
 
@@ -217,6 +218,10 @@ impl Nodes for Cluster {
         Cluster::client(self, address)
     }
 
+    fn link(&self) -> &Link {
+        Cluster::link(self)
+    }
+
     fn masters(&self) -> Result<Vec<Route>, BrokerError> {
         Ok(Cluster::masters(self)?
             .into_iter()
@@ -291,8 +296,12 @@ impl Nodes for Cluster {
 }
 
 /// The cluster that `seeds` belong to, as the broker's [`Nodes`].
-pub fn nodes(seeds: &[String], password: Option<&str>) -> Result<Arc<dyn Nodes>, BrokerError> {
-    Ok(Arc::new(Cluster::connect(seeds, password)?))
+pub fn nodes(
+    seeds: &[String],
+    password: Option<&str>,
+    link: Link,
+) -> Result<Arc<dyn Nodes>, BrokerError> {
+    Ok(Arc::new(Cluster::connect(seeds, password, link)?))
 }
 
 /// `pipeline` with `ASKING` before each command (before a `MULTI` only:

@@ -27,6 +27,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::broker::error::BrokerError;
+use crate::broker::redis::link::Link;
 use crate::broker::redis::pubsub::{PubSubConnection, Push};
 use crate::broker::redis::settings::CONNECT_TIMEOUT;
 use crate::broker::redis::sockets::SubscriptionSockets;
@@ -52,6 +53,7 @@ impl Watcher {
     pub fn start(
         addresses: Vec<String>,
         master_name: String,
+        link: Link,
         moved: Box<dyn Fn() + Send>,
         subscriptions: &Arc<SubscriptionSockets>,
     ) -> Result<Watcher, BrokerError> {
@@ -63,6 +65,7 @@ impl Watcher {
             subscriptions: Arc::clone(subscriptions),
             addresses,
             master_name,
+            link,
             stopping: Arc::clone(&stopping),
             socket: Arc::clone(&socket),
         };
@@ -100,6 +103,8 @@ struct Watch {
     subscriptions: Arc<SubscriptionSockets>,
     addresses: Vec<String>,
     master_name: String,
+    /// How the sentinels are reached (plain TCP, or TLS).
+    link: Link,
     stopping: Arc<AtomicBool>,
     socket: Arc<Mutex<Option<Arc<TcpStream>>>>,
 }
@@ -129,9 +134,12 @@ impl Watch {
     /// Listens to one sentinel until its connection fails or the watcher
     /// stops.
     fn listen(&self, address: &str) -> std::io::Result<()> {
-        let info = redis::IntoConnectionInfo::into_connection_info(format!("redis://{address}"))
+        let client = self
+            .link
+            .client(address, None, None)
             .map_err(std::io::Error::other)?;
-        let (mut con, socket) = PubSubConnection::connect(&info, CONNECT_TIMEOUT, 4096)?;
+        let info = client.get_connection_info();
+        let (mut con, socket) = PubSubConnection::connect(info, &self.link, CONNECT_TIMEOUT, 4096)?;
         *self.socket.lock().unwrap_or_else(|p| p.into_inner()) = Some(socket);
         // Checked after the socket is where `drop` can shut it down.
         if self.stopping.load(Ordering::SeqCst) {

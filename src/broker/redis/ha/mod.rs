@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use crate::broker::error::BrokerError;
+use crate::broker::redis::link::Link;
 use crate::broker::redis::nodes::Nodes;
 use crate::config::RedisTarget;
 
@@ -17,22 +18,26 @@ mod sentinel;
 mod slot_map;
 mod slots;
 
-/// Where the Sentinel or Cluster `target` names is (`None`: it names one
-/// server, not a wing's).
-pub(super) fn nodes(target: &RedisTarget) -> Option<Result<Arc<dyn Nodes>, BrokerError>> {
+/// Where the Sentinel or Cluster `target` names is, every node reached
+/// through `link` (`None`: it names one server, not a wing's).
+pub(super) fn nodes(
+    target: &RedisTarget,
+    link: &Link,
+) -> Option<Result<Arc<dyn Nodes>, BrokerError>> {
     match target {
-        RedisTarget::Server(_) => None,
+        RedisTarget::Server { .. } => None,
         RedisTarget::Sentinel {
             sentinels,
             master,
             password,
             db,
+            ..
         } => Some(
-            sentinel::Sentinels::new(sentinels, master, password.as_deref(), *db)
+            sentinel::Sentinels::new(sentinels, master, password.as_deref(), *db, link.clone())
                 .map(|found| Arc::new(found) as Arc<dyn Nodes>),
         ),
-        RedisTarget::Cluster { seeds, password } => {
-            Some(cluster::nodes(seeds, password.as_deref()))
-        }
+        RedisTarget::Cluster {
+            seeds, password, ..
+        } => Some(cluster::nodes(seeds, password.as_deref(), link.clone())),
     }
 }

@@ -16,6 +16,7 @@ use redis::Client;
 use super::failover::Watcher;
 use crate::broker::error::BrokerError;
 use crate::broker::redis::job::Route;
+use crate::broker::redis::link::Link;
 use crate::broker::redis::nodes::{Follower, Nodes};
 use crate::broker::redis::settings::ASK_AT_MOST_EVERY;
 use crate::broker::redis::sockets::SubscriptionSockets;
@@ -45,6 +46,9 @@ pub struct Sentinels {
     /// For the master: password and database (from the URL).
     password: Option<String>,
     db: i64,
+    /// How the sentinels and the master are reached (TLS to both, with
+    /// `rediss+sentinel://`).
+    link: Link,
     /// The master found last.
     found: Mutex<Option<Found>>,
     /// How many times the sentinels announced a new master.
@@ -59,12 +63,14 @@ impl Sentinels {
         master: &str,
         password: Option<&str>,
         db: i64,
+        link: Link,
     ) -> Result<Sentinels, BrokerError> {
         Ok(Sentinels {
             addresses: addresses.to_vec(),
             master_name: master.to_owned(),
             password: password.map(str::to_owned),
             db,
+            link,
             found: Mutex::new(None),
             moves: AtomicU64::new(0),
         })
@@ -101,10 +107,11 @@ impl Sentinels {
             .map(|(address, _)| address)
             .unwrap_or_else(|e| format!("unknown ({e})"));
         format!(
-            "Redis Sentinel: master {:?} at {master}, {} sentinel(s): {}",
+            "Redis Sentinel: master {:?} at {master}, {} sentinel(s): {}{}",
             self.master_name,
             self.addresses.len(),
-            self.addresses.join(", ")
+            self.addresses.join(", "),
+            self.link.describe()
         )
     }
 
@@ -157,10 +164,13 @@ impl Sentinels {
     }
 
     fn ask_one(&self, sentinel: &str) -> Result<(String, Client), String> {
-        let client = Client::open(format!("redis://{sentinel}")).map_err(|e| e.to_string())?;
+        let client = self
+            .link
+            .client(sentinel, None, None)
+            .map_err(|e| e.to_string())?;
         let mut con = client
             .get_connection_with_timeout(SENTINEL_TIMEOUT)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.link.explain(&e))?;
         con.set_read_timeout(Some(SENTINEL_TIMEOUT))
             .map_err(|e| e.to_string())?;
         let named: Option<(String, u16)> = redis::cmd("SENTINEL")
@@ -170,15 +180,13 @@ impl Sentinels {
             .map_err(|e| e.to_string())?;
         let (host, port) = named.ok_or("does not know this master")?;
         let address = format!("{host}:{port}");
-        let auth = match &self.password {
-            Some(password) => format!(":{password}@"),
-            None => String::new(),
-        };
-        let master = Client::open(format!("redis://{auth}{address}/{}", self.db))
+        let master = self
+            .link
+            .client(&address, self.password.as_deref(), Some(self.db))
             .map_err(|e| e.to_string())?;
         let mut con = master
             .get_connection_with_timeout(SENTINEL_TIMEOUT)
-            .map_err(|e| format!("master {address}: {e}"))?;
+            .map_err(|e| format!("master {address}: {}", self.link.explain(&e)))?;
         con.set_read_timeout(Some(SENTINEL_TIMEOUT))
             .map_err(|e| e.to_string())?;
         let role: Vec<redis::Value> = redis::cmd("ROLE")
@@ -198,6 +206,10 @@ impl Nodes for Sentinels {
 
     fn client(&self, _address: &str) -> Result<Client, BrokerError> {
         self.master().map(|(_, client)| client)
+    }
+
+    fn link(&self) -> &Link {
+        &self.link
     }
 
     fn masters(&self) -> Result<Vec<Route>, BrokerError> {
@@ -223,8 +235,9 @@ impl Nodes for Sentinels {
     ) -> Result<Option<Follower>, BrokerError> {
         let addresses = self.addresses.clone();
         let master_name = self.master_name.clone();
+        let link = self.link.clone();
         let moved = Box::new(move || self.moved());
-        let watcher = Watcher::start(addresses, master_name, moved, subscriptions)?;
+        let watcher = Watcher::start(addresses, master_name, link, moved, subscriptions)?;
         Ok(Some(Box::new(watcher)))
     }
 

@@ -9,6 +9,7 @@ use redis::Client;
 
 use super::slots::SLOTS;
 use crate::broker::error::BrokerError;
+use crate::broker::redis::link::Link;
 use crate::broker::redis::settings::ASK_AT_MOST_EVERY;
 
 /// How long one node may take to answer `CLUSTER SLOTS`.
@@ -89,6 +90,8 @@ pub struct Cluster {
     seeds: Vec<String>,
     /// The nodes' password, if any.
     password: Option<String>,
+    /// How every node is reached (TLS to all, with `rediss+cluster://`).
+    link: Link,
     known: Mutex<Option<Known>>,
 }
 
@@ -99,10 +102,12 @@ impl Cluster {
     pub(super) fn connect(
         seeds: &[String],
         password: Option<&str>,
+        link: Link,
     ) -> Result<Cluster, BrokerError> {
         let cluster = Cluster {
             seeds: seeds.to_vec(),
             password: password.map(str::to_owned),
+            link,
             known: Mutex::new(None),
         };
         let map = cluster.map()?;
@@ -222,9 +227,10 @@ impl Cluster {
             })
             .collect();
         format!(
-            "Redis Cluster: {} master(s): {}",
+            "Redis Cluster: {} master(s): {}{}",
             masters.len(),
-            masters.join(", ")
+            masters.join(", "),
+            self.link.describe()
         )
     }
 
@@ -300,7 +306,7 @@ impl Cluster {
         let client = self.client_for(node)?;
         let mut con = client
             .get_connection_with_timeout(NODE_TIMEOUT)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.link.explain(&e))?;
         con.set_read_timeout(Some(NODE_TIMEOUT))
             .map_err(|e| e.to_string())?;
         let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
@@ -324,11 +330,14 @@ impl Cluster {
     }
 
     fn client_for(&self, address: &str) -> Result<Client, String> {
-        let auth = match &self.password {
-            Some(password) => format!(":{password}@"),
-            None => String::new(),
-        };
-        Client::open(format!("redis://{auth}{address}")).map_err(|e| e.to_string())
+        self.link
+            .client(address, self.password.as_deref(), None)
+            .map_err(|e| e.to_string())
+    }
+
+    /// How every node is reached.
+    pub(super) fn link(&self) -> &Link {
+        &self.link
     }
 
     fn no_master(&self, slot: Option<u16>) -> BrokerError {
