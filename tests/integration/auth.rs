@@ -13,9 +13,14 @@ use crate::support::{Client, Server, over_ws_and_wss};
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
-/// A file holding the HMAC secret, for `--auth-secret-file`.
+/// A file holding the HMAC secret, for `--auth-secret-file`: one per call,
+/// so that no test rewrites a file another's server is reading.
 fn secret_file() -> PathBuf {
-    let path = std::env::temp_dir().join(format!("threadchat-test-secret-{}", std::process::id()));
+    let path = std::env::temp_dir().join(format!(
+        "threadchat-test-secret-{}-{}",
+        std::process::id(),
+        crate::support::free_port()
+    ));
     std::fs::write(&path, format!("{SECRET}\n")).unwrap();
     path
 }

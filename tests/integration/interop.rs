@@ -8,6 +8,8 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[cfg(all(feature = "tls", target_os = "linux"))]
+use crate::support::Certs;
 use crate::support::{Client, PATIENCE, Redis, Server, free_port};
 
 struct OriginalApp(Child);
@@ -22,18 +24,38 @@ impl Drop for OriginalApp {
 #[test]
 #[ignore = "needs the Python original's dependencies: run `make interop`"]
 fn the_python_original_and_threadchat_chat_with_each_other() {
-    let python = std::env::var("ORIGINAL_APP_PYTHON")
-        .expect("ORIGINAL_APP_PYTHON names a python with fastapi, uvicorn and redis");
     let redis = Redis::start();
     let server = Server::with_redis(&redis);
+    let host = format!("127.0.0.1:{}", redis.port);
+    chat_with_the_original(&server, &["--redis", &host]);
+}
 
+/// The same through a Redis that speaks only TLS: threadchat on
+/// `rediss://` with the test's CA, the original on a `rediss://` URL.
+#[cfg(all(feature = "tls", target_os = "linux"))]
+#[test]
+#[ignore = "needs the Python original's dependencies: run `make interop`"]
+fn the_python_original_and_threadchat_chat_over_rediss() {
+    let certs = Certs::new();
+    let redis = Redis::start_tls(&certs, &[]);
+    let (url, ca) = (redis.url(), certs.ca());
+    let server = Server::start(&["--redis", &url, "--redis-ca", &ca]);
+    let python_url = format!("{url}?ssl_ca_certs={ca}");
+    chat_with_the_original(&server, &["--redis-url", &python_url]);
+}
+
+/// Starts the original app with `redis_args`, and has its client and one of
+/// `server`'s chat with each other.
+fn chat_with_the_original(server: &Server, redis_args: &[&str]) {
+    let python = std::env::var("ORIGINAL_APP_PYTHON")
+        .expect("ORIGINAL_APP_PYTHON names a python with fastapi, uvicorn and redis");
     let port = free_port();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/original_app.py");
     let _app = OriginalApp(
         Command::new(python)
             .arg(script)
             .args(["--port", &port.to_string()])
-            .args(["--redis", &format!("127.0.0.1:{}", redis.port)])
+            .args(redis_args)
             .stdout(Stdio::null())
             .spawn()
             .expect("python starts"),

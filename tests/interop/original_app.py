@@ -7,6 +7,11 @@ text unless its "nickname" equals the connection's own.
 
 Run: python original_app.py --port 8001 --redis 127.0.0.1:6379
 Needs: pip install fastapi "uvicorn[standard]" redis
+
+The tutorial's app takes a host. This stand-in also takes a URL
+(--redis-url), so that the same check runs against a Redis that speaks only
+TLS: rediss://127.0.0.1:6380?ssl_ca_certs=/path/ca.pem (redis-py reads the
+CA from the query).
 """
 
 import argparse
@@ -39,7 +44,7 @@ async def publish_client(client, websocket: WebSocket) -> None:
 
 @app.websocket("/chat/{nickname}")
 async def chat(websocket: WebSocket, nickname: str) -> None:
-    client = aioredis.from_url(f"redis://{app.state.redis}")
+    client = aioredis.from_url(app.state.redis_url or f"redis://{app.state.redis}")
     await websocket.accept()
     try:
         async with client.pubsub() as pubsub:
@@ -57,6 +62,8 @@ if __name__ == "__main__":
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--redis", default="localhost")
+    parser.add_argument("--redis-url", default=None)
     args = parser.parse_args()
     app.state.redis = args.redis
+    app.state.redis_url = args.redis_url
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
