@@ -55,7 +55,7 @@ impl Stream {
         match self {
             Stream::Plain(tcp) => has_input(tcp),
             #[cfg(feature = "tls")]
-            Stream::Tls(session) => session.has_input(),
+            Stream::Tls(session) => session.has_plaintext() || has_input(session.tcp()),
         }
     }
 

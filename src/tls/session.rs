@@ -225,13 +225,12 @@ impl Session {
         let _ = send_queued(&mut conn, &self.tcp);
     }
 
-    /// Whether decrypted bytes wait to be read, or the socket has input.
-    pub fn has_input(&self) -> bool {
-        let buffered = self
-            .lock()
+    /// Whether decrypted bytes wait to be read (the socket's own input is
+    /// the caller's to ask about).
+    pub fn has_plaintext(&self) -> bool {
+        self.lock()
             .process_new_packets()
-            .is_ok_and(|state| state.plaintext_bytes_to_read() > 0);
-        buffered || crate::net::has_input(&self.tcp)
+            .is_ok_and(|state| state.plaintext_bytes_to_read() > 0)
     }
 }
 
