@@ -27,7 +27,7 @@ use rustls::ClientConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::ConfigError;
+use super::error::ConfigError;
 
 /// The `--redis-*` TLS options, as clap parses them.
 #[derive(Debug, Clone, Default, clap::Args)]
