@@ -157,6 +157,24 @@ fn the_hint_says_k_for_a_self_signed_certificate() {
     server.wait_for_log(&format!("websocat -E -k wss://{}/chat/alice", server.addr));
 }
 
+/// The certificate and key may come from the environment, as every
+/// option may.
+#[test]
+fn the_certificate_may_come_from_the_environment() {
+    let certs = Certs::new();
+    let (cert, key) = (certs.path("server.pem"), certs.path("server.key"));
+    let env = [("THREADCHAT_TLS_CERT", cert.as_str()), ("THREADCHAT_TLS_KEY", key.as_str())];
+    let server = Server::start_with_env(&["--in-process"], &env);
+    server.wait_for_log(&format!("listening on wss://{}/", server.addr));
+    let ca = certs.ca_pem();
+    let mut alice = connect_trusting(&server, &ca, "alice").unwrap();
+    let mut bob = connect_trusting(&server, &ca, "bob").unwrap();
+    alice.settle();
+    bob.settle();
+    alice.send("from the environment");
+    assert_eq!(bob.recv_chat().1, "from the environment");
+}
+
 #[test]
 fn a_certificate_that_cannot_serve_is_one_clear_error_at_start() {
     let certs = Certs::new();
