@@ -163,7 +163,10 @@ fn the_hint_says_k_for_a_self_signed_certificate() {
 fn the_certificate_may_come_from_the_environment() {
     let certs = Certs::new();
     let (cert, key) = (certs.path("server.pem"), certs.path("server.key"));
-    let env = [("THREADCHAT_TLS_CERT", cert.as_str()), ("THREADCHAT_TLS_KEY", key.as_str())];
+    let env = [
+        ("THREADCHAT_TLS_CERT", cert.as_str()),
+        ("THREADCHAT_TLS_KEY", key.as_str()),
+    ];
     let server = Server::start_with_env(&["--in-process"], &env);
     server.wait_for_log(&format!("listening on wss://{}/", server.addr));
     let ca = certs.ca_pem();
