@@ -91,24 +91,20 @@ macro_rules! with_both_brokers {
             #[cfg(all(feature = "tls", target_os = "linux"))]
             #[test]
             fn wss() {
-                let certs = crate::support::Certs::new();
                 let redis = crate::support::Redis::start();
                 let url = redis.url();
-                let tls = certs.server_args();
-                let args: &[&str] = &["--redis", &url, &tls[0], &tls[1], &tls[2], &tls[3], $($($arg),*)?];
-                super::$name(&crate::support::Server::start(args));
+                let args: &[&str] = &["--redis", &url, $($($arg),*)?];
+                super::$name(&crate::support::Server::start_tls(args));
             }
             /// Shared subscriptions write through the dispatcher's
             /// non-blocking path: over TLS, its own test.
             #[cfg(all(feature = "tls", target_os = "linux"))]
             #[test]
             fn wss_shared() {
-                let certs = crate::support::Certs::new();
                 let redis = crate::support::Redis::start();
                 let url = redis.url();
-                let tls = certs.server_args();
-                let args: &[&str] = &["--redis", &url, "--subscriptions", "shared", &tls[0], &tls[1], &tls[2], &tls[3], $($($arg),*)?];
-                super::$name(&crate::support::Server::start(args));
+                let args: &[&str] = &["--redis", &url, "--subscriptions", "shared", $($($arg),*)?];
+                super::$name(&crate::support::Server::start_tls(args));
             }
         }
     )*};
@@ -153,13 +149,7 @@ macro_rules! in_both_subscription_modes {
     (tls: $($name:ident),* $(,)?) => {$(
         mod $name {
             crate::support::subscription_variants!($name);
-            #[cfg(all(feature = "tls", target_os = "linux"))]
-            #[test]
-            fn wss() {
-                let certs = crate::support::Certs::new();
-                let tls = certs.server_args();
-                super::$name(&[&tls[0], &tls[1], &tls[2], &tls[3]]);
-            }
+            crate::support::wss_variant!($name);
         }
     )*};
     ($($name:ident),* $(,)?) => {$(
@@ -180,18 +170,27 @@ macro_rules! over_ws_and_wss {
             fn ws() {
                 super::$name(&[]);
             }
-            #[cfg(all(feature = "tls", target_os = "linux"))]
-            #[test]
-            fn wss() {
-                let certs = crate::support::Certs::new();
-                let tls = certs.server_args();
-                super::$name(&[&tls[0], &tls[1], &tls[2], &tls[3]]);
-            }
+            crate::support::wss_variant!($name);
         }
     )*};
 }
 #[allow(unused_imports)]
 pub(crate) use over_ws_and_wss;
+
+/// The `wss` variant of a test taking extra server arguments: the
+/// certificate options, from certificates of its own.
+macro_rules! wss_variant {
+    ($name:ident) => {
+        #[cfg(all(feature = "tls", target_os = "linux"))]
+        #[test]
+        fn wss() {
+            let certs = crate::support::Certs::new();
+            let tls = certs.server_args();
+            super::$name(&[&tls[0], &tls[1], &tls[2], &tls[3]]);
+        }
+    };
+}
+pub(crate) use wss_variant;
 
 /// The two variants of [`in_both_subscription_modes`].
 macro_rules! subscription_variants {

@@ -28,6 +28,17 @@ impl Server {
         Server::start(&[&["--redis", url.as_str()], args].concat())
     }
 
+    /// Starts threadchat on `wss://` with a certificate of its own (read
+    /// at start; its clients trust its CA: see [`Wire`]), with `args`.
+    #[cfg(all(feature = "tls", target_os = "linux"))]
+    pub fn start_tls(args: &[&str]) -> Server {
+        let certs = Certs::new();
+        let tls = certs.server_args();
+        let mut all: Vec<&str> = tls.iter().map(String::as_str).collect();
+        all.extend_from_slice(args);
+        Server::start(&all)
+    }
+
     /// Starts threadchat with the in-process broker.
     pub fn in_process() -> Server {
         Server::start(&["--in-process"])
