@@ -228,15 +228,20 @@ fn a_cut_subscription_loses_nothing(args: &[&str]) {
     assert_eq!(server.metric("threadchat_gaps_incomplete_total"), 0);
 }
 
-/// Payloads published straight on the room's channel just before the
-/// cut, with places of the log's epoch ahead of it and behind it but no
-/// genuine tag, are delivered as messages without places, and move
-/// nothing: the gap is filled from the last genuine place, each message
-/// once, and nobody is told anything is missing.
-fn forged_places_before_a_cut_move_nothing(args: &[&str]) {
-    let redis = Redis::start();
-    let server = Server::with_redis_and(&redis, args);
-    let other = Server::with_redis(&redis);
+/// Two instances on `redis` (the first with `args`), `ann` on the first
+/// and `sam` on the second, and the place of the last of three chat
+/// messages sam sent and ann got live.
+struct Placed {
+    _instances: (Server, Server),
+    ann: Client,
+    sender: Client,
+    epoch: String,
+    offset: u64,
+}
+
+fn three_placed(redis: &Redis, args: &[&str]) -> Placed {
+    let server = Server::with_redis_and(redis, args);
+    let other = Server::with_redis(redis);
     let mut ann = server.client("ann");
     ann.settle();
     let mut sender = other.client("sam");
@@ -249,8 +254,29 @@ fn forged_places_before_a_cut_move_nothing(args: &[&str]) {
         last = ann.recv_live();
         assert_eq!(last["message"], format!("m{i}"));
     }
-    let epoch = last["epoch"].as_str().unwrap().to_owned();
-    let offset = last["offset"].as_u64().unwrap();
+    Placed {
+        _instances: (server, other),
+        ann,
+        sender,
+        epoch: last["epoch"].as_str().unwrap().to_owned(),
+        offset: last["offset"].as_u64().unwrap(),
+    }
+}
+
+/// Payloads published straight on the room's channel just before the
+/// cut, with places of the log's epoch ahead of it and behind it but no
+/// genuine tag, are delivered as messages without places, and move
+/// nothing: the gap is filled from the last genuine place, each message
+/// once, and nobody is told anything is missing.
+fn forged_places_before_a_cut_move_nothing(args: &[&str]) {
+    let redis = Redis::start();
+    let Placed {
+        _instances,
+        mut ann,
+        mut sender,
+        epoch,
+        offset,
+    } = three_placed(&redis, args);
     for (text, forged) in [("ahead", offset + 50), ("behind", offset - 2)] {
         let payload = serde_json::json!({"nickname": "sam", "message": text,
             "offset": forged, "epoch": epoch, "tag": "0123456789abcdef"});
@@ -284,22 +310,13 @@ fn forged_places_before_a_cut_move_nothing(args: &[&str]) {
 #[test]
 fn a_flood_of_forged_places_before_a_cut_moves_nothing() {
     let redis = Redis::start();
-    let server = Server::with_redis(&redis);
-    let other = Server::with_redis(&redis);
-    let mut ann = server.client("ann");
-    ann.settle();
-    let mut sender = other.client("sam");
-    sender.settle();
-    for i in 0..3 {
-        sender.send(&format!("m{i}"));
-    }
-    let mut last = Value::Null;
-    for i in 0..3 {
-        last = ann.recv_live();
-        assert_eq!(last["message"], format!("m{i}"));
-    }
-    let epoch = last["epoch"].as_str().unwrap().to_owned();
-    let offset = last["offset"].as_u64().unwrap();
+    let Placed {
+        _instances,
+        mut ann,
+        mut sender,
+        epoch,
+        offset,
+    } = three_placed(&redis, &[]);
     for i in 0..12 {
         let text = format!("forged {i}");
         let payload = serde_json::json!({"nickname": "sam", "message": text,
