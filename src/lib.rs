@@ -67,8 +67,8 @@
 //! Only `auth`, [`config`] and [`server`] are public: the binary needs
 //! nothing else, and what nobody uses, the compiler reports.
 
-// Two `unsafe` blocks in the whole server: `session::sched` and `poll` in
-// `tls::session`.
+// Three `unsafe` blocks in the whole server: `session::sched`, `poll` in
+// `tls::session` and `sched_getcpu` in `broker::redis::parse_once`.
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 

@@ -1,7 +1,7 @@
 //! A payload from a room, parsed once and encoded once per format for all
 //! the clients of this instance it goes to.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use tungstenite::Utf8Bytes;
@@ -17,17 +17,50 @@ use super::request::Format;
 /// reaches every client of the room on this instance: the JSON is parsed once
 /// and each outgoing frame is encoded once, however many clients there are.
 /// [`Incoming::frame`] hands out the encoded frame as a [`Utf8Bytes`], whose
-/// clone is a reference-count increment, not a copy.
+/// clone is a reference-count increment, not a copy. With per-client
+/// subscriptions each client reads its own copy of the payload, and each
+/// reader makes its own `Incoming` (its own [`waiting_since`]), but the
+/// parsing and encoding, the [`Parsed`] part, can still be shared: see
+/// `broker::redis::parse_once`.
+///
+/// [`waiting_since`]: Self::waiting_since
 #[derive(Debug)]
 pub struct Incoming {
-    /// The parsed message, or why the payload is not one.
-    message: Result<ChatMessage, Junk>,
+    /// The message and its frames, possibly shared with other readers of
+    /// the same payload.
+    parsed: Arc<Parsed>,
     /// Since when it has been waiting here for its clients (see
     /// [`waiting_since`](Self::waiting_since)).
     since: Instant,
+}
+
+/// A payload parsed, and its live frame encoded on first use in each
+/// format: the part of an [`Incoming`] that does not depend on who read it.
+#[derive(Debug)]
+pub struct Parsed {
+    /// The parsed message, or why the payload is not one.
+    message: Result<ChatMessage, Junk>,
     /// The live frame in each format, encoded on first use.
     json: OnceLock<Utf8Bytes>,
     text: OnceLock<Utf8Bytes>,
+}
+
+impl Parsed {
+    /// Parses a payload read from a room's channel.
+    pub fn parse(payload: &[u8]) -> Parsed {
+        Parsed::new(ChatMessage::from_payload(payload).map_err(|error| Junk {
+            error,
+            payload: payload.to_vec(),
+        }))
+    }
+
+    fn new(message: Result<ChatMessage, Junk>) -> Parsed {
+        Parsed {
+            message,
+            json: OnceLock::new(),
+            text: OnceLock::new(),
+        }
+    }
 }
 
 /// A payload that is not a chat message, kept so it can be reported.
@@ -42,29 +75,37 @@ pub struct Junk {
 impl Incoming {
     /// A payload skipped unread because it is `len` bytes, over the limit.
     pub fn oversized(len: usize, since: Instant) -> Incoming {
-        Incoming {
-            message: Err(Junk {
-                error: PayloadError::TooBig(len),
-                payload: Vec::new(),
-            }),
-            since,
-            json: OnceLock::new(),
-            text: OnceLock::new(),
-        }
+        let junk = Junk {
+            error: PayloadError::TooBig(len),
+            payload: Vec::new(),
+        };
+        Incoming::from_parsed(Arc::new(Parsed::new(Err(junk))), since)
     }
 
     /// Parses a payload read from a room's channel, waiting here since
     /// `since` (see [`waiting_since`](Self::waiting_since)).
     pub fn parse(payload: &[u8], since: Instant) -> Incoming {
-        Incoming {
-            message: ChatMessage::from_payload(payload).map_err(|error| Junk {
-                error,
-                payload: payload.to_vec(),
-            }),
-            since,
-            json: OnceLock::new(),
-            text: OnceLock::new(),
-        }
+        Incoming::from_parsed(Arc::new(Parsed::parse(payload)), since)
+    }
+
+    /// A payload parsed already (perhaps for another reader), waiting here
+    /// since `since`.
+    pub fn from_parsed(parsed: Arc<Parsed>, since: Instant) -> Incoming {
+        Incoming { parsed, since }
+    }
+
+    /// A copy of this message for another dispatcher thread of the same
+    /// room: parsed already, its frames encoded again on first use and
+    /// shared only by that thread's clients. Each write takes a reference
+    /// to a frame (an atomic count); two cores counting on one frame pass
+    /// its cache line between them at every write (`broker::redis::shared`
+    /// has the numbers). `None` for junk, which is never written.
+    pub fn copy_for_another_thread(&self) -> Option<Incoming> {
+        let message = self.parsed.message.as_ref().ok()?.clone();
+        Some(Incoming::from_parsed(
+            Arc::new(Parsed::new(Ok(message))),
+            self.since,
+        ))
     }
 
     /// The frame a client gets for this live message without its place in
@@ -75,7 +116,7 @@ impl Incoming {
     #[cold]
     #[inline(never)]
     pub fn frame_without_place(&self, format: Format) -> Option<Utf8Bytes> {
-        let mut message = self.message.as_ref().ok()?.clone();
+        let mut message = self.parsed.message.as_ref().ok()?.clone();
         (message.offset, message.epoch) = (None, None);
         Some(
             ServerFrame::from_event(&message, Replay::Live)
@@ -98,16 +139,17 @@ impl Incoming {
 
     /// The chat message, or the junk it turned out to be.
     pub fn message(&self) -> Result<&ChatMessage, &Junk> {
-        self.message.as_ref()
+        self.parsed.message.as_ref()
     }
 
     /// The frame a client gets for this live message, in its format; `None`
     /// for junk. Encoded by the first caller, shared by the rest.
     pub fn frame(&self, format: Format) -> Option<Utf8Bytes> {
-        let message = self.message.as_ref().ok()?;
+        let parsed = &*self.parsed;
+        let message = parsed.message.as_ref().ok()?;
         let cell = match format {
-            Format::Json => &self.json,
-            Format::Text => &self.text,
+            Format::Json => &parsed.json,
+            Format::Text => &parsed.text,
         };
         Some(
             cell.get_or_init(|| {

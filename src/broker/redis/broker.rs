@@ -162,6 +162,7 @@ impl RedisBroker {
                 metrics: Arc::clone(metrics),
                 sockets: Arc::default(),
                 max_payload: settings.max_payload,
+                parse_once: Default::default(),
                 place_keys: Arc::clone(&place_keys),
             }),
             nodes,

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use super::gaps::{self, Gaps, Recent};
 use super::job::Route;
 use super::nodes::{Channel, Nodes, redact};
+use super::parse_once::ParseOnce;
 use super::place_keys::PlaceKeys;
 use super::pubsub::{PubSubConnection, Push, Waited};
 use super::settings::{CONNECT_TIMEOUT, IO_TIMEOUT, MAX_BACKOFF, MAX_MOVES};
@@ -59,6 +60,9 @@ pub(super) struct Listeners {
     /// The rooms' place keys the connections read: what the listener
     /// checks places with as it notes them (see `gaps::Recent`).
     pub(super) place_keys: Arc<PlaceKeys>,
+    /// Payloads parsed lately: with per-client subscriptions, each is read
+    /// by every client's listener, and parsed by the first.
+    pub(super) parse_once: ParseOnce,
 }
 
 /// When a listener gives up, and which failures it reports: chosen by
@@ -356,38 +360,53 @@ impl RedisListener {
             if stop.is_stopped() {
                 return Ok(());
             }
-            let incoming = match con.next().map_err(lost)? {
-                Push::Message {
-                    channel: on,
-                    payload,
-                } if on == channel.as_bytes() => Some(Incoming::parse(&payload, behind.since(now))),
-                Push::Oversized { channel: on, len } if on == channel.as_bytes() => {
-                    Some(Incoming::oversized(len, behind.since(now)))
-                }
-                Push::Pong => {
-                    behind.ponged(now);
-                    None
-                }
-                Push::Unsubscribed { channel: on } if on == channel.as_bytes() => {
-                    // Redis ended the subscription itself: the room is
-                    // served elsewhere now. Subscribe there.
-                    return Err(BrokerError::Moved);
-                }
-                _ => None,
+            let since = behind.since(now);
+            let in_place = con.next_message_in_buffer(|on, payload| {
+                (on == channel.as_bytes()).then(|| self.with.parse_once.incoming(payload, since))
+            });
+            let incoming = match in_place {
+                Some(incoming) => incoming,
+                None => match con.next().map_err(lost)? {
+                    Push::Message {
+                        channel: on,
+                        payload,
+                    } if on == channel.as_bytes() => {
+                        Some(self.with.parse_once.incoming(&payload, since))
+                    }
+                    Push::Oversized { channel: on, len } if on == channel.as_bytes() => {
+                        Some(Incoming::oversized(len, since))
+                    }
+                    Push::Pong => {
+                        behind.ponged(now);
+                        None
+                    }
+                    Push::Unsubscribed { channel: on } if on == channel.as_bytes() => {
+                        // Redis ended the subscription itself: the room is
+                        // served elsewhere now. Subscribe there.
+                        return Err(BrokerError::Moved);
+                    }
+                    _ => None,
+                },
             };
             if let Some(incoming) = incoming.filter(|incoming| !state.filled(incoming)) {
                 let (room, keys) = (&self.room, &self.with.place_keys);
                 let gap = state.gap();
-                let cached = &mut gap.key;
-                let key_of = |epoch: &str| match cached {
-                    Some((e, key)) if e.as_str() == epoch => Some(Arc::clone(key)),
-                    _ => {
-                        let key = keys.peek(room, epoch)?;
-                        *cached = EpochName::new(epoch).map(|e| (e, Arc::clone(&key)));
-                        Some(key)
-                    }
-                };
-                gap.recent.note(&incoming, key_of);
+                // The epoch's key, kept by this listener and lent, not
+                // cloned: every listener of the room checks every message,
+                // and a clone of the one shared `Arc` is an atomic count
+                // their cores fight over.
+                let epoch = incoming.message().ok().and_then(|msg| msg.epoch);
+                if let Some(epoch) = epoch
+                    && !matches!(&gap.key, Some((e, _)) if *e == epoch)
+                    && let Some(key) = keys.peek(room, epoch.as_str())
+                {
+                    gap.key = Some((epoch, key));
+                }
+                let key = gap.key.as_ref();
+                gap.recent.note(&incoming, |epoch| {
+                    key.filter(|(e, _)| e.as_str() == epoch)
+                        .map(|(_, key)| &**key)
+                });
                 if on_event(Event::Message(Arc::new(incoming))).is_break() {
                     return Ok(());
                 }
@@ -551,6 +570,7 @@ mod tests {
             metrics: Arc::new(Metrics::default()),
             sockets: Arc::default(),
             max_payload: 1024,
+            parse_once: ParseOnce::default(),
             place_keys: Arc::default(),
         });
         let room = Room::parse("ch").unwrap();

@@ -4,7 +4,6 @@
 //! them to find where to start.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 
 use crate::broker::places::EpochKey;
 use crate::protocol::{ChatMessage, EpochName, Incoming, Tag, place_tag};
@@ -40,10 +39,10 @@ struct Noted {
 impl Recent {
     /// Notes `incoming`'s place, if it has a tagged one; `key_of` says the
     /// key of an epoch, if it is at hand.
-    pub(in crate::broker::redis) fn note(
+    pub(in crate::broker::redis) fn note<'k>(
         &mut self,
         incoming: &Incoming,
-        key_of: impl FnOnce(&str) -> Option<Arc<EpochKey>>,
+        key_of: impl FnOnce(&str) -> Option<&'k EpochKey>,
     ) {
         let Ok(msg) = incoming.message() else {
             return;

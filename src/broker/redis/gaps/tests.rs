@@ -188,7 +188,7 @@ fn a_log_that_lost_what_was_delivered_says_so() {
 #[test]
 fn a_flood_of_forged_places_does_not_crowd_out_genuine_ones() {
     let key = Arc::new(EpochKey::new("k"));
-    let at_hand = |epoch: &str| (epoch == "e").then(|| Arc::clone(&key));
+    let at_hand = |epoch: &str| (epoch == "e").then_some(&*key);
     let mut recent = Recent::default();
     recent.note(&entry("k", "e", 4), at_hand);
     for offset in 5..50 {
