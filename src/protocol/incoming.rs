@@ -5,6 +5,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use tungstenite::Utf8Bytes;
+use tungstenite::protocol::frame::Frame;
+use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 use super::frames::{Replay, ServerFrame};
 use super::payload::{ChatMessage, PayloadError};
@@ -43,6 +45,9 @@ pub struct Parsed {
     /// The live frame in each format, encoded on first use.
     json: OnceLock<Utf8Bytes>,
     text: OnceLock<Utf8Bytes>,
+    /// The JSON frame as it goes on the wire: a WebSocket text frame,
+    /// header and all (see [`Incoming::wire_frame`]).
+    wire: OnceLock<Box<[u8]>>,
 }
 
 impl Parsed {
@@ -59,6 +64,7 @@ impl Parsed {
             message,
             json: OnceLock::new(),
             text: OnceLock::new(),
+            wire: OnceLock::new(),
         }
     }
 }
@@ -140,6 +146,27 @@ impl Incoming {
     /// The chat message, or the junk it turned out to be.
     pub fn message(&self) -> Result<&ChatMessage, &Junk> {
         self.parsed.message.as_ref()
+    }
+
+    /// The live JSON frame as a server writes it on the wire: a WebSocket
+    /// text frame (unmasked, final), header and all, encoded by
+    /// tungstenite on first use. A room's dispatcher writes these bytes to
+    /// each client as they are (see `session::direct`): no frame is
+    /// encoded, and no buffer shared, per client. `None` for junk.
+    pub fn wire_frame(&self) -> Option<&[u8]> {
+        // Read first: the common case takes no reference to anything.
+        if let Some(wire) = self.parsed.wire.get() {
+            return Some(wire);
+        }
+        let text = self.frame(Format::Json)?;
+        let wire = self.parsed.wire.get_or_init(|| {
+            let mut wire = Vec::with_capacity(text.len() + 10);
+            let frame = Frame::message(text, OpCode::Data(Data::Text), true);
+            // Writing to a `Vec` cannot fail.
+            let _ = frame.format(&mut wire);
+            wire.into()
+        });
+        Some(wire)
     }
 
     /// The frame a client gets for this live message, in its format; `None`

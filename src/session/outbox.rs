@@ -192,6 +192,18 @@ impl Expect {
     }
 }
 
+/// What [`Outbox::choose`] decided for one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Chosen {
+    /// Not for this client: junk, its own, or sent already.
+    Skip,
+    /// The live frame everyone gets ([`Incoming::frame`]).
+    Live,
+    /// The frame without its place in the log, whose place was not vouched
+    /// for ([`Incoming::frame_without_place`]).
+    Unplaced,
+}
+
 /// What a client is told, before its close frame, when the server stops.
 pub(super) const SHUTDOWN_NOTICE: &str =
     "the server is shutting down; you will be disconnected (reconnect in a moment)";
@@ -356,6 +368,28 @@ impl Outbox {
         incoming: &Incoming,
         now: Instant,
     ) -> Result<(), Ending> {
+        let text = match self.choose(delivery, incoming, now)? {
+            Chosen::Skip => return Ok(()),
+            // Encoded once per format for everyone; this is a shared reference.
+            Chosen::Live => incoming.frame(self.member.format),
+            Chosen::Unplaced => incoming.frame_without_place(self.member.format),
+        };
+        if let Some(text) = text {
+            delivery.pending.push(Message::Text(text));
+        }
+        Ok(())
+    }
+
+    /// Whether one message from the room goes to this client, and in which
+    /// frame (see [`take`](Self::take), which queues it; the room's
+    /// dispatcher may write it itself, see `direct`). A message chosen is
+    /// counted as delivered at the next [`count_sent`](Self::count_sent).
+    pub(super) fn choose(
+        &self,
+        delivery: &mut Delivery,
+        incoming: &Incoming,
+        now: Instant,
+    ) -> Result<Chosen, Ending> {
         let logged = delivery.from_log > 0;
         delivery.from_log = delivery.from_log.saturating_sub(1);
         let msg = match incoming.message() {
@@ -368,7 +402,7 @@ impl Outbox {
                 {
                     self.ctx.metrics.payloads_skipped.inc();
                 }
-                return Ok(());
+                return Ok(Chosen::Skip);
             }
         };
         let waiting_since = match delivery.welcomed_at {
@@ -388,7 +422,7 @@ impl Outbox {
                 && at.epoch == mark.epoch
                 && at.offset <= mark.offset
             {
-                return Ok(()); // Sent from the log already.
+                return Ok(Chosen::Skip); // Sent from the log already.
             }
             let (broker, room) = (&self.ctx.broker, &self.member.room);
             placed = if logged {
@@ -403,29 +437,23 @@ impl Outbox {
             }
         }
         if msg.is_from(&self.conn.id) {
-            return Ok(());
+            return Ok(Chosen::Skip);
         }
         let welcomed = &mut delivery.welcomed;
         if !welcomed.skip.is_empty()
             && let Some(id) = &msg.id
             && welcomed.skip.remove(id)
         {
-            return Ok(());
+            return Ok(Chosen::Skip);
         }
-        let text = if placed {
-            // Encoded once per format for everyone; this is a shared reference.
-            incoming.frame(self.member.format)
-        } else {
-            incoming.frame_without_place(self.member.format)
-        };
-        let Some(text) = text else {
-            return Ok(());
-        };
-        delivery.pending.push(Message::Text(text));
         if !matches!(msg.kind, Kind::Join | Kind::Leave) {
             delivery.pending_stamps.push(msg.ts);
         }
-        Ok(())
+        Ok(if placed {
+            Chosen::Live
+        } else {
+            Chosen::Unplaced
+        })
     }
 
     /// Writes the queued room messages with one flush, blocking up to the

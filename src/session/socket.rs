@@ -164,11 +164,49 @@ pub struct WriteHalf {
     /// tungstenite wrote more than [`KEPT_BUFFER`] at once: its buffer
     /// grew, and is to be freed once written out ([`shrink`]).
     grown: bool,
+    /// Frames written past tungstenite ([`Writer::try_send_wire`]) that the
+    /// socket did not take: they go out before anything written after
+    /// them. Freed once written out.
+    backlog: Vec<u8>,
 }
 
 impl Write for WriteHalf {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.grown |= buf.len() > KEPT_BUFFER;
+        if !self.backlog.is_empty() {
+            self.drain_backlog()?;
+        }
+        self.write_out(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.backlog.is_empty() {
+            self.drain_backlog()?;
+        }
+        // Whatever the stream itself still holds (a TLS session's records).
+        let deadline = match self.due {
+            _ if self.dont_wait => None,
+            Some(due) => Some(due + self.write_timeout),
+            None => Some(Instant::now() + self.write_timeout),
+        };
+        if let Err(e) = self.stream.flush_by(deadline) {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                self.due.get_or_insert_with(Instant::now);
+            }
+            return Err(e);
+        }
+        // tungstenite flushes once its buffer is written out: nothing waits.
+        if !self.dont_wait {
+            self.due = None;
+        }
+        Ok(())
+    }
+}
+
+impl WriteHalf {
+    /// Writes to the stream: what the socket takes now (`dont_wait`), or
+    /// waiting for room no longer than the write timeout allows the oldest
+    /// data waiting.
+    fn write_out(&mut self, buf: &[u8]) -> io::Result<usize> {
         let now = Instant::now();
         if self.dont_wait {
             let written = self.stream.write_now(buf);
@@ -198,24 +236,39 @@ impl Write for WriteHalf {
         }
         self.stream.write_by(buf, due + self.write_timeout)
     }
-    fn flush(&mut self) -> io::Result<()> {
-        // Whatever the stream itself still holds (a TLS session's records).
-        let deadline = match self.due {
-            _ if self.dont_wait => None,
-            Some(due) => Some(due + self.write_timeout),
-            None => Some(Instant::now() + self.write_timeout),
-        };
-        if let Err(e) = self.stream.flush_by(deadline) {
-            if e.kind() == io::ErrorKind::WouldBlock {
-                self.due.get_or_insert_with(Instant::now);
+
+    /// Writes the backlog out (all of it, or an error: `WouldBlock` when
+    /// not waiting and the socket is full).
+    fn drain_backlog(&mut self) -> io::Result<()> {
+        while !self.backlog.is_empty() {
+            let backlog = std::mem::take(&mut self.backlog);
+            let written = self.write_out(&backlog);
+            self.backlog = backlog;
+            match written? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n => drop(self.backlog.drain(..n)),
             }
-            return Err(e);
         }
-        // tungstenite flushes once its buffer is written out: nothing waits.
-        if !self.dont_wait {
-            self.due = None;
-        }
+        self.backlog = Vec::new();
         Ok(())
+    }
+
+    /// Writes `wire`, whole frames, past tungstenite and without waiting:
+    /// what the socket does not take now waits in the backlog. True if it
+    /// took everything. Only with tungstenite's buffer and the backlog
+    /// empty (see [`Writer::try_send_wire`]).
+    fn write_wire_now(&mut self, wire: &[u8]) -> io::Result<bool> {
+        let taken = match self.write_out(wire) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        if taken == wire.len() {
+            return Ok(true);
+        }
+        self.backlog.extend_from_slice(&wire[taken..]);
+        self.due.get_or_insert_with(Instant::now);
+        Ok(false)
     }
 }
 
@@ -243,6 +296,7 @@ impl WriteHalf {
             due: None,
             applied: Some(write_timeout),
             grown: false,
+            backlog: Vec::new(),
         }
     }
 }
@@ -254,6 +308,9 @@ pub enum TrySend {
     Sent,
     /// Someone else holds the writer: nothing was written.
     Busy,
+    /// The writer holds data the socket has not taken yet, which nothing
+    /// may overtake: nothing was written ([`Writer::try_send_wire`] only).
+    Behind,
     /// The socket's buffer is full: the messages are in the writer, and the
     /// rest of them goes out with the next blocking write or flush.
     Blocked,
@@ -308,6 +365,7 @@ fn shrink(ws: &mut WebSocket<WriteHalf>) {
         due: None,
         applied: half.applied,
         grown: false,
+        backlog: Vec::new(),
     };
     *ws = write_socket(fresh);
 }
@@ -426,6 +484,42 @@ impl Writer {
                 TrySend::Sent
             }
             Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => TrySend::Blocked,
+            Err(e) => TrySend::Failed(e),
+        }
+    }
+
+    /// Writes `wire`, whole WebSocket frames encoded already (see
+    /// `Incoming::wire_frame`), without waiting: not at all if the writer
+    /// is busy or holds data not yet written ([`TrySend::Behind`]), and
+    /// only as much as the socket takes at once; the rest waits in the
+    /// writer, for the next blocking write or flush.
+    ///
+    /// The bytes go past tungstenite, which frames, buffers and copies each
+    /// message it writes: a room's dispatcher encodes each frame once and
+    /// writes a client's whole batch with one `send` (see
+    /// `session::direct`). Frames still go out whole and in order: only
+    /// with tungstenite's buffer empty, and whatever the socket does not
+    /// take goes out before anything tungstenite writes later.
+    pub fn try_send_wire(&self, wire: &[u8]) -> TrySend {
+        let Ok(mut ws) = self.ws.try_lock() else {
+            return TrySend::Busy;
+        };
+        if !ws.can_write() {
+            return TrySend::Failed(Error::AlreadyClosed);
+        }
+        ws.get_mut().dont_wait = true;
+        let written = match ws.flush() {
+            Ok(()) => ws.get_mut().write_wire_now(wire).map_err(Error::Io),
+            Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                ws.get_mut().dont_wait = false;
+                return TrySend::Behind;
+            }
+            Err(e) => Err(e),
+        };
+        ws.get_mut().dont_wait = false;
+        match written {
+            Ok(true) => TrySend::Sent,
+            Ok(false) => TrySend::Blocked,
             Err(e) => TrySend::Failed(e),
         }
     }

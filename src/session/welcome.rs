@@ -86,7 +86,7 @@ pub(super) fn welcome(
         match writer.try_send_all(&mut frames) {
             TrySend::Sent | TrySend::Blocked => {}
             // Nobody else writes yet; if someone did, the frames wait.
-            TrySend::Busy => {}
+            TrySend::Busy | TrySend::Behind => {}
             TrySend::Failed(e) => {
                 conn.end(Ending::from_write_error(&e));
                 return sent_up_to;
