@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::support::{Client, Redis, Server, eventually, in_both_subscription_modes};
 
 in_both_subscription_modes!(tls: a_slow_reader_is_closed_once_it_is_write_timeout_behind);
+in_both_subscription_modes!(tls: a_reader_that_pauses_gets_every_frame_whole_and_in_order);
 in_both_subscription_modes!(
     forged_and_oversized_payloads_are_skipped,
     an_unanswered_message_may_have_been_delivered,
@@ -69,6 +70,54 @@ fn a_slow_reader_is_closed_once_it_is_write_timeout_behind(mode: &[&str]) {
     // Redis never dropped a subscription itself (past its output-buffer
     // limit): no subscription was lost.
     assert_eq!(server.metric("threadchat_subscriptions_lost_total"), 0);
+}
+
+/// A reader that stops reading while the room talks fills its socket: the
+/// server keeps what the socket did not take (a frame cut in two among it,
+/// and, in shared mode, bytes the room's dispatcher wrote past the
+/// client's WebSocket). Once the client reads again it gets every message
+/// whole, once and in order — also with its pings answered in between,
+/// through the same writer.
+fn a_reader_that_pauses_gets_every_frame_whole_and_in_order(mode: &[&str]) {
+    let redis = Redis::start();
+    let args = [&["--write-timeout", "60", "--rate-limit", "0"], mode].concat();
+    let server = Server::with_redis_and(&redis, &args);
+    let mut paused = server.client("paused");
+    paused.settle();
+    let mut sender = server.client("sender");
+    sender.settle();
+    // 6 MB in all: more than loopback's socket buffers hold.
+    const MESSAGES: usize = 300;
+    let payload = "z".repeat(20 * 1024);
+    for i in 0..MESSAGES {
+        sender.send(&format!("{i} {payload}"));
+        if i % 60 == 0 {
+            paused.send_message(tungstenite::Message::Ping(format!("p{i}").into()));
+        }
+    }
+    thread::sleep(Duration::from_secs(1));
+    for i in 0..MESSAGES {
+        let (from, text) = paused.recv_chat();
+        assert_eq!(from, "sender");
+        assert_eq!(text, format!("{i} {payload}"), "message {i}");
+    }
+}
+
+/// The same over TLS with a shared subscription: the bytes the room's
+/// dispatcher writes go through the client's TLS session.
+#[cfg(all(feature = "tls", target_os = "linux"))]
+#[test]
+fn a_reader_that_pauses_over_wss_in_shared_mode_gets_every_frame() {
+    let certs = crate::support::Certs::new();
+    let tls = certs.server_args();
+    a_reader_that_pauses_gets_every_frame_whole_and_in_order(&[
+        &tls[0],
+        &tls[1],
+        &tls[2],
+        &tls[3],
+        "--subscriptions",
+        "shared",
+    ]);
 }
 
 /// Whatever is published on the channel is untrusted: an unknown type, a
