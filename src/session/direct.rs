@@ -98,7 +98,10 @@ impl DirectSink for Shared {
             return Direct::Declined;
         }
         let now = std::time::Instant::now();
-        if self.outbox.member.format == Format::Json {
+        // Frames the subscriber thread queued and has not flushed yet (it
+        // handled its last item, and is about to) go first: only with none
+        // can the new ones be written as bytes, past the writer's queue.
+        if self.outbox.member.format == Format::Json && state.delivery.pending.is_empty() {
             return self.deliver_wire(state, messages, now);
         }
         let (outbox, delivery) = (&self.outbox, &mut state.delivery);
