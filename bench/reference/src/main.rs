@@ -6,7 +6,8 @@
 //!
 //! * `GET /chat/{nickname}?room={room}` upgrades to a WebSocket
 //!   (tokio-tungstenite); the client first gets a `presence` frame, the
-//!   room's members on this process.
+//!   room's members on this process (a count and at most 100 names, as
+//!   threadchat sends).
 //! * A task per client reads its frames (the stream half of a split
 //!   WebSocket) and publishes each text frame to the room's Redis channel
 //!   over one multiplexed connection shared by the whole process, waiting
@@ -66,6 +67,9 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 /// slow: the broadcast channel's capacity (threadchat's shared
 /// subscriptions drop a client 4,096 events behind, too).
 const QUEUE_LIMIT: usize = 4096;
+
+/// Most nicknames listed in a presence frame (threadchat's limit too).
+const PRESENCE_LIST: usize = 100;
 
 /// The room a client joins when its URL names none.
 const DEFAULT_ROOM: &str = "general";
@@ -245,11 +249,14 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 /// is the usual way out, and a client too slow was told why: neither is
 /// logged (as tungstenite's own server example sorts them).
 async fn handle(shared: Arc<Shared>, tcp: TcpStream) {
-    use tokio_tungstenite::tungstenite::Error as WsError;
+    use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
     match chat(shared, tcp).await {
         Ok(()) | Err(Ending::TooSlow) => {}
         Err(Ending::WebSocket(e)) => match *e {
-            WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => {}
+            WsError::ConnectionClosed
+            | WsError::AlreadyClosed
+            | WsError::Io(_)
+            | WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {}
             e => eprintln!("websocket: {e}"),
         },
         Err(Ending::Redis(e)) => eprintln!("redis: {e}"),
@@ -364,14 +371,27 @@ impl Membership {
             }
         });
         entry.members.insert(number, nickname.to_owned());
-        let members: Vec<&str> = entry.members.values().map(String::as_str).collect();
+        // Like threadchat's: in a big room, a count and the first names.
+        let count = entry.members.len();
+        let members: Vec<&str> = entry
+            .members
+            .values()
+            .take(PRESENCE_LIST)
+            .map(String::as_str)
+            .collect();
+        let names = members.join(", ");
+        let message = if count > members.len() {
+            format!("in {room}: {count} people, among them {names}")
+        } else {
+            format!("in {room}: {names}")
+        };
         let presence = serde_json::json!({
             "type": "presence",
             "nickname": "server",
-            "message": format!("in {room}: {}", members.join(", ")),
+            "message": message,
             "room": room,
             "members": members,
-            "count": members.len(),
+            "count": count,
             "offset": shared.next_offset.load(Ordering::Relaxed),
             "epoch": shared.epoch,
         })
