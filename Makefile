@@ -6,7 +6,9 @@
 #                               (installed first when missing, if it can be)
 #   make lint                   formatting check, clippy (with and without the
 #                               Cargo features) and rustdoc (every intra-doc
-#                               link resolves), warnings are errors
+#                               link resolves), warnings are errors; and no
+#                               async runtime in the server's tree
+#                               (make no-async-runtime)
 #   make recipes                the README's "Try it" (ws:// and wss://) and
 #                               OPERATIONS' Tokens, Sentinel and Cluster recipes,
 #                               run as written (each in namespaces of its own:
@@ -46,6 +48,9 @@
 #                               only them) (docs/PERFORMANCE.md); TLS=1: a, b, c
 #                               over wss:// (a certificate made for the run),
 #                               TLS=both: each plain then over TLS
+#   make versus                 threadchat (per-client, shared) against an async
+#                               (tokio) server, bench/reference: a, b, c
+#                               interleaved, ROUNDS=3 times, then their ratios
 #   make bench-tls              what TLS costs: a, b, c and t (2,000 short
 #                               connections: the handshake) plain and over TLS,
 #                               alternating, twice, with each relay (BROKER= as
