@@ -9,9 +9,10 @@
 //!   room's members on this process (a count and at most 100 names, as
 //!   threadchat sends).
 //! * A task per client reads its frames (the stream half of a split
-//!   WebSocket) and publishes each text frame to the room's Redis channel
-//!   over one multiplexed connection shared by the whole process, waiting
-//!   for each `PUBLISH`'s reply (so a client's messages stay in order).
+//!   WebSocket) and hands each text frame to the client's publisher task,
+//!   which publishes what is waiting (up to 64, as threadchat does) as one
+//!   pipeline to the room's Redis channel, in order, over one multiplexed
+//!   connection shared by the whole process.
 //! * One Redis subscription per room per process: a task reads the room's
 //!   async `PubSub` stream, serializes each message once into the client
 //!   frame, and hands it to a `tokio::sync::broadcast` channel.
@@ -50,11 +51,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::Parser;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -67,6 +67,10 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 /// slow: the broadcast channel's capacity (threadchat's shared
 /// subscriptions drop a client 4,096 events behind, too).
 const QUEUE_LIMIT: usize = 4096;
+
+/// The most messages of one client handed to its publisher and not yet
+/// published (threadchat's window too).
+const PUBLISH_WINDOW: usize = 64;
 
 /// Most nicknames listed in a presence frame (threadchat's limit too).
 const PRESENCE_LIST: usize = 100;
@@ -428,7 +432,9 @@ fn channel_of(room: &str) -> String {
     format!("threadchat:room:{room}")
 }
 
-/// Publishes each text frame the client sends, in order, until it closes.
+/// Reads the client's frames and hands each text to the client's
+/// publisher task, in order, until the client closes; then waits for what
+/// it handed over to be published.
 async fn read_and_publish(
     mut stream: SplitStream<WebSocketStream<TcpStream>>,
     shared: &Shared,
@@ -436,8 +442,14 @@ async fn read_and_publish(
     conn: &str,
     nickname: &str,
 ) -> Result<(), Ending> {
-    let channel = channel_of(&membership.room);
-    let mut publisher = shared.publisher.clone();
+    // Room for a window's worth: a client further ahead waits (its socket
+    // fills), as it would for threadchat.
+    let (to_publish, waiting) = mpsc::channel(PUBLISH_WINDOW);
+    let publisher = tokio::spawn(publish(
+        shared.publisher.clone(),
+        channel_of(&membership.room),
+        waiting,
+    ));
     let mut sent = 0u64;
     while let Some(message) = stream.next().await {
         let text = match message? {
@@ -457,7 +469,34 @@ async fn read_and_publish(
             ts: unix_millis(),
         };
         let payload = serde_json::to_string(&payload).expect("plain fields serialize");
-        let () = publisher.publish(&channel, payload).await?;
+        if to_publish.send(payload).await.is_err() {
+            break; // The publisher failed: its error is below.
+        }
+    }
+    drop(to_publish);
+    publisher.await.unwrap_or(Ok(()))
+}
+
+/// A client's publisher: takes what the reader has handed over, up to
+/// [`PUBLISH_WINDOW`] messages, and publishes them as one pipeline (one
+/// write, one round trip, in order), until the reader is done.
+///
+/// This is how threadchat publishes too (up to 64 of a client's messages
+/// in flight). Awaiting each `PUBLISH` alone would cost a round trip per
+/// message; sending several at once from concurrent futures would not keep
+/// them in order.
+async fn publish(
+    mut connection: MultiplexedConnection,
+    channel: String,
+    mut waiting: mpsc::Receiver<String>,
+) -> Result<(), Ending> {
+    let mut batch = Vec::with_capacity(PUBLISH_WINDOW);
+    while waiting.recv_many(&mut batch, PUBLISH_WINDOW).await > 0 {
+        let mut pipeline = redis::pipe();
+        for payload in batch.drain(..) {
+            pipeline.publish(&channel, payload).ignore();
+        }
+        let () = pipeline.query_async(&mut connection).await?;
     }
     Ok(())
 }
