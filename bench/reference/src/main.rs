@@ -21,12 +21,13 @@
 //!   the sink; it flushes when the broadcast has nothing more waiting, so a
 //!   burst costs one write.
 //! * A client that falls more than [`QUEUE_LIMIT`] frames behind
-//!   (broadcast's `Lagged`) is closed with 1008, as threadchat closes a
-//!   client too slow to keep up.
+//!   (broadcast's `Lagged`), or whose writes block [`WRITE_TIMEOUT`], is
+//!   closed with 1008, as threadchat closes a client too slow to keep up.
 //!
 //! The Redis payload and the client's frame have threadchat's shape and
-//! about its sizes (`offset`, `epoch`, `conn`, `id`, `ts`), so Redis and
-//! the kernel move the same bytes for both.
+//! about its sizes (`offset`, `epoch`, `conn`, `id`, `ts`; the payload
+//! lacks only threadchat's 16-digit log `tag`), so Redis and the kernel
+//! move about the same bytes for both.
 //!
 //! What it leaves out, and why the comparison stays fair (or favours it):
 //! no room history or log (threadchat runs with `--history 0`, but still
@@ -54,6 +55,7 @@ use futures_util::{SinkExt, StreamExt};
 use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
@@ -67,6 +69,11 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 /// slow: the broadcast channel's capacity (threadchat's shared
 /// subscriptions drop a client 4,096 events behind, too).
 const QUEUE_LIMIT: usize = 4096;
+
+/// How long writing a batch to a client may block (its buffers full: it
+/// stopped reading) before it is closed as too slow (threadchat's
+/// `--write-timeout` default).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The most messages of one client handed to its publisher and not yet
 /// published (threadchat's window too).
@@ -501,9 +508,10 @@ async fn publish(
     Ok(())
 }
 
-/// Writes the room's frames to one client, but its own; flushes when
-/// nothing more is waiting. Ends when the room's relay is gone, when the
-/// socket fails, or when the client falls too far behind.
+/// Writes the room's frames to one client, but its own, a batch at a
+/// time. Ends when the room's relay is gone, when the socket fails, or
+/// when the client is too slow: [`QUEUE_LIMIT`] frames behind, or a batch
+/// blocked [`WRITE_TIMEOUT`] on a client that stopped reading.
 async fn write_room(
     mut sink: SplitSink<WebSocketStream<TcpStream>, Message>,
     mut frames: broadcast::Receiver<Delivery>,
@@ -511,34 +519,55 @@ async fn write_room(
 ) -> Result<(), Ending> {
     loop {
         let first = frames.recv().await;
-        let mut next = Some(first);
-        while let Some(received) = next {
-            match received {
-                Ok(delivery) => {
-                    if delivery.from != conn {
-                        sink.feed(Message::Text(delivery.frame)).await?;
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => return close_too_slow(sink).await,
-                Err(broadcast::error::RecvError::Closed) => return Ok(()),
-            }
-            next = match frames.try_recv() {
-                Ok(delivery) => Some(Ok(delivery)),
-                Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                    Some(Err(broadcast::error::RecvError::Lagged(n)))
-                }
-                Err(broadcast::error::TryRecvError::Empty) => None,
-                Err(broadcast::error::TryRecvError::Closed) => {
-                    Some(Err(broadcast::error::RecvError::Closed))
-                }
-            };
+        let batch = write_batch(&mut sink, &mut frames, first, &conn);
+        match tokio::time::timeout(WRITE_TIMEOUT, batch).await {
+            Ok(Ok(Written::More)) => {}
+            Ok(Ok(Written::RoomGone)) => return Ok(()),
+            Ok(Err(Ending::TooSlow)) | Err(_) => return close_too_slow(sink).await,
+            Ok(Err(e)) => return Err(e),
         }
-        sink.flush().await?;
     }
 }
 
-/// Closes a client that fell [`QUEUE_LIMIT`] frames behind with 1008,
-/// waiting at most a second for the close to be written (its buffers may
+/// What a batch left behind.
+enum Written {
+    /// The room goes on: wait for more.
+    More,
+    /// The room's broadcast is gone (its relay ended).
+    RoomGone,
+}
+
+/// `feed`s `first` and every frame already waiting into the sink, then
+/// flushes them with one write.
+async fn write_batch(
+    sink: &mut SplitSink<WebSocketStream<TcpStream>, Message>,
+    frames: &mut broadcast::Receiver<Delivery>,
+    first: Result<Delivery, RecvError>,
+    conn: &Arc<str>,
+) -> Result<Written, Ending> {
+    let mut next = Some(first);
+    while let Some(received) = next {
+        match received {
+            Ok(delivery) => {
+                if delivery.from != *conn {
+                    sink.feed(Message::Text(delivery.frame)).await?;
+                }
+            }
+            Err(RecvError::Lagged(_)) => return Err(Ending::TooSlow),
+            Err(RecvError::Closed) => return Ok(Written::RoomGone),
+        }
+        next = match frames.try_recv() {
+            Ok(delivery) => Some(Ok(delivery)),
+            Err(TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
+            Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
+            Err(TryRecvError::Empty) => None,
+        };
+    }
+    sink.flush().await?;
+    Ok(Written::More)
+}
+
+/// Closes a client too slow with 1008, waiting at most a second for the close to be written (its buffers may
 /// well be full).
 async fn close_too_slow(
     mut sink: SplitSink<WebSocketStream<TcpStream>, Message>,
