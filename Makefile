@@ -6,7 +6,9 @@
 #                               (installed first when missing, if it can be)
 #   make lint                   formatting check, clippy (with and without the
 #                               Cargo features) and rustdoc (every intra-doc
-#                               link resolves), warnings are errors
+#                               link resolves), warnings are errors; and no
+#                               async runtime in the server's tree
+#                               (make no-async-runtime)
 #   make recipes                the README's "Try it" (ws:// and wss://) and
 #                               OPERATIONS' Tokens, Sentinel and Cluster recipes,
 #                               run as written (each in namespaces of its own:
@@ -46,6 +48,9 @@
 #                               only them) (docs/PERFORMANCE.md); TLS=1: a, b, c
 #                               over wss:// (a certificate made for the run),
 #                               TLS=both: each plain then over TLS
+#   make versus                 threadchat (per-client, shared) against an async
+#                               (tokio) server, bench/reference: a, b, c
+#                               interleaved, ROUNDS=3 times, then their ratios
 #   make bench-tls              what TLS costs: a, b, c and t (2,000 short
 #                               connections: the handshake) plain and over TLS,
 #                               alternating, twice, with each relay (BROKER= as
@@ -54,7 +59,7 @@
 CARGO ?= cargo
 ARGS ?=
 
-.PHONY: run build test chaos chaos-short chaos-ha recipes lint check-minimal check-macos fmt interop conformance browser-test bench bench-cluster bench-tls require-redis
+.PHONY: no-async-runtime versus run build test chaos chaos-short chaos-ha recipes lint check-minimal check-macos fmt interop conformance browser-test bench bench-cluster bench-tls require-redis
 
 run:
 	$(CARGO) run --release --bin threadchat -- $(ARGS)
@@ -96,11 +101,28 @@ chaos-ha: require-redis
 	./target/debug/chaos --topology cluster --rooms 4 --wait-replicas 1 \
 	  --faults cluster-failover,migrate,client-kill,stall,kill-instance,drop-clients $(CHAOS_ARGS)
 
-lint:
+lint: no-async-runtime
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --no-default-features --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --document-private-items
+	$(CARGO) fmt --manifest-path $(REFERENCE)/Cargo.toml -- --check
+	$(CARGO) clippy --manifest-path $(REFERENCE)/Cargo.toml -- -D warnings
+
+# The server's claim: no async runtime anywhere in its build, with every
+# feature, for every target. (futures-util/-core are allowed on wasm32
+# only, where jsonwebtoken's js-sys uses them: so those are checked for
+# this machine's target, the runtimes for all.)
+ASYNC_RUNTIMES = tokio|async-std|async-io|async-executor|smol|mio|futures|futures-executor
+no-async-runtime:
+	@tree=$$($(CARGO) tree -p threadchat --all-features -e normal,build --target all --prefix none --format '{p}') || exit 1; \
+	found=$$(echo "$$tree" | grep -oE '^($(ASYNC_RUNTIMES)) v[^ ]+' | sort -u); \
+	host=$$($(CARGO) tree -p threadchat --all-features -e normal,build --prefix none --format '{p}') || exit 1; \
+	found="$$found$$(echo "$$host" | grep -oE '^futures-[a-z]+ v[^ ]+' | sort -u)"; \
+	if [ -n "$$found" ]; then \
+	  echo "ERROR: an async runtime is in the server's dependency tree:"; echo "$$found"; \
+	  echo "(find who brings it: cargo tree -p threadchat --all-features --target all -i NAME)"; exit 1; \
+	fi; echo "no async runtime in the server's tree"
 
 # The server as a learner may build it, without the wings (README, "What a
 # learner can leave out"): it builds, has no jsonwebtoken, and the chat works.
@@ -164,6 +186,17 @@ bench-cluster: require-redis
 bench-tls: require-redis
 	$(CARGO) build --release --workspace --bins
 	./target/release/loadgen --broker $(BROKER) --scenario a,b,c,t --tls both --rounds 2
+
+# docs/PERFORMANCE.md, "Against an async server": threadchat (per-client
+# and shared subscriptions) beside the async reference (bench/reference, a
+# workspace of its own), a, b and c in turn, ROUNDS times, then the ratios.
+REFERENCE = bench/reference
+ROUNDS ?= 3
+versus: require-redis
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) build --release --manifest-path $(REFERENCE)/Cargo.toml
+	./target/release/loadgen --versus --rounds $(ROUNDS) \
+	  --reference $(REFERENCE)/target/release/threadchat-async-reference
 
 require-redis:
 	@scripts/need-redis.sh

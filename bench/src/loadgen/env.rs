@@ -1,5 +1,6 @@
 //! The processes under test (a `redis-server` and a release `threadchat`,
-//! started on free ports and stopped on drop), and what `/proc` says of them.
+//! or for relay `async` the async reference server, started on free ports
+//! and stopped on drop), and what `/proc` says of them.
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -14,8 +15,8 @@ use rustls::ClientConfig;
 use super::Args;
 use super::tls::Certs;
 
-/// The Redis servers (none, one, or a cluster's masters) and a threadchat,
-/// stopped on drop.
+/// The Redis servers (none, one, or a cluster's masters) and a threadchat
+/// (or the async reference), stopped on drop.
 pub(crate) struct Env {
     /// Every redis-server, with its port.
     pub(crate) redis: Vec<(Child, u16)>,
@@ -25,6 +26,10 @@ pub(crate) struct Env {
     /// its clients connect with ([`Env::tls`]).
     certs: Option<Certs>,
 }
+
+/// The relay that is not threadchat: the async reference server
+/// (`bench/reference`), relaying through a Redis of its own.
+pub(crate) const ASYNC: &str = "async";
 
 /// Masters of the cluster that relay `redis-cluster` starts (Redis
 /// Cluster's minimum; no replicas: they would only take CPU here).
@@ -64,6 +69,9 @@ impl Env {
         per_address_limits: bool,
         tls: bool,
     ) -> anyhow::Result<Env> {
+        if broker == ASYNC {
+            return Env::start_reference(args, extra, tls);
+        }
         let mut relay = vec!["--in-process".to_owned()];
         let mut redis = Vec::new();
         if broker.starts_with("redis-cluster") {
@@ -155,6 +163,47 @@ impl Env {
             server,
             addr,
             certs,
+        })
+    }
+
+    /// The async reference server (`bench/reference`, relay [`ASYNC`]) on
+    /// a Redis of its own. It has no options beside Redis and its address:
+    /// no log to keep (so `--history` must be 0), no TLS.
+    fn start_reference(args: &Args, extra: &[&str], tls: bool) -> anyhow::Result<Env> {
+        anyhow::ensure!(!tls, "relay {ASYNC} speaks no TLS");
+        anyhow::ensure!(
+            extra == ["--history", "0"],
+            "relay {ASYNC} keeps no history and has no options: it runs a, b, c, g and h \
+             with --history 0 only (asked: {extra:?})"
+        );
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let redis = vec![(start_redis(port, &[])?, port)];
+        let mut server = Command::new(&args.reference)
+            .args(["--redis", &format!("redis://127.0.0.1:{port}")])
+            .args(["--port", "0", "--bind", "127.0.0.1"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "cannot run {} (build it: cargo build --release --manifest-path bench/reference/Cargo.toml)",
+                    args.reference
+                )
+            })?;
+        let stderr = server.stderr.take().expect("piped");
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // It says where it listens; we ask the OS, as for threadchat.
+                if !line.contains(" listening on ") {
+                    eprintln!("[{ASYNC}] {line}");
+                }
+            }
+        });
+        let addr = wait_for_port(server.id())?;
+        Ok(Env {
+            redis,
+            server,
+            addr,
+            certs: None,
         })
     }
 
@@ -294,7 +343,7 @@ pub(crate) fn wait_for_port(pid: u32) -> anyhow::Result<SocketAddr> {
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "threadchat did not start listening"
+            "the server did not start listening"
         );
         thread::sleep(Duration::from_millis(20));
     }

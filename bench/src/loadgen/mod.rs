@@ -9,6 +9,7 @@ mod report;
 mod scenarios;
 mod silent;
 mod tls;
+mod versus;
 
 use std::time::Duration;
 
@@ -31,7 +32,8 @@ pub(crate) struct Args {
     /// Relays (comma-separated): redis (per-client subscriptions),
     /// redis-shared (one subscription per room), memory (in-process), all
     /// (those three); redis-cluster and redis-cluster-shared (a 3-master
-    /// Redis Cluster).
+    /// Redis Cluster); async, not threadchat but the async reference server
+    /// (`--reference`; scenarios a, b, c, g, h only).
     #[arg(long, default_value = "redis", value_delimiter = ',')]
     broker: Vec<String>,
     /// Idle clients in scenario c (10000 needs the kernel settings in
@@ -41,6 +43,19 @@ pub(crate) struct Args {
     /// The threadchat binary to test.
     #[arg(long, default_value = "target/release/threadchat")]
     threadchat: String,
+    /// The async reference server (relay `async`; built apart: `cargo
+    /// build --release --manifest-path bench/reference/Cargo.toml`).
+    #[arg(
+        long,
+        default_value = "bench/reference/target/release/threadchat-async-reference"
+    )]
+    reference: String,
+    /// threadchat (per-client and shared subscriptions) against the async
+    /// reference: a, b and c with each, interleaved, `--rounds` times, then
+    /// a table of their ratios (`make versus`; ignores --scenario and
+    /// --broker).
+    #[arg(long)]
+    versus: bool,
     /// Room log entries the server keeps (`--history`) in scenarios a, b
     /// and c: 0, the default, measures relaying alone; 50, the server's
     /// default, adds keeping the log.
@@ -91,6 +106,9 @@ const HANDSHAKES: usize = 2000;
 /// Runs the scenarios the command line asks for and prints the tables.
 pub fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.versus {
+        return versus::main(&args);
+    }
     let relays: Vec<String> = args
         .broker
         .iter()
@@ -99,6 +117,17 @@ pub fn main() -> anyhow::Result<()> {
             one => vec![one.to_owned()],
         })
         .collect();
+    if relays.iter().any(|r| r == env::ASYNC)
+        && let Some(other) = args
+            .scenario
+            .iter()
+            .find(|s| !["a", "b", "c", "g", "h"].contains(&s.as_str()))
+    {
+        bail!(
+            "relay {} runs scenarios a, b, c, g and h only, not {other}",
+            env::ASYNC
+        );
+    }
     let mut rows = Vec::new();
     let mut attack_rows = Vec::new();
     for _round in 0..args.rounds {
@@ -141,7 +170,7 @@ pub fn main() -> anyhow::Result<()> {
 
 /// One run of a fan-out or idle scenario against a fresh server (over TLS
 /// when `tls`).
-fn run(args: &Args, scenario: &str, relay: &str, tls: bool) -> anyhow::Result<Row> {
+pub(crate) fn run(args: &Args, scenario: &str, relay: &str, tls: bool) -> anyhow::Result<Row> {
     let history = args.history.to_string();
     let env = Env::start_over(args, relay, &["--history", &history], tls)?;
     match scenario {

@@ -78,7 +78,7 @@ impl Row {
 
     /// The server's CPU time per frame delivered, in µs: what a fan-out
     /// costs per receiver (with `--tls`, one encryption each).
-    fn cpu_per_delivery_us(&self) -> Option<f64> {
+    pub(crate) fn cpu_per_delivery_us(&self) -> Option<f64> {
         let (cpu, rate) = (self.cpu.as_ref()?, self.deliveries_per_s?);
         (rate > 0.0).then(|| cpu.server / 100.0 * 1e6 / rate)
     }
