@@ -161,9 +161,6 @@ pub struct WriteHalf {
     due: Option<Instant>,
     /// The write timeout this half last gave the socket.
     applied: Option<Duration>,
-    /// tungstenite wrote more than [`KEPT_BUFFER`] at once: its buffer
-    /// grew, and is to be freed once written out ([`shrink`]).
-    grown: bool,
     /// Frames written past tungstenite ([`Writer::try_send_wire`]) that the
     /// socket did not take: they go out before anything written after
     /// them. Freed once written out.
@@ -172,7 +169,6 @@ pub struct WriteHalf {
 
 impl Write for WriteHalf {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.grown |= buf.len() > KEPT_BUFFER;
         if !self.backlog.is_empty() {
             self.drain_backlog()?;
         }
@@ -295,7 +291,6 @@ impl WriteHalf {
             write_timeout,
             due: None,
             applied: Some(write_timeout),
-            grown: false,
             backlog: Vec::new(),
         }
     }
@@ -324,17 +319,12 @@ pub enum TrySend {
 const READ_BUFFER: usize = 512;
 
 /// Bytes of frames the writer collects before writing them out even
-/// without a flush. A dispatcher's batch for one client (up to 256 chat
-/// frames) fits, so it leaves in one `write` system call: with 4 KiB, a
-/// busy room's batches left in a dozen, and on loopback each `send` also
-/// runs the receiver's TCP stack (bench (b), shared subscriptions: see
-/// docs/PERFORMANCE.md). tungstenite never shrinks its write buffer, so a
-/// buffer grown past [`KEPT_BUFFER`] is freed once written out (see
-/// [`shrink`]): an idle client keeps none.
-const WRITE_BUFFER: usize = 64 * 1024;
-
-/// The biggest write buffer a writer keeps between batches.
-const KEPT_BUFFER: usize = 4 * 1024;
+/// without a flush. A batch of chat frames (two dozen) fits, so it leaves in
+/// one `write` system call. Kept small because tungstenite never shrinks
+/// its write buffer: what a client's biggest batch needed stays resident.
+/// (A room's dispatcher writes its batches past it, as bytes: see
+/// [`Writer::try_send_wire`].)
+const WRITE_BUFFER: usize = 4 * 1024;
 
 /// The writer's `WebSocket`, with empty buffers. It never reads, so it
 /// needs no real read buffer. Frames are buffered until a flush (see
@@ -344,30 +334,6 @@ fn write_socket(half: WriteHalf) -> WebSocket<WriteHalf> {
         .read_buffer_size(64)
         .write_buffer_size(WRITE_BUFFER);
     WebSocket::from_raw_socket(half, Role::Server, Some(config))
-}
-
-/// After a flush that wrote everything: frees the write buffer if a big
-/// batch grew it (see [`WRITE_BUFFER`]). The writer starts afresh on the
-/// same socket, so only when nothing is buffered, and no close was sent
-/// (which the new one would forget). Rare and out of line: its locals
-/// must not deepen the subscriber thread's resting stack.
-#[cold]
-#[inline(never)]
-fn shrink(ws: &mut WebSocket<WriteHalf>) {
-    if !ws.can_write() {
-        return;
-    }
-    let half = ws.get_ref();
-    let fresh = WriteHalf {
-        stream: half.stream.clone(),
-        dont_wait: false,
-        write_timeout: half.write_timeout,
-        due: None,
-        applied: half.applied,
-        grown: false,
-        backlog: Vec::new(),
-    };
-    *ws = write_socket(fresh);
 }
 
 /// What the two sides enforce.
@@ -429,11 +395,7 @@ impl Writer {
     /// did not read for longer than the write timeout.
     pub fn send(&self, message: Message) -> Result<(), Error> {
         let mut ws = self.ws.lock().map_err(|_| Error::AlreadyClosed)?;
-        ws.send(message)?;
-        if ws.get_ref().grown {
-            shrink(&mut ws);
-        }
-        Ok(())
+        ws.send(message)
     }
 
     /// Sends several messages with one flush: under one lock, and (when
@@ -443,11 +405,7 @@ impl Writer {
         for message in messages {
             ws.write(message)?;
         }
-        ws.flush()?;
-        if ws.get_ref().grown {
-            shrink(&mut ws);
-        }
-        Ok(())
+        ws.flush()
     }
 
     /// Sends `messages` without waiting: not at all if the writer is busy,
@@ -477,12 +435,7 @@ impl Writer {
         ws.get_mut().dont_wait = false;
         match result {
             Ok(()) if blocked => TrySend::Blocked,
-            Ok(()) => {
-                if ws.get_ref().grown {
-                    shrink(&mut ws);
-                }
-                TrySend::Sent
-            }
+            Ok(()) => TrySend::Sent,
             Err(Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => TrySend::Blocked,
             Err(e) => TrySend::Failed(e),
         }
