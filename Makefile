@@ -47,7 +47,9 @@
 #                               CLUSTER_SCENARIOS= skips them, make bench-cluster runs
 #                               only them) (docs/PERFORMANCE.md); TLS=1: a, b, c
 #                               over wss:// (a certificate made for the run),
-#                               TLS=both: each plain then over TLS
+#                               TLS=both: each plain then over TLS; SVG charts
+#                               of a, b, c into docs/bench (CHARTS=DIR elsewhere,
+#                               CHARTS= none)
 #   make versus                 threadchat (per-client, shared) against an async
 #                               (tokio) server, bench/reference: a, b, c
 #                               interleaved, ROUNDS=3 times, then their ratios
@@ -171,9 +173,11 @@ CLUSTER_SCENARIOS ?= g,h
 CLUSTER_BROKERS = redis,redis-cluster,redis-shared,redis-cluster-shared
 TLS ?=
 TLS_ARGS = $(if $(TLS),--tls $(if $(filter both,$(TLS)),both,on))
+CHARTS ?= docs/bench
 bench: require-redis
 	$(CARGO) build --release --workspace --bins
-	./target/release/loadgen --broker $(BROKER) --scenario $(SCENARIOS) $(TLS_ARGS)
+	./target/release/loadgen --broker $(BROKER) --scenario $(SCENARIOS) $(TLS_ARGS) \
+	  $(if $(CHARTS),--charts $(CHARTS))
 	if [ -n "$(CLUSTER_SCENARIOS)" ]; then \
 	  ./target/release/loadgen --broker $(CLUSTER_BROKERS) --scenario $(CLUSTER_SCENARIOS); fi
 
