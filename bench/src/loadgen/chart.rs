@@ -32,6 +32,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use plotters::coord::Shift;
+use plotters::coord::types::RangedCoordf64;
 
 use super::report::Row;
 
@@ -393,41 +394,8 @@ impl Panel {
         let slot = 0.8 / self.parts.len() as f64;
         for (g, group) in self.groups.iter().enumerate() {
             for (b, (bar, parts)) in group.bars.iter().zip(&self.parts).enumerate() {
-                let Some((min, max)) = bar.spread() else {
-                    continue;
-                };
                 let left = g as f64 - 0.4 + b as f64 * slot + slot * 0.08;
-                let right = left + slot * 0.84;
-                let middle = (left + right) / 2.0;
-                let mut bottom = 0.0;
-                for (part, height) in parts.iter().zip(bar.heights()) {
-                    chart.draw_series([Rectangle::new(
-                        [(left, bottom), (right, bottom + height)],
-                        part.color.filled(),
-                    )])?;
-                    bottom += height;
-                }
-                if bar.rounds.len() > 1 {
-                    let cap = slot * 0.15;
-                    let ink = BLACK.stroke_width(1);
-                    chart.draw_series([
-                        PathElement::new([(middle, min), (middle, max)], ink),
-                        PathElement::new([(middle - cap, min), (middle + cap, min)], ink),
-                        PathElement::new([(middle - cap, max), (middle + cap, max)], ink),
-                    ])?;
-                    chart.draw_series(
-                        bar.totals()
-                            .map(|total| Circle::new((middle, total), 2, BLACK.filled())),
-                    )?;
-                }
-                let label = TextStyle::from((FONT, 13))
-                    .color(&BLACK)
-                    .pos(Pos::new(HPos::Center, VPos::Bottom));
-                chart.draw_series([Text::new(
-                    number(bottom),
-                    (middle, max.max(bottom) + top * 0.01),
-                    label,
-                )])?;
+                bar.draw(&mut chart, parts, left..left + slot * 0.84, top)?;
             }
         }
         Ok(())
@@ -503,7 +471,55 @@ impl ValueFormatter<f64> for RelayAxis {
     }
 }
 
+/// A panel's plot: relays along x, values up y.
+type Plot<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RelayAxis, RangedCoordf64>>;
+
 impl Bar {
+    /// Draws the bar between `x.start` and `x.end`: its parts stacked at
+    /// their medians, with more than one round a whisker from the least
+    /// total to the greatest and a dot for each, and the value on top
+    /// (`top` is the y axis's top, for a small gap above).
+    fn draw(
+        &self,
+        plot: &mut Plot<'_, '_>,
+        parts: &[Part],
+        x: Range<f64>,
+        top: f64,
+    ) -> Result<(), ChartError> {
+        let Some((min, max)) = self.spread() else {
+            return Ok(());
+        };
+        let middle = (x.start + x.end) / 2.0;
+        let mut bottom = 0.0;
+        for (part, height) in parts.iter().zip(self.heights()) {
+            plot.draw_series([Rectangle::new(
+                [(x.start, bottom), (x.end, bottom + height)],
+                part.color.filled(),
+            )])?;
+            bottom += height;
+        }
+        if self.rounds.len() > 1 {
+            let cap = (x.end - x.start) * 0.18;
+            let ink = BLACK.stroke_width(1);
+            plot.draw_series([
+                PathElement::new([(middle, min), (middle, max)], ink),
+                PathElement::new([(middle - cap, min), (middle + cap, min)], ink),
+                PathElement::new([(middle - cap, max), (middle + cap, max)], ink),
+            ])?;
+            let dots = self.totals();
+            plot.draw_series(dots.map(|total| Circle::new((middle, total), 2, BLACK.filled())))?;
+        }
+        let label = TextStyle::from((FONT, 13))
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Center, VPos::Bottom));
+        plot.draw_series([Text::new(
+            number(bottom),
+            (middle, max.max(bottom) + top * 0.01),
+            label,
+        )])?;
+        Ok(())
+    }
+
     /// Each part's median over the rounds: the heights drawn, bottom up.
     fn heights(&self) -> Vec<f64> {
         let parts = self.rounds.first().map_or(0, Vec::len);
