@@ -52,7 +52,8 @@
 #                               CHARTS= none)
 #   make versus                 threadchat (per-client, shared) against an async
 #                               (tokio) server, bench/reference: a, b, c
-#                               interleaved, ROUNDS=3 times, then their ratios
+#                               interleaved, ROUNDS=3 times, then their ratios;
+#                               charts into docs/versus (VERSUS_CHARTS= none)
 #   make bench-tls              what TLS costs: a, b, c and t (2,000 short
 #                               connections: the handshake) plain and over TLS,
 #                               alternating, twice, with each relay (BROKER= as
@@ -196,11 +197,13 @@ bench-tls: require-redis
 # workspace of its own), a, b and c in turn, ROUNDS times, then the ratios.
 REFERENCE = bench/reference
 ROUNDS ?= 3
+VERSUS_CHARTS ?= docs/versus
 versus: require-redis
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) build --release --manifest-path $(REFERENCE)/Cargo.toml
 	./target/release/loadgen --versus --rounds $(ROUNDS) \
-	  --reference $(REFERENCE)/target/release/threadchat-async-reference
+	  --reference $(REFERENCE)/target/release/threadchat-async-reference \
+	  $(if $(VERSUS_CHARTS),--charts $(VERSUS_CHARTS))
 
 require-redis:
 	@scripts/need-redis.sh

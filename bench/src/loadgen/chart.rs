@@ -85,7 +85,12 @@ impl<E: std::error::Error + Send + Sync> From<DrawingAreaErrorKind<E>> for Chart
 /// Writes into `dir` (made if missing) the charts of the scenarios among
 /// `rows`, and returns the paths written. A scenario that did not run has
 /// no chart; no rows, no files.
-pub(crate) fn write_all(rows: &[Row], dir: &Path) -> Result<Vec<PathBuf>, ChartError> {
+pub(crate) fn write_all<'a>(
+    rows: impl IntoIterator<Item = &'a Row>,
+    dir: &Path,
+) -> Result<Vec<PathBuf>, ChartError> {
+    let rows: Vec<&Row> = rows.into_iter().collect();
+    let rows: &[&Row] = &rows;
     let figures = [
         ("latency.svg", latency(rows)),
         ("deliveries.svg", deliveries(rows)),
@@ -109,7 +114,7 @@ pub(crate) fn write_all(rows: &[Row], dir: &Path) -> Result<Vec<PathBuf>, ChartE
 
 /// Scenario (a): fan-out latency p50, p99 and max per relay, or `None`
 /// when (a) did not run.
-pub(crate) fn latency(rows: &[Row]) -> Option<Figure> {
+pub(crate) fn latency(rows: &[&Row]) -> Option<Figure> {
     const P50: Part = Part::new("p50", INK_BLUE);
     const P99: Part = Part::new("p99", INK_ORANGE);
     const MAX: Part = Part::new("max", INK_VERMILION);
@@ -134,7 +139,7 @@ pub(crate) fn latency(rows: &[Row]) -> Option<Figure> {
 
 /// Scenario (b): deliveries per second, and the server's CPU time per
 /// delivery, per relay; `None` when (b) did not run.
-pub(crate) fn deliveries(rows: &[Row]) -> Option<Figure> {
+pub(crate) fn deliveries(rows: &[&Row]) -> Option<Figure> {
     const RATE: Part = Part::new("deliveries/s", INK_GREEN);
     const CPU: Part = Part::new("server CPU per delivery", INK_PINK);
     let rate = Panel::from_rows(
@@ -164,7 +169,7 @@ pub(crate) fn deliveries(rows: &[Row]) -> Option<Figure> {
 /// Scenario (c): memory per idle client, the server's RSS beside the
 /// kernel's part (stacks, page tables and slab, stacked); `None` when (c)
 /// did not run.
-pub(crate) fn memory(rows: &[Row]) -> Option<Figure> {
+pub(crate) fn memory(rows: &[&Row]) -> Option<Figure> {
     const RSS: Part = Part::new("server RSS", INK_BLUE);
     const KERNEL: [Part; 3] = [
         Part::new("kernel stacks", GREY_DARK),
@@ -197,13 +202,13 @@ pub(crate) fn memory(rows: &[Row]) -> Option<Figure> {
 
 /// The clients of `scenario`'s first row (the same in every round), for a
 /// title.
-fn clients(rows: &[Row], scenario: &str) -> String {
+fn clients(rows: &[&Row], scenario: &str) -> String {
     let first = rows.iter().find(|row| row.scenario == scenario);
     thousands(first.map_or(0, |row| row.clients))
 }
 
 /// The senders of `scenario`'s first row, for a title.
-fn senders(rows: &[Row], scenario: &str) -> usize {
+fn senders(rows: &[&Row], scenario: &str) -> usize {
     let first = rows.iter().find(|row| row.scenario == scenario);
     first.map_or(0, |row| row.senders)
 }
@@ -298,12 +303,16 @@ impl Panel {
     /// relay in the order of the rows; `None` when no row of the scenario
     /// has any of the measures.
     fn from_rows(
-        rows: &[Row],
+        rows: &[&Row],
         scenario: &str,
         y_desc: &'static str,
         measures: Vec<Measure>,
     ) -> Option<Panel> {
-        let rows: Vec<&Row> = rows.iter().filter(|row| row.scenario == scenario).collect();
+        let rows: Vec<&Row> = rows
+            .iter()
+            .copied()
+            .filter(|row| row.scenario == scenario)
+            .collect();
         let mut relays: Vec<String> = Vec::new();
         for row in &rows {
             let relay = category(row);
