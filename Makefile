@@ -47,10 +47,13 @@
 #                               CLUSTER_SCENARIOS= skips them, make bench-cluster runs
 #                               only them) (docs/PERFORMANCE.md); TLS=1: a, b, c
 #                               over wss:// (a certificate made for the run),
-#                               TLS=both: each plain then over TLS
+#                               TLS=both: each plain then over TLS; SVG charts
+#                               of a, b, c into docs/bench (CHARTS=DIR elsewhere,
+#                               CHARTS= none)
 #   make versus                 threadchat (per-client, shared) against an async
 #                               (tokio) server, bench/reference: a, b, c
-#                               interleaved, ROUNDS=3 times, then their ratios
+#                               interleaved, ROUNDS=3 times, then their ratios;
+#                               charts into docs/versus (VERSUS_CHARTS= none)
 #   make bench-tls              what TLS costs: a, b, c and t (2,000 short
 #                               connections: the handshake) plain and over TLS,
 #                               alternating, twice, with each relay (BROKER= as
@@ -171,9 +174,11 @@ CLUSTER_SCENARIOS ?= g,h
 CLUSTER_BROKERS = redis,redis-cluster,redis-shared,redis-cluster-shared
 TLS ?=
 TLS_ARGS = $(if $(TLS),--tls $(if $(filter both,$(TLS)),both,on))
+CHARTS ?= docs/bench
 bench: require-redis
 	$(CARGO) build --release --workspace --bins
-	./target/release/loadgen --broker $(BROKER) --scenario $(SCENARIOS) $(TLS_ARGS)
+	./target/release/loadgen --broker $(BROKER) --scenario $(SCENARIOS) $(TLS_ARGS) \
+	  $(if $(CHARTS),--charts $(CHARTS))
 	if [ -n "$(CLUSTER_SCENARIOS)" ]; then \
 	  ./target/release/loadgen --broker $(CLUSTER_BROKERS) --scenario $(CLUSTER_SCENARIOS); fi
 
@@ -192,11 +197,13 @@ bench-tls: require-redis
 # workspace of its own), a, b and c in turn, ROUNDS times, then the ratios.
 REFERENCE = bench/reference
 ROUNDS ?= 3
+VERSUS_CHARTS ?= docs/versus
 versus: require-redis
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) build --release --manifest-path $(REFERENCE)/Cargo.toml
 	./target/release/loadgen --versus --rounds $(ROUNDS) \
-	  --reference $(REFERENCE)/target/release/threadchat-async-reference
+	  --reference $(REFERENCE)/target/release/threadchat-async-reference \
+	  $(if $(VERSUS_CHARTS),--charts $(VERSUS_CHARTS))
 
 require-redis:
 	@scripts/need-redis.sh

@@ -31,9 +31,10 @@
 //! Layout (in `loadgen/`): `env` starts the processes and reads `/proc`; `client`
 //! connects; `tls` makes the certificates and the clients' TLS stream;
 //! `scenarios` runs a, b, c and t; `receive` reads for every
-//! client; `attacks` runs d, e and f; `report` prints the tables;
-//! `versus` sets threadchat beside the async reference server
-//! (`bench/reference`, relay `async`) and prints their ratios.
+//! client; `attacks` runs d, e and f; `report` prints the tables; `chart`
+//! draws a, b and c as SVG charts (`--charts DIR`); `versus` sets
+//! threadchat beside the async reference server (`bench/reference`, relay
+//! `async`) and prints their ratios.
 //!
 //! Latency is measured from a send timestamp carried in each message (client
 //! and server share the machine's clock). Every receiver checks each sender's

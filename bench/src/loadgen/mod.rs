@@ -1,6 +1,7 @@
 //! The load generator proper (Linux only: see the crate's doc).
 
 mod attacks;
+mod chart;
 mod client;
 mod env;
 mod gapfill;
@@ -11,6 +12,7 @@ mod silent;
 mod tls;
 mod versus;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
@@ -71,6 +73,10 @@ pub(crate) struct Args {
     /// plain and TLS runs alternating).
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// Also draws the results of a, b and c as SVG charts into this folder
+    /// (latency.svg, deliveries.svg, memory.svg; see `loadgen/chart.rs`).
+    #[arg(long)]
+    charts: Option<PathBuf>,
 }
 
 /// Whether the clients of scenarios a, b, c, g, h and t speak TLS.
@@ -163,6 +169,11 @@ pub fn main() -> anyhow::Result<()> {
         println!("\n{}", attacks::AttackRow::HEADER);
         for row in &attack_rows {
             println!("{}", row.render());
+        }
+    }
+    if let Some(dir) = &args.charts {
+        for path in chart::write_all(&rows, dir)? {
+            eprintln!("chart: {}", path.display());
         }
     }
     Ok(())

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::env::ASYNC;
 use super::report::Row;
-use super::{Args, run};
+use super::{Args, chart, run};
 
 /// threadchat's two subscription modes, then the reference.
 const RELAYS: [&str; 3] = ["redis", "redis-shared", ASYNC];
@@ -121,6 +121,11 @@ pub(crate) fn main(args: &Args) -> anyhow::Result<()> {
         println!("{}", m.row.render());
     }
     println!("\n{}", ratios(&measured, rounds));
+    if let Some(dir) = &args.charts {
+        for path in chart::write_all(measured.iter().map(|m| &m.row), dir)? {
+            eprintln!("chart: {}", path.display());
+        }
+    }
     Ok(())
 }
 
