@@ -114,23 +114,33 @@ impl DirectSink for Shared {
         if delivery.pending.is_empty() {
             return Direct::Written;
         }
-        match outbox.writer.try_send_all(&mut delivery.pending) {
+        let sent = outbox.writer.try_send_all(&mut delivery.pending);
+        // Busy: the reader thread is writing (a pong); the frames wait in
+        // `pending`, for the subscriber thread.
+        state.written(outbox, sent).unwrap_or(Direct::Unfinished)
+    }
+}
+
+impl State {
+    /// What a direct write of the chosen frames came to; `None` if nothing
+    /// was written (the writer was busy, or holds data nothing may
+    /// overtake).
+    fn written(&mut self, outbox: &Outbox, sent: TrySend) -> Option<Direct> {
+        match sent {
             TrySend::Sent => {
-                outbox.count_sent(delivery);
-                Direct::Written
+                outbox.count_sent(&mut self.delivery);
+                Some(Direct::Written)
             }
-            // The reader thread is writing (a pong): the frames wait in
-            // `pending`, for the subscriber thread.
-            TrySend::Busy | TrySend::Behind => Direct::Unfinished,
             TrySend::Blocked => {
-                outbox.count_sent(delivery);
-                state.unfinished = true;
-                Direct::Unfinished
+                outbox.count_sent(&mut self.delivery);
+                self.unfinished = true;
+                Some(Direct::Unfinished)
             }
             TrySend::Failed(e) => {
-                state.failed = Some(Ending::from_write_error(&e));
-                Direct::Unfinished
+                self.failed = Some(Ending::from_write_error(&e));
+                Some(Direct::Unfinished)
             }
+            TrySend::Busy | TrySend::Behind => None,
         }
     }
 }
@@ -154,13 +164,13 @@ impl Shared {
         messages: &[Arc<Incoming>],
         now: std::time::Instant,
     ) -> Direct {
-        let (outbox, delivery) = (&self.outbox, &mut state.delivery);
+        let outbox = &self.outbox;
         WIRE.with_borrow_mut(|scratch| {
             let Scratch { wire, chosen } = scratch;
             wire.clear();
             chosen.clear();
             for (i, incoming) in messages.iter().enumerate() {
-                match outbox.choose(delivery, incoming, now) {
+                match outbox.choose(&mut state.delivery, incoming, now) {
                     Err(ending) => {
                         state.failed = Some(ending);
                         return Direct::Unfinished;
@@ -183,34 +193,20 @@ impl Shared {
             let result = if wire.is_empty() {
                 Direct::Written
             } else {
-                match outbox.writer.try_send_wire(wire) {
-                    TrySend::Sent => {
-                        outbox.count_sent(delivery);
-                        Direct::Written
-                    }
-                    TrySend::Blocked => {
-                        outbox.count_sent(delivery);
-                        state.unfinished = true;
-                        Direct::Unfinished
-                    }
-                    TrySend::Failed(e) => {
-                        state.failed = Some(Ending::from_write_error(&e));
-                        Direct::Unfinished
-                    }
+                let sent = outbox.writer.try_send_wire(wire);
+                state.written(outbox, sent).unwrap_or_else(|| {
                     // Nothing written: the frames wait in `pending`, for the
                     // subscriber thread, behind what the writer holds.
-                    TrySend::Busy | TrySend::Behind => {
-                        for &(i, how) in chosen.iter() {
-                            let incoming = &messages[i];
-                            let text = match how {
-                                Chosen::Live => incoming.frame(Format::Json),
-                                _ => incoming.frame_without_place(Format::Json),
-                            };
-                            delivery.pending.extend(text.map(Message::Text));
-                        }
-                        Direct::Unfinished
+                    for &(i, how) in chosen.iter() {
+                        let incoming = &messages[i];
+                        let text = match how {
+                            Chosen::Live => incoming.frame(Format::Json),
+                            _ => incoming.frame_without_place(Format::Json),
+                        };
+                        state.delivery.pending.extend(text.map(Message::Text));
                     }
-                }
+                    Direct::Unfinished
+                })
             };
             if wire.capacity() > KEPT_WIRE {
                 *wire = Vec::new();
