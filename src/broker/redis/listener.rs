@@ -391,10 +391,8 @@ impl RedisListener {
             if let Some(incoming) = incoming.filter(|incoming| !state.filled(incoming)) {
                 let (room, keys) = (&self.room, &self.with.place_keys);
                 let gap = state.gap();
-                // The epoch's key, kept by this listener and lent, not
-                // cloned: every listener of the room checks every message,
-                // and a clone of the one shared `Arc` is an atomic count
-                // their cores fight over.
+                // The epoch's key, kept here and lent: a clone per message
+                // is an atomic count every listener's core fights over.
                 let epoch = incoming.message().ok().and_then(|msg| msg.epoch);
                 if let Some(epoch) = epoch
                     && !matches!(&gap.key, Some((e, _)) if *e == epoch)
