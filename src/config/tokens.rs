@@ -22,13 +22,19 @@ pub struct TokenArgs {
         long,
         env = "THREADCHAT_AUTH_SECRET_FILE",
         value_name = "FILE",
-        conflicts_with = "auth_public_key"
+        conflicts_with = "auth_public_key",
+        global = true
     )]
     pub auth_secret_file: Option<PathBuf>,
 
     /// Require a token signed with the private half of this public key
     /// (PEM): an RSA key takes RS256 tokens, an Ed25519 key EdDSA tokens.
-    #[arg(long, env = "THREADCHAT_AUTH_PUBLIC_KEY", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "THREADCHAT_AUTH_PUBLIC_KEY",
+        value_name = "FILE",
+        global = true
+    )]
     pub auth_public_key: Option<PathBuf>,
 
     /// With authentication on, most connections one user (a token's
@@ -45,12 +51,22 @@ pub struct TokenArgs {
     /// With authentication on, the `aud` every token must carry (one of
     /// its values, if a list): tokens a shared identity provider minted
     /// for other services are refused. `threadchat token` writes it too.
-    #[arg(long, env = "THREADCHAT_AUTH_AUDIENCE", value_name = "AUD")]
+    #[arg(
+        long,
+        env = "THREADCHAT_AUTH_AUDIENCE",
+        value_name = "AUD",
+        global = true
+    )]
     pub auth_audience: Option<String>,
 
     /// With authentication on, the `iss` every token must carry.
     /// `threadchat token` writes it too.
-    #[arg(long, env = "THREADCHAT_AUTH_ISSUER", value_name = "ISS")]
+    #[arg(
+        long,
+        env = "THREADCHAT_AUTH_ISSUER",
+        value_name = "ISS",
+        global = true
+    )]
     pub auth_issuer: Option<String>,
 
     /// Clock difference allowed on a token's `exp` and `nbf`, in seconds
@@ -68,11 +84,12 @@ pub struct TokenArgs {
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Print a token for NAME, signed with the configured key (the HMAC
-    /// secret from --auth-secret-file, given before `token`, or
+    /// secret from --auth-secret-file, given before or after `token`, or
     /// THREADCHAT_AUTH_SECRET; or --private-key), to try authentication
     /// with websocat. It carries the server's --auth-audience and
-    /// --auth-issuer (given before `token`, or from their environment
-    /// variables), so the server it is configured like accepts it.
+    /// --auth-issuer (on either side of `token`, or from their
+    /// environment variables), so the server it is configured like
+    /// accepts it.
     Token {
         /// Who the token says the holder is (its `sub`).
         name: String,

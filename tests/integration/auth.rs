@@ -68,6 +68,53 @@ fn token_from_cli(args: &[&str]) -> String {
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
 
+/// `threadchat token` takes the key and claim options on either side of
+/// the subcommand: `threadchat token alice --auth-secret-file F` works as
+/// a person would type it, and so does the order the server's own flags
+/// come in.
+#[test]
+fn token_takes_its_options_before_or_after_the_subcommand() {
+    let secret = secret_file();
+    let secret = secret.to_str().unwrap();
+    let mint = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_threadchat"))
+            .args(args)
+            .env_remove("THREADCHAT_AUTH_SECRET")
+            .env_remove("THREADCHAT_AUTH_SECRET_FILE")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{args:?}: {output:?}");
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    };
+    for args in [
+        vec![
+            "token",
+            "alice",
+            "--auth-secret-file",
+            secret,
+            "--auth-issuer",
+            "us",
+        ],
+        vec![
+            "--auth-secret-file",
+            secret,
+            "--auth-issuer",
+            "us",
+            "token",
+            "alice",
+        ],
+    ] {
+        let token = mint(&args);
+        let mut validation = jsonwebtoken::Validation::new(Algorithm::HS256);
+        validation.set_issuer(&["us"]);
+        let key = jsonwebtoken::DecodingKey::from_secret(SECRET.as_bytes()).unwrap();
+        let claims = jsonwebtoken::decode::<serde_json::Value>(&token, &key, &validation)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+            .claims;
+        assert_eq!(claims["sub"], "alice", "{args:?}");
+    }
+}
+
 /// A token with these claims, signed with the test secret.
 fn hmac_token(claims: serde_json::Value) -> String {
     jsonwebtoken::encode(
