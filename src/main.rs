@@ -82,6 +82,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         "open {http}://{reachable}/ in a browser, or chat from a terminal: \
          websocat -E {insecure}{ws}://{reachable}/chat/alice"
     );
+    // The default, so say what it means: an open chat on the network.
+    if server.local_addr().ip().is_unspecified() && !config.requires_tokens() {
+        log::warn!(
+            "listening on every address without tokens: anyone who can reach port {} can chat \
+             (--host 127.0.0.1 keeps it on this machine; with make: make run ARGS=\"--host 127.0.0.1\")",
+            server.local_addr().port()
+        );
+    }
 
     let shutdown = server.shutdown_handle();
     // SIGHUP reloads the certificate; without one it keeps its usual

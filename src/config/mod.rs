@@ -136,6 +136,15 @@ impl Config {
         false
     }
 
+    /// Whether every chat connection must present a token (a key is
+    /// configured; the `tokens` feature).
+    pub fn requires_tokens(&self) -> bool {
+        #[cfg(feature = "tokens")]
+        return self.tokens.is_some();
+        #[cfg(not(feature = "tokens"))]
+        false
+    }
+
     /// Whether clients are served over TLS (`--tls-cert`).
     pub fn is_tls(&self) -> bool {
         #[cfg(feature = "tls")]

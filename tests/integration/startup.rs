@@ -65,6 +65,44 @@ fn the_start_up_log_says_where_to_chat() {
     assert!(status.contains("200"), "{status}");
 }
 
+/// Listening on every address (the default) with no token required, the
+/// log says once that the chat is open to the network, and how to keep it
+/// on this machine; on the loopback address it says nothing of the kind.
+#[test]
+fn an_open_chat_on_every_address_is_said_once() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_threadchat"))
+        .args(["--host", "0.0.0.0", "--port", "0", "--in-process"])
+        .env_remove("THREADCHAT_REDIS")
+        .env_remove("THREADCHAT_AUTH_SECRET")
+        .env_remove("THREADCHAT_AUTH_SECRET_FILE")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let done = line.contains("every address");
+        log.push(line);
+        if done || log.len() > 20 {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let warning = log
+        .iter()
+        .find(|l| l.contains("every address"))
+        .expect("said");
+    assert!(warning.contains("without tokens"), "{warning}");
+    assert!(warning.contains("--host 127.0.0.1"), "{warning}");
+    assert!(warning.len() < 220, "{warning}");
+    let server = Server::start(&["--in-process"]);
+    server.wait_for_log("in a browser");
+    assert_eq!(server.log_count("every address"), 0);
+}
+
 #[test]
 fn bad_option_values_are_refused() {
     for args in [
