@@ -65,6 +65,15 @@ fn redis_dies_and_comes_back_mid_chat(args: &[&str]) {
         subscriptions
     );
     assert!(server.metric("threadchat_publish_errors_total") >= 1);
+    // The log: one line when the relay was lost, one when it was back,
+    // with what came back; the failures in between summed up.
+    let back = server.wait_for_log("the chat relay is back after");
+    assert!(
+        back.contains(&format!("{subscriptions} subscription(s) restored")),
+        "{back}"
+    );
+    assert_eq!(server.log_count("lost the chat relay (Redis at"), 1);
+    assert!(server.log_count("Redis command batch failed") <= 2);
 
     alice.close();
     bob.close();

@@ -194,12 +194,13 @@ impl Ghosts {
     pub(super) fn queue(&self, again: Again) {
         let mut retries = self.retries.lock().unwrap_or_else(|p| p.into_inner());
         if retries.len() >= RETRY_CAP {
-            log::warn!(
-                "{} changes already wait for Redis: this one in {} is left to the heartbeat's \
-                 reconciliation",
-                retries.len(),
-                again.room()
-            );
+            let (waiting, room) = (retries.len(), again.room());
+            super::outage::warn_repeated("retry-cap", || {
+                format!(
+                    "{waiting} changes already wait for Redis: this one in {room} is left to \
+                     the heartbeat's reconciliation"
+                )
+            });
             return;
         }
         retries.push_back(again);
@@ -278,10 +279,10 @@ impl Ghosts {
             }
         }
         if !failed.is_empty() {
-            log::warn!(
-                "{} member-list change(s) still could not reach Redis",
-                failed.len()
-            );
+            let n = failed.len();
+            super::outage::warn_repeated("retries", || {
+                format!("{n} member-list change(s) still could not reach Redis")
+            });
             let mut retries = self.retries.lock().unwrap_or_else(|p| p.into_inner());
             for again in failed.into_iter().rev() {
                 retries.push_front(again);

@@ -134,10 +134,15 @@ impl Heartbeat {
                                     None => subscriptions.restart_all(),
                                 };
                                 let which = address.as_deref().unwrap_or("Redis");
-                                log::warn!(
-                                    "{which} did not answer the heartbeat ({e}); \
-                                     restarting {n} subscription(s)"
-                                );
+                                // Subscriptions that are down already are
+                                // reconnecting: only live ones restart.
+                                let restarting = match n {
+                                    0 => String::new(),
+                                    n => format!("; restarting {n} live subscription(s)"),
+                                };
+                                super::outage::warn_repeated("heartbeat", || {
+                                    format!("{which} did not answer the heartbeat ({e}){restarting}")
+                                });
                             },
                             recv(stop_rx) -> _ => break 'beat,
                         }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use super::gaps::{self, Gaps, Recent};
 use super::job::Route;
 use super::nodes::{Channel, Nodes, redact};
+use super::outage::Outage;
 use super::parse_once::ParseOnce;
 use super::place_keys::PlaceKeys;
 use super::pubsub::{PubSubConnection, Push, Waited};
@@ -63,6 +64,8 @@ pub(super) struct Listeners {
     /// Payloads parsed lately: with per-client subscriptions, each is read
     /// by every client's listener, and parsed by the first.
     pub(super) parse_once: ParseOnce,
+    /// What the log says of subscriptions lost and restored.
+    pub(super) outage: Outage,
 }
 
 /// When a listener gives up, and which failures it reports: chosen by
@@ -105,7 +108,7 @@ impl Listen for RedisListener {
             }
             if state.live {
                 self.with.metrics.subscriptions_lost.inc();
-                state.down.replace(Down::new(&self.with.metrics));
+                state.down.replace(Down::new(&self.with, &error));
                 state.gap().lost_at = unix_millis();
                 log::debug!("subscription to {} lost: {error}", self.channel.name);
                 if on_event(Event::Lost(Arc::new(error))).is_break() {
@@ -177,20 +180,34 @@ impl ListenState {
     }
 }
 
-/// A subscription that is down, counted in `subscriptions_down` for as
-/// long as this value lives (so every way out of `listen` uncounts it).
-struct Down(Arc<Metrics>);
+/// A subscription that is down, counted in `subscriptions_down` and in the
+/// log's [`Outage`] for as long as this value lives (so every way out of
+/// `listen` uncounts it).
+struct Down {
+    with: Arc<Listeners>,
+    restored: bool,
+}
 
 impl Down {
-    fn new(metrics: &Arc<Metrics>) -> Down {
-        metrics.subscriptions_down.inc();
-        Down(Arc::clone(metrics))
+    fn new(with: &Arc<Listeners>, error: &BrokerError) -> Down {
+        with.metrics.subscriptions_down.inc();
+        with.outage.lost(&redact(&with.url), error);
+        Down {
+            with: Arc::clone(with),
+            restored: false,
+        }
+    }
+
+    /// Subscribed again.
+    fn restored(mut self) {
+        self.restored = true;
     }
 }
 
 impl Drop for Down {
     fn drop(&mut self) {
-        self.0.subscriptions_down.dec();
+        self.with.metrics.subscriptions_down.dec();
+        self.with.outage.over(self.restored);
     }
 }
 
@@ -310,7 +327,9 @@ impl RedisListener {
         };
         state.live = true;
         // Restored (if it was down): no longer counted as down.
-        drop(state.down.take());
+        if let Some(down) = state.down.take() {
+            down.restored();
+        }
         if state.ever_subscribed {
             self.with.metrics.redis_reconnects.inc();
         }
@@ -569,6 +588,7 @@ mod tests {
             sockets: Arc::default(),
             max_payload: 1024,
             parse_once: ParseOnce::default(),
+            outage: Outage::default(),
             place_keys: Arc::default(),
         });
         let room = Room::parse("ch").unwrap();

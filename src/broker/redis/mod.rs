@@ -92,6 +92,7 @@ mod link;
 mod listener;
 mod members;
 mod nodes;
+mod outage;
 mod parse_once;
 mod place_keys;
 mod position;

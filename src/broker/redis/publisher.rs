@@ -219,7 +219,10 @@ impl Lines for Publisher {
                     .collect()
             }
             Err(e) => {
-                log::warn!("Redis command batch failed ({} job(s)): {e}", jobs.len());
+                let n = jobs.len();
+                super::outage::warn_repeated("publish", || {
+                    format!("Redis command batch failed ({n} job(s)): {e}")
+                });
                 for job in jobs {
                     job.reply.send(Err(e.clone()));
                 }
