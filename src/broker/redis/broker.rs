@@ -163,7 +163,7 @@ impl RedisBroker {
                 sockets: Arc::default(),
                 max_payload: settings.max_payload,
                 parse_once: Default::default(),
-                outage: Default::default(),
+                outage: Arc::default(),
                 place_keys: Arc::clone(&place_keys),
             }),
             nodes,

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use super::gaps::{self, Gaps, Recent};
 use super::job::Route;
 use super::nodes::{Channel, Nodes, redact};
-use super::outage::Outage;
+use super::outage::{Down, Outage};
 use super::parse_once::ParseOnce;
 use super::place_keys::PlaceKeys;
 use super::pubsub::{PubSubConnection, Push, Waited};
@@ -65,7 +65,7 @@ pub(super) struct Listeners {
     /// by every client's listener, and parsed by the first.
     pub(super) parse_once: ParseOnce,
     /// What the log says of subscriptions lost and restored.
-    pub(super) outage: Outage,
+    pub(super) outage: Arc<Outage>,
 }
 
 /// When a listener gives up, and which failures it reports: chosen by
@@ -108,7 +108,10 @@ impl Listen for RedisListener {
             }
             if state.live {
                 self.with.metrics.subscriptions_lost.inc();
-                state.down.replace(Down::new(&self.with, &error));
+                let url = redact(&self.with.url);
+                let outage = Arc::clone(&self.with.outage);
+                let down = Down::new(&self.with.metrics, outage, &url, &error);
+                state.down.replace(down);
                 state.gap().lost_at = unix_millis();
                 log::debug!("subscription to {} lost: {error}", self.channel.name);
                 if on_event(Event::Lost(Arc::new(error))).is_break() {
@@ -177,37 +180,6 @@ impl ListenState {
             .ok()
             .and_then(|msg| msg.at())
             .is_some_and(|at| at.epoch == epoch && at.offset <= *end)
-    }
-}
-
-/// A subscription that is down, counted in `subscriptions_down` and in the
-/// log's [`Outage`] for as long as this value lives (so every way out of
-/// `listen` uncounts it).
-struct Down {
-    with: Arc<Listeners>,
-    restored: bool,
-}
-
-impl Down {
-    fn new(with: &Arc<Listeners>, error: &BrokerError) -> Down {
-        with.metrics.subscriptions_down.inc();
-        with.outage.lost(&redact(&with.url), error);
-        Down {
-            with: Arc::clone(with),
-            restored: false,
-        }
-    }
-
-    /// Subscribed again.
-    fn restored(mut self) {
-        self.restored = true;
-    }
-}
-
-impl Drop for Down {
-    fn drop(&mut self) {
-        self.with.metrics.subscriptions_down.dec();
-        self.with.outage.over(self.restored);
     }
 }
 
@@ -588,7 +560,7 @@ mod tests {
             sockets: Arc::default(),
             max_payload: 1024,
             parse_once: ParseOnce::default(),
-            outage: Outage::default(),
+            outage: Arc::default(),
             place_keys: Arc::default(),
         });
         let room = Room::parse("ch").unwrap();

@@ -17,8 +17,10 @@
 //! Cluster can quote a whole topology.
 
 use std::collections::HashMap;
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::metrics::Metrics;
 
 /// Most one cause logs, with a count of what it kept quiet.
 pub(super) const EVERY: Duration = Duration::from_secs(10);
@@ -28,10 +30,10 @@ pub(super) const LONGEST: usize = 160;
 
 /// The subscriptions of this instance that are down (see the module doc).
 #[derive(Default)]
-pub(super) struct Outage(Mutex<Down>);
+pub(super) struct Outage(Mutex<Count>);
 
 #[derive(Default)]
-struct Down {
+struct Count {
     /// Subscriptions lost and not yet restored, or gone.
     now: usize,
     /// When the first of them was lost.
@@ -41,7 +43,7 @@ struct Down {
 }
 
 impl Outage {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Down> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Count> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -76,6 +78,45 @@ impl Outage {
                 since.elapsed().as_secs_f64()
             );
         }
+    }
+}
+
+/// A subscription that is down, counted in `subscriptions_down` and in its
+/// [`Outage`] for as long as this value lives (so every way out of a
+/// listener uncounts it).
+pub(super) struct Down {
+    metrics: Arc<Metrics>,
+    outage: Arc<Outage>,
+    restored: bool,
+}
+
+impl Down {
+    /// A subscription to `url`'s Redis, lost with `error`.
+    pub(super) fn new(
+        metrics: &Arc<Metrics>,
+        outage: Arc<Outage>,
+        url: &str,
+        error: &dyn std::fmt::Display,
+    ) -> Down {
+        metrics.subscriptions_down.inc();
+        outage.lost(url, error);
+        Down {
+            metrics: Arc::clone(metrics),
+            outage,
+            restored: false,
+        }
+    }
+
+    /// Subscribed again.
+    pub(super) fn restored(mut self) {
+        self.restored = true;
+    }
+}
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        self.metrics.subscriptions_down.dec();
+        self.outage.over(self.restored);
     }
 }
 
