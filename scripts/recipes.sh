@@ -217,8 +217,10 @@ recipe_tokens() {
   terminal alice websocat -E -H="Authorization: Bearer $TOKEN" 'ws://127.0.0.1:8000/chat/alice?room=lobby'
   TOKEN=$(./target/release/threadchat --auth-secret-file /tmp/threadchat-secret token bob --room lobby)
   terminal bob websocat -E "ws://127.0.0.1:8000/chat/bob?room=lobby&token=$TOKEN"
+  terminal mallory websocat -E ws://127.0.0.1:8000/chat/mallory
   expect_seen alice '"bob"'
   expect_chat alice bob
+  expect_seen mallory 'a token is required'
 }
 
 recipe_sentinel() {

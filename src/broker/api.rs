@@ -90,6 +90,11 @@ pub trait Broker: Send + Sync {
 
     /// A short description for the start-up log, e.g. `Redis at redis://…`.
     fn describe(&self) -> String;
+
+    /// What makes a room's log start again with this relay (a new epoch),
+    /// for a client whose place is in one the log no longer knows: it is
+    /// told the cause that can be true here, not another relay's.
+    fn log_reset_causes(&self) -> &'static str;
 }
 
 /// Who is in a room (see [`Broker::presence`]).

@@ -404,6 +404,10 @@ impl Broker for MemoryBroker {
     fn describe(&self) -> String {
         "in-process relay (single instance)".to_owned()
     }
+
+    fn log_reset_causes(&self) -> &'static str {
+        "the server restarted, or the room was empty longer than the server keeps it"
+    }
 }
 
 /// Takes a subscriber out of its channel when dropped, however the

@@ -1,5 +1,6 @@
 //! Writing plain HTTP answers (and refusals) so that the client reads them:
-//! complete responses, then a lingering close.
+//! complete responses, then a lingering close; and the refusal of a
+//! WebSocket upgrade, which a WebSocket client can only read as WebSocket.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -119,6 +120,54 @@ fn response(status: StatusCode, content_type: &str, headers: &str, body: &str) -
 /// Answers with an error status instead of upgrading, and closes.
 pub fn refuse(stream: &Stream, status: StatusCode, body: &str) -> io::Result<()> {
     respond(stream, status, body)
+}
+
+/// Refuses a valid upgrade so that a WebSocket client can show why: accepts
+/// it (`response`, the `101`), sends `frame` (the reason as an `error`
+/// frame, in the client's format), and closes with code 4000 + `status`
+/// (4401 for 401, and so on: the 4000s are for applications) and the reason,
+/// cut to what a close frame holds. A browser reads the code and reason in
+/// its `close` event; websocat prints the frame.
+///
+/// Nothing else reaches the client: the connection was never a chat.
+pub fn refuse_upgraded(
+    stream: &Stream,
+    response: &tungstenite::http::Response<()>,
+    status: StatusCode,
+    frame: &str,
+    reason: &str,
+) -> io::Result<()> {
+    use tungstenite::protocol::CloseFrame;
+    use tungstenite::protocol::frame::Frame;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    let mut out = Vec::with_capacity(256 + frame.len() + reason.len());
+    tungstenite::handshake::server::write_response(&mut out, response).map_err(io::Error::other)?;
+    let to_bytes = io::Error::other;
+    Frame::message(frame.to_owned(), OpCode::Data(Data::Text), true)
+        .format(&mut out)
+        .map_err(to_bytes)?;
+    let close = CloseFrame {
+        code: (4000 + status.as_u16()).into(),
+        reason: cut(reason, MAX_CLOSE_REASON).into(),
+    };
+    Frame::close(Some(close))
+        .format(&mut out)
+        .map_err(to_bytes)?;
+    (&*stream).write_all(&out)?;
+    linger_close(stream);
+    Ok(())
+}
+
+/// Bytes a close frame's reason may have (125 of payload, less the code).
+const MAX_CLOSE_REASON: usize = 123;
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+pub(super) fn cut(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// Answers 503 on a connection the server has no room for, without reading

@@ -26,12 +26,13 @@ use crate::protocol::{Format, Member, Nickname, Resume, Room, query_value};
 use answer::respond;
 pub use answer::{
     HTML, JSON, answer, answer_with, answer_with_headers, is_disconnect, refuse, refuse_full,
+    refuse_upgraded,
 };
 use checks::{
     check_host, check_origin, check_upgrade_request, forwarded_client, websocket_response,
 };
 use head::{HeadError, RequestHead, read_head};
-pub use outcome::{Outcome, Target, Upgrade};
+pub use outcome::{Outcome, Refusal, Target, Upgrade};
 
 /// A request read from a client (see [`read_request`]).
 #[derive(Debug)]
@@ -88,6 +89,15 @@ pub fn room_param(query: &str) -> Result<Room, String> {
     match query_param(query, "room")? {
         None => Ok(Room::global()),
         Some(name) => Room::parse(&name).map_err(|e| format!("room name {e}")),
+    }
+}
+
+/// The frame format a chat request asks for, even one refused for
+/// something else: its refusal is told in that format.
+pub fn requested_format(query: &str) -> Format {
+    match query_param(query, "format") {
+        Ok(Some(format)) if format == "text" => Format::Text,
+        _ => Format::Json,
     }
 }
 
@@ -214,7 +224,16 @@ pub fn upgrade(
     if let Err(reason) = check_origin(&head, scheme, &limits.allowed_origins) {
         return answer(stream, StatusCode::FORBIDDEN, &reason);
     }
+    // Not a WebSocket client: a refusal is said in plain HTTP, as is being
+    // one.
+    let plain_refusal = match &target {
+        Target::Refused { refusal, .. } => Some(refusal),
+        _ => None,
+    };
     if head.header("Upgrade").is_none() {
+        if let Some(refusal) = plain_refusal {
+            return answer(stream, refusal.status, &refusal.reason);
+        }
         return answer(
             stream,
             StatusCode::UPGRADE_REQUIRED,
@@ -223,6 +242,9 @@ pub fn upgrade(
         );
     }
     if let Err(reason) = check_upgrade_request(&head) {
+        if let Some(refusal) = plain_refusal {
+            return answer(stream, refusal.status, &refusal.reason);
+        }
         return answer(stream, StatusCode::BAD_REQUEST, reason);
     }
     let forwarded_for = if proxied {

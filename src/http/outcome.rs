@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use tungstenite::http::{self, StatusCode};
 
-use crate::protocol::Member;
+use crate::protocol::{Format, Member};
 
 /// How the HTTP exchange ended.
 #[derive(Debug)]
@@ -44,6 +44,39 @@ pub enum Target {
     Chat(Member),
     /// The echo endpoint (`--echo-endpoint`, for conformance testing).
     Echo,
+    /// Nothing: the request is refused, and the refusal is told the way the
+    /// client can read it. A WebSocket client cannot show an HTTP status's
+    /// body (websocat prints "401 Unauthorized" and nothing more; a browser
+    /// not even that), so a valid upgrade is accepted, told why in one
+    /// `error` frame (in the `format` it asked for) and closed with code
+    /// 4000 + the status (see [`refuse_upgraded`](super::refuse_upgraded)).
+    /// A plain HTTP request gets the status and the reason as its body.
+    Refused {
+        /// Why, and the HTTP status that says so.
+        refusal: Refusal,
+        /// The frame format the client asked for.
+        format: Format,
+    },
+}
+
+/// A request refused: the HTTP status and the reason, for a person.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The status a plain HTTP answer has (a WebSocket client gets 4000 +
+    /// it as the close code).
+    pub status: StatusCode,
+    /// Why, for the client.
+    pub reason: String,
+}
+
+impl Refusal {
+    /// A refusal with `status`, saying `reason`.
+    pub fn new(status: StatusCode, reason: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            reason: reason.into(),
+        }
+    }
 }
 
 impl Target {
@@ -51,7 +84,7 @@ impl Target {
     pub fn member(&self) -> Option<&Member> {
         match self {
             Target::Chat(member) => Some(member),
-            Target::Echo => None,
+            Target::Echo | Target::Refused { .. } => None,
         }
     }
 }

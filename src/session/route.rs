@@ -2,8 +2,9 @@
 //! state at hand. Parsing and answering HTTP is [`http`]'s, which knows
 //! nothing of the chat; this module knows which path means what.
 //!
-//! * `/` — the web page; `/healthz` — whether the relay works; `/metrics`
-//!   — the counters; `/members?room=` — who is in a room.
+//! * `/` — the web page (and `/favicon.ico`, its icon); `/healthz` —
+//!   whether the relay works; `/metrics` — the counters; `/members?room=`
+//!   — who is in a room.
 //! * `/chat/{nickname}` — the chat (a WebSocket upgrade); `/echo` — the
 //!   echo endpoint, when `--echo-endpoint` is on.
 //!
@@ -41,6 +42,16 @@ static PAGE_HEADERS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
          Referrer-Policy: no-referrer\r\n\
          Cache-Control: no-cache\r\n"
     )
+});
+
+/// The page's icon, an SVG it carries itself as a `data:` URI (so the page
+/// stays one file and fetches nothing), served again at `/favicon.ico` for
+/// whatever asks there: a browser on `/metrics`, a bookmark. `None` if the
+/// page has none.
+static FAVICON: std::sync::LazyLock<Option<String>> = std::sync::LazyLock::new(|| {
+    let (_, rest) = INDEX_HTML.split_once("<link rel=\"icon\" href=\"data:image/svg+xml,")?;
+    let (encoded, _) = rest.split_once('"')?;
+    crate::protocol::percent_decode(encoded).ok()
 });
 
 /// `sha256-…` of the text between the first `open` and the next `close`
@@ -92,6 +103,21 @@ pub(super) fn serve(
                 &page,
             );
         }
+        "/favicon.ico" => {
+            return match FAVICON.as_deref() {
+                Some(svg) => http::answer_with_headers(
+                    stream,
+                    StatusCode::OK,
+                    "image/svg+xml",
+                    // Ours, but an SVG opened by itself could run script:
+                    // it may not.
+                    "Content-Security-Policy: default-src 'none'\r\n\
+                     X-Content-Type-Options: nosniff\r\nCache-Control: max-age=86400\r\n",
+                    svg,
+                ),
+                None => http::answer(stream, StatusCode::NOT_FOUND, "no icon"),
+            };
+        }
         "/healthz" => {
             return match ctx.broker.health() {
                 Ok(()) => http::answer(stream, StatusCode::OK, "ok"),
@@ -113,14 +139,20 @@ pub(super) fn serve(
             return members(stream, ctx, &room, request.query());
         }
         "/echo" if limits.echo_endpoint => Target::Echo,
+        // A refused chat is still routed to the upgrade: a WebSocket client
+        // is told why in WebSocket (see `Target::Refused`).
         path => match http::chat_target(path, request.query()) {
-            Some(Ok(mut member)) => {
-                if let Err(refused) = ctx.admission.identify(&request, &mut member) {
-                    return http::answer(stream, refused.status, &refused.reason);
-                }
-                Target::Chat(member)
-            }
-            Some(Err(reason)) => return http::answer(stream, StatusCode::BAD_REQUEST, &reason),
+            Some(Ok(mut member)) => match ctx.admission.identify(&request, &mut member) {
+                Ok(()) => Target::Chat(member),
+                Err(refusal) => Target::Refused {
+                    refusal,
+                    format: member.format,
+                },
+            },
+            Some(Err(reason)) => Target::Refused {
+                refusal: http::Refusal::new(StatusCode::BAD_REQUEST, reason),
+                format: http::requested_format(request.query()),
+            },
             None => {
                 return http::answer(
                     stream,

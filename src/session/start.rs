@@ -20,7 +20,7 @@ use super::socket::{self, Writer};
 use super::{liveness, route, welcome};
 use crate::http::{self, Outcome, Target};
 use crate::net::Stream;
-use crate::protocol::Member;
+use crate::protocol::{Format, Member, ServerFrame};
 
 /// What a connection's start leaves for the rest of its life.
 pub(super) enum Started {
@@ -75,14 +75,20 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
         leftover,
         forwarded_for,
     } = *upgrade;
+    if let Target::Refused { refusal, format } = &target {
+        log::debug!("{}: refused: {}", conn.peer, refusal.reason);
+        refuse(&stream, &response, refusal, *format);
+        return Ok(Started::Done);
+    }
     // Admission's say (caps, the user's connections, a new room, the
     // nickname): what it grants stays on the connection's pass.
     let (pass, member) = (&conn.pass, target.member());
     let admitted = ctx
         .admission
         .admit(pass, conn.peer, forwarded_for, member, &conn.id);
-    if let Err(refused) = admitted {
-        let _ = http::refuse(&stream, refused.status, &refused.reason);
+    if let Err(refusal) = admitted {
+        let format = member.map_or(Format::Json, |member| member.format);
+        refuse(&stream, &response, &refusal, format);
         return Ok(Started::Done);
     }
     conn.stream.set_nodelay(true)?;
@@ -99,9 +105,12 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
     let (writer, reader) = socket::split(stream.clone(), leftover, limits)?;
     let writer = Arc::new(writer);
     match target {
-        Target::Chat(member) => start_chat(conn, ctx, member, &stream, &response, writer, reader)
-            .map(|chat| Started::Chat(Box::new(chat)))
-            .inspect_err(|e| refuse_upgrade(conn, &stream, e)),
+        Target::Chat(member) => {
+            let format = member.format;
+            start_chat(conn, ctx, member, &stream, &response, writer, reader)
+                .map(|chat| Started::Chat(Box::new(chat)))
+                .inspect_err(|e| refuse_relay(conn, &stream, &response, e, format))
+        }
         Target::Echo => {
             http::accept(&stream, &response)?;
             conn.upgraded(&writer);
@@ -110,6 +119,7 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
                 reader: Box::new(reader),
             })
         }
+        Target::Refused { .. } => unreachable!("refused before the split"),
     }
 }
 
@@ -196,15 +206,34 @@ fn start_chat(
     })
 }
 
-/// Answers an upgrade request with 503 instead of 101: the chat relay could
-/// not take this client (or the process has no budget left for its room).
-fn refuse_upgrade(conn: &Conn, stream: &Stream, error: &SessionError) {
+/// Refuses an upgrade with 503: the chat relay could not take this client
+/// (or the process has no budget left for its room).
+fn refuse_relay(
+    conn: &Conn,
+    stream: &Stream,
+    response: &tungstenite::http::Response<()>,
+    error: &SessionError,
+    format: Format,
+) {
     let reason = match error {
         SessionError::Relay(full @ crate::broker::BrokerError::Full(_)) => {
             format!("{full}; try again later")
         }
         _ => "chat relay unavailable; try again later".to_owned(),
     };
-    let _ = http::refuse(stream, StatusCode::SERVICE_UNAVAILABLE, &reason);
+    let refusal = http::Refusal::new(StatusCode::SERVICE_UNAVAILABLE, reason);
+    refuse(stream, response, &refusal, format);
     let _ = conn.stream.shutdown(Shutdown::Both);
+}
+
+/// Refuses a valid upgrade: the client is told why in an `error` frame and
+/// the close (see [`http::refuse_upgraded`]).
+fn refuse(
+    stream: &Stream,
+    response: &tungstenite::http::Response<()>,
+    refusal: &http::Refusal,
+    format: Format,
+) {
+    let frame = ServerFrame::error(&refusal.reason).render(format);
+    let _ = http::refuse_upgraded(stream, response, refusal.status, &frame, &refusal.reason);
 }

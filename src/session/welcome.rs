@@ -195,13 +195,15 @@ fn replay(
             frames.push(Message::text(recovery(member, &text, complete, mark)));
             return Ok(frames);
         }
-        Standing::Unknown => {
-            "the room's log was reset since (Redis was flushed, restarted or failed \
-             over more often than the log remembers, or the room expired); the latest history is above"
+        Standing::Unknown => format!(
+            "the room's log was reset since ({}); the latest history is above",
+            ctx.broker.log_reset_causes()
+        ),
+        Standing::Ahead => {
+            "that offset is not in the room's log; the latest history is above".to_owned()
         }
-        Standing::Ahead => "that offset is not in the room's log; the latest history is above",
         Standing::Trimmed => {
-            "the room's log no longer reaches back that far; the latest history is above"
+            "the room's log no longer reaches back that far; the latest history is above".to_owned()
         }
     };
     let text = format!("could not recover everything you missed: {why}");

@@ -86,8 +86,8 @@ fn metric(server: &Server, name: &str) -> u64 {
 fn take(server: &Server, nickname: &str) -> Option<Client> {
     match Client::try_connect_path(server.addr, &format!("/chat/{nickname}?room=lobby")) {
         Ok(client) => Some(client),
-        Err(tungstenite::Error::Http(response)) if response.status().as_u16() == 409 => None,
-        Err(e) => panic!("joining as {nickname}: {e}"),
+        Err(refused) if refused.status == 409 => None,
+        Err(refused) => panic!("joining as {nickname}: {refused}"),
     }
 }
 

@@ -23,6 +23,42 @@ fn unknown_paths_are_404() {
     }
 }
 
+/// A WebSocket client refused is told why as it reads frames: websocat
+/// prints the `error` frame (here one line of text, as it asked), and the
+/// close carries 4000 + the HTTP status and the reason.
+#[test]
+fn a_refused_websocket_client_reads_why_in_its_own_format() {
+    let server = Server::in_process();
+    let url = format!("ws://{}/chat/%20x?format=text", server.addr);
+    let (mut ws, response) = tungstenite::connect(url).unwrap();
+    assert_eq!(response.status(), 101);
+    let first = ws.read().unwrap();
+    assert_eq!(
+        first.to_text().unwrap(),
+        "! nickname starts or ends with white space"
+    );
+    match ws.read().unwrap() {
+        tungstenite::Message::Close(Some(close)) => {
+            assert_eq!(u16::from(close.code), 4400);
+            assert_eq!(close.reason, "nickname starts or ends with white space");
+        }
+        other => panic!("expected a close, got {other:?}"),
+    }
+}
+
+/// The page's icon is in the page; `/favicon.ico`, which browsers ask for
+/// elsewhere on the site, is the same icon, not a 404.
+#[test]
+fn the_favicon_is_served() {
+    let server = Server::in_process();
+    let (status, page) = server.get("/");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(page.contains("<link rel=\"icon\" href=\"data:image/svg+xml,"));
+    let (status, icon) = server.get("/favicon.ico");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(icon.starts_with("<svg"), "{icon}");
+}
+
 #[test]
 fn a_plain_get_of_a_chat_url_is_told_to_upgrade() {
     let server = Server::in_process();
@@ -32,7 +68,7 @@ fn a_plain_get_of_a_chat_url_is_told_to_upgrade() {
 }
 
 #[test]
-fn invalid_nicknames_get_400_with_a_reason() {
+fn invalid_nicknames_are_refused_with_a_reason_over_websocket_and_http() {
     let server = Server::in_process();
     let cases = [
         ("/chat/", "empty"),
@@ -43,11 +79,12 @@ fn invalid_nicknames_get_400_with_a_reason() {
         (&*format!("/chat/{}", "x".repeat(33)), "longer than 32"),
     ];
     for (path, reason) in cases {
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        );
-        let (status, body) = server.http(&request);
+        // A WebSocket client reads it in an error frame and the close
+        // (code 4400); curl, in a plain 400.
+        let refused = server.refusal(path, "").expect("refused");
+        assert_eq!(refused.status, 400, "{path}");
+        assert!(refused.reason.contains(reason), "{path}: {refused}");
+        let (status, body) = server.get(path);
         assert_eq!(status, "HTTP/1.1 400 Bad Request", "{path}");
         assert!(body.contains(reason), "{path}: {body}");
     }

@@ -25,7 +25,7 @@ fn path(nickname: &str) -> String {
 }
 
 /// An upgrade to `path` from the local address `ip` (any of 127.0.0.0/8):
-/// the WebSocket, or the refusal's status and body.
+/// the WebSocket, or the refusal's status and reason.
 fn connect_from(server: SocketAddr, ip: &str, path: &str) -> Result<Client, (u16, String)> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     let local: SocketAddr = (ip.parse::<IpAddr>().unwrap(), 0).into();
@@ -35,16 +35,12 @@ fn connect_from(server: SocketAddr, ip: &str, path: &str) -> Result<Client, (u16
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
     let wire = crate::support::Wire::over(stream, server).unwrap();
     match tungstenite::client(format!("{}://{server}{path}", wire.scheme()), wire) {
-        Ok((ws, _)) => Ok(Client { ws }),
-        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
-            let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default());
-            Err((response.status().as_u16(), body.into_owned()))
-        }
+        Ok((ws, _)) => Client::admitted(ws).map_err(|refused| (refused.status, refused.reason)),
         Err(e) => panic!("connect to {path}: {e}"),
     }
 }
 
-/// The refusal (status and body) of an upgrade that must be refused.
+/// The refusal (status and reason) of an upgrade that must be refused.
 fn refused(server: SocketAddr, ip: &str, path: &str) -> (u16, String) {
     match connect_from(server, ip, path) {
         Ok(_) => panic!("{path} was let in"),

@@ -29,7 +29,8 @@ fn join_from(
         server.addr
     );
     match tungstenite::client(url, wire) {
-        Ok((ws, _)) => Ok(Client { ws }),
+        Ok((ws, _)) => Client::admitted(ws).map_err(|refused| (refused.status, refused.reason)),
+        // Past the thread budget, the accept loop answers at once, in HTTP.
         Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
             let body = response.body().clone().unwrap_or_default();
             Err((

@@ -30,7 +30,7 @@ fn connect_trusting(server: &Server, ca_pem: &[u8], nickname: &str) -> Result<Cl
     let wire = Wire::Tls(Box::new(rustls::StreamOwned::new(conn, tcp)));
     let url = format!("wss://{}/chat/{nickname}", server.addr);
     tungstenite::client(url, wire)
-        .map(|(ws, _)| Client { ws })
+        .map(|(ws, _)| Client::on(ws))
         .map_err(|e| e.to_string())
 }
 

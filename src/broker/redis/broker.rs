@@ -400,6 +400,11 @@ impl Broker for RedisBroker {
     fn describe(&self) -> String {
         self.nodes.describe()
     }
+
+    fn log_reset_causes(&self) -> &'static str {
+        "Redis was flushed, restarted or failed over more often than the log remembers, \
+         or the room expired"
+    }
 }
 
 impl Drop for RedisBroker {

@@ -96,22 +96,7 @@ struct Admitted {
 }
 
 /// A request refused: the HTTP status and the reason to answer with.
-#[derive(Debug)]
-pub struct Refused {
-    /// The answer's status.
-    pub status: StatusCode,
-    /// Why, for the client.
-    pub reason: String,
-}
-
-impl Refused {
-    fn new(status: StatusCode, reason: impl Into<String>) -> Refused {
-        Refused {
-            status,
-            reason: reason.into(),
-        }
-    }
-}
+pub use crate::http::Refusal as Refused;
 
 impl Admission {
     /// Admission as `config` sets it up, with nickname claims kept in

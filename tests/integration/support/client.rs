@@ -13,6 +13,8 @@ use super::*;
 /// A blocking WebSocket chat client.
 pub struct Client {
     pub ws: WebSocket<Wire>,
+    /// Messages read to tell a welcome from a refusal, not yet taken.
+    unread: std::collections::VecDeque<Message>,
 }
 
 impl Client {
@@ -20,7 +22,30 @@ impl Client {
         Client::try_connect(addr, nickname).unwrap_or_else(|e| panic!("connect as {nickname}: {e}"))
     }
 
-    pub fn try_connect(addr: SocketAddr, nickname: &str) -> Result<Client, tungstenite::Error> {
+    /// A client on `ws`, once the server has said whether it takes it: its
+    /// first message is the welcome's (kept, for the test to read) or the
+    /// start of a refusal.
+    pub fn admitted(mut ws: WebSocket<Wire>) -> Result<Client, Refusal> {
+        let first = ws
+            .read()
+            .unwrap_or_else(|e| panic!("no welcome and no refusal: {e}"));
+        let mut unread = std::collections::VecDeque::from([first]);
+        if is_error(&unread[0]) {
+            let second = ws.read().ok();
+            if let Some(refusal) = Refusal::from_messages(&unread[0], second.as_ref()) {
+                return Err(refusal);
+            }
+            unread.extend(second);
+        }
+        Ok(Client { ws, unread })
+    }
+
+    /// A client on `ws`, which must be a chat the server took.
+    pub fn on(ws: WebSocket<Wire>) -> Client {
+        Client::admitted(ws).unwrap_or_else(|refusal| panic!("refused: {refusal}"))
+    }
+
+    pub fn try_connect(addr: SocketAddr, nickname: &str) -> Result<Client, Refusal> {
         Client::try_connect_path(addr, &format!("/chat/{nickname}"))
     }
 
@@ -38,7 +63,7 @@ impl Client {
         let url = format!("{}://{addr}/chat/{nickname}", wire.scheme());
         let (ws, _) = tungstenite::client(url, wire)
             .unwrap_or_else(|e| panic!("connect as {nickname} from {ip}: {e}"));
-        Client { ws }
+        Client::on(ws)
     }
 
     /// A WebSocket to any path.
@@ -46,16 +71,29 @@ impl Client {
         Client::try_connect_path(addr, path).unwrap_or_else(|e| panic!("connect to {path}: {e}"))
     }
 
-    pub fn try_connect_path(addr: SocketAddr, path: &str) -> Result<Client, tungstenite::Error> {
-        let stream = TcpStream::connect(addr)?;
-        stream.set_read_timeout(Some(PATIENCE))?;
-        let wire = Wire::over(stream, addr)?;
+    /// A chat client on `path`, or how the server refused it (as a plain
+    /// HTTP status, or over the WebSocket: see [`Refusal`]).
+    pub fn try_connect_path(addr: SocketAddr, path: &str) -> Result<Client, Refusal> {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let wire = Wire::over(stream, addr).unwrap();
         let url = format!("{}://{addr}{path}", wire.scheme());
-        let (ws, _) = tungstenite::client(url, wire).map_err(|e| match e {
-            tungstenite::HandshakeError::Failure(e) => e,
-            tungstenite::HandshakeError::Interrupted(_) => unreachable!("blocking"),
-        })?;
-        Ok(Client { ws })
+        match tungstenite::client(url, wire) {
+            // Only a chat has a welcome to wait for.
+            Ok((ws, _)) if path.starts_with("/chat/") => Client::admitted(ws),
+            Ok((ws, _)) => Ok(Client {
+                ws,
+                unread: Default::default(),
+            }),
+            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
+                let body = response.body().as_deref().unwrap_or_default();
+                Err(Refusal {
+                    status: response.status().as_u16(),
+                    reason: String::from_utf8_lossy(body).trim_end().to_owned(),
+                })
+            }
+            Err(e) => panic!("connect to {path}: {e}"),
+        }
     }
 
     pub fn send(&mut self, text: &str) {
@@ -71,6 +109,9 @@ impl Client {
     /// signal (signal(7)), whatever the handler asks: it fails with
     /// `Interrupted`, which says nothing about the server.
     fn read(&mut self) -> tungstenite::Result<Message> {
+        if let Some(message) = self.unread.pop_front() {
+            return Ok(message);
+        }
         loop {
             match self.ws.read() {
                 Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}

@@ -12,6 +12,7 @@ mod client;
 #[cfg(feature = "redis-ha")]
 mod cluster;
 mod redis_server;
+mod refusal;
 #[cfg(feature = "redis-ha")]
 mod sentinel;
 mod server;
@@ -23,6 +24,7 @@ pub use client::*;
 #[cfg(feature = "redis-ha")]
 pub use cluster::*;
 pub use redis_server::*;
+pub use refusal::*;
 #[cfg(feature = "redis-ha")]
 pub use sentinel::*;
 pub use server::*;

@@ -211,32 +211,44 @@ impl Server {
 
     /// Opens a WebSocket by hand: sends the upgrade request for `path` with
     /// `extra` header lines, and returns the socket once the `101` head is
-    /// read (or the status line, if the answer is something else).
+    /// read and the server has taken it (or the status line, or the
+    /// refusal, if not).
     pub fn raw_upgrade(&self, path: &str, extra: &str) -> Result<TcpStream, String> {
         let mut stream = TcpStream::connect(self.addr).unwrap();
         stream.set_read_timeout(Some(PATIENCE)).unwrap();
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n",
-            self.addr
-        );
-        stream.write_all(request.as_bytes()).unwrap();
-        // Read the head byte by byte: frames may follow it.
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            match stream.read(&mut byte) {
-                Ok(1) => head.push(byte[0]),
-                _ => break,
-            }
+        let status = send_upgrade(&mut stream, &self.addr.to_string(), path, extra);
+        if !status.contains(" 101 ") {
+            return Err(status);
         }
-        let head = String::from_utf8_lossy(&head);
-        let status = head.lines().next().unwrap_or_default().to_owned();
-        if status.contains(" 101 ") {
-            Ok(stream)
-        } else {
-            Err(status)
+        // A refusal is told over the WebSocket; a chat starts with its welcome.
+        match Refusal::from_frames(&stream) {
+            Some(refused) => Err(refused.to_string()),
+            None => Ok(stream),
         }
+    }
+
+    /// A WebSocket upgrade to `path` with `extra` header lines, sent raw:
+    /// how the server refused it (a plain status, or over the WebSocket: see
+    /// [`Refusal`]), or `None` when it took it.
+    pub fn refusal(&self, path: &str, extra: &str) -> Option<Refusal> {
+        let stream = TcpStream::connect(self.addr).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut stream = Wire::over(stream, self.addr).unwrap();
+        let status = send_upgrade(&mut stream, "localhost", path, extra);
+        let status: u16 = status
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap();
+        if status == 101 {
+            return Refusal::from_frames(stream);
+        }
+        let mut body = String::new();
+        let _ = stream.read_to_string(&mut body);
+        Some(Refusal {
+            status,
+            reason: body.trim_end().to_owned(),
+        })
     }
 
     /// Sends a signal (by name, e.g. "TERM") to the server process.
@@ -321,4 +333,24 @@ pub enum Closed {
     Frame(u16, String),
     /// The TCP connection ended without a close frame.
     Dropped,
+}
+
+/// Sends an upgrade request for `path` (with `extra` header lines) and reads
+/// the answer's head, byte by byte (frames may follow it): its status line.
+fn send_upgrade(stream: &mut (impl Read + Write), host: &str, path: &str, extra: &str) -> String {
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    let head = String::from_utf8_lossy(&head);
+    head.lines().next().unwrap_or_default().to_owned()
 }
