@@ -29,13 +29,14 @@ const INDEX_HTML: &str = include_str!("web/index.html");
 /// The page's security headers. Its Content-Security-Policy allows only
 /// what the page is: its own inline script and style (by their hashes),
 /// connections to its own origin (`'self'` covers `ws:`/`wss:` to the same
-/// host and port), nothing else; it may not be framed.
+/// host and port), images from `data:` addresses (its icon is drawn in the
+/// page), nothing else; it may not be framed.
 static PAGE_HEADERS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let script = inline_hash(INDEX_HTML, "<script>", "</script>");
     let style = inline_hash(INDEX_HTML, "<style>", "</style>");
     format!(
         "Content-Security-Policy: default-src 'none'; script-src '{script}'; \
-         style-src '{style}'; connect-src 'self'; base-uri 'none'; form-action 'none'; \
+         style-src '{style}'; img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; \
          frame-ancestors 'none'\r\n\
          X-Frame-Options: DENY\r\n\
          X-Content-Type-Options: nosniff\r\n\
