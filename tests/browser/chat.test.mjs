@@ -19,6 +19,7 @@ import { createServer } from "node:net";
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { createRequire } from "node:module";
 import { chromium } from "playwright-core";
 
 const BIN = process.env.THREADCHAT_BIN ?? new URL("../../target/debug/threadchat", import.meta.url).pathname;
@@ -133,7 +134,8 @@ async function openChat(nickname, room, addr = server.addr) {
 }
 
 const lines = (page) => page.$$eval("#messages li", (items) => items.map((li) => li.textContent));
-const members = (page) => page.$$eval("#members li", (items) => items.map((li) => li.textContent));
+// The member list's names (one's own is marked " (you)": not part of it).
+const members = (page) => page.$$eval("#members li", (items) => items.map((li) => li.textContent.replace(/ \(you\)$/, "")));
 
 test("two pages and a WebSocket client chat; user text stays text", async () => {
   const ann = await openChat("ann", "lobby");
@@ -197,6 +199,9 @@ test("the page reconnects when the server restarts, and says what it could not r
   await until("the page is back in the room", async () => (await members(page)).includes("dee"));
   await until("the page says it could not recover everything", async () =>
     (await page.$$eval("#messages li.gap", (items) => items.length)) === 1);
+  // In the server's own words.
+  const gap = await page.$eval("#messages li.gap", (li) => li.textContent);
+  assert.match(gap, /^⚠ could not recover everything you missed/);
   await page.close();
 });
 
@@ -289,12 +294,8 @@ test("a page that is left leaves the room; restored from the back/forward cache,
     watcher.frames.some((f) => f.type === "leave" && f.nickname === "eve"));
   const joins = () => watcher.frames.filter((f) => f.type === "join" && f.nickname === "eve").length;
   await page.goBack();
-  if (!(await page.evaluate(() => window.restoredFromCache === true))) {
-    // Not kept in the cache by this browser: a fresh page, joined by hand.
-    await page.fill("#nickname", "eve");
-    await page.fill("#room", "bfcache");
-    await page.click("#join");
-  }
+  // Kept in the cache, the page joins again when it is shown; not kept, it
+  // is loaded anew, and rejoins as a reload does: the tab was in the room.
   await page.waitForSelector("#status.online", { timeout: PATIENCE });
   await until("the watcher sees eve join again", () => joins() === 2);
   watcher.ws.close();
@@ -309,6 +310,12 @@ async function openSized(nickname, room, viewport) {
   // Before joining, the message box and its button are disabled, and look it.
   assert.equal(await page.$eval("#send", (b) => b.disabled), true);
   assert.ok(Number(await page.$eval("#send", (b) => getComputedStyle(b).opacity)) < 1);
+  // The form fits the screen, even while it says what is wrong.
+  await page.fill("#nickname", "n".repeat(40));
+  await page.click("#join");
+  for (const selector of ["#nickname", "#room", "#join", "#join-error"]) {
+    assert.ok(await onScreen(page, selector), `${selector} is on screen at ${viewport.width} px`);
+  }
   await page.fill("#nickname", nickname);
   await page.fill("#room", room);
   await page.click("#join");
@@ -329,14 +336,20 @@ test("on a phone and on a desktop, everything is reachable; one's own messages a
   for (const [text, who] of [
     ["morning! anyone up for lunch at noon?", desk.page],
     ["yes, the usual place?", phone.page],
-    ["sure, see you there", desk.page],
+    ["sure, see you there.\nthe menu is at https://example.com/menu", desk.page],
   ]) {
     await who.fill("#text", text);
-    await who.click("#send");
+    await who.press("#text", "Enter");
     await until(`both pages show "${text}"`, async () =>
       (await lines(phone.page)).some((l) => l.includes(text)) && (await lines(desk.page)).some((l) => l.includes(text)));
   }
   for (const { page } of [phone, desk]) {
+    // Today's messages come under "Today"; every name has its colour; the
+    // multi-line message keeps its lines, and its address is a link.
+    assert.deepEqual(await page.$$eval("#messages li.day", (items) => items.map((li) => li.textContent)), ["Today"]);
+    assert.ok(await page.$$eval("#messages .nick", (nicks) => nicks.every((n) => /^nick c[0-7]$/.test(n.className))));
+    assert.equal(await page.$eval("#messages a", (a) => a.href), "https://example.com/menu");
+    assert.equal(await page.$eval("#text", (t) => t.tagName), "TEXTAREA");
     for (const selector of ["#text", "#send", "#members"]) {
       assert.ok(await onScreen(page, selector), `${selector} is on screen at ${page.viewportSize().width} px`);
     }
@@ -384,9 +397,359 @@ test("a server that requires tokens asks for one; a wrong one is shown, not retr
     await until("the refusal is shown", async () =>
       (await lines(wrong)).some((line) => line.includes("not let in") && line.includes("malformed")));
     assert.ok(await wrong.isVisible("#join-form"), "back at the form, not retrying");
+    // The token is the thing to change: its field is marked and focused.
+    assert.equal(await wrong.evaluate(() => document.activeElement.id), "token");
+    assert.equal(await wrong.getAttribute("#token", "aria-invalid"), "true");
+    // A token never goes into the page's address (it is shared).
+    assert.ok(!(await page.evaluate(() => location.href)).includes(token));
     await page.close();
     await wrong.close();
   } finally {
     await stopServer(guarded);
   }
+});
+
+/** A page in a context of its own (its own storage), at `path`. */
+async function openAt(path, options = {}) {
+  const context = await browser.newContext({ ...CONTEXT, ...options });
+  const page = await context.newPage();
+  await page.goto(`${HTTP_SCHEME}://${server.addr}${path}`);
+  return { page, context };
+}
+
+/** Joins from the form, as a person does, and waits to be in. */
+async function joinAs(page, nickname, room) {
+  await page.fill("#nickname", nickname);
+  if (room !== undefined) await page.fill("#room", room);
+  await page.click("#join");
+  await page.waitForSelector("#status.online", { timeout: PATIENCE });
+}
+
+test("a reload rejoins the room under the same name; a tab that left stays left, and says so", async () => {
+  const { page, context } = await openAt("/");
+  await joinAs(page, "ivy", "reload room");
+  // The room is in the address, to share.
+  assert.equal(await page.evaluate(() => location.search), "?room=reload%20room");
+  await page.fill("#text", "before the reload");
+  await page.press("#text", "Enter");
+
+  await page.reload();
+  await page.waitForSelector("#status.online", { timeout: PATIENCE });
+  assert.equal(await page.textContent("#room-title"), "#reload room");
+  assert.ok((await members(page)).includes("ivy"));
+  await until("the history is back", async () => (await lines(page)).some((l) => l.includes("before the reload")));
+
+  await page.click("#leave");
+  assert.ok(await page.isVisible("#join-form"), "the form is back");
+  assert.ok((await lines(page)).includes("you left #reload room"));
+  assert.ok((await lines(page)).some((l) => l.includes("before the reload")), "the history stays");
+  // Left is left, after a reload too: the page does not connect.
+  await page.reload();
+  assert.equal(await page.evaluate(() => socket === null && wanted === null), true);
+  assert.ok(await page.isVisible("#join-form"));
+  assert.equal(await page.inputValue("#room"), "reload room");
+  await context.close();
+});
+
+test("a shared link names the room and asks only for a name; it never joins by itself", async () => {
+  const { page, context } = await openAt(`/?room=${encodeURIComponent("tea & cake")}`);
+  // Before joining: what to do, no empty member list.
+  assert.match(await page.textContent("#empty"), /Pick a name and press Join/);
+  assert.equal(await page.isVisible("#people"), false);
+  assert.equal(await page.isVisible("#messages"), false);
+  assert.equal(await page.inputValue("#room"), "tea & cake");
+  assert.equal(await page.textContent("#join"), "Join #tea & cake");
+  assert.equal(await page.evaluate(() => document.activeElement.id), "nickname");
+  await page.keyboard.type("joy");
+  await page.keyboard.press("Enter");
+  await page.waitForSelector("#status.online", { timeout: PATIENCE });
+  assert.ok(await page.isVisible("#people"), "the member list once in");
+  assert.equal(await page.isVisible("#empty"), false);
+  assert.deepEqual(await page.$$eval("#members li", (items) => items.map((li) => li.textContent)), ["joy (you)"]);
+  assert.equal(await page.title(), "#tea & cake · threadchat");
+
+  // The same person opens a link to another room in a new tab: the name is
+  // remembered, but joining still takes their Enter.
+  const other = await context.newPage();
+  await other.goto(`${HTTP_SCHEME}://${server.addr}/?room=elsewhere`);
+  assert.equal(await other.inputValue("#nickname"), "joy");
+  assert.equal(await other.evaluate(() => socket === null && wanted === null), true);
+  assert.ok(await other.isVisible("#join-form"));
+  await other.press("#nickname", "Enter");
+  await other.waitForSelector("#status.online", { timeout: PATIENCE });
+  assert.equal(await other.textContent("#room-title"), "#elsewhere");
+  await context.close();
+});
+
+test("addresses in messages are links; nothing else is, and no markup ever", async () => {
+  const { page, context } = await openAt("/");
+  await joinAs(page, "kim", "links");
+  const cli = wsClient(server.addr, "lou", "links");
+  await cli.opened;
+  const texts = [
+    "see https://example.com/a?b=1&c=2.",
+    "javascript:alert(1)",
+    "data:text/html,<script>alert(1)</script>",
+    `<img src=x onerror="window.pwned = 1"> <a href="javascript:alert(1)">click</a>`,
+    "(docs at https://example.com/x_(y)) and HTTP://EXAMPLE.NET/up), ok?",
+    "last",
+  ];
+  for (const text of texts) cli.ws.send(text);
+  await until("kim has them all", async () => (await lines(page)).some((l) => l.includes("last")));
+  const links = await page.$$eval("#messages a", (items) =>
+    items.map((a) => ({ href: a.href, text: a.textContent, rel: a.rel, target: a.target })));
+  const link = (href, text) => ({ href, text, rel: "noopener noreferrer", target: "_blank" });
+  assert.deepEqual(links, [
+    link("https://example.com/a?b=1&c=2", "https://example.com/a?b=1&c=2"),
+    link("https://example.com/x_(y)", "https://example.com/x_(y)"),
+    link("http://example.net/up", "HTTP://EXAMPLE.NET/up"),
+  ]);
+  // The punctuation after an address stays text, and so does everything else.
+  for (const text of texts) assert.ok((await lines(page)).some((l) => l.includes(text)), text);
+  assert.equal(await page.$$eval("#messages img, #messages script", (n) => n.length), 0);
+  assert.equal(await page.evaluate(() => window.pwned), undefined);
+  cli.ws.close();
+  await context.close();
+});
+
+test("the message box: Enter sends, Shift+Enter is a new line; it grows, then scrolls", async () => {
+  const { page, context } = await openAt("/");
+  await joinAs(page, "max", "lines");
+  const cli = wsClient(server.addr, "ned", "lines");
+  await cli.opened;
+  const height = () => page.$eval("#text", (t) => t.getBoundingClientRect().height);
+  const one = await height();
+  await page.focus("#text");
+  await page.keyboard.type("first line");
+  await page.keyboard.press("Shift+Enter");
+  await page.keyboard.type("second line");
+  assert.equal(await page.inputValue("#text"), "first line\nsecond line");
+  assert.ok((await height()) > one, "two lines make the box taller");
+  await page.keyboard.press("Enter");
+  await until("ned gets both lines as one message", () =>
+    cli.frames.some((f) => f.type === "chat" && f.message === "first line\nsecond line"));
+  assert.equal(await page.inputValue("#text"), "");
+  assert.ok(Math.abs((await height()) - one) < 1, "back to one line once sent");
+  // Its own line keeps the line break.
+  assert.ok((await lines(page)).some((l) => l.includes("first line\nsecond line")));
+  // Many lines: the box stops growing and scrolls.
+  await page.fill("#text", Array.from({ length: 20 }, (_, i) => `line ${i}`).join("\n"));
+  const tall = await height();
+  assert.ok(tall > one * 3 && tall < one * 7, `about five lines high, not twenty (${one} → ${tall})`);
+  assert.ok(await page.$eval("#text", (t) => t.scrollHeight > t.clientHeight), "the rest scrolls");
+  cli.ws.close();
+  await context.close();
+});
+
+/** WCAG's contrast ratio of two computed CSS colours ("rgb(…)"). */
+function contrast(a, b) {
+  const luminance = (css) => {
+    const [r, g, b] = css.match(/\d+(\.\d+)?/g).slice(0, 3).map((v) => {
+      const c = Number(v) / 255;
+      return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4;
+    });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const [hi, lo] = [luminance(a), luminance(b)].sort((x, y) => y - x);
+  return (hi + 0.05) / (lo + 0.05);
+}
+
+test("each name has its own colour, the same on every page, readable on every background; you are marked", async () => {
+  const a = await openAt("/");
+  const b = await openAt("/");
+  await joinAs(a.page, "olga", "colours");
+  await joinAs(b.page, "pete", "colours");
+  for (const [who, text] of [[a.page, "hi pete"], [b.page, "hi olga"]]) {
+    await who.fill("#text", text);
+    await who.press("#text", "Enter");
+  }
+  await until("each sees the other's", async () =>
+    (await lines(a.page)).some((l) => l.includes("hi olga")) && (await lines(b.page)).some((l) => l.includes("hi pete")));
+  const colours = (page) => page.$$eval("#messages .nick", (nicks) =>
+    Object.fromEntries(nicks.map((n) => [n.textContent, getComputedStyle(n).color])));
+  assert.deepEqual(await colours(a.page), await colours(b.page));
+  assert.deepEqual(await a.page.$$eval("#members li", (items) => items.map((li) => li.textContent)), ["olga (you)", "pete"]);
+  assert.deepEqual(await b.page.$$eval("#members li", (items) => items.map((li) => li.textContent)), ["olga", "pete (you)"]);
+  // All eight colours, on the backgrounds names are drawn on: the pane,
+  // one's own lines, the member list.
+  const pairs = await a.page.evaluate(() => {
+    const places = [document.querySelector("#messages li.chat:not(.mine)"), document.querySelector("#messages li.mine"),
+      document.querySelector("#members li")];
+    const background = (el) => {
+      for (; el; el = el.parentElement) {
+        const bg = getComputedStyle(el).backgroundColor;
+        if (bg !== "rgba(0, 0, 0, 0)") return bg;
+      }
+      return "rgb(255, 255, 255)";
+    };
+    return places.flatMap((place) => Array.from({ length: 8 }, (_, i) => {
+      const span = document.createElement("span");
+      span.className = `c${i}`;
+      place.appendChild(span);
+      const pair = [getComputedStyle(span).color, background(span)];
+      span.remove();
+      return pair;
+    }));
+  });
+  assert.equal(new Set(pairs.map(([fg]) => fg)).size, 8, "eight colours");
+  for (const [fg, bg] of pairs) assert.ok(contrast(fg, bg) >= 4.5, `${fg} on ${bg}: ${contrast(fg, bg).toFixed(2)}`);
+  await a.context.close();
+  await b.context.close();
+});
+
+test("a day's first message comes under the day's name: Yesterday, Today", async () => {
+  const a = await openAt("/");
+  await joinAs(a.page, "quin", "days");
+  await a.page.fill("#text", "said today, read tomorrow");
+  await a.page.press("#text", "Enter");
+  // A reader whose clock is a day ahead: today's history is its yesterday,
+  // and what it sends itself is its today.
+  const context = await browser.newContext(CONTEXT);
+  const page = await context.newPage();
+  await page.clock.setFixedTime(Date.now() + 24 * 3600 * 1000);
+  await page.goto(`${HTTP_SCHEME}://${server.addr}/`);
+  await joinAs(page, "rae", "days");
+  await until("rae has the history", async () => (await lines(page)).some((l) => l.includes("said today")));
+  await page.fill("#text", "said on my today");
+  await page.press("#text", "Enter");
+  const shown = await page.$$eval("#messages li", (items) => items.map((li) => li.className === "day" ? `[${li.textContent}]` : li.textContent));
+  const at = (text) => shown.findIndex((l) => l.includes(text));
+  assert.deepEqual(shown.filter((l) => l.startsWith("[")), ["[Yesterday]", "[Today]"], JSON.stringify(shown));
+  assert.ok(at("[Yesterday]") < at("said today") && at("said today") < at("[Today]") && at("[Today]") < at("said on my today"),
+    JSON.stringify(shown));
+  await a.context.close();
+  await context.close();
+});
+
+test("a hidden tab counts what came in its title, and clears it when seen", async () => {
+  const reader = await openAt("/");
+  await joinAs(reader.page, "sam", "unread");
+  assert.equal(await reader.page.title(), "#unread · threadchat");
+  const cli = wsClient(server.addr, "tia", "unread");
+  await cli.opened;
+  // The tab goes to the background, as far as the page can tell.
+  const visibility = (state) => reader.page.evaluate((state) => {
+    Object.defineProperty(document, "visibilityState", { configurable: true, get: () => state });
+    Object.defineProperty(document, "hidden", { configurable: true, get: () => state === "hidden" });
+    document.dispatchEvent(new Event("visibilitychange"));
+  }, state);
+  await visibility("hidden");
+  for (const text of ["one", "two", "three"]) cli.ws.send(text);
+  await until("three unread", async () => (await reader.page.title()) === "(3) #unread · threadchat");
+  await visibility("visible");
+  assert.equal(await reader.page.title(), "#unread · threadchat");
+  cli.ws.close();
+  await reader.context.close();
+});
+
+test("a name or room that is too long is refused with the limit, never cut", async () => {
+  const { page, context } = await openAt("/");
+  assert.equal(await page.$$eval("input[maxlength]", (n) => n.length), 0);
+  const long = "a".repeat(40);
+  await page.fill("#nickname", long);
+  await page.click("#join");
+  assert.equal(await page.textContent("#join-error"), "A name has at most 32 characters; this one has 40.");
+  assert.equal(await page.getAttribute("#nickname", "aria-invalid"), "true");
+  assert.equal(await page.getAttribute("#nickname", "aria-describedby"), "join-error");
+  assert.equal(await page.inputValue("#nickname"), long, "not cut");
+  assert.equal(await page.evaluate(() => wanted === null && socket === null), true);
+
+  await page.fill("#nickname", "uma");
+  await page.fill("#room", "r".repeat(33));
+  await page.click("#join");
+  assert.equal(await page.textContent("#join-error"), "A room name has at most 32 characters; this one has 33.");
+  assert.equal(await page.getAttribute("#room", "aria-invalid"), "true");
+  assert.equal(await page.getAttribute("#nickname", "aria-invalid"), null);
+  assert.equal(await page.evaluate(() => document.activeElement.id), "room");
+
+  // Counted as the server counts, by character: 32 of them is fine, even
+  // when each takes two UTF-16 units.
+  await page.fill("#room", `r${"é".repeat(15)}${"🍵".repeat(16)}`);
+  await page.click("#join");
+  assert.equal(await page.getAttribute("#room", "aria-invalid"), null);
+  assert.equal(await page.isVisible("#join-error"), false);
+  assert.equal(await page.evaluate(() => wanted !== null), true);
+  await context.close();
+});
+
+test("the icon is drawn in the page, and the page's policy lets it show", async () => {
+  const { page, context } = await openAt("/");
+  const href = await page.getAttribute("link[rel=icon]", "href");
+  assert.ok(href.startsWith("data:image/svg+xml,"), href);
+  assert.ok(!href.includes("base64") && href.length < 1000);
+  // The image loads under the page's own Content-Security-Policy.
+  const drawn = await page.evaluate((href) => new Promise((resolve) => {
+    const img = new Image();
+    img.onload = () => resolve(img.naturalWidth > 0);
+    img.onerror = () => resolve(false);
+    img.src = href;
+  }), href);
+  assert.equal(drawn, true);
+  // And the page itself never names the relay's store.
+  const text = await (await fetch(`${HTTP_SCHEME}://${server.addr}/`)).text();
+  assert.doesNotMatch(text, /redis/i);
+  await context.close();
+});
+
+test("the page works from the keyboard alone", async () => {
+  const { page, context } = await openAt("/?room=keys");
+  const focused = () => page.evaluate(() => document.activeElement.id);
+  assert.equal(await focused(), "nickname");
+  await page.keyboard.type("val");
+  await page.keyboard.press("Tab");
+  assert.equal(await focused(), "room");
+  await page.keyboard.press("Tab");
+  assert.equal(await focused(), "join");
+  await page.keyboard.press("Enter");
+  await page.waitForSelector("#status.online", { timeout: PATIENCE });
+  // In the room, the message box has the focus.
+  assert.equal(await focused(), "text");
+  await page.keyboard.type("typed, not clicked");
+  await page.keyboard.press("Enter");
+  assert.ok((await lines(page)).some((l) => l.includes("typed, not clicked")));
+  // Escape does not keep the focus; Tab leaves the box (it is not a tab key).
+  await page.keyboard.press("Escape");
+  await page.keyboard.press("Tab");
+  assert.equal(await focused(), "send");
+  await page.keyboard.press("Shift+Tab");
+  await page.keyboard.press("Shift+Tab");
+  assert.equal(await focused(), "messages", "the messages can be scrolled from the keyboard");
+  await page.keyboard.press("Shift+Tab");
+  assert.equal(await focused(), "leave");
+  await page.keyboard.press("Enter");
+  assert.ok(await page.isVisible("#join-form"));
+  assert.equal(await focused(), "join");
+  await context.close();
+});
+
+test("no serious accessibility problem (axe): before joining, in a room, on a phone", async () => {
+  const axe = createRequire(import.meta.url).resolve("axe-core/axe.min.js");
+  // axe is added as an inline script, which the page's policy refuses:
+  // this test's pages run without it.
+  const audit = async (page, what) => {
+    await page.addScriptTag({ path: axe });
+    const violations = await page.evaluate(async () =>
+      (await window.axe.run()).violations
+        .filter((v) => v.impact === "serious" || v.impact === "critical")
+        .map((v) => `${v.id} (${v.impact}): ${v.nodes.map((n) => n.target.join(" ")).join(", ")}`));
+    assert.deepEqual(violations, [], what);
+  };
+  const desk = await openAt("/?room=axe", { bypassCSP: true, viewport: { width: 1280, height: 800 } });
+  await audit(desk.page, "before joining");
+  await joinAs(desk.page, "wes", "axe");
+  const cli = wsClient(server.addr, "xia", "axe");
+  await cli.opened;
+  for (const text of ["hello, see https://example.com/", "two\nlines"]) cli.ws.send(text);
+  await desk.page.fill("#text", "mine");
+  await desk.page.press("#text", "Enter");
+  await until("the messages are in", async () => (await lines(desk.page)).some((l) => l.includes("two\nlines")));
+  await audit(desk.page, "in a room");
+  const phone = await openAt("/?room=axe", { bypassCSP: true, viewport: { width: 390, height: 844 } });
+  await audit(phone.page, "on a phone, before joining");
+  await joinAs(phone.page, "yan", "axe");
+  await until("the phone has the history", async () => (await lines(phone.page)).some((l) => l.includes("two\nlines")));
+  await audit(phone.page, "on a phone, in a room");
+  cli.ws.close();
+  await desk.context.close();
+  await phone.context.close();
 });
