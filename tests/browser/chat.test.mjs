@@ -409,11 +409,22 @@ test("a server that requires tokens asks for one; a wrong one is shown, not retr
   }
 });
 
-/** A page in a context of its own (its own storage), at `path`. */
-async function openAt(path, options = {}) {
+/** A page in a context of its own (its own storage), at `path`; it counts
+ * the WebSockets it opens (`window.sockets`). */
+async function openAt(path, options = {}, addr = server.addr) {
   const context = await browser.newContext({ ...CONTEXT, ...options });
+  await context.addInitScript(() => {
+    const Real = window.WebSocket;
+    window.sockets = 0;
+    window.WebSocket = class extends Real {
+      constructor(...args) {
+        super(...args);
+        window.sockets += 1;
+      }
+    };
+  });
   const page = await context.newPage();
-  await page.goto(`${HTTP_SCHEME}://${server.addr}${path}`);
+  await page.goto(`${HTTP_SCHEME}://${addr}${path}`);
   return { page, context };
 }
 
@@ -752,4 +763,56 @@ test("no serious accessibility problem (axe): before joining, in a room, on a ph
   cli.ws.close();
   await desk.context.close();
   await phone.context.close();
+});
+
+test("a refused name brings the form back with the reason and is not tried again; 'too many' is", async () => {
+  const unique = await startServer(0, ["--unique-nicknames"]);
+  const capped = await startServer(0, ["--unique-nicknames", "--max-nicknames-per-ip", "1"]);
+  const opened = [];
+  try {
+    /** Joins from the form and waits for the refusal, said in the pane. */
+    const refusedAt = async (addr, nickname, room, words) => {
+      const at = await openAt("/", {}, addr);
+      opened.push(at);
+      await at.page.fill("#nickname", nickname);
+      await at.page.fill("#room", room);
+      await at.page.click("#join");
+      await until(`the refusal of ${nickname}`, async () =>
+        (await lines(at.page)).some((l) => l.startsWith("not let in: ") && words.test(l)));
+      return at.page;
+    };
+    const stopped = async (page, field) => {
+      assert.ok(await page.isVisible("#join-form"), "the form is back");
+      assert.equal(await page.evaluate(() => document.activeElement.id), field);
+      assert.equal(await page.getAttribute(`#${field}`, "aria-invalid"), "true");
+      assert.equal(await page.evaluate(() => wanted === null && socket === null), true);
+      // Past the first back-off (at most a second): no second try.
+      await new Promise((r) => setTimeout(r, 2500));
+      assert.equal(await page.evaluate(() => window.sockets), 1, "not tried again");
+    };
+
+    // 4400: a name only the server refuses (it keeps "server" for itself).
+    await stopped(await refusedAt(server.addr, "server", "refusals", /nickname/), "nickname");
+
+    // 4409: a name taken in the room, as people read it.
+    const amy = await openAt("/", {}, unique.addr);
+    opened.push(amy);
+    await joinAs(amy.page, "amy", "taken");
+    await stopped(await refusedAt(unique.addr, "AMY", "taken", /taken/), "nickname");
+
+    // 4429: one name per address on this server: a second waits, retrying,
+    // and gets in once the first has left.
+    const first = await openAt("/", {}, capped.addr);
+    opened.push(first);
+    await joinAs(first.page, "cy", "cap");
+    const second = await refusedAt(capped.addr, "di", "cap", /too many/);
+    assert.equal(await second.isVisible("#join-form"), false, "still trying");
+    await first.page.click("#leave");
+    await second.waitForSelector("#status.online", { timeout: PATIENCE });
+    assert.ok((await second.evaluate(() => window.sockets)) > 1);
+  } finally {
+    for (const { context } of opened) await context.close();
+    await stopServer(unique);
+    await stopServer(capped);
+  }
 });
