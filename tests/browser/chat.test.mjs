@@ -805,7 +805,7 @@ test("a refused name brings the form back with the reason and is not tried again
     const first = await openAt("/", {}, capped.addr);
     opened.push(first);
     await joinAs(first.page, "cy", "cap");
-    const second = await refusedAt(capped.addr, "di", "cap", /too many/);
+    const second = await refusedAt(capped.addr, "di", "cap", /holds 1 nicknames/);
     assert.equal(await second.isVisible("#join-form"), false, "still trying");
     await first.page.click("#leave");
     await second.waitForSelector("#status.online", { timeout: PATIENCE });
