@@ -2,8 +2,12 @@
 // chromium driven by playwright-core. Two pages chat with each other and with
 // a plain WebSocket client, user text stays text, the page reconnects when
 // the server restarts, leaves the room when it is left, and works on a
-// phone-sized screen. The last test also takes the README's screenshots
-// (target/web-client.png, target/web-client-phone.png).
+// phone-sized screen (that test also takes the README's screenshots,
+// target/web-client.png and target/web-client-phone.png). Then what people
+// see: a reload rejoins, a shared link asks for a name, addresses are links,
+// the message box, colours, day separators, the unread count, names too
+// long, the icon, the keyboard, axe-core's audit, and refusals (a name to
+// change stops the page; "too many" and a relay that is down are retried).
 //
 // With HTTPS=1 every test runs over https:// and wss:// instead: the server
 // gets a self-signed certificate made here with openssl, as a user makes
@@ -814,5 +818,43 @@ test("a refused name brings the form back with the reason and is not tried again
     for (const { context } of opened) await context.close();
     await stopServer(unique);
     await stopServer(capped);
+  }
+});
+
+test("a relay that is down: the page says so and tries again until it gets in", async () => {
+  const redisPort = await freePort();
+  const startRedis = () => spawn("redis-server", ["--port", String(redisPort), "--bind", "127.0.0.1",
+    "--save", "", "--appendonly", "no"], { stdio: "ignore" });
+  const redisUp = () => spawnSync("redis-cli", ["-p", String(redisPort), "PING"], { encoding: "utf8" }).stdout?.trim() === "PONG";
+  let redis = startRedis();
+  await until("redis answers", redisUp);
+  const relay = await startServer(0, ["--redis", `redis://127.0.0.1:${redisPort}`]);
+  const at = await openAt("/", {}, relay.addr);
+  try {
+    redis.kill("SIGKILL");
+    await until("redis is gone", () => !redisUp());
+    await at.page.fill("#nickname", "rio");
+    await at.page.fill("#room", "down");
+    await at.page.click("#join");
+    // 4503: said, and tried again (the form stays away).
+    await until("the refusal is shown", async () =>
+      (await lines(at.page)).some((l) => l.startsWith("not let in: ") && l.includes("relay unavailable")));
+    assert.equal(await at.page.isVisible("#join-form"), false, "still trying");
+    redis = startRedis();
+    await until("redis is back", redisUp);
+    await at.page.waitForSelector("#status.online", { timeout: 4 * PATIENCE });
+    assert.ok((await at.page.evaluate(() => window.sockets)) > 1);
+    // In the room: what others say arrives. (Not checked: the member list.
+    // For up to a heartbeat after Redis came back empty, the server lists
+    // nobody of this instance, the joiner included.)
+    const cli = wsClient(relay.addr, "sol", "down");
+    await cli.opened;
+    cli.ws.send("you are in");
+    await until("rio hears sol", async () => (await lines(at.page)).some((l) => l.includes("you are in")));
+    cli.ws.close();
+  } finally {
+    await at.context.close();
+    await stopServer(relay);
+    redis.kill("SIGKILL");
   }
 });
