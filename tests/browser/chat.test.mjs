@@ -14,8 +14,8 @@
 // one, and the page, which derives its WebSocket URL from its own address,
 // must pick wss:// by itself.
 //
-// Run with `make browser-test` (builds threadchat, installs playwright-core,
-// then runs this file twice: over http://, then with HTTPS=1).
+// Run with `make browser-test` (builds threadchat, installs playwright-core
+// and axe-core, then runs this file twice: over http://, then with HTTPS=1).
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
