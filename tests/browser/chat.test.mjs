@@ -811,6 +811,9 @@ test("a refused name brings the form back with the reason and is not tried again
     await joinAs(first.page, "cy", "cap");
     const second = await refusedAt(capped.addr, "di", "cap", /holds 1 nicknames/);
     assert.equal(await second.isVisible("#join-form"), false, "still trying");
+    // Said once, however often it is tried again.
+    await until("two more tries", async () => (await second.evaluate(() => window.sockets)) >= 3);
+    assert.equal((await lines(second)).filter((l) => l.startsWith("not let in: ")).length, 1);
     await first.page.click("#leave");
     await second.waitForSelector("#status.online", { timeout: PATIENCE });
     assert.ok((await second.evaluate(() => window.sockets)) > 1);
