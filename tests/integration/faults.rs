@@ -197,10 +197,12 @@ fn a_panic_closes_only_its_own_connection() {
     });
 }
 
-/// While Redis is down, a new client is refused with HTTP 503 (never given
-/// a WebSocket that would be deaf), and can join once Redis is back. (With a
-/// shared subscription, the room's subscription is already down when the new
-/// client arrives.)
+/// While Redis is down, a new client is refused (close 4503, with why:
+/// never left on a WebSocket that would be deaf), and can join once Redis
+/// is back — listed in its own member list at once, though the Redis that
+/// came back empty lost this instance's liveness key until its next
+/// heartbeat. (With a shared subscription, the room's subscription is
+/// already down when the new client arrives.)
 fn joining_while_redis_is_down_gets_503(args: &[&str]) {
     let redis = Redis::start();
     let server = Server::with_redis_and(&redis, args);
@@ -217,7 +219,14 @@ fn joining_while_redis_is_down_gets_503(args: &[&str]) {
     let _redis = Redis::start_on(port);
     assert!(alice.recv_notice().contains("reconnected"));
     let mut bob = server.client("bob");
-    bob.settle();
+    let presence = bob.recv_type("presence");
+    assert!(
+        presence["members"]
+            .as_array()
+            .unwrap()
+            .contains(&"bob".into()),
+        "{presence}"
+    );
     alice.send("welcome, bob");
     assert_eq!(bob.recv_chat(), ("alice".into(), "welcome, bob".into()));
 }

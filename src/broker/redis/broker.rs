@@ -212,6 +212,7 @@ impl RedisBroker {
         Members {
             queues: &self.queues,
             room_ttl: self.settings.room_ttl,
+            own: self.instance_id(),
         }
     }
 

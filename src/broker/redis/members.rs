@@ -12,6 +12,7 @@
 use std::time::Duration;
 
 use super::ghosts::swap_nickname;
+use super::heartbeat::keep_alive;
 use super::job::Route;
 use super::keys;
 use super::queries::{Queues, from_value};
@@ -29,6 +30,8 @@ pub(super) struct Members<'a> {
     pub(super) queues: &'a Queues,
     /// How long a room's keys live after their last use (`--room-ttl`).
     pub(super) room_ttl: Duration,
+    /// This instance's id: alive, whatever Redis says (see [`Self::alive`]).
+    pub(super) own: String,
 }
 
 impl Members<'_> {
@@ -128,6 +131,12 @@ impl Members<'_> {
     /// Which of `instances` are alive (their liveness key exists): one
     /// `EXISTS` each, each a job of its own, since on a cluster their keys
     /// are on any master.
+    ///
+    /// This instance is alive, whatever its key says: a Redis restarted
+    /// empty (or flushed) has lost it until the next heartbeat, and taking
+    /// that for a crash would list nobody of this instance — not even the
+    /// client being welcomed — and delete its members for everyone. A key
+    /// found missing is put back at once.
     fn alive(&self, instances: &[&str]) -> Result<Vec<bool>, BrokerError> {
         let checks = instances
             .iter()
@@ -138,11 +147,20 @@ impl Members<'_> {
                 (Route::key(&key), vec![exists])
             })
             .collect();
-        Ok(self
-            .queues
-            .run_each(checks)?
-            .into_iter()
-            .map(|v| from_value::<bool>(v.into_iter().next()).unwrap_or(false))
+        let answers = self.queues.run_each(checks)?;
+        Ok(instances
+            .iter()
+            .zip(answers)
+            .map(|(instance, answer)| {
+                let exists = from_value::<bool>(answer.into_iter().next()).unwrap_or(false);
+                if !exists && *instance == self.own {
+                    let key = keys::instance(instance);
+                    self.queues
+                        .run_detached(Route::key(&key), vec![keep_alive(&key)]);
+                    return true;
+                }
+                exists
+            })
             .collect())
     }
 
