@@ -189,7 +189,7 @@ impl Sentinels {
         };
         BrokerError::Connect {
             url: format!("the sentinels of {:?}", self.master_name),
-            reason: format!("no sentinel named a master ({said})"),
+            reason: format!("none named a master ({said})"),
         }
     }
 
