@@ -119,6 +119,8 @@ impl Watch {
     /// sentinel listened to after it: one line when deaf, one when back.
     fn run(self, stopped: &Receiver<()>) {
         let mut deaf: Option<Deaf> = None;
+        // When a sentinel was last heard (or the watcher started).
+        let mut heard_at = Instant::now();
         while !self.stopping.load(Ordering::SeqCst) {
             // Whether any sentinel was listened to this round, and the
             // last error.
@@ -130,12 +132,14 @@ impl Watch {
                 // The one place this thread's errors are logged.
                 if let Err((heard, e)) = self.listen(address, &mut deaf) {
                     log::debug!("Sentinel {address}: {e}; trying the next one");
-                    heard_any |= heard;
+                    if heard {
+                        (heard_any, heard_at) = (true, Instant::now());
+                    }
                     last = format!("{address}: {e}");
                 }
             }
             if !heard_any && deaf.is_none() && !self.stopping.load(Ordering::SeqCst) {
-                deaf = Some(Deaf::since_now(&self.master_name, &last));
+                deaf = Some(Deaf::since(heard_at, &self.master_name, &last));
             }
             if stopped
                 .recv_timeout(RETRY)
@@ -213,23 +217,21 @@ struct Deaf {
 }
 
 impl Deaf {
-    /// No sentinel of `master` could be listened to (`last`: the last
-    /// one's error).
-    fn since_now(master: &str, last: &str) -> Deaf {
+    /// No sentinel of `master` answered since one was last heard, at
+    /// `since` (`last`: the last one's error).
+    fn since(since: Instant, master: &str, last: &str) -> Deaf {
         let head = format!(
             "Redis Sentinel: no sentinel of {master:?} answers, so a failover \
              would go unnoticed ("
         );
         log::warn!("{}", fit(&head, last, "); retrying"));
-        Deaf {
-            since: Instant::now(),
-        }
+        Deaf { since }
     }
 
     /// Listening to the sentinel at `address` again.
     fn heard(self, address: &str) {
         log::info!(
-            "Redis Sentinel: listening to {address} again after {:.1} s",
+            "Redis Sentinel: listening to {address} again, after {:.1} s without a sentinel",
             self.since.elapsed().as_secs_f64()
         );
     }
