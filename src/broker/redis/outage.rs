@@ -11,7 +11,8 @@
 //!   logs "lost the chat relay"; when the last one is restored, one line
 //!   says how long the relay was gone and how many subscriptions came back.
 //! * [`Repeats`] lets a cause log at most once per [`EVERY`], with how many
-//!   times it happened since the last line.
+//!   times it happened since the last line; the heartbeat says the count
+//!   of a burst that went quiet ([`flush_repeated`]).
 //!
 //! Every line fits in [`LONGEST`] characters, the error it quotes cut to
 //! make room: errors from a Sentinel or a Cluster can quote a whole
@@ -128,52 +129,62 @@ pub(super) struct Repeats(Mutex<HashMap<&'static str, Quiet>>);
 /// What a cause kept quiet since its last line.
 struct Quiet {
     logged: Instant,
+    /// Times it happened since, unsaid.
     since: u64,
+    /// What its last line said (without a count), for [`Repeats::flush`].
+    said: String,
 }
 
 impl Repeats {
     /// Logs `line` as a warning for `cause`, unless `cause` logged less than
-    /// [`EVERY`] ago: then only counts it, and the next line says how many
-    /// times it happened since the last (in how long: perhaps more than
-    /// [`EVERY`], if it paused).
+    /// [`EVERY`] ago: then only counts it, and the next line (or the next
+    /// [`flush`](Self::flush)) says how many times it happened since the
+    /// last, and in how long.
     pub(super) fn warn(&self, cause: &'static str, line: impl FnOnce() -> String) {
         let now = Instant::now();
-        let quiet = {
-            let mut causes = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            match causes.get_mut(cause) {
-                Some(quiet) if now.duration_since(quiet.logged) < EVERY => {
-                    quiet.since += 1;
-                    return;
-                }
-                Some(quiet) => {
-                    let last = std::mem::replace(
-                        quiet,
-                        Quiet {
-                            logged: now,
-                            since: 0,
-                        },
-                    );
-                    Some((last.since, now.duration_since(last.logged))).filter(|(n, _)| *n > 0)
-                }
-                None => {
-                    causes.insert(
-                        cause,
-                        Quiet {
-                            logged: now,
-                            since: 0,
-                        },
-                    );
-                    None
-                }
-            }
+        let mut causes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(quiet) = causes.get_mut(cause)
+            && now.duration_since(quiet.logged) < EVERY
+        {
+            quiet.since += 1;
+            return;
+        }
+        let said = line();
+        let tail = match causes.get(cause) {
+            Some(last) if last.since > 0 => format!(
+                " (and {} more like it in the last {} s)",
+                last.since,
+                now.duration_since(last.logged).as_secs()
+            ),
+            _ => String::new(),
         };
-        let line = line();
-        match quiet {
-            None => log::warn!("{}", fit("", &line, "")),
-            Some((n, since)) => {
-                let tail = format!(" (and {n} more like it in the last {} s)", since.as_secs());
-                log::warn!("{}", fit("", &line, &tail));
+        log::warn!("{}", fit("", &said, &tail));
+        let logged = Quiet {
+            logged: now,
+            since: 0,
+            said,
+        };
+        causes.insert(cause, logged);
+    }
+
+    /// Says how many times each cause happened unsaid, once it has been
+    /// quiet for [`EVERY`]: the last of a burst is counted too, even if
+    /// nothing like it follows.
+    pub(super) fn flush(&self) {
+        let now = Instant::now();
+        let mut causes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for quiet in causes.values_mut() {
+            let after = now.duration_since(quiet.logged);
+            if quiet.since == 0 || after < EVERY {
+                continue;
             }
+            let head = format!(
+                "{} more in the last {} s like: ",
+                quiet.since,
+                after.as_secs()
+            );
+            log::warn!("{}", fit(&head, &quiet.said, ""));
+            (quiet.logged, quiet.since) = (now, 0);
         }
     }
 }
@@ -184,6 +195,11 @@ static REPEATS: LazyLock<Repeats> = LazyLock::new(Repeats::default);
 /// [`Repeats::warn`] for the whole process.
 pub(super) fn warn_repeated(cause: &'static str, line: impl FnOnce() -> String) {
     REPEATS.warn(cause, line);
+}
+
+/// [`Repeats::flush`] for the whole process (called at every heartbeat).
+pub(super) fn flush_repeated() {
+    REPEATS.flush();
 }
 
 /// `head`, `text` and `tail` in one line of at most [`LONGEST`]
@@ -236,8 +252,17 @@ mod tests {
             });
         }
         assert_eq!(lines, 1);
-        let causes = repeats.0.lock().unwrap();
-        assert_eq!(causes["test"].since, 4);
+        {
+            let causes = repeats.0.lock().unwrap();
+            assert_eq!(causes["test"].since, 4);
+        }
+        // Not quiet for long enough yet: nothing said.
+        repeats.flush();
+        assert_eq!(repeats.0.lock().unwrap()["test"].since, 4);
+        // Once it is, the count is said, and starts again.
+        repeats.0.lock().unwrap().get_mut("test").unwrap().logged -= EVERY;
+        repeats.flush();
+        assert_eq!(repeats.0.lock().unwrap()["test"].since, 0);
     }
 
     /// Clients that left while Redis was away are not counted as restored.
