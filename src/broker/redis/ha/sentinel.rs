@@ -139,7 +139,7 @@ impl Sentinels {
             Err(why) => {
                 let last = found.as_ref().map(|last| last.address.clone());
                 let kept = last
-                    .filter(|_| why.iter().all(|(_, no)| matches!(no, NoMaster::Silent(_))))
+                    .filter(|_| why.iter().all(|no| matches!(no, NoMaster::Silent(_))))
                     .and_then(|last| Some((last.clone(), self.check(&last).ok()?)));
                 match kept {
                     Some(kept) => kept,
@@ -162,34 +162,35 @@ impl Sentinels {
 
     /// Asks each sentinel in turn for the master, until one names a server
     /// that says it is a master; else says why each did not.
-    fn ask(&self) -> Result<(String, Client), Vec<(&str, NoMaster)>> {
+    fn ask(&self) -> Result<(String, Client), Vec<NoMaster>> {
         let mut why = Vec::new();
         for sentinel in &self.addresses {
             match self.ask_one(sentinel) {
                 Ok(found) => return Ok(found),
-                Err(no) => why.push((sentinel.as_str(), no)),
+                Err(no) => why.push(no),
             }
         }
         Err(why)
     }
 
     /// The error for sentinels that named no master, for `why`: short, as
-    /// it may be logged for every client refused (one reason said once if
-    /// every sentinel gave it).
-    fn no_master(&self, why: &[(&str, NoMaster)]) -> BrokerError {
-        let reasons: Vec<&str> = why.iter().map(|(_, no)| no.reason()).collect();
-        let said = if reasons.windows(2).all(|pair| pair[0] == pair[1]) {
-            format!("{} asked: {}", why.len(), cut(reasons[0], 80))
-        } else {
-            let each: Vec<String> = why
-                .iter()
-                .map(|(sentinel, no)| format!("{sentinel}: {}", cut(no.reason(), 40)))
-                .collect();
-            each.join("; ")
-        };
+    /// it may be logged for every client refused. Each reason is said once
+    /// (every sentinel may give the same), without the sentinels' addresses
+    /// (they are in the URL given).
+    fn no_master(&self, why: &[NoMaster]) -> BrokerError {
+        let mut reasons: Vec<&str> = Vec::new();
+        for no in why {
+            if !reasons.contains(&no.reason()) {
+                reasons.push(no.reason());
+            }
+        }
         BrokerError::Connect {
-            url: format!("the sentinels of {:?}", self.master_name),
-            reason: format!("none named a master ({said})"),
+            url: format!("{:?}", self.master_name),
+            reason: format!(
+                "no master found ({} asked: {})",
+                why.len(),
+                cut(&reasons.join("; "), 70)
+            ),
         }
     }
 
