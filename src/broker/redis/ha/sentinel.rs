@@ -136,21 +136,12 @@ impl Sentinels {
         }
         let (address, client) = match self.ask() {
             Ok(named) => named,
-            Err(why) => {
-                let last = found.as_ref().map(|last| last.address.clone());
-                let kept = last
-                    .filter(|_| why.iter().all(|no| matches!(no, NoMaster::Silent(_))))
-                    .and_then(|last| Some((last.clone(), self.check(&last).ok()?)));
-                match kept {
-                    Some(kept) => kept,
-                    None => return Err(self.no_master(&why)),
-                }
-            }
+            Err(why) => match self.kept(found.as_ref(), &why) {
+                Some(kept) => kept,
+                None => return Err(self.no_master(&why)),
+            },
         };
-        log::debug!(
-            "the sentinels name {address} as master {:?}",
-            self.master_name
-        );
+        log::debug!("master {:?} is at {address}", self.master_name);
         *found = Some(Found {
             address: address.clone(),
             client: client.clone(),
@@ -158,6 +149,17 @@ impl Sentinels {
             stale: false,
         });
         Ok((address, client))
+    }
+
+    /// The master found `last`, if no sentinel answered at all (`why`) and
+    /// it still says it is one (see the module doc).
+    fn kept(&self, last: Option<&Found>, why: &[NoMaster]) -> Option<(String, Client)> {
+        let last = last?;
+        if !why.iter().all(|no| matches!(no, NoMaster::Silent(_))) {
+            return None;
+        }
+        let client = self.check(&last.address).ok()?;
+        Some((last.address.clone(), client))
     }
 
     /// Asks each sentinel in turn for the master, until one names a server
