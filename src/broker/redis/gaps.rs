@@ -240,14 +240,18 @@ impl Gaps {
     /// epoch `epoch`, past where the log kept it (`scripts::REPORT_SEEN`),
     /// unless a listener that shares `log` reported as far. Best effort:
     /// a report that fails leaves the loss's count unknown, and is logged.
+    ///
+    /// Logged only by the report that noted it: with per-client
+    /// subscriptions, every listener of the room (of every instance) may
+    /// report the same loss, and one line says it.
     pub(super) fn report_seen(&self, room: &Room, log: &LogRead, (epoch, offset): (&str, u64)) {
         if log.reported.fetch_max(offset, Ordering::Relaxed) >= offset {
             return;
         }
-        let report = || -> Result<(), BrokerError> {
+        let report = || -> Result<bool, BrokerError> {
             let failed = |e: redis::RedisError| BrokerError::Redis(e.to_string());
             let mut con = self.connection(room)?;
-            redis::Script::new(REPORT_SEEN)
+            let noted = redis::Script::new(REPORT_SEEN)
                 .key(keys::meta(room))
                 .arg(epoch)
                 .arg(offset)
@@ -255,16 +259,17 @@ impl Gaps {
                 .arg(new_place_key())
                 .invoke::<i64>(&mut con)
                 .map_err(failed)?;
-            Ok(())
+            Ok(noted == 1)
         };
         match report() {
-            Ok(()) => log::warn!(
+            Ok(true) => log::warn!(
                 "{room}: Redis lost messages it had published: this instance delivered \
                  offset {offset} of epoch {epoch}, past where the log kept it"
             ),
-            Err(e) => {
-                log::warn!("{room}: could not report offset {offset} of epoch {epoch} lost: {e}")
-            }
+            Ok(false) => log::debug!("{room}: offset {offset} of epoch {epoch} was reported lost"),
+            Err(e) => super::outage::warn_repeated("report-lost", || {
+                format!("{room}: could not report offset {offset} of epoch {epoch} lost: {e}")
+            }),
         }
     }
 

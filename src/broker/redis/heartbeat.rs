@@ -152,6 +152,8 @@ impl Heartbeat {
                     if answered {
                         ghosts.beat(&queues, room_ttl);
                     }
+                    // Failures summed up and gone quiet are counted now.
+                    super::outage::flush_repeated();
                     // Shutdown by dropping the sender: recv fails at once.
                     if let Err(crossbeam_channel::RecvTimeoutError::Disconnected) =
                         stop_rx.recv_timeout(every)

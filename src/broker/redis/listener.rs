@@ -108,9 +108,11 @@ impl Listen for RedisListener {
             }
             if state.live {
                 self.with.metrics.subscriptions_lost.inc();
-                let url = redact(&self.with.url);
+                // The server it was subscribed on (a Sentinel or Cluster
+                // URL names many).
+                let at = state.at.clone().unwrap_or_else(|| redact(&self.with.url));
                 let outage = Arc::clone(&self.with.outage);
-                let down = Down::new(&self.with.metrics, outage, &url, &error);
+                let down = Down::new(&self.with.metrics, outage, &at, &error);
                 state.down.replace(down);
                 state.gap().lost_at = unix_millis();
                 log::debug!("subscription to {} lost: {error}", self.channel.name);
@@ -141,6 +143,8 @@ pub(super) struct ListenState {
     ever_subscribed: bool,
     /// Present while the subscription is lost and not yet restored.
     down: Option<Down>,
+    /// The server the last connection went to (redacted), for the log.
+    at: Option<String>,
     /// The last attempt was told the room is served elsewhere now.
     moved: bool,
     /// Where a gap would begin, and the last one filled: boxed, so that
@@ -239,6 +243,7 @@ impl RedisListener {
         state: &mut ListenState,
     ) -> Result<(), BrokerError> {
         let (address, client) = self.with.nodes.node(&self.route)?;
+        state.at = Some(redact(&address));
         let info = client.get_connection_info().clone();
         let (mut con, socket) = PubSubConnection::connect(
             &info,

@@ -11,10 +11,12 @@
 //!   logs "lost the chat relay"; when the last one is restored, one line
 //!   says how long the relay was gone and how many subscriptions came back.
 //! * [`Repeats`] lets a cause log at most once per [`EVERY`], with how many
-//!   times it happened since the last line.
+//!   times it happened since the last line; the heartbeat says the count
+//!   of a burst that went quiet ([`flush_repeated`]).
 //!
-//! Every line is cut to [`LONGEST`] characters: errors from a Sentinel or a
-//! Cluster can quote a whole topology.
+//! Every line fits in [`LONGEST`] characters, the error it quotes cut to
+//! make room: errors from a Sentinel or a Cluster can quote a whole
+//! topology, and a line an operator cannot read at a glance is not read.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -25,8 +27,9 @@ use crate::metrics::Metrics;
 /// Most one cause logs, with a count of what it kept quiet.
 pub(super) const EVERY: Duration = Duration::from_secs(10);
 
-/// Longest error text quoted in a line (characters).
-pub(super) const LONGEST: usize = 160;
+/// Longest line these write (characters, before the time and level the
+/// logger adds): with them, under 200.
+pub(super) const LONGEST: usize = 180;
 
 /// The subscriptions of this instance that are down (see the module doc).
 #[derive(Default)]
@@ -47,16 +50,14 @@ impl Outage {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A subscription to `url`'s Redis was lost, with `error`.
-    pub(super) fn lost(&self, url: &str, error: &dyn std::fmt::Display) {
+    /// A subscription to the Redis at `at` was lost, with `error`.
+    pub(super) fn lost(&self, at: &str, error: &dyn std::fmt::Display) {
         let mut down = self.lock();
         down.now += 1;
         if down.since.is_none() {
             down.since = Some(Instant::now());
-            log::warn!(
-                "lost the chat relay (Redis at {url}): {}; reconnecting",
-                cut(&error.to_string())
-            );
+            let head = format!("lost the chat relay (Redis at {at}): ");
+            log::warn!("{}", fit(&head, &error.to_string(), "; reconnecting"));
         }
     }
 
@@ -91,15 +92,15 @@ pub(super) struct Down {
 }
 
 impl Down {
-    /// A subscription to `url`'s Redis, lost with `error`.
+    /// A subscription to the Redis at `at`, lost with `error`.
     pub(super) fn new(
         metrics: &Arc<Metrics>,
         outage: Arc<Outage>,
-        url: &str,
+        at: &str,
         error: &dyn std::fmt::Display,
     ) -> Down {
         metrics.subscriptions_down.inc();
-        outage.lost(url, error);
+        outage.lost(at, error);
         Down {
             metrics: Arc::clone(metrics),
             outage,
@@ -128,51 +129,62 @@ pub(super) struct Repeats(Mutex<HashMap<&'static str, Quiet>>);
 /// What a cause kept quiet since its last line.
 struct Quiet {
     logged: Instant,
+    /// Times it happened since, unsaid.
     since: u64,
+    /// What its last line said (without a count), for [`Repeats::flush`].
+    said: String,
 }
 
 impl Repeats {
     /// Logs `line` as a warning for `cause`, unless `cause` logged less than
-    /// [`EVERY`] ago: then only counts it, and the next line says how many
-    /// times it happened meanwhile.
+    /// [`EVERY`] ago: then only counts it, and the next line (or the next
+    /// [`flush`](Self::flush)) says how many times it happened since the
+    /// last, and in how long.
     pub(super) fn warn(&self, cause: &'static str, line: impl FnOnce() -> String) {
         let now = Instant::now();
-        let quiet = {
-            let mut causes = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            match causes.get_mut(cause) {
-                Some(quiet) if now.duration_since(quiet.logged) < EVERY => {
-                    quiet.since += 1;
-                    return;
-                }
-                Some(quiet) => {
-                    std::mem::replace(
-                        quiet,
-                        Quiet {
-                            logged: now,
-                            since: 0,
-                        },
-                    )
-                    .since
-                }
-                None => {
-                    causes.insert(
-                        cause,
-                        Quiet {
-                            logged: now,
-                            since: 0,
-                        },
-                    );
-                    0
-                }
-            }
-        };
-        let line = cut(&line());
-        match quiet {
-            0 => log::warn!("{line}"),
-            n => log::warn!(
-                "{line} (and {n} more like it in the last {} s)",
-                EVERY.as_secs()
+        let mut causes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(quiet) = causes.get_mut(cause)
+            && now.duration_since(quiet.logged) < EVERY
+        {
+            quiet.since += 1;
+            return;
+        }
+        let said = line();
+        let tail = match causes.get(cause) {
+            Some(last) if last.since > 0 => format!(
+                " (and {} more like it in the last {} s)",
+                last.since,
+                now.duration_since(last.logged).as_secs()
             ),
+            _ => String::new(),
+        };
+        log::warn!("{}", fit("", &said, &tail));
+        let logged = Quiet {
+            logged: now,
+            since: 0,
+            said,
+        };
+        causes.insert(cause, logged);
+    }
+
+    /// Says how many times each cause happened unsaid, once it has been
+    /// quiet for [`EVERY`]: the last of a burst is counted too, even if
+    /// nothing like it follows.
+    pub(super) fn flush(&self) {
+        let now = Instant::now();
+        let mut causes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for quiet in causes.values_mut() {
+            let after = now.duration_since(quiet.logged);
+            if quiet.since == 0 || after < EVERY {
+                continue;
+            }
+            let head = format!(
+                "{} more in the last {} s like: ",
+                quiet.since,
+                after.as_secs()
+            );
+            log::warn!("{}", fit(&head, &quiet.said, ""));
+            (quiet.logged, quiet.since) = (now, 0);
         }
     }
 }
@@ -185,26 +197,47 @@ pub(super) fn warn_repeated(cause: &'static str, line: impl FnOnce() -> String) 
     REPEATS.warn(cause, line);
 }
 
-/// `text` cut to [`LONGEST`] characters, marked where it was cut.
-pub(super) fn cut(text: &str) -> String {
-    match text.char_indices().nth(LONGEST) {
-        Some((end, _)) => format!("{}…", &text[..end]),
-        None => text.to_owned(),
+/// [`Repeats::flush`] for the whole process (called at every heartbeat).
+pub(super) fn flush_repeated() {
+    REPEATS.flush();
+}
+
+/// `head`, `text` and `tail` in one line of at most [`LONGEST`]
+/// characters: `text` (an error, say) is cut to make room, the rest kept.
+pub(super) fn fit(head: &str, text: &str, tail: &str) -> String {
+    let room = LONGEST.saturating_sub(head.chars().count() + tail.chars().count());
+    format!("{head}{}{tail}", cut(text, room))
+}
+
+/// `text` cut to `most` characters, a `…` where it was cut: in the
+/// middle, as an error chain says what failed first and why last.
+pub(super) fn cut(text: &str, most: usize) -> String {
+    let chars = text.chars().count();
+    if chars <= most {
+        return text.to_owned();
     }
+    let kept = most.saturating_sub(1);
+    let (head, tail) = (kept - kept / 3, kept / 3);
+    let at = |n: usize| text.char_indices().nth(n).map_or(text.len(), |(i, _)| i);
+    format!("{}…{}", &text[..at(head)], &text[at(chars - tail)..])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Long errors are cut, on a character boundary.
+    /// Long errors are cut, on a character boundary, so that the whole
+    /// line fits.
     #[test]
     fn long_errors_are_cut() {
         let long = "é".repeat(LONGEST + 10);
-        let cut = cut(&long);
-        assert_eq!(cut.chars().count(), LONGEST + 1);
-        assert!(cut.ends_with('…'));
-        assert_eq!(super::cut("short"), "short");
+        let line = fit("lost: ", &long, "; reconnecting");
+        assert_eq!(line.chars().count(), LONGEST);
+        assert!(line.starts_with("lost: é") && line.ends_with("é; reconnecting"));
+        assert_eq!(line.matches('…').count(), 1);
+        assert_eq!(fit("a ", "short", " b"), "a short b");
+        assert_eq!(cut("short", 5), "short");
+        assert_eq!(cut("0123456789abcdefghij", 13), "01234567…ghij");
     }
 
     /// A cause logs once per period; what it kept quiet is counted.
@@ -219,8 +252,17 @@ mod tests {
             });
         }
         assert_eq!(lines, 1);
-        let causes = repeats.0.lock().unwrap();
-        assert_eq!(causes["test"].since, 4);
+        {
+            let causes = repeats.0.lock().unwrap();
+            assert_eq!(causes["test"].since, 4);
+        }
+        // Not quiet for long enough yet: nothing said.
+        repeats.flush();
+        assert_eq!(repeats.0.lock().unwrap()["test"].since, 4);
+        // Once it is, the count is said, and starts again.
+        repeats.0.lock().unwrap().get_mut("test").unwrap().logged -= EVERY;
+        repeats.flush();
+        assert_eq!(repeats.0.lock().unwrap()["test"].since, 0);
     }
 
     /// Clients that left while Redis was away are not counted as restored.

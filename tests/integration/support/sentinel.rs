@@ -76,14 +76,7 @@ impl Sentinels {
                 ),
             )
             .unwrap();
-            let child = Command::new("redis-server")
-                .arg(&file)
-                .arg("--sentinel")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server runs sentinels too");
-            sentinels.push(child);
+            sentinels.push(spawn_sentinel(&file));
             sentinel_ports.push(port);
         }
         let setup = Sentinels {
@@ -153,6 +146,28 @@ impl Sentinels {
             .unwrap();
     }
 
+    /// Kills every sentinel (SIGKILL); the master and its replica run on.
+    pub fn kill_sentinels(&mut self) {
+        for child in &mut self.sentinels {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the killed sentinels again, on their ports, with what they
+    /// wrote in their configuration; returns once each answers.
+    pub fn restart_sentinels(&mut self) {
+        for (child, port) in self.sentinels.iter_mut().zip(&self.sentinel_ports) {
+            *child = spawn_sentinel(&self.dir.join(format!("sentinel-{port}.conf")));
+        }
+        for &port in &self.sentinel_ports {
+            eventually("each sentinel answers again", || {
+                self.query_sentinel::<Vec<redis::Value>>(port, "replicas")
+                    .is_some()
+            });
+        }
+    }
+
     /// Waits until the sentinels name a master other than `old` that says
     /// it is one.
     pub fn wait_for_new_master(&self, old: u16) -> u16 {
@@ -179,6 +194,17 @@ impl Drop for Sentinels {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A sentinel running with the configuration `file`.
+fn spawn_sentinel(file: &Path) -> Child {
+    Command::new("redis-server")
+        .arg(file)
+        .arg("--sentinel")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server runs sentinels too")
 }
 
 impl Sentinels {

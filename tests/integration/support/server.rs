@@ -154,6 +154,11 @@ impl Server {
         }
     }
 
+    /// Every line the server logged so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lines.lock().unwrap().clone()
+    }
+
     /// How many log lines contain `needle` so far.
     pub fn log_count(&self, needle: &str) -> usize {
         let lines = self.log.lines.lock().unwrap();

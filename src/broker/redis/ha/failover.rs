@@ -18,16 +18,18 @@
 //! waiting [`RETRY`] after a round where none answered. Dropping the
 //! [`Watcher`] shuts its socket down and joins the thread.
 
+use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::broker::error::BrokerError;
 use crate::broker::redis::link::Link;
+use crate::broker::redis::outage::fit;
 use crate::broker::redis::pubsub::{PubSubConnection, Push};
 use crate::broker::redis::settings::CONNECT_TIMEOUT;
 use crate::broker::redis::sockets::SubscriptionSockets;
@@ -111,16 +113,33 @@ struct Watch {
 
 impl Watch {
     /// The thread's body: listen to each sentinel in turn until stopped.
+    ///
+    /// A round in which no sentinel could be listened to is logged once
+    /// (until then a failover would go unnoticed), and so is the first
+    /// sentinel listened to after it: one line when deaf, one when back.
     fn run(self, stopped: &Receiver<()>) {
+        let mut deaf: Option<Deaf> = None;
+        // When a sentinel was last heard (or the watcher started).
+        let mut heard_at = Instant::now();
         while !self.stopping.load(Ordering::SeqCst) {
+            // Whether any sentinel was listened to this round, and the
+            // last error.
+            let (mut heard_any, mut last) = (false, String::new());
             for address in &self.addresses {
                 if self.stopping.load(Ordering::SeqCst) {
                     return;
                 }
                 // The one place this thread's errors are logged.
-                if let Err(e) = self.listen(address) {
+                if let Err((heard, e)) = self.listen(address, &mut deaf) {
                     log::debug!("Sentinel {address}: {e}; trying the next one");
+                    if heard {
+                        (heard_any, heard_at) = (true, Instant::now());
+                    }
+                    last = format!("{address}: {e}");
                 }
+            }
+            if !heard_any && deaf.is_none() && !self.stopping.load(Ordering::SeqCst) {
+                deaf = Some(Deaf::since(heard_at, &self.master_name, &last));
             }
             if stopped
                 .recv_timeout(RETRY)
@@ -131,24 +150,31 @@ impl Watch {
         }
     }
 
-    /// Listens to one sentinel until its connection fails or the watcher
-    /// stops.
-    fn listen(&self, address: &str) -> std::io::Result<()> {
+    /// Listens to one sentinel until its connection fails (the error,
+    /// and whether it was listened to first) or the watcher stops; hearing
+    /// again after `deaf` is logged.
+    fn listen(&self, address: &str, deaf: &mut Option<Deaf>) -> Result<(), (bool, io::Error)> {
+        let unheard = |e: io::Error| (false, e);
         let client = self
             .link
             .client(address, None, None)
-            .map_err(std::io::Error::other)?;
+            .map_err(|e| unheard(io::Error::other(e)))?;
         let info = client.get_connection_info();
-        let (mut con, socket) = PubSubConnection::connect(info, &self.link, CONNECT_TIMEOUT, 4096)?;
+        let (mut con, socket) =
+            PubSubConnection::connect(info, &self.link, CONNECT_TIMEOUT, 4096).map_err(unheard)?;
         *self.socket.lock().unwrap_or_else(|p| p.into_inner()) = Some(socket);
         // Checked after the socket is where `drop` can shut it down.
         if self.stopping.load(Ordering::SeqCst) {
             return Ok(());
         }
-        con.subscribe(&[SWITCH_MASTER], false)?;
+        con.subscribe(&[SWITCH_MASTER], false).map_err(unheard)?;
+        if let Some(deaf) = deaf.take() {
+            deaf.heard(address);
+        }
+        let heard = |e: io::Error| (true, e);
         loop {
-            con.wait()?;
-            if let Push::Message { channel, payload } = con.next()?
+            con.wait().map_err(heard)?;
+            if let Push::Message { channel, payload } = con.next().map_err(heard)?
                 && channel == SWITCH_MASTER.as_bytes()
             {
                 self.switched(&String::from_utf8_lossy(&payload));
@@ -172,9 +198,41 @@ impl Watch {
         let n = self
             .subscriptions
             .restart_away_from(&format!("{new_ip}:{new_port}"));
+        // None left behind: they were lost with the old master, and went
+        // to the new one on their own.
+        let moving = match n {
+            0 => String::new(),
+            n => format!("; moving {n} subscription(s) there"),
+        };
         log::warn!(
             "Redis Sentinel: master {name:?} moved from {old_ip}:{old_port} to \
-             {new_ip}:{new_port}; moving {n} subscription(s)"
+             {new_ip}:{new_port}{moving}"
+        );
+    }
+}
+
+/// The watcher hears no sentinel: since when (logged when it is over).
+struct Deaf {
+    since: Instant,
+}
+
+impl Deaf {
+    /// No sentinel of `master` answered since one was last heard, at
+    /// `since` (`last`: the last one's error).
+    fn since(since: Instant, master: &str, last: &str) -> Deaf {
+        let head = format!(
+            "Redis Sentinel: no sentinel of {master:?} answers, so a failover \
+             would go unnoticed ("
+        );
+        log::warn!("{}", fit(&head, last, "); retrying"));
+        Deaf { since }
+    }
+
+    /// Listening to the sentinel at `address` again.
+    fn heard(self, address: &str) {
+        log::info!(
+            "Redis Sentinel: listening to {address} again, after {:.1} s without a sentinel",
+            self.since.elapsed().as_secs_f64()
         );
     }
 }

@@ -6,6 +6,12 @@
 //! The answer is kept for [`FRESH_FOR`], so that a thousand clients
 //! joining at once ask the sentinels once; a failed connection only marks
 //! it stale, asked again at most every [`ASK_AT_MOST_EVERY`].
+//!
+//! The sentinels watch the master; they do not carry the chat. When none
+//! of them answers at all, the master they named last is used as long as
+//! it says it is one (`ROLE`): a sentinel outage alone refuses no client.
+//! (A sentinel that answers is believed: during a failover, its new master
+//! is waited for, never the old one used.)
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +24,7 @@ use crate::broker::error::BrokerError;
 use crate::broker::redis::job::Route;
 use crate::broker::redis::link::Link;
 use crate::broker::redis::nodes::{Follower, Nodes};
+use crate::broker::redis::outage::cut;
 use crate::broker::redis::settings::ASK_AT_MOST_EVERY;
 use crate::broker::redis::sockets::SubscriptionSockets;
 
@@ -106,17 +113,19 @@ impl Sentinels {
             .master()
             .map(|(address, _)| address)
             .unwrap_or_else(|e| format!("unknown ({e})"));
+        // The sentinels themselves are in the URL given: listed here, they
+        // would stretch the line past what a person reads.
         format!(
-            "Redis Sentinel: master {:?} at {master}, {} sentinel(s): {}{}",
+            "Redis Sentinel: master {:?} at {master}, {} sentinel(s){}",
             self.master_name,
             self.addresses.len(),
-            self.addresses.join(", "),
             self.link.describe()
         )
     }
 
     /// The master's address and a client for it: the last one found if it
-    /// is fresh, else asked of the sentinels.
+    /// is fresh, else asked of the sentinels (or, if none answers, the
+    /// last one found, if it is still a master: see the module doc).
     pub fn master(&self) -> Result<(String, Client), BrokerError> {
         let mut found = self.found.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(last) = &*found {
@@ -125,11 +134,14 @@ impl Sentinels {
                 return Ok((last.address.clone(), last.client.clone()));
             }
         }
-        let (address, client) = self.ask()?;
-        log::debug!(
-            "the sentinels name {address} as master {:?}",
-            self.master_name
-        );
+        let (address, client) = match self.ask() {
+            Ok(named) => named,
+            Err(why) => match self.kept(found.as_ref(), &why) {
+                Some(kept) => kept,
+                None => return Err(self.no_master(&why)),
+            },
+        };
+        log::debug!("master {:?} is at {address}", self.master_name);
         *found = Some(Found {
             address: address.clone(),
             client: client.clone(),
@@ -139,50 +151,77 @@ impl Sentinels {
         Ok((address, client))
     }
 
+    /// The master found `last`, if no sentinel answered at all (`why`) and
+    /// it still says it is one (see the module doc).
+    fn kept(&self, last: Option<&Found>, why: &[NoMaster]) -> Option<(String, Client)> {
+        let last = last?;
+        if !why.iter().all(|no| matches!(no, NoMaster::Silent(_))) {
+            return None;
+        }
+        let client = self.check(&last.address).ok()?;
+        Some((last.address.clone(), client))
+    }
+
     /// Asks each sentinel in turn for the master, until one names a server
-    /// that says it is a master.
-    fn ask(&self) -> Result<(String, Client), BrokerError> {
-        let mut reasons = Vec::new();
+    /// that says it is a master; else says why each did not.
+    fn ask(&self) -> Result<(String, Client), Vec<NoMaster>> {
+        let mut why = Vec::new();
         for sentinel in &self.addresses {
             match self.ask_one(sentinel) {
                 Ok(found) => return Ok(found),
-                Err(reason) => reasons.push(format!("{sentinel}: {reason}")),
+                Err(no) => why.push(no),
             }
         }
-        Err(BrokerError::Connect {
-            url: format!(
-                "redis+sentinel://{}/{}",
-                self.addresses.join(","),
-                self.master_name
-            ),
-            reason: format!(
-                "no sentinel named a master for {:?} ({})",
-                self.master_name,
-                reasons.join("; ")
-            ),
-        })
+        Err(why)
     }
 
-    fn ask_one(&self, sentinel: &str) -> Result<(String, Client), String> {
+    /// The error for sentinels that named no master, for `why`: short, as
+    /// it may be logged for every client refused. Each reason is said once
+    /// (every sentinel may give the same), without the sentinels' addresses
+    /// (they are in the URL given).
+    fn no_master(&self, why: &[NoMaster]) -> BrokerError {
+        let mut reasons: Vec<&str> = Vec::new();
+        for no in why {
+            if !reasons.contains(&no.reason()) {
+                reasons.push(no.reason());
+            }
+        }
+        BrokerError::Connect {
+            url: format!("{:?}", self.master_name),
+            reason: format!(
+                "no master found ({} asked: {})",
+                why.len(),
+                cut(&reasons.join("; "), 70)
+            ),
+        }
+    }
+
+    fn ask_one(&self, sentinel: &str) -> Result<(String, Client), NoMaster> {
         let client = self
             .link
             .client(sentinel, None, None)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| NoMaster::Silent(e.to_string()))?;
         let mut con = client
             .get_connection_with_timeout(SENTINEL_TIMEOUT)
-            .map_err(|e| self.link.explain(&e))?;
+            .map_err(|e| NoMaster::Silent(self.link.explain(&e)))?;
         con.set_read_timeout(Some(SENTINEL_TIMEOUT))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| NoMaster::Silent(e.to_string()))?;
         let named: Option<(String, u16)> = redis::cmd("SENTINEL")
             .arg("get-master-addr-by-name")
             .arg(&self.master_name)
             .query(&mut con)
-            .map_err(|e| e.to_string())?;
-        let (host, port) = named.ok_or("does not know this master")?;
+            .map_err(|e| NoMaster::Silent(e.to_string()))?;
+        let (host, port) = named.ok_or(NoMaster::Answered("does not know this master".into()))?;
         let address = format!("{host}:{port}");
+        let master = self.check(&address).map_err(NoMaster::Answered)?;
+        Ok((address, master))
+    }
+
+    /// A client for the server at `address`, if it says it is a master.
+    fn check(&self, address: &str) -> Result<Client, String> {
         let master = self
             .link
-            .client(&address, self.password.as_deref(), Some(self.db))
+            .client(address, self.password.as_deref(), Some(self.db))
             .map_err(|e| e.to_string())?;
         let mut con = master
             .get_connection_with_timeout(SENTINEL_TIMEOUT)
@@ -193,8 +232,25 @@ impl Sentinels {
             .query(&mut con)
             .map_err(|e| format!("master {address}: {e}"))?;
         match role.first() {
-            Some(redis::Value::BulkString(role)) if role == b"master" => Ok((address, master)),
+            Some(redis::Value::BulkString(role)) if role == b"master" => Ok(master),
             _ => Err(format!("{address} is not a master (yet)")),
+        }
+    }
+}
+
+/// Why a sentinel gave no master.
+enum NoMaster {
+    /// It did not answer: down, unreachable, or refusing the question.
+    Silent(String),
+    /// It answered, but knows no such master, or names one that does not
+    /// say it is a master (yet: a failover under way).
+    Answered(String),
+}
+
+impl NoMaster {
+    fn reason(&self) -> &str {
+        match self {
+            NoMaster::Silent(reason) | NoMaster::Answered(reason) => reason,
         }
     }
 }
