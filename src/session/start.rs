@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use tungstenite::http::StatusCode;
 
+use super::admission::Refusal;
 use super::chat::{Chat, Membership, Open, SubscriberThread};
 use super::conn::{Conn, SessionError};
 use super::context::Context;
@@ -107,9 +108,23 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
     match target {
         Target::Chat(member) => {
             let format = member.format;
-            start_chat(conn, ctx, member, &stream, &response, writer, reader)
-                .map(|chat| Started::Chat(Box::new(chat)))
-                .inspect_err(|e| refuse_relay(conn, &stream, &response, e, format))
+            match start_chat(conn, ctx, member, &stream, &response, writer, reader) {
+                Ok(chat) => Ok(Started::Chat(Box::new(chat))),
+                Err(e) => {
+                    refuse_relay(conn, &stream, &response, &e, format);
+                    // While Redis is away every client that tries is one of
+                    // these: summed up in the log, not a line each.
+                    if let SessionError::Relay(why) = &e {
+                        let mut who = format!("{}: {why}", conn.peer);
+                        if who.len() > 90 {
+                            who = super::conn::truncate(&who, 87) + "…";
+                        }
+                        ctx.admission.refused(Refusal::RelayDown, &who);
+                        return Ok(Started::Done);
+                    }
+                    Err(e)
+                }
+            }
         }
         Target::Echo => {
             http::accept(&stream, &response)?;

@@ -85,12 +85,14 @@ pub(super) fn run(
             let result = catch(outbox, || {
                 subscription.run(|event| outbox.on_event(delivery, &mut start, event))
             });
+            report(outbox, &result, start.is_none());
             outbox.finish(delivery, result, &reader_done);
         }
         Writers::WithDispatcher(shared) => {
             let result = catch(&shared.outbox, || {
                 subscription.run(|event| shared.on_event(&mut start, event))
             });
+            report(&shared.outbox, &result, start.is_none());
             shared
                 .outbox
                 .finish(&mut shared.lock().delivery, result, &reader_done);
@@ -100,22 +102,31 @@ pub(super) fn run(
 
 /// Runs the subscription, turning a panic into an ending.
 fn catch(outbox: &Outbox, run: impl FnOnce() -> Result<(), BrokerError>) -> Result<(), Ending> {
-    let Outbox { conn, ctx, .. } = outbox;
-    // The one place this thread's errors are logged.
     match panic::catch_unwind(AssertUnwindSafe(run)) {
         Ok(Ok(())) => Ok(()),
         Ok(Err(BrokerError::Lagged)) => Err(Ending::TooSlow("fell too far behind the room".into())),
-        Ok(Err(e)) => {
-            log::error!("{}: chat relay failed: {e}", conn.id);
-            Err(Ending::RelayFailed(e))
-        }
+        Ok(Err(e)) => Err(Ending::RelayFailed(e)),
         Err(_) => {
-            ctx.metrics.panics.inc();
-            log::error!(
-                "{}: subscriber thread panicked; closing the connection",
-                conn.id
-            );
+            outbox.ctx.metrics.panics.inc();
             Err(Ending::Panicked)
         }
+    }
+}
+
+/// The one place this thread's errors are logged. A relay that failed
+/// before the client was welcomed (`subscribed` false) is not: the start
+/// thread refuses the client and counts it with the others refused while
+/// Redis is away.
+fn report(outbox: &Outbox, result: &Result<(), Ending>, subscribed: bool) {
+    let conn = &outbox.conn;
+    match result {
+        Err(Ending::RelayFailed(e)) if subscribed => {
+            log::error!("{}: chat relay failed: {e}", conn.id);
+        }
+        Err(Ending::Panicked) => log::error!(
+            "{}: subscriber thread panicked; closing the connection",
+            conn.id
+        ),
+        _ => {}
     }
 }

@@ -215,6 +215,13 @@ fn joining_while_redis_is_down_gets_503(args: &[&str]) {
         Err(refused) => assert_eq!(refused.status, 503, "{refused}"),
         Ok(_) => panic!("bob got a WebSocket while Redis was down"),
     }
+    // Counted and summed up with the others refused while Redis is away,
+    // not an error line each.
+    let refused = r#"threadchat_connections_refused_total{reason="relay_down"}"#;
+    assert_eq!(server.metric(refused), 1);
+    let line = server.wait_for_log("chat relay unavailable");
+    assert!(line.contains("refused 127.0.0.1:"), "{line}");
+    assert_eq!(server.log_count("ERROR"), 0);
 
     let _redis = Redis::start_on(port);
     assert!(alice.recv_notice().contains("reconnected"));

@@ -46,14 +46,19 @@ pub enum Refusal {
     PerUser,
     /// No thread could be started for the connection.
     NoThread,
+    /// The chat relay could not subscribe it (Redis is down, or has no
+    /// room for another subscription): while Redis is away, every client
+    /// that tries, and every page that retries, is one.
+    RelayDown,
 }
 
-const ALL: [Refusal; 5] = [
+const ALL: [Refusal; 6] = [
     Refusal::ServerFull,
     Refusal::PerAddress,
     Refusal::StartingPerAddress,
     Refusal::PerUser,
     Refusal::NoThread,
+    Refusal::RelayDown,
 ];
 
 impl Refusal {
@@ -72,6 +77,7 @@ impl Refusal {
             Refusal::StartingPerAddress => "starting_per_address",
             Refusal::PerUser => "per_user",
             Refusal::NoThread => "no_thread",
+            Refusal::RelayDown => "relay_down",
         }
     }
 
@@ -85,6 +91,7 @@ impl Refusal {
             }
             Refusal::PerUser => "per-user cap (--max-connections-per-user)",
             Refusal::NoThread => "cannot start a thread",
+            Refusal::RelayDown => "chat relay unavailable",
         }
     }
 }
