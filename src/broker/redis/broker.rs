@@ -196,6 +196,7 @@ impl RedisBroker {
             room_ttl: settings.room_ttl,
             ghosts: Arc::clone(&broker.ghosts),
             queues: broker.queues.clones(),
+            relay_back: broker.listeners.outage.relay_back(),
         })?);
         broker.idle = Some(idle::IdleRooms::start(
             broker.queues.queries.clone(),

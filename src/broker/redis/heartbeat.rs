@@ -5,14 +5,17 @@
 //! connected to it (see [`SubscriptionSockets`]). When all answer, it sends
 //! again what this instance's leaves and nickname releases could not get
 //! through, and reconciles the member lists and claims of this instance's
-//! rooms with its connections (`ghosts.rs`).
+//! rooms with its connections (`ghosts.rs`). It also beats as soon as the
+//! relay is back after an outage (`Outage::relay_back`): a Redis that came
+//! back empty has lost this instance's liveness key and member entries, and
+//! other instances' member lists miss its members until they are put back.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 
 use super::ghosts::Ghosts;
 use super::job::{Job, Reply, Route};
@@ -59,6 +62,9 @@ pub(super) struct Beat {
     pub(super) ghosts: Arc<Ghosts>,
     /// The broker's queues, for the reconciliation's reads and writes.
     pub(super) queues: Queues,
+    /// Told when the relay is back after an outage: beat at once
+    /// (`Outage::relay_back`).
+    pub(super) relay_back: Receiver<()>,
 }
 
 impl Heartbeat {
@@ -75,6 +81,7 @@ impl Heartbeat {
             room_ttl,
             ghosts,
             queues,
+            relay_back,
         } = beat;
         // Rooms in use must be refreshed well within their time to live.
         let every = HEARTBEAT.min(room_ttl / 3);
@@ -154,11 +161,18 @@ impl Heartbeat {
                     }
                     // Failures summed up and gone quiet are counted now.
                     super::outage::flush_repeated();
-                    // Shutdown by dropping the sender: recv fails at once.
-                    if let Err(crossbeam_channel::RecvTimeoutError::Disconnected) =
-                        stop_rx.recv_timeout(every)
-                    {
-                        break;
+                    // The next beat: in `every`, or at once when the relay
+                    // is back. Shutdown by dropping the sender: recv fails.
+                    crossbeam_channel::select! {
+                        recv(stop_rx) -> _ => break,
+                        recv(relay_back) -> back => {
+                            // No outage left to hear (the broker is going):
+                            // wait as ever, not in a loop.
+                            if back.is_err() && stop_rx.recv_timeout(every).is_err_and(|e| e.is_disconnected()) {
+                                break;
+                            }
+                        }
+                        default(every) => {}
                     }
                 }
                 // Gone on purpose: no need to wait for the key to expire.

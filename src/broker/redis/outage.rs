@@ -22,6 +22,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender};
+
 use crate::metrics::Metrics;
 
 /// Most one cause logs, with a count of what it kept quiet.
@@ -32,8 +34,22 @@ pub(super) const EVERY: Duration = Duration::from_secs(10);
 pub(super) const LONGEST: usize = 180;
 
 /// The subscriptions of this instance that are down (see the module doc).
-#[derive(Default)]
-pub(super) struct Outage(Mutex<Count>);
+pub(super) struct Outage {
+    count: Mutex<Count>,
+    /// Told when the relay is back, so that the heartbeat beats at once
+    /// (see [`Outage::relay_back`]).
+    back: (Sender<()>, Receiver<()>),
+}
+
+impl Default for Outage {
+    fn default() -> Self {
+        Outage {
+            count: Mutex::default(),
+            // One is enough: a beat soon after serves every return.
+            back: crossbeam_channel::bounded(1),
+        }
+    }
+}
 
 #[derive(Default)]
 struct Count {
@@ -47,7 +63,15 @@ struct Count {
 
 impl Outage {
     fn lock(&self) -> std::sync::MutexGuard<'_, Count> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.count.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hears each return of the relay. A Redis that came back empty has
+    /// lost this instance's liveness key and its member-list entries; until
+    /// the heartbeat puts them back, other instances take its members for a
+    /// dead instance's. So it beats when told, not up to 10 s later.
+    pub(super) fn relay_back(&self) -> Receiver<()> {
+        self.back.1.clone()
     }
 
     /// A subscription to the Redis at `at` was lost, with `error`.
@@ -78,6 +102,7 @@ impl Outage {
                 "the chat relay is back after {:.1} s: {restored} subscription(s) restored",
                 since.elapsed().as_secs_f64()
             );
+            let _ = self.back.0.try_send(());
         }
     }
 }
