@@ -74,7 +74,7 @@ fn the_minimal_example_and_threadchat_chat_with_each_other() {
     let server = Server::with_redis(&redis);
     let (_example, addr) = Example::start(&redis);
 
-    let mut mini = Client::connect(addr, "mini");
+    let mut mini = Client::connect_to_original(addr, "mini");
     wait_for_subscribers(&redis, 1);
     let mut rusty = server.client("rusty");
 
@@ -106,7 +106,7 @@ fn the_minimal_example_and_threadchat_chat_with_each_other() {
     );
 
     // Two clients of the example chat through Redis too.
-    let mut other = Client::connect(addr, "other");
+    let mut other = Client::connect_to_original(addr, "other");
     wait_for_subscribers(&redis, 3);
     other.send("hi mini");
     let frame = mini.recv();

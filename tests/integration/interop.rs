@@ -67,7 +67,7 @@ fn chat_with_the_original(server: &Server, redis_args: &[&str]) {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    let mut py = Client::connect(addr, "py");
+    let mut py = Client::connect_to_original(addr, "py");
     // Let the original's subscription settle (it subscribes only after
     // accepting the WebSocket), so that it hears rusty join.
     std::thread::sleep(Duration::from_millis(500));

@@ -45,6 +45,21 @@ impl Client {
         Client::admitted(ws).unwrap_or_else(|refusal| panic!("refused: {refusal}"))
     }
 
+    /// A client of a server that says nothing when a client joins (the
+    /// original app, the minimal example): no welcome to wait for.
+    pub fn connect_to_original(addr: SocketAddr, nickname: &str) -> Client {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let wire = Wire::over(stream, addr).unwrap();
+        let url = format!("{}://{addr}/chat/{nickname}", wire.scheme());
+        let (ws, _) =
+            tungstenite::client(url, wire).unwrap_or_else(|e| panic!("connect as {nickname}: {e}"));
+        Client {
+            ws,
+            unread: Default::default(),
+        }
+    }
+
     pub fn try_connect(addr: SocketAddr, nickname: &str) -> Result<Client, Refusal> {
         Client::try_connect_path(addr, &format!("/chat/{nickname}"))
     }
