@@ -78,10 +78,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     } else {
         ""
     };
-    log::info!(
-        "open {http}://{reachable}/ in a browser, or chat from a terminal: \
-         websocat -E {insecure}{ws}://{reachable}/chat/alice"
-    );
+    // With tokens, a bare websocat line would only be refused.
+    let terminal = if config.requires_tokens() {
+        format!(
+            "websocat -E {insecure}\"{ws}://{reachable}/chat/alice?token=$(threadchat token alice …)\""
+        )
+    } else {
+        format!("websocat -E {insecure}{ws}://{reachable}/chat/alice")
+    };
+    log::info!("open {http}://{reachable}/ in a browser, or chat from a terminal: {terminal}");
     // The default, so say what it means: an open chat on the network.
     if server.local_addr().ip().is_unspecified() && !config.requires_tokens() {
         log::warn!(

@@ -4,8 +4,9 @@
 /// waiting publishers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BrokerError {
-    /// Could not connect; the relay is unreachable.
-    #[error("cannot reach Redis at {url}: {reason}")]
+    /// Could not connect; the relay is unreachable. The URL is shown
+    /// without its password, however the error was made.
+    #[error("cannot reach Redis at {}: {reason}", redact(.url))]
     Connect {
         /// Where we tried.
         url: String,
@@ -48,5 +49,15 @@ impl BrokerError {
     /// sender must not be told flatly that its message was not delivered.
     pub fn is_uncertain(&self) -> bool {
         matches!(self, BrokerError::Uncertain(_))
+    }
+}
+
+/// Hides a password in a Redis URL before it is logged.
+pub(crate) fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://***{}", &url[..scheme_end], &url[at..])
+        }
+        _ => url.to_owned(),
     }
 }

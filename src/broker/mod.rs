@@ -73,9 +73,8 @@ pub fn connect(
                 Ok(broker) => Ok(Arc::new(broker)),
                 Err(_) => {
                     log::info!(
-                        "no Redis answered at localhost:6379, so messages are relayed \
-                         in-process: this instance cannot share a room with others. \
-                         Start redis-server, or pass --redis HOST[:PORT], to relay through Redis"
+                        "no Redis at localhost:6379: relaying in-process, so no other instance \
+                         shares these rooms (start redis-server, or pass --redis HOST[:PORT])"
                     );
                     Ok(Arc::new(memory::MemoryBroker::new(settings, metrics)?))
                 }

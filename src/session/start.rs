@@ -77,7 +77,14 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
         forwarded_for,
     } = *upgrade;
     if let Target::Refused { refusal, format } = &target {
-        log::debug!("{}: refused: {}", conn.peer, refusal.reason);
+        // Counted, and summed up in the log: an operator sees rejected
+        // tokens without a line per attempt.
+        let why = match refusal.status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Refusal::Token,
+            _ => Refusal::BadRequest,
+        };
+        ctx.admission
+            .refused(why, &cut_who(&format!("{}: {}", conn.peer, refusal.reason)));
         refuse(&stream, &response, refusal, *format);
         return Ok(Started::Done);
     }
@@ -115,10 +122,7 @@ pub(super) fn start(conn: &Arc<Conn>, ctx: &Arc<Context>) -> Result<Started, Ses
                     // While Redis is away every client that tries is one of
                     // these: summed up in the log, not a line each.
                     if let SessionError::Relay(why) = &e {
-                        let mut who = format!("{}: {why}", conn.peer);
-                        if who.len() > 90 {
-                            who = super::conn::truncate(&who, 87) + "…";
-                        }
+                        let who = cut_who(&format!("{}: {why}", conn.peer));
                         ctx.admission.refused(Refusal::RelayDown, &who);
                         return Ok(Started::Done);
                     }
@@ -251,4 +255,13 @@ fn refuse(
 ) {
     let frame = ServerFrame::error(&refusal.reason).render(format);
     let _ = http::refuse_upgraded(stream, response, refusal.status, &frame, &refusal.reason);
+}
+
+/// A refused client and why, short enough for the refusal's log line to
+/// stay under 200 characters.
+fn cut_who(who: &str) -> String {
+    if who.len() <= 90 {
+        return who.to_owned();
+    }
+    super::conn::truncate(who, 87) + "…"
 }

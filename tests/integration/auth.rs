@@ -189,6 +189,7 @@ fn invalid_tokens_are_refused_with_401_and_a_reason(extra: &[&str]) {
         (unsigned, "token"),
         ("garbage".to_owned(), "malformed"),
     ];
+    let refused = cases.len() as u64;
     for (token, reason) in cases {
         let path = if token.is_empty() {
             "/chat/alice".to_owned()
@@ -199,6 +200,11 @@ fn invalid_tokens_are_refused_with_401_and_a_reason(extra: &[&str]) {
         assert!(status == 401, "{token}: {status}");
         assert!(body.contains(reason), "{token}: {body}");
     }
+    // An operator sees them: counted, and summed up in the log.
+    let metric = r#"threadchat_connections_refused_total{reason="token"}"#;
+    assert_eq!(server.metric(metric), refused);
+    let line = server.wait_for_log("no valid token");
+    assert!(line.contains("refused 127.0.0.1:"), "{line}");
 }
 
 /// With a public key, only tokens signed with its private half pass: an
@@ -257,6 +263,15 @@ fn the_token_decides_the_nickname_and_the_rooms() {
         &format!("/chat/alice?room=lobby&token={alice}"),
     );
     ok.settle();
+}
+
+/// With tokens, the start-up line's terminal command carries one: a bare
+/// websocat line would only be refused.
+#[test]
+fn the_start_up_hint_says_a_token_is_needed() {
+    let server = hmac_server();
+    let line = server.wait_for_log("chat from a terminal");
+    assert!(line.contains("?token=$(threadchat token alice"), "{line}");
 }
 
 /// `/members` needs a token too (and one that allows the room).

@@ -21,6 +21,9 @@ fn stderr(output: &Output) -> String {
 fn an_unreachable_redis_is_one_clear_error() {
     let redis = format!("127.0.0.1:{}", free_port());
     Server::fails_on_redis(&redis, "cannot reach Redis at redis://127.0.0.1:");
+    // Its password is not printed.
+    let redis = format!("redis://:sekrit@127.0.0.1:{}", free_port());
+    Server::fails_on_redis(&redis, "cannot reach Redis at redis://***@127.0.0.1:");
 }
 
 #[test]
@@ -196,7 +199,7 @@ fn without_redis_it_falls_back_to_in_process_or_uses_localhost() {
     if local_redis {
         assert!(line.contains("Redis at redis://localhost:6379"), "{line}");
     } else {
-        let note = server.wait_for_log("no Redis answered at localhost:6379");
+        let note = server.wait_for_log("no Redis at localhost:6379");
         assert!(note.contains("--redis"), "{note}");
         assert!(line.contains("in-process"), "{line}");
         let mut a = server.client("a");

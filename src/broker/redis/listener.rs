@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::gaps::{self, Gaps, Recent};
 use super::job::Route;
-use super::nodes::{Channel, Nodes, redact};
+use super::nodes::{Channel, Nodes};
 use super::outage::{Down, Outage};
 use super::parse_once::ParseOnce;
 use super::place_keys::PlaceKeys;
@@ -23,6 +23,7 @@ use super::settings::{CONNECT_TIMEOUT, IO_TIMEOUT, MAX_BACKOFF, MAX_MOVES};
 use super::sockets::{Current, SubscriptionSockets};
 use crate::broker::backoff::Backoff;
 use crate::broker::error::BrokerError;
+use crate::broker::error::redact;
 use crate::broker::places::EpochKey;
 use crate::broker::subscription::{Canceller, Event, Flow, Listen, StopSignal};
 use crate::metrics::Metrics;

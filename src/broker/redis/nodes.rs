@@ -22,7 +22,7 @@ use super::job::{Job, Route, job_result};
 use super::keys;
 use super::link::Link;
 use super::sockets::SubscriptionSockets;
-use crate::broker::error::BrokerError;
+use crate::broker::error::{BrokerError, redact};
 use crate::protocol::Room;
 
 /// The channel a room's messages travel on, and how it is subscribed to.
@@ -185,16 +185,6 @@ impl Nodes for OneServer {
 
     fn describe(&self) -> String {
         format!("Redis at {}", redact(&self.url))
-    }
-}
-
-/// Hides a password in a Redis URL before it is logged.
-pub(super) fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}://***{}", &url[..scheme_end], &url[at..])
-        }
-        _ => url.to_owned(),
     }
 }
 

@@ -50,15 +50,23 @@ pub enum Refusal {
     /// room for another subscription): while Redis is away, every client
     /// that tries, and every page that retries, is one.
     RelayDown,
+    /// With tokens: none, or one that is invalid, expired, or does not
+    /// give the nickname or room (401, 403).
+    Token,
+    /// A chat request that cannot be served as asked: an invalid nickname
+    /// or room, a malformed `since` (400).
+    BadRequest,
 }
 
-const ALL: [Refusal; 6] = [
+const ALL: [Refusal; 8] = [
     Refusal::ServerFull,
     Refusal::PerAddress,
     Refusal::StartingPerAddress,
     Refusal::PerUser,
     Refusal::NoThread,
     Refusal::RelayDown,
+    Refusal::Token,
+    Refusal::BadRequest,
 ];
 
 impl Refusal {
@@ -78,6 +86,8 @@ impl Refusal {
             Refusal::PerUser => "per_user",
             Refusal::NoThread => "no_thread",
             Refusal::RelayDown => "relay_down",
+            Refusal::Token => "token",
+            Refusal::BadRequest => "bad_request",
         }
     }
 
@@ -92,6 +102,8 @@ impl Refusal {
             Refusal::PerUser => "per-user cap (--max-connections-per-user)",
             Refusal::NoThread => "cannot start a thread",
             Refusal::RelayDown => "chat relay unavailable",
+            Refusal::Token => "no valid token",
+            Refusal::BadRequest => "bad request",
         }
     }
 }
