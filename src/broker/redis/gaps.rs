@@ -386,7 +386,7 @@ pub(super) fn fill(log: &LogRead, recent: &Recent, lost_at: u64) -> Fill {
         // it held and was not delivered is gone.
         return reset(
             Vec::new(),
-            "the room's log was lost (Redis was flushed, restarted or failed over)",
+            "the room's log was lost: Redis was flushed, restarted or failed over",
         );
     };
     let place = |incoming: &Incoming| {
@@ -429,7 +429,7 @@ pub(super) fn fill(log: &LogRead, recent: &Recent, lost_at: u64) -> Fill {
     };
     let in_epoch =
         |incoming: &&Arc<Incoming>| place(incoming).is_some_and(|(e, _)| e.as_str() == epoch);
-    let reset_why = "the room's log was reset (Redis was flushed, restarted or failed over)";
+    let reset_why = "the room's log was reset: Redis was flushed, restarted or failed over";
     let Some((stopped_epoch, delivered)) = stopped else {
         if recent.any() {
             // Delivered from a log that is gone: everything in this one is new.
