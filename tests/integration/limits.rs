@@ -197,6 +197,56 @@ fn slowloris_connections_do_not_keep_others_out() {
     drop(lurkers);
 }
 
+/// Refused clients that go on sending after their refusal (a byte now and
+/// then, forever) do not keep others out: the server stops listening to a
+/// refused connection soon, whatever it sends. Here they are as many as
+/// the connections that may be starting at once (`--max-starting`), which
+/// they would otherwise hold for as long as they send.
+#[test]
+fn refused_clients_that_keep_sending_do_not_keep_others_out() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let server = Server::start(&[
+        "--in-process",
+        "--unique-nicknames",
+        "--max-starting",
+        "4",
+        "--max-connections-per-ip",
+        "0",
+        "--max-starting-per-ip",
+        "0",
+    ]);
+    let _alice = server.client("alice");
+    let refused: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let (stream, refusal) = server.refused_upgrade("/chat/alice");
+            assert_eq!(refusal.status, 409, "{refusal}");
+            stream
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let dripper = std::thread::Builder::new()
+        .name("dripper".into())
+        .spawn({
+            let stop = Arc::clone(&stop);
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    for mut stream in &refused {
+                        let _ = stream.write_all(b"x");
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        })
+        .unwrap();
+    let mut bob = server.client("bob");
+    let mut carol = server.client("carol");
+    bob.send("the refused are harmless");
+    assert_eq!(carol.recv_chat().1, "the refused are harmless");
+    stop.store(true, Ordering::Relaxed);
+    dripper.join().unwrap();
+}
+
 #[test]
 fn a_request_head_that_never_ends_gets_408() {
     let server = Server::start(&["--in-process", "--handshake-timeout", "0.3"]);

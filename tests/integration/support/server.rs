@@ -232,6 +232,19 @@ impl Server {
         }
     }
 
+    /// A WebSocket upgrade to `path` the server refuses over the WebSocket,
+    /// sent raw: the refusal, and the socket, still open, for a test to go
+    /// on writing to (as a hostile client does after its refusal).
+    pub fn refused_upgrade(&self, path: &str) -> (TcpStream, Refusal) {
+        let mut stream = TcpStream::connect(self.addr).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let status = send_upgrade(&mut stream, &self.addr.to_string(), path, "");
+        assert!(status.contains(" 101 "), "{path}: {status}");
+        let refusal = Refusal::from_frames(&stream)
+            .unwrap_or_else(|| panic!("{path}: taken, not refused"));
+        (stream, refusal)
+    }
+
     /// A WebSocket upgrade to `path` with `extra` header lines, sent raw:
     /// how the server refused it (a plain status, or over the WebSocket: see
     /// [`Refusal`]), or `None` when it took it.
