@@ -4,6 +4,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::time::{Duration, Instant};
 
 use crate::net::Stream;
 
@@ -58,21 +59,34 @@ pub(super) fn respond(stream: &Stream, status: StatusCode, body: &str) -> io::Re
 /// FIN, then read (and discard) what the client still sends until it closes
 /// too. Closing a socket with unread input sends RST instead, and an RST can
 /// destroy the response before the client has read it.
+///
+/// At most [`LINGER`] in all, and [`MAX_DRAIN`] bytes: a client that goes
+/// on sending (a byte now and then) would otherwise keep this thread, and
+/// the start place it holds, for as long as it likes.
 pub(super) fn linger_close(stream: &Stream) {
-    const MAX_DRAIN: usize = 64 * 1024;
     if stream.shutdown(std::net::Shutdown::Write).is_err() {
         return;
     }
-    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(1)));
+    let deadline = Instant::now() + LINGER;
     let mut drained = 0;
     let mut buf = [0u8; 4096];
     while drained < MAX_DRAIN {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
         match (&*stream).read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => drained += n,
         }
     }
 }
+
+/// How long [`linger_close`] waits for the client to close, at most.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// How much of what the client still sends [`linger_close`] reads, at most.
+const MAX_DRAIN: usize = 64 * 1024;
 
 pub(super) fn write_plain(stream: &Stream, status: StatusCode, body: &str) -> io::Result<()> {
     write_response_with(stream, status, PLAIN_TEXT, &format!("{body}\n"))
@@ -180,7 +194,7 @@ pub(super) fn cut(text: &str, max: usize) -> &str {
 pub fn refuse_full(stream: &TcpStream, why: &str, tls: bool) {
     // A fresh socket's send buffer is empty, so this cannot block for long;
     // the timeout is a backstop for the accept loop.
-    let _ = stream.set_write_timeout(Some(std::time::Duration::from_millis(200)));
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
     let answer = if tls {
         INTERNAL_ERROR_ALERT.to_vec()
     } else {
