@@ -197,6 +197,14 @@ fn a_panic_closes_only_its_own_connection() {
     });
 }
 
+/// With `--unique-nicknames` a joiner's name is claimed in Redis before
+/// anything else: refused there while Redis is down, it is counted and
+/// logged like any other client the relay could not take.
+#[test]
+fn joining_while_redis_is_down_gets_503_with_unique_nicknames() {
+    joining_while_redis_is_down_gets_503(&["--unique-nicknames"]);
+}
+
 /// While Redis is down, a new client is refused (close 4503, with why:
 /// never left on a WebSocket that would be deaf), and can join once Redis
 /// is back — listed in its own member list at once, though the Redis that
