@@ -240,7 +240,14 @@ impl Admission {
         if let (Some(unique), Some(member)) = (&self.unique, member) {
             let claim = unique
                 .admit(peer, member, conn, address)
-                .map_err(|(status, reason)| Refused::new(status, reason))?;
+                .map_err(|(status, reason)| {
+                    // Redis could not be asked: one of the clients refused
+                    // while the relay is away, summed up with the others.
+                    if status == StatusCode::SERVICE_UNAVAILABLE {
+                        self.refused(Refusal::RelayDown, &peer);
+                    }
+                    Refused::new(status, reason)
+                })?;
             admitted.nickname = Some(claim);
         }
         let _ = pass.admitted.set(admitted);
