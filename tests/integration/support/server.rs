@@ -240,8 +240,8 @@ impl Server {
         stream.set_read_timeout(Some(PATIENCE)).unwrap();
         let status = send_upgrade(&mut stream, &self.addr.to_string(), path, "");
         assert!(status.contains(" 101 "), "{path}: {status}");
-        let refusal = Refusal::from_frames(&stream)
-            .unwrap_or_else(|| panic!("{path}: taken, not refused"));
+        let refusal =
+            Refusal::from_frames(&stream).unwrap_or_else(|| panic!("{path}: taken, not refused"));
         (stream, refusal)
     }
 
