@@ -249,6 +249,34 @@ fn sentinels_away_refuse_nobody_and_are_told_once(args: &[&str]) {
     assert_eq!(warnings_of(&server).len(), 1);
 }
 
+/// Every sentinel frozen (taking connections, answering nothing, as behind
+/// a network that drops packets) while the master runs on: nobody is
+/// refused either. Newcomers join rooms of their own and chat, again once
+/// the sentinels' last answer has gone stale. (Each such join waits for
+/// every sentinel's timeout: about 3 s with three, printed.)
+#[test]
+fn frozen_sentinels_refuse_nobody() {
+    let setup = Sentinels::start();
+    let server = Server::on_redis(&setup.url(), &[]);
+    let (mut alice, mut bob) = alice_and_bob(&server);
+    setup.freeze_sentinels(true);
+    for round in 0..2 {
+        // Past FRESH_FOR: the sentinels are asked again.
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let asked = std::time::Instant::now();
+        let (mut carol, mut dave) = (
+            server.settled(&format!("carol?room=frozen{round}")),
+            server.settled(&format!("dave?room=frozen{round}")),
+        );
+        eprintln!("round {round}: two joins in {:?}", asked.elapsed());
+        alice.send(&format!("round {round}"));
+        assert_eq!(bob.recv_chat().1, format!("round {round}"));
+        carol.send("the master is fine");
+        assert_eq!(dave.recv_chat().1, "the master is fine");
+    }
+    setup.freeze_sentinels(false);
+}
+
 /// A Sentinel URL whose master nobody knows, or whose sentinels do not
 /// answer, is one clear error at start.
 #[test]

@@ -154,6 +154,15 @@ impl Sentinels {
         }
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) every sentinel: frozen, each
+    /// takes connections and answers nothing, as one cut off by a network
+    /// that drops packets.
+    pub fn freeze_sentinels(&self, frozen: bool) {
+        for child in &self.sentinels {
+            signal(child.id(), if frozen { "STOP" } else { "CONT" });
+        }
+    }
+
     /// Starts the killed sentinels again, on their ports, with what they
     /// wrote in their configuration; returns once each answers.
     pub fn restart_sentinels(&mut self) {
