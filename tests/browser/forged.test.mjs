@@ -144,3 +144,26 @@ test("a shared link with markup in its room neither joins nor makes markup", asy
   assert.deepEqual(errors, []);
   await page.close();
 });
+
+test("a message's direction marks stay in the message: the time after it is not reordered", async () => {
+  const { page, errors } = await openChat("dan", "forged-bidi");
+  // U+202E RIGHT-TO-LEFT OVERRIDE, never closed: any client may send it.
+  const message = "\u202Ehello there";
+  redisCli("PUBLISH", "threadchat:room:forged-bidi", JSON.stringify({ nickname: "mallory", message, ts: Date.now() }));
+  await until("dan has it", async () => (await lines(page)).some((l) => l.includes("hello there")));
+  const order = await page.$$eval("#messages li.chat", (items) => {
+    const li = items.find((item) => item.textContent.includes("hello there"));
+    const nick = li.querySelector(".nick").getBoundingClientRect();
+    const time = li.querySelector("time").getBoundingClientRect();
+    const range = document.createRange();
+    const text = [...li.querySelectorAll("*"), li].flatMap((el) => [...el.childNodes])
+      .find((node) => node.nodeType === Node.TEXT_NODE && node.data.includes("hello there"));
+    range.selectNodeContents(text);
+    const body = range.getBoundingClientRect();
+    return { nick: nick.left, body: body.left, bodyRight: body.right, time: time.left };
+  });
+  assert.ok(order.nick < order.body, `the name comes first: ${JSON.stringify(order)}`);
+  assert.ok(order.time >= order.bodyRight - 1, `the time comes after the message: ${JSON.stringify(order)}`);
+  assert.deepEqual(errors, []);
+  await page.close();
+});
