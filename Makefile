@@ -165,6 +165,8 @@ browser-test:
 	cd tests/browser && npm ci --no-audit --no-fund --silent
 	@echo "--- the web page over http:// and ws://"
 	cd tests/browser && CHROMIUM=$(CHROMIUM) node --experimental-websocket --test chat.test.mjs
+	@echo "--- what a hostile sender or link can make the page show (forged payloads, markup, bidi)"
+	cd tests/browser && CHROMIUM=$(CHROMIUM) node --experimental-websocket --test forged.test.mjs
 	@echo "--- the web page over https:// and wss:// (a self-signed certificate)"
 	cd tests/browser && CHROMIUM=$(CHROMIUM) HTTPS=1 node --experimental-websocket --test chat.test.mjs
 

@@ -1,11 +1,12 @@
 // What a hostile sender can make the web page at "/" show: payloads forged
 // on a room's Redis channel (anyone who can PUBLISH there can write any
 // field the server passes on, `ts` included) and shared links with markup
-// in them. The page must show every message as text, make links of http(s)
-// addresses only, and never stop showing messages.
+// in them, and direction marks any client may send. The page must show
+// every message as text, make links of http(s) addresses only, keep a
+// message's direction in the message, and never stop showing messages.
 //
-// Run like chat.test.mjs (after `cargo build`, with playwright-core
-// installed in tests/browser):
+// `make browser-test` runs it (over http:// only); by hand, after
+// `cargo build`, with playwright-core installed in tests/browser:
 //   CHROMIUM=/usr/bin/chromium node --experimental-websocket --test forged.test.mjs
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
