@@ -107,7 +107,11 @@ fn member(segment: &str, query: &str) -> Result<Member, String> {
     let format = match query_param(query, "format")?.as_deref() {
         None | Some("json") => Format::Json,
         Some("text") => Format::Text,
-        Some(other) => return Err(format!("unknown format {other:?}: use json or text")),
+        Some(other) => {
+            // Quoted back, so cut: the query can be kilobytes.
+            let shown: String = other.chars().take(20).collect();
+            return Err(format!("unknown format {shown:?}: use json or text"));
+        }
     };
     Ok(Member {
         nickname,
