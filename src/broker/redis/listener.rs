@@ -109,8 +109,8 @@ impl Listen for RedisListener {
             }
             if state.live {
                 self.with.metrics.subscriptions_lost.inc();
-                // The server it was subscribed on (a Sentinel or Cluster
-                // URL names many).
+                // The server it was subscribed on (the URL may name
+                // many).
                 let at = state.at.clone().unwrap_or_else(|| redact(&self.with.url));
                 let outage = Arc::clone(&self.with.outage);
                 let down = Down::new(&self.with.metrics, outage, &at, &error);
