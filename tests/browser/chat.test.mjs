@@ -19,16 +19,12 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
-import { createServer } from "node:net";
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createRequire } from "node:module";
 import { chromium } from "playwright-core";
-
-const BIN = process.env.THREADCHAT_BIN ?? new URL("../../target/debug/threadchat", import.meta.url).pathname;
-const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
-const PATIENCE = 15_000;
+import { BIN, CHROMIUM, PATIENCE, freePort, lines, until } from "./support.mjs";
 
 // The schemes the page and the clients use, and the flags that make every
 // server these tests start speak them.
@@ -96,14 +92,6 @@ function wsClient(addr, nickname, room) {
   return { ws, frames, opened };
 }
 
-async function until(what, check) {
-  const deadline = Date.now() + PATIENCE;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
-
 let server;
 let browser;
 
@@ -137,7 +125,6 @@ async function openChat(nickname, room, addr = server.addr) {
   return page;
 }
 
-const lines = (page) => page.$$eval("#messages li", (items) => items.map((li) => li.textContent));
 // The member list's names (one's own is marked " (you)": not part of it).
 const members = (page) => page.$$eval("#members li", (items) => items.map((li) => li.textContent.replace(/ \(you\)$/, "")));
 
@@ -235,16 +222,6 @@ test("a page cut off while others chat shows each message once, in order, when i
   cli.ws.close();
   await page.close();
 });
-
-/** A port nobody listens on now. */
-function freePort() {
-  return new Promise((resolve) => {
-    const probe = createServer().listen(0, "127.0.0.1", () => {
-      const { port } = probe.address();
-      probe.close(() => resolve(port));
-    });
-  });
-}
 
 test("a forged offset on the room's channel hides nothing on the page", async () => {
   const redisPort = await freePort();

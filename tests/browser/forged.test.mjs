@@ -11,29 +11,8 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
-import { createServer } from "node:net";
 import { chromium } from "playwright-core";
-
-const BIN = process.env.THREADCHAT_BIN ?? new URL("../../target/debug/threadchat", import.meta.url).pathname;
-const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
-const PATIENCE = 15_000;
-
-function freePort() {
-  return new Promise((resolve) => {
-    const probe = createServer().listen(0, "127.0.0.1", () => {
-      const { port } = probe.address();
-      probe.close(() => resolve(port));
-    });
-  });
-}
-
-async function until(what, check) {
-  const deadline = Date.now() + PATIENCE;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for: ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
+import { BIN, CHROMIUM, PATIENCE, freePort, lines, until } from "./support.mjs";
 
 let redis;
 let redisPort;
@@ -83,8 +62,6 @@ async function openChat(nickname, room) {
   await page.waitForSelector("#status.online", { timeout: PATIENCE });
   return { page, errors };
 }
-
-const lines = (page) => page.$$eval("#messages li", (items) => items.map((li) => li.textContent));
 
 test("a forged time no date can hold is no reason to lose the message", async () => {
   const { page, errors } = await openChat("ann", "forged-time");

@@ -73,10 +73,7 @@ fn a_killed_master_is_followed_to_its_promoted_replica(args: &[&str]) {
         back.ends_with(&format!(": {subscriptions} subscription(s) restored")),
         "{back}"
     );
-    assert_eq!(server.log_count("lost the chat relay"), 1);
-    assert_eq!(server.log_count("is back after"), 1);
-    let warnings = warnings_of(&server);
-    assert!(warnings.len() <= FAILOVER_WARNINGS, "{warnings:#?}");
+    told_as_one_outage(&server);
 }
 
 /// A failover that keeps the old master alive, as a replica: the sentinels
@@ -170,6 +167,16 @@ fn warnings_of(server: &Server) -> Vec<String> {
     warnings
 }
 
+/// The log tells a failover as one outage: one "lost" line, one "back"
+/// line, and no more warnings than [`FAILOVER_WARNINGS`] (each short, none
+/// twice).
+fn told_as_one_outage(server: &Server) {
+    assert_eq!(server.log_count("lost the chat relay"), 1);
+    assert_eq!(server.log_count("is back after"), 1);
+    let warnings = warnings_of(server);
+    assert!(warnings.len() <= FAILOVER_WARNINGS, "{warnings:#?}");
+}
+
 /// A failover while clients chat is one outage in the log: one "lost"
 /// line and one "back" line that counts every subscription restored (one
 /// per client, or the room's one with shared subscriptions), a handful of
@@ -208,10 +215,7 @@ fn a_failover_is_told_once_in_the_log(args: &[&str]) {
         lost.contains(&format!("(Redis at 127.0.0.1:{old})")),
         "{lost}"
     );
-    assert_eq!(server.log_count("lost the chat relay"), 1);
-    assert_eq!(server.log_count("is back after"), 1);
-    let warnings = warnings_of(&server);
-    assert!(warnings.len() <= FAILOVER_WARNINGS, "{warnings:#?}");
+    told_as_one_outage(&server);
 }
 
 /// Every sentinel away while the master runs on: nobody is refused (a
