@@ -162,7 +162,7 @@ pub fn refuse_upgraded(
         .map_err(to_bytes)?;
     let close = CloseFrame {
         code: (4000 + status.as_u16()).into(),
-        reason: cut(reason, MAX_CLOSE_REASON).into(),
+        reason: crate::protocol::truncate(reason, MAX_CLOSE_REASON).into(),
     };
     Frame::close(Some(close))
         .format(&mut out)
@@ -174,15 +174,6 @@ pub fn refuse_upgraded(
 
 /// Bytes a close frame's reason may have (125 of payload, less the code).
 const MAX_CLOSE_REASON: usize = 123;
-
-/// `text` cut to at most `max` bytes, on a character boundary.
-pub(super) fn cut(text: &str, max: usize) -> &str {
-    let mut end = text.len().min(max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
-}
 
 /// Answers 503 on a connection the server has no room for, without reading
 /// its request and without waiting for it: this runs on the accept loop.

@@ -4,17 +4,6 @@
 use super::checks::*;
 use super::head::*;
 
-/// A refusal's close reason is cut to what a close frame holds, never
-/// inside a character.
-#[test]
-fn a_close_reason_is_cut_on_a_character_boundary() {
-    use super::answer::cut;
-    assert_eq!(cut("short", 123), "short");
-    let long = "é".repeat(100); // 200 bytes
-    assert_eq!(cut(&long, 123), "é".repeat(61));
-    assert_eq!(cut("abc", 0), "");
-}
-
 #[test]
 fn a_partial_head_asks_for_more() {
     assert!(

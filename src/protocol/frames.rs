@@ -7,6 +7,17 @@ use super::names::{SERVER_NICKNAME, is_invisible};
 use super::payload::{ChatMessage, Kind};
 use super::request::Format;
 
+/// At most `max` bytes of `s`, cut at a character boundary: a close
+/// frame's reason must fit in a 125-byte control frame, and a log line in
+/// its width.
+pub fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
 /// Makes text safe to show as one line in a terminal (`?format=text`):
 /// a newline becomes `↵`, so a multi-line message stays visibly one message
 /// and cannot forge lines of its own (`\n* alice left`); other control
@@ -272,5 +283,19 @@ impl<'a> ServerFrame<'a> {
             Format::Json => self.to_json(),
             Format::Text => self.to_text(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::truncate;
+
+    /// Never inside a character: a close reason must stay UTF-8.
+    #[test]
+    fn truncation_respects_characters() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
+        assert_eq!(truncate(&"é".repeat(100), 123), "é".repeat(61));
+        assert_eq!(truncate("abc", 0), "");
     }
 }

@@ -323,25 +323,9 @@ impl SessionError {
     }
 }
 
-/// At most `max` bytes of `s`, cut at a character boundary (close reasons
-/// must fit in a 125-byte control frame).
-pub(super) fn truncate(s: &str, max: usize) -> String {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn truncation_respects_characters() {
-        assert_eq!(truncate("héllo", 2), "h");
-        assert_eq!(truncate("abc", 10), "abc");
-    }
 
     #[test]
     fn endings_read_well() {

@@ -21,13 +21,14 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Bytes, Error as WsError, Message};
 
 use super::admission::Lease;
-use super::conn::{Conn, Ending, truncate};
+use super::conn::{Conn, Ending};
 use super::context::Context;
 use super::liveness::Stalled;
 use super::rate::{SharedLimiter, Verdict};
 use super::socket::{ReadSide, Writer};
 use crate::broker::{BrokerError, MemberChange, Receipt};
 use crate::protocol::Member;
+use crate::protocol::truncate;
 use crate::protocol::{ChatMessage, ClientFrame, ServerFrame, clean_message};
 
 /// What a [`Handler`] wants after a data message.

@@ -263,5 +263,5 @@ fn cut_who(who: &str) -> String {
     if who.len() <= 90 {
         return who.to_owned();
     }
-    super::conn::truncate(who, 87) + "…"
+    crate::protocol::truncate(who, 87) + "…"
 }
